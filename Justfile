@@ -1,0 +1,34 @@
+# Switchyard tasks. Start from ./bootstrap.sh, which installs what is missing.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := justfile_directory() / ".venv/bin"
+export PATH := venv + ":" + env_var('PATH')
+
+default:
+    @just --list
+
+# Run nats-server, three Orthanc nodes and all five services; route the demo corpus
+stack *ARGS:
+    {{venv}}/switchyard stack --demo {{ARGS}}
+
+# Run the stack without the demo
+up *ARGS:
+    {{venv}}/switchyard stack {{ARGS}}
+
+# The whole test suite: unit tests, then integration tests on real servers
+test *ARGS:
+    {{venv}}/python -m pytest -q {{ARGS}}
+
+unit *ARGS:
+    {{venv}}/python -m pytest -q tests/unit {{ARGS}}
+
+integration *ARGS:
+    {{venv}}/python -m pytest -q tests/integration {{ARGS}}
+
+# Benchmarks (figures go to docs/benchmarks.md)
+bench *ARGS:
+    {{venv}}/python -m tests.bench {{ARGS}}
+
+# Validate the compose file
+compose-config:
+    docker compose -f deploy/compose.yaml config --quiet

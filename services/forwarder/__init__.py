@@ -1,0 +1,188 @@
+"""Forwarder: deliver each placed instance to its node.
+
+One durable pull consumer per node (a dead node's backlog never blocks the
+others); many forwarder processes bind to the same consumers and share the
+work. A message is acked only after the forwarded (or dead-lettered) event is
+recorded, so a crash means redelivery, never loss. Retries go through
+JetStream redelivery with backoff (nak with delay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import nats.errors
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pynetdicom import _config as pynetdicom_config
+
+from services.forwarder.sender import NodeSender, Outcome
+from shared import events as ev
+from shared.blobs import BlobNotFound, BlobStore, BlobStoreError, open_blob_store
+from shared.bus import Bus, BusUnavailable, PublishUncertain, forwarder_consumer
+from shared.config import Config, NodeConfig
+from shared.runtime import running_service
+from shared.telemetry import context_from
+
+log = logging.getLogger("switchyard.forwarder")
+
+
+class ForwarderMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.forwarded = Counter("switchyard_forwarder_forwarded", "Instances delivered", ["node"],
+                                 registry=registry)
+        self.bytes = Counter("switchyard_forwarder_bytes", "Bytes delivered", ["node"], registry=registry)
+        self.failures = Counter("switchyard_forwarder_failures", "Failed delivery attempts",
+                                ["node", "permanent"], registry=registry)
+        self.dead = Counter("switchyard_forwarder_dead_lettered", "Instances dead-lettered", ["node"],
+                            registry=registry)
+        self.latency = Histogram("switchyard_forwarder_store_seconds", "C-STORE time per instance",
+                                 ["node"], registry=registry)
+        self.inflight = Gauge("switchyard_forwarder_inflight", "Instances being delivered", ["node"],
+                              registry=registry)
+        self.backlog = Gauge("switchyard_forwarder_backlog", "Placed instances not yet delivered",
+                             ["node"], registry=registry)
+
+
+class NodeWorker:
+    def __init__(self, cfg: Config, node: NodeConfig, bus: Bus, blobs: BlobStore,
+                 metrics: ForwarderMetrics, tr) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.bus = bus
+        self.blobs = blobs
+        self.metrics = metrics
+        self.tracer = tr
+        self.sender = NodeSender(node, cfg.forwarder.ae_title, cfg.forwarder.network_timeout_s)
+        self.scratch = Path(cfg.forwarder.scratch_dir)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        fcfg = self.cfg.forwarder
+        psub = await self.bus.pull(forwarder_consumer(self.node.id, fcfg.max_deliver, fcfg.ack_wait_s))
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await psub.fetch(fcfg.batch, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue
+                except nats.errors.Error as exc:
+                    log.warning("%s: fetch failed: %s", self.node.id, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    await self.handle(msg)
+                with contextlib.suppress(Exception):
+                    self.metrics.backlog.labels(node=self.node.id).set(msgs[-1].metadata.num_pending)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await psub.unsubscribe()
+            await asyncio.to_thread(self.sender.close)
+
+    def _deliver(self, placed: ev.InstancePlacedV1) -> tuple[Outcome, int]:
+        """Blocking part, on a worker thread: blob to a file, file to the node."""
+        path = self.blobs.local_path(placed.blob_key)
+        tmp: Path | None = None
+        try:
+            if path is None:
+                self.scratch.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".dcm")
+                os.close(fd)
+                tmp = path = Path(name)
+                self.blobs.get_file(placed.blob_key, path)
+            size = path.stat().st_size
+            return self.sender.send(path, placed.sop_class_uid, placed.transfer_syntax_uid), size
+        except BlobNotFound:
+            return Outcome(False, True, "blob missing from the object store"), 0
+        except BlobStoreError as exc:
+            return Outcome(False, False, f"object store unavailable ({exc})"), 0
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+    async def handle(self, msg) -> None:
+        try:
+            placed = ev.decode(msg.data)
+        except msgspec.DecodeError:
+            log.error("%s: undecodable placement; terminated", self.node.id)
+            await msg.term()
+            return
+        if not isinstance(placed, ev.InstancePlacedV1):
+            await msg.ack()
+            return
+        delivery = msg.metadata.num_delivered
+        node = self.node.id
+        parent = context_from(placed.traceparent, placed.tracestate)
+        with self.tracer.start_as_current_span("forwarder.c_store", context=parent) as span:
+            span.set_attribute("dicom.sop_instance_uid", placed.sop_instance_uid)
+            span.set_attribute("switchyard.node", node)
+            span.set_attribute("switchyard.delivery", delivery)
+            self.metrics.inflight.labels(node=node).inc()
+            started = time.perf_counter()
+            try:
+                outcome, size = await asyncio.to_thread(self._deliver, placed)
+            finally:
+                self.metrics.inflight.labels(node=node).dec()
+            elapsed = time.perf_counter() - started
+            span.set_attribute("switchyard.outcome", outcome.reason)
+        try:
+            if outcome.ok:
+                await self.bus.publish(ev.InstanceForwardedV1(
+                    event_id=ev.fact_id("forwarded", placed.event_id),
+                    sop_instance_uid=placed.sop_instance_uid, study_instance_uid=placed.study_instance_uid,
+                    node_id=node, placement_id=placed.event_id, duration_ms=round(elapsed * 1000, 3),
+                    status=outcome.status or 0,
+                ))
+                self.metrics.forwarded.labels(node=node).inc()
+                self.metrics.bytes.labels(node=node).inc(size)
+                self.metrics.latency.labels(node=node).observe(elapsed)
+                await msg.ack()
+                return
+            await self._failed(msg, placed, outcome, delivery)
+        except (BusUnavailable, PublishUncertain) as exc:
+            # Leave the message unacked: it is redelivered and the ids dedupe.
+            log.warning("%s: outcome of %s not recorded (%s)", node, placed.sop_instance_uid, exc)
+
+    async def _failed(self, msg, placed: ev.InstancePlacedV1, outcome: Outcome, delivery: int) -> None:
+        node = self.node.id
+        last = outcome.permanent or delivery >= self.cfg.forwarder.max_deliver
+        self.metrics.failures.labels(node=node, permanent=str(outcome.permanent).lower()).inc()
+        log.warning("%s: delivery %d of %s failed: %s%s", node, delivery, placed.sop_instance_uid,
+                    outcome.reason, " (final)" if last else "")
+        await self.bus.publish(ev.InstanceForwardFailedV1(
+            event_id=ev.fact_id("forward_failed", placed.event_id, delivery),
+            sop_instance_uid=placed.sop_instance_uid, study_instance_uid=placed.study_instance_uid,
+            node_id=node, placement_id=placed.event_id, reason=outcome.reason,
+            permanent=outcome.permanent, delivery=delivery, status=outcome.status,
+        ))
+        if not last:
+            backoff = self.cfg.forwarder.retry_backoff_s
+            await msg.nak(delay=backoff[min(delivery, len(backoff)) - 1] if backoff else 1.0)
+            return
+        await self.bus.publish(ev.InstanceDeadLetteredV1(
+            event_id=ev.fact_id("dead_lettered", placed.event_id),
+            sop_instance_uid=placed.sop_instance_uid, study_instance_uid=placed.study_instance_uid,
+            node_id=node, placement_id=placed.event_id,
+            reason=f"{outcome.reason} after {delivery} deliveries",
+        ))
+        self.metrics.dead.labels(node=node).inc()
+        await msg.term()
+
+
+async def main(cfg: Config) -> None:
+    # Send blob files as they are, without decoding them.
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    async with running_service("forwarder", cfg) as svc:
+        blobs = open_blob_store(cfg.blobs)
+        metrics = ForwarderMetrics(svc.registry)
+        workers = [NodeWorker(cfg, node, svc.bus, blobs, metrics, svc.tracer) for node in cfg.nodes]
+        tasks = [asyncio.create_task(w.run(svc.stop), name=f"forward-{w.node.id}") for w in workers]
+        svc.serve_metrics(cfg.forwarder.metrics_port)
+        log.info("forwarding to nodes %s", ", ".join(n.id for n in cfg.nodes))
+        await svc.stop.wait()
+        await asyncio.gather(*tasks, return_exceptions=True)

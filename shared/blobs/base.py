@@ -1,0 +1,63 @@
+"""The BlobStore contract shared by the local and the S3 store."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 1024 * 1024
+_KEY = re.compile(r"^[a-z0-9]+/[0-9a-f]{2}/[0-9a-f]{64}$")
+
+
+class BlobStoreError(RuntimeError):
+    """The store could not do what was asked (unreachable, disk full, ...)."""
+
+
+class BlobNotFound(BlobStoreError):
+    pass
+
+
+def content_key(sha256_hex: str) -> str:
+    """Content-addressed key: the same bytes always land under the same key."""
+    key = f"sha256/{sha256_hex[:2]}/{sha256_hex}"
+    check_key(key)
+    return key
+
+
+def check_key(key: str) -> None:
+    if not _KEY.match(key):
+        raise ValueError(f"not a blob key: {key!r}")
+
+
+class BlobStore(ABC):
+    @abstractmethod
+    def put_file(self, key: str, src: Path) -> None:
+        """Store the file's bytes under key; durable when this returns."""
+
+    @abstractmethod
+    def get_file(self, key: str, dest: Path) -> None:
+        """Write the blob's bytes to dest (created or replaced)."""
+
+    @abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """A readable stream of the blob; the caller closes it."""
+
+    @abstractmethod
+    def size(self, key: str) -> int | None:
+        """Size in bytes, or None when there is no such blob."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the blob; removing a missing blob is not an error."""
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def local_path(self, key: str) -> Path | None:
+        """A filesystem path holding the blob, where the store has one."""
+        return None
+
+    def check(self) -> None:
+        """Raise BlobStoreError when the store cannot currently take writes."""

@@ -1,0 +1,301 @@
+"""The JetStream bus: every stream, subject and consumer is declared here.
+
+Publishing is idempotent (Nats-Msg-Id is the event's deterministic id) and
+never buffered while disconnected (pending_size=0): a publish either reaches
+the server or raises at once, so no fact is flushed after its caller gave up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from shared import events as ev
+from shared.config import NatsConfig
+from shared.telemetry import inject_trace_headers
+
+log = logging.getLogger(__name__)
+
+SUBJECT_RECEIVED = "dicom.instance.received"
+SUBJECT_DEAD_LETTERED = "dicom.instance.dead_lettered"
+SUBJECT_PLACED_ALL = "dicom.instance.placed.>"
+SUBJECT_HEARTBEAT_ALL = "node.heartbeat.>"
+SUBJECT_NODE_STATE_ALL = "node.state.>"
+
+_NODE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class BusUnavailable(RuntimeError):
+    """The event could not be handed to JetStream; nothing was recorded."""
+
+
+class PublishUncertain(RuntimeError):
+    """Sent, but no acknowledgement came back: the fact may or may not be recorded."""
+
+
+def node_token(node_id: str) -> str:
+    """Node ids become subject tokens, so they must be subject-safe."""
+    if not _NODE_TOKEN.match(node_id):
+        raise ValueError(f"node id {node_id!r} must match {_NODE_TOKEN.pattern}")
+    return node_id
+
+
+def subject_placed(node_id: str) -> str:
+    return f"dicom.instance.placed.{node_token(node_id)}"
+
+
+def subject_for(event: ev.Event) -> str:
+    """Where each event lives. UIDs never appear in subjects (they contain dots)."""
+    match event:
+        case ev.InstanceReceivedV1():
+            return SUBJECT_RECEIVED
+        case ev.InstancePlacedV1(node_id=node):
+            return subject_placed(node)
+        case ev.InstanceForwardedV1(node_id=node):
+            return f"dicom.instance.forwarded.{node_token(node)}"
+        case ev.InstanceForwardFailedV1(node_id=node):
+            return f"dicom.instance.forward_failed.{node_token(node)}"
+        case ev.InstanceDeadLetteredV1():
+            return SUBJECT_DEAD_LETTERED
+        case ev.InstanceVerifiedV1(node_id=node):
+            return f"dicom.instance.verified.{node_token(node)}"
+        case ev.NodeHeartbeatV1(node_id=node):
+            return f"node.heartbeat.{node_token(node)}"
+        case ev.NodeStateChangedV1(node_id=node):
+            return f"node.state.{node_token(node)}"
+    raise TypeError(f"no subject for {type(event).__name__}")
+
+
+def stream_configs(cfg: NatsConfig) -> list[StreamConfig]:
+    storage = StorageType.FILE if cfg.storage == "file" else StorageType.MEMORY
+    return [
+        # The log: every fact needed to rebuild every store, kept forever.
+        StreamConfig(
+            name=cfg.events_stream,
+            subjects=["dicom.instance.>", SUBJECT_NODE_STATE_ALL],
+            retention=RetentionPolicy.LIMITS,
+            storage=storage,
+            num_replicas=cfg.replicas,
+            duplicate_window=cfg.duplicate_window_s,
+        ),
+        # Heartbeats: high-volume telemetry, short retention, a few per node.
+        StreamConfig(
+            name=cfg.heartbeats_stream,
+            subjects=[SUBJECT_HEARTBEAT_ALL],
+            retention=RetentionPolicy.LIMITS,
+            storage=storage,
+            num_replicas=cfg.replicas,
+            max_age=cfg.heartbeat_max_age_s,
+            max_msgs_per_subject=16,
+            duplicate_window=min(60.0, cfg.heartbeat_max_age_s),
+        ),
+    ]
+
+
+def scheduler_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name="scheduler",
+        filter_subject=SUBJECT_RECEIVED,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=30.0,
+        max_ack_pending=1024,
+    )
+
+
+def forwarder_consumer(node_id: str, max_deliver: int, ack_wait_s: float) -> ConsumerConfig:
+    """One durable per node: a dead node's backlog never blocks the others."""
+    return ConsumerConfig(
+        durable_name=f"forwarder-{node_token(node_id)}",
+        filter_subject=subject_placed(node_id),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_s,
+        max_deliver=max_deliver,
+        max_ack_pending=256,
+    )
+
+
+@dataclass(frozen=True)
+class Delivered:
+    seq: int
+    event: ev.AnyEvent
+    msg: Msg
+
+
+class Bus:
+    def __init__(self, nc: Client, cfg: NatsConfig) -> None:
+        self.nc = nc
+        self.cfg = cfg
+        self.js: JetStreamContext = nc.jetstream(timeout=cfg.publish_timeout_s)
+
+    @classmethod
+    async def connect(cls, cfg: NatsConfig, name: str, stop: asyncio.Event | None = None) -> Bus:
+        """Connect, retrying until NATS answers or ``stop`` is set."""
+        while True:
+            try:
+                nc = await nats.connect(
+                    cfg.url,
+                    name=name,
+                    connect_timeout=cfg.connect_timeout_s,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    pending_size=0,
+                    error_cb=_log_error,
+                    disconnected_cb=_log_disconnected,
+                    reconnected_cb=_log_reconnected,
+                )
+                return cls(nc, cfg)
+            except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+                log.warning("nats not reachable at %s (%s); retrying", cfg.url, type(exc).__name__)
+                if stop is not None and stop.is_set():
+                    raise
+                await asyncio.sleep(0.5)
+
+    def export_connected(self, registry) -> None:
+        """A gauge read at scrape time: 1 while connected to NATS (readiness, alerting)."""
+        from prometheus_client import Gauge
+
+        Gauge("switchyard_bus_connected", "1 while connected to NATS", registry=registry).set_function(
+            lambda: 1.0 if self.nc.is_connected else 0.0
+        )
+
+    async def ensure_streams(self) -> None:
+        for sc in stream_configs(self.cfg):
+            try:
+                await self.js.add_stream(sc)
+            except nats.js.errors.BadRequestError:
+                await self.js.update_stream(sc)
+
+    async def publish(self, event: ev.Event, timeout: float | None = None) -> PubAck:
+        """Record one fact; PubAck.duplicate is True when it was already recorded."""
+        if not self.nc.is_connected:
+            raise BusUnavailable("not connected to NATS")
+        headers = {"Nats-Msg-Id": event.event_id}
+        inject_trace_headers(headers, event)
+        try:
+            return await self.js.publish(
+                subject_for(event),
+                ev.encode(event),
+                timeout=timeout or self.cfg.publish_timeout_s,
+                headers=headers,
+            )
+        except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionClosedError,
+                nats.js.errors.NoStreamResponseError) as exc:
+            raise BusUnavailable(type(exc).__name__) from exc
+        except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
+            raise PublishUncertain("no PubAck before timeout") from exc
+
+    async def pull(self, config: ConsumerConfig, stream: str | None = None):
+        """Bind a pull subscription to a durable consumer declared here."""
+        stream = stream or self.cfg.events_stream
+        try:
+            await self.js.add_consumer(stream, config)
+        except nats.js.errors.BadRequestError:
+            log.info("consumer %s exists with other settings; keeping it", config.durable_name)
+        return await self.js.pull_subscribe_bind(config.durable_name, stream=stream)
+
+    async def replay(
+        self, subject: str = ">", start_seq: int = 1, stream: str | None = None,
+        idle_timeout: float = 0.5, follow: bool = False,
+    ) -> AsyncIterator[Delivered]:
+        """Read the log in order from ``start_seq``; stop when caught up unless ``follow``."""
+        stream = stream or self.cfg.events_stream
+        info = await self.js.stream_info(stream)
+        if not follow and info.state.last_seq < start_seq:
+            return
+        sub = await self.js.subscribe(
+            subject, stream=stream, ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq)),
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle_timeout)
+                except nats.errors.TimeoutError:
+                    if follow:
+                        continue
+                    return
+                meta = msg.metadata
+                try:
+                    event = ev.decode(msg.data)
+                except Exception:  # noqa: BLE001 - one bad message must not stop a projection
+                    log.error("undecodable message at stream seq %d; skipped", meta.sequence.stream)
+                    continue
+                yield Delivered(meta.sequence.stream, event, msg)
+                if not follow and meta.num_pending == 0:
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    async def follow_batches(
+        self, start_seq: int, max_batch: int, idle_timeout: float, stop: asyncio.Event,
+        subject: str = ">", stream: str | None = None,
+    ) -> AsyncIterator[list[Delivered]]:
+        """Follow the log from ``start_seq`` in batches (a batch ends when full or idle)."""
+        stream = stream or self.cfg.events_stream
+        sub = await self.js.subscribe(
+            subject, stream=stream, ordered_consumer=True, pending_msgs_limit=max(4 * max_batch, 65536),
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq)),
+        )
+        try:
+            batch: list[Delivered] = []
+            while not stop.is_set():
+                try:
+                    msg = await sub.next_msg(timeout=idle_timeout if not batch else 0.01)
+                except nats.errors.TimeoutError:
+                    if batch:
+                        yield batch
+                        batch = []
+                    continue
+                seq = msg.metadata.sequence.stream
+                try:
+                    batch.append(Delivered(seq, ev.decode(msg.data), msg))
+                except Exception:  # noqa: BLE001 - one bad message must not stop a projection
+                    log.error("undecodable message at stream seq %d; skipped", seq)
+                if len(batch) >= max_batch:
+                    yield batch
+                    batch = []
+        finally:
+            await sub.unsubscribe()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Drain (finish in-flight publishes and acks), bounded so shutdown never hangs."""
+        if not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), timeout)
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                log.warning("drain did not finish (%s); closing", type(exc).__name__)
+                await self.nc.close()
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("nats error: %s", exc)
+
+
+async def _log_disconnected() -> None:
+    log.warning("nats disconnected")
+
+
+async def _log_reconnected() -> None:
+    log.info("nats reconnected")

@@ -1,0 +1,185 @@
+"""The ``switchyard`` command line.
+
+  switchyard stack [--demo]   run nats-server, Orthanc nodes and the services locally
+  switchyard demo             send the demo corpus to a running stack, print placements
+  switchyard config           print the effective configuration (secrets masked)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+import msgspec
+
+from shared import localstack as ls
+from shared.config import Config, ConfigError, load_config
+
+
+def with_data_dir(cfg: Config, data_dir: Path) -> Config:
+    """Put every relative path of the config under ``data_dir``."""
+    data_dir = data_dir.resolve()
+
+    def under(p: str) -> str:
+        path = Path(p)
+        if path.is_absolute():
+            return p
+        # Defaults are "var/<thing>": the data dir takes the place of "var".
+        if path.parts[:1] == ("var",):
+            path = path.relative_to("var")
+        return str(data_dir / path)
+
+    return msgspec.structs.replace(
+        cfg,
+        blobs=msgspec.structs.replace(cfg.blobs, path=under(cfg.blobs.path)),
+        ingest=msgspec.structs.replace(cfg.ingest, spool_dir=under(cfg.ingest.spool_dir)),
+        forwarder=msgspec.structs.replace(cfg.forwarder, scratch_dir=under(cfg.forwarder.scratch_dir)),
+        catalog=msgspec.structs.replace(cfg.catalog, db_path=under(cfg.catalog.db_path)),
+    )
+
+
+def catalog_get(cfg: Config, path: str, timeout: float = 5.0):
+    url = f"http://{cfg.catalog.http_host}:{cfg.catalog.http_port}{path}"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {cfg.catalog.token}"})
+    with urllib.request.urlopen(req, timeout=timeout) as rsp:
+        return json.loads(rsp.read())
+
+
+def wait_delivered(cfg: Config, index: dict[str, list[str]], timeout: float) -> list[dict]:
+    """Poll the catalog until every instance of every study is delivered to a node."""
+    deadline = time.monotonic() + timeout
+    wanted = {study: len(sops) for study, sops in index.items()}
+    rows: list[dict] = []
+    while time.monotonic() < deadline:
+        try:
+            rows = [r for r in catalog_get(cfg, "/api/studies?limit=10000") if r["study_instance_uid"] in wanted]
+        except (urllib.error.URLError, OSError, ValueError):
+            rows = []
+        done = {r["study_instance_uid"] for r in rows if r["delivered"] >= wanted[r["study_instance_uid"]]}
+        if done == set(wanted):
+            return rows
+        time.sleep(0.25)
+    missing = sorted(set(wanted) - {r["study_instance_uid"] for r in rows if r["delivered"] >= wanted[r["study_instance_uid"]]})
+    raise TimeoutError(f"{len(missing)} demo studies not fully delivered within {timeout}s")
+
+
+def run_demo(cfg: Config, work_dir: Path, out: IO[str] = sys.stdout, timeout: float = 300.0) -> list[dict]:
+    """Send the demo corpus with DCMTK storescu and print which node got each study."""
+    from shared.corpus import bundled_test_files, corpus_index, generate_studies
+
+    corpus = work_dir / "demo-corpus"
+    shutil.rmtree(corpus, ignore_errors=True)
+    files = generate_studies(corpus / "generated", studies=6, series_per_study=3, instances_per_series=4,
+                             seed=int(time.time()))
+    files += bundled_test_files(corpus / "pydicom")
+    index = corpus_index(files)
+    out.write(f"demo: sending {len(files)} instances in {len(index)} studies to "
+              f"{cfg.ingest.ae_title}@127.0.0.1:{cfg.ingest.port} with DCMTK storescu\n")
+    started = time.monotonic()
+    result = ls.storescu("127.0.0.1", cfg.ingest.port, cfg.ingest.ae_title, [corpus],
+                         calling_ae="DEMO", extra=["+sd", "+r"])
+    if result.returncode != 0:
+        out.write(result.stdout[-2000:] + result.stderr[-2000:])
+        raise RuntimeError(f"storescu exited with {result.returncode}")
+    rows = wait_delivered(cfg, index, timeout)
+    elapsed = time.monotonic() - started
+    out.write(f"demo: all {len(files)} instances delivered in {elapsed:.1f}s\n\n")
+    out.write(f"{'study instance uid':<66} {'modality':<9} {'inst':>5}  node\n")
+    for r in sorted(rows, key=lambda r: r["study_instance_uid"]):
+        nodes = ",".join(r["nodes"] or []) or "-"
+        out.write(f"{r['study_instance_uid']:<66} {(r['modalities'] or '-'):<9} {r['instances']:>5}  {nodes}\n")
+    out.flush()
+    return rows
+
+
+def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
+    data_dir = Path(args.data_dir).resolve()
+    cfg = with_data_dir(cfg, data_dir)
+    missing = [name for name, ok in ls.tool_available().items() if not ok]
+    if missing:
+        print(f"missing: {', '.join(missing)} (run ./bootstrap.sh)", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    procs: list[ls.Proc] = []
+    console = sys.stdout
+    try:
+        procs.append(ls.start_nats(cfg, data_dir, args.nats_monitor_port, console))
+        for node in cfg.nodes:
+            procs.append(ls.start_orthanc(node, data_dir, console))
+        config_path = ls.write_config(cfg, data_dir / "switchyard.toml")
+        for service in ls.SERVICES:
+            procs.append(ls.start_service(service, cfg, config_path, data_dir, console))
+        print(
+            f"\nswitchyard: up. DICOM {cfg.ingest.ae_title}@127.0.0.1:{cfg.ingest.port}; catalog "
+            f"http://{cfg.catalog.http_host}:{cfg.catalog.http_port}/api/studies (Bearer token in config); "
+            f"nodes {', '.join(f'{n.id} {n.rest_url}' for n in cfg.nodes)}; config {config_path}\n",
+            flush=True,
+        )
+        if args.demo:
+            run_demo(cfg, data_dir)
+        if args.exit_after_demo:
+            return 0
+        print("switchyard: running; Ctrl-C stops everything", flush=True)
+        while not stop.is_set():
+            dead = [p.name for p in procs if p.popen.poll() is not None]
+            if dead:
+                print(f"switchyard: {', '.join(dead)} exited; stopping", file=sys.stderr, flush=True)
+                return 1
+            stop.wait(0.5)
+        return 0
+    finally:
+        ls.stop_all(procs)
+
+
+def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
+    run_demo(cfg, Path(args.data_dir).resolve())
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
+    data = msgspec.to_builtins(cfg)
+    for node in data["nodes"]:
+        node["password"] = "***"
+    data["blobs"]["s3_secret_key"] = "***"
+    data["catalog"]["token"] = "***"
+    print(json.dumps(data, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="switchyard", description="Switchyard DICOM router")
+    parser.add_argument("--config", help="TOML config file (default: $SWITCHYARD_CONFIG or built-in defaults)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("stack", help="run the whole stack locally")
+    p.add_argument("--demo", action="store_true", help="route the demo corpus once the stack is up")
+    p.add_argument("--exit-after-demo", action="store_true", help="stop after the demo (for scripts)")
+    p.add_argument("--data-dir", default="var", help="where servers keep their data (default ./var)")
+    p.add_argument("--nats-monitor-port", type=int, default=8222)
+    p.set_defaults(func=cmd_stack)
+    p = sub.add_parser("demo", help="send the demo corpus to a running stack")
+    p.add_argument("--data-dir", default="var")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("config", help="print the effective configuration")
+    p.set_defaults(func=cmd_config)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"switchyard: {exc}", file=sys.stderr)
+        return 2
+    return args.func(args, cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

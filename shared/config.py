@@ -1,0 +1,214 @@
+"""One typed configuration for every service: TOML file, then environment overrides.
+
+The defaults run the whole stack on one machine (see README). A service reads the
+config once, in ``__main__``, and passes it down; nothing re-reads it.
+
+Environment overrides: ``SWITCHYARD_CONFIG`` names the TOML file;
+``SWITCHYARD_<SECTION>__<KEY>=value`` sets one field (value parsed as JSON when it
+parses, else taken as a string); ``SWITCHYARD_NODES`` takes a JSON list of nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+
+class NatsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    url: str = "nats://127.0.0.1:4222"
+    events_stream: str = "SWITCHYARD"
+    heartbeats_stream: str = "HEARTBEATS"
+    # How long JetStream remembers a Nats-Msg-Id: a retried publish inside this
+    # window records the fact once.
+    duplicate_window_s: float = 24 * 3600.0
+    heartbeat_max_age_s: float = 600.0
+    # "file" in production; tests may use "memory" for their own throwaway server.
+    storage: Literal["file", "memory"] = "file"
+    replicas: int = 1
+    connect_timeout_s: float = 2.0
+    publish_timeout_s: float = 5.0
+
+
+class BlobConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    backend: Literal["local", "s3"] = "local"
+    path: str = "var/blobs"
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_bucket: str = "switchyard"
+    s3_access_key: str = "minioadmin"
+    s3_secret_key: str = "minioadmin"
+    s3_region: str = "us-east-1"
+    s3_secure: bool = False
+
+
+class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An Orthanc node: its DICOM endpoint and its REST API."""
+
+    id: str
+    host: str = "127.0.0.1"
+    dicom_port: int = 4242
+    ae_title: str = "ORTHANC"
+    rest_url: str = "http://127.0.0.1:8042"
+    username: str = "switchyard"
+    password: str = "switchyard"
+
+
+class IngestConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    ae_title: str = "SWITCHYARD"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    metrics_port: int = 9101
+    # Where pynetdicom spools incoming datasets before they reach the blob store.
+    spool_dir: str = "var/spool"
+    max_associations: int = 16
+    max_pdu: int = 262144
+    network_timeout_s: float = 60.0
+    max_object_bytes: int = 4 * 1024**3
+    # Empty: any calling AE may store. Otherwise only these AE titles.
+    allowed_calling_aes: list[str] = []
+    # Extra header keywords carried in the received event (queryable in the catalog).
+    extra_tags: list[str] = []
+
+
+class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    metrics_port: int = 9102
+    # A node whose last heartbeat is older than this is down.
+    heartbeat_timeout_s: float = 5.0
+    # How long a received instance waits for a live node before it is retried.
+    no_node_retry_s: float = 2.0
+    weight_pending_jobs: float = 1.0
+    weight_inflight: float = 1.0
+    weight_cpu: float = 0.02
+    weight_instances: float = 0.0001
+    weight_rtt_ms: float = 0.05
+    weight_disk_free_gb: float = 0.01
+
+
+class ForwarderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    metrics_port: int = 9103
+    ae_title: str = "SWITCHYARD"
+    max_deliver: int = 5
+    ack_wait_s: float = 60.0
+    retry_backoff_s: list[float] = msgspec.field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0])
+    batch: int = 16
+    network_timeout_s: float = 30.0
+    scratch_dir: str = "var/forwarder"
+
+
+class ProbeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    metrics_port: int = 9104
+    ae_title: str = "SWITCHYARD"
+    interval_s: float = 1.0
+    timeout_s: float = 2.0
+
+
+class CatalogConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    metrics_port: int = 9105
+    db_path: str = "var/catalog.duckdb"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    # Bearer token for the HTTP API. Change it anywhere but a laptop.
+    token: str = "switchyard-dev-token"
+    batch: int = 512
+
+
+class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    traces: Literal["none", "console", "otlp"] = "none"
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    log_level: str = "INFO"
+    metrics_host: str = "127.0.0.1"
+
+
+def _default_nodes() -> list[NodeConfig]:
+    return [
+        NodeConfig(
+            id=f"node{i}",
+            dicom_port=4242 + i - 1,
+            ae_title=f"NODE{i}",
+            rest_url=f"http://127.0.0.1:{8042 + i - 1}",
+        )
+        for i in (1, 2, 3)
+    ]
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    blobs: BlobConfig = msgspec.field(default_factory=BlobConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    forwarder: ForwarderConfig = msgspec.field(default_factory=ForwarderConfig)
+    probe: ProbeConfig = msgspec.field(default_factory=ProbeConfig)
+    catalog: CatalogConfig = msgspec.field(default_factory=CatalogConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    nodes: list[NodeConfig] = msgspec.field(default_factory=_default_nodes)
+
+    def node(self, node_id: str) -> NodeConfig | None:
+        return next((n for n in self.nodes if n.id == node_id), None)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_PREFIX = "SWITCHYARD_"
+
+
+def _parse_value(raw: str) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _apply_env(data: dict, env: dict[str, str]) -> dict:
+    for name, raw in env.items():
+        if not name.startswith(_PREFIX) or name == "SWITCHYARD_CONFIG":
+            continue
+        rest = name[len(_PREFIX):].lower()
+        if rest == "nodes":
+            data["nodes"] = _parse_value(raw)
+            continue
+        section, sep, key = rest.partition("__")
+        if not sep or not key:
+            continue
+        if section not in Config.__struct_fields__:
+            raise ConfigError(f"{name}: unknown section {section!r}")
+        data.setdefault(section, {})[key] = _parse_value(raw)
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply environment overrides, validate."""
+    env = dict(os.environ if env is None else env)
+    path = path or env.get("SWITCHYARD_CONFIG")
+    data: dict = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    data = _apply_env(data, env)
+    try:
+        return msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc
+
+
+def dump_toml(cfg: Config) -> str:
+    """Render a config as TOML (used to hand generated configs to child processes)."""
+    data = msgspec.to_builtins(cfg)
+    lines: list[str] = []
+    nodes = data.pop("nodes")
+    for section, fields in data.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in fields.items())
+        lines.append("")
+    for node in nodes:
+        lines.append("[[nodes]]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in node.items())
+        lines.append("")
+    return "\n".join(lines)

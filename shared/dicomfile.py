@@ -1,0 +1,116 @@
+"""Reading DICOM Part 10 files without decoding or re-encoding them.
+
+The dataset digest covers the bytes after the file meta group: they are what a
+sender sent and what a node must hold; file meta is rewritten by every hop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from shared.blobs.base import CHUNK
+
+# Tags the received event needs, read with stop_before_pixels.
+HEADER_KEYWORDS = (
+    "SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+    "PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "StudyDate",
+    "StudyDescription", "SeriesNumber", "InstanceNumber",
+)
+
+
+class NotDicom(ValueError):
+    """The bytes are not a readable DICOM Part 10 file."""
+
+
+def dataset_offset(f: BinaryIO) -> int:
+    """Offset of the first dataset byte after preamble, 'DICM' and group 0002.
+
+    Group 0002 is always explicit VR little endian; walk its elements rather
+    than trusting (0002,0000), which some writers get wrong.
+    """
+    f.seek(128)
+    if f.read(4) != b"DICM":
+        raise NotDicom("no DICM prefix")
+    pos = 132
+    while True:
+        f.seek(pos)
+        head = f.read(8)
+        if len(head) < 8:
+            return pos
+        group, _elem = struct.unpack("<HH", head[:4])
+        if group != 0x0002:
+            return pos
+        vr = head[4:6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            length = struct.unpack("<I", f.read(4))[0]
+            pos += 12 + length
+        else:
+            length = struct.unpack("<H", head[6:8])[0]
+            pos += 8 + length
+
+
+@dataclass(frozen=True)
+class Digests:
+    file_sha256: str
+    dataset_sha256: str
+    size: int
+    dataset_offset: int
+
+
+def digests(path: Path) -> Digests:
+    """Both digests in one pass over the file."""
+    with open(path, "rb") as f:
+        offset = dataset_offset(f)
+        f.seek(0)
+        whole, dataset = hashlib.sha256(), hashlib.sha256()
+        seen = 0
+        while chunk := f.read(CHUNK):
+            whole.update(chunk)
+            if seen + len(chunk) > offset:
+                dataset.update(chunk[max(0, offset - seen):])
+            seen += len(chunk)
+    return Digests(whole.hexdigest(), dataset.hexdigest(), seen, offset)
+
+
+def dataset_bytes_digest(data: bytes) -> str:
+    """Dataset digest of a whole Part 10 file held in memory (tests, verification)."""
+    import io
+
+    offset = dataset_offset(io.BytesIO(data))
+    return hashlib.sha256(data[offset:]).hexdigest()
+
+
+@dataclass(frozen=True)
+class Header:
+    transfer_syntax_uid: str
+    values: dict[str, str] = field(default_factory=dict)
+
+    def get(self, keyword: str) -> str:
+        return self.values.get(keyword, "")
+
+
+def read_header(path: Path, extra_keywords: tuple[str, ...] = ()) -> Header:
+    """Header tags only; pixel data is never read."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, struct.error) as exc:
+        raise NotDicom(str(exc)) from exc
+    if len(ds) == 0:
+        raise NotDicom("no dataset elements")
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else ""
+    values: dict[str, str] = {}
+    for kw in (*HEADER_KEYWORDS, *extra_keywords):
+        try:
+            value = ds.get(kw)
+        except Exception:  # noqa: BLE001 - a malformed optional tag must not fail the store
+            value = None
+        if value is not None and value != "":
+            values[kw] = str(value)
+    return Header(ts, values)

@@ -1,0 +1,165 @@
+"""Event schemas: every fact Switchyard records on the log.
+
+Each event is a msgspec Struct tagged by its type name, which carries a version
+(``...v1``). New fields get defaults; a breaking change is a new type. The
+``event_id`` is derived from the fact (not random), so a retried publish carries
+the same Nats-Msg-Id and JetStream records the fact once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import msgspec
+
+_NAMESPACE = uuid.UUID("6f2b1d52-4c1e-4a8e-9a51-5d3f0c7e2b10")
+
+
+def fact_id(kind: str, *parts: object) -> str:
+    """A deterministic event id for one fact (same fact, same id)."""
+    return str(uuid.uuid5(_NAMESPACE, "|".join([kind, *map(str, parts)])))
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Event(msgspec.Struct, kw_only=True, tag_field="type"):
+    event_id: str
+    occurred_at: datetime = msgspec.field(default_factory=utcnow)
+    # W3C trace context of the span that produced the event.
+    traceparent: str = ""
+    tracestate: str = ""
+
+
+class InstanceReceivedV1(Event, tag="instance.received.v1"):
+    """Ingest holds the bytes durably (blob) and has taken responsibility."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    blob_key: str
+    size: int
+    # sha256 of the dataset bytes after the file meta group, as received.
+    dataset_digest: str
+    calling_ae: str = ""
+    called_ae: str = ""
+    modality: str = ""
+    # Header values for the catalog. They live in the log (a medical record, like
+    # any PACS database), never in logs, span attributes or metric labels.
+    patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    study_description: str = ""
+    series_number: str = ""
+    instance_number: str = ""
+    extra_tags: dict[str, str] = {}
+
+
+class Candidate(msgspec.Struct, frozen=True):
+    node_id: str
+    score: float
+
+
+class InstancePlacedV1(Event, tag="instance.placed.v1"):
+    """The scheduler chose a node for one received instance."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    blob_key: str
+    dataset_digest: str
+    node_id: str
+    # new_study | affinity | rule | failover | replacement
+    reason: str
+    candidates: list[Candidate] = []
+    # 0 for the first placement, +1 for every re-placement.
+    attempt: int = 0
+    received_seq: int = 0
+
+
+class InstanceForwardedV1(Event, tag="instance.forwarded.v1"):
+    sop_instance_uid: str
+    study_instance_uid: str
+    node_id: str
+    placement_id: str
+    duration_ms: float = 0.0
+    status: int = 0
+
+
+class InstanceForwardFailedV1(Event, tag="instance.forward_failed.v1"):
+    sop_instance_uid: str
+    study_instance_uid: str
+    node_id: str
+    placement_id: str
+    reason: str
+    # True when retrying the same node cannot help (e.g. transfer syntax refused).
+    permanent: bool = False
+    delivery: int = 1
+    status: int | None = None
+
+
+class InstanceDeadLetteredV1(Event, tag="instance.dead_lettered.v1"):
+    sop_instance_uid: str
+    study_instance_uid: str
+    node_id: str
+    placement_id: str
+    reason: str
+
+
+class InstanceVerifiedV1(Event, tag="instance.verified.v1"):
+    sop_instance_uid: str
+    node_id: str
+    dataset_digest: str
+
+
+class NodeHeartbeatV1(Event, tag="node.heartbeat.v1"):
+    """Load of one node as the probe saw it; telemetry, short retention."""
+
+    node_id: str
+    up: bool
+    error: str = ""
+    pending_jobs: int = 0
+    instance_count: int = 0
+    disk_used_bytes: int = 0
+    disk_free_bytes: int | None = None
+    cpu_percent: float | None = None
+    rtt_ms: float | None = None
+
+
+class NodeStateChangedV1(Event, tag="node.state_changed.v1"):
+    """Membership: added, drained, undrained, removed, down, up."""
+
+    node_id: str
+    state: str
+    reason: str = ""
+
+
+AnyEvent = (
+    InstanceReceivedV1
+    | InstancePlacedV1
+    | InstanceForwardedV1
+    | InstanceForwardFailedV1
+    | InstanceDeadLetteredV1
+    | InstanceVerifiedV1
+    | NodeHeartbeatV1
+    | NodeStateChangedV1
+)
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AnyEvent)
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes) -> AnyEvent:
+    """Decode any event; raises msgspec.DecodeError on bytes that are not one."""
+    return _decoder.decode(data)

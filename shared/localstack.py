@@ -1,0 +1,248 @@
+"""Start the real parts as local processes: nats-server, Orthanc nodes, the services.
+
+Used by ``switchyard stack`` and by the integration test fixtures, so both run
+the same commands. Every server listens on loopback; readiness is always read
+from the server itself (HTTP health, REST, metrics endpoint), never assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlparse
+
+from shared.config import Config, NodeConfig, dump_toml
+from shared.orthanc import OrthancClient, OrthancError, node_config
+
+SERVICES = ("ingest", "scheduler", "forwarder", "probe", "catalog")
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+DCMTK_BIN = Path("/usr/bin")  # the venv's bin has pynetdicom apps with the same names
+ORTHANC = Path("/usr/sbin/Orthanc")
+
+
+def loopback_shim() -> Path | None:
+    """The LD_PRELOAD shim that keeps Orthanc on 127.0.0.1 (built by bootstrap.sh)."""
+    for candidate in (VENV_BIN.parent / "lib" / "loopback_bind.so", REPO / ".venv" / "lib" / "loopback_bind.so"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def dicom_env() -> dict[str, str]:
+    """Environment for DCMTK tools and Orthanc: TCP_NODELAY avoids ~40 ms stalls per hop."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with code {proc.returncode}")
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not ready yet
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready within {timeout}s")
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as rsp:
+            return rsp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        for t in self.threads:
+            t.join(2)
+        return self.popen.returncode
+
+    def terminate(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+def stop_all(procs: list[Proc], timeout: float = 15.0) -> None:
+    """Stop processes in tiers, last started first: services, then nodes, then NATS.
+
+    Within a tier (same name prefix group) they stop in parallel.
+    """
+    tiers: list[list[Proc]] = []
+    for proc in reversed(procs):
+        kind = _tier(proc.name)
+        if tiers and _tier(tiers[-1][0].name) == kind:
+            tiers[-1].append(proc)
+        else:
+            tiers.append([proc])
+    for tier in tiers:
+        for proc in tier:
+            proc.terminate()
+        for proc in tier:
+            proc.stop(timeout)
+
+
+def _tier(name: str) -> str:
+    return "service" if name in SERVICES else "nats" if name == "nats" else "node"
+
+
+def _pump(prefix: str, stream: IO[bytes], sink: IO[str]) -> None:
+    for raw in iter(stream.readline, b""):
+        sink.write(f"{prefix} | {raw.decode(errors='replace').rstrip()}\n")
+        sink.flush()
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path | None,
+          console: IO[str] | None = None, cwd: Path | None = None) -> Proc:
+    """Start a process whose output goes to a log file, or to the console with a name prefix.
+
+    Each child gets its own session: Ctrl-C reaches only the supervisor, which
+    then stops services before the servers they depend on.
+    """
+    if console is not None:
+        popen = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        t = threading.Thread(target=_pump, args=(f"{name:>10}", popen.stdout, console), daemon=True)
+        t.start()
+        return Proc(name, popen, [t])
+    assert log_path is not None
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                 start_new_session=True)
+    return Proc(name, popen)
+
+
+def nats_port(cfg: Config) -> int:
+    return urlparse(cfg.nats.url).port or 4222
+
+
+def start_nats(cfg: Config, data_dir: Path, monitor_port: int, console: IO[str] | None = None,
+               timeout: float = 30.0) -> Proc:
+    store = data_dir / "nats"
+    store.mkdir(parents=True, exist_ok=True)
+    argv = [str(VENV_BIN / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port(cfg)),
+            "-m", str(monitor_port), "-js", "-sd", str(store), "-n", "switchyard-local"]
+    proc = spawn("nats", argv, dict(os.environ), data_dir / "logs" / "nats.log", console)
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"),
+               timeout, "nats-server", proc.popen)
+    return proc
+
+
+def orthanc_http_port(node: NodeConfig) -> int:
+    return urlparse(node.rest_url).port or 8042
+
+
+def start_orthanc(node: NodeConfig, data_dir: Path, console: IO[str] | None = None,
+                  timeout: float = 60.0) -> Proc:
+    home = data_dir / "orthanc" / node.id
+    storage = home / "storage"
+    storage.mkdir(parents=True, exist_ok=True)
+    config_path = home / "orthanc.json"
+    config_path.write_text(json.dumps(node_config(node, storage, orthanc_http_port(node)), indent=2))
+    env = dicom_env()
+    shim = loopback_shim()
+    if shim is not None:
+        env["LD_PRELOAD"] = str(shim)
+    proc = spawn(node.id, [str(ORTHANC), str(config_path)], env, home / "orthanc.log", console)
+    client = OrthancClient(node, timeout=1.0)
+
+    def ready() -> bool:
+        try:
+            return bool(client.system().get("DicomAet"))
+        except OrthancError:
+            return False
+
+    wait_until(ready, timeout, f"Orthanc {node.id}", proc.popen)
+    return proc
+
+
+def write_config(cfg: Config, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_toml(cfg))
+    return path
+
+
+def metrics_port(cfg: Config, service: str) -> int:
+    return getattr(cfg, service).metrics_port
+
+
+def start_service(service: str, cfg: Config, config_path: Path, data_dir: Path,
+                  console: IO[str] | None = None, timeout: float = 60.0, cwd: Path | None = None) -> Proc:
+    """Run ``python -m services.<service>``; ready once its metrics endpoint answers."""
+    env = {**os.environ, "SWITCHYARD_CONFIG": str(config_path), "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = spawn(service, [sys.executable, "-m", f"services.{service}"], env,
+                 data_dir / "logs" / f"{service}.log", console, cwd=cwd)
+    port = metrics_port(cfg, service)
+    wait_until(lambda: http_ok(f"http://{cfg.telemetry.metrics_host}:{port}/metrics"), timeout,
+               f"service {service}", proc.popen)
+    return proc
+
+
+def storescu(host: str, port: int, called_ae: str, paths: list[Path], calling_ae: str = "STORESCU",
+             timeout: float = 300.0, extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Send files with DCMTK storescu, proposing each file's own transfer syntax (-R)."""
+    argv = [str(DCMTK_BIN / "storescu"), "-aet", calling_ae, "-aec", called_ae, "-R", *(extra or []),
+            host, str(port), *map(str, paths)]
+    return subprocess.run(argv, env=dicom_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def tcp_accepts(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_storescp(port: int, out_dir: Path, log_path: Path, ae_title: str = "STORESCP",
+                   timeout: float = 15.0) -> Proc:
+    """DCMTK storescp writing every received object to out_dir, accepting all transfer syntaxes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    argv = [str(DCMTK_BIN / "storescp"), "-aet", ae_title, "-od", str(out_dir), "+xa", str(port)]
+    proc = spawn("storescp", argv, dicom_env(), log_path)
+    wait_until(lambda: tcp_accepts(port), timeout, "storescp", proc.popen)
+    return proc
+
+
+def tool_available() -> dict[str, bool]:
+    return {
+        "Orthanc": ORTHANC.exists(),
+        "storescu": (DCMTK_BIN / "storescu").exists(),
+        "nats-server": (VENV_BIN / "nats-server").exists() or shutil.which("nats-server") is not None,
+    }

@@ -1,0 +1,77 @@
+"""What every service's main shares: signals, tracing, the bus, metrics, ordered cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
+
+from shared.bus import Bus
+from shared.config import Config
+from shared.telemetry import setup_logging, setup_tracing, start_metrics
+
+log = logging.getLogger(__name__)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An Event set by SIGTERM or SIGINT; call from inside the running loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def wait_or_stop(stop: asyncio.Event, timeout: float) -> bool:
+    """Sleep up to ``timeout`` unless stopped first; True when stopped."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout)
+    return stop.is_set()
+
+
+@dataclass
+class Service:
+    name: str
+    cfg: Config
+    stop: asyncio.Event
+    stack: contextlib.AsyncExitStack
+    bus: Bus
+    registry: CollectorRegistry
+    provider: TracerProvider
+
+    @property
+    def tracer(self) -> trace.Tracer:
+        return self.provider.get_tracer(f"switchyard.{self.name}")
+
+    def serve_metrics(self, port: int) -> None:
+        """Start /metrics last: the stack and tests read it as 'this service is ready'."""
+        server, _ = start_metrics(self.registry, self.cfg.telemetry.metrics_host, port)
+        self.stack.callback(server.shutdown)
+
+
+@contextlib.asynccontextmanager
+async def running_service(name: str, cfg: Config) -> AsyncIterator[Service]:
+    """Logging, stop-on-signal, tracing and a connected bus with its streams declared.
+
+    Resources registered on ``service.stack`` are released in reverse order on
+    exit; the bus drains last but one, before tracing flushes.
+    """
+    setup_logging(name, cfg.telemetry.log_level)
+    stop = stop_on_signals()
+    async with contextlib.AsyncExitStack() as stack:
+        provider = setup_tracing(name, cfg.telemetry)
+        stack.callback(provider.shutdown)
+        bus = await Bus.connect(cfg.nats, f"switchyard-{name}", stop)
+        stack.push_async_callback(bus.close)
+        await bus.ensure_streams()
+        registry = CollectorRegistry()
+        bus.export_connected(registry)
+        yield Service(name, cfg, stop, stack, bus, registry, provider)
+        log.info("stopping")

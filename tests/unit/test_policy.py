@@ -1,0 +1,89 @@
+"""The placement policy: never a down or drained node, affinity kept, equal nodes share."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.scheduler.policy import NodeView, Weights, place, score
+
+W = Weights()
+
+node_views = st.lists(
+    st.builds(
+        NodeView,
+        node_id=st.sampled_from([f"n{i}" for i in range(6)]),
+        live=st.booleans(),
+        drained=st.booleans(),
+        pending_jobs=st.integers(0, 50),
+        instance_count=st.integers(0, 10**6),
+        disk_free_bytes=st.none() | st.integers(0, 10**13),
+        cpu_percent=st.none() | st.floats(0, 100),
+        rtt_ms=st.none() | st.floats(0, 500),
+        reserved=st.integers(0, 100),
+    ),
+    max_size=6,
+    unique_by=lambda n: n.node_id,
+)
+study_uids = st.from_regex(r"1\.2\.[0-9]{1,10}\.[0-9]{1,10}", fullmatch=True)
+
+
+@given(node_views, study_uids, st.none() | st.sampled_from([f"n{i}" for i in range(6)]))
+def test_never_a_down_or_drained_node(nodes, study, affinity):
+    decision = place(study, nodes, affinity, W)
+    eligible = {n.node_id for n in nodes if n.live and not n.drained}
+    if not eligible:
+        assert decision is None
+    else:
+        assert decision is not None and decision.node_id in eligible
+        assert {c[0] for c in decision.candidates} == eligible
+
+
+@given(node_views, study_uids, st.sampled_from([f"n{i}" for i in range(6)]))
+def test_affinity_kept_while_the_node_is_eligible(nodes, study, affinity):
+    decision = place(study, nodes, affinity, W)
+    target = next((n for n in nodes if n.node_id == affinity), None)
+    if target is not None and target.live and not target.drained:
+        assert decision.node_id == affinity and decision.reason == "affinity"
+    elif decision is not None:
+        assert decision.node_id != affinity and decision.reason == "failover"
+
+
+@given(node_views, study_uids)
+def test_new_study_goes_to_a_least_loaded_node(nodes, study):
+    decision = place(study, nodes, None, W)
+    if decision is not None:
+        best = min(score(n, W) for n in nodes if n.live and not n.drained)
+        chosen = next(n for n in nodes if n.node_id == decision.node_id)
+        assert score(chosen, W) <= best + W.tie
+        assert decision.reason == "new_study"
+
+
+def test_equal_nodes_share_new_studies_evenly():
+    nodes = [NodeView(f"n{i}", live=True) for i in range(3)]
+    counts = Counter(place(f"1.2.3.{i}", nodes, None, W).node_id for i in range(3000))
+    assert set(counts) == {"n0", "n1", "n2"}
+    assert all(800 <= c <= 1200 for c in counts.values()), counts
+
+
+def test_same_study_same_choice_everywhere():
+    nodes = [NodeView(f"n{i}", live=True) for i in range(4)]
+    assert len({place("1.2.840.99", list(reversed(nodes)) if i % 2 else nodes, None, W).node_id
+                for i in range(10)}) == 1
+
+
+def test_load_moves_work_away():
+    busy = NodeView("busy", live=True, pending_jobs=10)
+    idle = NodeView("idle", live=True)
+    assert place("1.2.3", [busy, idle], None, W).node_id == "idle"
+    reserved = NodeView("idle", live=True, reserved=20)
+    assert place("1.2.3", [busy, reserved], None, W).node_id == "busy"
+
+
+def test_candidates_sorted_best_first_with_scores():
+    nodes = [NodeView("a", live=True, pending_jobs=3), NodeView("b", live=True, pending_jobs=1)]
+    decision = place("1.2.3", nodes, None, W)
+    assert [c[0] for c in decision.candidates] == ["b", "a"]
+    assert decision.candidates[0][1] < decision.candidates[1][1]
