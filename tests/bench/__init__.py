@@ -1,0 +1,1 @@
+"""Benchmarks (`just bench [AREA ...]`): each module prints figures for docs/benchmarks.md."""
