@@ -4,8 +4,8 @@ The defaults run the whole stack on one machine (see README). A service reads th
 config once, in ``__main__``, and passes it down; nothing re-reads it.
 
 Environment overrides: ``SWITCHYARD_CONFIG`` names the TOML file;
-``SWITCHYARD_<SECTION>__<KEY>=value`` sets one field (value parsed as JSON when it
-parses, else taken as a string); ``SWITCHYARD_NODES`` takes a JSON list of nodes.
+``SWITCHYARD_<SECTION>__<KEY>=value`` sets one field (lists as JSON, scalars
+converted by the field's type); ``SWITCHYARD_NODES`` takes a JSON list of nodes.
 """
 
 from __future__ import annotations
@@ -158,10 +158,14 @@ _PREFIX = "SWITCHYARD_"
 
 
 def _parse_value(raw: str) -> object:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
+    """Lists and tables come as JSON; scalars stay strings and msgspec converts
+    them by the field's type ("3000" -> int), so a password "12345678" stays a string."""
+    if raw.lstrip().startswith(("[", "{")):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw
+    return raw
 
 
 def _apply_env(data: dict, env: dict[str, str]) -> dict:

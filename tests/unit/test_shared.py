@@ -29,8 +29,12 @@ def test_file_then_environment(tmp_path):
     cfg = load_config(path, env={"SWITCHYARD_INGEST__PORT": "3000"})
     assert cfg.ingest.port == 3000 and cfg.ingest.ae_title == "FROMFILE"
     assert [n.id for n in cfg.nodes] == ["a"]
-    cfg = load_config(env={"SWITCHYARD_NODES": '[{"id": "x", "dicom_port": 5000}]'})
-    assert cfg.nodes[0].dicom_port == 5000
+    cfg = load_config(env={"SWITCHYARD_NODES": '[{"id": "x", "dicom_port": 5000, "password": "1234"}]'})
+    assert cfg.nodes[0].dicom_port == 5000 and cfg.nodes[0].password == "1234"
+    cfg = load_config(env={"SWITCHYARD_CATALOG__TOKEN": "12345678", "SWITCHYARD_BLOBS__S3_SECURE": "true",
+                           "SWITCHYARD_INGEST__ALLOWED_CALLING_AES": '["CT1", "MR2"]'})
+    assert cfg.catalog.token == "12345678" and cfg.blobs.s3_secure is True
+    assert cfg.ingest.allowed_calling_aes == ["CT1", "MR2"]
 
 
 @pytest.mark.parametrize("env", [
