@@ -232,7 +232,7 @@ class Bus:
             while True:
                 try:
                     msg = await sub.next_msg(timeout=idle_timeout)
-                except nats.errors.TimeoutError:
+                except TimeoutError:
                     if follow:
                         continue
                     return
@@ -263,7 +263,7 @@ class Bus:
             while not stop.is_set():
                 try:
                     msg = await sub.next_msg(timeout=idle_timeout if not batch else 0.01)
-                except nats.errors.TimeoutError:
+                except TimeoutError:
                     if batch:
                         yield batch
                         batch = []

@@ -56,6 +56,26 @@ class Service:
         self.stack.callback(server.shutdown)
 
 
+async def run_until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task]) -> None:
+    """Wait for the stop signal; a task that ends early stops the service loudly.
+
+    A worker that dies silently (an unexpected exception held in its task) would
+    leave a process that looks healthy and does nothing; exiting non-zero lets
+    the supervisor restart it.
+    """
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    stopper.cancel()
+    failed = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
+    if failed:
+        raise failed[0]
+    early = [t.get_name() for t in tasks if t in done]
+    if early and stopper not in done:
+        raise RuntimeError(f"task(s) ended before the stop signal: {', '.join(early)}")
+
+
 @contextlib.asynccontextmanager
 async def running_service(name: str, cfg: Config) -> AsyncIterator[Service]:
     """Logging, stop-on-signal, tracing and a connected bus with its streams declared.

@@ -12,7 +12,7 @@ from services.catalog.api import build_app
 from services.catalog.projection import CatalogStore
 from shared.bus import Bus
 from shared.config import Config
-from shared.runtime import running_service
+from shared.runtime import run_until_stopped, running_service
 
 log = logging.getLogger("switchyard.catalog")
 
@@ -39,9 +39,7 @@ async def main(cfg: Config) -> None:
         await runner.setup()
         svc.stack.push_async_callback(runner.cleanup)
         await web.TCPSite(runner, cfg.catalog.http_host, cfg.catalog.http_port).start()
-        projector = asyncio.create_task(project(cfg, svc.bus, store, svc.registry, svc.stop))
+        projector = asyncio.create_task(project(cfg, svc.bus, store, svc.registry, svc.stop), name="projection")
         svc.serve_metrics(cfg.catalog.metrics_port)
         log.info("catalog API on %s:%d", cfg.catalog.http_host, cfg.catalog.http_port)
-        await asyncio.wait([projector, asyncio.create_task(svc.stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-        svc.stop.set()
-        await projector  # re-raises a projection failure, so the process exits non-zero
+        await run_until_stopped(svc.stop, [projector])

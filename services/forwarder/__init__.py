@@ -27,7 +27,7 @@ from shared import events as ev
 from shared.blobs import BlobNotFound, BlobStore, BlobStoreError, open_blob_store
 from shared.bus import Bus, BusUnavailable, PublishUncertain, forwarder_consumer
 from shared.config import Config, NodeConfig
-from shared.runtime import running_service
+from shared.runtime import run_until_stopped, running_service
 from shared.telemetry import context_from
 
 log = logging.getLogger("switchyard.forwarder")
@@ -69,14 +69,18 @@ class NodeWorker:
             while not stop.is_set():
                 try:
                     msgs = await psub.fetch(fcfg.batch, timeout=1.0)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py raises its own or asyncio's, by code path
                     continue
                 except nats.errors.Error as exc:
                     log.warning("%s: fetch failed: %s", self.node.id, exc)
                     await asyncio.sleep(0.5)
                     continue
                 for msg in msgs:
-                    await self.handle(msg)
+                    try:
+                        await self.handle(msg)
+                    except Exception:  # noqa: BLE001 - one message must never stop a node's worker
+                        # Unacked: JetStream redelivers it after ack_wait.
+                        log.exception("%s: unexpected failure handling a placement", self.node.id)
                 with contextlib.suppress(Exception):
                     self.metrics.backlog.labels(node=self.node.id).set(msgs[-1].metadata.num_pending)
         finally:
@@ -184,5 +188,4 @@ async def main(cfg: Config) -> None:
         tasks = [asyncio.create_task(w.run(svc.stop), name=f"forward-{w.node.id}") for w in workers]
         svc.serve_metrics(cfg.forwarder.metrics_port)
         log.info("forwarding to nodes %s", ", ".join(n.id for n in cfg.nodes))
-        await svc.stop.wait()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await run_until_stopped(svc.stop, tasks)

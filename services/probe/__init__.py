@@ -21,7 +21,7 @@ from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config, NodeConfig
 from shared.dimse import NODELAY_HANDLER
 from shared.orthanc import OrthancClient, OrthancError
-from shared.runtime import running_service, wait_or_stop
+from shared.runtime import run_until_stopped, running_service, wait_or_stop
 
 log = logging.getLogger("switchyard.probe")
 
@@ -87,8 +87,8 @@ async def main(cfg: Config) -> None:
         up_gauge = Gauge("switchyard_probe_node_up", "1 when the node answered REST and C-ECHO", ["node"],
                          registry=svc.registry)
         beats = Counter("switchyard_probe_heartbeats", "Heartbeats published", ["node"], registry=svc.registry)
-        tasks = [asyncio.create_task(watch(cfg, n, svc.bus, up_gauge, beats, svc.stop)) for n in cfg.nodes]
+        tasks = [asyncio.create_task(watch(cfg, n, svc.bus, up_gauge, beats, svc.stop), name=f"watch-{n.id}")
+                 for n in cfg.nodes]
         svc.serve_metrics(cfg.probe.metrics_port)
         log.info("watching nodes %s every %.1fs", ", ".join(n.id for n in cfg.nodes), cfg.probe.interval_s)
-        await svc.stop.wait()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await run_until_stopped(svc.stop, tasks)

@@ -134,7 +134,7 @@ class Scheduler:
             while not stop.is_set():
                 try:
                     msgs = await psub.fetch(64, timeout=1.0)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py raises its own or asyncio's, by code path
                     continue
                 except nats.errors.Error as exc:
                     log.warning("fetch failed: %s", exc)

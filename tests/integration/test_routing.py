@@ -14,9 +14,20 @@ from tests.fixtures.util import wait_for
 pytestmark = pytest.mark.integration
 
 
-def delivered(stack, study_uid: str, expected: int) -> list[dict]:
-    rows = stack.catalog(f"/api/instances?study_uid={study_uid}")
-    return rows if len(rows) == expected and all(r["state"] == "forwarded" for r in rows) else []
+def wait_delivered(stack, study_uid: str, expected: int, timeout: float = 60) -> list[dict]:
+    """Poll the catalog until every instance of the study is forwarded; explain a timeout."""
+    last: list[dict] = []
+
+    def done() -> list[dict]:
+        nonlocal last
+        last = stack.catalog(f"/api/instances?study_uid={study_uid}")
+        return last if len(last) == expected and all(r["state"] == "forwarded" for r in last) else []
+
+    try:
+        return wait_for(done, timeout=timeout, what=f"study {study_uid} delivered")
+    except TimeoutError as exc:
+        states = sorted((r["node_id"], r["state"], r["detail"]) for r in last)
+        raise AssertionError(f"{exc}\n{len(last)}/{expected} in catalog: {states}\n{stack.diagnostics()}") from None
 
 
 def holders(nodes, sop_uid: str) -> list[str]:
@@ -33,7 +44,7 @@ def test_multi_series_study_lands_whole_on_one_node_unchanged(stack, live_nodes,
     result = stack.send([tmp_path / "corpus"], extra=["+sd", "+r"])
     assert result.returncode == 0, result.stderr
 
-    rows = wait_for(lambda: delivered(stack, study_uid, len(files)), timeout=60, what="study delivered")
+    rows = wait_delivered(stack, study_uid, len(files))
     nodes_in_catalog = {r["node_id"] for r in rows}
     assert len(nodes_in_catalog) == 1, nodes_in_catalog
     (node_id,) = nodes_in_catalog
@@ -68,7 +79,7 @@ def test_new_studies_avoid_a_stopped_node(stack, live_nodes, tmp_path):
 
     used = set()
     for study_uid, sops in index.items():
-        rows = wait_for(lambda: delivered(stack, study_uid, len(sops)), timeout=60, what="study delivered")
+        rows = wait_delivered(stack, study_uid, len(sops))
         used |= {r["node_id"] for r in rows}
         assert len({r["node_id"] for r in rows}) == 1
     assert stopped.node.id not in used
