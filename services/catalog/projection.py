@@ -205,7 +205,8 @@ def _apply_many(con, todo: list[tuple[int, ev.AnyEvent]]) -> None:
         elif kind is ev.NodeStateChangedV1:
             nodes[node] = [node, event.state, event.reason, seq, at]
     _insert_columns(con, "events", ("seq", "event_id", "type", "sop_instance_uid", "study_instance_uid",
-                                    "node_id", "occurred_at", "payload"), evcols)
+                                    "node_id", "occurred_at", "payload"), evcols,
+                   replace=False)  # only sequences above last_seq reach here: no conflicts
     if instances:
         cols = (*_RECEIVED_COLUMNS, "received_at", "received_seq", "extra_tags")
         _insert_columns(con, "instances", cols, [list(c) for c in zip(*instances.values())])

@@ -24,6 +24,7 @@ from typing import Any
 
 import duckdb
 
+from shared import events as ev
 from shared.bus import Bus
 from shared.config import NatsConfig
 
@@ -52,6 +53,96 @@ def ensure_unlocked(path: Path) -> None:
         raise StoreInUse(f"{path} is in use by a running service; stop it before a rebuild") from exc
 
 
+class ReplayGap(RuntimeError):
+    """The reader missed deliveries (it fell too far behind); nothing partial is kept."""
+
+
+def _ack_tokens(reply: str) -> tuple[int, int, int]:
+    """(stream seq, consumer seq, pending) from a JetStream ack subject (v1 or v2 form)."""
+    t = reply.split(".")
+    if len(t) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>
+        return int(t[5]), int(t[6]), int(t[8])
+    return int(t[7]), int(t[8]), int(t[10])  # $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>...
+
+
+async def read_raw_batches(bus: Bus, stream: str, start_seq: int, target: int, batch: int):
+    """Yield lists of (stream seq, raw bytes) from ``start_seq`` through ``target``.
+
+    A plain push consumer (no acks, flow control) read with a callback: about
+    5x faster than the ordered consumer's per-message path in nats-py. Flow
+    control replies are sent only while fewer than four batches wait, so a
+    slow store holds the server back instead of filling memory; a skipped
+    consumer sequence (a dropped delivery) raises ReplayGap.
+    """
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    nc = bus.nc
+    inbox = nc.new_inbox()
+    ready: asyncio.Queue = asyncio.Queue(maxsize=4)
+    state = {"rows": [], "dseq": 0, "done": False}
+
+    async def on_msg(msg) -> None:
+        if state["done"]:
+            return
+        reply = msg.reply
+        if not reply:
+            return  # idle heartbeat
+        if not reply.startswith("$JS.ACK."):
+            while ready.qsize() >= 3:  # flow control: answer once the store has caught up
+                await asyncio.sleep(0.005)
+            await nc.publish(reply, b"")
+            return
+        sseq, dseq, left = _ack_tokens(reply)
+        if dseq != state["dseq"] + 1:
+            state["done"] = True
+            await ready.put(ReplayGap(f"delivery {state['dseq'] + 1} missing (got {dseq})"))
+            return
+        state["dseq"] = dseq
+        if sseq <= target:
+            state["rows"].append((sseq, msg.data))
+        end = sseq >= target or left == 0  # left: deliveries still pending (0 also past a deleted tail)
+        if end or len(state["rows"]) >= batch:
+            rows, state["rows"] = state["rows"], []
+            await ready.put(rows)
+            if end:
+                state["done"] = True
+                await ready.put(StopAsyncIteration())
+
+    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=max(16 * batch, 200_000),
+                             pending_bytes_limit=1 << 30)
+    try:
+        info = await bus.js.add_consumer(stream, ConsumerConfig(
+            deliver_subject=inbox, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq,
+            ack_policy=AckPolicy.NONE, flow_control=True, idle_heartbeat=5.0, inactive_threshold=60.0,
+        ))
+        try:
+            while True:
+                item = await ready.get()
+                if isinstance(item, StopAsyncIteration):
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                if item:
+                    yield item
+        finally:
+            try:
+                await bus.js.delete_consumer(stream, info.name)
+            except Exception:  # noqa: BLE001 - an ephemeral consumer also expires on its own
+                pass
+    finally:
+        await sub.unsubscribe()
+
+
+def _decode_and_apply(store: Any, raw: list[tuple[int, bytes]]) -> int:
+    rows = []
+    for seq, data in raw:
+        try:
+            rows.append((seq, ev.decode(data)))
+        except Exception:  # noqa: BLE001 - as the live projection: one bad message is skipped
+            log.error("undecodable message at stream seq %d; skipped", seq)
+    return store.apply(rows)
+
+
 async def replay_into(store: Any, bus: Bus, stream: str | None = None, until_seq: int | None = None,
                       batch: int = 20000) -> int:
     """Apply the stream from the store's last sequence + 1 up to ``until_seq`` (default: the end now)."""
@@ -61,16 +152,12 @@ async def replay_into(store: Any, bus: Bus, stream: str | None = None, until_seq
     start = await asyncio.to_thread(store.last_seq)
     if target <= start:
         return 0
-    stop = asyncio.Event()
     applied = 0
     pending: asyncio.Future | None = None
-    async for delivered in bus.follow_batches(start + 1, batch, 0.5, stop, stream=stream):
-        rows = [(d.seq, d.event) for d in delivered if d.seq <= target]
-        if pending is not None:  # apply runs in a thread while the next batch is read
+    async for raw in read_raw_batches(bus, stream, start + 1, target, batch):
+        if pending is not None:  # decode+apply runs in a thread while the next batch is read
             applied += await pending
-        pending = asyncio.ensure_future(asyncio.to_thread(store.apply, rows))
-        if delivered[-1].seq >= target:
-            break
+        pending = asyncio.ensure_future(asyncio.to_thread(_decode_and_apply, store, raw))
     if pending is not None:
         applied += await pending
     return applied
