@@ -159,9 +159,16 @@ def _apply_many(con, todo: list[tuple[int, ev.AnyEvent]]) -> None:
     evcols: list[list] = [[] for _ in range(8)]
     instances: dict[str, list] = {}
     nodes: dict[str, list] = {}
-    # Location rows this batch moves but does not create: read them once.
-    wanted = {e.sop_instance_uid for _, e in todo
-              if type(e) in _OUTCOME_STATE or type(e) is ev.InstanceVerifiedV1}
+    # Location rows this batch moves but did not create earlier in the batch: read
+    # them once (a rebuild's batches hold whole instances, so it reads almost none).
+    wanted: set[str] = set()
+    placed_here: set[str] = set()
+    for _, e in todo:
+        kind = type(e)
+        if kind is ev.InstancePlacedV1:
+            placed_here.add(e.sop_instance_uid)
+        elif (kind in _OUTCOME_STATE or kind is ev.InstanceVerifiedV1) and e.sop_instance_uid not in placed_here:
+            wanted.add(e.sop_instance_uid)
     locations: dict[str, list] = {}
     if wanted:
         rows = con.execute(
