@@ -162,6 +162,8 @@ def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_catalog_rebuild(args: argparse.Namespace, cfg: Config) -> int:
     import asyncio
 
+    import nats.errors
+
     from services.catalog.projection import CatalogStore
     from services.catalog.rebuild import StoreInUse, rebuild_file
 
@@ -170,6 +172,10 @@ def cmd_catalog_rebuild(args: argparse.Namespace, cfg: Config) -> int:
         result = asyncio.run(rebuild_file(cfg.nats, path, CatalogStore))
     except StoreInUse as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+        print(f"switchyard: cannot read the log from {cfg.nats.url} ({type(exc).__name__}); nothing changed",
+              file=sys.stderr)
         return 1
     rate = result.events / result.seconds if result.seconds else 0.0
     print(f"catalog rebuilt: {result.path}: {result.events} events up to sequence {result.last_seq} "

@@ -183,15 +183,22 @@ async def rebuild_file(nats: NatsConfig, path: str | Path, store_factory: Callab
         leftover.unlink(missing_ok=True)
     started = time.monotonic()
     store = store_factory(fresh)
+    ok = False
     try:
-        bus = await Bus.connect(nats, "rebuild")
+        once = asyncio.Event()
+        once.set()  # a command, not a service: fail at once if NATS is not there
+        bus = await asyncio.wait_for(Bus.connect(nats, "switchyard-rebuild", once), 2 + 2 * nats.connect_timeout_s)
         try:
             events = await replay_into(store, bus, stream, until_seq, batch)
         finally:
             await bus.close()
         last = store.last_seq()
+        ok = True
     finally:
         store.close()  # checkpoints: the file is complete without a WAL
+        if not ok and swap:  # the live file was never touched; drop the half-built one
+            for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):
+                leftover.unlink(missing_ok=True)
     if swap:
         ensure_unlocked(path)
         path.with_name(path.name + ".wal").unlink(missing_ok=True)

@@ -58,3 +58,17 @@ def test_cli_export_and_bad_windows(tmp_path, capsys):
         export(db, at(12), at(8), out)
     with pytest.raises(ExportError, match="no catalog database"):
         export(tmp_path / "missing.duckdb", at(8), at(12), out)
+
+
+def test_rebuild_without_nats_fails_cleanly_and_keeps_the_file(tmp_path, capsys):
+    from tests.fixtures.util import free_port
+
+    db = tmp_path / "c.duckdb"
+    store_with_hours(db)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[nats]\nurl = "nats://127.0.0.1:{free_port()}"\nconnect_timeout_s = 0.5\n')
+    assert cli.main(["--config", str(config), "catalog", "rebuild", "--db", str(db)]) == 1
+    assert "cannot read the log" in capsys.readouterr().err
+    assert not (tmp_path / "c.duckdb.rebuild").exists()
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT count(*) FROM events").fetchone() == (9,)
