@@ -154,12 +154,15 @@ async def replay_into(store: Any, bus: Bus, stream: str | None = None, until_seq
         return 0
     applied = 0
     pending: asyncio.Future | None = None
-    async for raw in read_raw_batches(bus, stream, start + 1, target, batch):
-        if pending is not None:  # decode+apply runs in a thread while the next batch is read
+    try:
+        async for raw in read_raw_batches(bus, stream, start + 1, target, batch):
+            if pending is not None:  # decode+apply runs in a thread while the next batch is read
+                applied += await pending
+                pending = None
+            pending = asyncio.ensure_future(asyncio.to_thread(_decode_and_apply, store, raw))
+    finally:
+        if pending is not None:  # never leave an apply running on a store about to be closed
             applied += await pending
-        pending = asyncio.ensure_future(asyncio.to_thread(_decode_and_apply, store, raw))
-    if pending is not None:
-        applied += await pending
     return applied
 
 
