@@ -3,6 +3,8 @@
   switchyard stack [--demo]   run nats-server, Orthanc nodes and the services locally
   switchyard demo             send the demo corpus to a running stack, print placements
   switchyard config           print the effective configuration (secrets masked)
+  switchyard catalog rebuild  replay the log into a fresh catalog file and swap it in (service stopped)
+  switchyard audit export     write the events and instances of a window as Parquet and CSV
 """
 
 from __future__ import annotations
@@ -157,6 +159,43 @@ def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_catalog_rebuild(args: argparse.Namespace, cfg: Config) -> int:
+    import asyncio
+
+    import nats.errors
+
+    from services.catalog.projection import CatalogStore
+    from services.catalog.rebuild import StoreInUse, rebuild_file
+
+    path = Path(args.db or cfg.catalog.db_path)
+    try:
+        result = asyncio.run(rebuild_file(cfg.nats, path, CatalogStore))
+    except StoreInUse as exc:
+        print(f"switchyard: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+        print(f"switchyard: cannot read the log from {cfg.nats.url} ({type(exc).__name__}); nothing changed",
+              file=sys.stderr)
+        return 1
+    rate = result.events / result.seconds if result.seconds else 0.0
+    print(f"catalog rebuilt: {result.path}: {result.events} events up to sequence {result.last_seq} "
+          f"in {result.seconds:.1f}s ({rate:.0f} events/s)")
+    return 0
+
+
+def cmd_audit_export(args: argparse.Namespace, cfg: Config) -> int:
+    from services.catalog.audit import ExportError, export, parse_when
+
+    try:
+        result = export(args.db or cfg.catalog.db_path, parse_when(args.since), parse_when(args.until), args.out)
+    except ExportError as exc:
+        print(f"switchyard: {exc}", file=sys.stderr)
+        return 1
+    print(f"audit export: {result.events} events, {result.instances} instances -> "
+          + ", ".join(str(f) for f in result.files))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchyard", description="Switchyard DICOM router")
     parser.add_argument("--config", help="TOML config file (default: $SWITCHYARD_CONFIG or built-in defaults)")
@@ -172,6 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=cmd_config)
+    p = sub.add_parser("catalog", help="catalog maintenance")
+    catalog_sub = p.add_subparsers(dest="catalog_command", required=True)
+    p = catalog_sub.add_parser("rebuild", help="replay the log from sequence 1 into a fresh file and swap it in; "
+                                              "refuses while the catalog service holds the file")
+    p.add_argument("--db", help="catalog DuckDB file (default: catalog.db_path)")
+    p.set_defaults(func=cmd_catalog_rebuild)
+    p = sub.add_parser("audit", help="audit exports")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True)
+    p = audit_sub.add_parser("export", help="events and instances of [since, until) as Parquet and CSV "
+                                            "(reads the catalog file; stop the catalog service first)")
+    p.add_argument("--since", required=True, help="ISO 8601 date or date-time, UTC unless a zone is given")
+    p.add_argument("--until", required=True, help="ISO 8601 date or date-time (exclusive)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--db", help="catalog DuckDB file (default: catalog.db_path)")
+    p.set_defaults(func=cmd_audit_export)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.catalog.api import build_app
 from services.catalog.projection import CatalogStore
+from shared import events as ev
 from shared.bus import Bus
 from shared.config import Config
 from shared.runtime import run_until_stopped, running_service
@@ -30,16 +32,35 @@ async def project(cfg: Config, bus: Bus, store: CatalogStore, registry: Collecto
         last.set(batch[-1].seq)
 
 
+async def follow_heartbeats(cfg: Config, bus: Bus, loads: dict, stop: asyncio.Event) -> None:
+    """Keep the latest heartbeat per node (telemetry: memory only, not in the audit store)."""
+    while not stop.is_set():
+        try:
+            async for batch in bus.follow_batches(1, 256, 0.2, stop, stream=cfg.nats.heartbeats_stream):
+                for d in batch:
+                    if isinstance(d.event, ev.NodeHeartbeatV1):
+                        load = msgspec.to_builtins(d.event)
+                        for key in ("type", "event_id", "traceparent", "tracestate"):
+                            load.pop(key, None)
+                        loads[d.event.node_id] = load
+        except Exception as exc:  # noqa: BLE001 - loads are best effort; the audit projection must go on
+            log.warning("heartbeat follower stopped (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(1.0)
+
+
 async def main(cfg: Config) -> None:
     async with running_service("catalog", cfg) as svc:
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
         store = CatalogStore(cfg.catalog.db_path)
         svc.stack.callback(store.close)
-        runner = web.AppRunner(build_app(store, cfg.catalog.token), access_log=None)
+        loads: dict = {}
+        app = build_app(store, cfg.catalog.token, loads, tuple(n.id for n in cfg.nodes))
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         svc.stack.push_async_callback(runner.cleanup)
         await web.TCPSite(runner, cfg.catalog.http_host, cfg.catalog.http_port).start()
         projector = asyncio.create_task(project(cfg, svc.bus, store, svc.registry, svc.stop), name="projection")
+        heartbeats = asyncio.create_task(follow_heartbeats(cfg, svc.bus, loads, svc.stop), name="heartbeats")
         svc.serve_metrics(cfg.catalog.metrics_port)
         log.info("catalog API on %s:%d", cfg.catalog.http_host, cfg.catalog.http_port)
-        await run_until_stopped(svc.stop, [projector])
+        await run_until_stopped(svc.stop, [projector, heartbeats])

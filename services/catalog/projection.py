@@ -9,7 +9,7 @@ idempotent on its stream sequence.
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS events (
     seq BIGINT PRIMARY KEY, event_id VARCHAR, type VARCHAR, sop_instance_uid VARCHAR,
     study_instance_uid VARCHAR, node_id VARCHAR, occurred_at TIMESTAMP, payload JSON
 );
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id VARCHAR PRIMARY KEY, state VARCHAR, reason VARCHAR, updated_seq BIGINT, updated_at TIMESTAMP
+);
 """
 
 _RECEIVED_COLUMNS = (
@@ -55,11 +58,50 @@ _RECEIVED_COLUMNS = (
 _encoder = msgspec.json.Encoder()
 
 
+_EPOCH = datetime(1970, 1, 1)
+_MICRO = timedelta(microseconds=1)
+_LOCATION_COLUMNS = ("sop_instance_uid", "study_instance_uid", "node_id", "state", "placement_id",
+                     "reason", "detail", "updated_seq", "updated_at")
+_TYPES = {
+    "seq": "BIGINT", "size": "BIGINT", "received_seq": "BIGINT", "updated_seq": "BIGINT",
+    "occurred_at": "TS", "received_at": "TS", "updated_at": "TS", "payload": "JSON", "extra_tags": "JSON",
+}
+
+
+def _micros(at: datetime) -> int:
+    """UTC microseconds since the epoch: DuckDB converts integers far faster than datetimes."""
+    if at.tzinfo is not None:
+        at = at.astimezone(timezone.utc).replace(tzinfo=None)
+    return (at - _EPOCH) // _MICRO
+
+
+def _insert_columns(con, table: str, columns: tuple[str, ...], data: list[list], replace: bool = True) -> None:
+    """Insert many rows with one statement: each column is one list parameter, unnested.
+
+    executemany costs one statement per row (~1.4k rows/s); this is ~100x faster
+    and needs no pandas or Arrow.
+    """
+    if not data[0]:
+        return
+    exprs = []
+    for i, col in enumerate(columns, start=1):
+        kind = _TYPES.get(col, "VARCHAR")
+        if kind == "TS":
+            exprs.append(f"make_timestamp(unnest(${i}::BIGINT[]))")
+        elif kind == "JSON":
+            exprs.append(f"unnest(${i}::VARCHAR[])::JSON")
+        else:
+            exprs.append(f"unnest(${i}::{kind}[])")
+    verb = "INSERT OR REPLACE" if replace else "INSERT"
+    con.execute(f"{verb} INTO {table} ({', '.join(columns)}) SELECT {', '.join(exprs)}", data)
+
+
 class CatalogStore:
     """One DuckDB file; writes are serialised, reads use their own cursors."""
 
     def __init__(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
         self.con = duckdb.connect(str(path))
         self.con.execute(SCHEMA)
         self.lock = threading.Lock()
@@ -76,7 +118,12 @@ class CatalogStore:
         return self.con.cursor()
 
     def apply(self, batch: Iterable[tuple[int, ev.AnyEvent]]) -> int:
-        """Apply events in order, in one transaction with the new last_seq."""
+        """Apply events in order, in one transaction with the new last_seq.
+
+        The batch is folded in Python (each location row is read once, moved
+        through its events in order, written once), then each table gets one
+        column-wise insert: the same rows as applying event by event.
+        """
         batch = list(batch)
         if not batch:
             return 0
@@ -86,70 +133,92 @@ class CatalogStore:
             try:
                 last = con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchone()
                 last = last[0] if last else 0
-                applied = 0
+                todo = []
                 for seq, event in batch:
-                    if seq <= last:
-                        continue
-                    _apply_one(con, seq, event)
-                    last = seq
-                    applied += 1
+                    if seq > last:
+                        todo.append((seq, event))
+                        last = seq
+                if todo:
+                    _apply_many(con, todo)
                 con.execute("INSERT OR REPLACE INTO projection_state VALUES (?, ?)", [NAME, last])
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-        return applied
+        return len(todo)
 
 
-def _utc(at: datetime) -> datetime:
-    return at.astimezone(timezone.utc).replace(tzinfo=None)
+_OUTCOME_STATE = {
+    ev.InstanceForwardedV1: "forwarded",
+    ev.InstanceForwardFailedV1: "failed",
+    ev.InstanceDeadLetteredV1: "dead_lettered",
+}
 
 
-def _set_location(con, seq: int, event, state: str, detail: str = "", only_if_placement: bool = True) -> None:
-    """Move an instance's location state, but only for its current placement."""
-    guard = " AND placement_id = ?" if only_if_placement else ""
-    params = [state, detail, seq, _utc(event.occurred_at), event.sop_instance_uid]
-    if only_if_placement:
-        params.append(event.placement_id)
-    con.execute(
-        "UPDATE locations SET state = ?, detail = ?, updated_seq = ?, updated_at = ? "
-        f"WHERE sop_instance_uid = ?{guard}", params,
-    )
-
-
-def _apply_one(con, seq: int, event: ev.AnyEvent) -> None:
-    node = getattr(event, "node_id", None)
-    con.execute(
-        "INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [seq, event.event_id, type(event).__struct_config__.tag, getattr(event, "sop_instance_uid", None),
-         getattr(event, "study_instance_uid", None), node, _utc(event.occurred_at),
-         _encoder.encode(event).decode()],
-    )
-    match event:
-        case ev.InstanceReceivedV1():
-            values = [getattr(event, c) for c in _RECEIVED_COLUMNS]
-            con.execute(
-                f"INSERT OR REPLACE INTO instances ({', '.join(_RECEIVED_COLUMNS)}, received_at, received_seq,"
-                f" extra_tags) VALUES ({', '.join('?' * len(_RECEIVED_COLUMNS))}, ?, ?, ?)",
-                [*values, _utc(event.occurred_at), seq, _encoder.encode(event.extra_tags).decode()],
-            )
-        case ev.InstancePlacedV1():
-            con.execute(
-                "INSERT OR REPLACE INTO locations VALUES (?, ?, ?, 'placed', ?, ?, '', ?, ?)",
-                [event.sop_instance_uid, event.study_instance_uid, event.node_id, event.event_id,
-                 event.reason, seq, _utc(event.occurred_at)],
-            )
-        case ev.InstanceForwardedV1():
-            _set_location(con, seq, event, "forwarded")
-        case ev.InstanceForwardFailedV1():
-            _set_location(con, seq, event, "failed", event.reason)
-        case ev.InstanceDeadLetteredV1():
-            _set_location(con, seq, event, "dead_lettered", event.reason)
-        case ev.InstanceVerifiedV1():
-            con.execute(
-                "UPDATE locations SET state = 'verified', updated_seq = ?, updated_at = ? "
-                "WHERE sop_instance_uid = ? AND node_id = ?",
-                [seq, _utc(event.occurred_at), event.sop_instance_uid, event.node_id],
-            )
-        case _:
-            pass
+def _apply_many(con, todo: list[tuple[int, ev.AnyEvent]]) -> None:
+    evcols: list[list] = [[] for _ in range(8)]
+    instances: dict[str, list] = {}
+    nodes: dict[str, list] = {}
+    # Location rows this batch moves but did not create earlier in the batch: read
+    # them once (a rebuild's batches hold whole instances, so it reads almost none).
+    wanted: set[str] = set()
+    placed_here: set[str] = set()
+    for _, e in todo:
+        kind = type(e)
+        if kind is ev.InstancePlacedV1:
+            placed_here.add(e.sop_instance_uid)
+        elif (kind in _OUTCOME_STATE or kind is ev.InstanceVerifiedV1) and e.sop_instance_uid not in placed_here:
+            wanted.add(e.sop_instance_uid)
+    locations: dict[str, list] = {}
+    if wanted:
+        rows = con.execute(
+            f"SELECT {', '.join(_LOCATION_COLUMNS)} FROM locations"
+            " WHERE sop_instance_uid IN (SELECT unnest($1::VARCHAR[]))", [list(wanted)],
+        ).fetchall()
+        for row in rows:
+            row = list(row)
+            row[8] = _micros(row[8]) if row[8] is not None else None
+            locations[row[0]] = row
+    dirty: set[str] = set()
+    encode = _encoder.encode
+    for seq, event in todo:
+        kind = type(event)
+        at = _micros(event.occurred_at)
+        sop = getattr(event, "sop_instance_uid", None)
+        node = getattr(event, "node_id", None)
+        for col, value in zip(evcols, (seq, event.event_id, kind.__struct_config__.tag, sop,
+                                       getattr(event, "study_instance_uid", None), node, at,
+                                       encode(event).decode())):
+            col.append(value)
+        if kind is ev.InstanceReceivedV1:
+            instances[sop] = [*(getattr(event, c) for c in _RECEIVED_COLUMNS), at, seq,
+                              encode(event.extra_tags).decode()]
+        elif kind is ev.InstancePlacedV1:
+            locations[sop] = [sop, event.study_instance_uid, node, "placed", event.event_id, event.reason, "",
+                              seq, at]
+            dirty.add(sop)
+        elif kind in _OUTCOME_STATE:
+            row = locations.get(sop)
+            if row is not None and row[4] == event.placement_id:  # only the current placement moves
+                row[3] = _OUTCOME_STATE[kind]
+                row[6] = "" if kind is ev.InstanceForwardedV1 else event.reason
+                row[7], row[8] = seq, at
+                dirty.add(sop)
+        elif kind is ev.InstanceVerifiedV1:
+            row = locations.get(sop)
+            if row is not None and row[2] == node:
+                row[3], row[7], row[8] = "verified", seq, at
+                dirty.add(sop)
+        elif kind is ev.NodeStateChangedV1:
+            nodes[node] = [node, event.state, event.reason, seq, at]
+    _insert_columns(con, "events", ("seq", "event_id", "type", "sop_instance_uid", "study_instance_uid",
+                                    "node_id", "occurred_at", "payload"), evcols,
+                   replace=False)  # only sequences above last_seq reach here: no conflicts
+    if instances:
+        cols = (*_RECEIVED_COLUMNS, "received_at", "received_seq", "extra_tags")
+        _insert_columns(con, "instances", cols, [list(c) for c in zip(*instances.values())])
+    if dirty:
+        _insert_columns(con, "locations", _LOCATION_COLUMNS, [list(c) for c in zip(*(locations[s] for s in dirty))])
+    if nodes:
+        _insert_columns(con, "nodes", ("node_id", "state", "reason", "updated_seq", "updated_at"),
+                        [list(c) for c in zip(*nodes.values())])

@@ -1,0 +1,76 @@
+"""Audit export: the events (and instances) of a time window as Parquet and CSV.
+
+Reads the catalog's DuckDB file directly, read-only, so it runs while the
+catalog service is stopped (DuckDB's file lock refuses a second process while
+the service holds the file); stop the service, export, start it again. The
+window is half-open, ``since <= occurred_at < until``, in UTC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+@dataclass
+class ExportResult:
+    events: int
+    instances: int
+    files: list[Path]
+
+
+def parse_when(value: str) -> datetime:
+    """An ISO 8601 date or date-time; without a zone it is UTC. Returns naive UTC."""
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ExportError(f"{value!r} is not an ISO 8601 date or date-time") from exc
+    if at.tzinfo is not None:
+        at = at.astimezone(timezone.utc).replace(tzinfo=None)
+    return at
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def export(db_path: str | Path, since: datetime, until: datetime, out_dir: str | Path) -> ExportResult:
+    if until <= since:
+        raise ExportError("--until must be after --since")
+    db_path, out_dir = Path(db_path), Path(out_dir)
+    if not db_path.exists():
+        raise ExportError(f"no catalog database at {db_path}")
+    try:
+        con = duckdb.connect(str(db_path), read_only=True)
+    except duckdb.IOException as exc:
+        raise ExportError(f"{db_path} is in use by the running catalog service; stop it to export") from exc
+    out_dir.mkdir(parents=True, exist_ok=True)
+    queries = {
+        "events": "SELECT seq, event_id, type, sop_instance_uid, study_instance_uid, node_id, occurred_at,"
+                  " CAST(payload AS VARCHAR) AS payload FROM events"
+                  " WHERE occurred_at >= $since AND occurred_at < $until ORDER BY seq",
+        "instances": "SELECT i.* REPLACE (CAST(i.extra_tags AS VARCHAR) AS extra_tags), l.node_id, l.state,"
+                     " l.reason AS placement_reason, l.detail AS location_detail"
+                     " FROM instances i LEFT JOIN locations l USING (sop_instance_uid)"
+                     " WHERE i.received_at >= $since AND i.received_at < $until ORDER BY i.received_seq",
+    }
+    files, counts = [], {}
+    try:
+        for name, sql in queries.items():
+            params = {"since": since, "until": until}
+            counts[name] = con.execute(f"SELECT count(*) FROM ({sql})", params).fetchone()[0]
+            con.execute(f"CREATE TEMP TABLE export_{name} AS {sql}", params)
+            for fmt, opts in (("parquet", "FORMAT PARQUET"), ("csv", "FORMAT CSV, HEADER")):
+                target = out_dir / f"{name}.{fmt}"
+                con.execute(f"COPY export_{name} TO {_sql_str(str(target))} ({opts})")
+                files.append(target)
+    finally:
+        con.close()
+    return ExportResult(counts["events"], counts["instances"], files)
