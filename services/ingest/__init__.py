@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pynetdicom import _config as pynetdicom_config
 
-from services.ingest.scp import IngestMetrics, StorageSCP
+from services.ingest.scp import IngestMetrics, StorageSCP, defer_tls_handshake
 from shared.blobs import open_blob_store
 from shared.config import Config
 from shared.runtime import running_service
@@ -50,6 +50,8 @@ async def main(cfg: Config) -> None:
         tls = tls_context(cfg)
         server = scp.build_ae().start_server((cfg.ingest.host, cfg.ingest.port), block=False,
                                              evt_handlers=scp.handlers(), ssl_context=tls)
+        if tls:
+            defer_tls_handshake(server, tls, cfg.ingest.network_timeout_s)
         # Stop accepting and finish in-flight C-STOREs before the bus drains.
         svc.stack.callback(server.shutdown)
         svc.serve_metrics(cfg.ingest.metrics_port)

@@ -12,7 +12,10 @@ the NATS connection through run_coroutine_threadsafe, and never raise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -150,10 +153,21 @@ class StorageSCP:
         """
         try:
             sock = event.assoc.dul.socket.socket
-            if sock is not None:
-                sock.settimeout(self.cfg.ingest.network_timeout_s)
+            if sock is None:
+                return
+            sock.settimeout(self.cfg.ingest.network_timeout_s)
         except (AttributeError, OSError) as exc:
             log.warning("could not set the socket timeout: %s", exc)
+            return
+        if isinstance(sock, ssl.SSLSocket):
+            # The handshake was deferred out of the accept loop (see defer_tls_handshake).
+            try:
+                sock.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("TLS handshake with %s failed: %s", event.assoc.requestor.address,
+                            getattr(exc, "reason", None) or type(exc).__name__)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def _opened(self, event: evt.Event) -> None:
         with self._lock:
@@ -305,3 +319,21 @@ class StorageSCP:
         log.info("accepted %s (%d bytes, seq %d%s)", sop_uid, d.size, ack.seq,
                  ", already recorded" if ack.duplicate else "")
         return SUCCESS
+
+
+def defer_tls_handshake(server, ctx: ssl.SSLContext, timeout: float) -> None:
+    """Move the TLS handshake out of pynetdicom's accept loop.
+
+    pynetdicom wraps each accepted socket with a blocking handshake in the one
+    thread that accepts connections: a peer that connects and sends nothing
+    would stop every other peer from connecting. The handshake happens in the
+    association's own thread instead (StorageSCP._bound_reads), under the
+    network timeout.
+    """
+
+    def get_request():
+        client, address = server.socket.accept()
+        client.settimeout(timeout)
+        return ctx.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
+
+    server.get_request = get_request
