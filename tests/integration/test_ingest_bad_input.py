@@ -387,7 +387,17 @@ def test_object_store_unavailable_answers_out_of_resources(ingest, tmp_path):
     assert len(blob_holding(ingest, uid)) == 1
 
 
-def test_no_open_association_is_left_counted(ingest, background_files):
+def test_metrics_account_for_every_answer(ingest):
     # After all cases above (rejections, aborts, drops) the gauge is back to what is open.
     wait_for(lambda: ingest.metric("ingest", "switchyard_ingest_open_associations") == 0, timeout=20,
              what="open associations back to 0")
+    m = lambda name, labels="": ingest.metric("ingest", name, labels) or 0.0  # noqa: E731
+    assert m("switchyard_ingest_associations_rejected_total") >= 5  # calling AE x2, called AE, address, limit
+    assert m("switchyard_ingest_associations_aborted_total") >= 2
+    for status in ("0x0000", "0xC001", "0xC002", "0xA700"):
+        assert m("switchyard_ingest_cstore_status_total", f'status="{status}"') >= 1, status
+    accepted = m("switchyard_ingest_instances_total")
+    assert accepted == len(received_events(ingest))
+    assert m("switchyard_ingest_bytes_total") == sum(e.size for e in received_events(ingest))
+    assert m("switchyard_ingest_receive_to_ack_seconds_count") == sum(
+        m("switchyard_ingest_cstore_status_total", f'status="{s}"') for s in ("0x0000", "0xC001", "0xC002", "0xA700"))
