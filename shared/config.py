@@ -72,6 +72,14 @@ class IngestConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allowed_calling_aes: list[str] = []
     # Extra header keywords carried in the received event (queryable in the catalog).
     extra_tags: list[str] = []
+    # Peers allowed besides allowed_calling_aes: "AE" (any address) or "AE@host"
+    # (host: an IP address or a name resolved once at start). Both lists empty: anyone.
+    allowed_peers: list[str] = []
+    # DICOM over TLS: set cert and key to serve TLS only; a CA file also
+    # requires and verifies client certificates.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
 
 
 class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -231,10 +231,10 @@ def tcp_accepts(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def start_storescp(port: int, out_dir: Path, log_path: Path, ae_title: str = "STORESCP",
-                   timeout: float = 15.0) -> Proc:
+                   timeout: float = 15.0, extra: list[str] | None = None) -> Proc:
     """DCMTK storescp writing every received object to out_dir, accepting all transfer syntaxes."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    argv = [str(DCMTK_BIN / "storescp"), "-aet", ae_title, "-od", str(out_dir), "+xa", str(port)]
+    argv = [str(DCMTK_BIN / "storescp"), "-aet", ae_title, "-od", str(out_dir), "+xa", *(extra or []), str(port)]
     proc = spawn("storescp", argv, dicom_env(), log_path)
     wait_until(lambda: tcp_accepts(port), timeout, "storescp", proc.popen)
     return proc

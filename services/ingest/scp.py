@@ -12,7 +12,11 @@ the NATS connection through run_coroutine_threadsafe, and never raise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, StoragePresentationContexts, e
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
 
+from services.ingest.access import PeerPolicy, install_policy
 from shared import events as ev
 from shared.blobs import BlobStore, BlobStoreError, content_key
 from shared.bus import Bus, BusUnavailable, PublishUncertain
@@ -60,6 +65,15 @@ class IngestMetrics:
         self.associations = Gauge(
             "switchyard_ingest_open_associations", "Open associations", registry=registry
         )
+        self.rejected = Counter(
+            "switchyard_ingest_associations_rejected", "Association requests rejected", registry=registry
+        )
+        self.aborted = Counter(
+            "switchyard_ingest_associations_aborted", "Associations aborted (by either side)", registry=registry
+        )
+        self.spool_discarded = Counter(
+            "switchyard_ingest_spool_discarded", "Partial datasets discarded from the spool", registry=registry
+        )
 
 
 def storage_sop_classes() -> list[str]:
@@ -96,6 +110,9 @@ class StorageSCP:
         self.metrics = metrics
         self.tracer = tracer
         self.extra = tuple(cfg.ingest.extra_tags)
+        self._lock = threading.Lock()
+        self._established: set[int] = set()
+        self.policy = PeerPolicy.from_config(cfg.ingest.allowed_calling_aes, cfg.ingest.allowed_peers)
 
     def build_ae(self) -> AE:
         icfg = self.cfg.ingest
@@ -103,9 +120,8 @@ class StorageSCP:
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        # Calling AE titles (and addresses) are checked by the PeerPolicy ACSE.
         ae.require_called_aet = True
-        if icfg.allowed_calling_aes:
-            ae.require_calling_aet = list(icfg.allowed_calling_aes)
         ae.maximum_associations = icfg.max_associations
         ae.maximum_pdu_size = icfg.max_pdu
         ae.network_timeout = icfg.network_timeout_s
@@ -116,23 +132,87 @@ class StorageSCP:
     def handlers(self) -> list:
         return [
             NODELAY_HANDLER,
+            install_policy(self.policy),
+            (evt.EVT_CONN_OPEN, self._bound_reads),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_ESTABLISHED, self._opened),
             (evt.EVT_RELEASED, self._closed),
-            (evt.EVT_ABORTED, self._closed),
+            (evt.EVT_ABORTED, self._aborted),
             (evt.EVT_REJECTED, self._rejected),
+            (evt.EVT_CONN_CLOSE, self._discard_partial),
         ]
 
+    def _bound_reads(self, event: evt.Event) -> None:
+        """Give the accepted socket the network timeout.
+
+        Sockets accepted by pynetdicom's server block without a timeout, and the
+        DUL reads a whole PDU in one blocking loop: a peer that announces a long
+        PDU and then sends nothing (truncated P-DATA, non-DICOM bytes read as a
+        PDU header) would hold its thread and association slot forever.
+        """
+        try:
+            sock = event.assoc.dul.socket.socket
+            if sock is None:
+                return
+            sock.settimeout(self.cfg.ingest.network_timeout_s)
+        except (AttributeError, OSError) as exc:
+            log.warning("could not set the socket timeout: %s", exc)
+            return
+        if isinstance(sock, ssl.SSLSocket):
+            # The handshake was deferred out of the accept loop (see defer_tls_handshake).
+            try:
+                sock.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("TLS handshake with %s failed: %s", event.assoc.requestor.address,
+                            getattr(exc, "reason", None) or type(exc).__name__)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
     def _opened(self, event: evt.Event) -> None:
+        with self._lock:
+            self._established.add(id(event.assoc))
         self.metrics.associations.inc()
 
     def _closed(self, event: evt.Event) -> None:
+        # pynetdicom also reports aborts of associations that were never established.
+        with self._lock:
+            if id(event.assoc) not in self._established:
+                return
+            self._established.discard(id(event.assoc))
         self.metrics.associations.dec()
 
-    def _rejected(self, event: evt.Event) -> None:
+    def _aborted(self, event: evt.Event) -> None:
+        self._closed(event)
+        self.metrics.aborted.inc()
         req = event.assoc.requestor
-        log.warning("association rejected: calling AE %r from %s", req.ae_title, req.address)
+        log.warning("association aborted: calling AE %r from %s", req.ae_title, req.address)
+
+    def _rejected(self, event: evt.Event) -> None:
+        self.metrics.rejected.inc()
+        req = event.assoc.requestor
+        log.warning("association rejected: calling AE %r from %s, called AE %r", req.ae_title,
+                    req.address, event.assoc.acceptor.ae_title)
+
+    def _discard_partial(self, event: evt.Event) -> None:
+        """Delete the spool file of a dataset the connection ended in the middle of.
+
+        pynetdicom spools with NamedTemporaryFile(delete=False) and unlinks the
+        file only after the C-STORE handler ran: a dataset cut off by an abort,
+        a dropped connection or a truncated PDU would stay in the spool forever.
+        """
+        try:
+            message = getattr(event.assoc.dimse, "message", None)
+            spool = getattr(message, "_data_set_file", None)
+            if spool is None:
+                return
+            spool.close()
+            Path(spool.name).unlink(missing_ok=True)
+            message._data_set_file = None
+            self.metrics.spool_discarded.inc()
+            log.warning("discarded a partial dataset from %s", event.assoc.requestor.address)
+        except Exception:  # noqa: BLE001 - a handler never raises
+            log.exception("could not discard a partial spool file")
 
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS
@@ -185,7 +265,7 @@ class StorageSCP:
             existed = self.blobs.exists(key)
             if not existed:
                 self.blobs.put_file(key, path)
-        except BlobStoreError as exc:
+        except (BlobStoreError, OSError) as exc:
             log.error("blob store refused %s: %s", sop_uid, exc)
             return _status(OUT_OF_RESOURCES_BLOB, "object store unavailable")
 
@@ -239,3 +319,21 @@ class StorageSCP:
         log.info("accepted %s (%d bytes, seq %d%s)", sop_uid, d.size, ack.seq,
                  ", already recorded" if ack.duplicate else "")
         return SUCCESS
+
+
+def defer_tls_handshake(server, ctx: ssl.SSLContext, timeout: float) -> None:
+    """Move the TLS handshake out of pynetdicom's accept loop.
+
+    pynetdicom wraps each accepted socket with a blocking handshake in the one
+    thread that accepts connections: a peer that connects and sends nothing
+    would stop every other peer from connecting. The handshake happens in the
+    association's own thread instead (StorageSCP._bound_reads), under the
+    network timeout.
+    """
+
+    def get_request():
+        client, address = server.socket.accept()
+        client.settimeout(timeout)
+        return ctx.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
+
+    server.get_request = get_request

@@ -1,0 +1,220 @@
+"""Every readable file of pydicom's bundled test data, sent with DCMTK storescu in its own
+transfer syntax (compressed ones too), is stored byte-identical and announced once.
+
+storescu proposes compressed transfer syntaxes only through a config-file
+profile (or one --propose-* option at a time), so the files are grouped by
+transfer syntax and each group is sent with a profile written here that
+proposes exactly that syntax for the group's SOP classes: nothing is converted.
+A file storescu cannot send unchanged (DCMTK cannot parse it, or re-encodes it
+on the way: judged by a bit-preserving storescp in the same run) goes with
+pynetdicom, which sends a file's dataset bytes as they are
+(STORE_SEND_CHUNKED_DATASET).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import subprocess
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_files
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+
+from services.ingest.scp import storage_sop_classes
+from shared import events as ev
+from shared import localstack as ls
+from shared.bus import SUBJECT_RECEIVED, Bus
+from shared.dicomfile import dataset_offset
+from shared.dimse import NODELAY_HANDLER
+from tests.fixtures.servers import make_stack
+from tests.fixtures.util import free_port
+
+pytestmark = pytest.mark.integration
+
+# Bigger files add minutes, not coverage.
+MAX_BYTES = 20 * 1024 * 1024
+
+
+def readable_bundled_files(dest: Path) -> list[Path]:
+    """pydicom's bundled files a Storage SCP can take as they are, in any transfer syntax.
+
+    Readable: a Part 10 file pydicom parses, with file meta naming a transfer
+    syntax, a storage SOP class, a SOP Instance UID equal to the meta's, and a
+    Study Instance UID. The first file of each SOP Instance UID is kept.
+    """
+    storage = set(storage_sop_classes())
+    dest.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    names: set[str] = set()
+    out: list[Path] = []
+    for source in sorted(Path(p) for p in get_testdata_files()):
+        if not source.is_file() or source.stat().st_size >= MAX_BYTES or source.name in names:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(source, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError,
+                NotImplementedError):
+            continue
+        meta = getattr(ds, "file_meta", None)
+        if meta is None or not meta.get("TransferSyntaxUID"):
+            continue
+        uid = str(ds.get("SOPInstanceUID", "") or "")
+        if (not uid or uid in seen or str(meta.get("MediaStorageSOPInstanceUID", "")) != uid
+                or str(ds.get("SOPClassUID", "")) not in storage or not ds.get("StudyInstanceUID")):
+            continue
+        seen.add(uid)
+        names.add(source.name)
+        target = dest / source.name
+        shutil.copyfile(source, target)
+        out.append(target)
+    return out
+
+
+def profile_for(ts: str, sop_classes: list[str]) -> str:
+    """A storescu.cfg profile proposing exactly ``ts`` for each of ``sop_classes``."""
+    lines = ["[[TransferSyntaxes]]", "[Exact]", f"TransferSyntax1 = {ts}", "",
+             "[[PresentationContexts]]", "[Contexts]"]
+    lines += [f"PresentationContext{i} = {uid}\\Exact" for i, uid in enumerate(sop_classes, 1)]
+    lines += ["", "[[Profiles]]", "[Exact]", "PresentationContexts = Contexts", ""]
+    return "\n".join(lines)
+
+
+def dcmtk_reads(path: Path, sop_instance_uid: str) -> bool:
+    """True if DCMTK parses the file far enough to find its SOP Instance UID (storescu needs it)."""
+    found = subprocess.run([str(ls.DCMTK_BIN / "dcmdump"), "-q", "+P", "0008,0018", str(path)],
+                           capture_output=True, text=True, env=ls.dicom_env(), timeout=60)
+    return found.returncode == 0 and sop_instance_uid in found.stdout
+
+
+def send_unchanged_with_pynetdicom(stack, paths: list[Path], headers: dict) -> list[int]:
+    """C-STORE each file's dataset bytes as they are, in the file's own transfer syntax."""
+    ae = AE(ae_title="CORPUS")
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ae.add_requested_context(headers[path][1], [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", stack.cfg.ingest.port, ae_title=stack.cfg.ingest.ae_title,
+                         evt_handlers=[NODELAY_HANDLER])
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(path).Status) for path in paths]
+    finally:
+        assoc.release()
+
+
+def after_meta(path: Path) -> bytes:
+    data = path.read_bytes()
+    with open(path, "rb") as f:
+        return data[dataset_offset(f):]
+
+
+@pytest.fixture
+def ingest_only(orthanc_nodes, tmp_path):
+    stack = make_stack(tmp_path / "stack", orthanc_nodes, services=("ingest",))
+    yield stack
+    stack.close()
+
+
+def received_events(stack) -> list[ev.InstanceReceivedV1]:
+    async def read():
+        bus = await Bus.connect(stack.cfg.nats, "test-reader")
+        try:
+            return [d.event async for d in bus.replay(SUBJECT_RECEIVED)]
+        finally:
+            await bus.close()
+
+    return asyncio.run(read())
+
+
+def storescu_exact(port: int, called_ae: str, paths: list[Path], sop_classes: dict[Path, str],
+                   work: Path) -> list[tuple[str, str]]:
+    """Send ``paths`` with storescu, one association per transfer syntax proposing exactly it.
+
+    Returns (transfer syntax, storescu output) for every group not stored in full.
+    """
+    by_ts: dict[str, list[Path]] = defaultdict(list)
+    for path in paths:
+        by_ts[str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)].append(path)
+    failures = []
+    for ts, group in sorted(by_ts.items()):
+        cfg = work / f"storescu-{ts}.cfg"
+        cfg.write_text(profile_for(ts, sorted({sop_classes[p] for p in group})))
+        argv = [str(ls.DCMTK_BIN / "storescu"), "-aet", "CORPUS", "-aec", called_ae, "-xf", str(cfg), "Exact",
+                "-v", "127.0.0.1", str(port), *map(str, group)]
+        result = subprocess.run(argv, env=ls.dicom_env(), capture_output=True, text=True, timeout=300)
+        out = result.stdout + result.stderr
+        if result.returncode != 0 or out.count("Received Store Response (Success)") != len(group):
+            failures.append((ts, "\n".join(line for line in out.splitlines() if not line.startswith("XMIT"))))
+    return failures
+
+
+def sent_unchanged_by_storescu(paths: list[Path], uids: dict[Path, str], sop_classes: dict[Path, str],
+                               work: Path) -> list[Path]:
+    """The files storescu puts on the wire byte for byte, judged by a bit-preserving DCMTK storescp.
+
+    storescu re-serialises what it sends: group lengths are recalculated
+    (693_J2KR.dcm's wrong (7FE0,0000)), undefined-length sequences get explicit
+    lengths (JPEG-LL.dcm), trailing bytes after the dataset are dropped
+    (CT_small.dcm). Such a file is changed by the sender, not by ingest, so it
+    goes with pynetdicom instead, which sends the file's dataset bytes as they are.
+    """
+    port = free_port()
+    out_dir = work / "storescp-bit-preserving"
+    proc = ls.start_storescp(port, out_dir, work / "storescp.log", "STORESCP", extra=["+B"])
+    try:
+        storescu_exact(port, "STORESCP", paths, sop_classes, work)
+    finally:
+        proc.stop()
+    received = {f.name.split(".", 1)[1]: f for f in out_dir.iterdir() if "." in f.name}
+    return [p for p in paths if uids[p] in received and after_meta(received[uids[p]]) == after_meta(p)]
+
+
+def test_every_readable_bundled_file_is_stored_byte_identical_and_announced_once(ingest_only, tmp_path,
+                                                                                 monkeypatch):
+    files = readable_bundled_files(tmp_path / "corpus")
+    headers = {}
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        headers[path] = (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+    uids = {p: h[0] for p, h in headers.items()}
+    sop_classes = {p: h[1] for p, h in headers.items()}
+    # Broader than the uncompressed subset: compressed syntaxes are in.
+    assert len({h[2] for h in headers.values()}) >= 9, sorted({h[2] for h in headers.values()})
+
+    readable_by_dcmtk = [p for p in files if dcmtk_reads(p, uids[p])]
+    with_storescu = sent_unchanged_by_storescu(readable_by_dcmtk, uids, sop_classes, tmp_path)
+    with_pynetdicom = [p for p in files if p not in set(with_storescu)]
+    # Today (DCMTK 3.6.7, pydicom 3.0): storescu sends 98 of 137 files unchanged, in 5 transfer
+    # syntaxes, JPEG baseline, JPEG lossless and JPEG 2000 lossless among them.
+    storescu_syntaxes = {headers[p][2] for p in with_storescu}
+    assert len(with_storescu) >= 90, len(with_storescu)
+    assert {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90"} <= storescu_syntaxes
+
+    failures = storescu_exact(ingest_only.cfg.ingest.port, ingest_only.cfg.ingest.ae_title, with_storescu,
+                              sop_classes, tmp_path)
+    assert not failures, failures
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    assert send_unchanged_with_pynetdicom(ingest_only, with_pynetdicom, headers) == [0] * len(with_pynetdicom)
+
+    events = received_events(ingest_only)
+    counts = Counter(e.sop_instance_uid for e in events)
+    by_uid = {e.sop_instance_uid: e for e in events}
+    blobs = Path(ingest_only.cfg.blobs.path)
+    for path in files:
+        uid = uids[path]
+        assert counts[uid] == 1, (path.name, counts[uid])
+        event = by_uid[uid]
+        sent = after_meta(path)
+        assert after_meta(blobs / event.blob_key) == sent, path.name
+        assert event.dataset_digest == hashlib.sha256(sent).hexdigest(), path.name
+        assert event.transfer_syntax_uid == headers[path][2], path.name
+    assert len(counts) == len(files)
