@@ -3,6 +3,7 @@
   switchyard stack [--demo]   run nats-server, Orthanc nodes and the services locally
   switchyard demo             send the demo corpus to a running stack, print placements
   switchyard config           print the effective configuration (secrets masked)
+  switchyard nodes add|drain|undrain|remove|list   change or show membership (node.state events)
 """
 
 from __future__ import annotations
@@ -157,6 +158,66 @@ def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+async def _nodes(args: argparse.Namespace, cfg: Config) -> int:
+    """Membership changes are events in the log; every service follows them live."""
+    from shared import membership
+    from shared.bus import Bus, BusUnavailable, PublishUncertain
+    from shared.config import NodeConfig
+
+    import asyncio
+
+    try:
+        bus = await asyncio.wait_for(Bus.connect(cfg.nats, "switchyard-cli"), 10)
+    except asyncio.TimeoutError:
+        print(f"switchyard: NATS not reachable at {cfg.nats.url}", file=sys.stderr)
+        return 1
+    try:
+        await bus.ensure_streams()
+        pool = await membership.load(bus, cfg.nodes)
+        if args.action == "list":
+            print(f"{'node':<16} {'state':<8} {'dicom':<28} rest")
+            for node_id, m in sorted(pool.members.items()):
+                n = m.node
+                print(f"{node_id:<16} {m.state:<8} {f'{n.ae_title}@{n.host}:{n.dicom_port}':<28} {n.rest_url}")
+            return 0
+        member = pool.get(args.node_id)
+        state = {"add": "added", "drain": "drained", "undrain": "undrained", "remove": "removed"}[args.action]
+        node = None
+        if args.action == "add":
+            if member is not None and not member.removed:
+                print(f"switchyard: node {args.node_id} exists (remove it first)", file=sys.stderr)
+                return 1
+            try:
+                node = NodeConfig(id=args.node_id, host=args.host, dicom_port=args.dicom_port, ae_title=args.ae_title,
+                                  rest_url=args.rest_url, username=args.username, password=args.password)
+                event = membership.transition(member, args.node_id, state, args.reason, node)
+                from shared.bus import subject_for
+                subject_for(event)
+            except ValueError as exc:
+                print(f"switchyard: {exc}", file=sys.stderr)
+                return 2
+        else:
+            if member is None or member.removed:
+                print(f"switchyard: no node {args.node_id}", file=sys.stderr)
+                return 1
+            event = membership.transition(member, args.node_id, state, args.reason)
+        try:
+            await bus.publish(event)
+        except (BusUnavailable, PublishUncertain) as exc:
+            print(f"switchyard: not recorded: {exc}", file=sys.stderr)
+            return 1
+        print(f"node {args.node_id}: {state}")
+        return 0
+    finally:
+        await bus.close()
+
+
+def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
+    import asyncio
+
+    return asyncio.run(_nodes(args, cfg))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchyard", description="Switchyard DICOM router")
     parser.add_argument("--config", help="TOML config file (default: $SWITCHYARD_CONFIG or built-in defaults)")
@@ -172,6 +233,24 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=cmd_config)
+    p = sub.add_parser("nodes", help="add, drain, undrain, remove or list nodes at run time")
+    nsub = p.add_subparsers(dest="action", required=True)
+    q = nsub.add_parser("add", help="add an Orthanc node")
+    q.add_argument("node_id")
+    q.add_argument("--host", default="127.0.0.1")
+    q.add_argument("--dicom-port", type=int, required=True)
+    q.add_argument("--ae-title", required=True)
+    q.add_argument("--rest-url", required=True)
+    q.add_argument("--username", default="switchyard")
+    q.add_argument("--password", default="switchyard")
+    q.add_argument("--reason", default="added from the command line")
+    for action, text in (("drain", "no new placements"), ("undrain", "take new placements again"),
+                         ("remove", "leave the pool; its backlog is placed elsewhere")):
+        q = nsub.add_parser(action, help=text)
+        q.add_argument("node_id")
+        q.add_argument("--reason", default=f"{action} from the command line")
+    nsub.add_parser("list", help="the pool as the log says it is")
+    p.set_defaults(func=cmd_nodes)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)

@@ -86,6 +86,12 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     weight_instances: float = 0.0001
     weight_rtt_ms: float = 0.05
     weight_disk_free_gb: float = 0.01
+    # Placements per instance (first + re-placements) before its dead letter is final.
+    max_attempts: int = 3
+    # How often missed heartbeats are checked (also catches a silent probe).
+    check_interval_s: float = 0.5
+    # Exponential smoothing of heartbeat load fields (1.0: last value only).
+    load_smoothing: float = 0.5
 
 
 class ForwarderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -97,6 +103,8 @@ class ForwarderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     batch: int = 16
     network_timeout_s: float = 30.0
     scratch_dir: str = "var/forwarder"
+    # Open associations (and concurrent C-STOREs) per node.
+    concurrency_per_node: int = 2
 
 
 class ProbeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
