@@ -99,7 +99,7 @@ class NodeWorker:
                     await asyncio.to_thread(self._make_senders)
                 try:
                     msgs = await psub.fetch(fcfg.batch, timeout=1.0)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
                     self.metrics.backlog.labels(node=self.node.id).set(0)
                     continue
                 except nats.errors.Error as exc:

@@ -36,7 +36,7 @@ import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.scheduler.policy import NodeView, Weights, place
+from services.scheduler.policy import NodeView, Weights, place, score
 from shared import events as ev
 from shared import membership
 from shared.bus import (
@@ -198,6 +198,8 @@ class Scheduler:
                                 registry=registry)
         self.node_live = Gauge("switchyard_scheduler_node_live", "1 when the node may get new work",
                                ["node"], registry=registry)
+        self.node_score = Gauge("switchyard_scheduler_node_score", "Load score (lower gets new studies)",
+                                ["node"], registry=registry)
 
     # -- membership and liveness ------------------------------------------------
 
@@ -214,6 +216,7 @@ class Scheduler:
         views = self.live.views(now)
         for view in views:
             self.node_live.labels(node=view.node_id).set(1 if view.eligible else 0)
+            self.node_score.labels(node=view.node_id).set(score(view, self.weights))
         self.live_nodes.set(sum(v.eligible for v in views))
 
     async def on_state(self, member: membership.Member, event: ev.NodeStateChangedV1) -> None:
@@ -232,7 +235,9 @@ class Scheduler:
                 seen = self.live.heartbeats.get(node_id)
                 if seen is not None and not seen[1].up:
                     reason = f"probe: {seen[1].error or 'down'}"
-                elif self.live.silent_for(node_id, now) > self.live.timeout_s:
+                elif self.live.silent_for(node_id, now) > self.live.timeout_s * (1 if seen else 3):
+                    # A node never heard from since this scheduler started gets a longer grace
+                    # (the probe may be starting too).
                     reason = f"no heartbeat for {self.live.timeout_s:g}s"
                 else:
                     continue
@@ -305,7 +310,7 @@ class Scheduler:
             while not stop.is_set():
                 try:
                     msgs = await psub.fetch(64, timeout=1.0)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
                     continue
                 except nats.errors.Error as exc:
                     log.warning("fetch failed: %s", exc)
