@@ -209,7 +209,7 @@ class NodeWorker:
             event_id=ev.fact_id("dead_lettered", placed.event_id),
             sop_instance_uid=placed.sop_instance_uid, study_instance_uid=placed.study_instance_uid,
             node_id=node, placement_id=placed.event_id,
-            reason=outcome.reason if outcome.reason.startswith("node ") else
+            reason=outcome.reason if outcome.reason in ("node down", "node removed") else
             f"{outcome.reason} after {delivery} deliveries",
             received_seq=placed.received_seq, attempt=placed.attempt, avoid=placed.avoid,
         ))

@@ -50,7 +50,7 @@ from shared.telemetry import context_from, current_trace_context
 log = logging.getLogger("switchyard.scheduler")
 
 # Dead-letter reasons the forwarder gives when the node itself is gone.
-NODE_GONE_PREFIX = "node "
+NODE_GONE_REASONS = ("node down", "node removed")
 
 
 def weights_from(cfg: SchedulerConfig) -> Weights:
@@ -396,7 +396,7 @@ class Scheduler:
         if not isinstance(received, ev.InstanceReceivedV1):
             await msg.ack()
             return
-        node_gone = dead.reason.startswith(NODE_GONE_PREFIX)
+        node_gone = dead.reason in NODE_GONE_REASONS
         # A node that failed the delivery itself is avoided; a node that was down is
         # not eligible while down, and may take the instance again once back.
         avoid = tuple(dict.fromkeys([*dead.avoid, *([] if node_gone else [dead.node_id])]))

@@ -87,3 +87,48 @@ def test_killed_node_work_moves_whole_and_restarted_node_gets_new_studies(live_n
         assert len(ups) == 1
     finally:
         stack.close()
+
+
+def test_backlog_of_a_dead_node_is_placed_again_elsewhere(live_nodes, tmp_path):
+    """Work already placed on a node that dies before delivery: handed back, re-placed, delivered."""
+    stack = make_stack(tmp_path / "stack", live_nodes, services=("ingest", "scheduler", "probe", "catalog"))
+    try:
+        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
+                 what="every node live")
+        studies = by_study(generate_studies(tmp_path / "corpus", studies=3, series_per_study=1,
+                                            instances_per_series=4, seed=4201))
+        for files in studies.values():
+            assert stack.send(files).returncode == 0
+        # No forwarder yet: every instance waits as placed work in its node's consumer.
+        placed = wait_for(lambda: [e for e in log_events(stack) if isinstance(e, ev.InstancePlacedV1)]
+                          if sum(isinstance(e, ev.InstancePlacedV1) for e in log_events(stack)) == 12 else None,
+                          timeout=30, what="every instance placed")
+        victim_id = placed[0].node_id
+        victim = next(n for n in live_nodes if n.node.id == victim_id)
+        stranded = {e.sop_instance_uid for e in placed if e.node_id == victim_id}
+        victim.proc.kill()
+        victim.proc = None
+        wait_for(lambda: scheduler_sees(stack, victim_id, False), timeout=30, what="victim down")
+        wait_for(lambda: any(isinstance(e, ev.NodeStateChangedV1) and e.node_id == victim_id and e.state == "down"
+                             for e in log_events(stack)), timeout=10, what="down event")
+        stack.start("forwarder")
+
+        final = wait_for(lambda: all_forwarded(stack, studies), timeout=90, what="every instance forwarded")
+        rows = {r["sop_instance_uid"]: r for rs in final.values() for r in rs}
+        assert all(rows[s]["node_id"] != victim_id for s in stranded)
+        events = log_events(stack)
+        handed_back = {e.sop_instance_uid for e in events if isinstance(e, ev.InstanceDeadLetteredV1)
+                       and e.node_id == victim_id and e.reason == "node down"}
+        assert handed_back == stranded
+        again = [e for e in events if isinstance(e, ev.InstancePlacedV1) and e.sop_instance_uid in stranded
+                 and e.attempt == 1]
+        assert {e.sop_instance_uid for e in again} == stranded
+        assert all(e.reason == "failover" and e.replaces for e in again)
+        # The stranded study moved whole: one new node per study.
+        for study_uid, rs in final.items():
+            assert len({r["node_id"] for r in rs}) == 1, study_uid
+        for n in live_nodes:
+            if n is not victim:
+                assert {s for s, r in rows.items() if r["node_id"] == n.node.id} <= n.client.sop_instance_uids()
+    finally:
+        stack.close()
