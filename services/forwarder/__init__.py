@@ -149,7 +149,9 @@ class NodeWorker:
             return
         delivery = msg.metadata.num_delivered
         node = self.node.id
-        if self.gone:
+        # Hand back what was placed before the node went down or left; a placement
+        # recorded after that state event means the scheduler saw the node back.
+        if self.gone and msg.metadata.sequence.stream < self.member.last_seq:
             state = "removed" if self.member.removed else "down"
             try:
                 await self._failed(msg, placed, Outcome(False, True, f"node {state}"), delivery)

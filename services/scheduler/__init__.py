@@ -116,8 +116,10 @@ class Liveness:
                 out.append(NodeView(node_id, live=False, drained=m.drained))
                 continue
             _, hb = seen
+            # Back from "down" only once the "up" event is in the log: the forwarders
+            # follow the log, so they deliver to the node again before it gets new work.
             out.append(NodeView(
-                node_id, live=self.observed_live(node_id, now), drained=m.drained,
+                node_id, live=self.observed_live(node_id, now) and not m.down, drained=m.drained,
                 pending_jobs=hb.pending_jobs, instance_count=hb.instance_count,
                 disk_free_bytes=hb.disk_free_bytes, cpu_percent=hb.cpu_percent, rtt_ms=hb.rtt_ms,
                 reserved=self.reserved.get(node_id, 0),
