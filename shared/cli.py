@@ -161,7 +161,7 @@ def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
 async def _nodes(args: argparse.Namespace, cfg: Config) -> int:
     """Membership changes are events in the log; every service follows them live."""
     from shared import membership
-    from shared.bus import Bus, BusUnavailable, PublishUncertain
+    from shared.bus import Bus, BusUnavailable, PublishUncertain, subject_for
     from shared.config import NodeConfig
 
     import asyncio
@@ -191,8 +191,7 @@ async def _nodes(args: argparse.Namespace, cfg: Config) -> int:
                 node = NodeConfig(id=args.node_id, host=args.host, dicom_port=args.dicom_port, ae_title=args.ae_title,
                                   rest_url=args.rest_url, username=args.username, password=args.password)
                 event = membership.transition(member, args.node_id, state, args.reason, node)
-                from shared.bus import subject_for
-                subject_for(event)
+                subject_for(event)  # the node id must be a subject token
             except ValueError as exc:
                 print(f"switchyard: {exc}", file=sys.stderr)
                 return 2

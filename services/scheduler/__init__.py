@@ -360,7 +360,13 @@ class Scheduler:
         with self.tracer.start_as_current_span("scheduler.place", context=parent) as span:
             span.set_attribute("dicom.sop_instance_uid", received.sop_instance_uid)
             started = time.perf_counter()
-            placed = await self.decide(seq, received)
+            try:
+                placed = await self.decide(seq, received)
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                # The affinity bucket did not answer: not acked, tried again.
+                log.warning("affinity lookup for %s failed (%s); retrying", received.sop_instance_uid, exc)
+                await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
+                return
             self.decision_seconds.observe(time.perf_counter() - started)
             if placed is None:
                 self.waiting.inc()
@@ -402,8 +408,13 @@ class Scheduler:
         # A node that failed the delivery itself is avoided; a node that was down is
         # not eligible while down, and may take the instance again once back.
         avoid = tuple(dict.fromkeys([*dead.avoid, *([] if node_gone else [dead.node_id])]))
-        placed = await self.decide(dead.received_seq, received, attempt, avoid, dead.placement_id,
-                                   "failover" if node_gone else "replacement")
+        try:
+            placed = await self.decide(dead.received_seq, received, attempt, avoid, dead.placement_id,
+                                       "failover" if node_gone else "replacement")
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.warning("affinity lookup for %s failed (%s); retrying", dead.sop_instance_uid, exc)
+            await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
+            return
         if placed is None:
             if any(v.eligible for v in self.live.views(time.monotonic())):
                 log.warning("%s: no node left that has not failed it; dead-lettered for good",
