@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 
 import msgspec
 import nats.errors
@@ -135,13 +136,23 @@ def study_key(study_uid: str) -> str:
 class Affinity:
     """Study -> node, in the KV bucket (shared by replicas), with a local cache."""
 
+    # The KV holds every study; the cache only the recent ones (memory stays bounded).
+    CACHE_SIZE = 100_000
+
     def __init__(self, kv) -> None:
         self.kv = kv
-        self.cache: dict[str, tuple[str, int]] = {}
+        self.cache: OrderedDict[str, tuple[str, int]] = OrderedDict()
+
+    def _remember(self, study: str, value: tuple[str, int]) -> None:
+        self.cache[study] = value
+        self.cache.move_to_end(study)
+        while len(self.cache) > self.CACHE_SIZE:
+            self.cache.popitem(last=False)
 
     async def get(self, study: str) -> tuple[str, int] | None:
         hit = self.cache.get(study)
         if hit is not None:
+            self.cache.move_to_end(study)
             return hit
         try:
             entry = await self.kv.get(study_key(study))
@@ -149,7 +160,7 @@ class Affinity:
             return None
         if entry.value is None:
             return None
-        self.cache[study] = (entry.value.decode(), entry.revision)
+        self._remember(study, (entry.value.decode(), entry.revision))
         return self.cache[study]
 
     async def claim(self, study: str, node_id: str, known: tuple[str, int] | None) -> str:
@@ -165,7 +176,7 @@ class Affinity:
             self.cache.pop(study, None)
             current = await self.get(study)
             return current[0] if current is not None else node_id
-        self.cache[study] = (node_id, rev)
+        self._remember(study, (node_id, rev))
         return node_id
 
     def forget_node(self, node_id: str) -> None:

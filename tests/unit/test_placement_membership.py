@@ -66,3 +66,23 @@ def test_replaying_the_same_log_gives_the_same_pool(log):
         return {k: (m.state, m.last_seq) for k, m in pool.members.items()}
 
     assert fold() == fold()
+
+
+def test_affinity_cache_stays_bounded():
+    import asyncio
+
+    from services.scheduler import Affinity
+
+    class NoKV:  # only the cache is exercised: every study is already cached
+        pass
+
+    aff = Affinity(NoKV())
+    aff.CACHE_SIZE = 3
+    for i in range(5):
+        aff._remember(f"s{i}", ("n1", i))
+    assert list(aff.cache) == ["s2", "s3", "s4"]
+    assert asyncio.run(aff.get("s2")) == ("n1", 2)
+    aff._remember("s5", ("n2", 5))
+    assert list(aff.cache) == ["s4", "s2", "s5"]
+    aff.forget_node("n1")
+    assert list(aff.cache) == ["s5"]
