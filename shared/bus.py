@@ -135,6 +135,21 @@ def forwarder_consumer(node_id: str, max_deliver: int, ack_wait_s: float) -> Con
     )
 
 
+def replacement_consumer() -> ConsumerConfig:
+    """Dead-lettered placements, shared by scheduler replicas, for re-placement."""
+    return ConsumerConfig(
+        durable_name="scheduler-replace",
+        filter_subject=SUBJECT_DEAD_LETTERED,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=30.0,
+        max_ack_pending=1024,
+    )
+
+
+AFFINITY_BUCKET = "study-affinity"
+
+
 @dataclass(frozen=True)
 class Delivered:
     seq: int

@@ -5,6 +5,7 @@
   switchyard config           print the effective configuration (secrets masked)
   switchyard catalog rebuild  replay the log into a fresh catalog file and swap it in (service stopped)
   switchyard audit export     write the events and instances of a window as Parquet and CSV
+  switchyard nodes add|drain|undrain|remove|list   change or show membership (node.state events)
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
         node["password"] = "***"
     data["blobs"]["s3_secret_key"] = "***"
     data["catalog"]["token"] = "***"
+    data["node_credentials"]["password"] = "***"
     print(json.dumps(data, indent=2))
     return 0
 
@@ -196,6 +198,65 @@ def cmd_audit_export(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+async def _nodes(args: argparse.Namespace, cfg: Config) -> int:
+    """Membership changes are events in the log; every service follows them live."""
+    from shared import membership
+    from shared.bus import Bus, BusUnavailable, PublishUncertain, subject_for
+    from shared.config import NodeConfig
+
+    import asyncio
+
+    try:
+        bus = await asyncio.wait_for(Bus.connect(cfg.nats, "switchyard-cli"), 10)
+    except asyncio.TimeoutError:
+        print(f"switchyard: NATS not reachable at {cfg.nats.url}", file=sys.stderr)
+        return 1
+    try:
+        await bus.ensure_streams()
+        pool = await membership.load(bus, cfg.nodes, cfg.node_credentials)
+        if args.action == "list":
+            print(f"{'node':<16} {'state':<8} {'dicom':<28} rest")
+            for node_id, m in sorted(pool.members.items()):
+                n = m.node
+                print(f"{node_id:<16} {m.state:<8} {f'{n.ae_title}@{n.host}:{n.dicom_port}':<28} {n.rest_url}")
+            return 0
+        member = pool.get(args.node_id)
+        state = {"add": "added", "drain": "drained", "undrain": "undrained", "remove": "removed"}[args.action]
+        node = None
+        if args.action == "add":
+            if member is not None and not member.removed:
+                print(f"switchyard: node {args.node_id} exists (remove it first)", file=sys.stderr)
+                return 1
+            try:
+                node = NodeConfig(id=args.node_id, host=args.host, dicom_port=args.dicom_port, ae_title=args.ae_title,
+                                  rest_url=args.rest_url, username=args.username or cfg.node_credentials.username)
+                event = membership.transition(member, args.node_id, state, args.reason, node)
+                subject_for(event)  # the node id must be a subject token
+            except ValueError as exc:
+                print(f"switchyard: {exc}", file=sys.stderr)
+                return 2
+        else:
+            if member is None or member.removed:
+                print(f"switchyard: no node {args.node_id}", file=sys.stderr)
+                return 1
+            event = membership.transition(member, args.node_id, state, args.reason)
+        try:
+            await bus.publish(event)
+        except (BusUnavailable, PublishUncertain) as exc:
+            print(f"switchyard: not recorded: {exc}", file=sys.stderr)
+            return 1
+        print(f"node {args.node_id}: {state}")
+        return 0
+    finally:
+        await bus.close()
+
+
+def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
+    import asyncio
+
+    return asyncio.run(_nodes(args, cfg))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchyard", description="Switchyard DICOM router")
     parser.add_argument("--config", help="TOML config file (default: $SWITCHYARD_CONFIG or built-in defaults)")
@@ -226,6 +287,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--db", help="catalog DuckDB file (default: catalog.db_path)")
     p.set_defaults(func=cmd_audit_export)
+    p = sub.add_parser("nodes", help="add, drain, undrain, remove or list nodes at run time")
+    nsub = p.add_subparsers(dest="action", required=True)
+    q = nsub.add_parser("add", help="add an Orthanc node")
+    q.add_argument("node_id")
+    q.add_argument("--host", default="127.0.0.1")
+    q.add_argument("--dicom-port", type=int, required=True)
+    q.add_argument("--ae-title", required=True)
+    q.add_argument("--rest-url", required=True)
+    q.add_argument("--username", help="REST user (default: node_credentials.username); the password "
+                                      "comes from config (node_credentials), never from the log")
+    q.add_argument("--reason", default="added from the command line")
+    for action, text in (("drain", "no new placements"), ("undrain", "take new placements again"),
+                         ("remove", "leave the pool; its backlog is placed elsewhere")):
+        q = nsub.add_parser(action, help=text)
+        q.add_argument("node_id")
+        q.add_argument("--reason", default=f"{action} from the command line")
+    nsub.add_parser("list", help="the pool as the log says it is")
+    p.set_defaults(func=cmd_nodes)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)

@@ -57,6 +57,13 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     password: str = "switchyard"
 
 
+class NodeCredentials(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """REST credentials for nodes added at run time (secrets stay out of the log)."""
+
+    username: str = "switchyard"
+    password: str = "switchyard"
+
+
 class IngestConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ae_title: str = "SWITCHYARD"
     host: str = "127.0.0.1"
@@ -94,6 +101,12 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     weight_instances: float = 0.0001
     weight_rtt_ms: float = 0.05
     weight_disk_free_gb: float = 0.01
+    # Placements per instance (first + re-placements) before its dead letter is final.
+    max_attempts: int = 3
+    # How often missed heartbeats are checked (also catches a silent probe).
+    check_interval_s: float = 0.5
+    # Exponential smoothing of heartbeat load fields (1.0: last value only).
+    load_smoothing: float = 0.5
 
 
 class ForwarderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -105,6 +118,8 @@ class ForwarderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     batch: int = 16
     network_timeout_s: float = 30.0
     scratch_dir: str = "var/forwarder"
+    # Open associations (and concurrent C-STOREs) per node.
+    concurrency_per_node: int = 2
 
 
 class ProbeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -153,6 +168,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     catalog: CatalogConfig = msgspec.field(default_factory=CatalogConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     nodes: list[NodeConfig] = msgspec.field(default_factory=_default_nodes)
+    node_credentials: NodeCredentials = msgspec.field(default_factory=NodeCredentials)
 
     def node(self, node_id: str) -> NodeConfig | None:
         return next((n for n in self.nodes if n.id == node_id), None)

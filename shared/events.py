@@ -82,6 +82,11 @@ class InstancePlacedV1(Event, tag="instance.placed.v1"):
     # 0 for the first placement, +1 for every re-placement.
     attempt: int = 0
     received_seq: int = 0
+    # Re-placement: the placement this one replaces, and nodes it must avoid.
+    replaces: str = ""
+    avoid: list[str] = []
+    # Set when this placement moved the study's affinity away from that node.
+    study_moved_from: str = ""
 
 
 class InstanceForwardedV1(Event, tag="instance.forwarded.v1"):
@@ -111,6 +116,10 @@ class InstanceDeadLetteredV1(Event, tag="instance.dead_lettered.v1"):
     node_id: str
     placement_id: str
     reason: str
+    # From the placement, so the scheduler can place the instance again.
+    received_seq: int = 0
+    attempt: int = 0
+    avoid: list[str] = []
 
 
 class InstanceVerifiedV1(Event, tag="instance.verified.v1"):
@@ -139,6 +148,14 @@ class NodeStateChangedV1(Event, tag="node.state_changed.v1"):
     node_id: str
     state: str
     reason: str = ""
+    # On "added": where the node is. No password: the log is replayed, projected
+    # and exported for audits, so REST credentials come from config
+    # (a seeded [[nodes]] entry, else [node_credentials]).
+    host: str = ""
+    dicom_port: int = 0
+    ae_title: str = ""
+    rest_url: str = ""
+    username: str = ""
 
 
 AnyEvent = (

@@ -168,12 +168,12 @@ def orthanc_http_port(node: NodeConfig) -> int:
 
 
 def start_orthanc(node: NodeConfig, data_dir: Path, console: IO[str] | None = None,
-                  timeout: float = 60.0) -> Proc:
+                  timeout: float = 60.0, overrides: dict | None = None) -> Proc:
     home = data_dir / "orthanc" / node.id
     storage = home / "storage"
     storage.mkdir(parents=True, exist_ok=True)
     config_path = home / "orthanc.json"
-    config_path.write_text(json.dumps(node_config(node, storage, orthanc_http_port(node)), indent=2))
+    config_path.write_text(json.dumps(node_config(node, storage, orthanc_http_port(node), overrides), indent=2))
     env = dicom_env()
     shim = loopback_shim()
     if shim is not None:

@@ -16,8 +16,12 @@ from typing import Any
 from shared.config import NodeConfig
 
 
-def node_config(node: NodeConfig, storage_dir: Path, http_port: int) -> dict[str, Any]:
-    """Orthanc config for one node: takes whatever the forwarder sends, unchanged."""
+def node_config(node: NodeConfig, storage_dir: Path, http_port: int,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Orthanc config for one node: takes whatever the forwarder sends, unchanged.
+
+    ``overrides`` replaces top-level keys (tests: e.g. a narrower AcceptedTransferSyntaxes).
+    """
     return {
         "Name": node.id,
         "StorageDirectory": str(storage_dir),
@@ -39,7 +43,7 @@ def node_config(node: NodeConfig, storage_dir: Path, http_port: int) -> dict[str
         "ConcurrentJobs": 2,
         "StableAge": 2,
         "SyncStorageArea": True,
-    }
+    } | (overrides or {})
 
 
 class OrthancError(RuntimeError):

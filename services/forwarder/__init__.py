@@ -5,6 +5,14 @@ others); many forwarder processes bind to the same consumers and share the
 work. A message is acked only after the forwarded (or dead-lettered) event is
 recorded, so a crash means redelivery, never loss. Retries go through
 JetStream redelivery with backoff (nak with delay).
+
+Membership comes from the log (shared.membership): a worker starts for every
+node added at run time. While the log says a node is down or removed, its
+worker no longer tries it: every placed message it fetches is closed with a
+permanent ``forward_failed`` and a ``dead_lettered`` whose reason starts with
+"node " and carries the placement's attempt, and the scheduler places the
+instance again elsewhere. Each worker keeps a pool of
+``forwarder.concurrency_per_node`` associations (one C-STORE at a time each).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from services.forwarder.sender import NodeSender, Outcome
 from shared import events as ev
 from shared.blobs import BlobNotFound, BlobStore, BlobStoreError, open_blob_store
 from shared.bus import Bus, BusUnavailable, PublishUncertain, forwarder_consumer
+from shared import membership
 from shared.config import Config, NodeConfig
 from shared.runtime import run_until_stopped, running_service
 from shared.telemetry import context_from
@@ -51,44 +60,70 @@ class ForwarderMetrics:
 
 
 class NodeWorker:
-    def __init__(self, cfg: Config, node: NodeConfig, bus: Bus, blobs: BlobStore,
+    def __init__(self, cfg: Config, member: membership.Member, bus: Bus, blobs: BlobStore,
                  metrics: ForwarderMetrics, tr) -> None:
         self.cfg = cfg
-        self.node = node
+        self.member = member
+        self.node = member.node
         self.bus = bus
         self.blobs = blobs
         self.metrics = metrics
         self.tracer = tr
-        self.sender = NodeSender(node, cfg.forwarder.ae_title, cfg.forwarder.network_timeout_s)
+        self.senders: asyncio.Queue[NodeSender] = asyncio.Queue()
+        self.all_senders: list[NodeSender] = []
+        self._make_senders()
         self.scratch = Path(cfg.forwarder.scratch_dir)
+
+    def _make_senders(self) -> None:
+        for sender in self.all_senders:
+            sender.close()
+        self.senders = asyncio.Queue()
+        self.all_senders = [NodeSender(self.node, self.cfg.forwarder.ae_title, self.cfg.forwarder.network_timeout_s)
+                            for _ in range(max(1, self.cfg.forwarder.concurrency_per_node))]
+        for sender in self.all_senders:
+            self.senders.put_nowait(sender)
+
+    @property
+    def gone(self) -> bool:
+        """The log says the node is down or removed: stop trying it, hand its work back."""
+        return self.member.down or self.member.removed
 
     async def run(self, stop: asyncio.Event) -> None:
         fcfg = self.cfg.forwarder
         psub = await self.bus.pull(forwarder_consumer(self.node.id, fcfg.max_deliver, fcfg.ack_wait_s))
         try:
             while not stop.is_set():
+                if self.member.node != self.node:
+                    # Re-added with another address: new associations.
+                    self.node = self.member.node
+                    await asyncio.to_thread(self._make_senders)
                 try:
                     msgs = await psub.fetch(fcfg.batch, timeout=1.0)
                 except TimeoutError:  # nats-py raises its own or asyncio's, by code path
+                    self.metrics.backlog.labels(node=self.node.id).set(0)
                     continue
                 except nats.errors.Error as exc:
                     log.warning("%s: fetch failed: %s", self.node.id, exc)
                     await asyncio.sleep(0.5)
                     continue
-                for msg in msgs:
-                    try:
-                        await self.handle(msg)
-                    except Exception:  # noqa: BLE001 - one message must never stop a node's worker
-                        # Unacked: JetStream redelivers it after ack_wait.
-                        log.exception("%s: unexpected failure handling a placement", self.node.id)
+                await asyncio.gather(*(self._handle_guarded(msg) for msg in msgs))
                 with contextlib.suppress(Exception):
-                    self.metrics.backlog.labels(node=self.node.id).set(msgs[-1].metadata.num_pending)
+                    self.metrics.backlog.labels(node=self.node.id).set(
+                        msgs[-1].metadata.num_pending + len(msgs))
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
-            await asyncio.to_thread(self.sender.close)
+            for sender in self.all_senders:
+                await asyncio.to_thread(sender.close)
 
-    def _deliver(self, placed: ev.InstancePlacedV1) -> tuple[Outcome, int]:
+    async def _handle_guarded(self, msg) -> None:
+        try:
+            await self.handle(msg)
+        except Exception:  # noqa: BLE001 - one message must never stop a node's worker
+            # Unacked: JetStream redelivers it after ack_wait.
+            log.exception("%s: unexpected failure handling a placement", self.node.id)
+
+    def _deliver(self, placed: ev.InstancePlacedV1, sender: NodeSender) -> tuple[Outcome, int]:
         """Blocking part, on a worker thread: blob to a file, file to the node."""
         path = self.blobs.local_path(placed.blob_key)
         tmp: Path | None = None
@@ -100,7 +135,7 @@ class NodeWorker:
                 tmp = path = Path(name)
                 self.blobs.get_file(placed.blob_key, path)
             size = path.stat().st_size
-            return self.sender.send(path, placed.sop_class_uid, placed.transfer_syntax_uid), size
+            return sender.send(path, placed.sop_class_uid, placed.transfer_syntax_uid), size
         except BlobNotFound:
             return Outcome(False, True, "blob missing from the object store"), 0
         except BlobStoreError as exc:
@@ -121,17 +156,28 @@ class NodeWorker:
             return
         delivery = msg.metadata.num_delivered
         node = self.node.id
+        # Hand back what was placed before the node went down or left; a placement
+        # recorded after that state event means the scheduler saw the node back.
+        if self.gone and msg.metadata.sequence.stream < self.member.last_seq:
+            state = "removed" if self.member.removed else "down"
+            try:
+                await self._failed(msg, placed, Outcome(False, True, f"node {state}"), delivery)
+            except (BusUnavailable, PublishUncertain) as exc:
+                log.warning("%s: hand-back of %s not recorded (%s)", node, placed.sop_instance_uid, exc)
+            return
         parent = context_from(placed.traceparent, placed.tracestate)
         with self.tracer.start_as_current_span("forwarder.c_store", context=parent) as span:
             span.set_attribute("dicom.sop_instance_uid", placed.sop_instance_uid)
             span.set_attribute("switchyard.node", node)
             span.set_attribute("switchyard.delivery", delivery)
+            sender = await self.senders.get()
             self.metrics.inflight.labels(node=node).inc()
             started = time.perf_counter()
             try:
-                outcome, size = await asyncio.to_thread(self._deliver, placed)
+                outcome, size = await asyncio.to_thread(self._deliver, placed, sender)
             finally:
                 self.metrics.inflight.labels(node=node).dec()
+                self.senders.put_nowait(sender)
             elapsed = time.perf_counter() - started
             span.set_attribute("switchyard.outcome", outcome.reason)
         try:
@@ -172,7 +218,9 @@ class NodeWorker:
             event_id=ev.fact_id("dead_lettered", placed.event_id),
             sop_instance_uid=placed.sop_instance_uid, study_instance_uid=placed.study_instance_uid,
             node_id=node, placement_id=placed.event_id,
-            reason=f"{outcome.reason} after {delivery} deliveries",
+            reason=outcome.reason if outcome.reason in ("node down", "node removed") else
+            f"{outcome.reason} after {delivery} deliveries",
+            received_seq=placed.received_seq, attempt=placed.attempt, avoid=placed.avoid,
         ))
         self.metrics.dead.labels(node=node).inc()
         await msg.term()
@@ -184,8 +232,20 @@ async def main(cfg: Config) -> None:
     async with running_service("forwarder", cfg) as svc:
         blobs = open_blob_store(cfg.blobs)
         metrics = ForwarderMetrics(svc.registry)
-        workers = [NodeWorker(cfg, node, svc.bus, blobs, metrics, svc.tracer) for node in cfg.nodes]
-        tasks = [asyncio.create_task(w.run(svc.stop), name=f"forward-{w.node.id}") for w in workers]
+        pool = await membership.load(svc.bus, cfg.nodes, cfg.node_credentials)
+        tasks: dict[str, asyncio.Task] = {}
+
+        def ensure_worker(member: membership.Member) -> None:
+            # A removed node keeps its worker: it hands the node's backlog back.
+            if member.node.id not in tasks:
+                worker = NodeWorker(cfg, member, svc.bus, blobs, metrics, svc.tracer)
+                tasks[member.node.id] = asyncio.create_task(worker.run(svc.stop), name=f"forward-{member.node.id}")
+                log.info("forwarding to node %s", member.node.id)
+
+        for member in pool.members.values():
+            ensure_worker(member)
+        follower = asyncio.create_task(membership.follow(svc.bus, pool, svc.stop, lambda m, _e: ensure_worker(m)))
         svc.serve_metrics(cfg.forwarder.metrics_port)
-        log.info("forwarding to nodes %s", ", ".join(n.id for n in cfg.nodes))
-        await run_until_stopped(svc.stop, tasks)
+        # A worker that dies, or the membership follower, stops the process loudly.
+        await run_until_stopped(svc.stop, [follower, *tasks.values()])
+        await asyncio.gather(*tasks.values(), return_exceptions=True)

@@ -48,6 +48,7 @@ class NodeSender:
         self.timeout_s = timeout_s
         self.assoc: Association | None = None
         self.contexts: set[tuple[str, str]] = set()
+        self.refused: set[str] = set()
         self.lock = threading.Lock()
 
     def _associate(self, wanted: set[tuple[str, str]]) -> Association | None:
@@ -60,6 +61,9 @@ class NodeSender:
         assoc = ae.associate(self.node.host, self.node.dicom_port, ae_title=self.node.ae_title,
                              evt_handlers=[NODELAY_HANDLER])
         if not assoc.is_established:
+            # The node answered but accepted none of the contexts: keep the answer, so the
+            # caller can tell a refusal (permanent) from an unreachable node (transient).
+            self.refused = {cx.abstract_syntax for cx in assoc.rejected_contexts if cx.abstract_syntax}
             return None
         self.assoc = assoc
         self.contexts = set(wanted)
@@ -75,8 +79,11 @@ class NodeSender:
             assoc = self.assoc
             if assoc is None or not assoc.is_established or key not in self.contexts:
                 wanted = (self.contexts | {key}) if len(self.contexts) < MAX_CONTEXTS else {key}
+                self.refused = set()
                 assoc = self._associate(wanted)
                 if assoc is None:
+                    if sop_class in self.refused:
+                        return Outcome(False, True, "node refused the SOP class / transfer syntax")
                     return Outcome(False, False, "association failed (node unreachable or rejected)")
             if not self._accepted(assoc, sop_class, ts):
                 return Outcome(False, True, "node refused the SOP class / transfer syntax")

@@ -17,6 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from shared import events as ev
+from shared import membership
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config, NodeConfig
 from shared.dimse import NODELAY_HANDLER
@@ -63,13 +64,19 @@ def observe(node: NodeConfig, calling_ae: str, timeout: float) -> ev.NodeHeartbe
     )
 
 
-async def watch(cfg: Config, node: NodeConfig, bus: Bus, up_gauge: Gauge, beats: Counter,
+async def watch(cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gauge, beats: Counter,
                 stop: asyncio.Event) -> None:
     pcfg = cfg.probe
     was_up: bool | None = None
-    while not stop.is_set():
+    while not stop.is_set() and not member.removed:
+        node = member.node
         started = time.monotonic()
-        hb = await asyncio.to_thread(observe, node, pcfg.ae_title, pcfg.timeout_s)
+        try:
+            hb = await asyncio.to_thread(observe, node, pcfg.ae_title, pcfg.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a node's watch must outlive any one bad look
+            log.exception("observing node %s failed", node.id)
+            hb = ev.NodeHeartbeatV1(event_id=ev.fact_id("heartbeat", node.id, ev.utcnow().isoformat()),
+                                    node_id=node.id, up=False, error=f"probe: {type(exc).__name__}")
         up_gauge.labels(node=node.id).set(1 if hb.up else 0)
         if hb.up != was_up:
             log.info("node %s is %s%s", node.id, "up" if hb.up else "down", f" ({hb.error})" if hb.error else "")
@@ -87,8 +94,21 @@ async def main(cfg: Config) -> None:
         up_gauge = Gauge("switchyard_probe_node_up", "1 when the node answered REST and C-ECHO", ["node"],
                          registry=svc.registry)
         beats = Counter("switchyard_probe_heartbeats", "Heartbeats published", ["node"], registry=svc.registry)
-        tasks = [asyncio.create_task(watch(cfg, n, svc.bus, up_gauge, beats, svc.stop), name=f"watch-{n.id}")
-                 for n in cfg.nodes]
+        # Nodes come from the log (config seeds them): nodes added at run time are watched too.
+        pool = await membership.load(svc.bus, cfg.nodes, cfg.node_credentials)
+        tasks: dict[str, asyncio.Task] = {}
+
+        def ensure_watch(member: membership.Member, _event=None) -> None:
+            task = tasks.get(member.node.id)
+            if not member.removed and (task is None or task.done()):
+                tasks[member.node.id] = asyncio.create_task(watch(cfg, member, svc.bus, up_gauge, beats, svc.stop),
+                                                              name=f"watch-{member.node.id}")
+
+        for member in pool.active():
+            ensure_watch(member)
+        follower = asyncio.create_task(membership.follow(svc.bus, pool, svc.stop, ensure_watch))
         svc.serve_metrics(cfg.probe.metrics_port)
-        log.info("watching nodes %s every %.1fs", ", ".join(n.id for n in cfg.nodes), cfg.probe.interval_s)
-        await run_until_stopped(svc.stop, tasks)
+        log.info("watching nodes %s every %.1fs", ", ".join(m.node.id for m in pool.active()), cfg.probe.interval_s)
+        # Watches end by themselves when their node is removed; the follower must not end.
+        await run_until_stopped(svc.stop, [follower])
+        await asyncio.gather(*tasks.values(), return_exceptions=True)

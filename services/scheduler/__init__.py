@@ -1,31 +1,57 @@
 """Scheduler: received instances in, one placement decision each out.
 
-Node liveness comes from the probe's heartbeats (core NATS subscription on the
-heartbeat subjects: live telemetry, no replay needed). Study affinity is
-rebuilt at start by replaying every placed event, so it survives restarts.
-Placement ids are deterministic (received stream sequence + attempt), so a
-redelivered received message after a crash cannot be placed twice.
+Membership (which nodes exist, drained, removed, down) is folded from the
+node.state events in the log and followed live (shared.membership). Load and
+liveness come from the probe's heartbeats (core NATS subscription: live
+telemetry, no replay needed), smoothed. A periodic check turns missed
+heartbeats (a dead node, or a silent probe) into one "down" event per
+transition and a fresh heartbeat back into "up" (deterministic ids, so
+replicas record each transition once).
+
+Study affinity lives in a JetStream KV bucket keyed by a hash of the study
+UID: the first placement of a study is a KV ``create`` (compare-and-set), so
+two replicas racing on a brand-new study agree on the winner's node, and the
+affinity survives restarts without replaying the log. Placement ids are
+deterministic (received stream sequence + attempt), so a redelivered received
+message cannot be placed twice.
+
+Re-placement: every dead-lettered placement (delivery failed for good, or the
+forwarder gave up on a down/removed node's backlog) is consumed from the
+shared durable ``scheduler-replace`` consumer and placed again with
+attempt+1, avoiding the nodes that already failed it, at most
+``scheduler.max_attempts`` placements per instance.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 
 import msgspec
 import nats.errors
+import nats.js.errors
+from nats.js.api import KeyValueConfig, StorageType
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.scheduler.policy import NodeView, Weights, place
+from services.scheduler.policy import NodeView, Weights, place, score
 from shared import events as ev
-from shared.bus import SUBJECT_HEARTBEAT_ALL, SUBJECT_PLACED_ALL, Bus, BusUnavailable, PublishUncertain, scheduler_consumer
+from shared import membership
+from shared.bus import (
+    AFFINITY_BUCKET, SUBJECT_HEARTBEAT_ALL, Bus, BusUnavailable, PublishUncertain, replacement_consumer,
+    scheduler_consumer,
+)
 from shared.config import Config, SchedulerConfig
-from shared.runtime import running_service
+from shared.runtime import running_service, wait_or_stop
 from shared.telemetry import context_from, current_trace_context
 
 log = logging.getLogger("switchyard.scheduler")
+
+# Dead-letter reasons the forwarder gives when the node itself is gone.
+NODE_GONE_REASONS = ("node down", "node removed")
 
 
 def weights_from(cfg: SchedulerConfig) -> Weights:
@@ -35,69 +61,160 @@ def weights_from(cfg: SchedulerConfig) -> Weights:
     )
 
 
-class Membership:
-    """The live view of nodes: last heartbeat, reservations since it, drained flag."""
+def _smooth(old: float | None, new: float | None, alpha: float) -> float | None:
+    if new is None or old is None:
+        return new
+    return alpha * new + (1 - alpha) * old
 
-    def __init__(self, node_ids: list[str], timeout_s: float) -> None:
+
+class Liveness:
+    """Heartbeats per node (smoothed load), reservations since the last one."""
+
+    def __init__(self, pool: membership.Pool, timeout_s: float, alpha: float, now: float) -> None:
+        self.pool = pool
         self.timeout_s = timeout_s
+        self.alpha = alpha
         self.heartbeats: dict[str, tuple[float, ev.NodeHeartbeatV1]] = {}
-        self.reserved: dict[str, int] = {n: 0 for n in node_ids}
-        self.drained: set[str] = set()
-        self.known = list(node_ids)
+        self.reserved: dict[str, int] = {}
+        # When this scheduler started watching each node: silence counts from here.
+        self.watching: dict[str, float] = {}
+        self.started = now
 
     def heartbeat(self, hb: ev.NodeHeartbeatV1, now: float) -> None:
-        if hb.node_id not in self.reserved:
+        if self.pool.get(hb.node_id) is None:
             return
+        prev = self.heartbeats.get(hb.node_id)
+        if prev is not None and prev[1].up and hb.up:
+            old = prev[1]
+            hb = msgspec.structs.replace(
+                hb, pending_jobs=round(_smooth(old.pending_jobs, hb.pending_jobs, self.alpha)),
+                rtt_ms=_smooth(old.rtt_ms, hb.rtt_ms, self.alpha),
+                cpu_percent=_smooth(old.cpu_percent, hb.cpu_percent, self.alpha),
+            )
         self.heartbeats[hb.node_id] = (now, hb)
         self.reserved[hb.node_id] = 0
 
     def reserve(self, node_id: str) -> None:
-        self.reserved[node_id] += 1
+        self.reserved[node_id] = self.reserved.get(node_id, 0) + 1
 
-    def views(self, now: float) -> list[NodeView]:
+    def observed_live(self, node_id: str, now: float) -> bool:
+        seen = self.heartbeats.get(node_id)
+        return seen is not None and seen[1].up and now - seen[0] <= self.timeout_s
+
+    def silent_for(self, node_id: str, now: float) -> float:
+        seen = self.heartbeats.get(node_id)
+        since = self.watching.setdefault(node_id, now)
+        return now - max(since, seen[0] if seen else since)
+
+    def views(self, now: float, avoid: frozenset[str] = frozenset()) -> list[NodeView]:
         out = []
-        for node_id in self.known:
+        for m in self.pool.active():
+            node_id = m.node.id
+            if node_id in avoid:
+                continue
             seen = self.heartbeats.get(node_id)
             if seen is None:
-                out.append(NodeView(node_id, live=False))
+                out.append(NodeView(node_id, live=False, drained=m.drained))
                 continue
-            at, hb = seen
+            _, hb = seen
+            # Back from "down" only once the "up" event is in the log: the forwarders
+            # follow the log, so they deliver to the node again before it gets new work.
             out.append(NodeView(
-                node_id, live=hb.up and now - at <= self.timeout_s, drained=node_id in self.drained,
+                node_id, live=self.observed_live(node_id, now) and not m.down, drained=m.drained,
                 pending_jobs=hb.pending_jobs, instance_count=hb.instance_count,
                 disk_free_bytes=hb.disk_free_bytes, cpu_percent=hb.cpu_percent, rtt_ms=hb.rtt_ms,
-                reserved=self.reserved[node_id],
+                reserved=self.reserved.get(node_id, 0),
             ))
         return out
 
 
+def study_key(study_uid: str) -> str:
+    """KV keys allow few characters: a hash of the study UID."""
+    return "s" + hashlib.blake2b(study_uid.encode(), digest_size=16).hexdigest()
+
+
+class Affinity:
+    """Study -> node, in the KV bucket (shared by replicas), with a local cache."""
+
+    # The KV holds every study; the cache only the recent ones (memory stays bounded).
+    CACHE_SIZE = 100_000
+
+    def __init__(self, kv) -> None:
+        self.kv = kv
+        self.cache: OrderedDict[str, tuple[str, int]] = OrderedDict()
+
+    def _remember(self, study: str, value: tuple[str, int]) -> None:
+        self.cache[study] = value
+        self.cache.move_to_end(study)
+        while len(self.cache) > self.CACHE_SIZE:
+            self.cache.popitem(last=False)
+
+    async def get(self, study: str) -> tuple[str, int] | None:
+        hit = self.cache.get(study)
+        if hit is not None:
+            self.cache.move_to_end(study)
+            return hit
+        try:
+            entry = await self.kv.get(study_key(study))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        self._remember(study, (entry.value.decode(), entry.revision))
+        return self.cache[study]
+
+    async def claim(self, study: str, node_id: str, known: tuple[str, int] | None) -> str:
+        """Set the study's node unless another replica got there first; returns the node that holds it."""
+        key = study_key(study)
+        try:
+            if known is None:
+                rev = await self.kv.create(key, node_id.encode())
+            else:
+                rev = await self.kv.update(key, node_id.encode(), last=known[1])
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError,
+                nats.js.errors.APIError):
+            self.cache.pop(study, None)
+            current = await self.get(study)
+            return current[0] if current is not None else node_id
+        self._remember(study, (node_id, rev))
+        return node_id
+
+    def forget_node(self, node_id: str) -> None:
+        """A node went down: re-read its studies from the KV (another replica may move them)."""
+        for study in [s for s, (n, _) in self.cache.items() if n == node_id]:
+            del self.cache[study]
+
+
 class Scheduler:
-    def __init__(self, cfg: Config, bus: Bus, registry: CollectorRegistry, tr) -> None:
+    def __init__(self, cfg: Config, bus: Bus, registry: CollectorRegistry, tr, pool: membership.Pool,
+                 kv) -> None:
         self.cfg = cfg
         self.bus = bus
         self.tracer = tr
         self.weights = weights_from(cfg.scheduler)
-        self.members = Membership([n.id for n in cfg.nodes], cfg.scheduler.heartbeat_timeout_s)
-        self.affinity: dict[str, str] = {}
+        self.pool = pool
+        self.live = Liveness(pool, cfg.scheduler.heartbeat_timeout_s, cfg.scheduler.load_smoothing,
+                             time.monotonic())
+        self.affinity = Affinity(kv)
         self.hb_decoder = msgspec.json.Decoder(ev.NodeHeartbeatV1)
+        self.sent_transitions: set[str] = set()
         self.placements = Counter("switchyard_scheduler_placements", "Placement decisions",
                                   ["node", "reason"], registry=registry)
         self.waiting = Counter("switchyard_scheduler_no_live_node", "Instances that found no live node",
                                registry=registry)
+        self.given_up = Counter("switchyard_scheduler_final_dead_letters",
+                                "Dead letters not placed again (attempts used up or no other node)",
+                                registry=registry)
         self.decision_seconds = Histogram("switchyard_scheduler_decision_seconds", "Decision time",
                                           registry=registry)
         self.live_nodes = Gauge("switchyard_scheduler_live_nodes", "Nodes eligible for new work",
                                 registry=registry)
         self.node_live = Gauge("switchyard_scheduler_node_live", "1 when the node may get new work",
                                ["node"], registry=registry)
+        self.node_score = Gauge("switchyard_scheduler_node_score", "Load score (lower gets new studies)",
+                                ["node"], registry=registry)
 
-    async def rebuild_affinity(self) -> None:
-        count = 0
-        async for d in self.bus.replay(SUBJECT_PLACED_ALL):
-            if isinstance(d.event, ev.InstancePlacedV1):
-                self.affinity[d.event.study_instance_uid] = d.event.node_id
-                count += 1
-        log.info("affinity rebuilt from %d placements (%d studies)", count, len(self.affinity))
+    # -- membership and liveness ------------------------------------------------
 
     async def on_heartbeat(self, msg) -> None:
         try:
@@ -105,31 +222,103 @@ class Scheduler:
         except msgspec.DecodeError:
             log.warning("undecodable heartbeat on %s", msg.subject)
             return
-        self.members.heartbeat(hb, time.monotonic())
-        for view in self.members.views(time.monotonic()):
-            self.node_live.labels(node=view.node_id).set(1 if view.eligible else 0)
+        self.live.heartbeat(hb, time.monotonic())
+        self._export_live(time.monotonic())
 
-    async def decide(self, seq: int, received: ev.InstanceReceivedV1) -> ev.InstancePlacedV1 | None:
-        study = received.study_instance_uid
-        views = self.members.views(time.monotonic())
+    def _export_live(self, now: float) -> None:
+        views = self.live.views(now)
+        for view in views:
+            self.node_live.labels(node=view.node_id).set(1 if view.eligible else 0)
+            self.node_score.labels(node=view.node_id).set(score(view, self.weights))
         self.live_nodes.set(sum(v.eligible for v in views))
-        decision = place(study, views, self.affinity.get(study), self.weights)
+
+    async def on_state(self, member: membership.Member, event: ev.NodeStateChangedV1) -> None:
+        if event.state in ("down", "removed", "drained"):
+            self.affinity.forget_node(event.node_id)
+        if event.state == "removed":
+            self.node_live.labels(node=event.node_id).set(0)
+
+    async def check_nodes(self) -> None:
+        """Missed heartbeats -> "down", fresh heartbeats -> "up": one event per transition."""
+        now = time.monotonic()
+        for m in self.pool.active():
+            node_id = m.node.id
+            live = self.live.observed_live(node_id, now)
+            if not live and not m.down:
+                seen = self.live.heartbeats.get(node_id)
+                if seen is not None and not seen[1].up:
+                    reason = f"probe: {seen[1].error or 'down'}"
+                elif self.live.silent_for(node_id, now) > self.live.timeout_s * (1 if seen else 3):
+                    # A node never heard from since this scheduler started gets a longer grace
+                    # (the probe may be starting too).
+                    reason = f"no heartbeat for {self.live.timeout_s:g}s"
+                else:
+                    continue
+                await self._transition(m, "down", reason)
+            elif live and m.down:
+                await self._transition(m, "up", "heartbeats resumed")
+        self._export_live(now)
+
+    async def _transition(self, m: membership.Member, state: str, reason: str) -> None:
+        event = membership.transition(m, m.node.id, state, reason)
+        if event.event_id in self.sent_transitions:
+            return
+        try:
+            ack = await self.bus.publish(event)
+        except (BusUnavailable, PublishUncertain) as exc:
+            log.warning("node %s %s not recorded (%s)", m.node.id, state, exc)
+            return
+        self.sent_transitions.add(event.event_id)
+        if not ack.duplicate:
+            log.warning("node %s marked %s: %s", m.node.id, state, reason)
+
+    async def watch_nodes(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.check_nodes()
+            except Exception:  # noqa: BLE001 - the check must keep running
+                log.exception("node check failed")
+            await wait_or_stop(stop, self.cfg.scheduler.check_interval_s)
+
+    # -- placement ----------------------------------------------------------------
+
+    async def decide(self, seq: int, received: ev.InstanceReceivedV1, attempt: int = 0,
+                     avoid: tuple[str, ...] = (), replaces: str = "", reason: str | None = None,
+                     ) -> ev.InstancePlacedV1 | None:
+        study = received.study_instance_uid
+        now = time.monotonic()
+        views = self.live.views(now, frozenset(avoid))
+        known = await self.affinity.get(study)
+        decision = place(study, views, known[0] if known else None, self.weights)
         if decision is None:
             return None
+        node_id, why, moved_from = decision.node_id, decision.reason, ""
+        if decision.reason != "affinity":
+            holder = await self.affinity.claim(study, node_id, known)
+            if holder != node_id:
+                # Another replica placed this study first: follow it if it can take work.
+                again = place(study, views, holder, self.weights)
+                if again is not None and again.reason == "affinity":
+                    node_id, why = holder, "affinity"
+            if known is not None and why != "affinity":
+                moved_from = known[0]
+        if reason is not None:
+            why = reason
         traceparent, tracestate = current_trace_context()
         return ev.InstancePlacedV1(
-            event_id=ev.fact_id("placed", received.sop_instance_uid, seq, 0),
+            event_id=ev.fact_id("placed", received.sop_instance_uid, seq, attempt),
             traceparent=traceparent, tracestate=tracestate,
             sop_instance_uid=received.sop_instance_uid, study_instance_uid=study,
             sop_class_uid=received.sop_class_uid, transfer_syntax_uid=received.transfer_syntax_uid,
             blob_key=received.blob_key, dataset_digest=received.dataset_digest,
-            node_id=decision.node_id, reason=decision.reason,
+            node_id=node_id, reason=why,
             candidates=[ev.Candidate(n, round(s, 6)) for n, s in decision.candidates],
-            attempt=0, received_seq=seq,
+            attempt=attempt, received_seq=seq, replaces=replaces, avoid=list(avoid),
+            study_moved_from=moved_from,
         )
 
-    async def run(self, stop: asyncio.Event) -> None:
-        psub = await self.bus.pull(scheduler_consumer())
+    async def _consume(self, config, handler, stop: asyncio.Event) -> None:
+        psub = await self.bus.pull(config)
         try:
             while not stop.is_set():
                 try:
@@ -141,10 +330,31 @@ class Scheduler:
                     await asyncio.sleep(0.5)
                     continue
                 for msg in msgs:
-                    await self.handle(msg)
+                    await handler(msg)
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.gather(
+            self._consume(scheduler_consumer(), self.handle, stop),
+            self._consume(replacement_consumer(), self.handle_dead_letter, stop),
+            self.watch_nodes(stop),
+        )
+
+    async def _record(self, msg, placed: ev.InstancePlacedV1) -> bool:
+        try:
+            await self.bus.publish(placed)
+        except (BusUnavailable, PublishUncertain) as exc:
+            # Not acked: JetStream redelivers, and the same placement id dedupes.
+            log.warning("placement of %s not recorded (%s); will retry", placed.sop_instance_uid, exc)
+            return False
+        self.live.reserve(placed.node_id)
+        self.placements.labels(node=placed.node_id, reason=placed.reason).inc()
+        if placed.study_moved_from:
+            log.info("study moved from %s to %s (%s)", placed.study_moved_from, placed.node_id, placed.reason)
+        await msg.ack()
+        return True
 
     async def handle(self, msg) -> None:
         seq = msg.metadata.sequence.stream
@@ -161,7 +371,13 @@ class Scheduler:
         with self.tracer.start_as_current_span("scheduler.place", context=parent) as span:
             span.set_attribute("dicom.sop_instance_uid", received.sop_instance_uid)
             started = time.perf_counter()
-            placed = await self.decide(seq, received)
+            try:
+                placed = await self.decide(seq, received)
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                # The affinity bucket did not answer: not acked, tried again.
+                log.warning("affinity lookup for %s failed (%s); retrying", received.sop_instance_uid, exc)
+                await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
+                return
             self.decision_seconds.observe(time.perf_counter() - started)
             if placed is None:
                 self.waiting.inc()
@@ -171,23 +387,77 @@ class Scheduler:
                 return
             span.set_attribute("switchyard.node", placed.node_id)
             span.set_attribute("switchyard.reason", placed.reason)
-            try:
-                await self.bus.publish(placed)
-            except (BusUnavailable, PublishUncertain) as exc:
-                # Not acked: JetStream redelivers, and the same placement id dedupes.
-                log.warning("placement of %s not recorded (%s); will retry", received.sop_instance_uid, exc)
-                return
-            self.affinity[placed.study_instance_uid] = placed.node_id
-            self.members.reserve(placed.node_id)
-            self.placements.labels(node=placed.node_id, reason=placed.reason).inc()
+            await self._record(msg, placed)
+
+    async def handle_dead_letter(self, msg) -> None:
+        try:
+            dead = ev.decode(msg.data)
+        except msgspec.DecodeError:
+            await msg.term()
+            return
+        if not isinstance(dead, ev.InstanceDeadLetteredV1) or dead.received_seq <= 0:
             await msg.ack()
+            return
+        attempt = dead.attempt + 1
+        if attempt >= self.cfg.scheduler.max_attempts:
+            log.warning("%s dead-lettered for good after %d placements: %s", dead.sop_instance_uid,
+                        attempt, dead.reason)
+            self.given_up.inc()
+            await msg.ack()
+            return
+        try:
+            raw = await self.bus.js.get_msg(self.cfg.nats.events_stream, dead.received_seq)
+            received = ev.decode(raw.data)
+        except (nats.errors.Error, msgspec.DecodeError) as exc:
+            log.warning("received event %d not readable (%s); retrying", dead.received_seq, exc)
+            await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
+            return
+        if not isinstance(received, ev.InstanceReceivedV1):
+            await msg.ack()
+            return
+        node_gone = dead.reason in NODE_GONE_REASONS
+        # A node that failed the delivery itself is avoided; a node that was down is
+        # not eligible while down, and may take the instance again once back.
+        avoid = tuple(dict.fromkeys([*dead.avoid, *([] if node_gone else [dead.node_id])]))
+        try:
+            placed = await self.decide(dead.received_seq, received, attempt, avoid, dead.placement_id,
+                                       "failover" if node_gone else "replacement")
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.warning("affinity lookup for %s failed (%s); retrying", dead.sop_instance_uid, exc)
+            await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
+            return
+        if placed is None:
+            if any(v.eligible for v in self.live.views(time.monotonic())):
+                log.warning("%s: no node left that has not failed it; dead-lettered for good",
+                            dead.sop_instance_uid)
+                self.given_up.inc()
+                await msg.ack()
+                return
+            self.waiting.inc()
+            await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
+            return
+        await self._record(msg, placed)
+
+
+async def affinity_bucket(bus: Bus, cfg: Config):
+    storage = StorageType.FILE if cfg.nats.storage == "file" else StorageType.MEMORY
+    try:
+        return await bus.js.key_value(AFFINITY_BUCKET)
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+        return await bus.js.create_key_value(KeyValueConfig(
+            bucket=AFFINITY_BUCKET, history=1, storage=storage, replicas=cfg.nats.replicas))
 
 
 async def main(cfg: Config) -> None:
     async with running_service("scheduler", cfg) as svc:
-        scheduler = Scheduler(cfg, svc.bus, svc.registry, svc.tracer)
-        await scheduler.rebuild_affinity()
+        pool = await membership.load(svc.bus, cfg.nodes, cfg.node_credentials)
+        kv = await affinity_bucket(svc.bus, cfg)
+        scheduler = Scheduler(cfg, svc.bus, svc.registry, svc.tracer, pool, kv)
         await svc.bus.nc.subscribe(SUBJECT_HEARTBEAT_ALL, cb=scheduler.on_heartbeat)
+        follower = asyncio.create_task(membership.follow(svc.bus, pool, svc.stop, scheduler.on_state))
         svc.serve_metrics(cfg.scheduler.metrics_port)
-        log.info("scheduling for nodes %s", ", ".join(n.id for n in cfg.nodes))
-        await scheduler.run(svc.stop)
+        log.info("scheduling for nodes %s", ", ".join(m.node.id for m in pool.active()))
+        try:
+            await scheduler.run(svc.stop)
+        finally:
+            await follower

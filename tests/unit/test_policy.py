@@ -87,3 +87,22 @@ def test_candidates_sorted_best_first_with_scores():
     decision = place("1.2.3", nodes, None, W)
     assert [c[0] for c in decision.candidates] == ["b", "a"]
     assert decision.candidates[0][1] < decision.candidates[1][1]
+
+
+@given(st.integers(2, 6), st.lists(study_uids, min_size=30, max_size=60, unique=True))
+def test_placement_placement_reservations_spread_a_burst_over_equal_nodes(n_nodes, studies):
+    """Between two heartbeats, reservations keep a burst of new studies off a single idle node."""
+    reserved = {f"n{i}": 0 for i in range(n_nodes)}
+    for study in studies:
+        nodes = [NodeView(n, live=True, reserved=r) for n, r in reserved.items()]
+        decision = place(study, nodes, None, W)
+        reserved[decision.node_id] += 1
+    assert max(reserved.values()) - min(reserved.values()) <= 1
+
+
+@given(node_views, study_uids, st.sets(st.sampled_from([f"n{i}" for i in range(6)])))
+def test_placement_avoided_nodes_are_never_chosen(nodes, study, avoid):
+    """Re-placement filters out the nodes that failed the instance before scoring."""
+    decision = place(study, [n for n in nodes if n.node_id not in avoid], None, W)
+    if decision is not None:
+        assert decision.node_id not in avoid

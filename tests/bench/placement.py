@@ -1,0 +1,276 @@
+"""Placement benchmark: `just bench placement` (or `python -m tests.bench placement`).
+
+1. Policy decisions per second in process (pure `policy.place`, 3 nodes).
+2. Decision latency over NATS: publish one `received`, wait for its `placed`
+   (a real scheduler process, heartbeats published by the bench), sequential.
+3. Failover: a real Orthanc node is killed while a study affine to it keeps
+   arriving; time from the kill to the first placement that avoids it.
+4. End to end, same run, same images: DCMTK storescu -> 1 Orthanc directly;
+   storescu -> Switchyard -> 3 Orthanc nodes; storescu -> an Orthanc Lua
+   auto-router (OnStoredInstance -> SendToModality round robin) -> the same 3
+   nodes. CPU seconds (utime+stime from /proc) per routed image.
+
+Flags: --images N (default 300), --quick (fewer decisions and images).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from services.scheduler.policy import NodeView, Weights, place
+from shared import events as ev
+from shared import localstack as ls
+from shared.bus import Bus
+from shared.config import NodeConfig
+from shared.corpus import generate_studies
+from tests.fixtures.servers import OrthancNode, make_stack, new_orthanc_node
+from tests.fixtures.util import free_port, wait_for
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def bench_policy(n: int) -> float:
+    w = Weights()
+    rng = random.Random(1)
+    studies = [f"1.2.{rng.randrange(10**9)}.{i}" for i in range(1000)]
+    nodes = [NodeView(f"node{i}", live=True, pending_jobs=i % 2, rtt_ms=1.0 + i, reserved=0) for i in range(3)]
+    affinity = {}
+    started = time.perf_counter()
+    for i in range(n):
+        study = studies[i % 1000]
+        d = place(study, nodes, affinity.get(study), w)
+        affinity[study] = d.node_id
+    return n / (time.perf_counter() - started)
+
+
+def received(i: int, study: str) -> ev.InstanceReceivedV1:
+    sop = f"1.2.826.0.1.3680043.10.1{i}.{int(time.time() * 1000)}"
+    return ev.InstanceReceivedV1(
+        event_id=ev.fact_id("bench-received", sop), sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+        study_instance_uid=study, series_instance_uid=study + ".1", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        blob_key="sha256/00/none", size=1, dataset_digest="0" * 64)
+
+
+async def nats_latency(stack, node_ids: list[str], n: int) -> list[float]:
+    bus = await Bus.connect(stack.cfg.nats, "bench")
+    stop = asyncio.Event()
+
+    async def beat():
+        while not stop.is_set():
+            for node in node_ids:
+                await bus.nc.publish(f"node.heartbeat.{node}", ev.encode(ev.NodeHeartbeatV1(
+                    event_id=ev.fact_id("hb", node, time.time()), node_id=node, up=True, rtt_ms=1.0)))
+            await asyncio.sleep(0.2)
+
+    waiting: dict[str, asyncio.Future] = {}
+
+    async def on_placed(msg):
+        e = ev.decode(msg.data)
+        fut = waiting.pop(e.sop_instance_uid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(time.perf_counter())
+
+    beats = asyncio.create_task(beat())
+    await bus.nc.subscribe("dicom.instance.placed.>", cb=on_placed)
+    await asyncio.sleep(1.0)
+    out = []
+    try:
+        for i in range(n):
+            e = received(i, f"1.2.3.{i // 10}")
+            fut = asyncio.get_running_loop().create_future()
+            waiting[e.sop_instance_uid] = fut
+            started = time.perf_counter()
+            await bus.publish(e)
+            out.append(await asyncio.wait_for(fut, 10) - started)
+    finally:
+        stop.set()
+        await beats
+        await bus.close()
+    return out
+
+
+async def failover_time(stack, nodes: list[OrthancNode]) -> tuple[float, str]:
+    """Keep a study arriving every 10 ms; SIGKILL its node; time to the first placement elsewhere."""
+    bus = await Bus.connect(stack.cfg.nats, "bench-failover")
+    study = f"1.2.4.{int(time.time())}"
+    first: dict[str, str] = {}
+    avoided = asyncio.get_running_loop().create_future()
+    killed_at = [0.0]
+
+    async def on_placed(msg):
+        e = ev.decode(msg.data)
+        if e.study_instance_uid != study:
+            return
+        first.setdefault("node", e.node_id)
+        if killed_at[0] and e.node_id != first["node"] and not avoided.done():
+            avoided.set_result((time.perf_counter(), e.reason))
+
+    await bus.nc.subscribe("dicom.instance.placed.>", cb=on_placed)
+    i = 0
+    try:
+        deadline = time.monotonic() + 60
+        while not avoided.done() and time.monotonic() < deadline:
+            await bus.publish(received(100000 + i, study))
+            i += 1
+            if "node" in first and not killed_at[0] and i > 20:
+                victim = next(n for n in nodes if n.node.id == first["node"])
+                killed_at[0] = time.perf_counter()
+                victim.proc.kill()
+                victim.proc = None
+            await asyncio.sleep(0.01)
+        at, reason = await asyncio.wait_for(avoided, 5)
+        return at - killed_at[0], reason
+    finally:
+        await bus.close()
+
+
+def lua_router(base: Path, nodes: list[OrthancNode]) -> tuple[OrthancNode, ls.Proc]:
+    base.mkdir(parents=True, exist_ok=True)
+    script = base / "router.lua"
+    names = [n.node.id for n in nodes]
+    script.write_text(
+        "local nodes = {" + ", ".join(f"'{n}'" for n in names) + "}\n"
+        "local i = 0\n"
+        "function OnStoredInstance(instanceId, tags, metadata, origin)\n"
+        "  i = i + 1\n"
+        "  SendToModality(instanceId, nodes[(i % #nodes) + 1])\n"
+        "end\n")
+    router = new_orthanc_node(9, base, {
+        "LuaScripts": [str(script)],
+        "DicomModalities": {n.node.id: [n.node.ae_title, n.node.host, n.node.dicom_port] for n in nodes},
+    })
+    router.start()
+    return router, router.proc
+
+
+def counts(nodes: list[OrthancNode]) -> int:
+    return sum(int(n.client.statistics()["CountInstances"]) for n in nodes)
+
+
+def timed_send(send, done, timeout: float = 240.0) -> float:
+    started = time.perf_counter()
+    result = send()
+    assert result.returncode == 0, result.stderr[-500:]
+    wait_for(done, timeout=timeout, interval=0.02, what="all images stored")
+    return time.perf_counter() - started
+
+
+def main(argv: list[str]) -> int:
+    quick = "--quick" in argv
+    images = 120 if quick else 300
+    if "--images" in argv:
+        images = int(argv[argv.index("--images") + 1])
+    decisions = 20000 if quick else 200000
+    print(f"placement bench: {images} images, {decisions} in-process decisions")
+
+    rate = bench_policy(decisions)
+    print(f"policy: {rate:,.0f} decisions/s in process (target 100k/s)")
+
+    base = Path(tempfile.mkdtemp(prefix="switchyard-bench-placement-"))
+    fake = [NodeConfig(id=f"fake{i}", dicom_port=free_port(), rest_url=f"http://127.0.0.1:{free_port()}")
+            for i in range(3)]
+    stack = make_stack(base / "latency", [], services=("scheduler",))
+    try:
+        # The nodes exist only in the log here: added like `switchyard nodes add` does.
+        async def add_nodes():
+            from shared import membership
+            bus = await Bus.connect(stack.cfg.nats, "bench-add")
+            for n in fake:
+                await bus.publish(membership.transition(None, n.id, "added", node=n))
+            await bus.close()
+
+        asyncio.run(add_nodes())
+        lat = sorted(asyncio.run(nats_latency(stack, [n.id for n in fake], 300 if quick else 2000)))
+        p50, p99 = lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000
+        print(f"nats: received->placed p50 {p50:.2f} ms, p99 {p99:.2f} ms over {len(lat)} sequential "
+              f"instances (target p99 < 2 ms)")
+    finally:
+        stack.close()
+
+    nodes = [new_orthanc_node(i, base / "nodes") for i in (1, 2, 3)]
+    direct = new_orthanc_node(8, base / "direct")
+    router = None
+    stack = None
+    try:
+        for n in [*nodes, direct]:
+            n.start()
+        # Same shape, new UIDs per path: the nodes would ignore instances they already hold.
+        seed = int(time.time())
+        corpora = {}
+        for k, path in enumerate(("direct", "switchyard", "lua")):
+            corpora[path] = base / f"corpus-{path}"
+            files = generate_studies(corpora[path], studies=images // 10, series_per_study=1,
+                                     instances_per_series=10, seed=seed + k)
+
+        # Baseline 1: storescu -> one Orthanc.
+        t_direct = timed_send(
+            lambda: ls.storescu("127.0.0.1", direct.node.dicom_port, direct.node.ae_title, [corpora["direct"]],
+                                extra=["+sd", "+r"]),
+            lambda: counts([direct]) >= len(files))
+        print(f"direct: storescu -> 1 Orthanc: {len(files) / t_direct:.1f} img/s ({t_direct:.2f} s)")
+
+        # Switchyard.
+        stack = make_stack(base / "stack", nodes)
+        wait_for(lambda: all(stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{n.node.id}"') == 1
+                             for n in nodes), timeout=30, what="nodes live")
+        pids = {s: p.popen.pid for s, p in stack.services.items()}
+        before = {s: cpu_seconds(pid) for s, pid in pids.items()}
+        nats_before = cpu_seconds(stack.nats.popen.pid)
+        base_count = counts(nodes)
+        t_sy = timed_send(lambda: stack.send([corpora["switchyard"]], extra=["+sd", "+r"]),
+                          lambda: counts(nodes) - base_count >= len(files))
+        cpu = {s: cpu_seconds(pid) - before[s] for s, pid in pids.items()}
+        nats_cpu = cpu_seconds(stack.nats.popen.pid) - nats_before
+        sy_cpu = sum(cpu.values())
+        print(f"switchyard: storescu -> Switchyard -> 3 Orthanc: {len(files) / t_sy:.1f} img/s ({t_sy:.2f} s); "
+              f"CPU {sy_cpu / len(files) * 1000:.1f} ms/img for the services "
+              f"({', '.join(f'{s} {v:.2f}s' for s, v in sorted(cpu.items()))}), nats {nats_cpu:.2f}s")
+
+        # Failover on the same stack (the probe polls every 0.25 s, REST timeout 1 s).
+        took, reason = asyncio.run(failover_time(stack, nodes))
+        print(f"failover: {took * 1000:.0f} ms from SIGKILL to the first placement avoiding the node "
+              f"(reason {reason}; target < 2 s)")
+        stack.close()
+        stack = None
+        for n in nodes:
+            if not n.running:
+                n.start()
+
+        # Baseline 2: the Lua auto-router in front of the same three nodes.
+        router, rproc = lua_router(base / "router", nodes)
+        rbefore = cpu_seconds(rproc.popen.pid)
+        base_count = counts(nodes)
+        t_lua = timed_send(
+            lambda: ls.storescu("127.0.0.1", router.node.dicom_port, router.node.ae_title, [corpora["lua"]],
+                                extra=["+sd", "+r"]),
+            lambda: counts(nodes) - base_count >= len(files))
+        lua_cpu = cpu_seconds(rproc.popen.pid) - rbefore
+        print(f"lua router: storescu -> Orthanc Lua -> 3 Orthanc: {len(files) / t_lua:.1f} img/s ({t_lua:.2f} s); "
+              f"CPU {lua_cpu / len(files) * 1000:.1f} ms/img for the router")
+        print(f"ratios: switchyard/direct {t_direct / t_sy:.2f}x (target >= 0.5x), "
+              f"switchyard/lua {t_lua / t_sy:.2f}x (target >= 5x)")
+        print(json.dumps({"policy_per_s": round(rate), "nats_p50_ms": round(p50, 3), "nats_p99_ms": round(p99, 3),
+                          "failover_ms": round(took * 1000), "img_per_s": {
+                              "direct": round(len(files) / t_direct, 1), "switchyard": round(len(files) / t_sy, 1),
+                              "lua": round(len(files) / t_lua, 1)},
+                          "cpu_ms_per_img": {"switchyard": round(sy_cpu / len(files) * 1000, 2),
+                                             "lua": round(lua_cpu / len(files) * 1000, 2)}}))
+        return 0
+    finally:
+        if stack is not None:
+            stack.close()
+        for n in [*nodes, direct, *([router] if router else [])]:
+            n.stop()

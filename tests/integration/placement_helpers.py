@@ -1,0 +1,59 @@
+"""Helpers shared by the placement tests: read the log, run the nodes CLI, look at nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pydicom
+
+from shared import events as ev
+from shared.bus import Bus
+from shared.localstack import REPO
+
+
+def log_events(stack) -> list[ev.AnyEvent]:
+    """Every event in the stack's log, in order (a real NATS replay)."""
+
+    async def collect():
+        bus = await Bus.connect(stack.cfg.nats, "placement-test")
+        try:
+            return [d.event async for d in bus.replay()]
+        finally:
+            await bus.close()
+
+    return asyncio.run(collect())
+
+
+def nodes_cli(stack, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared.cli", "--config", str(stack.config_path), "nodes", *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def scheduler_sees(stack, node_id: str, live: bool) -> bool:
+    return stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{node_id}"') == float(live)
+
+
+def by_study(files: list[Path]) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = defaultdict(list)
+    for f in files:
+        out[pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID].append(f)
+    return dict(out)
+
+
+def study_rows(stack, study_uid: str) -> list[dict]:
+    return stack.catalog(f"/api/instances?study_uid={study_uid}&limit=10000")
+
+
+def all_forwarded(stack, studies: dict[str, list[Path]]) -> dict[str, list[dict]]:
+    """Catalog rows per study once every instance is forwarded, else {}."""
+    out = {}
+    for study_uid, files in studies.items():
+        rows = study_rows(stack, study_uid)
+        if len(rows) != len(files) or any(r["state"] != "forwarded" for r in rows):
+            return {}
+        out[study_uid] = rows
+    return out

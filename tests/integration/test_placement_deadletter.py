@@ -1,0 +1,58 @@
+"""Every node refusing an instance's transfer syntax: re-placed a bounded number of times, then dead letters."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared import events as ev
+from shared.corpus import generate_studies
+from tests.fixtures.servers import make_stack, new_orthanc_node
+from tests.fixtures.util import wait_for
+from tests.integration.placement_helpers import by_study, log_events, study_rows
+
+pytestmark = pytest.mark.integration
+
+IMPLICIT_ONLY = {"AcceptedTransferSyntaxes": ["1.2.840.10008.1.2"]}
+
+
+def test_all_nodes_refusing_the_transfer_syntax_dead_letter(tmp_path):
+    nodes = [new_orthanc_node(i, tmp_path / "nodes", IMPLICIT_ONLY) for i in (1, 2)]
+    stack = None
+    try:
+        for n in nodes:
+            n.start()
+        stack = make_stack(tmp_path / "stack", nodes)
+        # Generated files are Explicit VR Little Endian, which these nodes refuse.
+        studies = by_study(generate_studies(tmp_path / "corpus", studies=1, series_per_study=1,
+                                            instances_per_series=2, seed=4401))
+        (study_uid, files), = studies.items()
+        assert stack.send(files).returncode == 0
+
+        def final_dead_letters():
+            done = stack.metric("scheduler", "switchyard_scheduler_final_dead_letters_total")
+            rows = study_rows(stack, study_uid)
+            caught_up = len(rows) == len(files) and all(r["state"] == "dead_lettered" for r in rows)
+            return rows if done == len(files) and caught_up else None
+
+        # The catalog shows every instance dead-lettered once the scheduler has given up on it.
+        rows = wait_for(final_dead_letters, timeout=90, what="dead letters final")
+        events = log_events(stack)
+        assert not any(isinstance(e, ev.InstanceForwardedV1) for e in events)
+        for row in rows:
+            sop = row["sop_instance_uid"]
+            dead = [e for e in events if isinstance(e, ev.InstanceDeadLetteredV1) and e.sop_instance_uid == sop]
+            placed = [e for e in events if isinstance(e, ev.InstancePlacedV1) and e.sop_instance_uid == sop]
+            # Placed on each node once (the second avoids the first), refused permanently by both.
+            assert sorted(e.node_id for e in dead) == ["node1", "node2"]
+            assert all("transfer syntax" in e.reason for e in dead)
+            assert [e.attempt for e in placed] == [0, 1] and placed[1].reason == "replacement"
+            assert placed[1].avoid == [placed[0].node_id] and placed[1].replaces == placed[0].event_id
+            failed = [e for e in events if isinstance(e, ev.InstanceForwardFailedV1) and e.sop_instance_uid == sop]
+            assert failed and all(e.permanent for e in failed)
+        for n in nodes:
+            assert n.client.sop_instance_uids() == set()
+    finally:
+        if stack is not None:
+            stack.close()
+        for n in nodes:
+            n.stop()

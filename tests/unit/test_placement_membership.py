@@ -1,0 +1,104 @@
+"""Membership fold and state-transition ids (pure)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared import events as ev
+from shared.config import NodeConfig, NodeCredentials
+from shared.membership import Pool, node_from, transition
+
+SEED = [NodeConfig(id="n1"), NodeConfig(id="n2")]
+
+
+def state(node_id: str, s: str, **kw) -> ev.NodeStateChangedV1:
+    return ev.NodeStateChangedV1(event_id=f"{node_id}-{s}", node_id=node_id, state=s, **kw)
+
+
+def test_config_seeds_and_events_apply_in_order():
+    pool = Pool(SEED)
+    pool.apply(5, state("n1", "drained"))
+    pool.apply(6, state("n3", "added", dicom_port=5000, ae_title="N3", rest_url="http://127.0.0.1:9"))
+    pool.apply(7, state("n2", "down"))
+    pool.apply(8, state("n2", "removed"))
+    assert [m.node.id for m in pool.active()] == ["n1", "n3"]
+    assert pool.get("n1").state == "drained" and pool.get("n2").state == "removed"
+    assert pool.get("n3").node.dicom_port == 5000 and pool.get("n3").node.ae_title == "N3"
+    assert pool.last_seq == 8 and pool.get("n1").last_seq == 5
+    pool.apply(9, state("n1", "undrained"))
+    pool.apply(10, state("n2", "added"))
+    assert pool.get("n1").state == "active" and pool.get("n2").state == "active"
+
+
+def test_unknown_node_or_state_is_ignored():
+    pool = Pool(SEED)
+    assert pool.apply(3, state("ghost", "drained")) is None
+    assert pool.apply(4, state("n1", "exploded")) is None
+    assert pool.get("n1").state == "active"
+
+
+def test_transition_ids_are_one_per_transition():
+    pool = Pool(SEED)
+    m = pool.get("n1")
+    first = transition(m, "n1", "down", "missed heartbeats")
+    # Two replicas seeing the same log publish the same fact.
+    assert transition(m, "n1", "down", "other words").event_id == first.event_id
+    pool.apply(11, first)
+    pool.apply(12, transition(m, "n1", "up"))
+    assert transition(m, "n1", "down").event_id != first.event_id
+
+
+def test_added_event_carries_the_node_address():
+    node = NodeConfig(id="n9", host="10.0.0.9", dicom_port=104, ae_title="N9", rest_url="http://10.0.0.9:8042",
+                      username="u", password="p")
+    event = transition(None, "n9", "added", node=node)
+    # Everything but the password, which comes from config.
+    assert node_from(event, credentials=NodeCredentials(password="p")) == node
+
+
+@given(st.lists(st.tuples(st.sampled_from(["n1", "n2", "n3"]),
+                          st.sampled_from(["added", "drained", "undrained", "removed", "down", "up"])), max_size=30))
+def test_replaying_the_same_log_gives_the_same_pool(log):
+    def fold():
+        pool = Pool(SEED)
+        for seq, (node_id, s) in enumerate(log, start=1):
+            pool.apply(seq, state(node_id, s))
+        return {k: (m.state, m.last_seq) for k, m in pool.members.items()}
+
+    assert fold() == fold()
+
+
+def test_affinity_cache_stays_bounded():
+    import asyncio
+
+    from services.scheduler import Affinity
+
+    class NoKV:  # only the cache is exercised: every study is already cached
+        pass
+
+    aff = Affinity(NoKV())
+    aff.CACHE_SIZE = 3
+    for i in range(5):
+        aff._remember(f"s{i}", ("n1", i))
+    assert list(aff.cache) == ["s2", "s3", "s4"]
+    assert asyncio.run(aff.get("s2")) == ("n1", 2)
+    aff._remember("s5", ("n2", 5))
+    assert list(aff.cache) == ["s4", "s2", "s5"]
+    aff.forget_node("n1")
+    assert list(aff.cache) == ["s5"]
+
+
+def test_added_node_event_carries_no_password_and_config_supplies_it():
+    node = NodeConfig(id="n9", dicom_port=5009, ae_title="N9", rest_url="http://127.0.0.1:9", password="s3cret-pw")
+    event = transition(None, "n9", "added", "cli", node)
+    assert b"s3cret-pw" not in ev.encode(event)
+    pool = Pool(SEED, NodeCredentials(username="ops", password="from-config"))
+    pool.apply(1, event)
+    added = pool.get("n9").node
+    assert added.password == "from-config" and added.dicom_port == 5009
+    # A seeded node re-added keeps its configured password.
+    seeded = Pool([NodeConfig(id="n1", password="seeded-pw")])
+    seeded.apply(1, state("n1", "removed"))
+    seeded.apply(2, state("n1", "added", dicom_port=6000))
+    assert seeded.get("n1").node.password == "seeded-pw"
