@@ -16,6 +16,8 @@ from prometheus_client import Counter, Gauge
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from services.probe.store import ProbeStore
+from services.probe.verify import Verifier
 from shared import events as ev
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config, NodeConfig
@@ -88,7 +90,14 @@ async def main(cfg: Config) -> None:
                          registry=svc.registry)
         beats = Counter("switchyard_probe_heartbeats", "Heartbeats published", ["node"], registry=svc.registry)
         tasks = [asyncio.create_task(watch(cfg, n, svc.bus, up_gauge, beats, svc.stop)) for n in cfg.nodes]
+        store = ProbeStore(cfg.probe.db_path)
+        svc.stack.callback(store.close)
+        verifier = Verifier(cfg, store, svc.bus, svc.registry)
+        follower = asyncio.create_task(verifier.follow_log(svc.stop))
+        tasks += [follower] + [asyncio.create_task(verifier.watch(n, svc.stop)) for n in cfg.nodes]
         svc.serve_metrics(cfg.probe.metrics_port)
         log.info("watching nodes %s every %.1fs", ", ".join(n.id for n in cfg.nodes), cfg.probe.interval_s)
-        await svc.stop.wait()
+        await asyncio.wait([follower, asyncio.create_task(svc.stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        svc.stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await follower  # re-raises a store failure, so the process exits non-zero
