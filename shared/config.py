@@ -111,6 +111,14 @@ class ProbeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # How often each node's /changes is polled, and how many changes per request.
     changes_interval_s: float = 0.5
     changes_limit: int = 200
+    # PACS front door: a Query/Retrieve SCP answered from the probe's own projection of
+    # the log (a CatalogStore in its own file) with the bytes from the blob store.
+    qr_port: int = 11113
+    qr_host: str = "127.0.0.1"
+    qr_ae_title: str = "SWITCHYARD_QR"
+    catalog_db_path: str = "var/probe-catalog.duckdb"
+    # C-MOVE destinations the front door knows, each "AE_TITLE@host:port".
+    move_destinations: list[str] = []
 
 
 class CatalogConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

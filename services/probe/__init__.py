@@ -16,9 +16,12 @@ from prometheus_client import Counter, Gauge
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from services.catalog.projection import CatalogStore
+from services.probe import qr
 from services.probe.store import ProbeStore
 from services.probe.verify import Verifier
 from shared import events as ev
+from shared.blobs import open_blob_store
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config, NodeConfig
 from shared.dimse import NODELAY_HANDLER
@@ -84,6 +87,13 @@ async def watch(cfg: Config, node: NodeConfig, bus: Bus, up_gauge: Gauge, beats:
         await wait_or_stop(stop, max(0.0, pcfg.interval_s - (time.monotonic() - started)))
 
 
+async def project(bus: Bus, store: CatalogStore, stop: asyncio.Event) -> None:
+    """The front door's own projection of the log (same tables as the catalog, own file)."""
+    start = await asyncio.to_thread(store.last_seq)
+    async for batch in bus.follow_batches(start + 1, 512, 0.2, stop):
+        await asyncio.to_thread(store.apply, [(d.seq, d.event) for d in batch])
+
+
 async def main(cfg: Config) -> None:
     async with running_service("probe", cfg) as svc:
         up_gauge = Gauge("switchyard_probe_node_up", "1 when the node answered REST and C-ECHO", ["node"],
@@ -95,9 +105,18 @@ async def main(cfg: Config) -> None:
         verifier = Verifier(cfg, store, svc.bus, svc.registry)
         follower = asyncio.create_task(verifier.follow_log(svc.stop))
         tasks += [follower] + [asyncio.create_task(verifier.watch(n, svc.stop)) for n in cfg.nodes]
+        catalog = CatalogStore(cfg.probe.catalog_db_path)
+        svc.stack.callback(catalog.close)
+        projector = asyncio.create_task(project(svc.bus, catalog, svc.stop))
+        tasks.append(projector)
+        server, _ = qr.start(cfg, catalog, open_blob_store(cfg.blobs))
+        svc.stack.callback(server.shutdown)
+        log.info("Q/R SCP %s on %s:%d", cfg.probe.qr_ae_title, cfg.probe.qr_host, cfg.probe.qr_port)
         svc.serve_metrics(cfg.probe.metrics_port)
         log.info("watching nodes %s every %.1fs", ", ".join(n.id for n in cfg.nodes), cfg.probe.interval_s)
-        await asyncio.wait([follower, asyncio.create_task(svc.stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([follower, projector, asyncio.create_task(svc.stop.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
         svc.stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await follower  # re-raises a store failure, so the process exits non-zero
+        await projector
