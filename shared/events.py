@@ -146,6 +146,9 @@ class NodeHeartbeatV1(Event, tag="node.heartbeat.v1"):
     disk_free_bytes: int | None = None
     cpu_percent: float | None = None
     rtt_ms: float | None = None
+    # Orthanc version (/system) and its Prometheus samples (/tools/metrics-prometheus), when exposed.
+    version: str = ""
+    metrics: dict[str, float] = {}
 
 
 class NodeStateChangedV1(Event, tag="node.state_changed.v1"):

@@ -18,6 +18,7 @@ from pynetdicom.sop_class import Verification
 
 from services.catalog.projection import CatalogStore
 from services.probe import qr
+from services.probe.health import enrich
 from services.probe.store import ProbeStore
 from services.probe.verify import Verifier
 from shared import events as ev
@@ -60,11 +61,13 @@ def observe(node: NodeConfig, calling_ae: str, timeout: float) -> ev.NodeHeartbe
         return ev.NodeHeartbeatV1(event_id=event_id, occurred_at=now, node_id=node.id, up=False,
                                   error=f"REST: {exc}")
     rtt = echo_rtt_ms(node, calling_ae, timeout)
+    extra = enrich(client)
     return ev.NodeHeartbeatV1(
         event_id=event_id, occurred_at=now, node_id=node.id, up=rtt is not None,
         error="" if rtt is not None else "C-ECHO failed",
         pending_jobs=pending, instance_count=int(stats.get("CountInstances", 0)),
         disk_used_bytes=int(stats.get("TotalDiskSize", 0)), rtt_ms=None if rtt is None else round(rtt, 3),
+        **extra,
     )
 
 

@@ -46,3 +46,10 @@ def test_keys_below_the_level_do_not_match_and_sql_wildcards_are_escaped():
     assert params == ["A_B%"] and "patient_id = ?" in sql
     sql, params = where_clause(ident(PatientID="A_B*"), "PATIENT")
     assert params == ["A\\_B%"]
+
+
+def test_prometheus_text_parsing_keeps_plain_samples():
+    from services.probe.health import parse_prometheus
+
+    text = "# HELP x\northanc_count_instances 12 1795319964864\nfoo{a=\"b\"} 3\nbad line\nup 1\nnan_one x\n"
+    assert parse_prometheus(text) == {"orthanc_count_instances": 12.0, "up": 1.0}
