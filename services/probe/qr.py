@@ -14,6 +14,7 @@ failure status.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -185,7 +186,7 @@ def answer(identifier: Dataset, level: str, row: dict) -> Dataset:
 class BlobInstance(Dataset):
     """Stands in for a dataset in C-MOVE/C-GET: sent from its blob file, never decoded."""
 
-    def __init__(self, sop_uid: str, sop_class: str, transfer_syntax: str, path: Path) -> None:
+    def __init__(self, sop_uid: str, sop_class: str, transfer_syntax: str, path: Path | None) -> None:
         super().__init__()
         self.SOPInstanceUID = sop_uid
         self.SOPClassUID = sop_class
@@ -200,6 +201,9 @@ def _send_blob_files(event: evt.Event) -> None:
 
     def send_c_store(dataset, *args, **kwargs):
         if isinstance(dataset, BlobInstance):
+            if dataset._blob_path is None:
+                # pynetdicom counts the exception as this sub-operation's failure.
+                raise FileNotFoundError(f"no blob for {dataset.SOPInstanceUID}")
             as_stored = any(cx.abstract_syntax == dataset.SOPClassUID and cx.transfer_syntax[0] == dataset._blob_ts
                             and cx.as_scu for cx in assoc.accepted_contexts)
             # As stored when the peer accepted that transfer syntax; otherwise decoded, so
@@ -232,8 +236,14 @@ class FrontDoor:
         path = self.blobs.local_path(blob_key)
         if path is not None:
             return path
-        dest = Path(tempfile.mkstemp(dir=self.scratch, suffix=".dcm")[1])
-        self.blobs.get_file(blob_key, dest)
+        fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".dcm")
+        os.close(fd)
+        dest = Path(name)
+        try:
+            self.blobs.get_file(blob_key, dest)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
         return dest
 
     # -- handlers (pynetdicom threads; never raise) ----------------------------
@@ -271,11 +281,8 @@ class FrontDoor:
                 path = self.blob_file(blob_key)
             except Exception as exc:  # noqa: BLE001 - one missing blob fails one sub-operation
                 log.warning("blob for %s not readable: %s", sop, exc)
-                failed = Dataset()
-                failed.FailedSOPInstanceUIDList = sop
-                yield 0xB000, failed
-                continue
-            if path.parent == self.scratch:
+                path = None
+            if path is not None and path.parent == self.scratch:
                 temps.append(path)
             yield 0xFF00, BlobInstance(sop, sop_class, ts, path)
 

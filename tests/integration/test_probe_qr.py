@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -167,3 +168,29 @@ def test_move_to_a_known_destination_and_refuse_an_unknown_one(stack, corpus, st
                     "-k", f"StudyInstanceUID={study_uid}")
     assert refused(unknown, 0xA801, "MoveDestinationUnknown")
     assert len(storescp.received()) == len(originals)
+
+
+def test_a_missing_blob_fails_only_its_own_sub_operation(stack, corpus, tmp_path):
+    from tests.integration.test_probe_verify import log_events
+    from shared import events as ev
+
+    files, index, headers, acc = corpus
+    study_uid = list(index)[1]
+    lost_sop = index[study_uid][0]
+    (received,) = [e for e in log_events(stack, ev.InstanceReceivedV1) if e.sop_instance_uid == lost_sop]
+    blob = Path(stack.cfg.blobs.path) / received.blob_key
+    aside = tmp_path / "aside"
+    blob.rename(aside)
+    try:
+        out = tmp_path / "get"
+        out.mkdir()
+        result = dcmtk(stack, "getscu", "-S", "-v", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
+                       "-k", f"StudyInstanceUID={study_uid}")
+    finally:
+        aside.rename(blob)
+    originals = [f for f, h in headers.items()
+                 if str(h.StudyInstanceUID) == study_uid and str(h.SOPInstanceUID) != lost_sop]
+    assert identical(sorted(out.iterdir()), originals)
+    text = (result.stdout + result.stderr).lower()
+    assert re.search(r"number of completed suboperations\s*:\s*3", text), text[-1500:]
+    assert re.search(r"number of failed suboperations\s*:\s*1", text), text[-1500:]
