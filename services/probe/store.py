@@ -109,6 +109,10 @@ class ProbeStore:
     def record_changes(self, node_id: str, seen: list[tuple[str, str, int]], last_change: int) -> None:
         """Instances (sop uid, orthanc id, change seq) seen on a node, with the node's new cursor."""
         def write(con):
+            row = con.execute("SELECT last_change FROM node_cursor WHERE node_id = ?", [node_id]).fetchone()
+            if row is not None and last_change < row[0]:
+                # The node's change log went backwards: a new database. What it showed before is gone.
+                con.execute("DELETE FROM seen WHERE node_id = ?", [node_id])
             for sop, orthanc_id, change in seen:
                 con.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)", [node_id, sop, orthanc_id, change])
             con.execute("INSERT OR REPLACE INTO node_cursor VALUES (?, ?)", [node_id, last_change])
@@ -172,11 +176,15 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
                     "SELECT dataset_digest FROM placements WHERE placement_id = ?", [event.placement_id]
                 ).fetchone()
                 if placed is not None:
+                    # The expectation carries the digest from here on.
+                    con.execute("DELETE FROM placements WHERE placement_id = ?", [event.placement_id])
                     con.execute(
                         "INSERT OR REPLACE INTO expected VALUES (?, ?, ?, ?, ?, ?, 'pending', '')",
                         [event.node_id, event.sop_instance_uid, event.study_instance_uid, event.placement_id,
                          placed[0], _utc(event.occurred_at)],
                     )
+            case ev.InstanceDeadLetteredV1():
+                con.execute("DELETE FROM placements WHERE placement_id = ?", [event.placement_id])
             case ev.InstanceVerifiedV1() if event.placement_id:
                 _settle(con, event.node_id, event.sop_instance_uid, event.placement_id, "verified", "")
             case ev.InstanceVerificationFailedV1():

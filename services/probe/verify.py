@@ -52,6 +52,10 @@ def judge(client: OrthancClient, item: Expected) -> tuple[bool, str, str]:
     try:
         data = client.get_bytes(f"/instances/{item.orthanc_id}/file")
         found = dataset_bytes_digest(data)
+    except OrthancError as exc:
+        if "HTTP 404" not in str(exc):
+            raise  # the node is not answering: judge later
+        return False, "", "instance no longer on the node"
     except (NotDicom, ValueError) as exc:
         return False, "", f"stored file is not DICOM: {exc}"
     if found != item.dataset_digest:

@@ -97,3 +97,26 @@ def msgspec_replace(event, **changes):
     import msgspec
 
     return msgspec.structs.replace(event, **changes)
+
+
+def test_a_node_whose_change_log_restarts_forgets_what_it_showed(tmp_path):
+    store = ProbeStore(tmp_path / "p.duckdb")
+    p = placed("1.1")
+    store.apply([(1, p), (2, forwarded(p))])
+    store.record_changes("node1", [("1.1", "old-id", 40)], 40)
+    assert len(store.ready_to_check("node1")) == 1
+    store.record_changes("node1", [], 0)  # a new database behind the same node
+    assert store.ready_to_check("node1") == [] and store.node_cursor("node1") == 0
+    store.record_changes("node1", [("1.1", "new-id", 1)], 1)
+    (item,) = store.ready_to_check("node1")
+    assert item.orthanc_id == "new-id"
+
+
+def test_forwarded_and_dead_lettered_placements_are_not_kept(tmp_path):
+    store = ProbeStore(tmp_path / "p.duckdb")
+    a, b = placed("1.1"), placed("1.2")
+    dead = ev.InstanceDeadLetteredV1(event_id="d", sop_instance_uid="1.2", study_instance_uid="1.2",
+                                     node_id="node1", placement_id=b.event_id, reason="refused")
+    store.apply([(1, a), (2, b), (3, forwarded(a)), (4, dead)])
+    assert store.con.execute("SELECT count(*) FROM placements").fetchone() == (0,)
+    assert store.states() == {("node1", "1.1"): "pending"}
