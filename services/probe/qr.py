@@ -350,6 +350,7 @@ def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[object, F
                       PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelFind,
                       StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet):
         ae.add_supported_context(sop_class)
+    ae.add_supported_context(Verification)  # C-ECHO, answered by pynetdicom
     # C-GET sends on the requestor's association: accept its storage contexts in the SCP role.
     # The acceptor picks the first of its own syntaxes the peer proposed: prefer explicit
     # VR little endian, the syntax modalities send most, so most blobs go out as stored.
