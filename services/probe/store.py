@@ -144,6 +144,11 @@ class ProbeStore:
         """Close one expectation (verified | failed) once its event is published."""
         self._tx(_settle, node_id, sop_instance_uid, placement_id, state, detail)
 
+    def settle_many(self, outcomes: list[tuple[str, str, str, str, str]]) -> None:
+        """Close many expectations in one transaction: (node, sop, placement, state, detail)."""
+        if outcomes:
+            self._tx(lambda con: [_settle(con, *o) for o in outcomes])
+
     def states(self) -> dict[tuple[str, str], str]:
         with self.lock:
             rows = self.con.execute("SELECT node_id, sop_instance_uid, state FROM expected").fetchall()

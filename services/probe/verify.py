@@ -119,22 +119,27 @@ class Verifier:
                 await asyncio.to_thread(self.store.record_changes, node.id, seen, last)
                 self.changes.labels(node=node.id).inc(len(seen))
             since = last
-        for item in await asyncio.to_thread(self.store.ready_to_check, node.id):
-            ok, found, reason = await asyncio.to_thread(judge, client, item)
-            if ok:
-                await self.publish(verified_event(item, found), item, "verified", "")
-            else:
+        settled: list[tuple[str, str, str, str, str]] = []
+        try:
+            for item in await asyncio.to_thread(self.store.ready_to_check, node.id):
+                ok, found, reason = await asyncio.to_thread(judge, client, item)
+                if ok:
+                    await self.publish(verified_event(item, found), item, "verified", "", settled)
+                else:
+                    log.warning("instance %s on %s failed verification: %s", item.sop_instance_uid, node.id, reason)
+                    await self.publish(failed_event(item, reason, found), item, "failed", reason, settled)
+            # Judged only now, after a complete read of the node's changes.
+            for item in await asyncio.to_thread(self.store.overdue, node.id, ev.utcnow(), pcfg.verify_deadline_s):
+                reason = f"not seen on the node within {pcfg.verify_deadline_s:g}s"
                 log.warning("instance %s on %s failed verification: %s", item.sop_instance_uid, node.id, reason)
-                await self.publish(failed_event(item, reason, found), item, "failed", reason)
-        # Judged only now, after a complete read of the node's changes.
-        for item in await asyncio.to_thread(self.store.overdue, node.id, ev.utcnow(), pcfg.verify_deadline_s):
-            reason = f"not seen on the node within {pcfg.verify_deadline_s:g}s"
-            log.warning("instance %s on %s failed verification: %s", item.sop_instance_uid, node.id, reason)
-            await self.publish(failed_event(item, reason), item, "failed", reason)
+                await self.publish(failed_event(item, reason), item, "failed", reason, settled)
+        finally:
+            # One transaction for the whole poll, and only for outcomes already recorded on the log.
+            await asyncio.to_thread(self.store.settle_many, settled)
 
-    async def publish(self, event: ev.Event, item: Expected, state: str, detail: str) -> None:
+    async def publish(self, event: ev.Event, item: Expected, state: str, detail: str,
+                      settled: list[tuple[str, str, str, str, str]]) -> None:
         """Publish first, then settle: a crash in between re-publishes the same id (deduplicated)."""
         await self.bus.publish(event)
-        await asyncio.to_thread(self.store.settle, item.node_id, item.sop_instance_uid, item.placement_id,
-                                state, detail)
+        settled.append((item.node_id, item.sop_instance_uid, item.placement_id, state, detail))
         self.outcomes.labels(node=item.node_id, outcome=state).inc()
