@@ -78,6 +78,8 @@ def subject_for(event: ev.Event) -> str:
             return SUBJECT_DEAD_LETTERED
         case ev.InstanceVerifiedV1(node_id=node):
             return f"dicom.instance.verified.{node_token(node)}"
+        case ev.InstanceVerificationFailedV1(node_id=node):
+            return f"dicom.instance.verification_failed.{node_token(node)}"
         case ev.NodeHeartbeatV1(node_id=node):
             return f"node.heartbeat.{node_token(node)}"
         case ev.NodeStateChangedV1(node_id=node):

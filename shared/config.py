@@ -127,6 +127,21 @@ class ProbeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ae_title: str = "SWITCHYARD"
     interval_s: float = 1.0
     timeout_s: float = 2.0
+    # The probe's own DuckDB store: what was forwarded where, each node's /changes cursor.
+    db_path: str = "var/probe.duckdb"
+    # A forwarded instance not seen on its node within this many seconds fails verification.
+    verify_deadline_s: float = 60.0
+    # How often each node's /changes is polled, and how many changes per request.
+    changes_interval_s: float = 0.5
+    changes_limit: int = 200
+    # PACS front door: a Query/Retrieve SCP answered from the probe's own projection of
+    # the log (a CatalogStore in its own file) with the bytes from the blob store.
+    qr_port: int = 11113
+    qr_host: str = "127.0.0.1"
+    qr_ae_title: str = "SWITCHYARD_QR"
+    catalog_db_path: str = "var/probe-catalog.duckdb"
+    # C-MOVE destinations the front door knows, each "AE_TITLE@host:port".
+    move_destinations: list[str] = []
 
 
 class CatalogConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

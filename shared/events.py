@@ -126,6 +126,21 @@ class InstanceVerifiedV1(Event, tag="instance.verified.v1"):
     sop_instance_uid: str
     node_id: str
     dataset_digest: str
+    study_instance_uid: str = ""
+    placement_id: str = ""
+
+
+class InstanceVerificationFailedV1(Event, tag="instance.verification_failed.v1"):
+    """The probe could not confirm a forwarded instance on its node: the
+    delivery failed (reason: not seen before the deadline, or digest mismatch)."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    node_id: str
+    placement_id: str
+    reason: str
+    expected_digest: str = ""
+    found_digest: str = ""
 
 
 class NodeHeartbeatV1(Event, tag="node.heartbeat.v1"):
@@ -140,6 +155,9 @@ class NodeHeartbeatV1(Event, tag="node.heartbeat.v1"):
     disk_free_bytes: int | None = None
     cpu_percent: float | None = None
     rtt_ms: float | None = None
+    # Orthanc version (/system) and its Prometheus samples (/tools/metrics-prometheus), when exposed.
+    version: str = ""
+    metrics: dict[str, float] = {}
 
 
 class NodeStateChangedV1(Event, tag="node.state_changed.v1"):
@@ -167,6 +185,7 @@ AnyEvent = (
     | InstanceVerifiedV1
     | NodeHeartbeatV1
     | NodeStateChangedV1
+    | InstanceVerificationFailedV1
 )
 
 _encoder = msgspec.json.Encoder()

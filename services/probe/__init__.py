@@ -16,8 +16,14 @@ from prometheus_client import Counter, Gauge
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from services.catalog.projection import CatalogStore
+from services.probe import qr
+from services.probe.health import enrich
+from services.probe.store import ProbeStore
+from services.probe.verify import Verifier
 from shared import events as ev
 from shared import membership
+from shared.blobs import open_blob_store
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config, NodeConfig
 from shared.dimse import NODELAY_HANDLER
@@ -56,11 +62,13 @@ def observe(node: NodeConfig, calling_ae: str, timeout: float) -> ev.NodeHeartbe
         return ev.NodeHeartbeatV1(event_id=event_id, occurred_at=now, node_id=node.id, up=False,
                                   error=f"REST: {exc}")
     rtt = echo_rtt_ms(node, calling_ae, timeout)
+    extra = enrich(client)
     return ev.NodeHeartbeatV1(
         event_id=event_id, occurred_at=now, node_id=node.id, up=rtt is not None,
         error="" if rtt is not None else "C-ECHO failed",
         pending_jobs=pending, instance_count=int(stats.get("CountInstances", 0)),
         disk_used_bytes=int(stats.get("TotalDiskSize", 0)), rtt_ms=None if rtt is None else round(rtt, 3),
+        **extra,
     )
 
 
@@ -89,6 +97,13 @@ async def watch(cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gaug
         await wait_or_stop(stop, max(0.0, pcfg.interval_s - (time.monotonic() - started)))
 
 
+async def project(bus: Bus, store: CatalogStore, stop: asyncio.Event) -> None:
+    """The front door's own projection of the log (same tables as the catalog, own file)."""
+    start = await asyncio.to_thread(store.last_seq)
+    async for batch in bus.follow_batches(start + 1, 512, 0.2, stop):
+        await asyncio.to_thread(store.apply, [(d.seq, d.event) for d in batch])
+
+
 async def main(cfg: Config) -> None:
     async with running_service("probe", cfg) as svc:
         up_gauge = Gauge("switchyard_probe_node_up", "1 when the node answered REST and C-ECHO", ["node"],
@@ -96,19 +111,36 @@ async def main(cfg: Config) -> None:
         beats = Counter("switchyard_probe_heartbeats", "Heartbeats published", ["node"], registry=svc.registry)
         # Nodes come from the log (config seeds them): nodes added at run time are watched too.
         pool = await membership.load(svc.bus, cfg.nodes, cfg.node_credentials)
-        tasks: dict[str, asyncio.Task] = {}
+        store = ProbeStore(cfg.probe.db_path)
+        svc.stack.callback(store.close)
+        verifier = Verifier(cfg, store, svc.bus, svc.registry)
+        watches: dict[str, asyncio.Task] = {}
+        verifies: dict[str, asyncio.Task] = {}
 
         def ensure_watch(member: membership.Member, _event=None) -> None:
-            task = tasks.get(member.node.id)
-            if not member.removed and (task is None or task.done()):
-                tasks[member.node.id] = asyncio.create_task(watch(cfg, member, svc.bus, up_gauge, beats, svc.stop),
-                                                              name=f"watch-{member.node.id}")
+            node_id = member.node.id
+            if member.removed:
+                return
+            task = watches.get(node_id)
+            if task is None or task.done():
+                watches[node_id] = asyncio.create_task(watch(cfg, member, svc.bus, up_gauge, beats, svc.stop),
+                                                       name=f"watch-{node_id}")
+            if node_id not in verifies:
+                verifies[node_id] = asyncio.create_task(verifier.watch(member.node, svc.stop),
+                                                        name=f"verify-{node_id}")
 
         for member in pool.active():
             ensure_watch(member)
-        follower = asyncio.create_task(membership.follow(svc.bus, pool, svc.stop, ensure_watch))
+        follower = asyncio.create_task(membership.follow(svc.bus, pool, svc.stop, ensure_watch), name="membership")
+        log_follower = asyncio.create_task(verifier.follow_log(svc.stop), name="verify-log")
+        catalog = CatalogStore(cfg.probe.catalog_db_path)
+        svc.stack.callback(catalog.close)
+        projector = asyncio.create_task(project(svc.bus, catalog, svc.stop), name="qr-projection")
+        server, _ = qr.start(cfg, catalog, open_blob_store(cfg.blobs))
+        svc.stack.callback(server.shutdown)
+        log.info("Q/R SCP %s on %s:%d", cfg.probe.qr_ae_title, cfg.probe.qr_host, cfg.probe.qr_port)
         svc.serve_metrics(cfg.probe.metrics_port)
         log.info("watching nodes %s every %.1fs", ", ".join(m.node.id for m in pool.active()), cfg.probe.interval_s)
-        # Watches end by themselves when their node is removed; the follower must not end.
-        await run_until_stopped(svc.stop, [follower])
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        # Heartbeat watches end by themselves when their node is removed; these must not end.
+        await run_until_stopped(svc.stop, [follower, log_follower, projector])
+        await asyncio.gather(*watches.values(), *verifies.values(), return_exceptions=True)

@@ -49,11 +49,12 @@ def study_rows(stack, study_uid: str) -> list[dict]:
 
 
 def all_forwarded(stack, studies: dict[str, list[Path]]) -> dict[str, list[dict]]:
-    """Catalog rows per study once every instance is forwarded, else {}."""
+    """Catalog rows per study once every instance is delivered (forwarded, or
+    already verified by the probe), else {}."""
     out = {}
     for study_uid, files in studies.items():
         rows = study_rows(stack, study_uid)
-        if len(rows) != len(files) or any(r["state"] != "forwarded" for r in rows):
+        if len(rows) != len(files) or any(r["state"] not in ("forwarded", "verified") for r in rows):
             return {}
         out[study_uid] = rows
     return out

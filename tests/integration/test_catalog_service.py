@@ -188,6 +188,10 @@ def test_rebuild_equals_the_live_store_and_swaps_in(routed, tmp_path, capsys):
     argv = ["--config", str(stack.config_path)]
     assert cli.main([*argv, "catalog", "rebuild"]) == 1  # refuses while the service holds the file
     assert "stop it" in capsys.readouterr().err
+    # The log must be quiet before the snapshot: the probe's verified events are
+    # the last facts about these instances.
+    wait_for(lambda: [r["state"] for r in stack.catalog("/api/instances")] == ["verified"] * 8, timeout=60,
+             what="every routed instance verified")
     stack.stop("catalog")
     live = dump_all(db)
     assert set(live) == {"events", "instances", "locations", "nodes", "projection_state"}

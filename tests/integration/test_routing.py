@@ -15,13 +15,14 @@ pytestmark = pytest.mark.integration
 
 
 def wait_delivered(stack, study_uid: str, expected: int, timeout: float = 60) -> list[dict]:
-    """Poll the catalog until every instance of the study is forwarded; explain a timeout."""
+    """Poll the catalog until every instance of the study is delivered; explain a timeout."""
     last: list[dict] = []
 
     def done() -> list[dict]:
         nonlocal last
         last = stack.catalog(f"/api/instances?study_uid={study_uid}")
-        return last if len(last) == expected and all(r["state"] == "forwarded" for r in last) else []
+        # The probe may already have verified them (read back from the node).
+        return last if len(last) == expected and all(r["state"] in ("forwarded", "verified") for r in last) else []
 
     try:
         return wait_for(done, timeout=timeout, what=f"study {study_uid} delivered")

@@ -1,0 +1,367 @@
+"""PACS front door: a Query/Retrieve SCP answered from the probe's projection of the log.
+
+C-FIND (Patient Root and Study Root, PATIENT / STUDY / SERIES / IMAGE) is
+answered from the ``instances`` table of a CatalogStore the probe keeps in its
+own file; C-MOVE (to configured destinations) and C-GET send the blob files as
+stored: straight from the file after its meta group
+(STORE_SEND_CHUNKED_DATASET), in the transfer syntax they were received in,
+so what leaves is byte-identical to what came in.
+
+Handlers run on pynetdicom threads and never raise: bad requests get a DICOM
+failure status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt, build_context
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from services.catalog.projection import CatalogStore
+from shared.blobs import BlobStore
+from shared.config import Config
+from shared.dimse import NODELAY_HANDLER
+
+log = logging.getLogger("switchyard.probe.qr")
+
+PATIENT_ROOT = {PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
+                PatientRootQueryRetrieveInformationModelMove}
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+# Keyword -> instances column, and the level from which it is a key of the answer.
+COLUMNS = {
+    "PatientID": ("patient_id", "PATIENT"),
+    "PatientName": ("patient_name", "PATIENT"),
+    "PatientBirthDate": ("patient_birth_date", "PATIENT"),
+    "StudyInstanceUID": ("study_instance_uid", "STUDY"),
+    "StudyDate": ("study_date", "STUDY"),
+    "AccessionNumber": ("accession_number", "STUDY"),
+    "StudyDescription": ("study_description", "STUDY"),
+    "SeriesInstanceUID": ("series_instance_uid", "SERIES"),
+    "Modality": ("modality", "SERIES"),
+    "SeriesNumber": ("series_number", "SERIES"),
+    "SOPInstanceUID": ("sop_instance_uid", "IMAGE"),
+    "SOPClassUID": ("sop_class_uid", "IMAGE"),
+    "InstanceNumber": ("instance_number", "IMAGE"),
+}
+# The unique key of each level: one answer per distinct value.
+UNIQUE = {"PATIENT": "patient_id", "STUDY": "study_instance_uid", "SERIES": "series_instance_uid",
+          "IMAGE": "sop_instance_uid"}
+UID_KEYS = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"}
+
+# C-FIND / C-MOVE / C-GET failure statuses.
+IDENTIFIER_MISMATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+MOVE_DESTINATION_UNKNOWN = 0xA801
+
+
+class BadQuery(ValueError):
+    """The identifier cannot be answered (status and reason for the peer)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def level_of(identifier: Dataset, sop_class: str) -> str:
+    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    if level not in LEVELS:
+        raise BadQuery(IDENTIFIER_MISMATCH, f"unknown QueryRetrieveLevel {level!r}")
+    if level == "PATIENT" and sop_class not in PATIENT_ROOT:
+        raise BadQuery(IDENTIFIER_MISMATCH, "PATIENT level is not in the Study Root model")
+    return level
+
+
+def _like(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def where_clause(identifier: Dataset, level: str) -> tuple[str, list[str]]:
+    """SQL conditions for the matching keys (single value, wildcard, UID list, date range)."""
+    conds: list[str] = []
+    params: list[str] = []
+    depth = LEVELS.index(level)
+    for keyword, (column, key_level) in COLUMNS.items():
+        if keyword not in identifier or LEVELS.index(key_level) > depth:
+            continue
+        raw = identifier[keyword].value
+        if isinstance(raw, (list, MultiValue)):  # a UID list arrives multi-valued
+            raw = "\\".join(str(v) for v in raw)
+        value = "" if raw is None else str(raw).strip()
+        if not value or value == "*":
+            continue
+        if keyword in UID_KEYS:
+            uids = [u.strip() for u in value.split("\\") if u.strip()]
+            conds.append(f"{column} IN ({', '.join('?' * len(uids))})")
+            params += uids
+        elif keyword in ("StudyDate", "PatientBirthDate") and "-" in value:
+            low, _, high = value.partition("-")
+            if low:
+                conds.append(f"{column} >= ?")
+                params.append(low)
+            if high:
+                conds.append(f"{column} <= ?")
+                params.append(high)
+        elif "*" in value or "?" in value:
+            conds.append(f"{column} LIKE ? ESCAPE '\\'")
+            params.append(_like(value))
+        else:
+            conds.append(f"{column} = ?")
+            params.append(value)
+    return (" AND ".join(conds) or "TRUE"), params
+
+
+def find(store: CatalogStore, identifier: Dataset, level: str) -> list[dict]:
+    """One row per distinct unique key of the level, with every column known at that level."""
+    where, params = where_clause(identifier, level)
+    depth = LEVELS.index(level)
+    cols = [c for c, lv in COLUMNS.values() if LEVELS.index(lv) <= depth]
+    key = UNIQUE[level]
+    select = ", ".join(f"any_value({c}) AS {c}" if c != key else c for c in cols)
+    sql = (f"SELECT {select}, string_agg(DISTINCT modality, '\\' ORDER BY modality) AS modalities,"
+           f" count(*) AS n FROM instances WHERE {where} GROUP BY {key} ORDER BY {key}")
+    cur = store.cursor()
+    try:
+        rel = cur.execute(sql, params)
+        names = [d[0] for d in rel.description]
+        return [dict(zip(names, row)) for row in rel.fetchall()]
+    finally:
+        cur.close()
+
+
+def instances(store: CatalogStore, identifier: Dataset, level: str) -> list[tuple[str, str, str, str]]:
+    """(sop uid, sop class, transfer syntax, blob key) of every instance under the matches."""
+    where, params = where_clause(identifier, level)
+    cur = store.cursor()
+    try:
+        return cur.execute(
+            "SELECT sop_instance_uid, sop_class_uid, transfer_syntax_uid, blob_key FROM instances"
+            f" WHERE {where} ORDER BY study_instance_uid, series_instance_uid, sop_instance_uid", params,
+        ).fetchall()
+    finally:
+        cur.close()
+
+
+def answer(identifier: Dataset, level: str, row: dict) -> Dataset:
+    """The requested keys: values we have, empty otherwise."""
+    out = Dataset()
+    for elem in identifier:
+        if elem.keyword == "QueryRetrieveLevel":
+            continue
+        if elem.keyword in COLUMNS and COLUMNS[elem.keyword][0] in row:
+            value = row[COLUMNS[elem.keyword][0]] or ""
+        elif elem.keyword == "ModalitiesInStudy" and level != "IMAGE":
+            value = row.get("modalities") or ""
+        elif elem.keyword in ("NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances",
+                              "NumberOfPatientRelatedInstances"):
+            value = str(row.get("n", ""))
+        else:
+            value = [] if elem.VR == "SQ" else None
+        out[elem.tag] = DataElement(elem.tag, elem.VR, value)
+    out.QueryRetrieveLevel = level
+    return out
+
+
+class BlobInstance(Dataset):
+    """Stands in for a dataset in C-MOVE/C-GET: sent from its blob file, never decoded."""
+
+    def __init__(self, sop_uid: str, sop_class: str, transfer_syntax: str, path: Path | None) -> None:
+        super().__init__()
+        self.SOPInstanceUID = sop_uid
+        self.SOPClassUID = sop_class
+        self._blob_ts = transfer_syntax
+        self._blob_path = path
+
+
+def _send_blob_files(event: evt.Event) -> None:
+    """Make this association send BlobInstances from their file (chunked, as stored)."""
+    assoc = event.assoc
+    original = assoc.send_c_store
+
+    def send_c_store(dataset, *args, **kwargs):
+        if isinstance(dataset, BlobInstance):
+            if dataset._blob_path is None:
+                # pynetdicom counts the exception as this sub-operation's failure.
+                raise FileNotFoundError(f"no blob for {dataset.SOPInstanceUID}")
+            as_stored = any(cx.abstract_syntax == dataset.SOPClassUID and cx.transfer_syntax[0] == dataset._blob_ts
+                            and cx.as_scu for cx in assoc.accepted_contexts)
+            # As stored when the peer accepted that transfer syntax; otherwise decoded, so
+            # pynetdicom can convert between the uncompressed little endian syntaxes.
+            dataset = dataset._blob_path if as_stored else dcmread(dataset._blob_path)
+        return original(dataset, *args, **kwargs)
+
+    assoc.send_c_store = send_c_store
+
+
+BLOB_SENDER = (evt.EVT_ESTABLISHED, _send_blob_files)
+
+
+@dataclass
+class FrontDoor:
+    cfg: Config
+    store: CatalogStore
+    blobs: BlobStore
+    scratch: Path
+
+    def destination(self, ae_title: str) -> tuple[str, int] | None:
+        for entry in self.cfg.probe.move_destinations:
+            ae, _, target = entry.partition("@")
+            if ae.strip() == ae_title.strip():
+                host, _, port = target.rpartition(":")
+                return host, int(port)
+        return None
+
+    def blob_file(self, blob_key: str) -> Path:
+        path = self.blobs.local_path(blob_key)
+        if path is not None:
+            return path
+        fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".dcm")
+        os.close(fd)
+        dest = Path(name)
+        try:
+            self.blobs.get_file(blob_key, dest)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+        return dest
+
+    # -- handlers (pynetdicom threads; never raise) ----------------------------
+
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        try:
+            identifier = event.identifier
+            level = level_of(identifier, event.request.AffectedSOPClassUID)
+            rows = find(self.store, identifier, level)
+        except BadQuery as exc:
+            log.info("C-FIND refused: %s", exc)
+            yield exc.status, None
+            return
+        except Exception:  # noqa: BLE001 - a handler answers, it never raises
+            log.exception("C-FIND failed")
+            yield UNABLE_TO_PROCESS, None
+            return
+        log.info("C-FIND at %s level: %d matches", level, len(rows))
+        for row in rows:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield 0xFF00, answer(identifier, level, row)
+
+    def _matches(self, event: evt.Event) -> list[tuple[str, str, str, str]]:
+        identifier = event.identifier
+        return instances(self.store, identifier, level_of(identifier, event.request.AffectedSOPClassUID))
+
+    def _sub_operations(self, event, matches, temps: list[Path]) -> Iterator[tuple[int, Dataset | None]]:
+        for sop, sop_class, ts, blob_key in matches:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            try:
+                path = self.blob_file(blob_key)
+            except Exception as exc:  # noqa: BLE001 - one missing blob fails one sub-operation
+                log.warning("blob for %s not readable: %s", sop, exc)
+                path = None
+            if path is not None and path.parent == self.scratch:
+                temps.append(path)
+            yield 0xFF00, BlobInstance(sop, sop_class, ts, path)
+
+    def _failure(self, what: str, event: evt.Event) -> tuple[int, str] | list:
+        """Matches for a retrieve, or (status, reason) when the identifier cannot be answered."""
+        try:
+            return self._matches(event)
+        except BadQuery as exc:
+            log.info("%s refused: %s", what, exc)
+            return exc.status, str(exc)
+        except Exception:  # noqa: BLE001 - a handler answers, it never raises
+            log.exception("%s failed", what)
+            return UNABLE_TO_PROCESS, "internal error"
+
+    def on_move(self, event: evt.Event):
+        dest = self.destination(str(event.move_destination))
+        if dest is None:
+            log.info("C-MOVE to unknown destination refused")
+            yield None, None  # pynetdicom answers 0xA801 Move destination unknown
+            return
+        matches = self._failure("C-MOVE", event)
+        handlers = [NODELAY_HANDLER, BLOB_SENDER]
+        if isinstance(matches, tuple):
+            # pynetdicom only reports a failure after the destination and one sub-operation.
+            yield dest[0], dest[1], {"contexts": [build_context(Verification)], "evt_handlers": handlers}
+            yield 1
+            yield matches[0], None
+            return
+        contexts = sorted({(c, ts) for _, c, ts, _ in matches})[:128]
+        yield dest[0], dest[1], {"contexts": [build_context(c, ts) for c, ts in contexts] or
+                                 [build_context(Verification)], "evt_handlers": handlers}
+        log.info("C-MOVE of %d instances to %s", len(matches), str(event.move_destination).strip())
+        yield len(matches)
+        yield from self._send(event, matches)
+
+    def on_get(self, event: evt.Event):
+        matches = self._failure("C-GET", event)
+        if isinstance(matches, tuple):
+            yield 1
+            yield matches[0], None
+            return
+        log.info("C-GET of %d instances", len(matches))
+        yield len(matches)
+        yield from self._send(event, matches)
+
+    def _send(self, event, matches):
+        temps: list[Path] = []
+        try:
+            yield from self._sub_operations(event, matches, temps)
+        finally:
+            for t in temps:
+                t.unlink(missing_ok=True)
+
+
+def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[object, FrontDoor]:
+    """Start the Q/R SCP (non-blocking). Returns the server (call .shutdown()) and the handlers."""
+    # The probe sends C-STOREs only from here, so the process-global flag is safe to set.
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    scratch = Path(cfg.probe.catalog_db_path).parent / "probe-qr-scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    door = FrontDoor(cfg, store, blobs, scratch)
+    ae = AE(ae_title=cfg.probe.qr_ae_title)
+    ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 30
+    for sop_class in (PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
+                      PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelFind,
+                      StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet):
+        ae.add_supported_context(sop_class)
+    ae.add_supported_context(Verification)  # C-ECHO, answered by pynetdicom
+    # C-GET sends on the requestor's association: accept its storage contexts in the SCP role.
+    # The acceptor picks the first of its own syntaxes the peer proposed: prefer explicit
+    # VR little endian, the syntax modalities send most, so most blobs go out as stored.
+    syntaxes = [ExplicitVRLittleEndian] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
+    for cx in StoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, syntaxes, scp_role=True, scu_role=False)
+    server = ae.start_server(
+        (cfg.probe.qr_host, cfg.probe.qr_port), block=False,
+        evt_handlers=[NODELAY_HANDLER, BLOB_SENDER, (evt.EVT_C_FIND, door.on_find),
+                      (evt.EVT_C_MOVE, door.on_move), (evt.EVT_C_GET, door.on_get)],
+    )
+    return server, door
+
+

@@ -1,0 +1,202 @@
+"""The probe's DuckDB store: what was forwarded where, and what each node holds.
+
+Two inputs, each with its own durable cursor written in the same transaction
+as the rows derived from it:
+
+- the event log (``projection_state``): placements give the digest recorded at
+  ingest, forwarded events make an instance *expected* on its node, and the
+  probe's own verified / verification-failed events close an expectation (so a
+  restarted probe never re-judges what it already published);
+- each node's Orthanc ``/changes`` feed (``node_cursor``): every NewInstance is
+  recorded in ``seen`` with its SOP Instance UID and Orthanc id.
+
+Verification joins the two: an expected instance that is seen on its node is
+read back and its dataset digest compared.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+
+from shared import events as ev
+
+NAME = "probe.verify"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS projection_state (name VARCHAR PRIMARY KEY, last_seq BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS placements (
+    placement_id VARCHAR PRIMARY KEY, sop_instance_uid VARCHAR, study_instance_uid VARCHAR,
+    node_id VARCHAR, dataset_digest VARCHAR
+);
+CREATE TABLE IF NOT EXISTS expected (
+    node_id VARCHAR, sop_instance_uid VARCHAR, study_instance_uid VARCHAR, placement_id VARCHAR,
+    dataset_digest VARCHAR, forwarded_at TIMESTAMP, state VARCHAR, detail VARCHAR,
+    PRIMARY KEY (node_id, sop_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS node_cursor (node_id VARCHAR PRIMARY KEY, last_change BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS seen (
+    node_id VARCHAR, sop_instance_uid VARCHAR, orthanc_id VARCHAR, change_seq BIGINT,
+    PRIMARY KEY (node_id, sop_instance_uid)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Expected:
+    node_id: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    placement_id: str
+    dataset_digest: str
+    forwarded_at: datetime
+    orthanc_id: str | None = None
+
+
+def _utc(at: datetime) -> datetime:
+    return at.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+class ProbeStore:
+    """One DuckDB file; every write is one transaction under the lock."""
+
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.con = duckdb.connect(str(path))
+        self.con.execute(SCHEMA)
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def _tx(self, fn, *args):
+        with self.lock:
+            self.con.execute("BEGIN")
+            try:
+                out = fn(self.con, *args)
+                self.con.execute("COMMIT")
+            except BaseException:
+                self.con.execute("ROLLBACK")
+                raise
+        return out
+
+    def last_seq(self) -> int:
+        with self.lock:
+            row = self.con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchone()
+        return row[0] if row else 0
+
+    def node_cursor(self, node_id: str) -> int:
+        with self.lock:
+            row = self.con.execute("SELECT last_change FROM node_cursor WHERE node_id = ?", [node_id]).fetchone()
+        return row[0] if row else 0
+
+    # -- the log ---------------------------------------------------------------
+
+    def apply(self, batch: Iterable[tuple[int, ev.AnyEvent]]) -> int:
+        """Apply log events in order with the new last_seq; idempotent on the sequence."""
+        batch = list(batch)
+        if not batch:
+            return 0
+        return self._tx(_apply_batch, batch)
+
+    # -- the nodes -------------------------------------------------------------
+
+    def record_changes(self, node_id: str, seen: list[tuple[str, str, int]], last_change: int) -> None:
+        """Instances (sop uid, orthanc id, change seq) seen on a node, with the node's new cursor."""
+        def write(con):
+            row = con.execute("SELECT last_change FROM node_cursor WHERE node_id = ?", [node_id]).fetchone()
+            if row is not None and last_change < row[0]:
+                # The node's change log went backwards: a new database. What it showed before is gone.
+                con.execute("DELETE FROM seen WHERE node_id = ?", [node_id])
+            for sop, orthanc_id, change in seen:
+                con.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)", [node_id, sop, orthanc_id, change])
+            con.execute("INSERT OR REPLACE INTO node_cursor VALUES (?, ?)", [node_id, last_change])
+        self._tx(write)
+
+    def ready_to_check(self, node_id: str) -> list[Expected]:
+        """Pending expectations on this node whose instance the node has shown."""
+        with self.lock:
+            rows = self.con.execute(
+                "SELECT e.node_id, e.sop_instance_uid, e.study_instance_uid, e.placement_id, e.dataset_digest,"
+                " e.forwarded_at, s.orthanc_id FROM expected e JOIN seen s USING (node_id, sop_instance_uid)"
+                " WHERE e.node_id = ? AND e.state = 'pending' ORDER BY e.forwarded_at", [node_id],
+            ).fetchall()
+        return [Expected(*r) for r in rows]
+
+    def overdue(self, node_id: str, now: datetime, deadline_s: float) -> list[Expected]:
+        """Pending expectations not seen on the node within the deadline."""
+        with self.lock:
+            rows = self.con.execute(
+                "SELECT e.node_id, e.sop_instance_uid, e.study_instance_uid, e.placement_id, e.dataset_digest,"
+                " e.forwarded_at FROM expected e ANTI JOIN seen s USING (node_id, sop_instance_uid)"
+                " WHERE e.node_id = ? AND e.state = 'pending'"
+                " AND e.forwarded_at + to_microseconds(CAST(? * 1000000 AS BIGINT)) < ?",
+                [node_id, deadline_s, _utc(now)],
+            ).fetchall()
+        return [Expected(*r) for r in rows]
+
+    def settle(self, node_id: str, sop_instance_uid: str, placement_id: str, state: str, detail: str = "") -> None:
+        """Close one expectation (verified | failed) once its event is published."""
+        self._tx(_settle, node_id, sop_instance_uid, placement_id, state, detail)
+
+    def settle_many(self, outcomes: list[tuple[str, str, str, str, str]]) -> None:
+        """Close many expectations in one transaction: (node, sop, placement, state, detail)."""
+        if outcomes:
+            self._tx(lambda con: [_settle(con, *o) for o in outcomes])
+
+    def states(self) -> dict[tuple[str, str], str]:
+        with self.lock:
+            rows = self.con.execute("SELECT node_id, sop_instance_uid, state FROM expected").fetchall()
+        return {(n, s): st for n, s, st in rows}
+
+
+def _settle(con, node_id: str, sop: str, placement_id: str, state: str, detail: str) -> None:
+    con.execute(
+        "UPDATE expected SET state = ?, detail = ? WHERE node_id = ? AND sop_instance_uid = ? AND placement_id = ?",
+        [state, detail, node_id, sop, placement_id],
+    )
+
+
+def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
+    row = con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchone()
+    last = row[0] if row else 0
+    applied = 0
+    for seq, event in batch:
+        if seq <= last:
+            continue
+        match event:
+            case ev.InstancePlacedV1():
+                con.execute(
+                    "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?, ?)",
+                    [event.event_id, event.sop_instance_uid, event.study_instance_uid, event.node_id,
+                     event.dataset_digest],
+                )
+            case ev.InstanceForwardedV1():
+                placed = con.execute(
+                    "SELECT dataset_digest FROM placements WHERE placement_id = ?", [event.placement_id]
+                ).fetchone()
+                if placed is not None:
+                    # The expectation carries the digest from here on.
+                    con.execute("DELETE FROM placements WHERE placement_id = ?", [event.placement_id])
+                    con.execute(
+                        "INSERT OR REPLACE INTO expected VALUES (?, ?, ?, ?, ?, ?, 'pending', '')",
+                        [event.node_id, event.sop_instance_uid, event.study_instance_uid, event.placement_id,
+                         placed[0], _utc(event.occurred_at)],
+                    )
+            case ev.InstanceDeadLetteredV1():
+                con.execute("DELETE FROM placements WHERE placement_id = ?", [event.placement_id])
+            case ev.InstanceVerifiedV1() if event.placement_id:
+                _settle(con, event.node_id, event.sop_instance_uid, event.placement_id, "verified", "")
+            case ev.InstanceVerificationFailedV1():
+                _settle(con, event.node_id, event.sop_instance_uid, event.placement_id, "failed", event.reason)
+            case _:
+                pass
+        last = seq
+        applied += 1
+    con.execute("INSERT OR REPLACE INTO projection_state VALUES (?, ?)", [NAME, last])
+    return applied

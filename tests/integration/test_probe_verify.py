@@ -1,0 +1,116 @@
+"""Verified delivery on real servers: the probe reads forwarded instances back from Orthanc."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pydicom
+import pytest
+
+from shared import events as ev
+from shared.bus import Bus
+from shared.corpus import corpus_index, generate_studies
+from shared.dicomfile import dataset_bytes_digest
+from tests.fixtures.util import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def log_events(stack, kind: type) -> list:
+    async def read():
+        bus = await Bus.connect(stack.cfg.nats, "test-reader")
+        try:
+            return [d.event async for d in bus.replay("dicom.instance.>") if isinstance(d.event, kind)]
+        finally:
+            await bus.close()
+
+    return asyncio.run(read())
+
+
+def verified_for(stack, sops: list[str]) -> dict[str, ev.InstanceVerifiedV1]:
+    found = {e.sop_instance_uid: e for e in log_events(stack, ev.InstanceVerifiedV1) if e.sop_instance_uid in sops}
+    return found if len(found) == len(sops) else {}
+
+
+def sop_of(path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_routed_instances_are_verified_against_the_ingest_digest(stack, live_nodes, tmp_path):
+    files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=2, instances_per_series=2, seed=5101)
+    (study_uid, sops), = corpus_index(files).items()
+    assert stack.send([tmp_path / "corpus"], extra=["+sd", "+r"]).returncode == 0
+
+    verified = wait_for(lambda: verified_for(stack, sops), timeout=60, what="every instance verified")
+    digests = {sop_of(f): dataset_bytes_digest(f.read_bytes()) for f in files}
+    forwarded = {e.sop_instance_uid: e for e in log_events(stack, ev.InstanceForwardedV1)
+                 if e.sop_instance_uid in sops}
+    for sop, v in verified.items():
+        assert v.dataset_digest == digests[sop]
+        assert (v.node_id, v.placement_id) == (forwarded[sop].node_id, forwarded[sop].placement_id)
+        assert v.study_instance_uid == study_uid
+        assert v.event_id == ev.fact_id("verified", v.node_id, sop, v.placement_id)
+    assert not [e for e in log_events(stack, ev.InstanceVerificationFailedV1) if e.sop_instance_uid in sops]
+    # The catalog follows the probe's verdict.
+    rows = wait_for(lambda: [r for r in stack.catalog(f"/api/instances?study_uid={study_uid}")
+                             if r["state"] == "verified"], timeout=20, what="catalog shows verified")
+    assert {r["sop_instance_uid"] for r in rows} == set(sops)
+
+
+def test_an_instance_whose_stored_bytes_differ_fails_verification(stack, live_nodes, tmp_path):
+    files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=2, seed=5102)
+    (study_uid, sops), = corpus_index(files).items()
+    tampered_file, clean_file = sorted(files)
+    tampered_sop, clean_sop = sop_of(tampered_file), sop_of(clean_file)
+    ds = pydicom.dcmread(tampered_file)
+    ds.StudyDescription = "altered before the forwarder got there"
+    altered = tmp_path / "altered.dcm"
+    ds.save_as(altered)
+    assert dataset_bytes_digest(altered.read_bytes()) != dataset_bytes_digest(tampered_file.read_bytes())
+    # The nodes keep what they got first (OverwriteInstances false): whichever node the
+    # study lands on already holds a different dataset under the same SOP Instance UID.
+    uploaded = [n.client.post_json("/instances", altered.read_bytes())["ID"] for n in live_nodes]
+    try:
+        assert stack.send([tmp_path / "corpus"], extra=["+sd", "+r"]).returncode == 0
+
+        def outcome():
+            failed = [e for e in log_events(stack, ev.InstanceVerificationFailedV1)
+                      if e.sop_instance_uid == tampered_sop]
+            return failed if failed and verified_for(stack, [clean_sop]) else None
+
+        (failed,) = wait_for(outcome, timeout=60, what="tampered instance judged")
+        assert failed.reason == "dataset digest mismatch"
+        assert failed.study_instance_uid == study_uid
+        assert failed.expected_digest == dataset_bytes_digest(tampered_file.read_bytes())
+        assert failed.found_digest == dataset_bytes_digest(altered.read_bytes())
+        (fwd,) = [e for e in log_events(stack, ev.InstanceForwardedV1) if e.sop_instance_uid == tampered_sop]
+        assert (failed.node_id, failed.placement_id) == (fwd.node_id, fwd.placement_id)
+        assert not verified_for(stack, [tampered_sop])
+    finally:
+        for node, orthanc_id in zip(live_nodes, uploaded):
+            node.client._request(f"/instances/{orthanc_id}", method="DELETE")
+
+
+def test_the_changes_cursor_survives_a_probe_restart(stack, live_nodes, tmp_path):
+    first = generate_studies(tmp_path / "a", studies=1, series_per_study=1, instances_per_series=3, seed=5103)
+    (_, first_sops), = corpus_index(first).items()
+    assert stack.send([tmp_path / "a"], extra=["+sd", "+r"]).returncode == 0
+    wait_for(lambda: verified_for(stack, first_sops), timeout=60, what="first study verified")
+
+    stack.stop("probe")
+    second = generate_studies(tmp_path / "b", studies=1, series_per_study=1, instances_per_series=2, seed=5104)
+    (_, second_sops), = corpus_index(second).items()
+    assert stack.send([tmp_path / "b"], extra=["+sd", "+r"]).returncode == 0
+    stack.start("probe")
+
+    wait_for(lambda: verified_for(stack, second_sops), timeout=60, what="second study verified after restart")
+    # The restarted probe read only the node changes after its stored cursor, and
+    # published nothing it had published before.
+    total = sum(stack.metric("probe", "switchyard_probe_changes_seen_total", f'node="{n.node.id}"') or 0
+                for n in live_nodes)
+    assert total == len(second_sops)
+    published = sum(stack.metric("probe", "switchyard_probe_verifications_total",
+                                 f'node="{n.node.id}",outcome="verified"') or 0 for n in live_nodes)
+    assert published == len(second_sops)
+    verified = [e for e in log_events(stack, ev.InstanceVerifiedV1) if e.sop_instance_uid in first_sops]
+    assert sorted(e.sop_instance_uid for e in verified) == sorted(first_sops)

@@ -1,0 +1,122 @@
+"""The probe's verification store: expectations from the log, sightings from nodes, deadlines."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from services.probe.store import Expected, ProbeStore
+from services.probe.verify import failed_event, verified_event
+from shared import events as ev
+
+
+def placed(sop: str, node: str = "node1", digest: str = "d1") -> ev.InstancePlacedV1:
+    return ev.InstancePlacedV1(
+        event_id=ev.fact_id("placed", sop, node), sop_instance_uid=sop, study_instance_uid="1.2",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        blob_key=f"b/{sop}", dataset_digest=digest, node_id=node, reason="new_study",
+    )
+
+
+def forwarded(p: ev.InstancePlacedV1, at=None) -> ev.InstanceForwardedV1:
+    return ev.InstanceForwardedV1(
+        event_id=ev.fact_id("forwarded", p.event_id), occurred_at=at or ev.utcnow(),
+        sop_instance_uid=p.sop_instance_uid, study_instance_uid=p.study_instance_uid, node_id=p.node_id,
+        placement_id=p.event_id,
+    )
+
+
+def test_forwarded_instance_is_checked_once_the_node_shows_it(tmp_path):
+    store = ProbeStore(tmp_path / "p.duckdb")
+    p = placed("1.1")
+    assert store.apply([(1, p), (2, forwarded(p))]) == 2
+    assert store.ready_to_check("node1") == []
+    store.record_changes("node1", [("1.1", "orthanc-a", 7)], 7)
+    (item,) = store.ready_to_check("node1")
+    assert (item.sop_instance_uid, item.dataset_digest, item.orthanc_id, item.placement_id) == \
+        ("1.1", "d1", "orthanc-a", p.event_id)
+    assert store.ready_to_check("node2") == []
+    assert store.node_cursor("node1") == 7 and store.node_cursor("node2") == 0
+
+
+def test_overdue_only_after_the_deadline_and_only_when_unseen(tmp_path):
+    store = ProbeStore(tmp_path / "p.duckdb")
+    now = ev.utcnow()
+    old, seen_old, fresh = placed("1.1"), placed("1.2"), placed("1.3")
+    store.apply([(1, old), (2, forwarded(old, now - timedelta(seconds=30))),
+                 (3, seen_old), (4, forwarded(seen_old, now - timedelta(seconds=30))),
+                 (5, fresh), (6, forwarded(fresh, now - timedelta(seconds=1)))])
+    store.record_changes("node1", [("1.2", "o2", 1)], 1)
+    assert [e.sop_instance_uid for e in store.overdue("node1", now, 10.0)] == ["1.1"]
+    assert store.overdue("node1", now, 60.0) == []
+
+
+def test_outcomes_on_the_log_close_expectations_so_a_restart_never_rejudges(tmp_path):
+    path = tmp_path / "p.duckdb"
+    store = ProbeStore(path)
+    a, b = placed("1.1"), placed("1.2")
+    store.apply([(1, a), (2, forwarded(a)), (3, b), (4, forwarded(b))])
+    store.record_changes("node1", [("1.1", "o1", 1), ("1.2", "o2", 2)], 2)
+    (item_a, item_b) = store.ready_to_check("node1")
+    store.apply([(5, verified_event(item_a, "d1")), (6, failed_event(item_b, "dataset digest mismatch", "x"))])
+    store.close()
+
+    store = ProbeStore(path)
+    assert store.last_seq() == 6 and store.node_cursor("node1") == 2
+    assert store.ready_to_check("node1") == []
+    assert store.states() == {("node1", "1.1"): "verified", ("node1", "1.2"): "failed"}
+    # Re-applying old sequences changes nothing.
+    assert store.apply([(2, forwarded(a))]) == 0
+    assert store.states()[("node1", "1.1")] == "verified"
+
+
+def test_a_new_placement_on_the_same_node_is_expected_again(tmp_path):
+    store = ProbeStore(tmp_path / "p.duckdb")
+    first = placed("1.1")
+    store.apply([(1, first), (2, forwarded(first))])
+    store.record_changes("node1", [("1.1", "o1", 1)], 1)
+    (item,) = store.ready_to_check("node1")
+    store.settle("node1", "1.1", item.placement_id, "failed", "dataset digest mismatch")
+    again = msgspec_replace(placed("1.1"), event_id="second-placement", attempt=1)
+    store.apply([(3, again), (4, forwarded(again))])
+    (item,) = store.ready_to_check("node1")
+    assert item.placement_id == "second-placement"
+
+
+def test_verification_events_have_deterministic_ids_and_their_own_subject():
+    from shared.bus import subject_for
+
+    p = placed("1.1")
+    store_item = Expected("node1", "1.1", "1.2", p.event_id, "d1", ev.utcnow().replace(tzinfo=None))
+    one, two = failed_event(store_item, "r"), failed_event(store_item, "r")
+    assert one.event_id == two.event_id != verified_event(store_item, "d1").event_id
+    assert subject_for(one) == "dicom.instance.verification_failed.node1"
+    assert ev.decode(ev.encode(one)) == one
+
+
+def msgspec_replace(event, **changes):
+    import msgspec
+
+    return msgspec.structs.replace(event, **changes)
+
+
+def test_a_node_whose_change_log_restarts_forgets_what_it_showed(tmp_path):
+    store = ProbeStore(tmp_path / "p.duckdb")
+    p = placed("1.1")
+    store.apply([(1, p), (2, forwarded(p))])
+    store.record_changes("node1", [("1.1", "old-id", 40)], 40)
+    assert len(store.ready_to_check("node1")) == 1
+    store.record_changes("node1", [], 0)  # a new database behind the same node
+    assert store.ready_to_check("node1") == [] and store.node_cursor("node1") == 0
+    store.record_changes("node1", [("1.1", "new-id", 1)], 1)
+    (item,) = store.ready_to_check("node1")
+    assert item.orthanc_id == "new-id"
+
+
+def test_forwarded_and_dead_lettered_placements_are_not_kept(tmp_path):
+    store = ProbeStore(tmp_path / "p.duckdb")
+    a, b = placed("1.1"), placed("1.2")
+    dead = ev.InstanceDeadLetteredV1(event_id="d", sop_instance_uid="1.2", study_instance_uid="1.2",
+                                     node_id="node1", placement_id=b.event_id, reason="refused")
+    store.apply([(1, a), (2, b), (3, forwarded(a)), (4, dead)])
+    assert store.con.execute("SELECT count(*) FROM placements").fetchone() == (0,)
+    assert store.states() == {("node1", "1.1"): "pending"}
