@@ -6,7 +6,6 @@ spool file left behind, and the service still serves.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import socket
 import threading
@@ -24,9 +23,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage
 
-from shared import events as ev
 from shared import localstack as ls
-from shared.bus import SUBJECT_RECEIVED, Bus
 from shared.corpus import generate_studies
 from shared.dimse import NODELAY_HANDLER
 from tests.fixtures.servers import Stack, stack_config
@@ -59,29 +56,13 @@ def ingest(orthanc_nodes, tmp_path_factory):
 
 # ---------------------------------------------------------------- helpers
 
-def blob_files(stack: Stack) -> list[Path]:
-    root = Path(stack.cfg.blobs.path)
-    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
-
-
-def received_events(stack: Stack) -> list[ev.InstanceReceivedV1]:
-    async def read():
-        bus = await Bus.connect(stack.cfg.nats, "test-reader")
-        try:
-            return [d.event async for d in bus.replay(SUBJECT_RECEIVED)]
-        finally:
-            await bus.close()
-
-    return asyncio.run(read())
-
-
 def received_uids(stack: Stack) -> set[str]:
-    return {e.sop_instance_uid for e in received_events(stack)}
+    return {e.sop_instance_uid for e in stack.received_events()}
 
 
 def blob_holding(stack: Stack, uid: str) -> list[Path]:
     needle = uid.encode()
-    return [p for p in blob_files(stack) if needle in p.read_bytes()]
+    return [p for p in stack.blob_files() if needle in p.read_bytes()]
 
 
 def spool_holding(stack: Stack, uid: str) -> list[Path]:
@@ -383,7 +364,7 @@ def test_object_store_unavailable_answers_out_of_resources(ingest, tmp_path):
     # The sender retries once the store is back: accepted, announced once.
     again = ingest.send([path], calling_ae=GOOD_AE, extra=["-v"])
     assert again.returncode == 0, again.stdout + again.stderr
-    assert sum(e.sop_instance_uid == uid for e in received_events(ingest)) == 1
+    assert sum(e.sop_instance_uid == uid for e in ingest.received_events()) == 1
     assert len(blob_holding(ingest, uid)) == 1
 
 
@@ -397,7 +378,7 @@ def test_metrics_account_for_every_answer(ingest):
     for status in ("0x0000", "0xC001", "0xC002", "0xA700"):
         assert m("switchyard_ingest_cstore_status_total", f'status="{status}"') >= 1, status
     accepted = m("switchyard_ingest_instances_total")
-    assert accepted == len(received_events(ingest))
-    assert m("switchyard_ingest_bytes_total") == sum(e.size for e in received_events(ingest))
+    assert accepted == len(ingest.received_events())
+    assert m("switchyard_ingest_bytes_total") == sum(e.size for e in ingest.received_events())
     assert m("switchyard_ingest_receive_to_ack_seconds_count") == sum(
         m("switchyard_ingest_cstore_status_total", f'status="{s}"') for s in ("0x0000", "0xC001", "0xC002", "0xA700"))

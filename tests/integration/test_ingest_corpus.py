@@ -13,7 +13,6 @@ pynetdicom, which sends a file's dataset bytes as they are
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import shutil
 import subprocess
@@ -29,12 +28,9 @@ from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
 from services.ingest.scp import storage_sop_classes
-from shared import events as ev
 from shared import localstack as ls
-from shared.bus import SUBJECT_RECEIVED, Bus
 from shared.dicomfile import dataset_offset
 from shared.dimse import NODELAY_HANDLER
-from tests.fixtures.servers import make_stack
 from tests.fixtures.util import free_port
 
 pytestmark = pytest.mark.integration
@@ -117,24 +113,6 @@ def after_meta(path: Path) -> bytes:
         return data[dataset_offset(f):]
 
 
-@pytest.fixture
-def ingest_only(orthanc_nodes, tmp_path):
-    stack = make_stack(tmp_path / "stack", orthanc_nodes, services=("ingest",))
-    yield stack
-    stack.close()
-
-
-def received_events(stack) -> list[ev.InstanceReceivedV1]:
-    async def read():
-        bus = await Bus.connect(stack.cfg.nats, "test-reader")
-        try:
-            return [d.event async for d in bus.replay(SUBJECT_RECEIVED)]
-        finally:
-            await bus.close()
-
-    return asyncio.run(read())
-
-
 def storescu_exact(port: int, called_ae: str, paths: list[Path], sop_classes: dict[Path, str],
                    work: Path) -> list[tuple[str, str]]:
     """Send ``paths`` with storescu, one association per transfer syntax proposing exactly it.
@@ -205,7 +183,7 @@ def test_every_readable_bundled_file_is_stored_byte_identical_and_announced_once
     monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
     assert send_unchanged_with_pynetdicom(ingest_only, with_pynetdicom, headers) == [0] * len(with_pynetdicom)
 
-    events = received_events(ingest_only)
+    events = ingest_only.received_events()
     counts = Counter(e.sop_instance_uid for e in events)
     by_uid = {e.sop_instance_uid: e for e in events}
     blobs = Path(ingest_only.cfg.blobs.path)
