@@ -113,15 +113,20 @@ def stream_configs(cfg: NatsConfig) -> list[StreamConfig]:
     ]
 
 
-def scheduler_consumer() -> ConsumerConfig:
+def _scheduler_durable(name: str, subject: str) -> ConsumerConfig:
+    """Shared by every scheduler replica: JetStream hands each message to one of them."""
     return ConsumerConfig(
-        durable_name="scheduler",
-        filter_subject=SUBJECT_RECEIVED,
+        durable_name=name,
+        filter_subject=subject,
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=30.0,
         max_ack_pending=1024,
     )
+
+
+def scheduler_consumer() -> ConsumerConfig:
+    return _scheduler_durable("scheduler", SUBJECT_RECEIVED)
 
 
 def forwarder_consumer(node_id: str, max_deliver: int, ack_wait_s: float) -> ConsumerConfig:
@@ -138,15 +143,8 @@ def forwarder_consumer(node_id: str, max_deliver: int, ack_wait_s: float) -> Con
 
 
 def replacement_consumer() -> ConsumerConfig:
-    """Dead-lettered placements, shared by scheduler replicas, for re-placement."""
-    return ConsumerConfig(
-        durable_name="scheduler-replace",
-        filter_subject=SUBJECT_DEAD_LETTERED,
-        ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
-        ack_wait=30.0,
-        max_ack_pending=1024,
-    )
+    """Dead-lettered placements, for re-placement."""
+    return _scheduler_durable("scheduler-replace", SUBJECT_DEAD_LETTERED)
 
 
 AFFINITY_BUCKET = "study-affinity"

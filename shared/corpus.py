@@ -165,7 +165,7 @@ _STORAGE_SOP_CLASSES = frozenset(cx.abstract_syntax for cx in StoragePresentatio
 _TRANSFER_SYNTAXES = frozenset(ALL_TRANSFER_SYNTAXES) & frozenset(AllTransferSyntaxes) & SENDABLE_TRANSFER_SYNTAXES
 
 
-def _storable_sop_instance(path: Path) -> str | None:
+def _storable_sop_instance(path: Path, any_transfer_syntax: bool = False) -> str | None:
     """The SOP Instance UID if a Storage SCP could take the file as it is, else None.
 
     The SOP class must be one our ingest SCP offers (pynetdicom's
@@ -174,7 +174,7 @@ def _storable_sop_instance(path: Path) -> str | None:
     files are left out anyway, DCMTK and Orthanc builds vary in support.
     """
     name = path.name.lower()
-    if any(marker in name for marker in BROKEN_NAME_MARKERS):
+    if not any_transfer_syntax and any(marker in name for marker in BROKEN_NAME_MARKERS):
         return None
     try:
         if path.stat().st_size >= MAX_BUNDLED_BYTES:
@@ -197,15 +197,20 @@ def _storable_sop_instance(path: Path) -> str | None:
     study = str(ds.get("StudyInstanceUID", "") or "")
     if not (ts and media_class and media_instance and sop_class and sop_instance and study):
         return None
-    if ts == DeflatedExplicitVRLittleEndian or ts not in _TRANSFER_SYNTAXES:
+    if not any_transfer_syntax and (ts == DeflatedExplicitVRLittleEndian or ts not in _TRANSFER_SYNTAXES):
         return None
     if sop_class not in _STORAGE_SOP_CLASSES or media_instance != sop_instance:
         return None
     return sop_instance
 
 
-def bundled_test_files(dest: Path) -> list[Path]:
+def bundled_test_files(dest: Path, any_transfer_syntax: bool = False) -> list[Path]:
     """Copy the pydicom test files a Storage SCP can store into dest; return their new paths.
+
+    By default only files DCMTK storescu sends unchanged (uncompressed, see
+    SENDABLE_TRANSFER_SYNTAXES) and none named as broken: the demo's corpus.
+    ``any_transfer_syntax`` takes every readable file whatever its encoding
+    (ingest's byte-identity test sends those that storescu cannot with pynetdicom).
 
     Files are taken in sorted path order and a SOP Instance UID already taken
     is skipped: a router keys instances by that UID, so duplicates would make
@@ -219,7 +224,7 @@ def bundled_test_files(dest: Path) -> list[Path]:
     for source in sorted(Path(p) for p in get_testdata_files()):
         if not source.is_file():
             continue
-        uid = _storable_sop_instance(source)
+        uid = _storable_sop_instance(source, any_transfer_syntax)
         if uid is None or uid in seen or source.name in names:
             continue
         seen.add(uid)

@@ -55,18 +55,7 @@ async def auth(request: web.Request, handler):
 
 
 async def _query(request: web.Request, sql: str, params: list[Any]) -> list[dict[str, Any]]:
-    store = request.app[STORE_KEY]
-
-    def run() -> list[dict[str, Any]]:
-        cur = store.cursor()
-        try:
-            rel = cur.execute(sql, params)
-            cols = [d[0] for d in rel.description]
-            return [dict(zip(cols, row)) for row in rel.fetchall()]
-        finally:
-            cur.close()
-
-    return await asyncio.to_thread(run)
+    return await asyncio.to_thread(request.app[STORE_KEY].rows, sql, params)
 
 
 def _json(rows: Any) -> web.Response:

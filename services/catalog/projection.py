@@ -117,6 +117,16 @@ class CatalogStore:
     def cursor(self) -> duckdb.DuckDBPyConnection:
         return self.con.cursor()
 
+    def rows(self, sql: str, params: list | None = None) -> list[dict]:
+        """A read query on its own cursor (safe beside the writer), rows as dicts."""
+        cur = self.cursor()
+        try:
+            rel = cur.execute(sql, params or [])
+            names = [d[0] for d in rel.description]
+            return [dict(zip(names, row)) for row in rel.fetchall()]
+        finally:
+            cur.close()
+
     def apply(self, batch: Iterable[tuple[int, ev.AnyEvent]]) -> int:
         """Apply events in order, in one transaction with the new last_seq.
 

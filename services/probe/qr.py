@@ -141,26 +141,17 @@ def find(store: CatalogStore, identifier: Dataset, level: str) -> list[dict]:
     select = ", ".join(f"any_value({c}) AS {c}" if c != key else c for c in cols)
     sql = (f"SELECT {select}, string_agg(DISTINCT modality, '\\' ORDER BY modality) AS modalities,"
            f" count(*) AS n FROM instances WHERE {where} GROUP BY {key} ORDER BY {key}")
-    cur = store.cursor()
-    try:
-        rel = cur.execute(sql, params)
-        names = [d[0] for d in rel.description]
-        return [dict(zip(names, row)) for row in rel.fetchall()]
-    finally:
-        cur.close()
+    return store.rows(sql, params)
 
 
 def instances(store: CatalogStore, identifier: Dataset, level: str) -> list[tuple[str, str, str, str]]:
     """(sop uid, sop class, transfer syntax, blob key) of every instance under the matches."""
     where, params = where_clause(identifier, level)
-    cur = store.cursor()
-    try:
-        return cur.execute(
-            "SELECT sop_instance_uid, sop_class_uid, transfer_syntax_uid, blob_key FROM instances"
-            f" WHERE {where} ORDER BY study_instance_uid, series_instance_uid, sop_instance_uid", params,
-        ).fetchall()
-    finally:
-        cur.close()
+    rows = store.rows(
+        "SELECT sop_instance_uid, sop_class_uid, transfer_syntax_uid, blob_key FROM instances"
+        f" WHERE {where} ORDER BY study_instance_uid, series_instance_uid, sop_instance_uid", params,
+    )
+    return [tuple(r.values()) for r in rows]
 
 
 def answer(identifier: Dataset, level: str, row: dict) -> Dataset:

@@ -26,8 +26,8 @@ from pynetdicom.sop_class import CTImageStorage
 from shared import localstack as ls
 from shared.corpus import generate_studies
 from shared.dimse import NODELAY_HANDLER
-from tests.fixtures.servers import Stack, stack_config
-from tests.fixtures.util import free_port, wait_for
+from tests.fixtures.servers import Stack, make_stack
+from tests.fixtures.util import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,18 +40,15 @@ MAX_ASSOCIATIONS = 4
 @pytest.fixture(scope="module")
 def ingest(orthanc_nodes, tmp_path_factory):
     """Ingest alone, with an allowlist, a small object limit and short timeouts."""
-    data_dir = tmp_path_factory.mktemp("ingest-bad-input")
-    cfg = stack_config(data_dir, [n.node for n in orthanc_nodes])
-    cfg = msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(
-        cfg.ingest, allowed_calling_aes=[GOOD_AE, BACKGROUND_AE], allowed_peers=["LOCALONLY@127.0.0.1", "ELSEWHERE@192.0.2.7"],
-        max_object_bytes=MAX_OBJECT, max_associations=MAX_ASSOCIATIONS, network_timeout_s=3.0))
-    stack = Stack(cfg, data_dir, ls.write_config(cfg, data_dir / "switchyard.toml"), monitor_port=free_port())
-    try:
-        stack.start_nats()
-        stack.start("ingest")
-        yield stack
-    finally:
-        stack.close()
+    def configure(cfg):
+        return msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(
+            cfg.ingest, allowed_calling_aes=[GOOD_AE, BACKGROUND_AE],
+            allowed_peers=["LOCALONLY@127.0.0.1", "ELSEWHERE@192.0.2.7"],
+            max_object_bytes=MAX_OBJECT, max_associations=MAX_ASSOCIATIONS, network_timeout_s=3.0))
+
+    stack = make_stack(tmp_path_factory.mktemp("ingest-bad-input"), orthanc_nodes, ("ingest",), configure)
+    yield stack
+    stack.close()
 
 
 # ---------------------------------------------------------------- helpers

@@ -14,66 +14,23 @@ pynetdicom, which sends a file's dataset bytes as they are
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
-import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_files
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
-from services.ingest.scp import storage_sop_classes
 from shared import localstack as ls
+from shared.corpus import bundled_test_files
 from shared.dicomfile import dataset_offset
 from shared.dimse import NODELAY_HANDLER
 from tests.fixtures.util import free_port
 
 pytestmark = pytest.mark.integration
 
-# Bigger files add minutes, not coverage.
-MAX_BYTES = 20 * 1024 * 1024
-
-
-def readable_bundled_files(dest: Path) -> list[Path]:
-    """pydicom's bundled files a Storage SCP can take as they are, in any transfer syntax.
-
-    Readable: a Part 10 file pydicom parses, with file meta naming a transfer
-    syntax, a storage SOP class, a SOP Instance UID equal to the meta's, and a
-    Study Instance UID. The first file of each SOP Instance UID is kept.
-    """
-    storage = set(storage_sop_classes())
-    dest.mkdir(parents=True, exist_ok=True)
-    seen: set[str] = set()
-    names: set[str] = set()
-    out: list[Path] = []
-    for source in sorted(Path(p) for p in get_testdata_files()):
-        if not source.is_file() or source.stat().st_size >= MAX_BYTES or source.name in names:
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(source, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError,
-                NotImplementedError):
-            continue
-        meta = getattr(ds, "file_meta", None)
-        if meta is None or not meta.get("TransferSyntaxUID"):
-            continue
-        uid = str(ds.get("SOPInstanceUID", "") or "")
-        if (not uid or uid in seen or str(meta.get("MediaStorageSOPInstanceUID", "")) != uid
-                or str(ds.get("SOPClassUID", "")) not in storage or not ds.get("StudyInstanceUID")):
-            continue
-        seen.add(uid)
-        names.add(source.name)
-        target = dest / source.name
-        shutil.copyfile(source, target)
-        out.append(target)
-    return out
 
 
 def profile_for(ts: str, sop_classes: list[str]) -> str:
@@ -158,7 +115,7 @@ def sent_unchanged_by_storescu(paths: list[Path], uids: dict[Path, str], sop_cla
 
 def test_every_readable_bundled_file_is_stored_byte_identical_and_announced_once(ingest_only, tmp_path,
                                                                                  monkeypatch):
-    files = readable_bundled_files(tmp_path / "corpus")
+    files = bundled_test_files(tmp_path / "corpus", any_transfer_syntax=True)
     headers = {}
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import ipaddress
 import socket
@@ -20,12 +19,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from shared import localstack as ls
-from shared.bus import SUBJECT_RECEIVED, Bus
 from shared.corpus import generate_studies
 from shared.dimse import NODELAY_HANDLER
-from tests.fixtures.servers import Stack, stack_config
-from tests.fixtures.util import free_port
+from tests.fixtures.servers import Stack, make_stack
 
 pytestmark = pytest.mark.integration
 
@@ -79,18 +75,14 @@ def pki(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tls_ingest(orthanc_nodes, pki, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("ingest-tls")
-    cfg = stack_config(data_dir, [n.node for n in orthanc_nodes])
-    cfg = msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(
-        cfg.ingest, tls_cert_file=str(pki["server_crt"]), tls_key_file=str(pki["server_key"]),
-        tls_ca_file=str(pki["ca"]), network_timeout_s=5.0))
-    stack = Stack(cfg, data_dir, ls.write_config(cfg, data_dir / "switchyard.toml"), monitor_port=free_port())
-    try:
-        stack.start_nats()
-        stack.start("ingest")
-        yield stack
-    finally:
-        stack.close()
+    def configure(cfg):
+        return msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(
+            cfg.ingest, tls_cert_file=str(pki["server_crt"]), tls_key_file=str(pki["server_key"]),
+            tls_ca_file=str(pki["ca"]), network_timeout_s=5.0))
+
+    stack = make_stack(tmp_path_factory.mktemp("ingest-tls"), orthanc_nodes, ("ingest",), configure)
+    yield stack
+    stack.close()
 
 
 def client_context(pki, cert: str | None = "client") -> ssl.SSLContext:
@@ -116,14 +108,7 @@ def store(stack: Stack, path: Path, ctx: ssl.SSLContext | None):
 
 
 def received_uids(stack: Stack) -> list[str]:
-    async def read():
-        bus = await Bus.connect(stack.cfg.nats, "test-reader")
-        try:
-            return [d.event.sop_instance_uid async for d in bus.replay(SUBJECT_RECEIVED)]
-        finally:
-            await bus.close()
-
-    return asyncio.run(read())
+    return [e.sop_instance_uid for e in stack.received_events()]
 
 
 def test_store_over_mutual_tls(tls_ingest, pki, tmp_path):
