@@ -17,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from shared.config import NodeConfig
-from shared.dimse import NODELAY_HANDLER
+from shared.dimse import NODELAY_HANDLER, settle
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class NodeSender:
             if not self._accepted(assoc, sop_class, ts):
                 return Outcome(False, True, "node refused the SOP class / transfer syntax")
             try:
+                settle(assoc)
                 rsp = assoc.send_c_store(path)
             except (OSError, RuntimeError, ValueError) as exc:
                 self.close()
