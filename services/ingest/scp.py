@@ -412,9 +412,17 @@ class StorageSCP:
             log.warning("refused %s: %d bytes over the %d byte limit", sop_uid, incoming.size, incoming.limit)
             return TOO_LARGE, "object larger than this SCP accepts"
         incoming.close()
-        loop = asyncio.get_running_loop()
+        outcome = await asyncio.get_running_loop().run_in_executor(self.io, self._persist, command, incoming)
+        if isinstance(outcome[0], int):
+            return outcome
+        header, key, existed = outcome
+        return await self._announce(command, incoming, peer, header, key, existed)
+
+    def _persist(self, command: _Command, incoming: _Incoming) -> tuple[int, str] | tuple[Header, str, bool]:
+        """Check the header against the command, then make the blob durable (one trip to the thread pool)."""
+        sop_uid = command.sop_instance
         try:
-            header = await loop.run_in_executor(self.io, read_header, incoming.path, self.extra)
+            header = read_header(incoming.path, self.extra)
         except NotDicom:
             log.warning("refused %s: dataset cannot be parsed", sop_uid)
             return CANNOT_UNDERSTAND, "dataset cannot be parsed"
@@ -427,14 +435,13 @@ class StorageSCP:
         if not header.get("StudyInstanceUID"):
             log.warning("refused %s: no Study Instance UID", sop_uid)
             return CANNOT_UNDERSTAND, "no Study Instance UID"
-
         key = content_key(incoming.file_hash.hexdigest())
         try:
-            existed = await loop.run_in_executor(self.io, self._keep, key, incoming.path)
+            existed = self._keep(key, incoming.path)
         except (BlobStoreError, OSError) as exc:
             log.error("blob store refused %s: %s", sop_uid, exc)
             return OUT_OF_RESOURCES_BLOB, "object store unavailable"
-        return await self._announce(command, incoming, peer, header, key, existed)
+        return header, key, existed
 
     def _keep(self, key: str, path: Path) -> bool:
         """Make the blob durable (hand the spool file over); True when it was already there."""
