@@ -35,7 +35,7 @@ from pynetdicom.dsutils import create_file_meta
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
-from services.ingest import ul
+from shared import ul
 from services.ingest.access import PeerPolicy
 from shared import events as ev
 from shared.blobs import BlobStore, BlobStoreError, content_key

@@ -15,7 +15,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
-from services.ingest import ul
+from shared import ul
 from services.ingest.scp import _Incoming, supported_contexts
 
 
