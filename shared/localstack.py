@@ -155,8 +155,12 @@ def start_nats(cfg: Config, data_dir: Path, monitor_port: int, console: IO[str] 
                timeout: float = 30.0) -> Proc:
     store = data_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
-    argv = [str(VENV_BIN / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port(cfg)),
-            "-m", str(monitor_port), "-js", "-sd", str(store), "-n", "switchyard-local"]
+    # One server, no replicas: a PubAck must mean "on disk", or a power cut could
+    # lose events whose instances were already answered success.
+    conf = data_dir / "nats.conf"
+    conf.write_text(f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: always\n}}\n")
+    argv = [str(VENV_BIN / "nats-server"), "-c", str(conf), "-a", "127.0.0.1", "-p", str(nats_port(cfg)),
+            "-m", str(monitor_port), "-n", "switchyard-local"]
     proc = spawn("nats", argv, dict(os.environ), data_dir / "logs" / "nats.log", console)
     wait_until(lambda: http_ok(f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"),
                timeout, "nats-server", proc.popen)

@@ -28,7 +28,6 @@ from pathlib import Path
 import msgspec
 import nats.errors
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pynetdicom import _config as pynetdicom_config
 
 from services.forwarder.sender import NodeSender, Outcome
 from shared import events as ev
@@ -36,6 +35,7 @@ from shared.blobs import BlobNotFound, BlobStore, BlobStoreError, open_blob_stor
 from shared.bus import Bus, BusUnavailable, PublishUncertain, forwarder_consumer
 from shared import membership
 from shared.config import Config, NodeConfig
+from shared.dicomfile import NotDicom
 from shared.runtime import run_until_stopped, running_service
 from shared.telemetry import context_from
 
@@ -75,8 +75,6 @@ class NodeWorker:
         self.scratch = Path(cfg.forwarder.scratch_dir)
 
     def _make_senders(self) -> None:
-        for sender in self.all_senders:
-            sender.close()
         self.senders = asyncio.Queue()
         self.all_senders = [NodeSender(self.node, self.cfg.forwarder.ae_title, self.cfg.forwarder.network_timeout_s)
                             for _ in range(max(1, self.cfg.forwarder.concurrency_per_node))]
@@ -96,7 +94,10 @@ class NodeWorker:
                 if self.member.node != self.node:
                     # Re-added with another address: new associations.
                     self.node = self.member.node
-                    await asyncio.to_thread(self._make_senders)
+                    old = self.all_senders
+                    self._make_senders()
+                    for sender in old:
+                        await sender.close()
                 try:
                     msgs = await psub.fetch(fcfg.batch, timeout=1.0)
                 except TimeoutError:  # nats-py raises its own or asyncio's, by code path
@@ -114,7 +115,7 @@ class NodeWorker:
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
             for sender in self.all_senders:
-                await asyncio.to_thread(sender.close)
+                await sender.close()
 
     async def _handle_guarded(self, msg) -> None:
         try:
@@ -123,19 +124,31 @@ class NodeWorker:
             # Unacked: JetStream redelivers it after ack_wait.
             log.exception("%s: unexpected failure handling a placement", self.node.id)
 
-    def _deliver(self, placed: ev.InstancePlacedV1, sender: NodeSender) -> tuple[Outcome, int]:
-        """Blocking part, on a worker thread: blob to a file, file to the node."""
+    def _fetch(self, key: str) -> Path:
+        """A blob the store holds elsewhere (S3) to a scratch file (blocking: on a thread)."""
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".dcm")
+        os.close(fd)
+        try:
+            self.blobs.get_file(key, Path(name))
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        return Path(name)
+
+    async def _deliver(self, placed: ev.InstancePlacedV1, sender: NodeSender) -> tuple[Outcome, int]:
+        """Blob to a file (local stores already have one), file to the node."""
         path = self.blobs.local_path(placed.blob_key)
         tmp: Path | None = None
         try:
             if path is None:
-                self.scratch.mkdir(parents=True, exist_ok=True)
-                fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".dcm")
-                os.close(fd)
-                tmp = path = Path(name)
-                self.blobs.get_file(placed.blob_key, path)
+                tmp = path = await asyncio.to_thread(self._fetch, placed.blob_key)
             size = path.stat().st_size
-            return sender.send(path, placed.sop_class_uid, placed.transfer_syntax_uid), size
+            outcome = await sender.send(path, placed.sop_class_uid, placed.sop_instance_uid,
+                                        placed.transfer_syntax_uid)
+            return outcome, size
+        except NotDicom:
+            return Outcome(False, True, "blob is not a DICOM file"), 0
         except BlobNotFound:
             return Outcome(False, True, "blob missing from the object store"), 0
         except BlobStoreError as exc:
@@ -174,7 +187,7 @@ class NodeWorker:
             self.metrics.inflight.labels(node=node).inc()
             started = time.perf_counter()
             try:
-                outcome, size = await asyncio.to_thread(self._deliver, placed, sender)
+                outcome, size = await self._deliver(placed, sender)
             finally:
                 self.metrics.inflight.labels(node=node).dec()
                 self.senders.put_nowait(sender)
@@ -227,8 +240,6 @@ class NodeWorker:
 
 
 async def main(cfg: Config) -> None:
-    # Send blob files as they are, without decoding them.
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     async with running_service("forwarder", cfg) as svc:
         blobs = open_blob_store(cfg.blobs)
         metrics = ForwarderMetrics(svc.registry)

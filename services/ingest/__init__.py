@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
-import tempfile
 from pathlib import Path
 
-from pynetdicom import _config as pynetdicom_config
-
-from services.ingest.scp import IngestMetrics, StorageSCP, defer_tls_handshake
+from services.ingest.scp import IngestMetrics, StorageSCP
 from shared.blobs import open_blob_store
 from shared.config import Config
 from shared.runtime import running_service
@@ -39,21 +35,13 @@ async def main(cfg: Config) -> None:
         spool = Path(cfg.ingest.spool_dir)
         spool.mkdir(parents=True, exist_ok=True)
         for leftover in spool.glob("*.dcm"):
-            # Spool files of associations aborted before a previous exit.
+            # Spool files of associations cut off by a previous exit.
             leftover.unlink(missing_ok=True)
-        # Datasets stream to files in the spool instead of memory, undecoded.
-        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(spool.resolve())
-
-        scp = StorageSCP(cfg, svc.bus, open_blob_store(cfg.blobs), asyncio.get_running_loop(),
-                         IngestMetrics(svc.registry), svc.tracer)
+        scp = StorageSCP(cfg, svc.bus, open_blob_store(cfg.blobs), IngestMetrics(svc.registry), svc.tracer)
         tls = tls_context(cfg)
-        server = scp.build_ae().start_server((cfg.ingest.host, cfg.ingest.port), block=False,
-                                             evt_handlers=scp.handlers(), ssl_context=tls)
-        if tls:
-            defer_tls_handshake(server, tls, cfg.ingest.network_timeout_s)
+        server = await scp.start(tls)
         # Stop accepting and finish in-flight C-STOREs before the bus drains.
-        svc.stack.callback(server.shutdown)
+        svc.stack.push_async_callback(scp.stop, server)
         svc.serve_metrics(cfg.ingest.metrics_port)
         log.info("storage SCP %s listening on %s:%d%s", cfg.ingest.ae_title, cfg.ingest.host, cfg.ingest.port,
                  " (TLS)" if tls else "")

@@ -1,39 +1,47 @@
 """The Storage SCP: where Switchyard takes responsibility for an image.
 
-pynetdicom spools each incoming dataset to a file (STORE_RECV_CHUNKED_DATASET),
-so memory does not grow with object size and the bytes are never decoded and
-re-encoded. A C-STORE is answered success only once the blob is durable AND
-JetStream acknowledged the received event.
-
-Handlers run on pynetdicom's threads; they reach the asyncio loop that owns
-the NATS connection through run_coroutine_threadsafe, and never raise.
+Associations run on the event loop that owns the NATS connection (the upper
+layer is services.ingest.ul). Each dataset streams, undecoded, into a spool
+file behind the file meta group as its P-DATA arrives, so memory does not grow
+with object size; the digests are computed on the way. A C-STORE is answered
+success only once the blob is durable (the spool file fsynced and renamed into
+the local store, or uploaded) AND JetStream acknowledged the received event.
+The blocking steps (header read, fsync, upload) run on a thread pool, so the
+fsyncs of concurrent associations overlap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import io
+import itertools
 import logging
+import os
 import socket
 import ssl
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pydicom.dataset import Dataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, StoragePresentationContexts, evt
-from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
+from pynetdicom.dsutils import create_file_meta
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification
 
-from services.ingest.access import PeerPolicy, install_policy
+from shared import ul
+from services.ingest.access import PeerPolicy
 from shared import events as ev
 from shared.blobs import BlobStore, BlobStoreError, content_key
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config
-from shared.dicomfile import NotDicom, digests, read_header
-from shared.dimse import NODELAY_HANDLER
+from shared.dicomfile import Header, NotDicom, read_header
 from shared.telemetry import current_trace_context
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,7 @@ OUT_OF_RESOURCES_INTERNAL = 0xA702
 CANNOT_UNDERSTAND = 0xC000
 UID_MISMATCH = 0xC001
 TOO_LARGE = 0xC002
+UNRECOGNIZED_OPERATION = 0x0211
 
 
 class IngestMetrics:
@@ -59,7 +68,7 @@ class IngestMetrics:
         self.latency = Histogram(
             "switchyard_ingest_receive_to_ack_seconds",
             "From complete dataset to C-STORE response",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=registry,
         )
         self.associations = Gauge(
@@ -76,215 +85,391 @@ class IngestMetrics:
         )
 
 
-def storage_sop_classes() -> list[str]:
-    """Every storage SOP class pynetdicom lists, each one handled as storage.
-
-    pynetdicom negotiates retired storage classes (e.g. the old Ultrasound
-    1.2.840.10008.5.1.4.1.1.6) but maps them to no service class and then
-    aborts the whole association on the first such C-STORE, failing every
-    other image the sender had queued. Registering them as storage avoids that.
-    """
-    uids = [cx.abstract_syntax for cx in StoragePresentationContexts]
-    for uid in uids:
-        if uid_to_service_class(uid) is not StorageServiceClass:
-            register_uid(uid, "Retired" + uid.replace(".", "_"), StorageServiceClass)
-    return uids
+def supported_contexts() -> list[PresentationContext]:
+    """Every storage SOP class pynetdicom lists (retired ones too) and Verification, any transfer syntax."""
+    uids = [cx.abstract_syntax for cx in StoragePresentationContexts] + [Verification]
+    return [build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in uids]
 
 
-def _status(code: int, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = comment[:64]
-    return ds
+class _Incoming:
+    """One dataset arriving: spooled behind its file meta, hashed as it comes."""
+
+    def __init__(self, path: Path, meta: bytes, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.size = len(meta)
+        self.meta_size = len(meta)
+        self.too_large = False
+        self.file_hash = hashlib.sha256(meta)
+        self.dataset_hash = hashlib.sha256()
+        self.file: io.BufferedWriter | None = open(path, "xb")  # noqa: SIM115 - closed in close()/discard()
+        self.file.write(meta)
+
+    def write(self, fragment: memoryview) -> None:
+        self.size += len(fragment)
+        if self.too_large:
+            return
+        if self.size > self.limit:
+            # Stop spooling at once: the rest of the object is read and dropped.
+            self.too_large = True
+            self.discard()
+            return
+        self.file.write(fragment)
+        self.file_hash.update(fragment)
+        self.dataset_hash.update(fragment)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class _Command:
+    context_id: int
+    field: int
+    message_id: int
+    sop_class: str
+    sop_instance: str
+
+
+@dataclass(frozen=True)
+class _Peer:
+    calling_ae: str
+    called_ae: str
+    address: str
 
 
 class StorageSCP:
     def __init__(
-        self, cfg: Config, bus: Bus, blobs: BlobStore, loop: asyncio.AbstractEventLoop,
-        metrics: IngestMetrics, tracer: trace.Tracer,
+        self, cfg: Config, bus: Bus, blobs: BlobStore, metrics: IngestMetrics, tracer: trace.Tracer,
     ) -> None:
         self.cfg = cfg
         self.bus = bus
         self.blobs = blobs
-        self.loop = loop
         self.metrics = metrics
         self.tracer = tracer
         self.extra = tuple(cfg.ingest.extra_tags)
-        self._lock = threading.Lock()
-        self._established: set[int] = set()
+        self.spool = Path(cfg.ingest.spool_dir).resolve()
         self.policy = PeerPolicy.from_config(cfg.ingest.allowed_calling_aes, cfg.ingest.allowed_peers)
+        self.contexts = supported_contexts()
+        # fsyncs and uploads of concurrent associations overlap here.
+        self.io = ThreadPoolExecutor(max(4, cfg.ingest.max_associations), thread_name_prefix="ingest-io")
+        self._names = itertools.count()
+        self._open = 0
+        # Association tasks, and whether each is finishing a C-STORE (not to be cut off at stop).
+        self._tasks: dict[asyncio.Task, bool] = {}
 
-    def build_ae(self) -> AE:
+    # ------------------------------------------------------------ server
+
+    async def start(self, tls: ssl.SSLContext | None) -> asyncio.AbstractServer:
         icfg = self.cfg.ingest
-        ae = AE(ae_title=icfg.ae_title)
-        for uid in storage_sop_classes():
-            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        # Calling AE titles (and addresses) are checked by the PeerPolicy ACSE.
-        ae.require_called_aet = True
-        ae.maximum_associations = icfg.max_associations
-        ae.maximum_pdu_size = icfg.max_pdu
-        ae.network_timeout = icfg.network_timeout_s
-        ae.acse_timeout = icfg.network_timeout_s
-        ae.dimse_timeout = icfg.network_timeout_s
-        return ae
+        return await asyncio.start_server(
+            self._connection, icfg.host, icfg.port, ssl=tls,
+            ssl_handshake_timeout=icfg.network_timeout_s if tls else None,
+            limit=max(icfg.max_pdu, 65536) + 6,
+        )
 
-    def handlers(self) -> list:
-        return [
-            NODELAY_HANDLER,
-            install_policy(self.policy),
-            (evt.EVT_CONN_OPEN, self._bound_reads),
-            (evt.EVT_C_STORE, self.handle_store),
-            (evt.EVT_C_ECHO, self.handle_echo),
-            (evt.EVT_ESTABLISHED, self._opened),
-            (evt.EVT_RELEASED, self._closed),
-            (evt.EVT_ABORTED, self._aborted),
-            (evt.EVT_REJECTED, self._rejected),
-            (evt.EVT_CONN_CLOSE, self._discard_partial),
-        ]
+    async def stop(self, server: asyncio.AbstractServer, grace_s: float = 10.0) -> None:
+        """Stop accepting; let C-STOREs being finished get their answer; end the rest."""
+        server.close()
+        for task, finishing in list(self._tasks.items()):
+            if not finishing:
+                task.cancel()
+        pending = list(self._tasks)
+        if pending:
+            done, still = await asyncio.wait(pending, timeout=grace_s)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        self.io.shutdown(wait=True)
 
-    def _bound_reads(self, event: evt.Event) -> None:
-        """Give the accepted socket the network timeout.
-
-        Sockets accepted by pynetdicom's server block without a timeout, and the
-        DUL reads a whole PDU in one blocking loop: a peer that announces a long
-        PDU and then sends nothing (truncated P-DATA, non-DICOM bytes read as a
-        PDU header) would hold its thread and association slot forever.
-        """
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks[task] = False
+        sock = writer.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peername = writer.get_extra_info("peername") or ("?", 0)
         try:
-            sock = event.assoc.dul.socket.socket
-            if sock is None:
-                return
-            sock.settimeout(self.cfg.ingest.network_timeout_s)
-        except (AttributeError, OSError) as exc:
-            log.warning("could not set the socket timeout: %s", exc)
+            await self._association(reader, writer, str(peername[0]))
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                writer.write(ul.abort_pdu())
+        except Exception:  # noqa: BLE001 - one broken association never takes the server down
+            log.exception("association from %s ended by an internal error", peername[0])
+            with contextlib.suppress(Exception):
+                writer.write(ul.abort_pdu())
+        finally:
+            self._tasks.pop(task, None)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2.0)
+
+    async def _read(self, reader: asyncio.StreamReader, max_length: int) -> tuple[int, bytes]:
+        async with asyncio.timeout(self.cfg.ingest.network_timeout_s):
+            return await ul.read_pdu(reader, max_length)
+
+    # ------------------------------------------------------------ association
+
+    async def _association(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str) -> None:
+        try:
+            pdu_type, data = await self._read(reader, ul.MAX_ASSOCIATE_RQ)
+            if pdu_type != ul.ASSOCIATE_RQ:
+                raise ul.ProtocolError(ul.ABORT_UNEXPECTED_PDU, f"PDU type {pdu_type} before A-ASSOCIATE-RQ")
+            rq = ul.decode_request(data)
+        except ul.ProtocolError as exc:
+            log.warning("dropped a connection from %s: %s", address, exc)
+            writer.write(ul.abort_pdu(exc.reason))
             return
-        if isinstance(sock, ssl.SSLSocket):
-            # The handshake was deferred out of the accept loop (see defer_tls_handshake).
-            try:
-                sock.do_handshake()
-            except (ssl.SSLError, OSError) as exc:
-                log.warning("TLS handshake with %s failed: %s", event.assoc.requestor.address,
-                            getattr(exc, "reason", None) or type(exc).__name__)
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            log.warning("dropped a connection from %s before association: %s", address, type(exc).__name__)
+            return
 
-    def _opened(self, event: evt.Event) -> None:
-        with self._lock:
-            self._established.add(id(event.assoc))
+        calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
+        refuse = None
+        if not self.policy.allows(calling, address):
+            refuse = ul.REJECT_CALLING_AE
+            log.warning("association rejected: calling AE %r from %s is not an allowed peer", calling, address)
+        elif called != self.cfg.ingest.ae_title.strip():
+            refuse = ul.REJECT_CALLED_AE
+            log.warning("association rejected: calling AE %r from %s, called AE %r is not ours", calling, address,
+                        called)
+        elif self._open >= self.cfg.ingest.max_associations:
+            refuse = ul.REJECT_LOCAL_LIMIT
+            log.warning("association rejected: calling AE %r from %s, %d associations open", calling, address,
+                        self._open)
+        result = ul.negotiate(rq, int.from_bytes(data[6:8], "big"), self.contexts, self.cfg.ingest.max_pdu, refuse)
+        writer.write(result.answer)
+        if result.reject is not None:
+            self.metrics.rejected.inc()
+            return
+        peer = _Peer(calling, called, address)
+        self._open += 1
         self.metrics.associations.inc()
+        try:
+            await self._data_phase(reader, writer, result, peer)
+        finally:
+            self._open -= 1
+            self.metrics.associations.dec()
 
-    def _closed(self, event: evt.Event) -> None:
-        # pynetdicom also reports aborts of associations that were never established.
-        with self._lock:
-            if id(event.assoc) not in self._established:
-                return
-            self._established.discard(id(event.assoc))
-        self.metrics.associations.dec()
+    async def _data_phase(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          assoc: ul.Negotiated, peer: _Peer) -> None:
+        max_in = self.cfg.ingest.max_pdu or ul.HARD_PDU_CAP
+        command_bytes = bytearray()
+        command: _Command | None = None
+        incoming: _Incoming | None = None
+        # Why a C-STORE whose dataset is still arriving will be refused (no spool file for it).
+        refusal: tuple[int, str] = (UNRECOGNIZED_OPERATION, "operation not supported here")
+        try:
+            while True:
+                try:
+                    pdu_type, data = await self._read(reader, max_in)
+                except ul.ProtocolError as exc:
+                    return self._abort(writer, peer, exc)
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+                    self.metrics.aborted.inc()
+                    log.warning("association with %r from %s ended: %s", peer.calling_ae, peer.address,
+                                "network timeout" if isinstance(exc, TimeoutError) else "connection lost")
+                    writer.write(ul.abort_pdu())
+                    return
+                if pdu_type == ul.RELEASE_RQ:
+                    writer.write(ul.RELEASE_RP_PDU)
+                    return
+                if pdu_type == ul.ABORT:
+                    self.metrics.aborted.inc()
+                    log.warning("association aborted: calling AE %r from %s", peer.calling_ae, peer.address)
+                    return
+                if pdu_type != ul.P_DATA_TF:
+                    return self._abort(writer, peer, ul.ProtocolError(ul.ABORT_UNEXPECTED_PDU,
+                                                                      f"unexpected PDU type {pdu_type}"))
+                try:
+                    for context_id, is_command, last, fragment in ul.pdvs(data):
+                        if context_id not in assoc.contexts:
+                            raise ul.ProtocolError(ul.ABORT_INVALID_PARAMETER,
+                                                   f"presentation context {context_id} was not accepted")
+                        if is_command:
+                            if command is not None:
+                                raise ul.ProtocolError(ul.ABORT_UNEXPECTED_PARAMETER, "command before dataset")
+                            command_bytes += fragment
+                            if not last:
+                                continue
+                            command, has_dataset = self._command(context_id, bytes(command_bytes))
+                            command_bytes.clear()
+                            if not has_dataset:
+                                await self._answer_without_dataset(writer, assoc, command)
+                                command = None
+                            elif command.field == ul.C_STORE_RQ:
+                                try:
+                                    incoming = self._begin(command, assoc)
+                                except (OSError, ValueError) as exc:
+                                    log.error("cannot spool %s: %s", command.sop_instance, exc)
+                                    refusal = (OUT_OF_RESOURCES_INTERNAL, "cannot spool; retry later")
+                            continue
+                        if command is None or context_id != command.context_id:
+                            raise ul.ProtocolError(ul.ABORT_UNEXPECTED_PARAMETER, "dataset without its command")
+                        if incoming is not None:
+                            incoming.write(fragment)
+                        if last:
+                            done, finished = command, incoming
+                            command = incoming = None
+                            if finished is None:
+                                if done.field == ul.C_STORE_RQ:
+                                    self.metrics.statuses.labels(status=f"0x{refusal[0]:04X}").inc()
+                                await self._send(writer, assoc, done, *refusal)
+                                refusal = (UNRECOGNIZED_OPERATION, "operation not supported here")
+                            else:
+                                await self._finish_store(writer, assoc, peer, done, finished)
+                except ul.ProtocolError as exc:
+                    return self._abort(writer, peer, exc)
+        finally:
+            if incoming is not None:
+                self._discard(incoming, peer)
 
-    def _aborted(self, event: evt.Event) -> None:
-        self._closed(event)
+    def _abort(self, writer: asyncio.StreamWriter, peer: _Peer, exc: ul.ProtocolError) -> None:
         self.metrics.aborted.inc()
-        req = event.assoc.requestor
-        log.warning("association aborted: calling AE %r from %s", req.ae_title, req.address)
+        log.warning("aborted the association with %r from %s: %s", peer.calling_ae, peer.address, exc)
+        writer.write(ul.abort_pdu(exc.reason))
 
-    def _rejected(self, event: evt.Event) -> None:
-        self.metrics.rejected.inc()
-        req = event.assoc.requestor
-        log.warning("association rejected: calling AE %r from %s, called AE %r", req.ae_title,
-                    req.address, event.assoc.acceptor.ae_title)
+    def _discard(self, incoming: _Incoming, peer: _Peer) -> None:
+        """A dataset the association ended in the middle of: nothing of it stays."""
+        incoming.discard()
+        self.metrics.spool_discarded.inc()
+        log.warning("discarded a partial dataset from %s", peer.address)
 
-    def _discard_partial(self, event: evt.Event) -> None:
-        """Delete the spool file of a dataset the connection ended in the middle of.
+    def _command(self, context_id: int, data: bytes) -> tuple[_Command, bool]:
+        fields = ul.parse_command(data)
+        field = ul.command_us(fields, ul.COMMAND_FIELD)
+        message_id = ul.command_us(fields, ul.MESSAGE_ID)
+        dataset_type = ul.command_us(fields, ul.DATASET_TYPE)
+        if field is None or message_id is None or dataset_type is None:
+            raise ul.ProtocolError(ul.ABORT_INVALID_PARAMETER, "command set without field, message id or type")
+        command = _Command(context_id, field, message_id, ul.command_uid(fields, ul.AFFECTED_SOP_CLASS),
+                           ul.command_uid(fields, ul.AFFECTED_SOP_INSTANCE))
+        return command, dataset_type != ul.NO_DATASET
 
-        pynetdicom spools with NamedTemporaryFile(delete=False) and unlinks the
-        file only after the C-STORE handler ran: a dataset cut off by an abort,
-        a dropped connection or a truncated PDU would stay in the spool forever.
-        """
-        try:
-            message = getattr(event.assoc.dimse, "message", None)
-            spool = getattr(message, "_data_set_file", None)
-            if spool is None:
-                return
-            spool.close()
-            Path(spool.name).unlink(missing_ok=True)
-            message._data_set_file = None
-            self.metrics.spool_discarded.inc()
-            log.warning("discarded a partial dataset from %s", event.assoc.requestor.address)
-        except Exception:  # noqa: BLE001 - a handler never raises
-            log.exception("could not discard a partial spool file")
+    async def _send(self, writer: asyncio.StreamWriter, assoc: ul.Negotiated, command: _Command, status: int,
+                    comment: str = "") -> None:
+        field = command.field | 0x8000
+        instance = command.sop_instance if command.field == ul.C_STORE_RQ else None
+        rsp = ul.response(field, command.message_id, command.sop_class or assoc.contexts[command.context_id][0],
+                          instance, status, comment)
+        writer.write(ul.p_data_command(command.context_id, rsp, assoc.peer_max_pdu))
+        await writer.drain()
 
-    def handle_echo(self, event: evt.Event) -> int:
-        return SUCCESS
+    async def _answer_without_dataset(self, writer: asyncio.StreamWriter, assoc: ul.Negotiated,
+                                      command: _Command) -> None:
+        if command.field == ul.C_ECHO_RQ:
+            await self._send(writer, assoc, command, SUCCESS)
+        elif command.field == ul.C_STORE_RQ:
+            await self._send(writer, assoc, command, CANNOT_UNDERSTAND, "C-STORE without a dataset")
+        else:
+            await self._send(writer, assoc, command, UNRECOGNIZED_OPERATION, "operation not supported here")
 
-    def handle_store(self, event: evt.Event) -> int | Dataset:
+    def _begin(self, command: _Command, assoc: ul.Negotiated) -> _Incoming:
+        abstract, transfer_syntax = assoc.contexts[command.context_id]
+        meta = io.BytesIO()
+        meta.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(meta, create_file_meta(
+            sop_class_uid=UID(command.sop_class or abstract), sop_instance_uid=UID(command.sop_instance),
+            transfer_syntax=UID(transfer_syntax)))
+        path = self.spool / f"{os.getpid()}-{next(self._names)}.dcm"
+        return _Incoming(path, meta.getvalue(), self.cfg.ingest.max_object_bytes)
+
+    # ------------------------------------------------------------ one C-STORE
+
+    async def _finish_store(self, writer: asyncio.StreamWriter, assoc: ul.Negotiated, peer: _Peer,
+                            command: _Command, incoming: _Incoming) -> None:
+        task = asyncio.current_task()
+        self._tasks[task] = True
         started = time.monotonic()
-        req = event.request
-        sop_uid = str(req.AffectedSOPInstanceUID or "")
-        with self.tracer.start_as_current_span("ingest.c_store") as span:
-            span.set_attribute("dicom.sop_instance_uid", sop_uid)
-            span.set_attribute("dicom.sop_class_uid", str(req.AffectedSOPClassUID or ""))
-            try:
-                result = self._store(event, sop_uid)
-            except Exception:  # noqa: BLE001 - a handler must answer, never raise
-                log.exception("unexpected failure storing %s", sop_uid)
-                result = _status(OUT_OF_RESOURCES_INTERNAL, "internal error; retry later")
-            code = result if isinstance(result, int) else int(result.Status)
-            span.set_attribute("dicom.status", code)
-        self.metrics.statuses.labels(status=f"0x{code:04X}").inc()
-        self.metrics.latency.observe(time.monotonic() - started)
-        return result
-
-    def _store(self, event: evt.Event, sop_uid: str) -> int | Dataset:
-        req = event.request
-        path = Path(event.dataset_path)
-        size = path.stat().st_size
-        if size > self.cfg.ingest.max_object_bytes:
-            log.warning("refused %s: %d bytes over the %d byte limit", sop_uid, size,
-                        self.cfg.ingest.max_object_bytes)
-            return _status(TOO_LARGE, "object larger than this SCP accepts")
         try:
-            header = read_header(path, self.extra)
+            with self.tracer.start_as_current_span("ingest.c_store") as span:
+                span.set_attribute("dicom.sop_instance_uid", command.sop_instance)
+                span.set_attribute("dicom.sop_class_uid", command.sop_class)
+                try:
+                    status, comment = await self._store(command, incoming, peer)
+                except Exception:  # noqa: BLE001 - every C-STORE gets an answer
+                    log.exception("unexpected failure storing %s", command.sop_instance)
+                    status, comment = OUT_OF_RESOURCES_INTERNAL, "internal error; retry later"
+                finally:
+                    incoming.discard()  # the spool file, unless the blob store took it
+                span.set_attribute("dicom.status", status)
+            self.metrics.statuses.labels(status=f"0x{status:04X}").inc()
+            self.metrics.latency.observe(time.monotonic() - started)
+            await self._send(writer, assoc, command, status, comment)
+        finally:
+            if task in self._tasks:
+                self._tasks[task] = False
+
+    async def _store(self, command: _Command, incoming: _Incoming, peer: _Peer) -> tuple[int, str]:
+        sop_uid = command.sop_instance
+        if incoming.too_large:
+            log.warning("refused %s: %d bytes over the %d byte limit", sop_uid, incoming.size, incoming.limit)
+            return TOO_LARGE, "object larger than this SCP accepts"
+        incoming.close()
+        outcome = await asyncio.get_running_loop().run_in_executor(self.io, self._persist, command, incoming)
+        if isinstance(outcome[0], int):
+            return outcome
+        header, key, existed = outcome
+        return await self._announce(command, incoming, peer, header, key, existed)
+
+    def _persist(self, command: _Command, incoming: _Incoming) -> tuple[int, str] | tuple[Header, str, bool]:
+        """Check the header against the command, then make the blob durable (one trip to the thread pool)."""
+        sop_uid = command.sop_instance
+        try:
+            header = read_header(incoming.path, self.extra)
         except NotDicom:
             log.warning("refused %s: dataset cannot be parsed", sop_uid)
-            return _status(CANNOT_UNDERSTAND, "dataset cannot be parsed")
+            return CANNOT_UNDERSTAND, "dataset cannot be parsed"
         if header.get("SOPInstanceUID") != sop_uid:
             log.warning("refused %s: dataset SOP Instance UID differs from the command's", sop_uid)
-            return _status(UID_MISMATCH, "SOP Instance UID differs from command")
-        if header.get("SOPClassUID") != str(req.AffectedSOPClassUID):
+            return UID_MISMATCH, "SOP Instance UID differs from command"
+        if header.get("SOPClassUID") != command.sop_class:
             log.warning("refused %s: dataset SOP Class UID differs from the command's", sop_uid)
-            return _status(UID_MISMATCH, "SOP Class UID differs from command")
-        study_uid = header.get("StudyInstanceUID")
-        if not study_uid:
+            return UID_MISMATCH, "SOP Class UID differs from command"
+        if not header.get("StudyInstanceUID"):
             log.warning("refused %s: no Study Instance UID", sop_uid)
-            return _status(CANNOT_UNDERSTAND, "no Study Instance UID")
-
-        d = digests(path)
-        key = content_key(d.file_sha256)
+            return CANNOT_UNDERSTAND, "no Study Instance UID"
+        key = content_key(incoming.file_hash.hexdigest())
         try:
-            existed = self.blobs.exists(key)
-            if not existed:
-                self.blobs.put_file(key, path)
+            existed = self._keep(key, incoming.path)
         except (BlobStoreError, OSError) as exc:
             log.error("blob store refused %s: %s", sop_uid, exc)
-            return _status(OUT_OF_RESOURCES_BLOB, "object store unavailable")
+            return OUT_OF_RESOURCES_BLOB, "object store unavailable"
+        return header, key, existed
 
+    def _keep(self, key: str, path: Path) -> bool:
+        """Make the blob durable (hand the spool file over); True when it was already there."""
+        if self.blobs.exists(key):
+            return True
+        self.blobs.adopt_file(key, path)
+        return False
+
+    async def _announce(self, command: _Command, incoming: _Incoming, peer: _Peer, header: Header, key: str,
+                        existed: bool) -> tuple[int, str]:
+        sop_uid = command.sop_instance
+        dataset_digest = incoming.dataset_hash.hexdigest()
+        size = incoming.size
         traceparent, tracestate = current_trace_context()
-        assoc = event.assoc
         received = ev.InstanceReceivedV1(
-            event_id=ev.fact_id("received", sop_uid, d.dataset_sha256),
+            event_id=ev.fact_id("received", sop_uid, dataset_digest),
             traceparent=traceparent,
             tracestate=tracestate,
             sop_instance_uid=sop_uid,
             sop_class_uid=header.get("SOPClassUID"),
-            study_instance_uid=study_uid,
+            study_instance_uid=header.get("StudyInstanceUID"),
             series_instance_uid=header.get("SeriesInstanceUID"),
             transfer_syntax_uid=header.transfer_syntax_uid,
             blob_key=key,
-            size=d.size,
-            dataset_digest=d.dataset_sha256,
-            calling_ae=assoc.requestor.ae_title,
-            called_ae=assoc.acceptor.ae_title,
+            size=size,
+            dataset_digest=dataset_digest,
+            calling_ae=peer.calling_ae,
+            called_ae=peer.called_ae,
             modality=header.get("Modality"),
             patient_id=header.get("PatientID"),
             patient_name=header.get("PatientName"),
@@ -296,44 +481,24 @@ class StorageSCP:
             instance_number=header.get("InstanceNumber"),
             extra_tags={k: header.get(k) for k in self.extra if header.get(k)},
         )
-        timeout = self.cfg.nats.publish_timeout_s
         try:
-            future = asyncio.run_coroutine_threadsafe(self.bus.publish(received, timeout), self.loop)
-            ack = future.result(timeout + 1.0)
+            ack = await self.bus.publish(received, self.cfg.nats.publish_timeout_s)
         except BusUnavailable as exc:
             # Nothing reached JetStream: take back the blob we just wrote.
             if not existed:
-                self.blobs.delete(key)
+                await asyncio.get_running_loop().run_in_executor(self.io, self.blobs.delete, key)
             log.error("event bus unavailable for %s (%s); answered failure", sop_uid, exc)
-            return _status(OUT_OF_RESOURCES_BUS, "event log unavailable")
-        except (PublishUncertain, TimeoutError) as exc:
+            return OUT_OF_RESOURCES_BUS, "event log unavailable"
+        except PublishUncertain as exc:
             # The event may be recorded: keep the blob so it never points at nothing.
             log.error("no acknowledgement for %s (%s); answered failure", sop_uid, exc)
-            return _status(OUT_OF_RESOURCES_BUS, "event log did not acknowledge")
+            return OUT_OF_RESOURCES_BUS, "event log did not acknowledge"
         span = trace.get_current_span()
         span.set_attribute("switchyard.stream_seq", ack.seq)
         span.set_attribute("switchyard.duplicate", bool(ack.duplicate))
         if not ack.duplicate:
             self.metrics.instances.inc()
-            self.metrics.bytes.inc(d.size)
-        log.info("accepted %s (%d bytes, seq %d%s)", sop_uid, d.size, ack.seq,
+            self.metrics.bytes.inc(size)
+        log.info("accepted %s (%d bytes, seq %d%s)", sop_uid, size, ack.seq,
                  ", already recorded" if ack.duplicate else "")
-        return SUCCESS
-
-
-def defer_tls_handshake(server, ctx: ssl.SSLContext, timeout: float) -> None:
-    """Move the TLS handshake out of pynetdicom's accept loop.
-
-    pynetdicom wraps each accepted socket with a blocking handshake in the one
-    thread that accepts connections: a peer that connects and sends nothing
-    would stop every other peer from connecting. The handshake happens in the
-    association's own thread instead (StorageSCP._bound_reads), under the
-    network timeout.
-    """
-
-    def get_request():
-        client, address = server.socket.accept()
-        client.settimeout(timeout)
-        return ctx.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
-
-    server.get_request = get_request
+        return SUCCESS, ""

@@ -36,6 +36,15 @@ class BlobStore(ABC):
     def put_file(self, key: str, src: Path) -> None:
         """Store the file's bytes under key; durable when this returns."""
 
+    def adopt_file(self, key: str, src: Path) -> None:
+        """Store a file the caller hands over (it is gone afterwards); durable when this returns.
+
+        Stores that can take the file as it is (same filesystem) avoid writing
+        its bytes a second time; the rest copy and delete it.
+        """
+        self.put_file(key, src)
+        Path(src).unlink(missing_ok=True)
+
     @abstractmethod
     def get_file(self, key: str, dest: Path) -> None:
         """Write the blob's bytes to dest (created or replaced)."""

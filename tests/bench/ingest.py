@@ -30,7 +30,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MultiFrameGrayscaleWordSecondary
 
 from shared import localstack as ls
 from shared.corpus import generate_studies
-from tests.fixtures.servers import make_stack
+from tests.fixtures.servers import make_stack, new_orthanc_node
 from tests.fixtures.util import free_port
 
 SENDERS = 4
@@ -122,6 +122,16 @@ def main(argv: list[str]) -> int:
         finally:
             scp.stop()
 
+        # A second baseline that, like ingest, makes every instance durable before
+        # answering: Orthanc with SyncStorageArea (fsync per file), same files.
+        pacs = new_orthanc_node(9, work / "orthanc")
+        pacs.start()
+        try:
+            pacs_one = rate(pacs.node.dicom_port, pacs.node.ae_title, one, 1)
+            pacs_many = rate(pacs.node.dicom_port, pacs.node.ae_title, many, SENDERS)
+        finally:
+            pacs.stop()
+
         stack = make_stack(work / "stack", [], services=("ingest",))
         try:
             port, called = stack.cfg.ingest.port, stack.cfg.ingest.ae_title
@@ -152,6 +162,8 @@ def main(argv: list[str]) -> int:
         print(f"small instances: {count} x {size} bytes; ingest accepted (not duplicate): {accepted:.0f}")
         print(f"storescp (disk), 1 sender:     {scp_one:8.1f} img/s")
         print(f"storescp (disk), {SENDERS} senders:    {scp_many:8.1f} img/s")
+        print(f"Orthanc (SyncStorageArea, durable), 1 sender:  {pacs_one:8.1f} img/s")
+        print(f"Orthanc (SyncStorageArea, durable), {SENDERS} senders: {pacs_many:8.1f} img/s")
         print(f"ingest (durable), 1 sender:    {ing_one:8.1f} img/s  ({ing_one / scp_one:.2f}x storescp)")
         print(f"ingest (durable), {SENDERS} senders:   {ing_many:8.1f} img/s  ({ing_many / scp_many:.2f}x storescp, "
               f"{ing_many / ing_one:.2f}x one sender)")

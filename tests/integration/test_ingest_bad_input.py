@@ -25,7 +25,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from shared import localstack as ls
 from shared.corpus import generate_studies
-from shared.dimse import NODELAY_HANDLER
+from shared.dimse import NODELAY_HANDLER, settle
 from tests.fixtures.servers import Stack, make_stack
 from tests.fixtures.util import wait_for
 
@@ -122,6 +122,7 @@ class Background:
                 i = 0
                 # Stay below the network timeout between stores: keep sending.
                 while not self._stop.is_set() or not self.statuses:
+                    settle(assoc)
                     rsp = assoc.send_c_store(pydicom.dcmread(self.files[i % len(self.files)]))
                     self.statuses.append(int(rsp.Status) if rsp else -1)
                     i += 1

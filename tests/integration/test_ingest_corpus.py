@@ -26,7 +26,7 @@ from pynetdicom import _config as pynetdicom_config
 from shared import localstack as ls
 from shared.corpus import bundled_test_files
 from shared.dicomfile import dataset_offset
-from shared.dimse import NODELAY_HANDLER
+from shared.dimse import NODELAY_HANDLER, settle
 from tests.fixtures.util import free_port
 
 pytestmark = pytest.mark.integration
@@ -59,7 +59,11 @@ def send_unchanged_with_pynetdicom(stack, paths: list[Path], headers: dict) -> l
                          evt_handlers=[NODELAY_HANDLER])
     assert assoc.is_established
     try:
-        return [int(assoc.send_c_store(path).Status) for path in paths]
+        statuses = []
+        for path in paths:
+            settle(assoc)
+            statuses.append(int(assoc.send_c_store(path).Status))
+        return statuses
     finally:
         assoc.release()
 
