@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SUBJECT_RECEIVED = "dicom.instance.received"
 SUBJECT_DEAD_LETTERED = "dicom.instance.dead_lettered"
 SUBJECT_PLACED_ALL = "dicom.instance.placed.>"
+SUBJECT_VERIFICATION_FAILED_ALL = "dicom.instance.verification_failed.>"
 SUBJECT_HEARTBEAT_ALL = "node.heartbeat.>"
 SUBJECT_NODE_STATE_ALL = "node.state.>"
 
@@ -145,6 +146,11 @@ def forwarder_consumer(node_id: str, max_deliver: int, ack_wait_s: float) -> Con
 def replacement_consumer() -> ConsumerConfig:
     """Dead-lettered placements, for re-placement."""
     return _scheduler_durable("scheduler-replace", SUBJECT_DEAD_LETTERED)
+
+
+def verification_failed_consumer() -> ConsumerConfig:
+    """Deliveries the probe could not confirm on their node, for re-placement."""
+    return _scheduler_durable("scheduler-verify", SUBJECT_VERIFICATION_FAILED_ALL)
 
 
 AFFINITY_BUCKET = "study-affinity"

@@ -109,6 +109,44 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     load_smoothing: float = 0.5
 
 
+class RoutingRule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Instances whose header matches go to ``pools`` (one placement per pool: fan-out).
+
+    ``match`` maps a received-event field (``modality``, ``calling_ae``,
+    ``called_ae``, ``sop_class_uid``, ``study_description``, ...) or a keyword
+    from ``ingest.extra_tags`` to an exact value or an fnmatch glob, or a list
+    of them (any may match). Every key must match; an empty ``match`` matches all.
+    """
+
+    name: str
+    pools: list[str]
+    match: dict[str, str | list[str]] = {}
+
+
+class RoutingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Which nodes may take which instances. First matching rule wins; no match: pool "all"."""
+
+    rules: list[RoutingRule] = []
+    # Pool name -> node ids. "all" (every node) is built in and cannot be redefined.
+    pools: dict[str, list[str]] = {}
+
+    def __post_init__(self) -> None:
+        if "all" in self.pools:
+            raise ValueError('routing.pools: "all" is built in (every node)')
+        names = set()
+        for rule in self.rules:
+            if not rule.pools:
+                raise ValueError(f"routing rule {rule.name!r}: no pools")
+            if rule.name in names:
+                raise ValueError(f"routing rule {rule.name!r} defined twice")
+            names.add(rule.name)
+            unknown = [p for p in rule.pools if p != "all" and p not in self.pools]
+            if unknown:
+                raise ValueError(f"routing rule {rule.name!r}: unknown pools {unknown}")
+            if len(set(rule.pools)) != len(rule.pools):
+                raise ValueError(f"routing rule {rule.name!r}: a pool named twice")
+
+
 class ForwarderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_port: int = 9103
     ae_title: str = "SWITCHYARD"
@@ -178,12 +216,24 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     blobs: BlobConfig = msgspec.field(default_factory=BlobConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     forwarder: ForwarderConfig = msgspec.field(default_factory=ForwarderConfig)
     probe: ProbeConfig = msgspec.field(default_factory=ProbeConfig)
     catalog: CatalogConfig = msgspec.field(default_factory=CatalogConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     nodes: list[NodeConfig] = msgspec.field(default_factory=_default_nodes)
     node_credentials: NodeCredentials = msgspec.field(default_factory=NodeCredentials)
+
+    def __post_init__(self) -> None:
+        # Rules may only match what the received event carries.
+        from shared.events import InstanceReceivedV1
+
+        known = {*InstanceReceivedV1.__struct_fields__, *self.ingest.extra_tags} - {"extra_tags"}
+        for rule in self.routing.rules:
+            unknown = sorted(set(rule.match) - known)
+            if unknown:
+                raise ValueError(f"routing rule {rule.name!r} matches {unknown}: neither a received-event"
+                                 " field nor in ingest.extra_tags")
 
     def node(self, node_id: str) -> NodeConfig | None:
         return next((n for n in self.nodes if n.id == node_id), None)
@@ -241,6 +291,15 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         raise ConfigError(f"invalid config: {exc}") from exc
 
 
+def _toml_value(v: object) -> str:
+    """TOML for a value: JSON scalars and arrays are TOML; tables become inline tables."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
 def dump_toml(cfg: Config) -> str:
     """Render a config as TOML (used to hand generated configs to child processes)."""
     data = msgspec.to_builtins(cfg)
@@ -248,7 +307,7 @@ def dump_toml(cfg: Config) -> str:
     nodes = data.pop("nodes")
     for section, fields in data.items():
         lines.append(f"[{section}]")
-        lines.extend(f"{k} = {json.dumps(v)}" for k, v in fields.items())
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in fields.items())
         lines.append("")
     for node in nodes:
         lines.append("[[nodes]]")

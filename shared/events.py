@@ -87,6 +87,10 @@ class InstancePlacedV1(Event, tag="instance.placed.v1"):
     avoid: list[str] = []
     # Set when this placement moved the study's affinity away from that node.
     study_moved_from: str = ""
+    # Routing: the rule that chose the pool and the pool the node was chosen from
+    # ("" for both: no rule matched, pool "all"). Re-placements stay in the pool.
+    rule: str = ""
+    pool: str = ""
 
 
 class InstanceForwardedV1(Event, tag="instance.forwarded.v1"):
@@ -120,6 +124,7 @@ class InstanceDeadLetteredV1(Event, tag="instance.dead_lettered.v1"):
     received_seq: int = 0
     attempt: int = 0
     avoid: list[str] = []
+    pool: str = ""
 
 
 class InstanceVerifiedV1(Event, tag="instance.verified.v1"):
@@ -141,6 +146,12 @@ class InstanceVerificationFailedV1(Event, tag="instance.verification_failed.v1")
     reason: str
     expected_digest: str = ""
     found_digest: str = ""
+    # From the placement (as on a dead letter), so the scheduler can place the
+    # instance again elsewhere; received_seq 0: not re-placeable (older probe).
+    received_seq: int = 0
+    attempt: int = 0
+    avoid: list[str] = []
+    pool: str = ""
 
 
 class NodeHeartbeatV1(Event, tag="node.heartbeat.v1"):

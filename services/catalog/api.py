@@ -121,7 +121,8 @@ async def studies(request: web.Request) -> web.Response:
         "SELECT i.study_instance_uid, any_value(i.patient_id) AS patient_id, any_value(i.study_date) AS study_date,"
         " any_value(i.accession_number) AS accession_number,"
         " string_agg(DISTINCT i.modality, ',') AS modalities, count(DISTINCT i.series_instance_uid) AS series,"
-        " count(*) AS instances, list(DISTINCT l.node_id) FILTER (WHERE l.node_id IS NOT NULL) AS nodes,"
+        " count(DISTINCT i.sop_instance_uid) AS instances,"
+        " list(DISTINCT l.node_id) FILTER (WHERE l.node_id IS NOT NULL) AS nodes,"
         " count(*) FILTER (WHERE l.state IN ('forwarded', 'verified')) AS delivered,"
         " count(*) FILTER (WHERE l.state = 'verified') AS verified"
         " FROM instances i LEFT JOIN locations l USING (sop_instance_uid)"
@@ -137,7 +138,8 @@ async def series(request: web.Request) -> web.Response:
         "SELECT i.series_instance_uid, any_value(i.study_instance_uid) AS study_instance_uid,"
         " any_value(i.patient_id) AS patient_id, any_value(i.study_date) AS study_date,"
         " any_value(i.modality) AS modality, any_value(i.series_number) AS series_number,"
-        " count(*) AS instances, list(DISTINCT l.node_id) FILTER (WHERE l.node_id IS NOT NULL) AS nodes,"
+        " count(DISTINCT i.sop_instance_uid) AS instances,"
+        " list(DISTINCT l.node_id) FILTER (WHERE l.node_id IS NOT NULL) AS nodes,"
         " count(*) FILTER (WHERE l.state IN ('forwarded', 'verified')) AS delivered"
         " FROM instances i LEFT JOIN locations l USING (sop_instance_uid)"
         + _where(where)
@@ -146,7 +148,7 @@ async def series(request: web.Request) -> web.Response:
     return _json(await _query(request, sql, [*params, _limit(request)]))
 
 
-_STATES = {"placed", "forwarded", "failed", "dead_lettered", "verified"}
+_STATES = {"placed", "forwarded", "failed", "dead_lettered", "verified", "verification_failed"}
 
 
 async def instances(request: web.Request) -> web.Response:
@@ -164,7 +166,8 @@ async def instances(request: web.Request) -> web.Response:
         "SELECT i.sop_instance_uid, i.study_instance_uid, i.series_instance_uid, i.sop_class_uid,"
         " i.transfer_syntax_uid, i.modality, i.patient_id, i.accession_number, i.study_date, i.calling_ae,"
         " i.size, i.dataset_digest, i.received_seq, i.received_at, CAST(i.extra_tags AS VARCHAR) AS extra_tags,"
-        " l.node_id, l.state, l.reason, l.detail FROM instances i LEFT JOIN locations l USING (sop_instance_uid)"
+        " l.node_id, l.state, l.reason, l.detail, l.pool"
+        " FROM instances i LEFT JOIN locations l USING (sop_instance_uid)"
         + _where(where)
         + " ORDER BY i.received_seq LIMIT ?"
     )
@@ -185,8 +188,9 @@ def _trail_entry(row: dict[str, Any]) -> dict[str, Any]:
         entry["called_ae"] = payload.get("called_ae", "")
     elif kind.startswith("instance.placed."):
         entry["why"] = {"reason": payload.get("reason"), "candidates": payload.get("candidates", []),
-                        "attempt": payload.get("attempt", 0)}
-    elif kind.startswith(("instance.forward_failed.", "instance.dead_lettered.")):
+                        "attempt": payload.get("attempt", 0), "rule": payload.get("rule", ""),
+                        "pool": payload.get("pool", "")}
+    elif kind.startswith(("instance.forward_failed.", "instance.dead_lettered.", "instance.verification_failed.")):
         entry["why"] = {"reason": payload.get("reason"), "permanent": payload.get("permanent")}
     elif kind.startswith("instance.forwarded."):
         entry["status"] = payload.get("status")
@@ -198,7 +202,7 @@ def _trail_entry(row: dict[str, Any]) -> dict[str, Any]:
 _TRAIL_SQL = ("SELECT seq, type, node_id, sop_instance_uid, occurred_at, CAST(payload AS VARCHAR) AS payload"
               " FROM events WHERE {} ORDER BY seq")
 _SUMMARY_SQL = ("SELECT i.sop_instance_uid, i.study_instance_uid, i.calling_ae, i.received_at, l.node_id, l.state,"
-                " l.reason, l.detail FROM instances i LEFT JOIN locations l USING (sop_instance_uid) WHERE {}"
+                " l.reason, l.detail, l.pool FROM instances i LEFT JOIN locations l USING (sop_instance_uid) WHERE {}"
                 " ORDER BY i.received_seq")
 
 

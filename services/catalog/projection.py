@@ -34,10 +34,13 @@ CREATE TABLE IF NOT EXISTS instances (
     size BIGINT, dataset_digest VARCHAR, blob_key VARCHAR, calling_ae VARCHAR, called_ae VARCHAR,
     received_at TIMESTAMP, received_seq BIGINT, extra_tags JSON
 );
+-- One location per instance and routing pool ('' = the default pool): fan-out
+-- gives an instance one per pool; a re-placement replaces its pool's row.
 CREATE TABLE IF NOT EXISTS locations (
-    sop_instance_uid VARCHAR PRIMARY KEY,
+    sop_instance_uid VARCHAR,
     study_instance_uid VARCHAR, node_id VARCHAR, state VARCHAR, placement_id VARCHAR,
-    reason VARCHAR, detail VARCHAR, updated_seq BIGINT, updated_at TIMESTAMP
+    reason VARCHAR, detail VARCHAR, updated_seq BIGINT, updated_at TIMESTAMP, pool VARCHAR DEFAULT '',
+    PRIMARY KEY (sop_instance_uid, pool)
 );
 CREATE TABLE IF NOT EXISTS events (
     seq BIGINT PRIMARY KEY, event_id VARCHAR, type VARCHAR, sop_instance_uid VARCHAR,
@@ -61,7 +64,7 @@ _encoder = msgspec.json.Encoder()
 _EPOCH = datetime(1970, 1, 1)
 _MICRO = timedelta(microseconds=1)
 _LOCATION_COLUMNS = ("sop_instance_uid", "study_instance_uid", "node_id", "state", "placement_id",
-                     "reason", "detail", "updated_seq", "updated_at")
+                     "reason", "detail", "updated_seq", "updated_at", "pool")
 _TYPES = {
     "seq": "BIGINT", "size": "BIGINT", "received_seq": "BIGINT", "updated_seq": "BIGINT",
     "occurred_at": "TS", "received_at": "TS", "updated_at": "TS", "payload": "JSON", "extra_tags": "JSON",
@@ -96,6 +99,24 @@ def _insert_columns(con, table: str, columns: tuple[str, ...], data: list[list],
     con.execute(f"{verb} INTO {table} ({', '.join(columns)}) SELECT {', '.join(exprs)}", data)
 
 
+def _migrate(con) -> None:
+    """Files from before routing pools keyed locations by instance only: re-key them (pool '')."""
+    cols = {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'locations'").fetchall()}
+    if not cols or "pool" in cols:
+        return
+    con.execute("BEGIN")
+    try:
+        con.execute("ALTER TABLE locations RENAME TO locations_before_pools")
+        con.execute(SCHEMA)
+        con.execute("INSERT INTO locations SELECT *, '' FROM locations_before_pools")
+        con.execute("DROP TABLE locations_before_pools")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
 class CatalogStore:
     """One DuckDB file; writes are serialised, reads use their own cursors."""
 
@@ -103,6 +124,7 @@ class CatalogStore:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
         self.con = duckdb.connect(str(path))
+        _migrate(self.con)
         self.con.execute(SCHEMA)
         self.lock = threading.Lock()
 
@@ -162,6 +184,7 @@ _OUTCOME_STATE = {
     ev.InstanceForwardedV1: "forwarded",
     ev.InstanceForwardFailedV1: "failed",
     ev.InstanceDeadLetteredV1: "dead_lettered",
+    ev.InstanceVerificationFailedV1: "verification_failed",
 }
 
 
@@ -171,15 +194,17 @@ def _apply_many(con, todo: list[tuple[int, ev.AnyEvent]]) -> None:
     nodes: dict[str, list] = {}
     # Location rows this batch moves but did not create earlier in the batch: read
     # them once (a rebuild's batches hold whole instances, so it reads almost none).
+    # Keyed by placement id: with fan-out, another pool's row of the same instance may be older.
     wanted: set[str] = set()
     placed_here: set[str] = set()
     for _, e in todo:
         kind = type(e)
         if kind is ev.InstancePlacedV1:
-            placed_here.add(e.sop_instance_uid)
-        elif (kind in _OUTCOME_STATE or kind is ev.InstanceVerifiedV1) and e.sop_instance_uid not in placed_here:
+            placed_here.add(e.event_id)
+        elif (kind in _OUTCOME_STATE or kind is ev.InstanceVerifiedV1) and e.placement_id not in placed_here:
             wanted.add(e.sop_instance_uid)
-    locations: dict[str, list] = {}
+    # sop -> pool -> location row.
+    locations: dict[str, dict[str, list]] = {}
     if wanted:
         rows = con.execute(
             f"SELECT {', '.join(_LOCATION_COLUMNS)} FROM locations"
@@ -188,8 +213,8 @@ def _apply_many(con, todo: list[tuple[int, ev.AnyEvent]]) -> None:
         for row in rows:
             row = list(row)
             row[8] = _micros(row[8]) if row[8] is not None else None
-            locations[row[0]] = row
-    dirty: set[str] = set()
+            locations.setdefault(row[0], {})[row[9]] = row
+    dirty: set[tuple[str, str]] = set()
     encode = _encoder.encode
     for seq, event in todo:
         kind = type(event)
@@ -204,21 +229,22 @@ def _apply_many(con, todo: list[tuple[int, ev.AnyEvent]]) -> None:
             instances[sop] = [*(getattr(event, c) for c in _RECEIVED_COLUMNS), at, seq,
                               encode(event.extra_tags).decode()]
         elif kind is ev.InstancePlacedV1:
-            locations[sop] = [sop, event.study_instance_uid, node, "placed", event.event_id, event.reason, "",
-                              seq, at]
-            dirty.add(sop)
+            locations.setdefault(sop, {})[event.pool] = [
+                sop, event.study_instance_uid, node, "placed", event.event_id, event.reason, "", seq, at, event.pool]
+            dirty.add((sop, event.pool))
         elif kind in _OUTCOME_STATE:
-            row = locations.get(sop)
-            if row is not None and row[4] == event.placement_id:  # only the current placement moves
+            # Only the current placement of its pool moves.
+            row = next((r for r in locations.get(sop, {}).values() if r[4] == event.placement_id), None)
+            if row is not None:
                 row[3] = _OUTCOME_STATE[kind]
                 row[6] = "" if kind is ev.InstanceForwardedV1 else event.reason
                 row[7], row[8] = seq, at
-                dirty.add(sop)
+                dirty.add((sop, row[9]))
         elif kind is ev.InstanceVerifiedV1:
-            row = locations.get(sop)
-            if row is not None and row[2] == node:
-                row[3], row[7], row[8] = "verified", seq, at
-                dirty.add(sop)
+            for row in locations.get(sop, {}).values():
+                if (row[4] == event.placement_id) if event.placement_id else (row[2] == node):
+                    row[3], row[7], row[8] = "verified", seq, at
+                    dirty.add((sop, row[9]))
         elif kind is ev.NodeStateChangedV1:
             nodes[node] = [node, event.state, event.reason, seq, at]
     _insert_columns(con, "events", ("seq", "event_id", "type", "sop_instance_uid", "study_instance_uid",
@@ -228,7 +254,8 @@ def _apply_many(con, todo: list[tuple[int, ev.AnyEvent]]) -> None:
         cols = (*_RECEIVED_COLUMNS, "received_at", "received_seq", "extra_tags")
         _insert_columns(con, "instances", cols, [list(c) for c in zip(*instances.values())])
     if dirty:
-        _insert_columns(con, "locations", _LOCATION_COLUMNS, [list(c) for c in zip(*(locations[s] for s in dirty))])
+        _insert_columns(con, "locations", _LOCATION_COLUMNS,
+                        [list(c) for c in zip(*(locations[s][p] for s, p in dirty))])
     if nodes:
         _insert_columns(con, "nodes", ("node_id", "state", "reason", "updated_seq", "updated_at"),
                         [list(c) for c in zip(*nodes.values())])

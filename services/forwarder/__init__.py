@@ -233,7 +233,7 @@ class NodeWorker:
             node_id=node, placement_id=placed.event_id,
             reason=outcome.reason if outcome.reason in ("node down", "node removed") else
             f"{outcome.reason} after {delivery} deliveries",
-            received_seq=placed.received_seq, attempt=placed.attempt, avoid=placed.avoid,
+            received_seq=placed.received_seq, attempt=placed.attempt, avoid=placed.avoid, pool=placed.pool,
         ))
         self.metrics.dead.labels(node=node).inc()
         await msg.term()

@@ -16,6 +16,7 @@ read back and its dataset digest compared.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,6 +41,16 @@ CREATE TABLE IF NOT EXISTS expected (
     PRIMARY KEY (node_id, sop_instance_uid)
 );
 CREATE TABLE IF NOT EXISTS node_cursor (node_id VARCHAR PRIMARY KEY, last_change BIGINT NOT NULL);
+-- What the scheduler needs to place an instance again after a failed verification
+-- (added later: ALTER for files created before).
+ALTER TABLE placements ADD COLUMN IF NOT EXISTS received_seq BIGINT DEFAULT 0;
+ALTER TABLE placements ADD COLUMN IF NOT EXISTS attempt INTEGER DEFAULT 0;
+ALTER TABLE placements ADD COLUMN IF NOT EXISTS avoid VARCHAR DEFAULT '[]';
+ALTER TABLE placements ADD COLUMN IF NOT EXISTS pool VARCHAR DEFAULT '';
+ALTER TABLE expected ADD COLUMN IF NOT EXISTS received_seq BIGINT DEFAULT 0;
+ALTER TABLE expected ADD COLUMN IF NOT EXISTS attempt INTEGER DEFAULT 0;
+ALTER TABLE expected ADD COLUMN IF NOT EXISTS avoid VARCHAR DEFAULT '[]';
+ALTER TABLE expected ADD COLUMN IF NOT EXISTS pool VARCHAR DEFAULT '';
 CREATE TABLE IF NOT EXISTS seen (
     node_id VARCHAR, sop_instance_uid VARCHAR, orthanc_id VARCHAR, change_seq BIGINT,
     PRIMARY KEY (node_id, sop_instance_uid)
@@ -56,6 +67,20 @@ class Expected:
     dataset_digest: str
     forwarded_at: datetime
     orthanc_id: str | None = None
+    # From the placement, carried into a verification failure (for re-placement).
+    received_seq: int = 0
+    attempt: int = 0
+    avoid: tuple[str, ...] = ()
+    pool: str = ""
+
+
+_EXPECTED = ("e.node_id, e.sop_instance_uid, e.study_instance_uid, e.placement_id, e.dataset_digest,"
+             " e.forwarded_at, {orthanc_id}, e.received_seq, e.attempt, e.avoid, e.pool")
+
+
+def _expected(row) -> Expected:
+    *head, avoid, pool = row
+    return Expected(*head, avoid=tuple(json.loads(avoid or "[]")), pool=pool or "")
 
 
 def _utc(at: datetime) -> datetime:
@@ -122,23 +147,23 @@ class ProbeStore:
         """Pending expectations on this node whose instance the node has shown."""
         with self.lock:
             rows = self.con.execute(
-                "SELECT e.node_id, e.sop_instance_uid, e.study_instance_uid, e.placement_id, e.dataset_digest,"
-                " e.forwarded_at, s.orthanc_id FROM expected e JOIN seen s USING (node_id, sop_instance_uid)"
+                f"SELECT {_EXPECTED.format(orthanc_id='s.orthanc_id')}"
+                " FROM expected e JOIN seen s USING (node_id, sop_instance_uid)"
                 " WHERE e.node_id = ? AND e.state = 'pending' ORDER BY e.forwarded_at", [node_id],
             ).fetchall()
-        return [Expected(*r) for r in rows]
+        return [_expected(r) for r in rows]
 
     def overdue(self, node_id: str, now: datetime, deadline_s: float) -> list[Expected]:
         """Pending expectations not seen on the node within the deadline."""
         with self.lock:
             rows = self.con.execute(
-                "SELECT e.node_id, e.sop_instance_uid, e.study_instance_uid, e.placement_id, e.dataset_digest,"
-                " e.forwarded_at FROM expected e ANTI JOIN seen s USING (node_id, sop_instance_uid)"
+                f"SELECT {_EXPECTED.format(orthanc_id='NULL')}"
+                " FROM expected e ANTI JOIN seen s USING (node_id, sop_instance_uid)"
                 " WHERE e.node_id = ? AND e.state = 'pending'"
                 " AND e.forwarded_at + to_microseconds(CAST(? * 1000000 AS BIGINT)) < ?",
                 [node_id, deadline_s, _utc(now)],
             ).fetchall()
-        return [Expected(*r) for r in rows]
+        return [_expected(r) for r in rows]
 
     def settle(self, node_id: str, sop_instance_uid: str, placement_id: str, state: str, detail: str = "") -> None:
         """Close one expectation (verified | failed) once its event is published."""
@@ -172,21 +197,27 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
         match event:
             case ev.InstancePlacedV1():
                 con.execute(
-                    "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO placements (placement_id, sop_instance_uid, study_instance_uid,"
+                    " node_id, dataset_digest, received_seq, attempt, avoid, pool)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [event.event_id, event.sop_instance_uid, event.study_instance_uid, event.node_id,
-                     event.dataset_digest],
+                     event.dataset_digest, event.received_seq, event.attempt, json.dumps(event.avoid),
+                     event.pool],
                 )
             case ev.InstanceForwardedV1():
                 placed = con.execute(
-                    "SELECT dataset_digest FROM placements WHERE placement_id = ?", [event.placement_id]
+                    "SELECT dataset_digest, received_seq, attempt, avoid, pool FROM placements"
+                    " WHERE placement_id = ?", [event.placement_id]
                 ).fetchone()
                 if placed is not None:
-                    # The expectation carries the digest from here on.
+                    # The expectation carries the digest (and what a re-placement needs) from here on.
                     con.execute("DELETE FROM placements WHERE placement_id = ?", [event.placement_id])
                     con.execute(
-                        "INSERT OR REPLACE INTO expected VALUES (?, ?, ?, ?, ?, ?, 'pending', '')",
+                        "INSERT OR REPLACE INTO expected (node_id, sop_instance_uid, study_instance_uid,"
+                        " placement_id, dataset_digest, forwarded_at, state, detail, received_seq, attempt,"
+                        " avoid, pool) VALUES (?, ?, ?, ?, ?, ?, 'pending', '', ?, ?, ?, ?)",
                         [event.node_id, event.sop_instance_uid, event.study_instance_uid, event.placement_id,
-                         placed[0], _utc(event.occurred_at)],
+                         placed[0], _utc(event.occurred_at), *placed[1:]],
                     )
             case ev.InstanceDeadLetteredV1():
                 con.execute("DELETE FROM placements WHERE placement_id = ?", [event.placement_id])

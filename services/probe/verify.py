@@ -77,6 +77,7 @@ def failed_event(item: Expected, reason: str, found: str = "") -> ev.InstanceVer
         sop_instance_uid=item.sop_instance_uid, study_instance_uid=item.study_instance_uid,
         node_id=item.node_id, placement_id=item.placement_id, reason=reason,
         expected_digest=item.dataset_digest, found_digest=found,
+        received_seq=item.received_seq, attempt=item.attempt, avoid=list(item.avoid), pool=item.pool,
     )
 
 

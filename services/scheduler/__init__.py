@@ -15,11 +15,15 @@ affinity survives restarts without replaying the log. Placement ids are
 deterministic (received stream sequence + attempt), so a redelivered received
 message cannot be placed twice.
 
+Routing (``routing.py``): the first matching rule names the pools an instance
+goes to, one placement per pool (fan-out); affinity is kept per (pool, study).
+
 Re-placement: every dead-lettered placement (delivery failed for good, or the
 forwarder gave up on a down/removed node's backlog) is consumed from the
-shared durable ``scheduler-replace`` consumer and placed again with
-attempt+1, avoiding the nodes that already failed it, at most
-``scheduler.max_attempts`` placements per instance.
+shared durable ``scheduler-replace`` consumer, and every failed verification
+(the probe could not confirm the delivery on the node) from ``scheduler-verify``;
+either is placed again in its pool with attempt+1, avoiding the nodes that
+already failed it, at most ``scheduler.max_attempts`` placements per instance.
 """
 
 from __future__ import annotations
@@ -38,11 +42,12 @@ from nats.js.api import KeyValueConfig, StorageType
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.scheduler.policy import NodeView, Weights, place, score
+from services.scheduler.routing import DEFAULT_POOL, in_pool, route
 from shared import events as ev
 from shared import membership
 from shared.bus import (
     AFFINITY_BUCKET, SUBJECT_HEARTBEAT_ALL, Bus, BusUnavailable, PublishUncertain, replacement_consumer,
-    scheduler_consumer,
+    scheduler_consumer, verification_failed_consumer,
 )
 from shared.config import Config, SchedulerConfig
 from shared.runtime import running_service, wait_or_stop
@@ -129,8 +134,23 @@ class Liveness:
 
 
 def study_key(study_uid: str) -> str:
-    """KV keys allow few characters: a hash of the study UID."""
+    """KV keys allow few characters: a hash of the study UID (or of an affinity scope)."""
     return "s" + hashlib.blake2b(study_uid.encode(), digest_size=16).hexdigest()
+
+
+def is_default_pool(pool: str) -> bool:
+    return pool in ("", DEFAULT_POOL)
+
+
+def affinity_scope(study_uid: str, pool: str) -> str:
+    """Affinity is per (pool, study); the default pool keeps the bare study (existing KV keys)."""
+    return study_uid if is_default_pool(pool) else f"{pool}|{study_uid}"
+
+
+def placement_id(sop_instance_uid: str, received_seq: int, attempt: int, pool: str) -> str:
+    """One id per (instance, attempt, pool); the default pool keeps the id older logs have."""
+    parts = (sop_instance_uid, received_seq, attempt) + (() if is_default_pool(pool) else (pool,))
+    return ev.fact_id("placed", *parts)
 
 
 class Affinity:
@@ -203,7 +223,7 @@ class Scheduler:
         self.waiting = Counter("switchyard_scheduler_no_live_node", "Instances that found no live node",
                                registry=registry)
         self.given_up = Counter("switchyard_scheduler_final_dead_letters",
-                                "Dead letters not placed again (attempts used up or no other node)",
+                                "Failed deliveries (dead letters, failed verifications) not placed again",
                                 registry=registry)
         self.decision_seconds = Histogram("switchyard_scheduler_decision_seconds", "Decision time",
                                           registry=registry)
@@ -282,19 +302,25 @@ class Scheduler:
 
     # -- placement ----------------------------------------------------------------
 
+    def pool_views(self, pool: str, avoid: tuple[str, ...] = ()) -> list[NodeView]:
+        """The nodes of ``pool`` (all for the default pool), without ``avoid``."""
+        return in_pool(self.live.views(time.monotonic(), frozenset(avoid)), pool or DEFAULT_POOL,
+                       self.cfg.routing.pools)
+
     async def decide(self, seq: int, received: ev.InstanceReceivedV1, attempt: int = 0,
                      avoid: tuple[str, ...] = (), replaces: str = "", reason: str | None = None,
-                     ) -> ev.InstancePlacedV1 | None:
+                     pool: str = "", rule: str = "") -> ev.InstancePlacedV1 | None:
+        """One placement in ``pool`` ("": the default pool); None when no node of the pool can take it."""
         study = received.study_instance_uid
-        now = time.monotonic()
-        views = self.live.views(now, frozenset(avoid))
-        known = await self.affinity.get(study)
+        scope = affinity_scope(study, pool)
+        views = self.pool_views(pool, avoid)
+        known = await self.affinity.get(scope)
         decision = place(study, views, known[0] if known else None, self.weights)
         if decision is None:
             return None
         node_id, why, moved_from = decision.node_id, decision.reason, ""
         if decision.reason != "affinity":
-            holder = await self.affinity.claim(study, node_id, known)
+            holder = await self.affinity.claim(scope, node_id, known)
             if holder != node_id:
                 # Another replica placed this study first: follow it if it can take work.
                 again = place(study, views, holder, self.weights)
@@ -304,9 +330,12 @@ class Scheduler:
                 moved_from = known[0]
         if reason is not None:
             why = reason
+        elif rule and why != "failover":
+            # A rule chose the pool (new study or affinity inside it); a failover still says so.
+            why = "rule"
         traceparent, tracestate = current_trace_context()
         return ev.InstancePlacedV1(
-            event_id=ev.fact_id("placed", received.sop_instance_uid, seq, attempt),
+            event_id=placement_id(received.sop_instance_uid, seq, attempt, pool),
             traceparent=traceparent, tracestate=tracestate,
             sop_instance_uid=received.sop_instance_uid, study_instance_uid=study,
             sop_class_uid=received.sop_class_uid, transfer_syntax_uid=received.transfer_syntax_uid,
@@ -314,7 +343,7 @@ class Scheduler:
             node_id=node_id, reason=why,
             candidates=[ev.Candidate(n, round(s, 6)) for n, s in decision.candidates],
             attempt=attempt, received_seq=seq, replaces=replaces, avoid=list(avoid),
-            study_moved_from=moved_from,
+            study_moved_from=moved_from, rule=rule, pool=pool,
         )
 
     async def _consume(self, config, handler, stop: asyncio.Event) -> None:
@@ -339,21 +368,24 @@ class Scheduler:
         await asyncio.gather(
             self._consume(scheduler_consumer(), self.handle, stop),
             self._consume(replacement_consumer(), self.handle_dead_letter, stop),
+            self._consume(verification_failed_consumer(), self.handle_verification_failed, stop),
             self.watch_nodes(stop),
         )
 
-    async def _record(self, msg, placed: ev.InstancePlacedV1) -> bool:
+    async def _record(self, placed: ev.InstancePlacedV1) -> bool:
+        """Publish one placement; False when it is not known to be recorded (the caller does not ack)."""
         try:
-            await self.bus.publish(placed)
+            ack = await self.bus.publish(placed)
         except (BusUnavailable, PublishUncertain) as exc:
             # Not acked: JetStream redelivers, and the same placement id dedupes.
             log.warning("placement of %s not recorded (%s); will retry", placed.sop_instance_uid, exc)
             return False
+        if ack.duplicate:
+            return True  # recorded by an earlier delivery (or another replica): counted there
         self.live.reserve(placed.node_id)
         self.placements.labels(node=placed.node_id, reason=placed.reason).inc()
         if placed.study_moved_from:
             log.info("study moved from %s to %s (%s)", placed.study_moved_from, placed.node_id, placed.reason)
-        await msg.ack()
         return True
 
     async def handle(self, msg) -> None:
@@ -371,72 +403,95 @@ class Scheduler:
         with self.tracer.start_as_current_span("scheduler.place", context=parent) as span:
             span.set_attribute("dicom.sop_instance_uid", received.sop_instance_uid)
             started = time.perf_counter()
-            try:
-                placed = await self.decide(seq, received)
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
-                # The affinity bucket did not answer: not acked, tried again.
-                log.warning("affinity lookup for %s failed (%s); retrying", received.sop_instance_uid, exc)
-                await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
-                return
+            chosen = route(received, self.cfg.routing.rules)
+            if chosen.rule:
+                span.set_attribute("switchyard.rule", chosen.rule)
+            # One placement per pool (fan-out). A redelivery re-decides every pool; the
+            # ones already recorded carry the same id and are dropped as duplicates.
+            waiting, recorded = [], True
+            for pool in chosen.pools:
+                try:
+                    placed = await self.decide(seq, received, pool="" if not chosen.rule else pool,
+                                               rule=chosen.rule)
+                except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                    # The affinity bucket did not answer: not acked, tried again.
+                    log.warning("affinity lookup for %s failed (%s); retrying", received.sop_instance_uid, exc)
+                    await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
+                    return
+                if placed is None:
+                    waiting.append(pool)
+                    continue
+                span.set_attribute("switchyard.node", placed.node_id)
+                span.set_attribute("switchyard.reason", placed.reason)
+                recorded = await self._record(placed) and recorded
             self.decision_seconds.observe(time.perf_counter() - started)
-            if placed is None:
+            if waiting:
+                # Never elsewhere: the instance waits until a node of the pool can take it.
                 self.waiting.inc()
-                log.warning("no live node for %s; retrying in %.1fs", received.sop_instance_uid,
-                            self.cfg.scheduler.no_node_retry_s)
+                log.warning("no live node in pool %s for %s; retrying in %.1fs", ",".join(waiting),
+                            received.sop_instance_uid, self.cfg.scheduler.no_node_retry_s)
                 await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
                 return
-            span.set_attribute("switchyard.node", placed.node_id)
-            span.set_attribute("switchyard.reason", placed.reason)
-            await self._record(msg, placed)
+            if recorded:
+                await msg.ack()
 
     async def handle_dead_letter(self, msg) -> None:
+        """A placement whose delivery failed for good (or whose node was gone): place it again."""
+        await self._replace_from(msg, ev.InstanceDeadLetteredV1)
+
+    async def handle_verification_failed(self, msg) -> None:
+        """Delivered, but the probe could not confirm it on the node: a failed delivery, place it again."""
+        await self._replace_from(msg, ev.InstanceVerificationFailedV1)
+
+    async def _replace_from(self, msg, kind: type) -> None:
         try:
-            dead = ev.decode(msg.data)
+            failed = ev.decode(msg.data)
         except msgspec.DecodeError:
             await msg.term()
             return
-        if not isinstance(dead, ev.InstanceDeadLetteredV1) or dead.received_seq <= 0:
+        if not isinstance(failed, kind) or failed.received_seq <= 0:
             await msg.ack()
             return
-        attempt = dead.attempt + 1
+        attempt = failed.attempt + 1
         if attempt >= self.cfg.scheduler.max_attempts:
-            log.warning("%s dead-lettered for good after %d placements: %s", dead.sop_instance_uid,
-                        attempt, dead.reason)
+            log.warning("%s failed for good after %d placements: %s", failed.sop_instance_uid,
+                        attempt, failed.reason)
             self.given_up.inc()
             await msg.ack()
             return
         try:
-            raw = await self.bus.js.get_msg(self.cfg.nats.events_stream, dead.received_seq)
+            raw = await self.bus.js.get_msg(self.cfg.nats.events_stream, failed.received_seq)
             received = ev.decode(raw.data)
         except (nats.errors.Error, msgspec.DecodeError) as exc:
-            log.warning("received event %d not readable (%s); retrying", dead.received_seq, exc)
+            log.warning("received event %d not readable (%s); retrying", failed.received_seq, exc)
             await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
             return
         if not isinstance(received, ev.InstanceReceivedV1):
             await msg.ack()
             return
-        node_gone = dead.reason in NODE_GONE_REASONS
+        node_gone = kind is ev.InstanceDeadLetteredV1 and failed.reason in NODE_GONE_REASONS
         # A node that failed the delivery itself is avoided; a node that was down is
         # not eligible while down, and may take the instance again once back.
-        avoid = tuple(dict.fromkeys([*dead.avoid, *([] if node_gone else [dead.node_id])]))
+        avoid = tuple(dict.fromkeys([*failed.avoid, *([] if node_gone else [failed.node_id])]))
         try:
-            placed = await self.decide(dead.received_seq, received, attempt, avoid, dead.placement_id,
-                                       "failover" if node_gone else "replacement")
+            placed = await self.decide(failed.received_seq, received, attempt, avoid, failed.placement_id,
+                                       "failover" if node_gone else "replacement", pool=failed.pool)
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
-            log.warning("affinity lookup for %s failed (%s); retrying", dead.sop_instance_uid, exc)
+            log.warning("affinity lookup for %s failed (%s); retrying", failed.sop_instance_uid, exc)
             await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
             return
         if placed is None:
-            if any(v.eligible for v in self.live.views(time.monotonic())):
-                log.warning("%s: no node left that has not failed it; dead-lettered for good",
-                            dead.sop_instance_uid)
+            if any(v.eligible for v in self.pool_views(failed.pool)):
+                log.warning("%s: no node left in its pool that has not failed it; failed for good",
+                            failed.sop_instance_uid)
                 self.given_up.inc()
                 await msg.ack()
                 return
             self.waiting.inc()
             await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
             return
-        await self._record(msg, placed)
+        if await self._record(placed):
+            await msg.ack()
 
 
 async def affinity_bucket(bus: Bus, cfg: Config):

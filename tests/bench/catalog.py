@@ -145,7 +145,7 @@ def row_by_row_baseline(path: Path, n: int) -> float:
                         [*(getattr(e, c) for c in _RECEIVED_COLUMNS), utc(e.occurred_at), seq,
                          enc.encode(e.extra_tags).decode()])
         elif isinstance(e, ev.InstancePlacedV1):
-            con.execute("INSERT OR REPLACE INTO locations VALUES (?, ?, ?, 'placed', ?, ?, '', ?, ?)",
+            con.execute("INSERT OR REPLACE INTO locations VALUES (?, ?, ?, 'placed', ?, ?, '', ?, ?, '')",
                         [e.sop_instance_uid, e.study_instance_uid, e.node_id, e.event_id, e.reason, seq,
                          utc(e.occurred_at)])
         elif isinstance(e, ev.InstanceForwardedV1):

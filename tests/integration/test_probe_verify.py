@@ -73,18 +73,28 @@ def test_an_instance_whose_stored_bytes_differ_fails_verification(stack, live_no
     try:
         assert stack.send([tmp_path / "corpus"], extra=["+sd", "+r"]).returncode == 0
 
+        attempts = stack.cfg.scheduler.max_attempts
+
         def outcome():
             failed = [e for e in log_events(stack, ev.InstanceVerificationFailedV1)
                       if e.sop_instance_uid == tampered_sop]
-            return failed if failed and verified_for(stack, [clean_sop]) else None
+            return failed if len(failed) == attempts and verified_for(stack, [clean_sop]) else None
 
-        (failed,) = wait_for(outcome, timeout=60, what="tampered instance judged")
-        assert failed.reason == "dataset digest mismatch"
-        assert failed.study_instance_uid == study_uid
-        assert failed.expected_digest == dataset_bytes_digest(tampered_file.read_bytes())
-        assert failed.found_digest == dataset_bytes_digest(altered.read_bytes())
-        (fwd,) = [e for e in log_events(stack, ev.InstanceForwardedV1) if e.sop_instance_uid == tampered_sop]
-        assert (failed.node_id, failed.placement_id) == (fwd.node_id, fwd.placement_id)
+        # Every node holds the altered dataset: each failed verification is re-placed on a
+        # node that has not failed it, until scheduler.max_attempts placements are used up.
+        failures = wait_for(outcome, timeout=90, what="tampered instance judged on every node")
+        forwarded = {e.placement_id: e for e in log_events(stack, ev.InstanceForwardedV1)
+                     if e.sop_instance_uid == tampered_sop}
+        for failed in failures:
+            assert failed.reason == "dataset digest mismatch"
+            assert failed.study_instance_uid == study_uid
+            assert failed.expected_digest == dataset_bytes_digest(tampered_file.read_bytes())
+            assert failed.found_digest == dataset_bytes_digest(altered.read_bytes())
+            assert failed.node_id == forwarded[failed.placement_id].node_id
+        assert sorted(f.attempt for f in failures) == list(range(attempts))
+        assert len({f.node_id for f in failures}) == attempts
+        wait_for(lambda: stack.metric("scheduler", "switchyard_scheduler_final_dead_letters_total") == 1,
+                 timeout=20, what="the last failure is final")
         assert not verified_for(stack, [tampered_sop])
     finally:
         for node, orthanc_id in zip(live_nodes, uploaded):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from services.catalog.projection import CatalogStore
@@ -92,3 +93,54 @@ def test_failed_batch_leaves_nothing(tmp_path):
         store.apply([(2, received(3)), (3, bad)])
     assert store.last_seq() == 1
     assert store.cursor().execute("SELECT count(*) FROM instances").fetchone() == (1,)
+
+
+def fanned_out(n: int, node: str, pool: str, attempt: int = 0) -> ev.InstancePlacedV1:
+    return msgspec.structs.replace(placed(n, node, attempt), event_id=f"p{n}-{pool}-{attempt}", pool=pool,
+                                   rule="both", reason="rule")
+
+
+def test_fan_out_keeps_one_location_per_pool(tmp_path):
+    """One instance placed in two pools has two locations; each moves with its own placement."""
+    def fwd(node, pool, attempt=0):
+        return msgspec.structs.replace(forwarded(1, node, attempt), event_id=f"f-{pool}-{attempt}",
+                                       placement_id=f"p1-{pool}-{attempt}")
+
+    log = [(1, received(1)), (2, fanned_out(1, "node1", "archive")), (3, fanned_out(1, "node2", "research")),
+           (4, fwd("node1", "archive")),
+           (5, ev.InstanceVerificationFailedV1(event_id="vf", sop_instance_uid="1.2.9.1", study_instance_uid="1.2.9",
+                                               node_id="node1", placement_id="p1-archive-0", reason="mismatch")),
+           (6, fanned_out(1, "node3", "archive", attempt=1)), (7, fwd("node2", "research")),
+           (8, ev.InstanceVerifiedV1(event_id="v", sop_instance_uid="1.2.9.1", node_id="node2", dataset_digest="d",
+                                     placement_id="p1-research-0"))]
+    store = CatalogStore(tmp_path / "c.duckdb")
+    store.apply(log[:5])
+    rows = store.rows("SELECT pool, node_id, state FROM locations ORDER BY pool")
+    assert rows == [{"pool": "archive", "node_id": "node1", "state": "verification_failed"},
+                    {"pool": "research", "node_id": "node2", "state": "placed"}]
+    store.apply(log[5:])
+    assert store.rows("SELECT pool, node_id, state FROM locations ORDER BY pool") == [
+        {"pool": "archive", "node_id": "node3", "state": "placed"},
+        {"pool": "research", "node_id": "node2", "state": "verified"}]
+    one_batch = CatalogStore(tmp_path / "r.duckdb")
+    one_batch.apply(log)
+    assert dump(one_batch) == dump(store)
+
+
+def test_a_file_from_before_pools_is_rekeyed(tmp_path):
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE locations (sop_instance_uid VARCHAR PRIMARY KEY, study_instance_uid VARCHAR,"
+                " node_id VARCHAR, state VARCHAR, placement_id VARCHAR, reason VARCHAR, detail VARCHAR,"
+                " updated_seq BIGINT, updated_at TIMESTAMP)")
+    con.execute("INSERT INTO locations VALUES ('1.2.9.1', '1.2.9', 'node1', 'placed', 'p1-0', 'new_study', '',"
+                " 2, TIMESTAMP '2026-01-01 00:00:00')")
+    con.close()
+    store = CatalogStore(path)
+    assert store.rows("SELECT sop_instance_uid, pool, state FROM locations") == [
+        {"sop_instance_uid": "1.2.9.1", "pool": "", "state": "placed"}]
+    store.apply([(3, forwarded(1, "node1")), (4, fanned_out(1, "node2", "research"))])
+    assert store.rows("SELECT pool, state FROM locations ORDER BY pool") == [
+        {"pool": "", "state": "forwarded"}, {"pool": "research", "state": "placed"}]

@@ -120,3 +120,34 @@ def test_forwarded_and_dead_lettered_placements_are_not_kept(tmp_path):
     store.apply([(1, a), (2, b), (3, forwarded(a)), (4, dead)])
     assert store.con.execute("SELECT count(*) FROM placements").fetchone() == (0,)
     assert store.states() == {("node1", "1.1"): "pending"}
+
+
+def test_a_failed_verification_carries_what_a_re_placement_needs(tmp_path):
+    """received_seq, attempt, avoid and pool go from the placement into the failure event."""
+    store = ProbeStore(tmp_path / "p.duckdb")
+    p = msgspec_replace(placed("1.1"), received_seq=42, attempt=1, avoid=["node3"], pool="archive")
+    store.apply([(1, p), (2, forwarded(p, ev.utcnow() - timedelta(seconds=30)))])
+    (item,) = store.overdue("node1", ev.utcnow(), 10.0)
+    failed = failed_event(item, "not seen")
+    assert (failed.received_seq, failed.attempt, failed.avoid, failed.pool) == (42, 1, ["node3"], "archive")
+    store.record_changes("node1", [("1.1", "o1", 1)], 1)
+    (item,) = store.ready_to_check("node1")
+    assert (item.orthanc_id, item.received_seq, item.avoid) == ("o1", 42, ("node3",))
+
+
+def test_a_store_file_from_before_re_placement_fields_opens(tmp_path):
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE placements (placement_id VARCHAR PRIMARY KEY, sop_instance_uid VARCHAR,"
+                " study_instance_uid VARCHAR, node_id VARCHAR, dataset_digest VARCHAR)")
+    con.execute("CREATE TABLE expected (node_id VARCHAR, sop_instance_uid VARCHAR, study_instance_uid VARCHAR,"
+                " placement_id VARCHAR, dataset_digest VARCHAR, forwarded_at TIMESTAMP, state VARCHAR,"
+                " detail VARCHAR, PRIMARY KEY (node_id, sop_instance_uid))")
+    con.execute("INSERT INTO expected VALUES ('node1', '1.1', '1.2', 'p', 'd1', TIMESTAMP '2026-01-01', 'pending', '')")
+    con.close()
+    store = ProbeStore(path)
+    (item,) = store.overdue("node1", ev.utcnow(), 10.0)
+    # An expectation recorded before: not re-placeable (received_seq 0), still judged.
+    assert (item.placement_id, item.received_seq, item.avoid, item.pool) == ("p", 0, (), "")
