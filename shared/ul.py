@@ -302,3 +302,23 @@ def p_data_dataset(context_id: int, fragment: bytes, last: bool) -> bytes:
     """One P-DATA-TF carrying one dataset fragment (the caller sizes it to the peer's maximum)."""
     item = struct.pack(">IBB", len(fragment) + 2, context_id, 0x02 if last else 0x00) + fragment
     return struct.pack(">BBI", P_DATA_TF, 0, len(item)) + item
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """Preamble, 'DICM' and the file meta group of a received dataset (what pydicom writes, without its cost).
+
+    Explicit VR little endian: (0002,0000) UL group length, (0002,0001) OB
+    version, (0002,0002)/(0002,0003)/(0002,0010)/(0002,0012) UI, (0002,0013) SH.
+    """
+    def short(element: int, vr: bytes, value: bytes) -> bytes:
+        return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
+
+    body = (
+        struct.pack("<HH2sHI", 2, 0x0001, b"OB", 0, 2) + b"\x00\x01"
+        + short(0x0002, b"UI", _even(sop_class.encode("ascii", "replace"), b"\x00"))
+        + short(0x0003, b"UI", _even(sop_instance.encode("ascii", "replace"), b"\x00"))
+        + short(0x0010, b"UI", _even(transfer_syntax.encode("ascii", "replace"), b"\x00"))
+        + short(0x0012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID.encode("ascii"), b"\x00"))
+        + short(0x0013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii"), b" "))
+    )
+    return b"\x00" * 128 + b"DICM" + short(0x0000, b"UL", struct.pack("<I", len(body))) + body

@@ -28,10 +28,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
 from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
-from pynetdicom.dsutils import create_file_meta
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
@@ -372,13 +369,9 @@ class StorageSCP:
 
     def _begin(self, command: _Command, assoc: ul.Negotiated) -> _Incoming:
         abstract, transfer_syntax = assoc.contexts[command.context_id]
-        meta = io.BytesIO()
-        meta.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(meta, create_file_meta(
-            sop_class_uid=UID(command.sop_class or abstract), sop_instance_uid=UID(command.sop_instance),
-            transfer_syntax=UID(transfer_syntax)))
+        meta = ul.file_meta(command.sop_class or abstract, command.sop_instance, transfer_syntax)
         path = self.spool / f"{os.getpid()}-{next(self._names)}.dcm"
-        return _Incoming(path, meta.getvalue(), self.cfg.ingest.max_object_bytes)
+        return _Incoming(path, meta, self.cfg.ingest.max_object_bytes)
 
     # ------------------------------------------------------------ one C-STORE
 

@@ -151,3 +151,17 @@ def test_incoming_stops_spooling_at_the_size_limit(tmp_path):
     assert incoming.too_large and not (tmp_path / "x.dcm").exists()
     incoming.write(memoryview(b"c" * 60))  # the rest of the object is read and dropped
     assert incoming.size == 190 and not (tmp_path / "x.dcm").exists()
+
+
+@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.3.45", generate_uid()])
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.4.50"])
+def test_file_meta_is_what_pydicom_writes(sop_instance, transfer_syntax):
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import UID
+    from pynetdicom.dsutils import create_file_meta
+
+    expected = io.BytesIO()
+    expected.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(expected, create_file_meta(sop_class_uid=UID(MRImageStorage), sop_instance_uid=UID(sop_instance),
+                                                    transfer_syntax=UID(transfer_syntax)))
+    assert ul.file_meta(MRImageStorage, sop_instance, transfer_syntax) == expected.getvalue()
