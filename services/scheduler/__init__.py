@@ -102,6 +102,10 @@ class Liveness:
     def reserve(self, node_id: str) -> None:
         self.reserved[node_id] = self.reserved.get(node_id, 0) + 1
 
+    def unreserve(self, node_id: str) -> None:
+        if self.reserved.get(node_id, 0) > 0:
+            self.reserved[node_id] -= 1
+
     def observed_live(self, node_id: str, now: float) -> bool:
         seen = self.heartbeats.get(node_id)
         return seen is not None and seen[1].up and now - seen[0] <= self.timeout_s
@@ -131,6 +135,21 @@ class Liveness:
                 reserved=self.reserved.get(node_id, 0),
             ))
         return out
+
+
+class _StudyRef(msgspec.Struct):
+    study_instance_uid: str = ""
+
+
+_study_decoder = msgspec.json.Decoder(_StudyRef)
+
+
+def _study_of(data: bytes) -> str:
+    """The study an event is about (received, dead letter, failed verification); "" if unreadable."""
+    try:
+        return _study_decoder.decode(data).study_instance_uid
+    except msgspec.DecodeError:
+        return ""
 
 
 def study_key(study_uid: str) -> str:
@@ -319,12 +338,16 @@ class Scheduler:
         if decision is None:
             return None
         node_id, why, moved_from = decision.node_id, decision.reason, ""
+        # Reserve at once: decisions for other studies run concurrently and must see it.
+        self.live.reserve(node_id)
         if decision.reason != "affinity":
             holder = await self.affinity.claim(scope, node_id, known)
             if holder != node_id:
                 # Another replica placed this study first: follow it if it can take work.
                 again = place(study, views, holder, self.weights)
                 if again is not None and again.reason == "affinity":
+                    self.live.unreserve(node_id)
+                    self.live.reserve(holder)
                     node_id, why = holder, "affinity"
             if known is not None and why != "affinity":
                 moved_from = known[0]
@@ -358,11 +381,21 @@ class Scheduler:
                     log.warning("fetch failed: %s", exc)
                     await asyncio.sleep(0.5)
                     continue
+                # One study's messages in log order (its first instance claims the
+                # study); different studies concurrently, so their JetStream round
+                # trips (KV claim, placement PubAck) overlap.
+                by_study: dict[str, list] = {}
                 for msg in msgs:
-                    await handler(msg)
+                    by_study.setdefault(_study_of(msg.data), []).append(msg)
+                await asyncio.gather(*(self._in_order(group, handler) for group in by_study.values()))
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
+
+    @staticmethod
+    async def _in_order(msgs: list, handler) -> None:
+        for msg in msgs:
+            await handler(msg)
 
     async def run(self, stop: asyncio.Event) -> None:
         await asyncio.gather(
@@ -378,11 +411,12 @@ class Scheduler:
             ack = await self.bus.publish(placed)
         except (BusUnavailable, PublishUncertain) as exc:
             # Not acked: JetStream redelivers, and the same placement id dedupes.
+            self.live.unreserve(placed.node_id)
             log.warning("placement of %s not recorded (%s); will retry", placed.sop_instance_uid, exc)
             return False
         if ack.duplicate:
+            self.live.unreserve(placed.node_id)
             return True  # recorded by an earlier delivery (or another replica): counted there
-        self.live.reserve(placed.node_id)
         self.placements.labels(node=placed.node_id, reason=placed.reason).inc()
         if placed.study_moved_from:
             log.info("study moved from %s to %s (%s)", placed.study_moved_from, placed.node_id, placed.reason)
