@@ -188,6 +188,12 @@ class Affinity:
         while len(self.cache) > self.CACHE_SIZE:
             self.cache.popitem(last=False)
 
+    def cached(self, study: str) -> tuple[str, int] | None:
+        hit = self.cache.get(study)
+        if hit is not None:
+            self.cache.move_to_end(study)
+        return hit
+
     async def get(self, study: str) -> tuple[str, int] | None:
         hit = self.cache.get(study)
         if hit is not None:
@@ -333,7 +339,9 @@ class Scheduler:
         study = received.study_instance_uid
         scope = affinity_scope(study, pool)
         views = self.pool_views(pool, avoid)
-        known = await self.affinity.get(scope)
+        # Only the cache: a study it does not know is claimed straight away (one KV
+        # write, no read first); the claim fails if the KV already names a node.
+        known = self.affinity.cached(scope)
         decision = place(study, views, known[0] if known else None, self.weights)
         if decision is None:
             return None
@@ -343,13 +351,22 @@ class Scheduler:
         if decision.reason != "affinity":
             holder = await self.affinity.claim(scope, node_id, known)
             if holder != node_id:
-                # Another replica placed this study first: follow it if it can take work.
+                # The KV names another node (another replica placed the study first, or
+                # it predates this scheduler's cache): follow it while it can take work,
+                # else move the study away from it.
                 again = place(study, views, holder, self.weights)
                 if again is not None and again.reason == "affinity":
                     self.live.unreserve(node_id)
                     self.live.reserve(holder)
                     node_id, why = holder, "affinity"
-            if known is not None and why != "affinity":
+                else:
+                    if again is not None and again.node_id != node_id:
+                        self.live.unreserve(node_id)
+                        self.live.reserve(again.node_id)
+                        node_id = again.node_id
+                    await self.affinity.claim(scope, node_id, self.affinity.cached(scope))
+                    why, moved_from = "failover", holder
+            elif known is not None:
                 moved_from = known[0]
         if reason is not None:
             why = reason
