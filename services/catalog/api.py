@@ -146,7 +146,7 @@ async def series(request: web.Request) -> web.Response:
     return _json(await _query(request, sql, [*params, _limit(request)]))
 
 
-_STATES = {"placed", "forwarded", "failed", "dead_lettered", "verified"}
+_STATES = {"placed", "forwarded", "failed", "dead_lettered", "verified", "verification_failed"}
 
 
 async def instances(request: web.Request) -> web.Response:
@@ -188,6 +188,9 @@ def _trail_entry(row: dict[str, Any]) -> dict[str, Any]:
                         "attempt": payload.get("attempt", 0)}
     elif kind.startswith(("instance.forward_failed.", "instance.dead_lettered.")):
         entry["why"] = {"reason": payload.get("reason"), "permanent": payload.get("permanent")}
+    elif kind.startswith("instance.verification_failed."):
+        entry["why"] = {"reason": payload.get("reason"), "expected_digest": payload.get("expected_digest"),
+                        "found_digest": payload.get("found_digest")}
     elif kind.startswith("instance.forwarded."):
         entry["status"] = payload.get("status")
         entry["duration_ms"] = payload.get("duration_ms")

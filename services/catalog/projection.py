@@ -163,6 +163,8 @@ _OUTCOME_STATE = {
     ev.InstanceForwardFailedV1: "failed",
     ev.InstanceDeadLetteredV1: "dead_lettered",
 }
+# The probe's verdicts on a delivered instance (read back from its node).
+_VERDICTS = frozenset({ev.InstanceVerifiedV1, ev.InstanceVerificationFailedV1})
 
 
 def _apply_many(con, todo: list[tuple[int, ev.AnyEvent]]) -> None:
@@ -177,7 +179,7 @@ def _apply_many(con, todo: list[tuple[int, ev.AnyEvent]]) -> None:
         kind = type(e)
         if kind is ev.InstancePlacedV1:
             placed_here.add(e.sop_instance_uid)
-        elif (kind in _OUTCOME_STATE or kind is ev.InstanceVerifiedV1) and e.sop_instance_uid not in placed_here:
+        elif (kind in _OUTCOME_STATE or kind in _VERDICTS) and e.sop_instance_uid not in placed_here:
             wanted.add(e.sop_instance_uid)
     locations: dict[str, list] = {}
     if wanted:
@@ -218,6 +220,11 @@ def _apply_many(con, todo: list[tuple[int, ev.AnyEvent]]) -> None:
             row = locations.get(sop)
             if row is not None and row[2] == node:
                 row[3], row[7], row[8] = "verified", seq, at
+                dirty.add(sop)
+        elif kind is ev.InstanceVerificationFailedV1:
+            row = locations.get(sop)
+            if row is not None and row[2] == node and row[4] == event.placement_id:
+                row[3], row[6], row[7], row[8] = "verification_failed", event.reason, seq, at
                 dirty.add(sop)
         elif kind is ev.NodeStateChangedV1:
             nodes[node] = [node, event.state, event.reason, seq, at]
