@@ -12,10 +12,7 @@ the NATS connection through run_coroutine_threadsafe, and never raise.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-import ssl
 import threading
 import time
 from pathlib import Path
@@ -27,8 +24,8 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, StoragePresentationContexts, e
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
 
-from services.ingest.access import PeerPolicy, install_policy
 from shared import events as ev
+from shared.access import PeerPolicy, bound_reads, install_policy
 from shared.blobs import BlobStore, BlobStoreError, content_key
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config
@@ -133,7 +130,7 @@ class StorageSCP:
         return [
             NODELAY_HANDLER,
             install_policy(self.policy),
-            (evt.EVT_CONN_OPEN, self._bound_reads),
+            bound_reads(self.cfg.ingest.network_timeout_s),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_ESTABLISHED, self._opened),
@@ -142,32 +139,6 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._rejected),
             (evt.EVT_CONN_CLOSE, self._discard_partial),
         ]
-
-    def _bound_reads(self, event: evt.Event) -> None:
-        """Give the accepted socket the network timeout.
-
-        Sockets accepted by pynetdicom's server block without a timeout, and the
-        DUL reads a whole PDU in one blocking loop: a peer that announces a long
-        PDU and then sends nothing (truncated P-DATA, non-DICOM bytes read as a
-        PDU header) would hold its thread and association slot forever.
-        """
-        try:
-            sock = event.assoc.dul.socket.socket
-            if sock is None:
-                return
-            sock.settimeout(self.cfg.ingest.network_timeout_s)
-        except (AttributeError, OSError) as exc:
-            log.warning("could not set the socket timeout: %s", exc)
-            return
-        if isinstance(sock, ssl.SSLSocket):
-            # The handshake was deferred out of the accept loop (see defer_tls_handshake).
-            try:
-                sock.do_handshake()
-            except (ssl.SSLError, OSError) as exc:
-                log.warning("TLS handshake with %s failed: %s", event.assoc.requestor.address,
-                            getattr(exc, "reason", None) or type(exc).__name__)
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
 
     def _opened(self, event: evt.Event) -> None:
         with self._lock:
@@ -319,21 +290,3 @@ class StorageSCP:
         log.info("accepted %s (%d bytes, seq %d%s)", sop_uid, d.size, ack.seq,
                  ", already recorded" if ack.duplicate else "")
         return SUCCESS
-
-
-def defer_tls_handshake(server, ctx: ssl.SSLContext, timeout: float) -> None:
-    """Move the TLS handshake out of pynetdicom's accept loop.
-
-    pynetdicom wraps each accepted socket with a blocking handshake in the one
-    thread that accepts connections: a peer that connects and sends nothing
-    would stop every other peer from connecting. The handshake happens in the
-    association's own thread instead (StorageSCP._bound_reads), under the
-    network timeout.
-    """
-
-    def get_request():
-        client, address = server.socket.accept()
-        client.settimeout(timeout)
-        return ctx.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
-
-    server.get_request = get_request

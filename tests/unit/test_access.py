@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.ingest.access import PeerPolicy
+from shared.access import PeerPolicy
 
 
 def test_empty_policy_admits_anyone():
