@@ -16,6 +16,7 @@ read back and its dataset digest compared.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from pathlib import Path
 import duckdb
 
 from shared import events as ev
+
+log = logging.getLogger("switchyard.probe.store")
 
 NAME = "probe.verify"
 
@@ -56,6 +59,10 @@ class Expected:
     dataset_digest: str
     forwarded_at: datetime
     orthanc_id: str | None = None
+
+
+def _quoted(path: Path) -> str:
+    return str(path).replace("'", "''")
 
 
 def _utc(at: datetime) -> datetime:
@@ -148,6 +155,36 @@ class ProbeStore:
         """Close many expectations in one transaction: (node, sop, placement, state, detail)."""
         if outcomes:
             self._tx(lambda con: [_settle(con, *o) for o in outcomes])
+
+    def carry_node_state(self, live: str | Path) -> bool:
+        """Copy each node's /changes cursor and sightings from another store file (a rebuild's live one).
+
+        They come from the nodes, not the log, so a replay cannot recreate them;
+        without them the probe would read every node's /changes from the start
+        again (correct, but one REST call per instance). False when the file is
+        missing or unreadable: the probe then does exactly that.
+        """
+        live = Path(live)
+        if not live.exists():
+            return False
+        with self.lock:
+            try:
+                self.con.execute(f"ATTACH '{_quoted(live)}' AS live (READ_ONLY)")
+            except duckdb.Error as exc:
+                log.warning("node cursors not carried over from %s (%s): nodes are read from the start", live, exc)
+                return False
+            try:
+                self.con.execute("BEGIN")
+                try:
+                    for table in ("node_cursor", "seen"):
+                        self.con.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM live.main.{table}")
+                    self.con.execute("COMMIT")
+                except BaseException:
+                    self.con.execute("ROLLBACK")
+                    raise
+            finally:
+                self.con.execute("DETACH live")
+        return True
 
     def states(self) -> dict[tuple[str, str], str]:
         with self.lock:

@@ -120,3 +120,22 @@ def test_forwarded_and_dead_lettered_placements_are_not_kept(tmp_path):
     store.apply([(1, a), (2, b), (3, forwarded(a)), (4, dead)])
     assert store.con.execute("SELECT count(*) FROM placements").fetchone() == (0,)
     assert store.states() == {("node1", "1.1"): "pending"}
+
+
+def test_a_rebuilt_store_carries_the_node_cursors_over(tmp_path):
+    live = ProbeStore(tmp_path / "live.duckdb")
+    live.record_changes("node1", [("1.1", "o1", 3), ("1.2", "o2", 5)], 5)
+    live.record_changes("node2", [], 9)
+    live.close()
+    fresh = ProbeStore(tmp_path / "fresh.duckdb")
+    assert fresh.carry_node_state(tmp_path / "live.duckdb")
+    assert (fresh.node_cursor("node1"), fresh.node_cursor("node2")) == (5, 9)
+    p = placed("1.2")
+    fresh.apply([(1, p), (2, forwarded(p))])
+    assert [(e.sop_instance_uid, e.orthanc_id) for e in fresh.ready_to_check("node1")] == [("1.2", "o2")]
+    # A missing or unreadable live file carries nothing: the nodes are read from the start.
+    assert not ProbeStore(tmp_path / "other.duckdb").carry_node_state(tmp_path / "missing.duckdb")
+    (tmp_path / "junk.duckdb").write_bytes(b"not a database")
+    empty = ProbeStore(tmp_path / "empty.duckdb")
+    assert not empty.carry_node_state(tmp_path / "junk.duckdb")
+    assert empty.node_cursor("node1") == 0
