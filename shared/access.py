@@ -106,12 +106,15 @@ def install_policy(policy: PeerPolicy):
     return (evt.EVT_CONN_OPEN, _on_open)
 
 
-def server_tls_context(cert_file: str, key_file: str, ca_file: str, what: str) -> ssl.SSLContext | None:
-    """Server TLS from config: none unless cert and key are set; a CA also requires client certs."""
+def server_tls_context(cert_file: str, key_file: str, ca_file: str, prefix: str) -> ssl.SSLContext | None:
+    """Server TLS from config: none unless cert and key are set; a CA also requires client certs.
+
+    ``prefix`` names the config keys in errors, e.g. ``ingest.tls`` for ``ingest.tls_cert_file``.
+    """
     if not (cert_file or key_file):
         return None
     if not (cert_file and key_file):
-        raise ValueError(f"{what} TLS needs both a certificate and a key file")
+        raise ValueError(f"{prefix}_cert_file and {prefix}_key_file must both be set for TLS")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file)

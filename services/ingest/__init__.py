@@ -32,7 +32,7 @@ async def main(cfg: Config) -> None:
         scp = StorageSCP(cfg, svc.bus, open_blob_store(cfg.blobs), asyncio.get_running_loop(),
                          IngestMetrics(svc.registry), svc.tracer)
         icfg = cfg.ingest
-        tls = server_tls_context(icfg.tls_cert_file, icfg.tls_key_file, icfg.tls_ca_file, "ingest")
+        tls = server_tls_context(icfg.tls_cert_file, icfg.tls_key_file, icfg.tls_ca_file, "ingest.tls")
         server = scp.build_ae().start_server((cfg.ingest.host, cfg.ingest.port), block=False,
                                              evt_handlers=scp.handlers(), ssl_context=tls)
         if tls:

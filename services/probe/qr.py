@@ -346,7 +346,7 @@ def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[object, F
     """
     pcfg = cfg.probe
     policy = PeerPolicy.from_config(pcfg.qr_allowed_calling_aes, pcfg.qr_allowed_peers)
-    tls = server_tls_context(pcfg.qr_tls_cert_file, pcfg.qr_tls_key_file, pcfg.qr_tls_ca_file, "probe Q/R")
+    tls = server_tls_context(pcfg.qr_tls_cert_file, pcfg.qr_tls_key_file, pcfg.qr_tls_ca_file, "probe.qr_tls")
     # The probe sends C-STOREs only from here, so the process-global flag is safe to set.
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     scratch = Path(pcfg.catalog_db_path).parent / "probe-qr-scratch"
