@@ -199,41 +199,79 @@ def _settle(con, node_id: str, sop: str, placement_id: str, state: str, detail: 
     )
 
 
+_EXPECTED_COLUMNS = ("node_id", "sop_instance_uid", "study_instance_uid", "placement_id", "dataset_digest",
+                     "forwarded_at", "state", "detail")
+
+
 def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
+    """Apply log events in order: folded in Python, then one statement per table.
+
+    Row-by-row statements ran at ~120 events/s (a rebuild of a long log took
+    hours); each placement and expectation the batch touches is read at most
+    once, moved through its events in order and written once: the same rows as
+    applying event by event.
+    """
     row = con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchone()
     last = row[0] if row else 0
-    applied = 0
-    for seq, event in batch:
-        if seq <= last:
-            continue
-        match event:
-            case ev.InstancePlacedV1():
-                con.execute(
-                    "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?, ?)",
-                    [event.event_id, event.sop_instance_uid, event.study_instance_uid, event.node_id,
-                     event.dataset_digest],
-                )
-            case ev.InstanceForwardedV1():
-                placed = con.execute(
-                    "SELECT dataset_digest FROM placements WHERE placement_id = ?", [event.placement_id]
-                ).fetchone()
-                if placed is not None:
-                    # The expectation carries the digest from here on.
-                    con.execute("DELETE FROM placements WHERE placement_id = ?", [event.placement_id])
-                    con.execute(
-                        "INSERT OR REPLACE INTO expected VALUES (?, ?, ?, ?, ?, ?, 'pending', '')",
-                        [event.node_id, event.sop_instance_uid, event.study_instance_uid, event.placement_id,
-                         placed[0], _utc(event.occurred_at)],
-                    )
-            case ev.InstanceDeadLetteredV1():
-                con.execute("DELETE FROM placements WHERE placement_id = ?", [event.placement_id])
-            case ev.InstanceVerifiedV1() if event.placement_id:
-                _settle(con, event.node_id, event.sop_instance_uid, event.placement_id, "verified", "")
-            case ev.InstanceVerificationFailedV1():
-                _settle(con, event.node_id, event.sop_instance_uid, event.placement_id, "failed", event.reason)
-            case _:
-                pass
-        last = seq
-        applied += 1
-    con.execute("INSERT OR REPLACE INTO projection_state VALUES (?, ?)", [NAME, last])
-    return applied
+    todo = [(seq, e) for seq, e in batch if seq > last]
+    if not todo:
+        return 0
+    # Rows from earlier batches that this one moves: read once.
+    placed_here = {e.event_id for _, e in todo if type(e) is ev.InstancePlacedV1}
+    wanted_placements = {e.placement_id for _, e in todo
+                         if type(e) is ev.InstanceForwardedV1 and e.placement_id not in placed_here}
+    placements: dict[str, tuple | None] = {}  # placement id -> row, None once deleted
+    if wanted_placements:
+        for r in con.execute("SELECT * FROM placements WHERE placement_id IN (SELECT unnest($1::VARCHAR[]))",
+                             [list(wanted_placements)]).fetchall():
+            placements[r[0]] = r
+    judged = {(e.node_id, e.sop_instance_uid) for _, e in todo
+              if type(e) in (ev.InstanceVerifiedV1, ev.InstanceVerificationFailedV1)}
+    expected: dict[tuple[str, str], list] = {}
+    if judged:
+        nodes, sops = zip(*judged)
+        for r in con.execute(
+                f"SELECT {', '.join(_EXPECTED_COLUMNS)} FROM expected WHERE (node_id, sop_instance_uid) IN"
+                " (SELECT (unnest($1::VARCHAR[]), unnest($2::VARCHAR[])))", [list(nodes), list(sops)]).fetchall():
+            expected[(r[0], r[1])] = list(r)
+    dirty: set[tuple[str, str]] = set()
+    deleted: set[str] = set()
+    for _, event in todo:
+        kind = type(event)
+        if kind is ev.InstancePlacedV1:
+            placements[event.event_id] = (event.event_id, event.sop_instance_uid, event.study_instance_uid,
+                                          event.node_id, event.dataset_digest)
+            deleted.discard(event.event_id)
+        elif kind is ev.InstanceForwardedV1:
+            placed = placements.get(event.placement_id)
+            if placed is not None:
+                # The expectation carries the digest from here on.
+                placements[event.placement_id] = None
+                deleted.add(event.placement_id)
+                key = (event.node_id, event.sop_instance_uid)
+                expected[key] = [*key, event.study_instance_uid, event.placement_id, placed[4],
+                                 _utc(event.occurred_at), "pending", ""]
+                dirty.add(key)
+        elif kind is ev.InstanceDeadLetteredV1:
+            placements[event.placement_id] = None
+            deleted.add(event.placement_id)
+        elif (kind is ev.InstanceVerifiedV1 and event.placement_id) or kind is ev.InstanceVerificationFailedV1:
+            key = (event.node_id, event.sop_instance_uid)
+            row = expected.get(key)
+            if row is not None and row[3] == event.placement_id:
+                verified = kind is ev.InstanceVerifiedV1
+                row[6], row[7] = ("verified", "") if verified else ("failed", event.reason)
+                dirty.add(key)
+    if deleted:
+        con.execute("DELETE FROM placements WHERE placement_id IN (SELECT unnest($1::VARCHAR[]))", [list(deleted)])
+    kept = [r for pid, r in placements.items() if r is not None and pid in placed_here]
+    if kept:
+        con.execute("INSERT OR REPLACE INTO placements SELECT " + ", ".join(f"unnest(${i}::VARCHAR[])" for i in
+                                                                           range(1, 6)), [list(c) for c in zip(*kept)])
+    if dirty:
+        cols = [list(c) for c in zip(*(expected[k] for k in dirty))]
+        types = ["VARCHAR"] * 5 + ["TIMESTAMP", "VARCHAR", "VARCHAR"]
+        con.execute("INSERT OR REPLACE INTO expected SELECT "
+                    + ", ".join(f"unnest(${i}::{t}[])" for i, t in enumerate(types, start=1)), cols)
+    con.execute("INSERT OR REPLACE INTO projection_state VALUES (?, ?)", [NAME, todo[-1][0]])
+    return len(todo)

@@ -139,3 +139,34 @@ def test_a_rebuilt_store_carries_the_node_cursors_over(tmp_path):
     empty = ProbeStore(tmp_path / "empty.duckdb")
     assert not empty.carry_node_state(tmp_path / "junk.duckdb")
     assert empty.node_cursor("node1") == 0
+
+
+def dump(store: ProbeStore) -> dict[str, list]:
+    return {t: store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
+            for t in ("projection_state", "placements", "expected")}
+
+
+def test_any_split_into_batches_gives_the_same_rows(tmp_path):
+    """The batch fold equals event-by-event application, whatever the batch boundaries."""
+    now = ev.utcnow()
+    a, b, c, d = placed("1.1"), placed("1.2"), placed("1.3"), placed("1.4", node="node2")
+    a2 = msgspec_replace(placed("1.1"), event_id="a-again", attempt=1)
+    fa, fb, fd, fa2 = (forwarded(p, now - timedelta(seconds=i)) for i, p in enumerate((a, b, d, a2)))
+    item = lambda p: Expected(p.node_id, p.sop_instance_uid, "1.2", p.event_id, p.dataset_digest, now)  # noqa: E731
+    log = [a, b, c, fa, d, fb, failed_event(item(a), "dataset digest mismatch", "x"), a2, fa2,
+           verified_event(item(a), "d1"),  # an outcome of the older placement: the newer one stays pending
+           ev.InstanceDeadLetteredV1(event_id="dl", sop_instance_uid="1.3", study_instance_uid="1.2",
+                                     node_id="node1", placement_id=c.event_id, reason="refused"),
+           fd, verified_event(item(b), "d1"),
+           msgspec_replace(verified_event(item(d), "d1"), placement_id="")]  # pre-placement-id event: ignored
+    seqs = list(enumerate(log, start=1))
+    whole = ProbeStore(tmp_path / "whole.duckdb")
+    assert whole.apply(seqs) == len(log)
+    assert whole.states() == {("node1", "1.1"): "pending", ("node1", "1.2"): "verified",
+                              ("node2", "1.4"): "pending"}
+    assert whole.con.execute("SELECT count(*) FROM placements").fetchone() == (0,)
+    for size in (1, 2, 3, 5):
+        split = ProbeStore(tmp_path / f"split{size}.duckdb")
+        for i in range(0, len(seqs), size):
+            split.apply(seqs[i:i + size])
+        assert dump(split) == dump(whole), size
