@@ -4,6 +4,7 @@
   switchyard demo             send the demo corpus to a running stack, print placements
   switchyard config           print the effective configuration (secrets masked)
   switchyard catalog rebuild  replay the log into a fresh catalog file and swap it in (service stopped)
+  switchyard probe rebuild    the same for the probe's two store files (probe stopped)
   switchyard audit export     write the events and instances of a window as Parquet and CSV
   switchyard nodes add|drain|undrain|remove|list   change or show membership (node.state events)
 """
@@ -161,28 +162,51 @@ def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def cmd_catalog_rebuild(args: argparse.Namespace, cfg: Config) -> int:
+def _rebuild(cfg: Config, what: str, jobs: list[tuple[Path, type, object]]) -> int:
+    """Rebuild store files from the log, each swapped in atomically: (path, store class, seed or None).
+
+    Every file is checked first, so none is rebuilt while the service holds any of them.
+    """
     import asyncio
 
     import nats.errors
 
-    from services.catalog.projection import CatalogStore
-    from services.catalog.rebuild import StoreInUse, rebuild_file
+    from services.catalog.rebuild import StoreInUse, ensure_unlocked, rebuild_file
 
-    path = Path(args.db or cfg.catalog.db_path)
     try:
-        result = asyncio.run(rebuild_file(cfg.nats, path, CatalogStore))
+        for path, _, _ in jobs:
+            ensure_unlocked(path)
+        for path, store_class, seed in jobs:
+            result = asyncio.run(rebuild_file(cfg.nats, path, store_class, seed=seed))
+            rate = result.events / result.seconds if result.seconds else 0.0
+            print(f"{what} rebuilt: {result.path}: {result.events} events up to sequence {result.last_seq} "
+                  f"in {result.seconds:.1f}s ({rate:.0f} events/s)")
     except StoreInUse as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 1
     except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
-        print(f"switchyard: cannot read the log from {cfg.nats.url} ({type(exc).__name__}); nothing changed",
-              file=sys.stderr)
+        print(f"switchyard: cannot read the log from {cfg.nats.url} ({type(exc).__name__}); "
+              f"{path} not changed", file=sys.stderr)
         return 1
-    rate = result.events / result.seconds if result.seconds else 0.0
-    print(f"catalog rebuilt: {result.path}: {result.events} events up to sequence {result.last_seq} "
-          f"in {result.seconds:.1f}s ({rate:.0f} events/s)")
     return 0
+
+
+def cmd_catalog_rebuild(args: argparse.Namespace, cfg: Config) -> int:
+    from services.catalog.projection import CatalogStore
+
+    return _rebuild(cfg, "catalog", [(Path(args.db or cfg.catalog.db_path), CatalogStore, None)])
+
+
+def cmd_probe_rebuild(args: argparse.Namespace, cfg: Config) -> int:
+    """Both probe files: the verification store (node cursors carried over) and the front door's catalog."""
+    from services.catalog.projection import CatalogStore
+    from services.probe.store import ProbeStore
+
+    verify_db = Path(args.db or cfg.probe.db_path)
+    return _rebuild(cfg, "probe store", [
+        (verify_db, ProbeStore, lambda store: store.carry_node_state(verify_db)),
+        (Path(args.catalog_db or cfg.probe.catalog_db_path), CatalogStore, None),
+    ])
 
 
 def cmd_audit_export(args: argparse.Namespace, cfg: Config) -> int:
@@ -278,6 +302,14 @@ def main(argv: list[str] | None = None) -> int:
                                               "refuses while the catalog service holds the file")
     p.add_argument("--db", help="catalog DuckDB file (default: catalog.db_path)")
     p.set_defaults(func=cmd_catalog_rebuild)
+    p = sub.add_parser("probe", help="probe maintenance")
+    probe_sub = p.add_subparsers(dest="probe_command", required=True)
+    p = probe_sub.add_parser("rebuild", help="replay the log into fresh probe store files (verification store "
+                                            "and Q/R front door catalog) and swap them in; refuses while the "
+                                            "probe service holds them")
+    p.add_argument("--db", help="verification DuckDB file (default: probe.db_path)")
+    p.add_argument("--catalog-db", help="front door DuckDB file (default: probe.catalog_db_path)")
+    p.set_defaults(func=cmd_probe_rebuild)
     p = sub.add_parser("audit", help="audit exports")
     audit_sub = p.add_subparsers(dest="audit_command", required=True)
     p = audit_sub.add_parser("export", help="events and instances of [since, until) as Parquet and CSV "

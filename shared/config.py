@@ -180,6 +180,18 @@ class ProbeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     catalog_db_path: str = "var/probe-catalog.duckdb"
     # C-MOVE destinations the front door knows, each "AE_TITLE@host:port".
     move_destinations: list[str] = []
+    # Who may associate with the front door (C-FIND, C-MOVE and C-GET alike), as
+    # ingest.allowed_calling_aes / allowed_peers: AE titles from any address, and
+    # "AE" or "AE@host" entries. Both empty: anyone.
+    qr_allowed_calling_aes: list[str] = []
+    qr_allowed_peers: list[str] = []
+    # DICOM over TLS for the front door, as ingest's: cert and key serve TLS only;
+    # a CA file also requires and verifies client certificates.
+    qr_tls_cert_file: str = ""
+    qr_tls_key_file: str = ""
+    qr_tls_ca_file: str = ""
+    # Read timeout of a front door association (also the ACSE/DIMSE timeout).
+    qr_network_timeout_s: float = 30.0
 
 
 class CatalogConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -190,8 +190,11 @@ def _trail_entry(row: dict[str, Any]) -> dict[str, Any]:
         entry["why"] = {"reason": payload.get("reason"), "candidates": payload.get("candidates", []),
                         "attempt": payload.get("attempt", 0), "rule": payload.get("rule", ""),
                         "pool": payload.get("pool", "")}
-    elif kind.startswith(("instance.forward_failed.", "instance.dead_lettered.", "instance.verification_failed.")):
+    elif kind.startswith(("instance.forward_failed.", "instance.dead_lettered.")):
         entry["why"] = {"reason": payload.get("reason"), "permanent": payload.get("permanent")}
+    elif kind.startswith("instance.verification_failed."):
+        entry["why"] = {"reason": payload.get("reason"), "expected_digest": payload.get("expected_digest"),
+                        "found_digest": payload.get("found_digest")}
     elif kind.startswith("instance.forwarded."):
         entry["status"] = payload.get("status")
         entry["duration_ms"] = payload.get("duration_ms")

@@ -1,7 +1,8 @@
 """Rebuild a projection store from sequence 1 into a fresh file, then swap it in.
 
 Generic over the store: any class with ``Store(path)``, ``apply(batch)``,
-``last_seq()`` and ``close()`` (the catalog's and the probe's DuckDB stores).
+``last_seq()`` and ``close()`` (the catalog's and the probe's DuckDB stores:
+``switchyard catalog rebuild`` and ``switchyard probe rebuild``).
 
 The swap is safe only while no service holds the live file, so rebuild runs
 with the owning service stopped and refuses otherwise: DuckDB takes an
@@ -168,11 +169,14 @@ async def replay_into(store: Any, bus: Bus, stream: str | None = None, until_seq
 
 async def rebuild_file(nats: NatsConfig, path: str | Path, store_factory: Callable[[Path], Any],
                        stream: str | None = None, until_seq: int | None = None,
-                       swap: bool = True, batch: int = 20000) -> RebuildResult:
+                       swap: bool = True, batch: int = 20000,
+                       seed: Callable[[Any], None] | None = None) -> RebuildResult:
     """Replay the log from sequence 1 into ``path``.rebuild, then atomically replace ``path``.
 
     With ``swap=False`` the fresh file is left at ``path`` itself, which must
-    not exist (used to build a copy next to a live store).
+    not exist (used to build a copy next to a live store). ``seed``, if given,
+    is called with the fresh store before the replay: for state a store keeps
+    that does not come from the log (the probe's node cursors).
     """
     path = Path(path)
     if swap:
@@ -188,6 +192,8 @@ async def rebuild_file(nats: NatsConfig, path: str | Path, store_factory: Callab
     store = store_factory(fresh)
     ok = False
     try:
+        if seed is not None:
+            seed(store)
         once = asyncio.Event()
         once.set()  # a command, not a service: fail at once if NATS is not there
         bus = await asyncio.wait_for(Bus.connect(nats, "switchyard-rebuild", once), 2 + 2 * nats.connect_timeout_s)

@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import logging
-import ssl
 from pathlib import Path
 
 from services.ingest.scp import IngestMetrics, StorageSCP
+from shared.access import server_tls_context
 from shared.blobs import open_blob_store
 from shared.config import Config
 from shared.runtime import running_service
 
 log = logging.getLogger("switchyard.ingest")
-
-
-def tls_context(cfg: Config) -> ssl.SSLContext | None:
-    """Server TLS from config: none unless cert and key are set; a CA also requires client certs."""
-    icfg = cfg.ingest
-    if not (icfg.tls_cert_file or icfg.tls_key_file):
-        return None
-    if not (icfg.tls_cert_file and icfg.tls_key_file):
-        raise ValueError("ingest TLS needs both tls_cert_file and tls_key_file")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(icfg.tls_cert_file, icfg.tls_key_file)
-    if icfg.tls_ca_file:
-        ctx.load_verify_locations(icfg.tls_ca_file)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
 
 
 async def main(cfg: Config) -> None:
@@ -38,7 +22,8 @@ async def main(cfg: Config) -> None:
             # Spool files of associations cut off by a previous exit.
             leftover.unlink(missing_ok=True)
         scp = StorageSCP(cfg, svc.bus, open_blob_store(cfg.blobs), IngestMetrics(svc.registry), svc.tracer)
-        tls = tls_context(cfg)
+        icfg = cfg.ingest
+        tls = server_tls_context(icfg.tls_cert_file, icfg.tls_key_file, icfg.tls_ca_file, "ingest.tls")
         server = await scp.start(tls)
         # Stop accepting and finish in-flight C-STOREs before the bus drains.
         svc.stack.push_async_callback(scp.stop, server)

@@ -33,7 +33,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
 from shared import ul
-from services.ingest.access import PeerPolicy
+from shared.access import PeerPolicy
 from shared import events as ev
 from shared.blobs import BlobStore, BlobStoreError, content_key
 from shared.bus import Bus, BusUnavailable, PublishUncertain

@@ -97,11 +97,13 @@ async def watch(cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gaug
         await wait_or_stop(stop, max(0.0, pcfg.interval_s - (time.monotonic() - started)))
 
 
-async def project(bus: Bus, store: CatalogStore, stop: asyncio.Event) -> None:
+async def project(bus: Bus, store: CatalogStore, last: Gauge, stop: asyncio.Event) -> None:
     """The front door's own projection of the log (same tables as the catalog, own file)."""
     start = await asyncio.to_thread(store.last_seq)
+    last.set(start)
     async for batch in bus.follow_batches(start + 1, 512, 0.2, stop):
         await asyncio.to_thread(store.apply, [(d.seq, d.event) for d in batch])
+        last.set(batch[-1].seq)
 
 
 async def main(cfg: Config) -> None:
@@ -135,10 +137,13 @@ async def main(cfg: Config) -> None:
         log_follower = asyncio.create_task(verifier.follow_log(svc.stop), name="verify-log")
         catalog = CatalogStore(cfg.probe.catalog_db_path)
         svc.stack.callback(catalog.close)
-        projector = asyncio.create_task(project(svc.bus, catalog, svc.stop), name="qr-projection")
+        qr_seq = Gauge("switchyard_probe_qr_last_seq", "Last stream sequence in the front door's store",
+                       registry=svc.registry)
+        projector = asyncio.create_task(project(svc.bus, catalog, qr_seq, svc.stop), name="qr-projection")
         server, _ = qr.start(cfg, catalog, open_blob_store(cfg.blobs))
         svc.stack.callback(server.shutdown)
-        log.info("Q/R SCP %s on %s:%d", cfg.probe.qr_ae_title, cfg.probe.qr_host, cfg.probe.qr_port)
+        log.info("Q/R SCP %s on %s:%d%s", cfg.probe.qr_ae_title, cfg.probe.qr_host, cfg.probe.qr_port,
+                 " (TLS)" if cfg.probe.qr_tls_cert_file else "")
         svc.serve_metrics(cfg.probe.metrics_port)
         log.info("watching nodes %s every %.1fs", ", ".join(m.node.id for m in pool.active()), cfg.probe.interval_s)
         # Heartbeat watches end by themselves when their node is removed; these must not end.

@@ -8,7 +8,8 @@ stored: straight from the file after its meta group
 so what leaves is byte-identical to what came in.
 
 Handlers run on pynetdicom threads and never raise: bad requests get a DICOM
-failure status.
+failure status. Who may associate at all (calling AE allowlist, called AE,
+optional TLS) is decided before any of them runs, as for ingest.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pynetdicom.sop_class import (
 )
 
 from services.catalog.projection import CatalogStore
+from shared.access import PeerPolicy, bound_reads, defer_tls_handshake, install_policy, server_tls_context
 from shared.blobs import BlobStore
 from shared.config import Config
 from shared.dimse import NODELAY_HANDLER
@@ -328,15 +330,31 @@ class FrontDoor:
                 t.unlink(missing_ok=True)
 
 
+def _log_rejection(event: evt.Event) -> None:
+    """AE titles and address only: nothing about patients is known at association time."""
+    req = event.assoc.requestor
+    log.warning("Q/R association rejected: calling AE %r from %s, called AE %r", req.ae_title, req.address,
+                event.assoc.acceptor.ae_title)
+
+
 def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[object, FrontDoor]:
-    """Start the Q/R SCP (non-blocking). Returns the server (call .shutdown()) and the handlers."""
+    """Start the Q/R SCP (non-blocking). Returns the server (call .shutdown()) and the handlers.
+
+    Peers are admitted as by ingest (shared.access): the calling AE (and
+    address) allowlist and the called AE are checked at association, before
+    any C-FIND, C-MOVE or C-GET, and TLS is optional.
+    """
+    pcfg = cfg.probe
+    policy = PeerPolicy.from_config(pcfg.qr_allowed_calling_aes, pcfg.qr_allowed_peers)
+    tls = server_tls_context(pcfg.qr_tls_cert_file, pcfg.qr_tls_key_file, pcfg.qr_tls_ca_file, "probe.qr_tls")
     # The probe sends C-STOREs only from here, so the process-global flag is safe to set.
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
-    scratch = Path(cfg.probe.catalog_db_path).parent / "probe-qr-scratch"
+    scratch = Path(pcfg.catalog_db_path).parent / "probe-qr-scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     door = FrontDoor(cfg, store, blobs, scratch)
-    ae = AE(ae_title=cfg.probe.qr_ae_title)
-    ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 30
+    ae = AE(ae_title=pcfg.qr_ae_title)
+    ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = pcfg.qr_network_timeout_s
+    ae.require_called_aet = True  # a wrong called AE: rejected, called-AE-title-not-recognized
     for sop_class in (PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
                       PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelFind,
                       StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet):
@@ -349,10 +367,11 @@ def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[object, F
     for cx in StoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, syntaxes, scp_role=True, scu_role=False)
     server = ae.start_server(
-        (cfg.probe.qr_host, cfg.probe.qr_port), block=False,
-        evt_handlers=[NODELAY_HANDLER, BLOB_SENDER, (evt.EVT_C_FIND, door.on_find),
+        (pcfg.qr_host, pcfg.qr_port), block=False, ssl_context=tls,
+        evt_handlers=[NODELAY_HANDLER, install_policy(policy), bound_reads(pcfg.qr_network_timeout_s),
+                      (evt.EVT_REJECTED, _log_rejection), BLOB_SENDER, (evt.EVT_C_FIND, door.on_find),
                       (evt.EVT_C_MOVE, door.on_move), (evt.EVT_C_GET, door.on_get)],
     )
+    if tls:
+        defer_tls_handshake(server, tls, pcfg.qr_network_timeout_s)
     return server, door
-
-

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.probe.store import Expected, ProbeStore
 from shared import events as ev
@@ -90,13 +90,17 @@ class Verifier:
                                 ["node", "outcome"], registry=registry)
         self.changes = Counter("switchyard_probe_changes_seen", "NewInstance changes read from nodes",
                                ["node"], registry=registry)
+        self.log_seq = Gauge("switchyard_probe_verify_last_seq", "Last stream sequence in the verification store",
+                             registry=registry)
 
     async def follow_log(self, stop: asyncio.Event) -> None:
         """Keep the store's view of placements and forwards current."""
         start = await asyncio.to_thread(self.store.last_seq)
         log.info("following the log from stream sequence %d", start + 1)
+        self.log_seq.set(start)
         async for batch in self.bus.follow_batches(start + 1, 512, 0.2, stop, subject="dicom.instance.>"):
             await asyncio.to_thread(self.store.apply, [(d.seq, d.event) for d in batch])
+            self.log_seq.set(batch[-1].seq)
 
     async def watch(self, node: NodeConfig, stop: asyncio.Event) -> None:
         pcfg = self.cfg.probe

@@ -20,7 +20,7 @@ from services.catalog.rebuild import rebuild_file
 from shared import cli
 from shared.corpus import corpus_index, generate_studies
 from tests.fixtures.servers import catalog_ready, make_stack
-from tests.fixtures.util import wait_for
+from tests.fixtures.util import dump_all, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -170,16 +170,6 @@ def test_totals(routed):
     assert (totals["instances"], totals["studies"], totals["series"], totals["patients"]) == (8, 2, 4, 2)
     assert sum(totals["locations"].get(s, 0) for s in DELIVERED) == 8
     assert totals["events"] == totals["last_seq"] >= 24
-
-
-def dump_all(path) -> dict[str, list]:
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        tables = [r[0] for r in con.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1").fetchall()]
-        return {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in tables}
-    finally:
-        con.close()
 
 
 def test_rebuild_equals_the_live_store_and_swaps_in(routed, tmp_path, capsys):

@@ -18,20 +18,21 @@ from tests.fixtures.util import wait_for
 pytestmark = pytest.mark.integration
 
 
-def dcmtk(stack, tool: str, *args: str) -> subprocess.CompletedProcess:
+def dcmtk(stack, tool: str, *args: str, aet: str = "TESTSCU", aec: str | None = None) -> subprocess.CompletedProcess:
     p = stack.cfg.probe
-    argv = [str(ls.DCMTK_BIN / tool), "-aet", "TESTSCU", "-aec", p.qr_ae_title, *args, "127.0.0.1", str(p.qr_port)]
+    argv = [str(ls.DCMTK_BIN / tool), "-aet", aet, "-aec", aec or p.qr_ae_title, *args, "127.0.0.1", str(p.qr_port)]
     return subprocess.run(argv, env=ls.dicom_env(), capture_output=True, text=True, timeout=60)
 
 
-def find(stack, tmp_path: Path, model: str, keys: dict[str, str]) -> list[pydicom.Dataset]:
+def find(stack, tmp_path: Path, model: str, keys: dict[str, str], *options: str,
+         aet: str = "TESTSCU") -> list[pydicom.Dataset]:
     out = tmp_path / f"find-{len(list(tmp_path.glob('find-*')))}"
     out.mkdir()
-    args = [model, "-X", "-od", str(out)]
+    args = [*options, model, "-X", "-od", str(out)]
     for k, v in keys.items():
         args += ["-k", f"{k}={v}"]
-    result = dcmtk(stack, "findscu", *args)
-    assert result.returncode == 0, result.stderr
+    result = dcmtk(stack, "findscu", *args, aet=aet)
+    assert result.returncode == 0, result.stdout + result.stderr
     return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 

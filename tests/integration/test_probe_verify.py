@@ -11,7 +11,7 @@ from shared import events as ev
 from shared.bus import Bus
 from shared.corpus import corpus_index, generate_studies
 from shared.dicomfile import dataset_bytes_digest
-from tests.fixtures.util import wait_for
+from tests.fixtures.util import dump_all, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -96,6 +96,19 @@ def test_an_instance_whose_stored_bytes_differ_fails_verification(stack, live_no
         wait_for(lambda: stack.metric("scheduler", "switchyard_scheduler_final_dead_letters_total") == 1,
                  timeout=20, what="the last failure is final")
         assert not verified_for(stack, [tampered_sop])
+        # The catalog shows it as a location state, found by state, with the reason in the trail.
+        rows = wait_for(lambda: stack.catalog(f"/api/instances?state=verification_failed&study_uid={study_uid}"),
+                        timeout=20, what="catalog shows the failed verification")
+        assert [(r["sop_instance_uid"], r["node_id"], r["detail"]) for r in rows] == \
+            [(tampered_sop, failed.node_id, "dataset digest mismatch")]
+        trail = stack.catalog(f"/api/instances/{tampered_sop}/trail")
+        assert (trail["instance"]["state"], trail["instance"]["verified"]) == ("verification_failed", False)
+        last = trail["events"][-1]
+        assert last["type"] == "instance.verification_failed.v1" and last["node_id"] == failed.node_id
+        assert last["why"] == {"reason": "dataset digest mismatch", "expected_digest": failed.expected_digest,
+                               "found_digest": failed.found_digest}
+        totals = stack.catalog("/api/totals")["locations"]
+        assert totals.get("verification_failed", 0) >= 1
     finally:
         for node, orthanc_id in zip(live_nodes, uploaded):
             node.client._request(f"/instances/{orthanc_id}", method="DELETE")
@@ -124,3 +137,71 @@ def test_the_changes_cursor_survives_a_probe_restart(stack, live_nodes, tmp_path
     assert published == len(second_sops)
     verified = [e for e in log_events(stack, ev.InstanceVerifiedV1) if e.sop_instance_uid in first_sops]
     assert sorted(e.sop_instance_uid for e in verified) == sorted(first_sops)
+
+
+def log_seqs(stack) -> tuple[int, int]:
+    """(last sequence of an instance event, last sequence of the stream)."""
+    async def read():
+        bus = await Bus.connect(stack.cfg.nats, "test-reader")
+        try:
+            last_instance = max([d.seq async for d in bus.replay("dicom.instance.>")], default=0)
+            return last_instance, (await bus.js.stream_info(stack.cfg.nats.events_stream)).state.last_seq
+        finally:
+            await bus.close()
+
+    return asyncio.run(read())
+
+
+def test_probe_rebuild_equals_the_live_stores_and_swaps_in(stack, live_nodes, tmp_path, capsys):
+    """Both probe files replayed from the log equal the live ones, table by table (node cursors carried)."""
+    from services.catalog.projection import CatalogStore
+    from services.catalog.rebuild import rebuild_file
+    from services.probe.store import ProbeStore
+    from shared import cli
+
+    files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=2, seed=5105)
+    (_, sops), = corpus_index(files).items()
+    assert stack.send([tmp_path / "corpus"], extra=["+sd", "+r"]).returncode == 0
+    wait_for(lambda: verified_for(stack, sops), timeout=60, what="study verified")
+    argv = ["--config", str(stack.config_path)]
+    assert cli.main([*argv, "probe", "rebuild"]) == 1  # refuses while the probe holds its files
+    assert "stop it" in capsys.readouterr().err
+    # The probe must have applied its own outcome events before the snapshot.
+    last_instance, last = log_seqs(stack)
+    wait_for(lambda: (stack.metric("probe", "switchyard_probe_verify_last_seq") or 0) >= last_instance
+             and (stack.metric("probe", "switchyard_probe_qr_last_seq") or 0) >= last,
+             timeout=20, what="probe stores caught up with the log")
+    stack.stop("probe")
+    verify_db, qr_db = stack.cfg.probe.db_path, stack.cfg.probe.catalog_db_path
+    live_verify, live_qr = dump_all(verify_db), dump_all(qr_db)
+    assert set(live_verify) == {"projection_state", "placements", "expected", "node_cursor", "seen"}
+    assert live_verify["node_cursor"] and live_verify["seen"]  # the nodes were read
+    try:
+        for db, live, factory, seed in (
+                (verify_db, live_verify, ProbeStore, lambda store: store.carry_node_state(verify_db)),
+                (qr_db, live_qr, CatalogStore, None)):
+            until = live["projection_state"][0][1]
+            fresh = tmp_path / f"fresh-{factory.__name__}.duckdb"
+            result = asyncio.run(rebuild_file(stack.cfg.nats, fresh, factory, until_seq=until, swap=False,
+                                              seed=seed))
+            assert result.last_seq == until
+            assert dump_all(fresh) == live, factory.__name__  # table by table
+
+        assert cli.main([*argv, "probe", "rebuild"]) == 0
+        out = capsys.readouterr().out
+        assert out.count("probe store rebuilt") == 2, out
+        # Swapped in: what the log says, plus the node cursors carried over.
+        rebuilt_verify = dump_all(verify_db)
+        assert {t: rows for t, rows in rebuilt_verify.items() if t != "projection_state"} == \
+            {t: rows for t, rows in live_verify.items() if t != "projection_state"}
+        assert dump_all(qr_db)["instances"] == live_qr["instances"]
+    finally:
+        stack.start("probe")
+    # The probe runs on the rebuilt files: a new study is verified, and nothing old is judged again.
+    more = generate_studies(tmp_path / "more", studies=1, series_per_study=1, instances_per_series=1, seed=5106)
+    (_, more_sops), = corpus_index(more).items()
+    assert stack.send([tmp_path / "more"], extra=["+sd", "+r"]).returncode == 0
+    wait_for(lambda: verified_for(stack, more_sops), timeout=60, what="new study verified after the rebuild")
+    published = sum(stack.metric("probe", "switchyard_probe_verifications_total",
+                                 f'node="{n.node.id}",outcome="verified"') or 0 for n in live_nodes)
+    assert published == len(more_sops)

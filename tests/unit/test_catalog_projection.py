@@ -144,3 +144,29 @@ def test_a_file_from_before_pools_is_rekeyed(tmp_path):
     store.apply([(3, forwarded(1, "node1")), (4, fanned_out(1, "node2", "research"))])
     assert store.rows("SELECT pool, state FROM locations ORDER BY pool") == [
         {"pool": "", "state": "forwarded"}, {"pool": "research", "state": "placed"}]
+
+
+def verification_failed(n: int, node: str, attempt: int = 0) -> ev.InstanceVerificationFailedV1:
+    return ev.InstanceVerificationFailedV1(
+        event_id=f"vf{n}-{attempt}", sop_instance_uid=f"1.2.9.{n}", study_instance_uid="1.2.9", node_id=node,
+        placement_id=f"p{n}-{attempt}", reason="dataset digest mismatch", expected_digest="a", found_digest="b")
+
+
+def test_failed_verification_is_a_location_state(tmp_path):
+    log = list(enumerate([received(1), placed(1, "node1"), forwarded(1, "node1"),
+                          verification_failed(1, "node1")], start=1))
+    store = CatalogStore(tmp_path / "c.duckdb")
+    store.apply(log[:3])
+    store.apply(log[3:])  # a later batch: the row is read back
+    row = store.cursor().execute("SELECT node_id, state, detail, updated_seq FROM locations").fetchone()
+    assert row == ("node1", "verification_failed", "dataset digest mismatch", 4)
+    rebuilt = CatalogStore(tmp_path / "r.duckdb")
+    rebuilt.apply(log)  # the same log in one batch (a rebuild) gives the same rows
+    assert dump(rebuilt) == dump(store)
+
+
+def test_failed_verification_of_an_older_placement_leaves_the_current_one(tmp_path):
+    store = CatalogStore(tmp_path / "c.duckdb")
+    store.apply([(1, received(1)), (2, placed(1, "node1")), (3, forwarded(1, "node1")),
+                 (4, placed(1, "node1", attempt=1)), (5, verification_failed(1, "node1", attempt=0))])
+    assert store.cursor().execute("SELECT state, placement_id FROM locations").fetchone() == ("placed", "p1-1")

@@ -151,3 +151,53 @@ def test_a_store_file_from_before_re_placement_fields_opens(tmp_path):
     (item,) = store.overdue("node1", ev.utcnow(), 10.0)
     # An expectation recorded before: not re-placeable (received_seq 0), still judged.
     assert (item.placement_id, item.received_seq, item.avoid, item.pool) == ("p", 0, (), "")
+
+
+def test_a_rebuilt_store_carries_the_node_cursors_over(tmp_path):
+    live = ProbeStore(tmp_path / "live.duckdb")
+    live.record_changes("node1", [("1.1", "o1", 3), ("1.2", "o2", 5)], 5)
+    live.record_changes("node2", [], 9)
+    live.close()
+    fresh = ProbeStore(tmp_path / "fresh.duckdb")
+    assert fresh.carry_node_state(tmp_path / "live.duckdb")
+    assert (fresh.node_cursor("node1"), fresh.node_cursor("node2")) == (5, 9)
+    p = placed("1.2")
+    fresh.apply([(1, p), (2, forwarded(p))])
+    assert [(e.sop_instance_uid, e.orthanc_id) for e in fresh.ready_to_check("node1")] == [("1.2", "o2")]
+    # A missing or unreadable live file carries nothing: the nodes are read from the start.
+    assert not ProbeStore(tmp_path / "other.duckdb").carry_node_state(tmp_path / "missing.duckdb")
+    (tmp_path / "junk.duckdb").write_bytes(b"not a database")
+    empty = ProbeStore(tmp_path / "empty.duckdb")
+    assert not empty.carry_node_state(tmp_path / "junk.duckdb")
+    assert empty.node_cursor("node1") == 0
+
+
+def dump(store: ProbeStore) -> dict[str, list]:
+    return {t: store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
+            for t in ("projection_state", "placements", "expected")}
+
+
+def test_any_split_into_batches_gives_the_same_rows(tmp_path):
+    """The batch fold equals event-by-event application, whatever the batch boundaries."""
+    now = ev.utcnow()
+    a, b, c, d = placed("1.1"), placed("1.2"), placed("1.3"), placed("1.4", node="node2")
+    a2 = msgspec_replace(placed("1.1"), event_id="a-again", attempt=1)
+    fa, fb, fd, fa2 = (forwarded(p, now - timedelta(seconds=i)) for i, p in enumerate((a, b, d, a2)))
+    item = lambda p: Expected(p.node_id, p.sop_instance_uid, "1.2", p.event_id, p.dataset_digest, now)  # noqa: E731
+    log = [a, b, c, fa, d, fb, failed_event(item(a), "dataset digest mismatch", "x"), a2, fa2,
+           verified_event(item(a), "d1"),  # an outcome of the older placement: the newer one stays pending
+           ev.InstanceDeadLetteredV1(event_id="dl", sop_instance_uid="1.3", study_instance_uid="1.2",
+                                     node_id="node1", placement_id=c.event_id, reason="refused"),
+           fd, verified_event(item(b), "d1"),
+           msgspec_replace(verified_event(item(d), "d1"), placement_id="")]  # pre-placement-id event: ignored
+    seqs = list(enumerate(log, start=1))
+    whole = ProbeStore(tmp_path / "whole.duckdb")
+    assert whole.apply(seqs) == len(log)
+    assert whole.states() == {("node1", "1.1"): "pending", ("node1", "1.2"): "verified",
+                              ("node2", "1.4"): "pending"}
+    assert whole.con.execute("SELECT count(*) FROM placements").fetchone() == (0,)
+    for size in (1, 2, 3, 5):
+        split = ProbeStore(tmp_path / f"split{size}.duckdb")
+        for i in range(0, len(seqs), size):
+            split.apply(seqs[i:i + size])
+        assert dump(split) == dump(whole), size

@@ -1,10 +1,12 @@
-"""The peer policy: calling AE titles, optionally bound to source addresses."""
+"""Who may associate: calling AE titles bound to addresses, and the server TLS context."""
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
 
-from services.ingest.access import PeerPolicy
+from shared.access import PeerPolicy, server_tls_context
 
 
 def test_empty_policy_admits_anyone():
@@ -35,3 +37,17 @@ def test_host_names_resolve_once_at_start():
 def test_malformed_entries_are_config_errors(entry):
     with pytest.raises(ValueError):
         PeerPolicy.from_config([], [entry])
+
+
+def test_tls_is_off_unless_cert_and_key_are_set(pki):
+    assert server_tls_context("", "", "", "probe.qr_tls") is None
+    with pytest.raises(ValueError, match="probe.qr_tls_cert_file and probe.qr_tls_key_file"):
+        server_tls_context(str(pki["server_crt"]), "", "", "probe.qr_tls")
+
+
+def test_a_ca_file_requires_client_certificates(pki):
+    server_only = server_tls_context(str(pki["server_crt"]), str(pki["server_key"]), "", "ingest.tls")
+    assert server_only.verify_mode == ssl.CERT_NONE
+    mutual = server_tls_context(str(pki["server_crt"]), str(pki["server_key"]), str(pki["ca"]), "ingest.tls")
+    assert mutual.verify_mode == ssl.CERT_REQUIRED
+    assert mutual.minimum_version >= ssl.TLSVersion.TLSv1_2
