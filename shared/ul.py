@@ -13,6 +13,8 @@ framing around them and the two small command sets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -322,3 +324,65 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
         + short(0x0013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii"), b" "))
     )
     return b"\x00" * 128 + b"DICM" + short(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+VERIFICATION = "1.2.840.10008.1.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+
+
+def echo_request(message_id: int) -> bytes:
+    """The command set of a C-ECHO-RQ."""
+    return _command_set([
+        (AFFECTED_SOP_CLASS, _even(VERIFICATION.encode("ascii"), b"\x00")),
+        (COMMAND_FIELD, struct.pack("<H", C_ECHO_RQ)),
+        (MESSAGE_ID, struct.pack("<H", message_id)),
+        (DATASET_TYPE, struct.pack("<H", NO_DATASET)),
+    ])
+
+
+async def read_command(reader: asyncio.StreamReader, timeout: float) -> dict[int, bytes]:
+    """The next whole command set the peer sends (responses carry no dataset here)."""
+    command = bytearray()
+    while True:
+        async with asyncio.timeout(timeout):
+            pdu_type, data = await read_pdu(reader, HARD_PDU_CAP)
+        if pdu_type == ABORT:
+            raise ConnectionResetError("the peer aborted the association")
+        if pdu_type != P_DATA_TF:
+            raise ProtocolError(ABORT_UNEXPECTED_PDU, f"PDU type {pdu_type} instead of a response")
+        for _cx, is_command, last, fragment in pdvs(data):
+            if is_command:
+                command += fragment
+                if last:
+                    return parse_command(bytes(command))
+
+
+async def echo(host: str, port: int, calling_ae: str, called_ae: str, timeout: float) -> bool:
+    """Associate, C-ECHO, release; True when the peer answered success. Never raises for network trouble."""
+    contexts = [(VERIFICATION, IMPLICIT_VR_LITTLE_ENDIAN)]
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            with contextlib.suppress(OSError, AttributeError):
+                writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            writer.write(associate_request(calling_ae, called_ae, contexts, 16384))
+            pdu_type, data = await read_pdu(reader, MAX_ASSOCIATE_RQ)
+            if pdu_type != ASSOCIATE_AC:
+                return False
+            accepted, peer_max = decode_accept(data, contexts)
+            if contexts[0] not in accepted:
+                writer.write(abort_pdu())
+                return False
+            writer.write(p_data_command(accepted[contexts[0]], echo_request(1), peer_max))
+            rsp = await read_command(reader, timeout)
+            ok = command_us(rsp, COMMAND_FIELD) == C_ECHO_RSP and command_us(rsp, STATUS) == 0
+            writer.write(RELEASE_RQ_PDU)
+            while (await read_pdu(reader, HARD_PDU_CAP))[0] not in (RELEASE_RP, ABORT):
+                pass
+            return ok
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()

@@ -13,8 +13,6 @@ import logging
 import time
 
 from prometheus_client import Counter, Gauge
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 
 from services.catalog.projection import CatalogStore
 from services.probe import qr
@@ -22,47 +20,43 @@ from services.probe.health import enrich
 from services.probe.store import ProbeStore
 from services.probe.verify import Verifier
 from shared import events as ev
-from shared import membership
+from shared import membership, ul
 from shared.blobs import open_blob_store
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config, NodeConfig
-from shared.dimse import NODELAY_HANDLER
 from shared.orthanc import OrthancClient, OrthancError
 from shared.runtime import run_until_stopped, running_service, wait_or_stop
 
 log = logging.getLogger("switchyard.probe")
 
 
-def echo_rtt_ms(node: NodeConfig, calling_ae: str, timeout: float) -> float | None:
-    """C-ECHO round trip including association setup; None when it fails."""
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+async def echo_rtt_ms(node: NodeConfig, calling_ae: str, timeout: float) -> float | None:
+    """C-ECHO round trip including association setup and release; None when it fails.
+
+    On the event loop (shared.ul): pynetdicom's association would start two
+    polling threads for every look at every node.
+    """
     started = time.perf_counter()
-    assoc = ae.associate(node.host, node.dicom_port, ae_title=node.ae_title, evt_handlers=[NODELAY_HANDLER])
-    if not assoc.is_established:
-        return None
-    try:
-        status = assoc.send_c_echo()
-        ok = bool(status) and int(status.Status) == 0
-    finally:
-        assoc.release()
+    ok = await ul.echo(node.host, node.dicom_port, calling_ae, node.ae_title, timeout)
     return (time.perf_counter() - started) * 1000 if ok else None
 
 
-def observe(node: NodeConfig, calling_ae: str, timeout: float) -> ev.NodeHeartbeatV1:
-    """One look at one node (blocking; run on a worker thread)."""
+def _load(client: OrthancClient) -> tuple[dict, int]:
+    return client.statistics(), client.pending_jobs()
+
+
+async def observe(node: NodeConfig, calling_ae: str, timeout: float) -> ev.NodeHeartbeatV1:
+    """One look at one node: REST on a worker thread (urllib blocks), C-ECHO on the loop."""
     now = ev.utcnow()
     event_id = ev.fact_id("heartbeat", node.id, now.isoformat())
     client = OrthancClient(node, timeout)
     try:
-        stats = client.statistics()
-        pending = client.pending_jobs()
+        stats, pending = await asyncio.to_thread(_load, client)
     except (OrthancError, ValueError, KeyError) as exc:
         return ev.NodeHeartbeatV1(event_id=event_id, occurred_at=now, node_id=node.id, up=False,
                                   error=f"REST: {exc}")
-    rtt = echo_rtt_ms(node, calling_ae, timeout)
-    extra = enrich(client)
+    rtt = await echo_rtt_ms(node, calling_ae, timeout)
+    extra = await asyncio.to_thread(enrich, client)
     return ev.NodeHeartbeatV1(
         event_id=event_id, occurred_at=now, node_id=node.id, up=rtt is not None,
         error="" if rtt is not None else "C-ECHO failed",
@@ -80,7 +74,7 @@ async def watch(cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gaug
         node = member.node
         started = time.monotonic()
         try:
-            hb = await asyncio.to_thread(observe, node, pcfg.ae_title, pcfg.timeout_s)
+            hb = await observe(node, pcfg.ae_title, pcfg.timeout_s)
         except Exception as exc:  # noqa: BLE001 - a node's watch must outlive any one bad look
             log.exception("observing node %s failed", node.id)
             hb = ev.NodeHeartbeatV1(event_id=ev.fact_id("heartbeat", node.id, ev.utcnow().isoformat()),

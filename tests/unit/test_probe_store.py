@@ -201,3 +201,18 @@ def test_any_split_into_batches_gives_the_same_rows(tmp_path):
         for i in range(0, len(seqs), size):
             split.apply(seqs[i:i + size])
         assert dump(split) == dump(whole), size
+
+
+def test_a_poll_s_sightings_and_outcomes_are_written_in_one_statement_each(tmp_path):
+    store = ProbeStore(tmp_path / "p.duckdb")
+    a, b, c = placed("1.1"), placed("1.2"), placed("1.3")
+    store.apply([(1, a), (2, b), (3, c), (4, forwarded(a)), (5, forwarded(b)), (6, forwarded(c))])
+    # The same SOP twice in one read of /changes: the later sighting wins.
+    store.record_changes("node1", [("1.1", "old", 1), ("1.2", "o2", 2), ("1.1", "o1", 3)], 3)
+    assert sorted((e.sop_instance_uid, e.orthanc_id) for e in store.ready_to_check("node1")) == [
+        ("1.1", "o1"), ("1.2", "o2")]
+    store.settle_many([("node1", "1.1", a.event_id, "verified", ""),
+                       ("node1", "1.2", b.event_id, "failed", "dataset digest mismatch"),
+                       ("node1", "1.3", "another-placement", "verified", "")])  # not the current one: no change
+    assert store.states() == {("node1", "1.1"): "verified", ("node1", "1.2"): "failed", ("node1", "1.3"): "pending"}
+    assert store.node_cursor("node1") == 3
