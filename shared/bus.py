@@ -271,19 +271,28 @@ class Bus:
 
     async def follow_batches(
         self, start_seq: int, max_batch: int, idle_timeout: float, stop: asyncio.Event,
-        subject: str = ">", stream: str | None = None,
+        subject: str = ">", stream: str | None = None, linger: float = 0.2,
     ) -> AsyncIterator[list[Delivered]]:
-        """Follow the log from ``start_seq`` in batches (a batch ends when full or idle)."""
+        """Follow the log from ``start_seq`` in batches.
+
+        A batch ends when full or ``linger`` seconds after its first message:
+        a projection pays a transaction per batch, and a live log trickles
+        (ending batches at the first 10 ms gap made them a few events each and
+        cost the catalog ~2 ms of CPU per event).
+        """
         stream = stream or self.cfg.events_stream
         sub = await self.js.subscribe(
             subject, stream=stream, ordered_consumer=True, pending_msgs_limit=max(4 * max_batch, 65536),
             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq)),
         )
+        loop = asyncio.get_running_loop()
         try:
             batch: list[Delivered] = []
+            due = 0.0
             while not stop.is_set():
+                wait = idle_timeout if not batch else max(0.001, due - loop.time())
                 try:
-                    msg = await sub.next_msg(timeout=idle_timeout if not batch else 0.01)
+                    msg = await sub.next_msg(timeout=wait)
                 except TimeoutError:
                     if batch:
                         yield batch
@@ -294,7 +303,9 @@ class Bus:
                     batch.append(Delivered(seq, ev.decode(msg.data), msg))
                 except Exception:  # noqa: BLE001 - one bad message must not stop a projection
                     log.error("undecodable message at stream seq %d; skipped", seq)
-                if len(batch) >= max_batch:
+                if len(batch) == 1:
+                    due = loop.time() + linger
+                if batch and (len(batch) >= max_batch or loop.time() >= due):
                     yield batch
                     batch = []
         finally:

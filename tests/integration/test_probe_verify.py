@@ -52,9 +52,12 @@ def test_routed_instances_are_verified_against_the_ingest_digest(stack, live_nod
         assert v.event_id == ev.fact_id("verified", v.node_id, sop, v.placement_id)
     assert not [e for e in log_events(stack, ev.InstanceVerificationFailedV1) if e.sop_instance_uid in sops]
     # The catalog follows the probe's verdict.
-    rows = wait_for(lambda: [r for r in stack.catalog(f"/api/instances?study_uid={study_uid}")
-                             if r["state"] == "verified"], timeout=20, what="catalog shows verified")
-    assert {r["sop_instance_uid"] for r in rows} == set(sops)
+    def verified_in_catalog() -> set[str]:
+        return {r["sop_instance_uid"] for r in stack.catalog(f"/api/instances?study_uid={study_uid}")
+                if r["state"] == "verified"}
+
+    wait_for(lambda: verified_in_catalog() == set(sops), timeout=20, what="catalog shows every instance verified")
+    assert verified_in_catalog() == set(sops)
 
 
 def test_an_instance_whose_stored_bytes_differ_fails_verification(stack, live_nodes, tmp_path):
