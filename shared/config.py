@@ -71,7 +71,10 @@ class IngestConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_port: int = 9101
     # Where pynetdicom spools incoming datasets before they reach the blob store.
     spool_dir: str = "var/spool"
+    # Per worker process.
     max_associations: int = 16
+    # Processes sharing the port (SO_REUSEPORT); worker N serves metrics on metrics_port + N.
+    workers: int = 1
     max_pdu: int = 262144
     network_timeout_s: float = 60.0
     max_object_bytes: int = 4 * 1024**3

@@ -163,12 +163,12 @@ class StorageSCP:
 
     # ------------------------------------------------------------ server
 
-    async def start(self, tls: ssl.SSLContext | None) -> asyncio.AbstractServer:
+    async def start(self, tls: ssl.SSLContext | None, reuse_port: bool = False) -> asyncio.AbstractServer:
         icfg = self.cfg.ingest
         return await asyncio.start_server(
             self._connection, icfg.host, icfg.port, ssl=tls,
             ssl_handshake_timeout=icfg.network_timeout_s if tls else None,
-            limit=max(icfg.max_pdu, 65536) + 6,
+            limit=max(icfg.max_pdu, 65536) + 6, reuse_port=reuse_port or None,
         )
 
     async def stop(self, server: asyncio.AbstractServer, grace_s: float = 10.0) -> None:

@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MultiFrameGrayscaleWordSecondaryCaptureImageStorage, generate_uid
@@ -31,7 +32,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MultiFrameGrayscaleWordSecondary
 from shared import localstack as ls
 from shared.corpus import generate_studies
 from tests.fixtures.servers import make_stack, new_orthanc_node
-from tests.fixtures.util import free_port
+from tests.fixtures.util import free_port, wait_for
 
 SENDERS = 4
 
@@ -109,8 +110,11 @@ def main(argv: list[str]) -> int:
                                instances_per_series=per_series, seed=7001)
         many = generate_studies(work / "many", studies=count // (4 * per_series), series_per_study=4,
                                 instances_per_series=per_series, seed=7002)
+        # A third corpus for ingest with two worker processes (new UIDs: no duplicates).
+        more = generate_studies(work / "more", studies=count // (4 * per_series), series_per_study=4,
+                                instances_per_series=per_series, seed=7003)
         size = one[0].stat().st_size
-        print(f"  {len(one)} + {len(many)} files, {size} bytes each", flush=True)
+        print(f"  {len(one)} + {len(many)} + {len(more)} files, {size} bytes each", flush=True)
 
         scp_port = free_port()
         scp = ls.start_storescp(scp_port, work / "storescp-out", work / "storescp.log", "STORESCP")
@@ -157,6 +161,18 @@ def main(argv: list[str]) -> int:
         finally:
             stack.close()
 
+        # The same, ingest.workers = 2 (SO_REUSEPORT): do 4 senders gain from a second process?
+        def two_workers(cfg):
+            return msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(cfg.ingest, workers=2))
+
+        stack = make_stack(work / "stack2", [], services=("ingest",), configure=two_workers)
+        try:
+            wait_for(lambda: stack.metric("ingest", "switchyard_bus_connected", worker=1) == 1, timeout=30,
+                     what="ingest worker 1")
+            ing_two = rate(stack.cfg.ingest.port, stack.cfg.ingest.ae_title, more, SENDERS)
+        finally:
+            stack.close()
+
         print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; cpus: {os.cpu_count()}; "
               f"python {sys.version.split()[0]}")
         print(f"small instances: {count} x {size} bytes; ingest accepted (not duplicate): {accepted:.0f}")
@@ -167,6 +183,8 @@ def main(argv: list[str]) -> int:
         print(f"ingest (durable), 1 sender:    {ing_one:8.1f} img/s  ({ing_one / scp_one:.2f}x storescp)")
         print(f"ingest (durable), {SENDERS} senders:   {ing_many:8.1f} img/s  ({ing_many / scp_many:.2f}x storescp, "
               f"{ing_many / ing_one:.2f}x one sender)")
+        print(f"ingest, 2 workers, {SENDERS} senders: {ing_two:8.1f} img/s  ({ing_two / scp_many:.2f}x storescp, "
+              f"{ing_two / ing_one:.2f}x one sender on one worker)")
         print(f"ingest CPU per instance: {(cpu1 - cpu0) / len(one) * 1000:.1f} ms (1 sender), "
               f"{(cpu2 - cpu1) / len(many) * 1000:.1f} ms ({SENDERS} senders); "
               f"ingest CPU utilisation {(cpu1 - cpu0) * ing_one / len(one):.2f} / {(cpu2 - cpu1) * ing_many / len(many):.2f} cores")
