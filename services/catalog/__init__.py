@@ -4,52 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import aclosing
 
 import msgspec
-import nats.errors
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.catalog.api import build_app
 from services.catalog.projection import CatalogStore
-from services.catalog.rebuild import ReplayGap, replay_into
+from services.catalog.rebuild import keep_up
 from shared import events as ev
 from shared.bus import Bus
 from shared.config import Config
 from shared.runtime import run_until_stopped, running_service
 
 log = logging.getLogger("switchyard.catalog")
-# Events per transaction while catching up (a rebuild uses the same size).
-CATCH_UP_BATCH = 100_000
 
 
 async def project(cfg: Config, bus: Bus, store: CatalogStore, registry: CollectorRegistry,
                   stop: asyncio.Event) -> None:
-    """Catch up in large batches through the replay reader (a rebuild's speed), then follow the tail.
-
-    A full follower batch means the projection has fallen behind: it goes back
-    to catching up in bulk.
-    """
     applied = Counter("switchyard_catalog_events_applied", "Events applied to the catalog", registry=registry)
     last = Gauge("switchyard_catalog_last_seq", "Last applied stream sequence", registry=registry)
     start = await asyncio.to_thread(store.last_seq)
     last.set(start)
     log.info("projecting from stream sequence %d", start + 1)
-    while not stop.is_set():
-        try:
-            applied.inc(await replay_into(store, bus, batch=CATCH_UP_BATCH, stop=stop))
-        except (ReplayGap, ConnectionError, nats.errors.Error, asyncio.TimeoutError) as exc:
-            log.warning("bulk catch-up stopped (%s); following instead", type(exc).__name__)
-        start = await asyncio.to_thread(store.last_seq)
-        last.set(start)
-        async with aclosing(bus.follow_batches(start + 1, cfg.catalog.batch, 0.2, stop)) as batches:
-            async for batch in batches:
-                n = await asyncio.to_thread(store.apply_raw, [d.seq for d in batch], [d.msg.data for d in batch])
-                applied.inc(n)
-                last.set(batch[-1].seq)
-                if len(batch) >= cfg.catalog.batch:
-                    break
+
+    def report(n: int, seq: int) -> None:
+        applied.inc(n)
+        last.set(seq)
+
+    await keep_up(store, bus, cfg.catalog.batch, stop, report)
 
 
 async def follow_heartbeats(cfg: Config, bus: Bus, loads: dict, stop: asyncio.Event) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import duckdb
+import nats.errors
 
 from shared import events as ev
 from shared.bus import Bus
@@ -318,6 +319,32 @@ async def replay_into(store: Any, bus: Bus, stream: str | None = None, until_seq
         if pending is not None:  # never leave an apply running on a store about to be closed
             applied += await pending
     return applied
+
+
+async def keep_up(store: Any, bus: Bus, follow_batch: int, stop: asyncio.Event,
+                  on_applied: Callable[[int, int], None] | None = None, catch_up_batch: int = 100_000) -> None:
+    """Keep ``store`` (with ``apply_raw``) up with the log until ``stop``: the live projection.
+
+    Catches up in large batches through the replay reader (a rebuild's speed),
+    then follows the tail with the ordered consumer; a full follower batch
+    means it fell behind, so it goes back to catching up in bulk.
+    ``on_applied(events, last_seq)`` is called after each transaction.
+    """
+    report = on_applied or (lambda n, last: None)
+    while not stop.is_set():
+        try:
+            applied = await replay_into(store, bus, batch=catch_up_batch, stop=stop)
+        except (ReplayGap, ConnectionError, nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.warning("bulk catch-up stopped (%s); following instead", type(exc).__name__)
+            applied = 0
+        start = await asyncio.to_thread(store.last_seq)
+        report(applied, start)
+        async with aclosing(bus.follow_batches(start + 1, follow_batch, 0.2, stop)) as batches:
+            async for batch in batches:
+                n = await asyncio.to_thread(store.apply_raw, [d.seq for d in batch], [d.msg.data for d in batch])
+                report(n, batch[-1].seq)
+                if len(batch) >= follow_batch:
+                    break
 
 
 async def rebuild_file(nats: NatsConfig, path: str | Path, store_factory: Callable[[Path], Any],

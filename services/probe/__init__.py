@@ -17,6 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from services.catalog.projection import CatalogStore
+from services.catalog.rebuild import keep_up
 from services.probe import qr
 from services.probe.health import enrich
 from services.probe.store import ProbeStore
@@ -99,9 +100,7 @@ async def watch(cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gaug
 
 async def project(bus: Bus, store: CatalogStore, stop: asyncio.Event) -> None:
     """The front door's own projection of the log (same tables as the catalog, own file)."""
-    start = await asyncio.to_thread(store.last_seq)
-    async for batch in bus.follow_batches(start + 1, 512, 0.2, stop):
-        await asyncio.to_thread(store.apply, [(d.seq, d.event) for d in batch])
+    await keep_up(store, bus, 512, stop)
 
 
 async def main(cfg: Config) -> None:

@@ -215,7 +215,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--instances", type=int, default=1_000_000)
     p.add_argument("--batch", type=int, default=100_000, help="events per apply batch")
     p.add_argument("--sample-instances", type=int, default=100_000, help="for read alone and apply alone")
-    p.add_argument("--baseline-instances", type=int, default=2000)
+    p.add_argument("--baseline-instances", type=int, default=1000)
     p.add_argument("--lookups", type=int, default=500)
     args = p.parse_args(argv)
     n = args.instances
