@@ -233,6 +233,15 @@ class CatalogStore:
     def close(self) -> None:
         self.con.close()
 
+    def bulk_load(self) -> None:
+        """For a fresh file being rebuilt: checkpoint once, at close, instead of after every batch.
+
+        Commits then only append; measured on 1M events, commits + close took
+        4.7 s instead of 7.8 s. Not for a live store: its WAL would grow.
+        """
+        with self.lock:
+            self.con.execute("SET checkpoint_threshold = '1TB'")
+
     def last_seq(self) -> int:
         with self.lock:
             rows = self.con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchall()

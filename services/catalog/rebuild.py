@@ -369,6 +369,8 @@ async def rebuild_file(nats: NatsConfig, path: str | Path, store_factory: Callab
     store = store_factory(fresh)
     ok = False
     try:
+        if hasattr(store, "bulk_load"):
+            store.bulk_load()
         once = asyncio.Event()
         once.set()  # a command, not a service: fail at once if NATS is not there
         bus = await asyncio.wait_for(Bus.connect(nats, "switchyard-rebuild", once), 2 + 2 * nats.connect_timeout_s)
