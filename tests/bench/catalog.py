@@ -8,6 +8,8 @@ nats-server on free ports (timed separately). Figures:
   file (what ``switchyard catalog rebuild`` runs), events/s end to end;
 - read alone: the replay reader with no store (raw socket reader), and, as the
   baseline, the nats-py subscription reader, on a sample of the log;
+- live catch-up: the catalog service's loop (``rebuild.keep_up``) on a fresh
+  store over the sample's events;
 - apply alone: ``CatalogStore.apply_raw`` on encoded events held in memory,
   in batches, on a sample (a store without ``bulk_load``, as the live catch-up);
 - baseline (same run): the foundation's row-by-row apply (one execute per row)
@@ -117,6 +119,29 @@ async def read_alone(cfg: NatsConfig, events: int, client: bool) -> float:
         assert count == events, f"read {count} of {events}"
         return time.perf_counter() - started
     finally:
+        await bus.close()
+
+
+async def live_catch_up(cfg: NatsConfig, path: Path, events: int) -> float:
+    """Seconds for the live projection loop (``keep_up``) to catch a fresh store up over the first ``events``."""
+    once = asyncio.Event()
+    once.set()
+    bus = await Bus.connect(cfg, "bench-catch-up", once)
+    store = CatalogStore(path)
+    try:
+        stop = asyncio.Event()
+
+        def report(_: int, last: int) -> None:
+            if last >= events:
+                stop.set()
+
+        started = time.perf_counter()
+        await rebuild.keep_up(store, bus, 512, stop, report)
+        seconds = time.perf_counter() - started
+        assert store.last_seq() >= events
+        return seconds * events / store.last_seq()  # it stops at a batch boundary
+    finally:
+        store.close()
         await bus.close()
 
 
@@ -241,6 +266,9 @@ def main(argv: list[str]) -> int:
         client_s = asyncio.run(read_alone(cfg.nats, 4 * ns, client=True))
         print(f"read alone ({4 * ns} events): wire reader {4 * ns / wire_s:,.0f} events/s, "
               f"baseline nats-py reader {4 * ns / client_s:,.0f} events/s", flush=True)
+
+        catch_s = asyncio.run(live_catch_up(cfg.nats, work / "live.duckdb", 4 * ns))
+        print(f"live catch-up (keep_up, {4 * ns} events): {4 * ns / catch_s:,.0f} events/s", flush=True)
 
         alone_s, count = apply_alone(work / "alone.duckdb", ns, args.batch)
         print(f"apply alone ({count} events, in memory): {count / alone_s:,.0f} events/s ({alone_s:.1f}s)",
