@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.catalog.api import build_app
 from services.catalog.projection import CatalogStore
+from services.catalog.rebuild import keep_up
 from shared import events as ev
 from shared.bus import Bus
 from shared.config import Config
@@ -26,10 +27,12 @@ async def project(cfg: Config, bus: Bus, store: CatalogStore, registry: Collecto
     start = await asyncio.to_thread(store.last_seq)
     last.set(start)
     log.info("projecting from stream sequence %d", start + 1)
-    async for batch in bus.follow_batches(start + 1, cfg.catalog.batch, 0.2, stop):
-        n = await asyncio.to_thread(store.apply, [(d.seq, d.event) for d in batch])
+
+    def report(n: int, seq: int) -> None:
         applied.inc(n)
-        last.set(batch[-1].seq)
+        last.set(seq)
+
+    await keep_up(store, bus, cfg.catalog.batch, stop, report)
 
 
 async def follow_heartbeats(cfg: Config, bus: Bus, loads: dict, stop: asyncio.Event) -> None:

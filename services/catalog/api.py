@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from services.catalog.projection import CatalogStore
+from services.catalog.projection import LOCATION_STATES, CatalogStore
 
 _DATE = re.compile(r"^\d{8}$")
 _UID = re.compile(r"^[0-9.]{1,64}$")
@@ -148,7 +148,7 @@ async def series(request: web.Request) -> web.Response:
     return _json(await _query(request, sql, [*params, _limit(request)]))
 
 
-_STATES = {"placed", "forwarded", "failed", "dead_lettered", "verified", "verification_failed"}
+_STATES = set(LOCATION_STATES)
 
 
 async def instances(request: web.Request) -> web.Response:

@@ -3,22 +3,33 @@
 Rows and the last applied stream sequence are written in one transaction, so
 after a crash the projection resumes exactly where its data ends, and a
 rebuild from sequence 1 yields the same content. Applying an event is
-idempotent on its stream sequence.
+idempotent on its stream sequence (only sequences above the stored one are
+applied, so ``events`` needs no key on ``seq``).
+
+A batch is handed to DuckDB as raw JSON in one Arrow table and projected in
+SQL: every event is stored as sent (``events.payload``, JSON text checked by
+the parse), headers go to ``instances``, and each touched location is folded
+through the batch's events in order, as applying them one by one would.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from datetime import datetime, timedelta, timezone
+import typing
+from array import array
 from collections.abc import Iterable
+from itertools import accumulate
 from pathlib import Path
 
 import duckdb
 import msgspec
+import pyarrow as pa
 
 from shared import events as ev
 
 NAME = "catalog"
+log = logging.getLogger("switchyard.catalog.projection")
 
 # Timestamps are stored as UTC in plain TIMESTAMP columns (TIMESTAMPTZ would need
 # pytz to be read back from Python).
@@ -43,8 +54,8 @@ CREATE TABLE IF NOT EXISTS locations (
     PRIMARY KEY (sop_instance_uid, pool)
 );
 CREATE TABLE IF NOT EXISTS events (
-    seq BIGINT PRIMARY KEY, event_id VARCHAR, type VARCHAR, sop_instance_uid VARCHAR,
-    study_instance_uid VARCHAR, node_id VARCHAR, occurred_at TIMESTAMP, payload JSON
+    seq BIGINT NOT NULL, event_id VARCHAR, type VARCHAR, sop_instance_uid VARCHAR,
+    study_instance_uid VARCHAR, node_id VARCHAR, occurred_at TIMESTAMP, payload VARCHAR
 );
 CREATE TABLE IF NOT EXISTS nodes (
     node_id VARCHAR PRIMARY KEY, state VARCHAR, reason VARCHAR, updated_seq BIGINT, updated_at TIMESTAMP
@@ -57,46 +68,141 @@ _RECEIVED_COLUMNS = (
     "accession_number", "study_date", "study_description", "series_number", "instance_number",
     "size", "dataset_digest", "blob_key", "calling_ae", "called_ae",
 )
-
-_encoder = msgspec.json.Encoder()
-
-
-_EPOCH = datetime(1970, 1, 1)
-_MICRO = timedelta(microseconds=1)
 _LOCATION_COLUMNS = ("sop_instance_uid", "study_instance_uid", "node_id", "state", "placement_id",
                      "reason", "detail", "updated_seq", "updated_at", "pool")
-_TYPES = {
-    "seq": "BIGINT", "size": "BIGINT", "received_seq": "BIGINT", "updated_seq": "BIGINT",
-    "occurred_at": "TS", "received_at": "TS", "updated_at": "TS", "payload": "JSON", "extra_tags": "JSON",
+
+
+def _tag(kind: type) -> str:
+    return kind.__struct_config__.tag
+
+
+# How an event moves an instance's location (one row per instance and pool): type tag ->
+# (new state, what must match the row: "placement" = its placement_id; "node" = its
+# placement_id when the event names one, else its node_id (verified events from before
+# placement ids); detail: None keeps it, "" clears it, "reason" takes the event's reason).
+# A new location state is one line here.
+LOCATION_MOVES: dict[str, tuple[str, str, str | None]] = {
+    _tag(ev.InstanceForwardedV1): ("forwarded", "placement", ""),
+    _tag(ev.InstanceForwardFailedV1): ("failed", "placement", "reason"),
+    _tag(ev.InstanceDeadLetteredV1): ("dead_lettered", "placement", "reason"),
+    _tag(ev.InstanceVerifiedV1): ("verified", "node", None),
+    _tag(ev.InstanceVerificationFailedV1): ("verification_failed", "placement", "reason"),
 }
+LOCATION_STATES = ("placed", *dict.fromkeys(state for state, _, _ in LOCATION_MOVES.values()))
+EVENT_TYPES = tuple(_tag(kind) for kind in typing.get_args(ev.AnyEvent))
+_RECEIVED, _PLACED, _NODE_STATE = (_tag(k) for k in (ev.InstanceReceivedV1, ev.InstancePlacedV1,
+                                                     ev.NodeStateChangedV1))
 
 
-def _micros(at: datetime) -> int:
-    """UTC microseconds since the epoch: DuckDB converts integers far faster than datetimes."""
-    if at.tzinfo is not None:
-        at = at.astimezone(timezone.utc).replace(tzinfo=None)
-    return (at - _EPOCH) // _MICRO
+def _lit(value: object) -> str:
+    return "NULL" if value is None else "'" + str(value).replace("'", "''") + "'"
 
 
-def _insert_columns(con, table: str, columns: tuple[str, ...], data: list[list], replace: bool = True) -> None:
-    """Insert many rows with one statement: each column is one list parameter, unnested.
+def _defaults() -> dict[str, str]:
+    """Scalar defaults of fields the projection reads: a message may omit them, as msgspec allows."""
+    out = {"extra_tags": "'{}'"}
+    for kind in (ev.InstanceReceivedV1, ev.NodeStateChangedV1):
+        for f in msgspec.structs.fields(kind):
+            if isinstance(f.default, str):
+                out[f.name] = _lit(f.default)
+    return out
 
-    executemany costs one statement per row (~1.4k rows/s); this is ~100x faster
-    and needs no pandas or Arrow.
+
+# Each statement parses the batch's payloads itself (json_transform, for just the fields it
+# needs): a parse is cheaper than a wide staging table. Typed values are taken as text and
+# cast strictly, so a malformed value fails the batch, which is then retried without the
+# messages the event decoder rejects (as the live follower skips them).
+_DEFAULTS = _defaults()
+
+
+def _column(name: str) -> str:
+    if name == "size":
+        return "CAST(j.size AS BIGINT) AS size"
+    if name == "occurred_at":  # any UTC offset; a naive time is UTC (the connection's zone)
+        return "make_timestamp(epoch_us(CAST(j.occurred_at AS TIMESTAMPTZ))) AS occurred_at"
+    default = _DEFAULTS.get(name)
+    return f"j.{name} AS {name}" if default is None else f"coalesce(j.{name}, {default}) AS {name}"
+
+
+def _parsed(fields: tuple[str, ...], types: tuple[str, ...]) -> str:
+    """The batch's new events of ``types`` (seq > $1) as rows of seq, payload and ``fields``.
+
+    The encoder writes the type tag first, so most rows are skipped by a prefix
+    test before any parse; a payload in another key order is parsed to be sure.
     """
-    if not data[0]:
-        return
-    exprs = []
-    for i, col in enumerate(columns, start=1):
-        kind = _TYPES.get(col, "VARCHAR")
-        if kind == "TS":
-            exprs.append(f"make_timestamp(unnest(${i}::BIGINT[]))")
-        elif kind == "JSON":
-            exprs.append(f"unnest(${i}::VARCHAR[])::JSON")
-        else:
-            exprs.append(f"unnest(${i}::{kind}[])")
-    verb = "INSERT OR REPLACE" if replace else "INSERT"
-    con.execute(f"{verb} INTO {table} ({', '.join(columns)}) SELECT {', '.join(exprs)}", data)
+    shape = {f: "JSON" if f == "extra_tags" else "VARCHAR" for f in ("type", *fields)}
+    tagged = " OR ".join("starts_with(payload, " + _lit('{"type":' + msgspec.json.encode(t).decode()) + ")"
+                         for t in types)
+    return (
+        f"(SELECT seq, payload, {', '.join(_column(f) for f in fields)} FROM ("
+        f"SELECT seq, payload, json_transform(payload, {_lit(msgspec.json.encode(shape).decode())}) AS j"
+        " FROM (SELECT seq, decode(payload) AS payload FROM raw_batch WHERE seq > $1)"
+        f" WHERE CASE WHEN starts_with(payload, '{{\"type\":') THEN {tagged} ELSE true END"
+        f") WHERE j.type IN ({', '.join(map(_lit, types))}))"
+    )
+
+
+_EVENT_FIELDS = ("event_id", "type", "sop_instance_uid", "study_instance_uid", "node_id", "occurred_at")
+_EVENTS_SQL = f"INSERT INTO events SELECT seq, {', '.join(_EVENT_FIELDS)}, payload FROM {_parsed(_EVENT_FIELDS, EVENT_TYPES)}"
+_INSTANCES_SQL = (
+    f"INSERT OR REPLACE INTO instances ({', '.join(_RECEIVED_COLUMNS)}, received_at, received_seq, extra_tags)"
+    f" SELECT {', '.join(_RECEIVED_COLUMNS)}, occurred_at, seq, extra_tags"
+    f" FROM {_parsed((*_RECEIVED_COLUMNS, 'occurred_at', 'extra_tags'), (_RECEIVED,))}"
+    " QUALIFY row_number() OVER (PARTITION BY sop_instance_uid ORDER BY seq DESC) = 1"
+)
+_MOVES = " UNION ALL ".join(
+    f"SELECT {_lit(tag)} AS type, {_lit(state)} AS state, {'true' if on == 'placement' else 'false'} AS by_placement,"
+    f" {'NULL' if detail is None else 'true' if detail == 'reason' else 'false'} AS detail_is_reason"
+    for tag, (state, on, detail) in LOCATION_MOVES.items()
+)
+# The batch's fold of each touched location (instance, pool), as the events would move it
+# one by one: start from the batch's last placement of the instance in that pool (or the
+# stored row), then the last matching move sets state and time, the last matching move
+# that sets a detail sets it.
+_LOCATIONS_SQL = f"""
+INSERT OR REPLACE INTO locations ({', '.join(_LOCATION_COLUMNS)})
+WITH moves AS ({_MOVES}),
+staged AS (SELECT * FROM {_parsed(("type", "event_id", "sop_instance_uid", "study_instance_uid", "node_id",
+                                   "placement_id", "reason", "occurred_at", "pool"), (_PLACED, *LOCATION_MOVES))}),
+placed AS (
+    SELECT sop_instance_uid, study_instance_uid, node_id, event_id AS placement_id, reason, seq, occurred_at,
+           coalesce(pool, '') AS pool
+    FROM staged WHERE type = {_lit(_PLACED)}
+    QUALIFY row_number() OVER (PARTITION BY sop_instance_uid, coalesce(pool, '') ORDER BY seq DESC) = 1
+),
+moving AS (SELECT s.*, m.state AS new_state, m.by_placement, m.detail_is_reason
+           FROM staged s JOIN moves m USING (type)),
+base AS (
+    SELECT sop_instance_uid, study_instance_uid, node_id, 'placed' AS state, placement_id, reason, '' AS detail,
+           seq AS updated_seq, occurred_at AS updated_at, pool, seq AS from_seq FROM placed
+    UNION ALL
+    SELECT {', '.join('l.' + c for c in _LOCATION_COLUMNS)}, 0 AS from_seq FROM locations l
+    WHERE l.sop_instance_uid IN (SELECT sop_instance_uid FROM moving)
+      AND NOT EXISTS (SELECT 1 FROM placed p WHERE p.sop_instance_uid = l.sop_instance_uid AND p.pool = l.pool)
+),
+moved AS (
+    SELECT b.sop_instance_uid, b.pool, arg_max(m.new_state, m.seq) AS state, max(m.seq) AS seq,
+           arg_max(m.occurred_at, m.seq) AS occurred_at,
+           arg_max(CASE WHEN m.detail_is_reason THEN coalesce(m.reason, '') ELSE '' END, m.seq)
+               FILTER (WHERE m.detail_is_reason IS NOT NULL) AS detail,
+           bool_or(m.detail_is_reason IS NOT NULL) AS sets_detail
+    FROM moving m JOIN base b USING (sop_instance_uid)
+    WHERE m.seq > b.from_seq
+      AND CASE WHEN m.by_placement OR coalesce(m.placement_id, '') <> '' THEN m.placement_id = b.placement_id
+               ELSE m.node_id = b.node_id END
+    GROUP BY b.sop_instance_uid, b.pool
+)
+SELECT b.sop_instance_uid, b.study_instance_uid, b.node_id, coalesce(v.state, b.state), b.placement_id, b.reason,
+       CASE WHEN v.sets_detail THEN v.detail ELSE b.detail END, coalesce(v.seq, b.updated_seq),
+       coalesce(v.occurred_at, b.updated_at), b.pool
+FROM base b LEFT JOIN moved v USING (sop_instance_uid, pool)
+WHERE b.from_seq > 0 OR v.sop_instance_uid IS NOT NULL
+"""
+_NODES_SQL = (
+    "INSERT OR REPLACE INTO nodes (node_id, state, reason, updated_seq, updated_at)"
+    f" SELECT node_id, state, reason, seq, occurred_at FROM {_parsed(('node_id', 'state', 'reason', 'occurred_at'), (_NODE_STATE,))}"
+    " QUALIFY row_number() OVER (PARTITION BY node_id ORDER BY seq DESC) = 1"
+)
 
 
 def _migrate(con) -> None:
@@ -117,6 +223,28 @@ def _migrate(con) -> None:
         raise
 
 
+class BatchRejected(Exception):
+    """DuckDB refused a batch of raw events (a malformed message in it)."""
+
+
+# Rows per Arrow record batch: DuckDB scans record batches in parallel, so one
+# batch of 100k events would use one core (measured ~1.4x faster on 2 cores).
+_RECORD_BATCH = 10_000
+
+
+def _arrow_batch(seqs: list[int], payloads: list[bytes]) -> pa.Table:
+    """(seq, payload) as an Arrow table built from two buffers: DuckDB scans it without a copy per value.
+
+    About 3x cheaper than handing DuckDB Python lists. The payload is bytes;
+    decode() in SQL checks UTF-8 (invalid bytes reject the batch).
+    """
+    offsets = array("q", accumulate(map(len, payloads), initial=0))
+    data = pa.Array.from_buffers(pa.large_binary(), len(payloads),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(payloads))])
+    table = pa.table({"seq": pa.array(seqs, pa.int64()), "payload": data})
+    return pa.Table.from_batches(table.to_batches(max_chunksize=_RECORD_BATCH), table.schema)
+
+
 class CatalogStore:
     """One DuckDB file; writes are serialised, reads use their own cursors."""
 
@@ -124,6 +252,7 @@ class CatalogStore:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
         self.con = duckdb.connect(str(path))
+        self.con.execute("SET TimeZone = 'UTC'")  # a naive event time is UTC, as the encoder means it
         _migrate(self.con)
         self.con.execute(SCHEMA)
         self.lock = threading.Lock()
@@ -131,10 +260,19 @@ class CatalogStore:
     def close(self) -> None:
         self.con.close()
 
+    def bulk_load(self) -> None:
+        """For a fresh file being rebuilt: checkpoint once, at close, instead of after every batch.
+
+        Commits then only append; measured on 1M events, commits + close took
+        4.7 s instead of 7.8 s. Not for a live store: its WAL would grow.
+        """
+        with self.lock:
+            self.con.execute("SET checkpoint_threshold = '1TB'")
+
     def last_seq(self) -> int:
         with self.lock:
-            row = self.con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchone()
-        return row[0] if row else 0
+            rows = self.con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchall()
+        return rows[0][0] if rows else 0
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         return self.con.cursor()
@@ -150,112 +288,59 @@ class CatalogStore:
             cur.close()
 
     def apply(self, batch: Iterable[tuple[int, ev.AnyEvent]]) -> int:
-        """Apply events in order, in one transaction with the new last_seq.
-
-        The batch is folded in Python (each location row is read once, moved
-        through its events in order, written once), then each table gets one
-        column-wise insert: the same rows as applying event by event.
-        """
+        """Apply decoded events (tests, tools): encoded, then as ``apply_raw``, without skipping any."""
         batch = list(batch)
-        if not batch:
+        return self._apply([seq for seq, _ in batch], [ev.encode(e) for _, e in batch])
+
+    def apply_raw(self, seqs: list[int], payloads: list[bytes]) -> int:
+        """Apply events as they are in the log (ascending sequences), in one transaction with the new last_seq.
+
+        DuckDB parses and folds the batch in SQL (no per-event Python work); the raw
+        JSON is stored as the audit payload. If DuckDB rejects the batch, messages
+        the event decoder rejects are dropped (logged by sequence, as the live
+        follower does) and the rest applied.
+        """
+        if not seqs:
             return 0
+        try:
+            return self._apply(seqs, payloads)
+        except BatchRejected:
+            good_seqs, good = [], []
+            for seq, data in zip(seqs, payloads):
+                try:
+                    ev.decode(data)
+                except Exception:  # noqa: BLE001 - as the live follower: one bad message is skipped
+                    log.error("undecodable message at stream seq %d; skipped", seq)
+                    continue
+                good_seqs.append(seq)
+                good.append(data)
+            return self._apply(good_seqs, good, last_seq=seqs[-1])
+
+    def _apply(self, seqs: list[int], payloads: list[bytes], last_seq: int | None = None) -> int:
+        if not seqs and last_seq is None:
+            return 0
+        batch = _arrow_batch(seqs, payloads)
         with self.lock:
             con = self.con
+            con.register("raw_batch", batch)
             con.execute("BEGIN")
             try:
-                last = con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchone()
-                last = last[0] if last else 0
-                todo = []
-                for seq, event in batch:
-                    if seq > last:
-                        todo.append((seq, event))
-                        last = seq
-                if todo:
-                    _apply_many(con, todo)
-                con.execute("INSERT OR REPLACE INTO projection_state VALUES (?, ?)", [NAME, last])
+                rows = con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchall()
+                last = rows[0][0] if rows else 0
+                applied = 0
+                if seqs and seqs[-1] > last:
+                    try:
+                        applied = con.execute(_EVENTS_SQL, [last]).fetchall()[0][0]
+                        for sql in (_INSTANCES_SQL, _LOCATIONS_SQL, _NODES_SQL):
+                            con.execute(sql, [last]).fetchall()
+                    except (duckdb.ConversionException, duckdb.InvalidInputException) as exc:
+                        raise BatchRejected(str(exc)) from exc
+                new_last = max(last, seqs[-1] if seqs else 0, last_seq or 0)
+                con.execute("INSERT OR REPLACE INTO projection_state VALUES (?, ?)", [NAME, new_last])
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-        return len(todo)
-
-
-_OUTCOME_STATE = {
-    ev.InstanceForwardedV1: "forwarded",
-    ev.InstanceForwardFailedV1: "failed",
-    ev.InstanceDeadLetteredV1: "dead_lettered",
-    ev.InstanceVerificationFailedV1: "verification_failed",
-}
-
-
-def _apply_many(con, todo: list[tuple[int, ev.AnyEvent]]) -> None:
-    evcols: list[list] = [[] for _ in range(8)]
-    instances: dict[str, list] = {}
-    nodes: dict[str, list] = {}
-    # Location rows this batch moves but did not create earlier in the batch: read
-    # them once (a rebuild's batches hold whole instances, so it reads almost none).
-    # Keyed by placement id: with fan-out, another pool's row of the same instance may be older.
-    wanted: set[str] = set()
-    placed_here: set[str] = set()
-    for _, e in todo:
-        kind = type(e)
-        if kind is ev.InstancePlacedV1:
-            placed_here.add(e.event_id)
-        elif (kind in _OUTCOME_STATE or kind is ev.InstanceVerifiedV1) and e.placement_id not in placed_here:
-            wanted.add(e.sop_instance_uid)
-    # sop -> pool -> location row.
-    locations: dict[str, dict[str, list]] = {}
-    if wanted:
-        rows = con.execute(
-            f"SELECT {', '.join(_LOCATION_COLUMNS)} FROM locations"
-            " WHERE sop_instance_uid IN (SELECT unnest($1::VARCHAR[]))", [list(wanted)],
-        ).fetchall()
-        for row in rows:
-            row = list(row)
-            row[8] = _micros(row[8]) if row[8] is not None else None
-            locations.setdefault(row[0], {})[row[9]] = row
-    dirty: set[tuple[str, str]] = set()
-    encode = _encoder.encode
-    for seq, event in todo:
-        kind = type(event)
-        at = _micros(event.occurred_at)
-        sop = getattr(event, "sop_instance_uid", None)
-        node = getattr(event, "node_id", None)
-        for col, value in zip(evcols, (seq, event.event_id, kind.__struct_config__.tag, sop,
-                                       getattr(event, "study_instance_uid", None), node, at,
-                                       encode(event).decode())):
-            col.append(value)
-        if kind is ev.InstanceReceivedV1:
-            instances[sop] = [*(getattr(event, c) for c in _RECEIVED_COLUMNS), at, seq,
-                              encode(event.extra_tags).decode()]
-        elif kind is ev.InstancePlacedV1:
-            locations.setdefault(sop, {})[event.pool] = [
-                sop, event.study_instance_uid, node, "placed", event.event_id, event.reason, "", seq, at, event.pool]
-            dirty.add((sop, event.pool))
-        elif kind in _OUTCOME_STATE:
-            # Only the current placement of its pool moves.
-            row = next((r for r in locations.get(sop, {}).values() if r[4] == event.placement_id), None)
-            if row is not None:
-                row[3] = _OUTCOME_STATE[kind]
-                row[6] = "" if kind is ev.InstanceForwardedV1 else event.reason
-                row[7], row[8] = seq, at
-                dirty.add((sop, row[9]))
-        elif kind is ev.InstanceVerifiedV1:
-            for row in locations.get(sop, {}).values():
-                if (row[4] == event.placement_id) if event.placement_id else (row[2] == node):
-                    row[3], row[7], row[8] = "verified", seq, at
-                    dirty.add((sop, row[9]))
-        elif kind is ev.NodeStateChangedV1:
-            nodes[node] = [node, event.state, event.reason, seq, at]
-    _insert_columns(con, "events", ("seq", "event_id", "type", "sop_instance_uid", "study_instance_uid",
-                                    "node_id", "occurred_at", "payload"), evcols,
-                   replace=False)  # only sequences above last_seq reach here: no conflicts
-    if instances:
-        cols = (*_RECEIVED_COLUMNS, "received_at", "received_seq", "extra_tags")
-        _insert_columns(con, "instances", cols, [list(c) for c in zip(*instances.values())])
-    if dirty:
-        _insert_columns(con, "locations", _LOCATION_COLUMNS,
-                        [list(c) for c in zip(*(locations[s][p] for s, p in dirty))])
-    if nodes:
-        _insert_columns(con, "nodes", ("node_id", "state", "reason", "updated_seq", "updated_at"),
-                        [list(c) for c in zip(*nodes.values())])
+            finally:
+                con.unregister("raw_batch")
+        return applied

@@ -15,6 +15,7 @@ import time
 from prometheus_client import Counter, Gauge
 
 from services.catalog.projection import CatalogStore
+from services.catalog.rebuild import keep_up
 from services.probe import qr
 from services.probe.health import enrich
 from services.probe.store import ProbeStore
@@ -93,11 +94,8 @@ async def watch(cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gaug
 
 async def project(bus: Bus, store: CatalogStore, last: Gauge, stop: asyncio.Event) -> None:
     """The front door's own projection of the log (same tables as the catalog, own file)."""
-    start = await asyncio.to_thread(store.last_seq)
-    last.set(start)
-    async for batch in bus.follow_batches(start + 1, 512, 0.2, stop):
-        await asyncio.to_thread(store.apply, [(d.seq, d.event) for d in batch])
-        last.set(batch[-1].seq)
+    last.set(await asyncio.to_thread(store.last_seq))
+    await keep_up(store, bus, 512, stop, on_applied=lambda _n, seq: last.set(seq))
 
 
 async def main(cfg: Config) -> None:

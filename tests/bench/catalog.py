@@ -1,18 +1,22 @@
-"""Catalog benchmark: rebuild speed from a synthetic log, apply alone, and trail latency.
+"""Catalog benchmark: rebuild speed from a synthetic log, read and apply alone, and trail latency.
 
 The log holds N instances with their received, placed, forwarded and verified
 events (4N events), published with JetStream async publish into a bench
-nats-server on free ports. Figures:
+nats-server on free ports (timed separately). Figures:
 
-- replay+apply: ``services.catalog.rebuild.rebuild_file`` into a fresh DuckDB
+- rebuild: ``services.catalog.rebuild.rebuild_file`` into a fresh DuckDB
   file (what ``switchyard catalog rebuild`` runs), events/s end to end;
-- apply alone: the same events decoded in memory, ``CatalogStore.apply`` in
-  batches, so the NATS read cost is visible as the difference;
+- read alone: the replay reader with no store (raw socket reader), and, as the
+  baseline, the nats-py subscription reader, on a sample of the log;
+- live catch-up: the catalog service's loop (``rebuild.keep_up``) on a fresh
+  store over the sample's events;
+- apply alone: ``CatalogStore.apply_raw`` on encoded events held in memory,
+  in batches, on a sample (a store without ``bulk_load``, as the live catch-up);
 - baseline (same run): the foundation's row-by-row apply (one execute per row)
-  on a sample;
+  on a small sample;
 - trail latency: p50/p99 of the instance-trail queries over random instances.
 
-    .venv/bin/python -m tests.bench catalog [--instances=N]  (flags need '=': bare words are areas)   (just bench catalog)
+    .venv/bin/python -m tests.bench catalog [--instances=N] [--sample-instances=N]  (flags need '=': bare words are areas)   (just bench catalog)
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import nats
 
 from services.catalog import api
 from services.catalog.projection import _RECEIVED_COLUMNS, SCHEMA, CatalogStore
+from services.catalog import rebuild
 from services.catalog.rebuild import rebuild_file
 from shared import events as ev
 from shared import localstack as ls
@@ -85,13 +90,13 @@ async def publish_log(cfg: NatsConfig, n: int) -> float:
     nc = await nats.connect(cfg.url)
     try:
         await Bus(nc, cfg).ensure_streams()
-        js = nc.jetstream(timeout=30, publish_async_max_pending=20000)
+        js = nc.jetstream(timeout=60, publish_async_max_pending=50000)
         started = time.perf_counter()
         for ids in chunks(n, 5000):
             for i in ids:
                 for e in instance_events(i):
                     await js.publish_async(subject_for(e), ev.encode(e))
-        await asyncio.wait_for(js.publish_async_completed(), 120)
+        await asyncio.wait_for(js.publish_async_completed(), 600)
         seconds = time.perf_counter() - started
         info = await js.stream_info(cfg.events_stream)
         assert info.state.messages == 4 * n, f"stream holds {info.state.messages}, expected {4 * n}"
@@ -100,23 +105,66 @@ async def publish_log(cfg: NatsConfig, n: int) -> float:
         await nc.close()
 
 
+async def read_alone(cfg: NatsConfig, events: int, client: bool) -> float:
+    """Seconds to read the first ``events`` of the log with no store: the wire reader, or nats-py's."""
+    once = asyncio.Event()
+    once.set()
+    bus = await Bus.connect(cfg, "bench-read", once)
+    try:
+        reader = rebuild._read_with_client if client else rebuild.read_raw_batches
+        started = time.perf_counter()
+        count = 0
+        async for seqs, _ in reader(bus, cfg.events_stream, 1, events, 100_000):
+            count += len(seqs)
+        assert count == events, f"read {count} of {events}"
+        return time.perf_counter() - started
+    finally:
+        await bus.close()
+
+
+async def live_catch_up(cfg: NatsConfig, path: Path, events: int) -> float:
+    """Seconds for the live projection loop (``keep_up``) to catch a fresh store up over the first ``events``."""
+    once = asyncio.Event()
+    once.set()
+    bus = await Bus.connect(cfg, "bench-catch-up", once)
+    store = CatalogStore(path)
+    try:
+        stop = asyncio.Event()
+
+        def report(_: int, last: int) -> None:
+            if last >= events:
+                stop.set()
+
+        started = time.perf_counter()
+        await rebuild.keep_up(store, bus, 512, stop, report)
+        seconds = time.perf_counter() - started
+        assert store.last_seq() >= events
+        return seconds * events / store.last_seq()  # it stops at a batch boundary
+    finally:
+        store.close()
+        await bus.close()
+
+
 def apply_alone(path: Path, n: int, batch: int) -> tuple[float, int]:
-    """Time only CatalogStore.apply: events are built and decoded (as the bus does) outside the clock."""
+    """Time only CatalogStore.apply_raw and the closing checkpoint; events are encoded outside the clock."""
     store = CatalogStore(path)
     seconds, seq = 0.0, 0
     try:
         per_batch = batch // 4
         for ids in chunks(n, per_batch):
-            rows = []
+            seqs, payloads = [], []
             for i in ids:
                 for e in instance_events(i):
                     seq += 1
-                    rows.append((seq, ev.decode(ev.encode(e))))
+                    seqs.append(seq)
+                    payloads.append(ev.encode(e))
             t = time.perf_counter()
-            store.apply(rows)
+            store.apply_raw(seqs, payloads)
             seconds += time.perf_counter() - t
     finally:
+        t = time.perf_counter()
         store.close()
+        seconds += time.perf_counter() - t
     return seconds, seq
 
 
@@ -135,7 +183,7 @@ def row_by_row_baseline(path: Path, n: int) -> float:
     t = time.perf_counter()
     con.execute("BEGIN")
     for seq, e in rows:
-        con.execute("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        con.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [seq, e.event_id, type(e).__struct_config__.tag, e.sop_instance_uid,
                      getattr(e, "study_instance_uid", None), e.node_id if hasattr(e, "node_id") else None,
                      utc(e.occurred_at), enc.encode(e).decode()])
@@ -183,11 +231,17 @@ def trail_latency(path: Path, n: int, lookups: int) -> tuple[float, float]:
     return statistics.median(times), times[min(len(times) - 1, int(0.99 * len(times)))]
 
 
+def load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench catalog")
     p.add_argument("--instances", type=int, default=1_000_000)
-    p.add_argument("--batch", type=int, default=20000, help="events per apply batch")
-    p.add_argument("--baseline-instances", type=int, default=5000)
+    p.add_argument("--batch", type=int, default=100_000, help="events per apply batch")
+    p.add_argument("--sample-instances", type=int, default=100_000, help="for read alone and apply alone")
+    p.add_argument("--baseline-instances", type=int, default=1000)
     p.add_argument("--lookups", type=int, default=500)
     args = p.parse_args(argv)
     n = args.instances
@@ -195,30 +249,40 @@ def main(argv: list[str]) -> int:
     cfg = Config(nats=NatsConfig(url=f"nats://127.0.0.1:{free_port()}"))
     proc = ls.start_nats(cfg, work, free_port())
     try:
-        print(f"catalog bench: {n} instances, {4 * n} events, apply batch {args.batch}", flush=True)
+        print(f"catalog bench: {n} instances, {4 * n} events, apply batch {args.batch}; load {load()}", flush=True)
         pub_s = asyncio.run(publish_log(cfg.nats, n))
-        print(f"publish (JetStream async): {4 * n / pub_s:,.0f} events/s ({pub_s:.1f}s)", flush=True)
+        print(f"publish the synthetic log (JetStream async): {4 * n / pub_s:,.0f} events/s ({pub_s:.1f}s)",
+              flush=True)
 
+        print(f"load before the rebuild: {load()}", flush=True)
         result = asyncio.run(rebuild_file(cfg.nats, work / "rebuilt.duckdb", CatalogStore, swap=False,
                                           batch=args.batch))
         assert result.events == 4 * n and result.last_seq == 4 * n
-        print(f"rebuild replay+apply: {result.events / result.seconds:,.0f} events/s, "
-              f"{result.seconds:.1f}s for {result.events} events", flush=True)
+        print(f"rebuild (read + apply + checkpoint): {result.events / result.seconds:,.0f} events/s, "
+              f"{result.seconds:.1f}s for {result.events} events; load after {load()}", flush=True)
 
-        alone_s, count = apply_alone(work / "alone.duckdb", n, args.batch)
-        print(f"apply alone (in memory): {count / alone_s:,.0f} events/s ({alone_s:.1f}s)", flush=True)
+        ns = min(args.sample_instances, n)
+        wire_s = asyncio.run(read_alone(cfg.nats, 4 * ns, client=False))
+        client_s = asyncio.run(read_alone(cfg.nats, 4 * ns, client=True))
+        print(f"read alone ({4 * ns} events): wire reader {4 * ns / wire_s:,.0f} events/s, "
+              f"baseline nats-py reader {4 * ns / client_s:,.0f} events/s", flush=True)
+
+        catch_s = asyncio.run(live_catch_up(cfg.nats, work / "live.duckdb", 4 * ns))
+        print(f"live catch-up (keep_up, {4 * ns} events): {4 * ns / catch_s:,.0f} events/s", flush=True)
+
+        alone_s, count = apply_alone(work / "alone.duckdb", ns, args.batch)
+        print(f"apply alone ({count} events, in memory): {count / alone_s:,.0f} events/s ({alone_s:.1f}s)",
+              flush=True)
 
         nb = min(args.baseline_instances, n)
         base_s = row_by_row_baseline(work / "baseline.duckdb", nb)
         print(f"baseline row-by-row apply ({4 * nb} events): {4 * nb / base_s:,.0f} events/s", flush=True)
-        batched_s, _ = apply_alone(work / "batched-sample.duckdb", nb, args.batch)
-        print(f"batched apply, same sample: {4 * nb / batched_s:,.0f} events/s", flush=True)
 
         p50, p99 = trail_latency(work / "rebuilt.duckdb", n, args.lookups)
         print(f"instance trail ({args.lookups} lookups over {4 * n} events): p50 {p50:.1f} ms, p99 {p99:.1f} ms",
               flush=True)
         size = (work / "rebuilt.duckdb").stat().st_size
-        print(f"rebuilt file: {size / 2**20:,.0f} MiB", flush=True)
+        print(f"rebuilt file: {size / 2**20:,.0f} MiB; load at the end {load()}", flush=True)
         return 0
     finally:
         proc.stop()

@@ -57,3 +57,19 @@ def test_batched_outcomes_follow_the_current_placement(tmp_path):
     assert cur.execute("SELECT state, reason, updated_seq FROM nodes").fetchall() == [("undrained", "", 23)]
     assert cur.execute("SELECT count(*) FROM events").fetchone() == (24,)
     assert cur.execute("SELECT received_seq FROM instances WHERE sop_instance_uid = '1.2.9.3'").fetchone() == (21,)
+
+
+def test_a_batch_of_many_record_batches_equals_small_batches(tmp_path):
+    """Above one Arrow record batch DuckDB scans in parallel: the result must not depend on it."""
+    from tests.bench.catalog import instance_events
+
+    events = [e for i in range(6000) for e in instance_events(i)] + [e for _, e in mixed_log()]
+    log = [(seq, ev.encode(e)) for seq, e in enumerate(events, start=1)]
+    one = CatalogStore(tmp_path / "one.duckdb")
+    assert one.apply_raw([s for s, _ in log], [p for _, p in log]) == len(log)
+    small = CatalogStore(tmp_path / "small.duckdb")
+    for i in range(0, len(log), 3001):
+        part = log[i:i + 3001]
+        small.apply_raw([s for s, _ in part], [p for _, p in part])
+    assert dump(small) == dump(one)
+    assert one.rows("SELECT count(*) AS n FROM locations WHERE state = 'verified'")[0]["n"] == 6001

@@ -170,3 +170,41 @@ def test_failed_verification_of_an_older_placement_leaves_the_current_one(tmp_pa
     store.apply([(1, received(1)), (2, placed(1, "node1")), (3, forwarded(1, "node1")),
                  (4, placed(1, "node1", attempt=1)), (5, verification_failed(1, "node1", attempt=0))])
     assert store.cursor().execute("SELECT state, placement_id FROM locations").fetchone() == ("placed", "p1-1")
+
+
+def test_raw_events_are_stored_as_sent_and_fold_like_decoded_ones(tmp_path):
+    log = log_of_two()
+    raw = CatalogStore(tmp_path / "raw.duckdb")
+    payloads = [ev.encode(e) for _, e in log]
+    assert raw.apply_raw([seq for seq, _ in log], payloads) == len(log)
+    decoded = CatalogStore(tmp_path / "decoded.duckdb")
+    decoded.apply(log)
+    assert dump(raw) == dump(decoded)
+    stored = raw.cursor().execute("SELECT CAST(payload AS VARCHAR) FROM events ORDER BY seq").fetchall()
+    assert [row[0].encode() for row in stored] == payloads
+
+
+def test_undecodable_messages_are_skipped_and_the_sequence_moves_on(tmp_path, caplog):
+    store = CatalogStore(tmp_path / "c.duckdb")
+    good = ev.encode(received(1))
+    not_json = b'{"type": "instance.received.v1", '
+    unknown = b'{"type":"instance.teleported.v1","event_id":"t"}'
+    bad_size = good.replace(b'"size":101', b'"size":"big"')
+    assert bad_size != good
+    assert store.apply_raw([1, 2, 3, 4, 5], [not_json, good, unknown, bad_size, b"\xff\xfe"]) == 1
+    assert store.last_seq() == 5
+    assert store.cursor().execute("SELECT seq, event_id FROM events").fetchall() == [(2, "r1")]
+    skipped = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
+    assert skipped == [f"undecodable message at stream seq {s}; skipped" for s in (1, 3, 4, 5)]
+
+
+def test_event_times_are_stored_in_utc(tmp_path):
+    store = CatalogStore(tmp_path / "c.duckdb")
+    event = ev.encode(received(1)).replace(b'"occurred_at":"', b'"occurred_at":"X')
+    head, tail = event.split(b'"occurred_at":"X', 1)
+    tail = tail[tail.index(b'"'):]
+    payloads = [head + b'"occurred_at":"2026-01-01T01:30:00+01:00' + tail,
+                head.replace(b'"r1"', b'"r2"') + b'"occurred_at":"2026-01-01T00:30:00' + tail]
+    store.apply_raw([1, 2], payloads)
+    rows = store.cursor().execute("SELECT CAST(occurred_at AS VARCHAR) FROM events ORDER BY seq").fetchall()
+    assert rows == [("2026-01-01 00:30:00",), ("2026-01-01 00:30:00",)]
