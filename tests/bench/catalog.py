@@ -247,7 +247,9 @@ def main(argv: list[str]) -> int:
     n = args.instances
     work = Path(tempfile.mkdtemp(prefix="bench-catalog-"))
     cfg = Config(nats=NatsConfig(url=f"nats://127.0.0.1:{free_port()}"))
-    proc = ls.start_nats(cfg, work, free_port())
+    # JetStream's default sync: fsyncing each of millions of synthetic events would take
+    # most of an hour to publish, and the rebuild only reads.
+    proc = ls.start_nats(cfg, work, free_port(), sync_always=False)
     try:
         print(f"catalog bench: {n} instances, {4 * n} events, apply batch {args.batch}; load {load()}", flush=True)
         pub_s = asyncio.run(publish_log(cfg.nats, n))
