@@ -15,7 +15,6 @@ from typing import BinaryIO
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from shared.blobs.base import CHUNK
 
 # Tags the received event needs, read with stop_before_pixels.
 HEADER_KEYWORDS = (
@@ -54,29 +53,6 @@ def dataset_offset(f: BinaryIO) -> int:
         else:
             length = struct.unpack("<H", head[6:8])[0]
             pos += 8 + length
-
-
-@dataclass(frozen=True)
-class Digests:
-    file_sha256: str
-    dataset_sha256: str
-    size: int
-    dataset_offset: int
-
-
-def digests(path: Path) -> Digests:
-    """Both digests in one pass over the file."""
-    with open(path, "rb") as f:
-        offset = dataset_offset(f)
-        f.seek(0)
-        whole, dataset = hashlib.sha256(), hashlib.sha256()
-        seen = 0
-        while chunk := f.read(CHUNK):
-            whole.update(chunk)
-            if seen + len(chunk) > offset:
-                dataset.update(chunk[max(0, offset - seen):])
-            seen += len(chunk)
-    return Digests(whole.hexdigest(), dataset.hexdigest(), seen, offset)
 
 
 def dataset_bytes_digest(data: bytes) -> str:
