@@ -202,6 +202,17 @@ def decode_request(data: bytes) -> A_ASSOCIATE:
         raise ProtocolError(ABORT_INVALID_PARAMETER, f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}") from exc
 
 
+def _user_information(max_pdu: int) -> list:
+    """What we announce in an A-ASSOCIATE-RQ or -AC: our maximum PDU and implementation."""
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    impl_uid = ImplementationClassUIDNotification()
+    impl_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    impl_version = ImplementationVersionNameNotification()
+    impl_version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    return [length, impl_uid, impl_version]
+
+
 def negotiate(rq: A_ASSOCIATE, protocol_version: int, supported: list[PresentationContext], max_pdu: int,
               refuse: tuple[int, int, int] | None) -> Negotiated:
     """Accept the storage/verification contexts we support, or reject with ``refuse`` (checked by the caller)."""
@@ -222,13 +233,7 @@ def negotiate(rq: A_ASSOCIATE, protocol_version: int, supported: list[Presentati
     ac.result = 0x00
     ac.result_source = 0x01
     ac.presentation_context_definition_results_list = results
-    length = MaximumLengthNotification()
-    length.maximum_length_received = max_pdu
-    impl_uid = ImplementationClassUIDNotification()
-    impl_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-    impl_version = ImplementationVersionNameNotification()
-    impl_version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-    ac.user_information = [length, impl_uid, impl_version, *ac_roles]
+    ac.user_information = [*_user_information(max_pdu), *ac_roles]
     pdu = A_ASSOCIATE_AC()
     pdu.from_primitive(ac)
     contexts = {int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
@@ -256,13 +261,7 @@ def associate_request(calling_ae: str, called_ae: str, contexts: list[tuple[str,
         cx.transfer_syntax = [transfer_syntax]
         proposed.append(cx)
     rq.presentation_context_definition_list = proposed
-    length = MaximumLengthNotification()
-    length.maximum_length_received = max_pdu
-    impl_uid = ImplementationClassUIDNotification()
-    impl_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-    impl_version = ImplementationVersionNameNotification()
-    impl_version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-    rq.user_information = [length, impl_uid, impl_version]
+    rq.user_information = _user_information(max_pdu)
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(rq)
     return pdu.encode()

@@ -236,6 +236,16 @@ def load() -> str:
         return " ".join(f.read().split()[:3])
 
 
+def bench_nats(work: Path) -> tuple[Config, ls.Proc]:
+    """A nats-server of the bench's own, for a synthetic log.
+
+    JetStream's default sync: fsyncing each of millions of synthetic events would
+    take most of an hour to publish, and the rebuild only reads.
+    """
+    cfg = Config(nats=NatsConfig(url=f"nats://127.0.0.1:{free_port()}"))
+    return cfg, ls.start_nats(cfg, work, free_port(), sync_always=False)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench catalog")
     p.add_argument("--instances", type=int, default=1_000_000)
@@ -246,10 +256,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     n = args.instances
     work = Path(tempfile.mkdtemp(prefix="bench-catalog-"))
-    cfg = Config(nats=NatsConfig(url=f"nats://127.0.0.1:{free_port()}"))
-    # JetStream's default sync: fsyncing each of millions of synthetic events would take
-    # most of an hour to publish, and the rebuild only reads.
-    proc = ls.start_nats(cfg, work, free_port(), sync_always=False)
+    cfg, proc = bench_nats(work)
     try:
         print(f"catalog bench: {n} instances, {4 * n} events, apply batch {args.batch}; load {load()}", flush=True)
         pub_s = asyncio.run(publish_log(cfg.nats, n))

@@ -31,10 +31,7 @@ import msgspec
 from services.catalog.rebuild import rebuild_file
 from services.probe.store import NAME, SCHEMA, ProbeStore
 from shared import events as ev
-from shared import localstack as ls
-from shared.config import Config, NatsConfig
-from tests.bench.catalog import chunks, instance_events, publish_log
-from tests.fixtures.util import free_port
+from tests.bench.catalog import bench_nats, chunks, instance_events, publish_log
 
 
 def probe_events(i: int) -> list[ev.Event]:
@@ -76,14 +73,17 @@ def row_by_row_baseline(path: Path, n: int) -> float:
     con.execute("BEGIN")
     for seq, e in rows:
         if isinstance(e, ev.InstancePlacedV1):
-            con.execute("INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?, ?)",
+            con.execute("INSERT OR REPLACE INTO placements (placement_id, sop_instance_uid, study_instance_uid,"
+                        " node_id, dataset_digest) VALUES (?, ?, ?, ?, ?)",
                         [e.event_id, e.sop_instance_uid, e.study_instance_uid, e.node_id, e.dataset_digest])
         elif isinstance(e, ev.InstanceForwardedV1):
             placed = con.execute("SELECT dataset_digest FROM placements WHERE placement_id = ?",
                                  [e.placement_id]).fetchone()
             if placed is not None:
                 con.execute("DELETE FROM placements WHERE placement_id = ?", [e.placement_id])
-                con.execute("INSERT OR REPLACE INTO expected VALUES (?, ?, ?, ?, ?, ?, 'pending', '')",
+                con.execute("INSERT OR REPLACE INTO expected (node_id, sop_instance_uid, study_instance_uid,"
+                            " placement_id, dataset_digest, forwarded_at, state, detail)"
+                            " VALUES (?, ?, ?, ?, ?, ?, 'pending', '')",
                             [e.node_id, e.sop_instance_uid, e.study_instance_uid, e.placement_id, placed[0],
                              utc(e.occurred_at)])
         elif isinstance(e, ev.InstanceVerifiedV1) and e.placement_id:
@@ -105,10 +105,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     n = args.instances
     work = Path(tempfile.mkdtemp(prefix="bench-probe-rebuild-"))
-    cfg = Config(nats=NatsConfig(url=f"nats://127.0.0.1:{free_port()}"))
-    # JetStream's default sync: fsyncing each of millions of synthetic events would take
-    # most of an hour to publish, and the rebuild only reads.
-    proc = ls.start_nats(cfg, work, free_port(), sync_always=False)
+    cfg, proc = bench_nats(work)
     try:
         print(f"probe rebuild bench: {n} instances, {4 * n} events, apply batch {args.batch}", flush=True)
         alone_s, count = apply_alone(work / "alone.duckdb", n, args.batch)
