@@ -159,7 +159,7 @@ AFFINITY_BUCKET = "study-affinity"
 @dataclass(frozen=True)
 class Delivered:
     seq: int
-    event: ev.AnyEvent
+    event: ev.AnyEvent | None  # None from follow_batches(decode=False): the reader parses msg.data itself
     msg: Msg
 
 
@@ -271,14 +271,16 @@ class Bus:
 
     async def follow_batches(
         self, start_seq: int, max_batch: int, idle_timeout: float, stop: asyncio.Event,
-        subject: str = ">", stream: str | None = None, linger: float = 0.2,
+        subject: str = ">", stream: str | None = None, linger: float = 0.2, decode: bool = True,
     ) -> AsyncIterator[list[Delivered]]:
         """Follow the log from ``start_seq`` in batches.
 
         A batch ends when full or ``linger`` seconds after its first message:
         a projection pays a transaction per batch, and a live log trickles
         (ending batches at the first 10 ms gap made them a few events each and
-        cost the catalog ~2 ms of CPU per event).
+        cost the catalog ~2 ms of CPU per event). With ``decode=False`` events
+        are left undecoded (``Delivered.event`` is None) for readers that parse
+        the raw JSON themselves, such as the SQL projections.
         """
         stream = stream or self.cfg.events_stream
         sub = await self.js.subscribe(
@@ -300,7 +302,7 @@ class Bus:
                     continue
                 seq = msg.metadata.sequence.stream
                 try:
-                    batch.append(Delivered(seq, ev.decode(msg.data), msg))
+                    batch.append(Delivered(seq, ev.decode(msg.data) if decode else None, msg))
                 except Exception:  # noqa: BLE001 - one bad message must not stop a projection
                     log.error("undecodable message at stream seq %d; skipped", seq)
                 if len(batch) == 1:

@@ -204,7 +204,10 @@ class CatalogConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     http_port: int = 8080
     # Bearer token for the HTTP API. Change it anywhere but a laptop.
     token: str = "switchyard-dev-token"
-    batch: int = 512
+    # Live follower: a batch (one transaction) closes when full or follow_linger_s after
+    # its first event; a full batch means the catalog fell behind and catches up in bulk.
+    batch: int = 8192
+    follow_linger_s: float = 1.0
 
 
 class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -32,7 +32,7 @@ async def project(cfg: Config, bus: Bus, store: CatalogStore, registry: Collecto
         applied.inc(n)
         last.set(seq)
 
-    await keep_up(store, bus, cfg.catalog.batch, stop, report)
+    await keep_up(store, bus, cfg.catalog.batch, stop, report, linger=cfg.catalog.follow_linger_s)
 
 
 async def follow_heartbeats(cfg: Config, bus: Bus, loads: dict, stop: asyncio.Event) -> None:

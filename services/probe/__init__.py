@@ -95,7 +95,7 @@ async def watch(cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gaug
 async def project(bus: Bus, store: CatalogStore, last: Gauge, stop: asyncio.Event) -> None:
     """The front door's own projection of the log (same tables as the catalog, own file)."""
     last.set(await asyncio.to_thread(store.last_seq))
-    await keep_up(store, bus, 512, stop, on_applied=lambda _n, seq: last.set(seq))
+    await keep_up(store, bus, 8192, stop, on_applied=lambda _n, seq: last.set(seq))
 
 
 async def main(cfg: Config) -> None:
