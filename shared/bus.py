@@ -8,6 +8,8 @@ the server or raises at once, so no fact is flushed after its caller gave up.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -281,35 +283,61 @@ class Bus:
         cost the catalog ~2 ms of CPU per event). With ``decode=False`` events
         are left undecoded (``Delivered.event`` is None) for readers that parse
         the raw JSON themselves, such as the SQL projections.
+
+        Messages are taken by a subscription callback into a buffer and this
+        generator wakes once per batch: nats-py's ``next_msg`` makes a task, a
+        timer and a uuid per message, which was most of a live follower's CPU.
+        The buffer holds at most ``max_batch`` messages; beyond that the
+        callback waits, nats-py's own pending queue fills, and the ordered
+        consumer restarts from the last sequence taken if it overflows.
         """
         stream = stream or self.cfg.events_stream
+        buffered: collections.deque[Msg] = collections.deque()
+        arrived = asyncio.Event()
+        room = asyncio.Event()
+        room.set()
+
+        async def take(msg: Msg) -> None:
+            while len(buffered) >= max_batch:
+                room.clear()
+                await room.wait()
+            buffered.append(msg)
+            arrived.set()
+
         sub = await self.js.subscribe(
-            subject, stream=stream, ordered_consumer=True, pending_msgs_limit=max(4 * max_batch, 65536),
+            subject, stream=stream, cb=take, manual_ack=True, ordered_consumer=True,
+            pending_msgs_limit=max(4 * max_batch, 65536),
             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq)),
         )
         loop = asyncio.get_running_loop()
         try:
-            batch: list[Delivered] = []
-            due = 0.0
             while not stop.is_set():
-                wait = idle_timeout if not batch else max(0.001, due - loop.time())
-                try:
-                    msg = await sub.next_msg(timeout=wait)
-                except TimeoutError:
-                    if batch:
-                        yield batch
-                        batch = []
-                    continue
-                seq = msg.metadata.sequence.stream
-                try:
-                    batch.append(Delivered(seq, ev.decode(msg.data) if decode else None, msg))
-                except Exception:  # noqa: BLE001 - one bad message must not stop a projection
-                    log.error("undecodable message at stream seq %d; skipped", seq)
-                if len(batch) == 1:
-                    due = loop.time() + linger
-                if batch and (len(batch) >= max_batch or loop.time() >= due):
+                if not buffered:
+                    arrived.clear()
+                    try:
+                        await asyncio.wait_for(arrived.wait(), idle_timeout)
+                    except asyncio.TimeoutError:
+                        continue
+                # Linger from the first message: let the batch fill, unless it is full already.
+                due = loop.time() + linger
+                while len(buffered) < max_batch and not stop.is_set():
+                    arrived.clear()
+                    left = due - loop.time()
+                    if left <= 0:
+                        break
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(arrived.wait(), left)
+                batch: list[Delivered] = []
+                while buffered and len(batch) < max_batch:
+                    msg = buffered.popleft()
+                    seq = msg.metadata.sequence.stream
+                    try:
+                        batch.append(Delivered(seq, ev.decode(msg.data) if decode else None, msg))
+                    except Exception:  # noqa: BLE001 - one bad message must not stop a projection
+                        log.error("undecodable message at stream seq %d; skipped", seq)
+                room.set()
+                if batch:
                     yield batch
-                    batch = []
         finally:
             await sub.unsubscribe()
 

@@ -121,3 +121,38 @@ def test_live_catch_up_equals_a_rebuild(nats_only, tmp_path):
         assert rebuilt.rows(sql) == live.rows(sql), table
     assert live.rows("SELECT count(*) AS n FROM instances")[0]["n"] == INSTANCES + 6
     assert live.rows("SELECT state FROM nodes WHERE node_id = 'node9'") == [{"state": "added"}]
+
+
+def test_live_follower_batches_in_order_with_a_bounded_buffer(nats_only):
+    """Bus.follow_batches: every event once, in log order, batches never over max_batch,
+    a batch closes at its linger, and a slow reader holds the buffer at max_batch."""
+    async def scenario():
+        bus = await connect(nats_only.cfg.nats)
+        stop = asyncio.Event()
+        try:
+            sent = await publish_log(bus)
+            got: list[int] = []
+            sizes: list[int] = []
+            decoded: list[bool] = []
+            async with asyncio.timeout(60):
+                async for batch in bus.follow_batches(1, 64, 0.1, stop, linger=0.05, decode=False):
+                    sizes.append(len(batch))
+                    got += [d.seq for d in batch]
+                    decoded += [d.event is None for d in batch]
+                    await asyncio.sleep(0.01)  # a slow projection: the callback must wait, not drop
+                    if len(got) >= len(sent):
+                        break
+            assert got == list(range(1, len(sent) + 1))
+            assert max(sizes) == 64 and all(decoded)
+            # A trickle: one event, then the batch closes at its linger (not at max_batch).
+            late = ev.NodeStateChangedV1(event_id="late-follow", node_id="node9", state="added")
+            await bus.publish(late)
+            async with asyncio.timeout(10):
+                async for batch in bus.follow_batches(len(sent) + 1, 64, 0.1, stop, linger=0.05):
+                    assert [(d.seq, d.event) for d in batch] == [(len(sent) + 1, late)]
+                    break
+        finally:
+            stop.set()
+            await bus.close()
+
+    asyncio.run(scenario())
