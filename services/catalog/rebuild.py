@@ -323,13 +323,15 @@ async def replay_into(store: Any, bus: Bus, stream: str | None = None, until_seq
 
 
 async def keep_up(store: Any, bus: Bus, follow_batch: int, stop: asyncio.Event,
-                  on_applied: Callable[[int, int], None] | None = None, catch_up_batch: int = 100_000) -> None:
+                  on_applied: Callable[[int, int], None] | None = None, catch_up_batch: int = 100_000,
+                  linger: float = 0.2) -> None:
     """Keep ``store`` (with ``apply_raw``) up with the log until ``stop``: the live projection.
 
     Catches up in large batches through the replay reader (a rebuild's speed),
     then follows the tail with the ordered consumer; a full follower batch
     means it fell behind, so it goes back to catching up in bulk.
-    ``on_applied(events, last_seq)`` is called after each transaction.
+    ``on_applied(events, last_seq)`` is called after each transaction;
+    ``linger``: how long a follower batch may wait to fill (a transaction per batch).
     """
     report = on_applied or (lambda n, last: None)
     while not stop.is_set():
@@ -340,7 +342,7 @@ async def keep_up(store: Any, bus: Bus, follow_batch: int, stop: asyncio.Event,
             applied = 0
         start = await asyncio.to_thread(store.last_seq)
         report(applied, start)
-        async with aclosing(bus.follow_batches(start + 1, follow_batch, 0.2, stop)) as batches:
+        async with aclosing(bus.follow_batches(start + 1, follow_batch, linger, stop, linger=linger)) as batches:
             async for batch in batches:
                 n = await asyncio.to_thread(store.apply_raw, [d.seq for d in batch], [d.msg.data for d in batch])
                 report(n, batch[-1].seq)

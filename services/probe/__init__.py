@@ -19,7 +19,7 @@ from services.catalog.rebuild import keep_up
 from services.probe import qr
 from services.probe.health import enrich
 from services.probe.store import ProbeStore
-from services.probe.verify import Verifier
+from services.probe.verify import LOG_BATCH, LOG_LINGER_S, Verifier
 from shared import events as ev
 from shared import membership, ul
 from shared.blobs import open_blob_store
@@ -104,7 +104,7 @@ async def watch(cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gaug
 async def project(bus: Bus, store: CatalogStore, last: Gauge, stop: asyncio.Event) -> None:
     """The front door's own projection of the log (same tables as the catalog, own file)."""
     last.set(await asyncio.to_thread(store.last_seq))
-    await keep_up(store, bus, 512, stop, on_applied=lambda _n, seq: last.set(seq))
+    await keep_up(store, bus, LOG_BATCH, stop, on_applied=lambda _n, seq: last.set(seq), linger=LOG_LINGER_S)
 
 
 async def main(cfg: Config) -> None:

@@ -22,7 +22,7 @@ import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
@@ -100,13 +100,18 @@ def _utc(at: datetime) -> datetime:
 
 
 class ProbeStore:
-    """One DuckDB file; every write is one transaction under the lock."""
+    """One DuckDB file; every write is one transaction under the lock.
+
+    ``generation`` counts committed writes: a reader that found nothing to do
+    need not ask again until it moves (the probe's idle polls cost no query).
+    """
 
     def __init__(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.con = duckdb.connect(str(path))
         self.con.execute(SCHEMA)
         self.lock = threading.Lock()
+        self.generation = 0
 
     def close(self) -> None:
         self.con.close()
@@ -120,6 +125,8 @@ class ProbeStore:
             except BaseException:
                 self.con.execute("ROLLBACK")
                 raise
+            finally:
+                self.generation += 1
         return out
 
     def last_seq(self) -> int:
@@ -181,6 +188,16 @@ class ProbeStore:
                 [node_id, deadline_s, _utc(now)],
             ).fetchall()
         return [_expected(r) for r in rows]
+
+    def next_due(self, node_id: str, deadline_s: float) -> datetime | None:
+        """When the earliest pending expectation the node has not shown passes the deadline (UTC)."""
+        with self.lock:
+            row = self.con.execute(
+                "SELECT min(e.forwarded_at) FROM expected e ANTI JOIN seen s USING (node_id, sop_instance_uid)"
+                " WHERE e.node_id = ? AND e.state = 'pending'", [node_id]).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return row[0].replace(tzinfo=timezone.utc) + timedelta(seconds=deadline_s)
 
     def settle(self, node_id: str, sop_instance_uid: str, placement_id: str, state: str, detail: str = "") -> None:
         """Close one expectation (verified | failed) once its event is published."""

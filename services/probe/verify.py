@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -37,6 +38,13 @@ from shared.orthanc import OrthancClient, OrthancError
 from shared.runtime import wait_or_stop
 
 log = logging.getLogger("switchyard.probe.verify")
+
+# Both of the probe's log projections (this store, the front door's) are off the
+# delivery path: a transaction a second, not five, costs far less CPU per event.
+# A batch fills at LOG_BATCH events before that (the front door's full batch means
+# "behind": it catches up in bulk), so it is sized above a second of the log.
+LOG_BATCH = 4096
+LOG_LINGER_S = 1.0
 
 # Outcomes in flight at once (pipelined publishes awaiting their PubAck).
 PUBLISH_WINDOW = 256
@@ -154,13 +162,18 @@ class Verifier:
                                ["node"], registry=registry)
         self.log_seq = Gauge("switchyard_probe_verify_last_seq", "Last stream sequence in the verification store",
                              registry=registry)
+        # Per node: its /changes cursor (this process is its only writer), and after a poll
+        # that found nothing to judge, (store generation, next deadline) to skip idle queries.
+        self.cursors: dict[str, int] = {}
+        self.idle: dict[str, tuple[int, datetime | None]] = {}
 
     async def follow_log(self, stop: asyncio.Event) -> None:
         """Keep the store's view of placements and forwards current."""
         start = await asyncio.to_thread(self.store.last_seq)
         log.info("following the log from stream sequence %d", start + 1)
         self.log_seq.set(start)
-        async for batch in self.bus.follow_batches(start + 1, 512, 0.2, stop, subject="dicom.instance.>"):
+        async for batch in self.bus.follow_batches(start + 1, LOG_BATCH, LOG_LINGER_S, stop,
+                                                subject="dicom.instance.>", linger=LOG_LINGER_S):
             await asyncio.to_thread(self.store.apply, [(d.seq, d.event) for d in batch])
             self.log_seq.set(batch[-1].seq)
 
@@ -180,25 +193,38 @@ class Verifier:
             client.close()
 
     async def poll(self, node: NodeConfig, client: OrthancClient) -> None:
-        pcfg = self.cfg.probe
-        since = await asyncio.to_thread(self.store.node_cursor, node.id)
-        done = False
-        while not done:
-            seen, last, done = await asyncio.to_thread(read_changes, client, since, pcfg.changes_limit)
-            if last != since or seen:
-                await asyncio.to_thread(self.store.record_changes, node.id, seen, last)
-                self.changes.labels(node=node.id).inc(len(seen))
-            since = last
-        ready = await asyncio.to_thread(self.store.ready_to_check, node.id)
-        # Judged only now, after a complete read of the node's changes.
-        overdue = await asyncio.to_thread(self.store.overdue, node.id, ev.utcnow(), pcfg.verify_deadline_s)
-        if not ready and not overdue:
-            return
-        missing = f"not seen on the node within {pcfg.verify_deadline_s:g}s"
-        outcomes, paused = await asyncio.to_thread(judge_all, client, ready, overdue, missing)
-        await self.publish(node, outcomes)
+        outcomes, paused = await asyncio.to_thread(self.look, node, client)
+        if outcomes:
+            await self.publish(node, outcomes)
         if paused is not None:
             raise paused
+
+    def look(self, node: NodeConfig, client: OrthancClient) -> tuple[list[Outcome], OrthancError | None]:
+        """Worker thread: read the node's new changes, then judge what is due (one thread trip a poll)."""
+        pcfg = self.cfg.probe
+        since = self.cursors.get(node.id)
+        if since is None:
+            since = self.store.node_cursor(node.id)
+        done = False
+        while not done:
+            seen, last, done = read_changes(client, since, pcfg.changes_limit)
+            if last != since or seen:
+                self.store.record_changes(node.id, seen, last)
+                self.changes.labels(node=node.id).inc(len(seen))
+            since = self.cursors[node.id] = last
+        generation, now = self.store.generation, ev.utcnow()
+        idle = self.idle.get(node.id)
+        if idle is not None and idle[0] == generation and (idle[1] is None or now < idle[1]):
+            return [], None  # nothing written since a poll that found nothing, and no deadline passed
+        ready = self.store.ready_to_check(node.id)
+        # Judged only now, after a complete read of the node's changes.
+        overdue = self.store.overdue(node.id, now, pcfg.verify_deadline_s)
+        if not ready and not overdue:
+            self.idle[node.id] = (generation, self.store.next_due(node.id, pcfg.verify_deadline_s))
+            return [], None
+        self.idle.pop(node.id, None)
+        missing = f"not seen on the node within {pcfg.verify_deadline_s:g}s"
+        return judge_all(client, ready, overdue, missing)
 
     async def publish(self, node: NodeConfig, outcomes: list[Outcome]) -> None:
         """Publish pipelined, then settle what was acknowledged (one transaction).

@@ -48,6 +48,27 @@ def test_overdue_only_after_the_deadline_and_only_when_unseen(tmp_path):
     store.record_changes("node1", [("1.2", "o2", 1, None)], 1)
     assert [e.sop_instance_uid for e in store.overdue("node1", now, 10.0)] == ["1.1"]
     assert store.overdue("node1", now, 60.0) == []
+    # The earliest unseen pending expectation sets when the next overdue check is due.
+    assert store.next_due("node1", 60.0) == now - timedelta(seconds=30) + timedelta(seconds=60)
+    assert store.next_due("node2", 60.0) is None
+
+
+def test_the_generation_moves_with_every_write(tmp_path):
+    """The probe skips its per-poll queries while it stands still: every kind of write must move it."""
+    store = ProbeStore(tmp_path / "p.duckdb")
+    p = placed("1.1")
+    seen = [store.generation]
+    store.apply([(1, p), (2, forwarded(p))])
+    seen.append(store.generation)
+    store.record_changes("node1", [("1.1", "o1", 1, "d1")], 1)
+    seen.append(store.generation)
+    (item,) = store.ready_to_check("node1")
+    assert item.found_digest == "d1"
+    seen.append(store.generation)  # a read: unchanged
+    store.settle_many([("node1", "1.1", p.event_id, "verified", "")])
+    seen.append(store.generation)
+    assert seen[0] < seen[1] < seen[2] == seen[3] < seen[4]
+    assert store.next_due("node1", 60.0) is None
 
 
 def test_outcomes_on_the_log_close_expectations_so_a_restart_never_rejudges(tmp_path):
