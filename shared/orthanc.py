@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import select
 import threading
 import urllib.parse
 from pathlib import Path
@@ -39,6 +40,8 @@ def node_config(node: NodeConfig, storage_dir: Path, http_port: int,
         "AcceptedTransferSyntaxes": ["1.2.840.10008.1.*"],
         "UnknownSopClassAccepted": True,
         "TcpNoDelay": True,
+        # Orthanc's default, stated: the probe's REST client keeps its connections.
+        "KeepAlive": True,
         "StorageCompression": False,
         "OverwriteInstances": False,
         "HttpDescribeErrors": True,
@@ -57,12 +60,23 @@ _STALE = (http.client.RemoteDisconnected, http.client.BadStatusLine, ConnectionR
           ConnectionAbortedError, BrokenPipeError)
 
 
+def _closed_while_idle(conn: http.client.HTTPConnection) -> bool:
+    """An idle kept connection with anything to read has been closed by the node (poll: no fd limit)."""
+    if conn.sock is None:
+        return True
+    poller = select.poll()
+    poller.register(conn.sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class OrthancClient:
     """Keep-alive REST client: a small pool of persistent connections, one per concurrent caller.
 
     A new TCP connection per request (urllib) cost the probe more CPU than the
-    requests themselves. Thread-safe: each request takes an idle connection (or
-    opens one) and puts it back when the response was read in full.
+    requests themselves. Orthanc closes a connection idle for about a second,
+    so only callers that come back sooner (the probe's polls) keep theirs.
+    Thread-safe: each request takes an idle connection (or opens one) and puts
+    it back when the response was read in full.
     """
 
     def __init__(self, node: NodeConfig, timeout: float = 5.0) -> None:
@@ -89,6 +103,10 @@ class OrthancClient:
         method = method or ("POST" if data is not None else "GET")
         with self._lock:
             conn = self._idle.pop() if self._idle else None
+        if conn is not None and _closed_while_idle(conn):
+            # Readable while idle: the node closed it (Orthanc drops a connection idle for ~1 s).
+            conn.close()
+            conn = None
         try:
             if conn is not None:
                 try:

@@ -14,9 +14,10 @@ from shared import events as ev
 from shared.config import NodeConfig
 from shared.corpus import generate_studies
 from shared.dicomfile import dataset_bytes_digest
+from shared import orthanc
 from shared.orthanc import OrthancClient, OrthancError
 from tests.fixtures.servers import new_orthanc_node
-from tests.fixtures.util import free_port
+from tests.fixtures.util import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +81,11 @@ def test_a_kept_connection_is_replaced_after_the_node_restarts(node):
     assert client._idle and client._idle[0] is not before
 
 
-def test_a_connection_the_node_closed_is_retried_once_on_a_fresh_one(node):
+@pytest.mark.parametrize("noticed_while_idle", [True, False])
+def test_a_connection_the_node_closed_is_replaced_by_a_fresh_one(node, monkeypatch, noticed_while_idle):
+    """Seen closed before use, or (a close racing the request) failing on use and retried once."""
+    if not noticed_while_idle:
+        monkeypatch.setattr(orthanc, "_closed_while_idle", lambda conn: False)
     client = OrthancClient(node.node)
     client.system()
     (stale,) = client._idle
@@ -89,6 +94,16 @@ def test_a_connection_the_node_closed_is_retried_once_on_a_fresh_one(node):
     # The pooled connection now points at a process that is gone: the request still succeeds.
     assert client.system()["DicomAet"] == node.node.ae_title
     assert client._idle[0] is not stale
+
+
+def test_a_connection_idle_past_the_nodes_keep_alive_is_not_used(node):
+    client = OrthancClient(node.node)
+    client.system()
+    (conn,) = client._idle
+    # Orthanc closes an idle connection after about a second; poll the real condition.
+    wait_for(lambda: orthanc._closed_while_idle(conn), timeout=10, what="the node closed the idle connection")
+    assert client.system()["DicomAet"] == node.node.ae_title
+    assert client._idle[0] is not conn
 
 
 def test_concurrent_callers_each_get_a_connection(node):
