@@ -159,12 +159,18 @@ class ProbeStore:
                 con.execute("DELETE FROM seen WHERE node_id = ?", [node_id])
             if seen:
                 # One statement (row by row cost ~1 ms each); the last sighting of a SOP wins.
+                # DELETE + INSERT: DuckDB's INSERT OR REPLACE costs about twice as much CPU.
                 last = {row[0]: row for row in seen}
                 sops, ids, changes, digests = (list(c) for c in zip(*last.values()))
-                con.execute("INSERT OR REPLACE INTO seen (node_id, sop_instance_uid, orthanc_id, change_seq,"
-                            " dataset_digest) SELECT $1, unnest($2::VARCHAR[]), unnest($3::VARCHAR[]),"
-                            " unnest($4::BIGINT[]), unnest($5::VARCHAR[])", [node_id, sops, ids, changes, digests])
-            con.execute("INSERT OR REPLACE INTO node_cursor VALUES (?, ?)", [node_id, last_change])
+                con.execute("DELETE FROM seen WHERE node_id = $1 AND sop_instance_uid IN"
+                            " (SELECT unnest($2::VARCHAR[]))", [node_id, sops])
+                con.execute("INSERT INTO seen (node_id, sop_instance_uid, orthanc_id, change_seq, dataset_digest)"
+                            " SELECT $1, unnest($2::VARCHAR[]), unnest($3::VARCHAR[]), unnest($4::BIGINT[]),"
+                            " unnest($5::VARCHAR[])", [node_id, sops, ids, changes, digests])
+            if row is None:
+                con.execute("INSERT INTO node_cursor VALUES (?, ?)", [node_id, last_change])
+            else:
+                con.execute("UPDATE node_cursor SET last_change = ? WHERE node_id = ?", [last_change, node_id])
         self._tx(write)
 
     def ready_to_check(self, node_id: str) -> list[Expected]:

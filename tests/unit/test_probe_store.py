@@ -237,3 +237,13 @@ def test_a_poll_s_sightings_and_outcomes_are_written_in_one_statement_each(tmp_p
                        ("node1", "1.3", "another-placement", "verified", "")])  # not the current one: no change
     assert store.states() == {("node1", "1.1"): "verified", ("node1", "1.2"): "failed", ("node1", "1.3"): "pending"}
     assert store.node_cursor("node1") == 3
+
+
+def test_a_later_sighting_of_the_same_instance_replaces_the_earlier(tmp_path):
+    store = ProbeStore(tmp_path / "p.duckdb")
+    p = placed("1.1")
+    store.apply([(1, p), (2, forwarded(p))])
+    store.record_changes("node1", [("1.1", "o1", 1, "d1")], 1)
+    store.record_changes("node1", [("1.1", "o1b", 2, "d2")], 2)  # deleted and stored anew on the node
+    (item,) = store.ready_to_check("node1")
+    assert (item.orthanc_id, item.found_digest, store.node_cursor("node1")) == ("o1b", "d2", 2)
