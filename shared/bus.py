@@ -229,6 +229,19 @@ class Bus:
         except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
             raise PublishUncertain("no PubAck before timeout") from exc
 
+    async def publish_many(self, events: list[ev.Event],
+                           timeout: float | None = None) -> list[PubAck | BusUnavailable | PublishUncertain]:
+        """Record many facts pipelined: send them all, then wait for every PubAck.
+
+        One result per event, in order: its PubAck, or the error ``publish``
+        would have raised (so the caller can act on exactly the acknowledged ones).
+        """
+        results = await asyncio.gather(*(self.publish(e, timeout) for e in events), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, (BusUnavailable, PublishUncertain)):
+                raise r
+        return results
+
     async def pull(self, config: ConsumerConfig, stream: str | None = None):
         """Bind a pull subscription to a durable consumer declared here."""
         stream = stream or self.cfg.events_stream

@@ -29,7 +29,12 @@ class NotDicom(ValueError):
 
 
 def dataset_offset(f: BinaryIO) -> int:
-    """Offset of the first dataset byte after preamble, 'DICM' and group 0002.
+    """Offset of the first dataset byte after preamble, 'DICM' and group 0002."""
+    return _walk_meta(f)[0]
+
+
+def _walk_meta(f: BinaryIO) -> tuple[int, str]:
+    """(dataset offset, MediaStorageSOPInstanceUID or "").
 
     Group 0002 is always explicit VR little endian; walk its elements rather
     than trusting (0002,0000), which some writers get wrong.
@@ -38,29 +43,40 @@ def dataset_offset(f: BinaryIO) -> int:
     if f.read(4) != b"DICM":
         raise NotDicom("no DICM prefix")
     pos = 132
+    sop = ""
     while True:
         f.seek(pos)
         head = f.read(8)
         if len(head) < 8:
-            return pos
-        group, _elem = struct.unpack("<HH", head[:4])
+            return pos, sop
+        group, elem = struct.unpack("<HH", head[:4])
         if group != 0x0002:
-            return pos
+            return pos, sop
         vr = head[4:6]
         if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
             length = struct.unpack("<I", f.read(4))[0]
             pos += 12 + length
         else:
             length = struct.unpack("<H", head[6:8])[0]
+            if elem == 0x0003:
+                sop = f.read(length).rstrip(b"\x00 ").decode("ascii", errors="replace")
             pos += 8 + length
 
 
 def dataset_bytes_digest(data: bytes) -> str:
     """Dataset digest of a whole Part 10 file held in memory (tests, verification)."""
+    return meta_sop_and_digest(data)[1]
+
+
+def meta_sop_and_digest(data: bytes) -> tuple[str, str]:
+    """(MediaStorageSOPInstanceUID from the file meta or "", dataset digest) of a file in memory."""
     import io
 
-    offset = dataset_offset(io.BytesIO(data))
-    return hashlib.sha256(data[offset:]).hexdigest()
+    try:
+        offset, sop = _walk_meta(io.BytesIO(data))
+    except struct.error as exc:  # cut short inside group 0002
+        raise NotDicom(f"truncated file meta: {exc}") from exc
+    return sop, hashlib.sha256(data[offset:]).hexdigest()
 
 
 @dataclass(frozen=True)

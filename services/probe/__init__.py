@@ -19,7 +19,7 @@ from services.catalog.rebuild import keep_up
 from services.probe import qr
 from services.probe.health import enrich
 from services.probe.store import ProbeStore
-from services.probe.verify import Verifier
+from services.probe.verify import LOG_BATCH, LOG_LINGER_S, Verifier
 from shared import events as ev
 from shared import membership, ul
 from shared.blobs import open_blob_store
@@ -46,11 +46,15 @@ def _load(client: OrthancClient) -> tuple[dict, int]:
     return client.statistics(), client.pending_jobs()
 
 
-async def observe(node: NodeConfig, calling_ae: str, timeout: float) -> ev.NodeHeartbeatV1:
-    """One look at one node: REST on a worker thread (urllib blocks), C-ECHO on the loop."""
+async def observe(node: NodeConfig, calling_ae: str, timeout: float,
+                  client: OrthancClient | None = None) -> ev.NodeHeartbeatV1:
+    """One look at one node: REST on a worker thread (http.client blocks), C-ECHO on the loop.
+
+    ``client``: the watch's own, so its keep-alive connection serves every look.
+    """
     now = ev.utcnow()
     event_id = ev.fact_id("heartbeat", node.id, now.isoformat())
-    client = OrthancClient(node, timeout)
+    client = client or OrthancClient(node, timeout)
     try:
         stats, pending = await asyncio.to_thread(_load, client)
     except (OrthancError, ValueError, KeyError) as exc:
@@ -71,11 +75,16 @@ async def watch(cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gaug
                 stop: asyncio.Event) -> None:
     pcfg = cfg.probe
     was_up: bool | None = None
+    client: OrthancClient | None = None
     while not stop.is_set() and not member.removed:
         node = member.node
+        if client is None or client.node != node:  # a node's address or credentials can change at run time
+            if client is not None:
+                client.close()
+            client = OrthancClient(node, pcfg.timeout_s)
         started = time.monotonic()
         try:
-            hb = await observe(node, pcfg.ae_title, pcfg.timeout_s)
+            hb = await observe(node, pcfg.ae_title, pcfg.timeout_s, client)
         except Exception as exc:  # noqa: BLE001 - a node's watch must outlive any one bad look
             log.exception("observing node %s failed", node.id)
             hb = ev.NodeHeartbeatV1(event_id=ev.fact_id("heartbeat", node.id, ev.utcnow().isoformat()),
@@ -95,7 +104,7 @@ async def watch(cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gaug
 async def project(bus: Bus, store: CatalogStore, last: Gauge, stop: asyncio.Event) -> None:
     """The front door's own projection of the log (same tables as the catalog, own file)."""
     last.set(await asyncio.to_thread(store.last_seq))
-    await keep_up(store, bus, 8192, stop, on_applied=lambda _n, seq: last.set(seq))
+    await keep_up(store, bus, LOG_BATCH, stop, on_applied=lambda _n, seq: last.set(seq), linger=LOG_LINGER_S)
 
 
 async def main(cfg: Config) -> None:

@@ -7,6 +7,14 @@ node has shown, download it and compare the dataset digest with the one
 recorded at ingest. Outcome events have deterministic ids (node, SOP Instance
 UID, placement), so a publish retried after a crash is recorded once.
 
+One REST call per instance: each NewInstance change's file is downloaded when
+it is seen (its file meta names the SOP Instance UID, and its dataset digest is
+kept with the sighting), so an expected instance whose sighting digest matches
+is verified without another request. Nothing fails on a sighting alone: before
+a failure the instance is looked up by SOP Instance UID on the node and read
+back (``confirm``). A poll's outcomes are published pipelined and only the
+acknowledged ones are settled.
+
 The deadline is only judged right after a complete ``/changes`` read: a node
 that cannot be reached fails no instance on stale knowledge (its heartbeat
 already says it is down).
@@ -15,7 +23,9 @@ already says it is down).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -23,28 +33,56 @@ from services.probe.store import Expected, ProbeStore
 from shared import events as ev
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config, NodeConfig
-from shared.dicomfile import NotDicom, dataset_bytes_digest
+from shared.dicomfile import NotDicom, dataset_bytes_digest, meta_sop_and_digest
 from shared.orthanc import OrthancClient, OrthancError
 from shared.runtime import wait_or_stop
 
 log = logging.getLogger("switchyard.probe.verify")
 
+# Both of the probe's log projections (this store, the front door's) are off the
+# delivery path: a transaction a second, not five, costs far less CPU per event.
+# A batch fills at LOG_BATCH events before that (the front door's full batch means
+# "behind": it catches up in bulk), so it is sized above a second of the log.
+LOG_BATCH = 4096
+LOG_LINGER_S = 1.0
 
-def read_changes(client: OrthancClient, since: int, limit: int) -> tuple[list[tuple[str, str, int]], int, bool]:
-    """One page of NewInstance changes: ([(sop uid, orthanc id, seq)], last seq, done)."""
+# Outcomes in flight at once (pipelined publishes awaiting their PubAck).
+PUBLISH_WINDOW = 256
+
+
+Seen = tuple[str, str, int, str | None]  # (sop uid, orthanc id, change seq, dataset digest or None)
+
+
+def read_changes(client: OrthancClient, since: int, limit: int) -> tuple[list[Seen], int, bool]:
+    """One page of NewInstance changes, each file downloaded once: ([seen], last seq, done)."""
     page = client.get_json(f"/changes?since={since}&limit={limit}")
     seen = []
     for change in page.get("Changes", []):
         if change.get("ChangeType") != "NewInstance":
             continue
-        try:
-            tags = client.get_json(f"/instances/{change['ID']}")["MainDicomTags"]
-        except OrthancError as exc:
-            # Deleted since: it is not on the node any more, so it cannot verify anything.
-            log.info("instance %s from /changes is gone (%s)", change["ID"], exc)
-            continue
-        seen.append((tags["SOPInstanceUID"], change["ID"], int(change["Seq"])))
+        sighting = sight(client, change["ID"])
+        if sighting is not None:
+            seen.append((sighting[0], change["ID"], int(change["Seq"]), sighting[1]))
     return seen, int(page.get("Last", since)), bool(page.get("Done", True))
+
+
+def sight(client: OrthancClient, orthanc_id: str) -> tuple[str, str | None] | None:
+    """(SOP Instance UID, dataset digest or None) of one instance on the node; None when it is gone."""
+    try:
+        try:
+            sop, digest = meta_sop_and_digest(client.get_bytes(f"/instances/{orthanc_id}/file"))
+        except (NotDicom, ValueError):
+            sop, digest = "", None  # judged (and failed, if so) by a read-back, not here
+        if not sop:
+            # No usable file meta: ask the node, as for any instance it indexed.
+            sop = client.get_json(f"/instances/{orthanc_id}")["MainDicomTags"]["SOPInstanceUID"]
+    except OrthancError as exc:
+        if "HTTP 404" not in str(exc):
+            raise  # the node is not answering: read this page again next poll
+        # Deleted since: it is not on the node any more, so it cannot verify anything.
+        log.info("instance %s from /changes is gone (%s)", orthanc_id, exc)
+        return None
+    return sop, digest
 
 
 def judge(client: OrthancClient, item: Expected) -> tuple[bool, str, str]:
@@ -61,6 +99,38 @@ def judge(client: OrthancClient, item: Expected) -> tuple[bool, str, str]:
     if found != item.dataset_digest:
         return False, found, "dataset digest mismatch"
     return True, found, ""
+
+
+def confirm(client: OrthancClient, item: Expected, missing: str) -> tuple[bool, str, str]:
+    """Judge by the node's own index: look the SOP Instance UID up, read that instance back.
+
+    The authority before any failure: a sighting (file meta, an earlier
+    download, a missed change) only ever verifies.
+    """
+    orthanc_id = client.instance_id(item.sop_instance_uid)
+    if orthanc_id is None:
+        return False, "", missing
+    return judge(client, dataclasses.replace(item, orthanc_id=orthanc_id))
+
+
+Outcome = tuple[Expected, bool, str, str]  # (item, ok, found digest, reason)
+
+
+def judge_all(client: OrthancClient, ready: list[Expected], overdue: list[Expected],
+              missing: str) -> tuple[list[Outcome], OrthancError | None]:
+    """Judge a poll's instances on one worker thread; stops at the first unanswered request (with it)."""
+    out: list[Outcome] = []
+    try:
+        for item in ready:
+            if item.found_digest is not None and item.found_digest == item.dataset_digest:
+                out.append((item, True, item.found_digest, ""))
+            else:
+                out.append((item, *confirm(client, item, "instance no longer on the node")))
+        for item in overdue:
+            out.append((item, *confirm(client, item, missing)))
+    except OrthancError as exc:
+        return out, exc
+    return out, None
 
 
 def verified_event(item: Expected, digest: str) -> ev.InstanceVerifiedV1:
@@ -92,59 +162,96 @@ class Verifier:
                                ["node"], registry=registry)
         self.log_seq = Gauge("switchyard_probe_verify_last_seq", "Last stream sequence in the verification store",
                              registry=registry)
+        # Per node: its /changes cursor (this process is its only writer), and after a poll
+        # that found nothing to judge, (store generation, next deadline) to skip idle queries.
+        self.cursors: dict[str, int] = {}
+        self.idle: dict[str, tuple[int, datetime | None]] = {}
 
     async def follow_log(self, stop: asyncio.Event) -> None:
         """Keep the store's view of placements and forwards current."""
         start = await asyncio.to_thread(self.store.last_seq)
         log.info("following the log from stream sequence %d", start + 1)
         self.log_seq.set(start)
-        async for batch in self.bus.follow_batches(start + 1, 512, 0.2, stop, subject="dicom.instance.>"):
+        async for batch in self.bus.follow_batches(start + 1, LOG_BATCH, LOG_LINGER_S, stop,
+                                                subject="dicom.instance.>", linger=LOG_LINGER_S):
             await asyncio.to_thread(self.store.apply, [(d.seq, d.event) for d in batch])
             self.log_seq.set(batch[-1].seq)
 
     async def watch(self, node: NodeConfig, stop: asyncio.Event) -> None:
         pcfg = self.cfg.probe
         client = OrthancClient(node, pcfg.timeout_s)
-        while not stop.is_set():
-            try:
-                await self.poll(node, client)
-            except (OrthancError, ValueError, KeyError) as exc:
-                log.debug("verification of %s paused: %s", node.id, exc)
-            except (BusUnavailable, PublishUncertain) as exc:
-                log.warning("verification outcome for %s not published: %s", node.id, exc)
-            await wait_or_stop(stop, pcfg.changes_interval_s)
+        try:
+            while not stop.is_set():
+                try:
+                    await self.poll(node, client)
+                except (OrthancError, ValueError, KeyError) as exc:
+                    log.debug("verification of %s paused: %s", node.id, exc)
+                except (BusUnavailable, PublishUncertain) as exc:
+                    log.warning("verification outcome for %s not published: %s", node.id, exc)
+                await wait_or_stop(stop, pcfg.changes_interval_s)
+        finally:
+            client.close()
 
     async def poll(self, node: NodeConfig, client: OrthancClient) -> None:
+        outcomes, paused = await asyncio.to_thread(self.look, node, client)
+        if outcomes:
+            await self.publish(node, outcomes)
+        if paused is not None:
+            raise paused
+
+    def look(self, node: NodeConfig, client: OrthancClient) -> tuple[list[Outcome], OrthancError | None]:
+        """Worker thread: read the node's new changes, then judge what is due (one thread trip a poll)."""
         pcfg = self.cfg.probe
-        since = await asyncio.to_thread(self.store.node_cursor, node.id)
+        since = self.cursors.get(node.id)
+        if since is None:
+            since = self.store.node_cursor(node.id)
         done = False
         while not done:
-            seen, last, done = await asyncio.to_thread(read_changes, client, since, pcfg.changes_limit)
+            seen, last, done = read_changes(client, since, pcfg.changes_limit)
             if last != since or seen:
-                await asyncio.to_thread(self.store.record_changes, node.id, seen, last)
+                self.store.record_changes(node.id, seen, last)
                 self.changes.labels(node=node.id).inc(len(seen))
-            since = last
-        settled: list[tuple[str, str, str, str, str]] = []
-        try:
-            for item in await asyncio.to_thread(self.store.ready_to_check, node.id):
-                ok, found, reason = await asyncio.to_thread(judge, client, item)
-                if ok:
-                    await self.publish(verified_event(item, found), item, "verified", "", settled)
-                else:
-                    log.warning("instance %s on %s failed verification: %s", item.sop_instance_uid, node.id, reason)
-                    await self.publish(failed_event(item, reason, found), item, "failed", reason, settled)
-            # Judged only now, after a complete read of the node's changes.
-            for item in await asyncio.to_thread(self.store.overdue, node.id, ev.utcnow(), pcfg.verify_deadline_s):
-                reason = f"not seen on the node within {pcfg.verify_deadline_s:g}s"
-                log.warning("instance %s on %s failed verification: %s", item.sop_instance_uid, node.id, reason)
-                await self.publish(failed_event(item, reason), item, "failed", reason, settled)
-        finally:
-            # One transaction for the whole poll, and only for outcomes already recorded on the log.
-            await asyncio.to_thread(self.store.settle_many, settled)
+            since = self.cursors[node.id] = last
+        generation, now = self.store.generation, ev.utcnow()
+        idle = self.idle.get(node.id)
+        if idle is not None and idle[0] == generation and (idle[1] is None or now < idle[1]):
+            return [], None  # nothing written since a poll that found nothing, and no deadline passed
+        ready = self.store.ready_to_check(node.id)
+        # Judged only now, after a complete read of the node's changes.
+        overdue = self.store.overdue(node.id, now, pcfg.verify_deadline_s)
+        if not ready and not overdue:
+            self.idle[node.id] = (generation, self.store.next_due(node.id, pcfg.verify_deadline_s))
+            return [], None
+        self.idle.pop(node.id, None)
+        missing = f"not seen on the node within {pcfg.verify_deadline_s:g}s"
+        return judge_all(client, ready, overdue, missing)
 
-    async def publish(self, event: ev.Event, item: Expected, state: str, detail: str,
-                      settled: list[tuple[str, str, str, str, str]]) -> None:
-        """Publish first, then settle: a crash in between re-publishes the same id (deduplicated)."""
-        await self.bus.publish(event)
-        settled.append((item.node_id, item.sop_instance_uid, item.placement_id, state, detail))
-        self.outcomes.labels(node=item.node_id, outcome=state).inc()
+    async def publish(self, node: NodeConfig, outcomes: list[Outcome]) -> None:
+        """Publish pipelined, then settle what was acknowledged (one transaction).
+
+        A crash or a missing PubAck in between leaves the expectation pending:
+        the next poll publishes the same event id again (deduplicated).
+        """
+        events = []
+        for item, ok, found, reason in outcomes:
+            if ok:
+                events.append(verified_event(item, found))
+            else:
+                log.warning("instance %s on %s failed verification: %s", item.sop_instance_uid, node.id, reason)
+                events.append(failed_event(item, reason, found))
+        settled: list[tuple[str, str, str, str, str]] = []
+        error: Exception | None = None
+        try:
+            for start in range(0, len(events), PUBLISH_WINDOW):
+                acks = await self.bus.publish_many(events[start:start + PUBLISH_WINDOW])
+                for (item, ok, _found, reason), ack in zip(outcomes[start:start + PUBLISH_WINDOW], acks):
+                    if isinstance(ack, Exception):
+                        error = error or ack
+                        continue
+                    state = "verified" if ok else "failed"
+                    settled.append((item.node_id, item.sop_instance_uid, item.placement_id, state, reason))
+                    self.outcomes.labels(node=item.node_id, outcome=state).inc()
+        finally:
+            await asyncio.to_thread(self.store.settle_many, settled)
+        if error is not None:
+            raise error

@@ -23,6 +23,7 @@ import statistics
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import msgspec
@@ -188,6 +189,14 @@ def counts(nodes: list[OrthancNode]) -> int:
     return sum(int(n.client.statistics()["CountInstances"]) for n in nodes)
 
 
+def verified(stack) -> float:
+    """Verified outcomes the probe published, from one scrape (each scrape costs the probe CPU)."""
+    port = stack.cfg.probe.metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("switchyard_probe_verifications_total{") and 'outcome="verified"' in line)
+
+
 def timed_send(send, done, timeout: float = 240.0) -> float:
     started = time.perf_counter()
     result = send()
@@ -252,6 +261,8 @@ def main(argv: list[str]) -> int:
         before = {s: cpu_seconds(pid) for s, pid in pids.items()}
         nats_before = cpu_seconds(stack.nats.popen.pid)
         base_count = counts(nodes)
+        base_verified = verified(stack)
+        started = time.perf_counter()
         t_sy = timed_send(lambda: stack.send([corpora["switchyard"]], extra=["+sd", "+r"]),
                           lambda: counts(nodes) - base_count >= len(files))
         cpu = {s: cpu_seconds(pid) - before[s] for s, pid in pids.items()}
@@ -260,6 +271,13 @@ def main(argv: list[str]) -> int:
         print(f"switchyard: storescu -> Switchyard -> 3 Orthanc: {len(files) / t_sy:.1f} img/s ({t_sy:.2f} s); "
               f"CPU {sy_cpu / len(files) * 1000:.1f} ms/img for the services "
               f"({', '.join(f'{s} {v:.2f}s' for s, v in sorted(cpu.items()))}), nats {nats_cpu:.2f}s")
+        # Verification trails delivery: the probe's whole cost per image is counted until the last verified event.
+        wait_for(lambda: verified(stack) - base_verified >= len(files), timeout=120, interval=0.1,
+                 what="every image verified")
+        t_verified = time.perf_counter() - started
+        probe_cpu = cpu_seconds(pids["probe"]) - before["probe"]
+        print(f"probe: every image verified {t_verified:.2f} s after the send started; probe CPU until then "
+              f"{probe_cpu:.2f} s ({probe_cpu / len(files) * 1000:.2f} ms/img)")
 
         # Failover on the same stack (the probe polls every 0.25 s, REST timeout 1 s).
         took, reason = asyncio.run(failover_time(stack, nodes))
@@ -289,7 +307,9 @@ def main(argv: list[str]) -> int:
                           "nats_stored_p50_ms": round(s50, 3), "nats_stored_p99_ms": round(s99, 3),
                           "nats_stored_nosync_p50_ms": round(s50_nosync, 3),
                           "nats_stored_nosync_p99_ms": round(s99_nosync, 3),
-                          "failover_ms": round(took * 1000), "img_per_s": {
+                          "failover_ms": round(took * 1000), "verified_s": round(t_verified, 2),
+                          "probe_cpu_ms_per_img_until_verified": round(probe_cpu / len(files) * 1000, 2),
+                          "img_per_s": {
                               "direct": round(len(files) / t_direct, 1), "switchyard": round(len(files) / t_sy, 1),
                               "lua": round(len(files) / t_lua, 1)},
                           "cpu_ms_per_img": {"switchyard": round(sy_cpu / len(files) * 1000, 2),

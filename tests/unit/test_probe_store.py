@@ -30,7 +30,7 @@ def test_forwarded_instance_is_checked_once_the_node_shows_it(tmp_path):
     p = placed("1.1")
     assert store.apply([(1, p), (2, forwarded(p))]) == 2
     assert store.ready_to_check("node1") == []
-    store.record_changes("node1", [("1.1", "orthanc-a", 7)], 7)
+    store.record_changes("node1", [("1.1", "orthanc-a", 7, None)], 7)
     (item,) = store.ready_to_check("node1")
     assert (item.sop_instance_uid, item.dataset_digest, item.orthanc_id, item.placement_id) == \
         ("1.1", "d1", "orthanc-a", p.event_id)
@@ -45,9 +45,30 @@ def test_overdue_only_after_the_deadline_and_only_when_unseen(tmp_path):
     store.apply([(1, old), (2, forwarded(old, now - timedelta(seconds=30))),
                  (3, seen_old), (4, forwarded(seen_old, now - timedelta(seconds=30))),
                  (5, fresh), (6, forwarded(fresh, now - timedelta(seconds=1)))])
-    store.record_changes("node1", [("1.2", "o2", 1)], 1)
+    store.record_changes("node1", [("1.2", "o2", 1, None)], 1)
     assert [e.sop_instance_uid for e in store.overdue("node1", now, 10.0)] == ["1.1"]
     assert store.overdue("node1", now, 60.0) == []
+    # The earliest unseen pending expectation sets when the next overdue check is due.
+    assert store.next_due("node1", 60.0) == now - timedelta(seconds=30) + timedelta(seconds=60)
+    assert store.next_due("node2", 60.0) is None
+
+
+def test_the_generation_moves_with_every_write(tmp_path):
+    """The probe skips its per-poll queries while it stands still: every kind of write must move it."""
+    store = ProbeStore(tmp_path / "p.duckdb")
+    p = placed("1.1")
+    seen = [store.generation]
+    store.apply([(1, p), (2, forwarded(p))])
+    seen.append(store.generation)
+    store.record_changes("node1", [("1.1", "o1", 1, "d1")], 1)
+    seen.append(store.generation)
+    (item,) = store.ready_to_check("node1")
+    assert item.found_digest == "d1"
+    seen.append(store.generation)  # a read: unchanged
+    store.settle_many([("node1", "1.1", p.event_id, "verified", "")])
+    seen.append(store.generation)
+    assert seen[0] < seen[1] < seen[2] == seen[3] < seen[4]
+    assert store.next_due("node1", 60.0) is None
 
 
 def test_outcomes_on_the_log_close_expectations_so_a_restart_never_rejudges(tmp_path):
@@ -55,7 +76,7 @@ def test_outcomes_on_the_log_close_expectations_so_a_restart_never_rejudges(tmp_
     store = ProbeStore(path)
     a, b = placed("1.1"), placed("1.2")
     store.apply([(1, a), (2, forwarded(a)), (3, b), (4, forwarded(b))])
-    store.record_changes("node1", [("1.1", "o1", 1), ("1.2", "o2", 2)], 2)
+    store.record_changes("node1", [("1.1", "o1", 1, None), ("1.2", "o2", 2, None)], 2)
     (item_a, item_b) = store.ready_to_check("node1")
     store.apply([(5, verified_event(item_a, "d1")), (6, failed_event(item_b, "dataset digest mismatch", "x"))])
     store.close()
@@ -73,7 +94,7 @@ def test_a_new_placement_on_the_same_node_is_expected_again(tmp_path):
     store = ProbeStore(tmp_path / "p.duckdb")
     first = placed("1.1")
     store.apply([(1, first), (2, forwarded(first))])
-    store.record_changes("node1", [("1.1", "o1", 1)], 1)
+    store.record_changes("node1", [("1.1", "o1", 1, None)], 1)
     (item,) = store.ready_to_check("node1")
     store.settle("node1", "1.1", item.placement_id, "failed", "dataset digest mismatch")
     again = msgspec_replace(placed("1.1"), event_id="second-placement", attempt=1)
@@ -103,11 +124,11 @@ def test_a_node_whose_change_log_restarts_forgets_what_it_showed(tmp_path):
     store = ProbeStore(tmp_path / "p.duckdb")
     p = placed("1.1")
     store.apply([(1, p), (2, forwarded(p))])
-    store.record_changes("node1", [("1.1", "old-id", 40)], 40)
+    store.record_changes("node1", [("1.1", "old-id", 40, None)], 40)
     assert len(store.ready_to_check("node1")) == 1
     store.record_changes("node1", [], 0)  # a new database behind the same node
     assert store.ready_to_check("node1") == [] and store.node_cursor("node1") == 0
-    store.record_changes("node1", [("1.1", "new-id", 1)], 1)
+    store.record_changes("node1", [("1.1", "new-id", 1, None)], 1)
     (item,) = store.ready_to_check("node1")
     assert item.orthanc_id == "new-id"
 
@@ -130,7 +151,7 @@ def test_a_failed_verification_carries_what_a_re_placement_needs(tmp_path):
     (item,) = store.overdue("node1", ev.utcnow(), 10.0)
     failed = failed_event(item, "not seen")
     assert (failed.received_seq, failed.attempt, failed.avoid, failed.pool) == (42, 1, ["node3"], "archive")
-    store.record_changes("node1", [("1.1", "o1", 1)], 1)
+    store.record_changes("node1", [("1.1", "o1", 1, None)], 1)
     (item,) = store.ready_to_check("node1")
     assert (item.orthanc_id, item.received_seq, item.avoid) == ("o1", 42, ("node3",))
 
@@ -155,7 +176,7 @@ def test_a_store_file_from_before_re_placement_fields_opens(tmp_path):
 
 def test_a_rebuilt_store_carries_the_node_cursors_over(tmp_path):
     live = ProbeStore(tmp_path / "live.duckdb")
-    live.record_changes("node1", [("1.1", "o1", 3), ("1.2", "o2", 5)], 5)
+    live.record_changes("node1", [("1.1", "o1", 3, None), ("1.2", "o2", 5, None)], 5)
     live.record_changes("node2", [], 9)
     live.close()
     fresh = ProbeStore(tmp_path / "fresh.duckdb")
@@ -208,7 +229,7 @@ def test_a_poll_s_sightings_and_outcomes_are_written_in_one_statement_each(tmp_p
     a, b, c = placed("1.1"), placed("1.2"), placed("1.3")
     store.apply([(1, a), (2, b), (3, c), (4, forwarded(a)), (5, forwarded(b)), (6, forwarded(c))])
     # The same SOP twice in one read of /changes: the later sighting wins.
-    store.record_changes("node1", [("1.1", "old", 1), ("1.2", "o2", 2), ("1.1", "o1", 3)], 3)
+    store.record_changes("node1", [("1.1", "old", 1, None), ("1.2", "o2", 2, None), ("1.1", "o1", 3, None)], 3)
     assert sorted((e.sop_instance_uid, e.orthanc_id) for e in store.ready_to_check("node1")) == [
         ("1.1", "o1"), ("1.2", "o2")]
     store.settle_many([("node1", "1.1", a.event_id, "verified", ""),
@@ -216,3 +237,13 @@ def test_a_poll_s_sightings_and_outcomes_are_written_in_one_statement_each(tmp_p
                        ("node1", "1.3", "another-placement", "verified", "")])  # not the current one: no change
     assert store.states() == {("node1", "1.1"): "verified", ("node1", "1.2"): "failed", ("node1", "1.3"): "pending"}
     assert store.node_cursor("node1") == 3
+
+
+def test_a_later_sighting_of_the_same_instance_replaces_the_earlier(tmp_path):
+    store = ProbeStore(tmp_path / "p.duckdb")
+    p = placed("1.1")
+    store.apply([(1, p), (2, forwarded(p))])
+    store.record_changes("node1", [("1.1", "o1", 1, "d1")], 1)
+    store.record_changes("node1", [("1.1", "o1b", 2, "d2")], 2)  # deleted and stored anew on the node
+    (item,) = store.ready_to_check("node1")
+    assert (item.orthanc_id, item.found_digest, store.node_cursor("node1")) == ("o1b", "d2", 2)

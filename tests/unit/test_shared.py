@@ -13,7 +13,7 @@ from shared import events as ev
 from shared.blobs import content_key
 from shared.bus import subject_for, subject_placed
 from shared.config import ConfigError, dump_toml, load_config
-from shared.dicomfile import NotDicom, dataset_bytes_digest, dataset_offset, read_header
+from shared.dicomfile import NotDicom, dataset_bytes_digest, dataset_offset, meta_sop_and_digest, read_header
 
 
 def test_defaults_run_locally():
@@ -99,6 +99,8 @@ def test_dataset_offset_and_digest_match_pydicom():
     assert data[offset:offset + 2] == b"\x08\x00"
     assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert dataset_bytes_digest(data) == hashlib.sha256(data[offset:]).hexdigest()
+    # The probe learns a node's instance from its file meta (no tags lookup).
+    assert meta_sop_and_digest(data) == (pydicom.dcmread(path).SOPInstanceUID, dataset_bytes_digest(data))
     whole = hashlib.sha256(data).hexdigest()
     assert content_key(whole).endswith(whole)
 
