@@ -31,6 +31,7 @@ import duckdb
 import nats.errors
 
 from shared import events as ev
+from services.catalog.projection import BulkRejected
 from shared.bus import Bus
 from shared.config import NatsConfig
 
@@ -348,6 +349,31 @@ async def keep_up(store: Any, bus: Bus, follow_batch: int, stop: asyncio.Event,
                     break
 
 
+def _unlink_store(path: Path) -> None:
+    for leftover in (path, path.with_name(path.name + ".wal")):
+        leftover.unlink(missing_ok=True)
+
+
+async def _replay_fresh(bus: Bus, fresh: Path, store_factory: Callable[[Path], Any], stream: str | None,
+                        until_seq: int | None, batch: int, seed: Callable[[Any], None] | None,
+                        one_transaction: bool) -> tuple[int, int]:
+    """Replay into a new store at ``fresh`` and close it (checkpointed: complete without a WAL)."""
+    _unlink_store(fresh)
+    store = store_factory(fresh)
+    try:
+        if seed is not None:
+            seed(store)
+        bulk = hasattr(store, "bulk_load")
+        if bulk:
+            store.bulk_load(one_transaction)
+        events = await replay_into(store, bus, stream, until_seq, batch)
+        if bulk:
+            await asyncio.to_thread(store.end_bulk_load)
+        return events, store.last_seq()
+    finally:
+        store.close()
+
+
 async def rebuild_file(nats: NatsConfig, path: str | Path, store_factory: Callable[[Path], Any],
                        stream: str | None = None, until_seq: int | None = None,
                        swap: bool = True, batch: int = 100_000,
@@ -367,30 +393,23 @@ async def rebuild_file(nats: NatsConfig, path: str | Path, store_factory: Callab
         if path.exists():
             raise FileExistsError(path)
         fresh = path
-    for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):
-        leftover.unlink(missing_ok=True)
+    _unlink_store(fresh)
     started = time.monotonic()
-    store = store_factory(fresh)
-    ok = False
+    once = asyncio.Event()
+    once.set()  # a command, not a service: fail at once if NATS is not there
+    bus = await asyncio.wait_for(Bus.connect(nats, "switchyard-rebuild", once), 2 + 2 * nats.connect_timeout_s)
     try:
-        if seed is not None:
-            seed(store)
-        if hasattr(store, "bulk_load"):
-            store.bulk_load()
-        once = asyncio.Event()
-        once.set()  # a command, not a service: fail at once if NATS is not there
-        bus = await asyncio.wait_for(Bus.connect(nats, "switchyard-rebuild", once), 2 + 2 * nats.connect_timeout_s)
         try:
-            events = await replay_into(store, bus, stream, until_seq, batch)
-        finally:
-            await bus.close()
-        last = store.last_seq()
-        ok = True
+            events, last = await _replay_fresh(bus, fresh, store_factory, stream, until_seq, batch, seed, True)
+        except BulkRejected as exc:  # a malformed message: replay again batch by batch, which skips it
+            log.warning("one-transaction rebuild rolled back (%s); replaying batch by batch", exc)
+            events, last = await _replay_fresh(bus, fresh, store_factory, stream, until_seq, batch, seed, False)
+    except BaseException:
+        if swap:  # the live file was never touched; drop the half-built one
+            _unlink_store(fresh)
+        raise
     finally:
-        store.close()  # checkpoints: the file is complete without a WAL
-        if not ok and swap:  # the live file was never touched; drop the half-built one
-            for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):
-                leftover.unlink(missing_ok=True)
+        await bus.close()
     if swap:
         ensure_unlocked(path)
         path.with_name(path.name + ".wal").unlink(missing_ok=True)
