@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -93,7 +94,9 @@ class _Batches:
 
     def add(self, reply: str, data: bytes) -> bool:
         """Take one delivery; True when a batch is full or the end is reached."""
-        sseq, dseq, left = _ack_tokens(reply)
+        return self.add_tokens(*_ack_tokens(reply), data)
+
+    def add_tokens(self, sseq: int, dseq: int, left: int, data: bytes) -> bool:
         if dseq != self.dseq + 1:
             raise ReplayGap(f"delivery {self.dseq + 1} missing (got {dseq})")
         self.dseq = dseq
@@ -165,6 +168,14 @@ async def _delete_consumer(bus: Bus, stream: str, name: str) -> None:
         pass
 
 
+# A delivery to the replay's subscription (sid 1) with a v1 ack subject
+# ($JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>): groups
+# sseq, dseq, pending, header bytes (HMSG), total bytes. Anything else takes the general path.
+# (Single-character negations: sre counts those in a tight loop, ~2x faster than a class.)
+_DELIVERY = re.compile(rb"H?MSG [^ ]+ 1 \$JS\.ACK\.[^.]+\.[^.]+\.\d+\.(\d+)\.(\d+)\.\d+\.(\d+)"
+                       rb" (?:(\d+) )?(\d+)\r\n")
+
+
 class _WireUnsupported(Exception):
     """The server wants TLS or the URL is not plain nats://: use the client path."""
 
@@ -214,6 +225,8 @@ async def _read_from_wire(bus: Bus, stream: str, start_seq: int, target: int, ba
     writer.write(f"SUB {inbox} 1\r\nPING\r\n".encode())
     await writer.drain()
     batches = _Batches(target, batch)
+    add = batches.add_tokens
+    delivery = _DELIVERY.match
     info = await bus.js.add_consumer(stream, _consumer_config(inbox, start_seq))
     try:
         buf = b""
@@ -224,6 +237,18 @@ async def _read_from_wire(bus: Bus, stream: str, start_seq: int, target: int, ba
             buf = buf + chunk if buf else chunk
             pos, size, out = 0, len(buf), []
             while not batches.done:
+                m = delivery(buf, pos)
+                if m is not None:  # the common case, parsed in C: a delivery with a v1 ack subject
+                    sseq, dseq, left, headers, length = m.groups()
+                    start = m.end()
+                    end = start + int(length)
+                    if end + 2 > size:
+                        break
+                    pos = end + 2
+                    if add(int(sseq), int(dseq), int(left), buf[start + int(headers or 0):end]):
+                        if batches.seqs:
+                            yield batches.take()
+                    continue
                 eol = buf.find(b"\r\n", pos)
                 if eol < 0:
                     break
