@@ -19,7 +19,7 @@ import threading
 import typing
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import accumulate
 from pathlib import Path
 
@@ -255,6 +255,11 @@ def _arrow_batch(seqs: list[int], payloads: list[bytes]) -> pa.Table:
     return pa.Table.from_batches(table.to_batches(max_chunksize=_RECORD_BATCH), table.schema)
 
 
+# Raw events a bulk load holds before folding them (memory bound; 1M instances of the
+# benchmark's log are 4M events, 2.3 GB: one fold).
+BULK_FOLD_BYTES = 4 << 30
+
+
 class CatalogStore:
     """One DuckDB file; writes are serialised, reads use their own cursors."""
 
@@ -271,51 +276,65 @@ class CatalogStore:
     def close(self) -> None:
         self.con.close()
 
-    def bulk_load(self, one_transaction: bool = True) -> None:
-        """For a fresh file being rebuilt: load the whole replay as one transaction, folded once at the end.
+    def bulk_load(self, one_transaction: bool = True, fold_bytes: int = BULK_FOLD_BYTES) -> None:
+        """For a fresh file being rebuilt: load the whole replay as one transaction, folded set-based.
 
         Each ``apply_raw`` then only appends the batch's ``events`` rows (overlapping
-        the reader) and keeps the raw batch in memory; ``end_bulk_load`` derives
-        instances, locations and nodes from all of them with the same SQL as a
-        single batch (set-based, no per-batch upserts into a growing table), stores
-        the last sequence and commits. Nothing is visible, and nothing of the load
-        survives a failure, before that commit. ``one_transaction=False`` keeps
-        batch-by-batch transactions (the fallback after ``BulkRejected``). Either
-        way the file is checkpointed once, at close. Not for a live store.
+        the reader) and keeps the raw batch in memory; once ``fold_bytes`` of raw
+        events are held, and at ``end_bulk_load``, instances, locations and nodes
+        are derived from all of them with the same SQL as for one batch (plain
+        inserts while the tables are empty: no per-batch upserts into a growing
+        table). ``end_bulk_load`` stores the last sequence and commits: nothing is
+        visible, and nothing of the load survives a failure, before that commit.
+        ``one_transaction=False`` keeps batch-by-batch transactions (the fallback
+        after ``BulkRejected``). Either way the file is checkpointed once, at
+        close. Not for a live store.
         """
         with self.lock:
             self.con.execute("SET checkpoint_threshold = '1TB'")
             if one_transaction:
-                self._bulk = _Bulk()
+                self._bulk = _Bulk(fold_bytes)
 
     def end_bulk_load(self) -> int:
-        """Derive the folded tables from the staged batches and commit the load; returns events applied."""
+        """Fold what is still held, store the last sequence and commit the load; returns events applied."""
         with self.lock:
             bulk, self._bulk = self._bulk, None
             if bulk is None or not bulk.started:
                 return 0
-            con, staged = self.con, bool(bulk.staged)
-            if staged:
-                con.register("raw_batch", pa.concat_tables(bulk.staged))
-                bulk.staged.clear()  # the registered table holds the buffers until it is unregistered
-            try:
-                for table, sql in (("instances", _INSTANCES_SQL), ("locations", _LOCATIONS_SQL), ("nodes", _NODES_SQL)):
-                    if not staged:
-                        break
-                    if not con.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)").fetchone()[0]:
-                        sql = sql.replace("INSERT OR REPLACE INTO", "INSERT INTO", 1)  # empty: no upsert
-                    con.execute(sql, [bulk.start]).fetchall()
-                con.execute("INSERT OR REPLACE INTO projection_state VALUES (?, ?)", [NAME, bulk.last])
-                con.execute("COMMIT")
-            except BaseException as exc:
-                con.execute("ROLLBACK")
-                if isinstance(exc, (duckdb.ConversionException, duckdb.InvalidInputException)):
-                    raise BulkRejected(str(exc)) from exc
-                raise
-            finally:
-                if staged:
-                    con.unregister("raw_batch")
+            con = self.con
+            self._in_bulk(bulk, lambda: self._fold(bulk))
+            self._in_bulk(bulk, lambda: con.execute("INSERT OR REPLACE INTO projection_state VALUES (?, ?)",
+                                                    [NAME, bulk.last]))
+            self._in_bulk(bulk, lambda: con.execute("COMMIT"))
             return bulk.applied
+
+    def _fold(self, bulk: _Bulk) -> None:
+        """Instances, locations and nodes from the held batches, as one batch (seq > the load's start)."""
+        if not bulk.staged:
+            return
+        con = self.con
+        con.register("raw_batch", pa.concat_tables(bulk.staged))
+        bulk.staged, bulk.staged_bytes = [], 0  # the registered table holds the buffers until unregistered
+        for table, sql in (("instances", _INSTANCES_SQL), ("locations", _LOCATIONS_SQL), ("nodes", _NODES_SQL)):
+            if not con.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)").fetchone()[0]:
+                sql = sql.replace("INSERT OR REPLACE INTO", "INSERT INTO", 1)  # empty: nothing to replace
+            con.execute(sql, [bulk.start]).fetchall()
+        con.unregister("raw_batch")  # (on a failure, _in_bulk drops it after the rollback)
+
+    def _in_bulk(self, bulk: _Bulk, step: Callable[[], object]) -> object:
+        """Run a step of the load's transaction; on any failure roll all of it back (DuckDB aborts it anyway)."""
+        try:
+            return step()
+        except BaseException as exc:
+            self._bulk = None
+            self.con.execute("ROLLBACK")
+            try:
+                self.con.unregister("raw_batch")
+            except duckdb.Error:
+                pass
+            if isinstance(exc, (duckdb.ConversionException, duckdb.InvalidInputException)):
+                raise BulkRejected(str(exc)) from exc
+            raise
 
     def last_seq(self) -> int:
         with self.lock:
@@ -398,7 +417,7 @@ class CatalogStore:
         return applied
 
     def _stage(self, seqs: list[int], payloads: list[bytes]) -> int:
-        """One batch of a bulk load: its events rows now, the batch kept for the fold at the end."""
+        """One batch of a bulk load: its events rows now, the batch held for the fold."""
         with self.lock:
             bulk, con = self._bulk, self.con
             if not bulk.started:
@@ -406,32 +425,28 @@ class CatalogStore:
                 rows = con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchall()
                 bulk.start = bulk.last = rows[0][0] if rows else 0
                 bulk.started = True
-            new = bisect_right(seqs, bulk.last)  # staged once each: the fold sees every event once
+            new = bisect_right(seqs, bulk.last)  # held once each: the fold sees every event once
             if new == len(seqs):
                 return 0
             seqs, payloads = seqs[new:], payloads[new:]
             batch = _arrow_batch(seqs, payloads)
             con.register("raw_batch", batch)
-            try:
-                applied = con.execute(_EVENTS_SQL, [bulk.last]).fetchall()[0][0]
-            except BaseException as exc:
-                con.execute("ROLLBACK")
-                self._bulk = None
-                if isinstance(exc, (duckdb.ConversionException, duckdb.InvalidInputException)):
-                    raise BulkRejected(str(exc)) from exc
-                raise
-            finally:
-                con.unregister("raw_batch")
+            applied = self._in_bulk(bulk, lambda: con.execute(_EVENTS_SQL, [bulk.last]).fetchall()[0][0])
+            con.unregister("raw_batch")
             bulk.staged.append(batch)
+            bulk.staged_bytes += batch.nbytes
             bulk.last = seqs[-1]
             bulk.applied += applied
+            if bulk.staged_bytes >= bulk.fold_bytes:  # bound the memory: fold now, upsert later folds
+                self._in_bulk(bulk, lambda: self._fold(bulk))
         return applied
 
 
 class _Bulk:
-    """A bulk load in progress: its transaction's start and last sequence, the raw batches to fold."""
+    """A bulk load in progress: its transaction's start and last sequence, the raw batches held."""
 
-    def __init__(self) -> None:
+    def __init__(self, fold_bytes: int) -> None:
+        self.fold_bytes = fold_bytes
         self.started = False
-        self.start = self.last = self.applied = 0
+        self.start = self.last = self.applied = self.staged_bytes = 0
         self.staged: list[pa.Table] = []

@@ -103,11 +103,11 @@ def rich_log() -> list[tuple[int, ev.Event]]:
     return log + list(enumerate(extra, start=len(log) + 1))
 
 
-def bulk_loaded(path, log, size: int, before: int = 0) -> CatalogStore:
+def bulk_loaded(path, log, size: int, before: int = 0, fold_bytes: int = 1 << 30) -> CatalogStore:
     """A store given ``before`` events batch by batch, then the rest as one bulk load in batches of ``size``."""
     store = CatalogStore(path)
     store.apply(log[:before])
-    store.bulk_load()
+    store.bulk_load(fold_bytes=fold_bytes)
     for i in range(before, len(log), size):
         store.apply(log[i:i + size])
     store.end_bulk_load()
@@ -125,6 +125,8 @@ def test_a_bulk_load_equals_batch_by_batch_transactions(tmp_path):
         assert dump(bulk_loaded(tmp_path / f"bulk{size}.duckdb", log, size)) == expected, f"batches of {size}"
     # bulk onto a store that already holds part of the log (upserts instead of plain inserts)
     assert dump(bulk_loaded(tmp_path / "resumed.duckdb", log, 3, before=13)) == expected
+    # folds bounded in memory: after every batch (the first into empty tables, then upserts)
+    assert dump(bulk_loaded(tmp_path / "folds.duckdb", log, 5, fold_bytes=1)) == expected
 
 
 def test_nothing_of_a_bulk_load_is_visible_before_its_end(tmp_path):
