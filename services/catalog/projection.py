@@ -327,11 +327,11 @@ class CatalogStore:
             return step()
         except BaseException as exc:
             self._bulk = None
-            self.con.execute("ROLLBACK")
-            try:
-                self.con.unregister("raw_batch")
-            except duckdb.Error:
-                pass
+            for undo in (lambda: self.con.execute("ROLLBACK"), lambda: self.con.unregister("raw_batch")):
+                try:  # (a failed COMMIT has already ended the transaction; the batch may not be registered)
+                    undo()
+                except duckdb.Error:
+                    pass
             if isinstance(exc, (duckdb.ConversionException, duckdb.InvalidInputException)):
                 raise BulkRejected(str(exc)) from exc
             raise
