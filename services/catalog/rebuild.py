@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -31,6 +32,7 @@ import duckdb
 import nats.errors
 
 from shared import events as ev
+from services.catalog.projection import BulkRejected
 from shared.bus import Bus
 from shared.config import NatsConfig
 
@@ -92,7 +94,9 @@ class _Batches:
 
     def add(self, reply: str, data: bytes) -> bool:
         """Take one delivery; True when a batch is full or the end is reached."""
-        sseq, dseq, left = _ack_tokens(reply)
+        return self.add_tokens(*_ack_tokens(reply), data)
+
+    def add_tokens(self, sseq: int, dseq: int, left: int, data: bytes) -> bool:
         if dseq != self.dseq + 1:
             raise ReplayGap(f"delivery {self.dseq + 1} missing (got {dseq})")
         self.dseq = dseq
@@ -164,6 +168,14 @@ async def _delete_consumer(bus: Bus, stream: str, name: str) -> None:
         pass
 
 
+# A delivery to the replay's subscription (sid 1) with a v1 ack subject
+# ($JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>): groups
+# sseq, dseq, pending, header bytes (HMSG), total bytes. Anything else takes the general path.
+# (Single-character negations: sre counts those in a tight loop, ~2x faster than a class.)
+_DELIVERY = re.compile(rb"H?MSG [^ ]+ 1 \$JS\.ACK\.[^.]+\.[^.]+\.\d+\.(\d+)\.(\d+)\.\d+\.(\d+)"
+                       rb" (?:(\d+) )?(\d+)\r\n")
+
+
 class _WireUnsupported(Exception):
     """The server wants TLS or the URL is not plain nats://: use the client path."""
 
@@ -213,6 +225,8 @@ async def _read_from_wire(bus: Bus, stream: str, start_seq: int, target: int, ba
     writer.write(f"SUB {inbox} 1\r\nPING\r\n".encode())
     await writer.drain()
     batches = _Batches(target, batch)
+    add = batches.add_tokens
+    delivery = _DELIVERY.match
     info = await bus.js.add_consumer(stream, _consumer_config(inbox, start_seq))
     try:
         buf = b""
@@ -223,6 +237,18 @@ async def _read_from_wire(bus: Bus, stream: str, start_seq: int, target: int, ba
             buf = buf + chunk if buf else chunk
             pos, size, out = 0, len(buf), []
             while not batches.done:
+                m = delivery(buf, pos)
+                if m is not None:  # the common case, parsed in C: a delivery with a v1 ack subject
+                    sseq, dseq, left, headers, length = m.groups()
+                    start = m.end()
+                    end = start + int(length)
+                    if end + 2 > size:
+                        break
+                    pos = end + 2
+                    if add(int(sseq), int(dseq), int(left), buf[start + int(headers or 0):end]):
+                        if batches.seqs:
+                            yield batches.take()
+                    continue
                 eol = buf.find(b"\r\n", pos)
                 if eol < 0:
                     break
@@ -354,6 +380,31 @@ async def keep_up(store: Any, bus: Bus, follow_batch: int, stop: asyncio.Event,
                     break
 
 
+def _unlink_store(path: Path) -> None:
+    for leftover in (path, path.with_name(path.name + ".wal")):
+        leftover.unlink(missing_ok=True)
+
+
+async def _replay_fresh(bus: Bus, fresh: Path, store_factory: Callable[[Path], Any], stream: str | None,
+                        until_seq: int | None, batch: int, seed: Callable[[Any], None] | None,
+                        one_transaction: bool) -> tuple[int, int]:
+    """Replay into a new store at ``fresh`` and close it (checkpointed: complete without a WAL)."""
+    _unlink_store(fresh)
+    store = store_factory(fresh)
+    try:
+        if seed is not None:
+            seed(store)
+        bulk = hasattr(store, "bulk_load")
+        if bulk:
+            store.bulk_load(one_transaction)
+        events = await replay_into(store, bus, stream, until_seq, batch)
+        if bulk:
+            await asyncio.to_thread(store.end_bulk_load)
+        return events, store.last_seq()
+    finally:
+        store.close()
+
+
 async def rebuild_file(nats: NatsConfig, path: str | Path, store_factory: Callable[[Path], Any],
                        stream: str | None = None, until_seq: int | None = None,
                        swap: bool = True, batch: int = 100_000,
@@ -373,30 +424,23 @@ async def rebuild_file(nats: NatsConfig, path: str | Path, store_factory: Callab
         if path.exists():
             raise FileExistsError(path)
         fresh = path
-    for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):
-        leftover.unlink(missing_ok=True)
+    _unlink_store(fresh)
     started = time.monotonic()
-    store = store_factory(fresh)
-    ok = False
+    once = asyncio.Event()
+    once.set()  # a command, not a service: fail at once if NATS is not there
+    bus = await asyncio.wait_for(Bus.connect(nats, "switchyard-rebuild", once), 2 + 2 * nats.connect_timeout_s)
     try:
-        if seed is not None:
-            seed(store)
-        if hasattr(store, "bulk_load"):
-            store.bulk_load()
-        once = asyncio.Event()
-        once.set()  # a command, not a service: fail at once if NATS is not there
-        bus = await asyncio.wait_for(Bus.connect(nats, "switchyard-rebuild", once), 2 + 2 * nats.connect_timeout_s)
         try:
-            events = await replay_into(store, bus, stream, until_seq, batch)
-        finally:
-            await bus.close()
-        last = store.last_seq()
-        ok = True
+            events, last = await _replay_fresh(bus, fresh, store_factory, stream, until_seq, batch, seed, True)
+        except BulkRejected as exc:  # a malformed message: replay again batch by batch, which skips it
+            log.warning("one-transaction rebuild rolled back (%s); replaying batch by batch", exc)
+            events, last = await _replay_fresh(bus, fresh, store_factory, stream, until_seq, batch, seed, False)
+    except BaseException:
+        if swap:  # the live file was never touched; drop the half-built one
+            _unlink_store(fresh)
+        raise
     finally:
-        store.close()  # checkpoints: the file is complete without a WAL
-        if not ok and swap:  # the live file was never touched; drop the half-built one
-            for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):
-                leftover.unlink(missing_ok=True)
+        await bus.close()
     if swap:
         ensure_unlocked(path)
         path.with_name(path.name + ".wal").unlink(missing_ok=True)

@@ -156,3 +156,33 @@ def test_live_follower_batches_in_order_with_a_bounded_buffer(nats_only):
             await bus.close()
 
     asyncio.run(scenario())
+
+
+def test_a_rebuild_over_a_malformed_message_falls_back_and_equals_the_live_store(nats_only, tmp_path, caplog):
+    """The one-transaction rebuild cannot skip a message DuckDB refuses: it replays batch by batch instead."""
+    from tests.unit.test_catalog_batch import rich_log
+
+    async def scenario():
+        bus = await connect(nats_only.cfg.nats)
+        try:
+            sent = []
+            for n, (_, e) in enumerate(rich_log()):
+                data = b"\xff\xfe not UTF-8" if n == 20 else ev.encode(e)
+                await bus.js.publish(subject_for(e), data)
+                sent.append(data)
+            return sent
+        finally:
+            await bus.close()
+
+    sent = asyncio.run(scenario())
+    live = CatalogStore(tmp_path / "live.duckdb")
+    for seq, data in enumerate(sent, start=1):
+        live.apply_raw([seq], [data])
+    result = asyncio.run(rebuild_file(nats_only.cfg.nats, tmp_path / "fresh.duckdb", CatalogStore, swap=False,
+                                      batch=7))
+    assert result.events == len(sent) - 1 and result.last_seq == len(sent)
+    assert any("replaying batch by batch" in r.getMessage() for r in caplog.records)
+    rebuilt = CatalogStore(tmp_path / "fresh.duckdb")
+    for table in ("events", "instances", "locations", "nodes", "projection_state"):
+        sql = f"SELECT * FROM {table} ORDER BY ALL"
+        assert rebuilt.rows(sql) == live.rows(sql), table

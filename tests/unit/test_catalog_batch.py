@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from services.catalog.projection import CatalogStore
 from shared import events as ev
 from tests.unit.test_catalog_projection import dump, forwarded, placed, received
@@ -73,3 +75,93 @@ def test_a_batch_of_many_record_batches_equals_small_batches(tmp_path):
         small.apply_raw([s for s, _ in part], [p for _, p in part])
     assert dump(small) == dump(one)
     assert one.rows("SELECT count(*) AS n FROM locations WHERE state = 'verified'")[0]["n"] == 6001
+
+
+def rich_log() -> list[tuple[int, ev.Event]]:
+    """The mixed log plus fan-out to pools, re-placement within a pool and verification outcomes."""
+    import msgspec
+
+    from tests.unit.test_catalog_projection import fanned_out
+
+    def fwd(n, node, pool, attempt=0):
+        return msgspec.structs.replace(forwarded(n, node, attempt), event_id=f"f{n}-{pool}-{attempt}",
+                                       placement_id=f"p{n}-{pool}-{attempt}")
+
+    extra = [received(7), fanned_out(7, "node1", "archive"), fanned_out(7, "node2", "research"),
+             fwd(7, "node1", "archive"),
+             ev.InstanceVerificationFailedV1(event_id="vf7", sop_instance_uid="1.2.9.7", study_instance_uid="1.2.9",
+                                             node_id="node1", placement_id="p7-archive-0", reason="mismatch"),
+             fanned_out(7, "node3", "archive", attempt=1), fwd(7, "node2", "research"),
+             ev.InstanceVerifiedV1(event_id="v7", sop_instance_uid="1.2.9.7", node_id="node2", dataset_digest="d",
+                                   placement_id="p7-research-0"),
+             forwarded(4, "node1"),
+             ev.InstanceVerificationFailedV1(event_id="vf4", sop_instance_uid="1.2.9.4", study_instance_uid="1.2.9",
+                                             node_id="node1", placement_id="p4-0", reason="not seen"),
+             placed(4, "node2", attempt=1), received(4),
+             ev.NodeStateChangedV1(event_id="ns3", node_id="node1", state="drained", reason="disk")]
+    log = mixed_log()
+    return log + list(enumerate(extra, start=len(log) + 1))
+
+
+def bulk_loaded(path, log, size: int, before: int = 0, fold_bytes: int = 1 << 30) -> CatalogStore:
+    """A store given ``before`` events batch by batch, then the rest as one bulk load in batches of ``size``."""
+    store = CatalogStore(path)
+    store.apply(log[:before])
+    store.bulk_load(fold_bytes=fold_bytes)
+    for i in range(before, len(log), size):
+        store.apply(log[i:i + size])
+    store.end_bulk_load()
+    return store
+
+
+def test_a_bulk_load_equals_batch_by_batch_transactions(tmp_path):
+    log = rich_log()
+    live = CatalogStore(tmp_path / "live.duckdb")
+    for seq_event in log:
+        live.apply([seq_event])  # the live projection, one event per transaction
+    expected = dump(live)
+    assert expected["projection_state"] == [("catalog", len(log))]
+    for size in (1, 4, len(log)):
+        assert dump(bulk_loaded(tmp_path / f"bulk{size}.duckdb", log, size)) == expected, f"batches of {size}"
+    # bulk onto a store that already holds part of the log (upserts instead of plain inserts)
+    assert dump(bulk_loaded(tmp_path / "resumed.duckdb", log, 3, before=13)) == expected
+    # folds bounded in memory: after every batch (the first into empty tables, then upserts)
+    assert dump(bulk_loaded(tmp_path / "folds.duckdb", log, 5, fold_bytes=1)) == expected
+
+
+def test_nothing_of_a_bulk_load_is_visible_before_its_end(tmp_path):
+    log = rich_log()
+    store = CatalogStore(tmp_path / "c.duckdb")
+    store.bulk_load()
+    store.apply(log[:10])
+    other = store.cursor()  # another connection: sees only committed data
+    assert other.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    assert other.execute("SELECT count(*) FROM projection_state").fetchone() == (0,)
+    store.end_bulk_load()
+    assert other.execute("SELECT count(*) FROM events").fetchone() == (10,)
+    assert store.last_seq() == 10
+
+
+def test_a_malformed_message_rolls_a_bulk_load_back(tmp_path):
+    from services.catalog.projection import BulkRejected
+
+    good = [ev.encode(e) for _, e in mixed_log()]
+    bad_size = ev.encode(received(8)).replace(b'"size":108', b'"size":"big"')
+    assert bad_size != ev.encode(received(8))
+    # not UTF-8: the events rows refuse it at once; a bad size only the fold at the end
+    for bad, at_end in ((b"\xff\xfe", False), (bad_size, True)):
+        path = tmp_path / f"bulk{at_end}.duckdb"
+        store = CatalogStore(path)
+        store.bulk_load()
+        store.apply_raw([1, 2, 3], good[:3])
+        if at_end:
+            store.apply_raw([4, 5], [bad, good[3]])
+            with pytest.raises(BulkRejected):
+                store.end_bulk_load()
+        else:
+            with pytest.raises(BulkRejected):
+                store.apply_raw([4, 5], [bad, good[3]])
+        store.close()
+        store = CatalogStore(path)
+        assert store.last_seq() == 0
+        assert dump(store) == {t: [] for t in ("instances", "locations", "events", "projection_state")}

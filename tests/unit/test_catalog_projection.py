@@ -208,3 +208,21 @@ def test_event_times_are_stored_in_utc(tmp_path):
     store.apply_raw([1, 2], payloads)
     rows = store.cursor().execute("SELECT CAST(occurred_at AS VARCHAR) FROM events ORDER BY seq").fetchall()
     assert rows == [("2026-01-01 00:30:00",), ("2026-01-01 00:30:00",)]
+
+
+def test_payloads_in_another_key_order_or_spacing_fold_like_encoded_ones(tmp_path):
+    """Only the encoder's form ("type" first, no spaces) is typed from its prefix; any other is parsed."""
+    import json
+
+    log = log_of_two()
+    encoded = CatalogStore(tmp_path / "encoded.duckdb")
+    encoded.apply(log)
+    other = CatalogStore(tmp_path / "other.duckdb")
+    payloads = [json.dumps(json.loads(ev.encode(e)), sort_keys=True, separators=(",", ":")).encode()
+                if seq % 2 else json.dumps(json.loads(ev.encode(e))).encode() for seq, e in log]
+    assert not any(p.startswith(b'{"type":"') for p in payloads)
+    assert other.apply_raw([seq for seq, _ in log], payloads) == len(log)
+    tables = dump(encoded)
+    del tables["events"]  # its payloads are stored as sent
+    assert {t: rows for t, rows in dump(other).items() if t != "events"} == tables
+    assert [r[:7] for r in dump(other)["events"]] == [r[:7] for r in dump(encoded)["events"]]
