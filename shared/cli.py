@@ -177,7 +177,8 @@ def _rebuild(cfg: Config, what: str, jobs: list[tuple[Path, type, object]]) -> i
         for path, _, _ in jobs:
             ensure_unlocked(path)
         for path, store_class, seed in jobs:
-            result = asyncio.run(rebuild_file(cfg.nats, path, store_class, seed=seed))
+            result = asyncio.run(rebuild_file(cfg.nats, path, store_class, seed=seed,
+                                              fold_bytes=cfg.catalog.rebuild_memory_mib << 20))
             rate = result.events / result.seconds if result.seconds else 0.0
             print(f"{what} rebuilt: {result.path}: {result.events} events up to sequence {result.last_seq} "
                   f"in {result.seconds:.1f}s ({rate:.0f} events/s)")

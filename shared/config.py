@@ -208,6 +208,9 @@ class CatalogConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # its first event; a full batch means the catalog fell behind and catches up in bulk.
     batch: int = 8192
     follow_linger_s: float = 1.0
+    # A rebuild (catalog, probe front door) holds up to this much raw log in memory and
+    # folds it set-based; beyond it, it folds early and upserts later folds (slower).
+    rebuild_memory_mib: int = 4096
 
 
 class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

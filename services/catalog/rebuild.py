@@ -32,7 +32,7 @@ import duckdb
 import nats.errors
 
 from shared import events as ev
-from services.catalog.projection import BulkRejected
+from services.catalog.projection import BULK_FOLD_BYTES, BulkRejected
 from shared.bus import Bus
 from shared.config import NatsConfig
 
@@ -387,7 +387,7 @@ def _unlink_store(path: Path) -> None:
 
 async def _replay_fresh(bus: Bus, fresh: Path, store_factory: Callable[[Path], Any], stream: str | None,
                         until_seq: int | None, batch: int, seed: Callable[[Any], None] | None,
-                        one_transaction: bool) -> tuple[int, int]:
+                        one_transaction: bool, fold_bytes: int) -> tuple[int, int]:
     """Replay into a new store at ``fresh`` and close it (checkpointed: complete without a WAL)."""
     _unlink_store(fresh)
     store = store_factory(fresh)
@@ -396,7 +396,7 @@ async def _replay_fresh(bus: Bus, fresh: Path, store_factory: Callable[[Path], A
             seed(store)
         bulk = hasattr(store, "bulk_load")
         if bulk:
-            store.bulk_load(one_transaction)
+            store.bulk_load(one_transaction, fold_bytes)
         events = await replay_into(store, bus, stream, until_seq, batch)
         if bulk:
             await asyncio.to_thread(store.end_bulk_load)
@@ -408,13 +408,16 @@ async def _replay_fresh(bus: Bus, fresh: Path, store_factory: Callable[[Path], A
 async def rebuild_file(nats: NatsConfig, path: str | Path, store_factory: Callable[[Path], Any],
                        stream: str | None = None, until_seq: int | None = None,
                        swap: bool = True, batch: int = 100_000,
-                       seed: Callable[[Any], None] | None = None) -> RebuildResult:
+                       seed: Callable[[Any], None] | None = None,
+                       fold_bytes: int = BULK_FOLD_BYTES) -> RebuildResult:
     """Replay the log from sequence 1 into ``path``.rebuild, then atomically replace ``path``.
 
     With ``swap=False`` the fresh file is left at ``path`` itself, which must
     not exist (used to build a copy next to a live store). ``seed``, if given,
     is called with the fresh store before the replay: for state a store keeps
-    that does not come from the log (the probe's node cursors).
+    that does not come from the log (the probe's node cursors). ``fold_bytes``
+    bounds the raw events a bulk-loading store holds in memory before folding
+    them (``catalog.rebuild_memory_mib``).
     """
     path = Path(path)
     if swap:
@@ -431,10 +434,12 @@ async def rebuild_file(nats: NatsConfig, path: str | Path, store_factory: Callab
     bus = await asyncio.wait_for(Bus.connect(nats, "switchyard-rebuild", once), 2 + 2 * nats.connect_timeout_s)
     try:
         try:
-            events, last = await _replay_fresh(bus, fresh, store_factory, stream, until_seq, batch, seed, True)
+            events, last = await _replay_fresh(bus, fresh, store_factory, stream, until_seq, batch, seed, True,
+                                               fold_bytes)
         except BulkRejected as exc:  # a malformed message: replay again batch by batch, which skips it
             log.warning("one-transaction rebuild rolled back (%s); replaying batch by batch", exc)
-            events, last = await _replay_fresh(bus, fresh, store_factory, stream, until_seq, batch, seed, False)
+            events, last = await _replay_fresh(bus, fresh, store_factory, stream, until_seq, batch, seed, False,
+                                               fold_bytes)
     except BaseException:
         if swap:  # the live file was never touched; drop the half-built one
             _unlink_store(fresh)

@@ -112,13 +112,18 @@ def test_live_catch_up_equals_a_rebuild(nats_only, tmp_path):
             await bus.close()
 
     live = asyncio.run(scenario())
-    fresh = tmp_path / "fresh.duckdb"
-    result = asyncio.run(rebuild_file(cfg.nats, fresh, CatalogStore, swap=False, batch=250))
-    assert result.events == result.last_seq == live.last_seq()
-    rebuilt = CatalogStore(fresh)
-    for table in ("events", "instances", "locations", "nodes", "projection_state"):
-        sql = f"SELECT * FROM {table} ORDER BY ALL"
-        assert rebuilt.rows(sql) == live.rows(sql), table
+    # Folded once at the end (the default memory bound), and folded after every batch
+    # (a bound smaller than one batch: later folds upsert into filled tables).
+    for name, fold_bytes in (("fresh.duckdb", 4 << 30), ("tight.duckdb", 1)):
+        fresh = tmp_path / name
+        result = asyncio.run(rebuild_file(cfg.nats, fresh, CatalogStore, swap=False, batch=250,
+                                          fold_bytes=fold_bytes))
+        assert result.events == result.last_seq == live.last_seq()
+        rebuilt = CatalogStore(fresh)
+        for table in ("events", "instances", "locations", "nodes", "projection_state"):
+            sql = f"SELECT * FROM {table} ORDER BY ALL"
+            assert rebuilt.rows(sql) == live.rows(sql), (name, table)
+        rebuilt.close()
     assert live.rows("SELECT count(*) AS n FROM instances")[0]["n"] == INSTANCES + 6
     assert live.rows("SELECT state FROM nodes WHERE node_id = 'node9'") == [{"state": "added"}]
 
