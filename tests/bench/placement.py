@@ -10,7 +10,7 @@
    auto-router (OnStoredInstance -> SendToModality round robin) -> the same 3
    nodes. CPU seconds (utime+stime from /proc) per routed image.
 
-Flags: --images N (default 300), --quick (fewer decisions and images).
+Flags: --images=N (default 1000), --quick (fewer decisions and images).
 """
 
 from __future__ import annotations
@@ -207,9 +207,10 @@ def timed_send(send, done, timeout: float = 240.0) -> float:
 
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
-    images = 120 if quick else 300
-    if "--images" in argv:
-        images = int(argv[argv.index("--images") + 1])
+    images = 120 if quick else 1000
+    for arg in argv:  # --images=N (the bench runner takes bare words for areas)
+        if arg.startswith("--images="):
+            images = int(arg.split("=", 1)[1])
     decisions = 20000 if quick else 200000
     print(f"placement bench: {images} images, {decisions} in-process decisions")
 
