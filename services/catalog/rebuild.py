@@ -350,7 +350,8 @@ async def replay_into(store: Any, bus: Bus, stream: str | None = None, until_seq
 
 async def keep_up(store: Any, bus: Bus, follow_batch: int, stop: asyncio.Event,
                   on_applied: Callable[[int, int], None] | None = None, catch_up_batch: int = 100_000,
-                  linger: float = 1.0) -> None:
+                  linger: float = 1.0, beside: Any | None = None,
+                  on_beside: Callable[[int], None] | None = None) -> None:
     """Keep ``store`` (with ``apply_raw``) up with the log until ``stop``: the live projection.
 
     Catches up in large batches through the replay reader (a rebuild's speed),
@@ -361,6 +362,13 @@ async def keep_up(store: Any, bus: Bus, follow_batch: int, stop: asyncio.Event,
     batch is a DuckDB transaction of several statements, whose fixed cost
     dominated at a live rate (0.2 s cost the catalog 2.3 ms of CPU per routed
     image at ~100 img/s).
+
+    ``beside``: a second store (``apply`` of decoded ``(seq, event)`` pairs,
+    idempotent on the sequence, and ``last_seq``) fed by the same follower,
+    from the lower of the two stores' sequences, so a service with two
+    projections receives the log once; ``on_beside(last_seq)`` after each of
+    its transactions. It is not fed during the bulk catch-up: the follower
+    starts from its own last sequence and brings it up.
     """
     report = on_applied or (lambda n, last: None)
     while not stop.is_set():
@@ -371,11 +379,18 @@ async def keep_up(store: Any, bus: Bus, follow_batch: int, stop: asyncio.Event,
             applied = 0
         start = await asyncio.to_thread(store.last_seq)
         report(applied, start)
-        async with aclosing(bus.follow_batches(start + 1, follow_batch, 0.2, stop, linger=linger,
-                                               decode=False)) as batches:
+        follow_from = start if beside is None else min(start, await asyncio.to_thread(beside.last_seq))
+        async with aclosing(bus.follow_batches(follow_from + 1, follow_batch, 0.2, stop, linger=linger,
+                                               decode=beside is not None)) as batches:
             async for batch in batches:
-                n = await asyncio.to_thread(store.apply_raw, [d.seq for d in batch], [d.msg.data for d in batch])
-                report(n, batch[-1].seq)
+                seqs = [d.seq for d in batch]
+                n = await asyncio.to_thread(store.apply_raw, seqs, [d.msg.data for d in batch])
+                start = max(start, seqs[-1])
+                report(n, start)
+                if beside is not None:
+                    await asyncio.to_thread(beside.apply, [(d.seq, d.event) for d in batch])
+                    if on_beside is not None:
+                        on_beside(seqs[-1])
                 if len(batch) >= follow_batch:
                     break
 

@@ -101,10 +101,16 @@ async def watch(cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gaug
         await wait_or_stop(stop, max(0.0, pcfg.interval_s - (time.monotonic() - started)))
 
 
-async def project(bus: Bus, store: CatalogStore, last: Gauge, stop: asyncio.Event) -> None:
-    """The front door's own projection of the log (same tables as the catalog, own file)."""
+async def project(bus: Bus, store: CatalogStore, last: Gauge, verifier: Verifier, stop: asyncio.Event) -> None:
+    """The front door's own projection of the log (same tables as the catalog, own file), and beside it
+    the verification store, from one follower: each reads every event, and two followers cost the
+    probe and nats-server a delivery per event each."""
     last.set(await asyncio.to_thread(store.last_seq))
-    await keep_up(store, bus, LOG_BATCH, stop, on_applied=lambda _n, seq: last.set(seq), linger=LOG_LINGER_S)
+    verify_start = await asyncio.to_thread(verifier.store.last_seq)
+    log.info("verification store follows the log from stream sequence %d", verify_start + 1)
+    verifier.log_seq.set(verify_start)
+    await keep_up(store, bus, LOG_BATCH, stop, on_applied=lambda _n, seq: last.set(seq), linger=LOG_LINGER_S,
+                  beside=verifier.store, on_beside=verifier.log_seq.set)
 
 
 async def main(cfg: Config) -> None:
@@ -135,12 +141,12 @@ async def main(cfg: Config) -> None:
         for member in pool.active():
             ensure_watch(member)
         follower = asyncio.create_task(membership.follow(svc.bus, pool, svc.stop, ensure_watch), name="membership")
-        log_follower = asyncio.create_task(verifier.follow_log(svc.stop), name="verify-log")
         catalog = CatalogStore(cfg.probe.catalog_db_path)
         svc.stack.callback(catalog.close)
         qr_seq = Gauge("switchyard_probe_qr_last_seq", "Last stream sequence in the front door's store",
                        registry=svc.registry)
-        projector = asyncio.create_task(project(svc.bus, catalog, qr_seq, svc.stop), name="qr-projection")
+        projector = asyncio.create_task(project(svc.bus, catalog, qr_seq, verifier, svc.stop),
+                                        name="log-projections")
         server, _ = qr.start(cfg, catalog, open_blob_store(cfg.blobs))
         svc.stack.callback(server.shutdown)
         log.info("Q/R SCP %s on %s:%d%s", cfg.probe.qr_ae_title, cfg.probe.qr_host, cfg.probe.qr_port,
@@ -148,5 +154,5 @@ async def main(cfg: Config) -> None:
         svc.serve_metrics(cfg.probe.metrics_port)
         log.info("watching nodes %s every %.1fs", ", ".join(m.node.id for m in pool.active()), cfg.probe.interval_s)
         # Heartbeat watches end by themselves when their node is removed; these must not end.
-        await run_until_stopped(svc.stop, [follower, log_follower, projector])
+        await run_until_stopped(svc.stop, [follower, projector])
         await asyncio.gather(*watches.values(), *verifies.values(), return_exceptions=True)

@@ -167,16 +167,6 @@ class Verifier:
         self.cursors: dict[str, int] = {}
         self.idle: dict[str, tuple[int, datetime | None]] = {}
 
-    async def follow_log(self, stop: asyncio.Event) -> None:
-        """Keep the store's view of placements and forwards current."""
-        start = await asyncio.to_thread(self.store.last_seq)
-        log.info("following the log from stream sequence %d", start + 1)
-        self.log_seq.set(start)
-        async for batch in self.bus.follow_batches(start + 1, LOG_BATCH, LOG_LINGER_S, stop,
-                                                subject="dicom.instance.>", linger=LOG_LINGER_S):
-            await asyncio.to_thread(self.store.apply, [(d.seq, d.event) for d in batch])
-            self.log_seq.set(batch[-1].seq)
-
     async def watch(self, node: NodeConfig, stop: asyncio.Event) -> None:
         pcfg = self.cfg.probe
         client = OrthancClient(node, pcfg.timeout_s)

@@ -15,11 +15,13 @@ from prometheus_client import CollectorRegistry
 
 from services.catalog import project
 from services.catalog.projection import CatalogStore
-from services.catalog.rebuild import _read_with_client, read_raw_batches, rebuild_file, replay_into
+from services.catalog.rebuild import _read_with_client, keep_up, read_raw_batches, rebuild_file, replay_into
+from services.probe.store import ProbeStore
 from shared import events as ev
 from shared.bus import Bus, subject_for
 from tests.bench.catalog import instance_events
 from tests.fixtures.servers import make_stack
+from tests.fixtures.util import dump_all
 from tests.unit.test_catalog_batch import mixed_log
 
 pytestmark = pytest.mark.integration
@@ -191,3 +193,37 @@ def test_a_rebuild_over_a_malformed_message_falls_back_and_equals_the_live_store
     for table in ("events", "instances", "locations", "nodes", "projection_state"):
         sql = f"SELECT * FROM {table} ORDER BY ALL"
         assert rebuilt.rows(sql) == live.rows(sql), table
+
+
+def test_one_follower_brings_a_store_beside_up_from_its_own_sequence(nats_only, tmp_path):
+    """keep_up(beside=...): the second store (behind the first) is fed from its own last sequence
+    by the same follower and ends equal to its rebuild; the first store is not disturbed."""
+    cfg = nats_only.cfg
+
+    async def scenario():
+        bus = await connect(cfg.nats)
+        try:
+            sent = await publish_log(bus)
+            main = CatalogStore(tmp_path / "main.duckdb")
+            await replay_into(main, bus)  # the first store is up to date, the second empty
+            beside = ProbeStore(tmp_path / "beside.duckdb")
+            seen: list[int] = []
+            stop = asyncio.Event()
+            task = asyncio.create_task(keep_up(main, bus, 500, stop, linger=0.05, beside=beside,
+                                               on_beside=seen.append))
+            async with asyncio.timeout(60):
+                while await asyncio.to_thread(beside.last_seq) < len(sent):
+                    await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            assert seen == sorted(seen) and seen[-1] == len(sent)
+            assert main.last_seq() == len(sent)
+            main.close()
+            beside.close()
+        finally:
+            await bus.close()
+
+    asyncio.run(scenario())
+    fresh = tmp_path / "fresh.duckdb"
+    asyncio.run(rebuild_file(cfg.nats, fresh, ProbeStore, swap=False))
+    assert dump_all(tmp_path / "beside.duckdb") == dump_all(fresh)
