@@ -156,6 +156,8 @@ class StorageSCP:
         self.contexts = supported_contexts()
         # fsyncs and uploads of concurrent associations overlap here.
         self.io = ThreadPoolExecutor(max(4, cfg.ingest.max_associations), thread_name_prefix="ingest-io")
+        # Spool files flushed while their header is checked (its own pool: an io thread waits on it).
+        self.flush = ThreadPoolExecutor(max(4, cfg.ingest.max_associations), thread_name_prefix="ingest-flush")
         self._names = itertools.count()
         self._open = 0
         # Association tasks, and whether each is finishing a C-STORE (not to be cut off at stop).
@@ -184,6 +186,7 @@ class StorageSCP:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
         self.io.shutdown(wait=True)
+        self.flush.shutdown(wait=True)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -412,8 +415,14 @@ class StorageSCP:
         return await self._announce(command, incoming, peer, header, key, existed)
 
     def _persist(self, command: _Command, incoming: _Incoming) -> tuple[int, str] | tuple[Header, str, bool]:
-        """Check the header against the command, then make the blob durable (one trip to the thread pool)."""
+        """Check the header against the command, then make the blob durable (one trip to the thread pool).
+
+        The spool file's bytes are flushed (``sync_ahead``) while the header is
+        parsed: the two were a third of the time to answer a C-STORE, one after
+        the other.
+        """
         sop_uid = command.sop_instance
+        flushed = self.flush.submit(self.blobs.sync_ahead, incoming.path)
         try:
             header = read_header(incoming.path, self.extra)
         except NotDicom:
@@ -430,17 +439,17 @@ class StorageSCP:
             return CANNOT_UNDERSTAND, "no Study Instance UID"
         key = content_key(incoming.file_hash.hexdigest())
         try:
-            existed = self._keep(key, incoming.path)
+            existed = self._keep(key, incoming.path, flushed.result())
         except (BlobStoreError, OSError) as exc:
             log.error("blob store refused %s: %s", sop_uid, exc)
             return OUT_OF_RESOURCES_BLOB, "object store unavailable"
         return header, key, existed
 
-    def _keep(self, key: str, path: Path) -> bool:
+    def _keep(self, key: str, path: Path, synced: bool) -> bool:
         """Make the blob durable (hand the spool file over); True when it was already there."""
         if self.blobs.exists(key):
             return True
-        self.blobs.adopt_file(key, path)
+        self.blobs.adopt_file(key, path, synced=synced)
         return False
 
     async def _announce(self, command: _Command, incoming: _Incoming, peer: _Peer, header: Header, key: str,

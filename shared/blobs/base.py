@@ -36,14 +36,24 @@ class BlobStore(ABC):
     def put_file(self, key: str, src: Path) -> None:
         """Store the file's bytes under key; durable when this returns."""
 
-    def adopt_file(self, key: str, src: Path) -> None:
+    def adopt_file(self, key: str, src: Path, synced: bool = False) -> None:
         """Store a file the caller hands over (it is gone afterwards); durable when this returns.
 
         Stores that can take the file as it is (same filesystem) avoid writing
-        its bytes a second time; the rest copy and delete it.
+        its bytes a second time; the rest copy and delete it. ``synced``: the
+        caller already ran ``sync_ahead(src)`` and it returned True.
         """
         self.put_file(key, src)
         Path(src).unlink(missing_ok=True)
+
+    def sync_ahead(self, src: Path) -> bool:
+        """Make a file about to be adopted durable in its place, ahead of ``adopt_file``; True if done.
+
+        Lets the caller overlap the flush of the bytes with its own checks (ingest
+        parses the header meanwhile). Only a store that adopts files in place
+        gains from it; the others return False and do nothing.
+        """
+        return False
 
     @abstractmethod
     def get_file(self, key: str, dest: Path) -> None:

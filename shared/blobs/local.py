@@ -17,6 +17,14 @@ from typing import BinaryIO
 from shared.blobs.base import CHUNK, BlobNotFound, BlobStore, BlobStoreError, check_key
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -52,17 +60,23 @@ class LocalBlobStore(BlobStore):
         except OSError as exc:
             raise BlobStoreError(f"local blob write failed: {exc.strerror or exc}") from exc
 
-    def adopt_file(self, key: str, src: Path) -> None:
-        # fsync the file, rename it into place, fsync the directory: one write of
-        # the bytes instead of two. Another filesystem: copy like put_file.
+    def sync_ahead(self, src: Path) -> bool:
+        try:
+            _fsync_file(src)
+        except OSError as exc:
+            raise BlobStoreError(f"local blob write failed: {exc.strerror or exc}") from exc
+        return True
+
+    def adopt_file(self, key: str, src: Path, synced: bool = False) -> None:
+        # fsync the file (unless sync_ahead did), rename it into place, fsync the
+        # directory: one write of the bytes instead of two. Another filesystem:
+        # copy like put_file. The rename comes after the file's fsync, so a key
+        # that exists always holds whole bytes (ingest trusts an existing key).
         dest = self._path(key)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(src, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if not synced:
+                _fsync_file(src)
             os.replace(src, dest)
         except OSError as exc:
             if exc.errno != errno.EXDEV:

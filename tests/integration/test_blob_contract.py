@@ -342,3 +342,18 @@ def test_s3_check_recreates_a_deleted_bucket(s3_server: S3Server, tmp_path: Path
     src, key = _write(tmp_path / "src.bin", b"after recreate")
     store.put_file(key, src)
     assert store.size(key) == len(b"after recreate")
+
+
+def test_adopt_after_sync_ahead_holds_the_bytes(store: BlobStore, tmp_path: Path) -> None:
+    """sync_ahead (the local store flushes in place, S3 has nothing to do) then adopt_file(synced=...)."""
+    data = os.urandom(64 * 1024)
+    src, key = _write(tmp_path / "spool.dcm", data)
+    synced = store.sync_ahead(src)
+    assert synced is isinstance(store, LocalBlobStore)
+    store.adopt_file(key, src, synced=synced)
+    assert not src.exists()  # handed over
+    store.get_file(key, tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == data
+    if synced:  # a spool file that vanished is a store error (ingest answers 0xA7xx)
+        with pytest.raises(BlobStoreError):
+            store.sync_ahead(tmp_path / "gone.dcm")
