@@ -61,6 +61,24 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS nodes (
     node_id VARCHAR PRIMARY KEY, state VARCHAR, reason VARCHAR, updated_seq BIGINT, updated_at TIMESTAMP
 );
+-- The patient / study / series levels, derived from instances (nothing to keep in step:
+-- a rebuild or a live batch changes them with the instances). min() rather than any_value
+-- so a rebuilt file reads exactly like the live one.
+CREATE OR REPLACE VIEW patients AS
+    SELECT patient_id, min(patient_name) AS patient_name, min(patient_birth_date) AS patient_birth_date,
+           count(DISTINCT study_instance_uid) AS studies, count(*) AS instances, sum(size) AS bytes
+    FROM instances GROUP BY patient_id;
+CREATE OR REPLACE VIEW studies AS
+    SELECT study_instance_uid, min(patient_id) AS patient_id, min(accession_number) AS accession_number,
+           min(study_date) AS study_date, min(study_description) AS study_description,
+           string_agg(DISTINCT modality, ',' ORDER BY modality) AS modalities,
+           count(DISTINCT series_instance_uid) AS series, count(*) AS instances, sum(size) AS bytes,
+           min(received_at) AS first_received_at, max(received_at) AS last_received_at
+    FROM instances GROUP BY study_instance_uid;
+CREATE OR REPLACE VIEW series AS
+    SELECT series_instance_uid, min(study_instance_uid) AS study_instance_uid, min(modality) AS modality,
+           min(series_number) AS series_number, count(*) AS instances, sum(size) AS bytes
+    FROM instances GROUP BY series_instance_uid;
 """
 
 _RECEIVED_COLUMNS = (

@@ -184,7 +184,9 @@ def test_rebuild_equals_the_live_store_and_swaps_in(routed, tmp_path, capsys):
              what="every routed instance verified")
     stack.stop("catalog")
     live = dump_all(db)
-    assert set(live) == {"events", "instances", "locations", "nodes", "projection_state"}
+    assert set(live) == {"events", "instances", "locations", "nodes", "projection_state",
+                         "patients", "studies", "series"}  # the last three are views over instances
+    assert live["studies"] and live["patients"] and live["series"]
     last = live["projection_state"][0][1]
 
     fresh = tmp_path / "fresh.duckdb"

@@ -226,3 +226,25 @@ def test_payloads_in_another_key_order_or_spacing_fold_like_encoded_ones(tmp_pat
     del tables["events"]  # its payloads are stored as sent
     assert {t: rows for t, rows in dump(other).items() if t != "events"} == tables
     assert [r[:7] for r in dump(other)["events"]] == [r[:7] for r in dump(encoded)["events"]]
+
+
+def test_patient_study_and_series_levels_follow_the_instances(tmp_path):
+    """The patients, studies and series views aggregate what instances hold, batch by batch."""
+    store = CatalogStore(tmp_path / "c.duckdb")
+    events = [received(1), received(2), received(3, study="1.2.8")]
+    store.apply(enumerate(events, start=1))
+    rows = store.rows("SELECT study_instance_uid, patient_id, modalities, series, instances, bytes"
+                      " FROM studies ORDER BY 1")
+    assert rows == [
+        {"study_instance_uid": "1.2.8", "patient_id": "DEMO01", "modalities": "CT", "series": 1,
+         "instances": 1, "bytes": 103},
+        {"study_instance_uid": "1.2.9", "patient_id": "DEMO01", "modalities": "CT", "series": 1,
+         "instances": 2, "bytes": 203},
+    ]
+    assert store.rows("SELECT patient_id, studies, instances FROM patients") == [
+        {"patient_id": "DEMO01", "studies": 2, "instances": 3}]
+    assert store.rows("SELECT series_instance_uid, study_instance_uid, instances FROM series ORDER BY 1") == [
+        {"series_instance_uid": "1.2.8.1", "study_instance_uid": "1.2.8", "instances": 1},
+        {"series_instance_uid": "1.2.9.1", "study_instance_uid": "1.2.9", "instances": 2}]
+    store.apply([(4, received(4, study="1.2.8"))])  # a later batch moves the levels with it
+    assert store.rows("SELECT instances FROM studies WHERE study_instance_uid = '1.2.8'") == [{"instances": 2}]
