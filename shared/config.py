@@ -157,6 +157,9 @@ class ForwarderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ack_wait_s: float = 60.0
     retry_backoff_s: list[float] = msgspec.field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0])
     batch: int = 16
+    # After a fetch that did not fill a batch, wait this long before the next one:
+    # at a trickle each fetch returned one placement, at a few pull round trips each.
+    fetch_linger_s: float = 0.02
     network_timeout_s: float = 30.0
     scratch_dir: str = "var/forwarder"
     # Open associations (and concurrent C-STOREs) per node.

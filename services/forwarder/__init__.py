@@ -36,7 +36,7 @@ from shared.bus import Bus, BusUnavailable, PublishUncertain, forwarder_consumer
 from shared import membership
 from shared.config import Config, NodeConfig
 from shared.dicomfile import NotDicom
-from shared.runtime import run_until_stopped, running_service
+from shared.runtime import run_until_stopped, running_service, wait_or_stop
 from shared.telemetry import context_from
 
 log = logging.getLogger("switchyard.forwarder")
@@ -108,6 +108,10 @@ class NodeWorker:
                     await asyncio.sleep(0.5)
                     continue
                 await asyncio.gather(*(self._handle_guarded(msg) for msg in msgs))
+                if len(msgs) < fcfg.batch and fcfg.fetch_linger_s > 0:
+                    # A trickle: let a few placements gather before the next pull request
+                    # (each fetch costs round trips here and in nats-server).
+                    await wait_or_stop(stop, fcfg.fetch_linger_s)
                 with contextlib.suppress(Exception):
                     self.metrics.backlog.labels(node=self.node.id).set(
                         msgs[-1].metadata.num_pending + len(msgs))
