@@ -118,3 +118,18 @@ def test_read_header_reads_tags_not_pixels(tmp_path):
         f.write(b"not dicom at all" * 20)
         f.seek(0)
         dataset_offset(f)
+
+
+def test_read_header_decodes_with_the_files_character_set(tmp_path):
+    """Only wanted tags are kept, but Specific Character Set still governs their decoding."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Müller^Zoë"
+    ds.Manufacturer = "Ångström"
+    path = tmp_path / "latin1.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert "Müller".encode("latin-1") in path.read_bytes()
+    header = read_header(path, ("Manufacturer", "NoSuchKeyword"))
+    assert header.get("PatientName") == "Müller^Zoë"
+    assert header.get("Manufacturer") == "Ångström"
+    assert header.get("StationName") == ""  # in the file, not asked for
