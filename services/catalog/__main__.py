@@ -1,6 +1,6 @@
-import asyncio
 
 from services.catalog import main
 from shared.config import load_config
+from shared.runtime import run
 
-asyncio.run(main(load_config()))
+run(main(load_config()))
