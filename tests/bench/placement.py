@@ -10,7 +10,9 @@
    auto-router (OnStoredInstance -> SendToModality round robin) -> the same 3
    nodes. CPU seconds (utime+stime from /proc) per routed image.
 
-Flags: --images=N (default 1000), --quick (fewer decisions and images).
+Flags: --images=N (default 1000), --rounds=N (default 1: each end-to-end path
+sent N times, a new corpus each time; the ratios use each path's median),
+--quick (fewer decisions and images).
 """
 
 from __future__ import annotations
@@ -197,6 +199,10 @@ def verified(stack) -> float:
                if line.startswith("switchyard_probe_verifications_total{") and 'outcome="verified"' in line)
 
 
+def _round(r: int, rounds: int) -> str:
+    return f" (round {r + 1}/{rounds})" if rounds > 1 else ""
+
+
 def timed_send(send, done, timeout: float = 240.0) -> float:
     started = time.perf_counter()
     result = send()
@@ -211,6 +217,10 @@ def main(argv: list[str]) -> int:
     for arg in argv:  # --images=N (the bench runner takes bare words for areas)
         if arg.startswith("--images="):
             images = int(arg.split("=", 1)[1])
+    rounds = 1
+    for arg in argv:
+        if arg.startswith("--rounds="):
+            rounds = max(1, int(arg.split("=", 1)[1]))
     decisions = 20000 if quick else 200000
     print(f"placement bench: {images} images, {decisions} in-process decisions")
 
@@ -239,18 +249,24 @@ def main(argv: list[str]) -> int:
             n.start()
         # Same shape, new UIDs per path: the nodes would ignore instances they already hold.
         seed = int(time.time())
-        corpora = {}
+        corpora: dict[str, list[Path]] = {}
         for k, path in enumerate(("direct", "switchyard", "lua")):
-            corpora[path] = base / f"corpus-{path}"
-            files = generate_studies(corpora[path], studies=images // 10, series_per_study=1,
-                                     instances_per_series=10, seed=seed + k)
+            corpora[path] = [base / f"corpus-{path}-{r}" for r in range(rounds)]
+            for r, corpus in enumerate(corpora[path]):
+                files = generate_studies(corpus, studies=images // 10, series_per_study=1,
+                                         instances_per_series=10, seed=seed + 3 * r + k)
 
         # Baseline 1: storescu -> one Orthanc.
-        t_direct = timed_send(
-            lambda: ls.storescu("127.0.0.1", direct.node.dicom_port, direct.node.ae_title, [corpora["direct"]],
-                                extra=["+sd", "+r"]),
-            lambda: counts([direct]) >= len(files))
-        print(f"direct: storescu -> 1 Orthanc: {len(files) / t_direct:.1f} img/s ({t_direct:.2f} s)")
+        t_directs = []
+        for r, corpus in enumerate(corpora["direct"]):
+            base_count = counts([direct])
+            t_directs.append(timed_send(
+                lambda: ls.storescu("127.0.0.1", direct.node.dicom_port, direct.node.ae_title, [corpus],
+                                    extra=["+sd", "+r"]),
+                lambda: counts([direct]) - base_count >= len(files)))
+            print(f"direct{_round(r, rounds)}: storescu -> 1 Orthanc: {len(files) / t_directs[-1]:.1f} img/s "
+                  f"({t_directs[-1]:.2f} s)")
+        t_direct = statistics.median(t_directs)
 
         # Switchyard.
         # The probe looks at each node every second, as deployed (the tests' 0.25 s costs CPU here).
@@ -259,26 +275,32 @@ def main(argv: list[str]) -> int:
         wait_for(lambda: all(stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{n.node.id}"') == 1
                              for n in nodes), timeout=30, what="nodes live")
         pids = {s: p.popen.pid for s, p in stack.services.items()}
-        before = {s: cpu_seconds(pid) for s, pid in pids.items()}
-        nats_before = cpu_seconds(stack.nats.popen.pid)
-        base_count = counts(nodes)
-        base_verified = verified(stack)
-        started = time.perf_counter()
-        t_sy = timed_send(lambda: stack.send([corpora["switchyard"]], extra=["+sd", "+r"]),
-                          lambda: counts(nodes) - base_count >= len(files))
-        cpu = {s: cpu_seconds(pid) - before[s] for s, pid in pids.items()}
-        nats_cpu = cpu_seconds(stack.nats.popen.pid) - nats_before
-        sy_cpu = sum(cpu.values())
-        print(f"switchyard: storescu -> Switchyard -> 3 Orthanc: {len(files) / t_sy:.1f} img/s ({t_sy:.2f} s); "
-              f"CPU {sy_cpu / len(files) * 1000:.1f} ms/img for the services "
-              f"({', '.join(f'{s} {v:.2f}s' for s, v in sorted(cpu.items()))}), nats {nats_cpu:.2f}s")
-        # Verification trails delivery: the probe's whole cost per image is counted until the last verified event.
-        wait_for(lambda: verified(stack) - base_verified >= len(files), timeout=120, interval=0.1,
-                 what="every image verified")
-        t_verified = time.perf_counter() - started
-        probe_cpu = cpu_seconds(pids["probe"]) - before["probe"]
-        print(f"probe: every image verified {t_verified:.2f} s after the send started; probe CPU until then "
-              f"{probe_cpu:.2f} s ({probe_cpu / len(files) * 1000:.2f} ms/img)")
+        t_sys, sy_cpus = [], []
+        for r, corpus in enumerate(corpora["switchyard"]):
+            before = {s: cpu_seconds(pid) for s, pid in pids.items()}
+            nats_before = cpu_seconds(stack.nats.popen.pid)
+            base_count = counts(nodes)
+            base_verified = verified(stack)
+            started = time.perf_counter()
+            t_sys.append(timed_send(lambda: stack.send([corpus], extra=["+sd", "+r"]),
+                                    lambda: counts(nodes) - base_count >= len(files)))
+            cpu = {s: cpu_seconds(pid) - before[s] for s, pid in pids.items()}
+            nats_cpu = cpu_seconds(stack.nats.popen.pid) - nats_before
+            sy_cpus.append(sum(cpu.values()))
+            print(f"switchyard{_round(r, rounds)}: storescu -> Switchyard -> 3 Orthanc: "
+                  f"{len(files) / t_sys[-1]:.1f} img/s ({t_sys[-1]:.2f} s); "
+                  f"CPU {sy_cpus[-1] / len(files) * 1000:.1f} ms/img for the services "
+                  f"({', '.join(f'{s} {v:.2f}s' for s, v in sorted(cpu.items()))}), nats {nats_cpu:.2f}s")
+            # Verification trails delivery: the probe's whole cost per image is counted until the last
+            # verified event (and the next round starts after it, on a quiet stack).
+            wait_for(lambda: verified(stack) - base_verified >= len(files), timeout=120, interval=0.1,
+                     what="every image verified")
+            t_verified = time.perf_counter() - started
+            probe_cpu = cpu_seconds(pids["probe"]) - before["probe"]
+            print(f"probe: every image verified {t_verified:.2f} s after the send started; probe CPU until then "
+                  f"{probe_cpu:.2f} s ({probe_cpu / len(files) * 1000:.2f} ms/img)")
+        t_sy = statistics.median(t_sys)
+        sy_cpu = statistics.median(sy_cpus)
 
         # Failover on the same stack (the probe polls every 0.25 s, REST timeout 1 s).
         took, reason = asyncio.run(failover_time(stack, nodes))
@@ -292,17 +314,21 @@ def main(argv: list[str]) -> int:
 
         # Baseline 2: the Lua auto-router in front of the same three nodes.
         router, rproc = lua_router(base / "router", nodes)
-        rbefore = cpu_seconds(rproc.popen.pid)
-        base_count = counts(nodes)
-        t_lua = timed_send(
-            lambda: ls.storescu("127.0.0.1", router.node.dicom_port, router.node.ae_title, [corpora["lua"]],
-                                extra=["+sd", "+r"]),
-            lambda: counts(nodes) - base_count >= len(files))
-        lua_cpu = cpu_seconds(rproc.popen.pid) - rbefore
-        print(f"lua router: storescu -> Orthanc Lua -> 3 Orthanc: {len(files) / t_lua:.1f} img/s ({t_lua:.2f} s); "
-              f"CPU {lua_cpu / len(files) * 1000:.1f} ms/img for the router")
-        print(f"ratios: switchyard/direct {t_direct / t_sy:.2f}x (target >= 0.5x), "
-              f"switchyard/lua {t_lua / t_sy:.2f}x (target >= 5x)")
+        t_luas, lua_cpus = [], []
+        for r, corpus in enumerate(corpora["lua"]):
+            rbefore = cpu_seconds(rproc.popen.pid)
+            base_count = counts(nodes)
+            t_luas.append(timed_send(
+                lambda: ls.storescu("127.0.0.1", router.node.dicom_port, router.node.ae_title, [corpus],
+                                    extra=["+sd", "+r"]),
+                lambda: counts(nodes) - base_count >= len(files)))
+            lua_cpus.append(cpu_seconds(rproc.popen.pid) - rbefore)
+            print(f"lua router{_round(r, rounds)}: storescu -> Orthanc Lua -> 3 Orthanc: "
+                  f"{len(files) / t_luas[-1]:.1f} img/s ({t_luas[-1]:.2f} s); "
+                  f"CPU {lua_cpus[-1] / len(files) * 1000:.1f} ms/img for the router")
+        t_lua, lua_cpu = statistics.median(t_luas), statistics.median(lua_cpus)
+        print(f"ratios{' of the medians' if rounds > 1 else ''}: switchyard/direct {t_direct / t_sy:.2f}x "
+              f"(target >= 0.5x), switchyard/lua {t_lua / t_sy:.2f}x (target >= 5x)")
         print(json.dumps({"policy_per_s": round(rate), "nats_p50_ms": round(p50, 3), "nats_p99_ms": round(p99, 3),
                           "nats_nosync_p50_ms": round(p50_nosync, 3), "nats_nosync_p99_ms": round(p99_nosync, 3),
                           "nats_stored_p50_ms": round(s50, 3), "nats_stored_p99_ms": round(s99, 3),
@@ -313,6 +339,10 @@ def main(argv: list[str]) -> int:
                           "img_per_s": {
                               "direct": round(len(files) / t_direct, 1), "switchyard": round(len(files) / t_sy, 1),
                               "lua": round(len(files) / t_lua, 1)},
+                          "rounds_img_per_s": {
+                              "direct": [round(len(files) / t, 1) for t in t_directs],
+                              "switchyard": [round(len(files) / t, 1) for t in t_sys],
+                              "lua": [round(len(files) / t, 1) for t in t_luas]},
                           "cpu_ms_per_img": {"switchyard": round(sy_cpu / len(files) * 1000, 2),
                                              "lua": round(lua_cpu / len(files) * 1000, 2)}}))
         return 0
