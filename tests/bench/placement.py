@@ -313,9 +313,13 @@ def main(argv: list[str]) -> int:
                 n.start()
 
         # Baseline 2: the Lua auto-router in front of the same three nodes.
-        router, rproc = lua_router(base / "router", nodes)
+        # A new router each round: Orthanc's Lua job grows across back-to-back bursts
+        # (`just bench lua_router`), which would slow every later round.
         t_luas, lua_cpus = [], []
         for r, corpus in enumerate(corpora["lua"]):
+            if router is not None:
+                router.stop()
+            router, rproc = lua_router(base / f"router-{r}", nodes)
             rbefore = cpu_seconds(rproc.popen.pid)
             base_count = counts(nodes)
             t_luas.append(timed_send(
