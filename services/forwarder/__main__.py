@@ -1,4 +1,3 @@
-
 from services.forwarder import main
 from shared.config import load_config
 from shared.runtime import run

@@ -1,4 +1,3 @@
-
 from services.scheduler import main
 from shared.config import load_config
 from shared.runtime import run
