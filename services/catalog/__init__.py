@@ -10,11 +10,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.catalog.api import build_app
-from services.catalog.projection import CatalogStore
-from services.catalog.rebuild import keep_up
 from shared import events as ev
 from shared.bus import Bus
 from shared.config import Config
+from shared.readmodel.catalog import CatalogStore
+from shared.readmodel.follow import keep_up
 from shared.runtime import run_until_stopped, running_service
 
 log = logging.getLogger("switchyard.catalog")

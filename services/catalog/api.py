@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from services.catalog.projection import LOCATION_STATES, CatalogStore
+from shared.readmodel.catalog import LOCATION_STATES, CatalogStore
 
 _DATE = re.compile(r"^\d{8}$")
 _UID = re.compile(r"^[0-9.]{1,64}$")

@@ -38,11 +38,11 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from services.catalog.projection import CatalogStore
 from shared.access import PeerPolicy, bound_reads, defer_tls_handshake, install_policy, server_tls_context
 from shared.blobs import BlobStore
 from shared.config import Config
 from shared.dimse import NODELAY_HANDLER
+from shared.readmodel.catalog import CatalogStore
 
 log = logging.getLogger("switchyard.probe.qr")
 

@@ -28,13 +28,13 @@ from pathlib import Path
 import duckdb
 
 from shared import events as ev
+from shared.readmodel.store import STATE_SCHEMA, decode_raw, read_last_seq, transaction, write_last_seq
 
 log = logging.getLogger("switchyard.probe.store")
 
 NAME = "probe.verify"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS projection_state (name VARCHAR PRIMARY KEY, last_seq BIGINT NOT NULL);
+SCHEMA = STATE_SCHEMA + """
 CREATE TABLE IF NOT EXISTS placements (
     placement_id VARCHAR PRIMARY KEY, sop_instance_uid VARCHAR, study_instance_uid VARCHAR,
     node_id VARCHAR, dataset_digest VARCHAR
@@ -100,7 +100,7 @@ def _utc(at: datetime) -> datetime:
 
 
 class ProbeStore:
-    """One DuckDB file; every write is one transaction under the lock.
+    """One DuckDB file; every write is one transaction under the lock (a ProjectionStore of the log).
 
     ``generation`` counts committed writes: a reader that found nothing to do
     need not ask again until it moves (the probe's idle polls cost no query).
@@ -118,21 +118,15 @@ class ProbeStore:
 
     def _tx(self, fn, *args):
         with self.lock:
-            self.con.execute("BEGIN")
             try:
-                out = fn(self.con, *args)
-                self.con.execute("COMMIT")
-            except BaseException:
-                self.con.execute("ROLLBACK")
-                raise
+                with transaction(self.con) as con:
+                    return fn(con, *args)
             finally:
                 self.generation += 1
-        return out
 
     def last_seq(self) -> int:
         with self.lock:
-            row = self.con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchone()
-        return row[0] if row else 0
+            return read_last_seq(self.con, NAME)
 
     def node_cursor(self, node_id: str) -> int:
         with self.lock:
@@ -147,6 +141,10 @@ class ProbeStore:
         if not batch:
             return 0
         return self._tx(_apply_batch, batch)
+
+    def apply_raw(self, seqs: list[int], payloads: list[bytes]) -> int:
+        """Log events as stored: decoded here (the fold is in Python), an undecodable one skipped."""
+        return self.apply(decode_raw(seqs, payloads))
 
     # -- the nodes -------------------------------------------------------------
 
@@ -205,10 +203,6 @@ class ProbeStore:
             return None
         return row[0].replace(tzinfo=timezone.utc) + timedelta(seconds=deadline_s)
 
-    def settle(self, node_id: str, sop_instance_uid: str, placement_id: str, state: str, detail: str = "") -> None:
-        """Close one expectation (verified | failed) once its event is published."""
-        self._tx(_settle, node_id, sop_instance_uid, placement_id, state, detail)
-
     def settle_many(self, outcomes: list[tuple[str, str, str, str, str]]) -> None:
         """Close many expectations in one transaction: (node, sop, placement, state, detail)."""
         if outcomes:
@@ -232,17 +226,12 @@ class ProbeStore:
                 log.warning("node cursors not carried over from %s (%s): nodes are read from the start", live, exc)
                 return False
             try:
-                self.con.execute("BEGIN")
-                try:
+                with transaction(self.con) as con:
                     for table in ("node_cursor", "seen"):
                         # By name: a live file from before a column was added lacks it (left NULL).
-                        cols = ", ".join(d[0] for d in self.con.execute(
+                        cols = ", ".join(d[0] for d in con.execute(
                             f"SELECT * FROM live.main.{table} LIMIT 0").description)
-                        self.con.execute(f"INSERT OR REPLACE INTO {table} ({cols}) SELECT {cols} FROM live.main.{table}")
-                    self.con.execute("COMMIT")
-                except BaseException:
-                    self.con.execute("ROLLBACK")
-                    raise
+                        con.execute(f"INSERT OR REPLACE INTO {table} ({cols}) SELECT {cols} FROM live.main.{table}")
             finally:
                 self.con.execute("DETACH live")
         return True
@@ -264,13 +253,6 @@ def _settle_many(con, outcomes: list[tuple[str, str, str, str, str]]) -> None:
         " AND expected.sop_instance_uid = u.sop AND expected.placement_id = u.placement_id", cols)
 
 
-def _settle(con, node_id: str, sop: str, placement_id: str, state: str, detail: str) -> None:
-    con.execute(
-        "UPDATE expected SET state = ?, detail = ? WHERE node_id = ? AND sop_instance_uid = ? AND placement_id = ?",
-        [state, detail, node_id, sop, placement_id],
-    )
-
-
 _EXPECTED_COLUMNS = ("node_id", "sop_instance_uid", "study_instance_uid", "placement_id", "dataset_digest",
                      "forwarded_at", "state", "detail", "received_seq", "attempt", "avoid", "pool")
 _PLACEMENT_COLUMNS = ("placement_id", "sop_instance_uid", "study_instance_uid", "node_id", "dataset_digest",
@@ -287,8 +269,7 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
     once, moved through its events in order and written once: the same rows as
     applying event by event.
     """
-    row = con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchone()
-    last = row[0] if row else 0
+    last = read_last_seq(con, NAME)
     todo = [(seq, e) for seq, e in batch if seq > last]
     if not todo:
         return 0
@@ -351,5 +332,5 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
         cols = [list(c) for c in zip(*(expected[k] for k in dirty))]
         con.execute(f"INSERT OR REPLACE INTO expected ({', '.join(_EXPECTED_COLUMNS)}) SELECT "
                     + ", ".join(f"unnest(${i}::{t}[])" for i, t in enumerate(_EXPECTED_TYPES, start=1)), cols)
-    con.execute("INSERT OR REPLACE INTO projection_state VALUES (?, ?)", [NAME, todo[-1][0]])
+    write_last_seq(con, NAME, todo[-1][0])
     return len(todo)

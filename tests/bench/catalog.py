@@ -4,11 +4,11 @@ The log holds N instances with their received, placed, forwarded and verified
 events (4N events), published with JetStream async publish into a bench
 nats-server on free ports (timed separately). Figures:
 
-- rebuild: ``services.catalog.rebuild.rebuild_file`` into a fresh DuckDB
+- rebuild: ``shared.readmodel.replay.rebuild_file`` into a fresh DuckDB
   file (what ``switchyard catalog rebuild`` runs), events/s end to end;
 - read alone: the replay reader with no store (raw socket reader), and, as the
   baseline, the nats-py subscription reader, on a sample of the log;
-- live catch-up: the catalog service's loop (``rebuild.keep_up``) on a fresh
+- live catch-up: the catalog service's loop (``follow.keep_up``) on a fresh
   store over the sample's events;
 - apply alone: ``CatalogStore.apply_raw`` on encoded events held in memory,
   in batches, on a sample (a store without ``bulk_load``, as the live catch-up);
@@ -36,13 +36,13 @@ import msgspec
 import nats
 
 from services.catalog import api
-from services.catalog.projection import _RECEIVED_COLUMNS, SCHEMA, CatalogStore
-from services.catalog import rebuild
-from services.catalog.rebuild import rebuild_file
 from shared import events as ev
-from shared import localstack as ls
 from shared.bus import Bus, subject_for
 from shared.config import Config, NatsConfig
+from shared.readmodel import follow, replay
+from shared.readmodel.catalog import _RECEIVED_COLUMNS, SCHEMA, CatalogStore
+from shared.readmodel.replay import rebuild_file
+from switchyard import stack as ls
 from tests.fixtures.util import free_port
 
 NODES = ("node1", "node2", "node3")
@@ -111,7 +111,7 @@ async def read_alone(cfg: NatsConfig, events: int, client: bool) -> float:
     once.set()
     bus = await Bus.connect(cfg, "bench-read", once)
     try:
-        reader = rebuild._read_with_client if client else rebuild.read_raw_batches
+        reader = replay._read_with_client if client else replay.read_raw_batches
         started = time.perf_counter()
         count = 0
         async for seqs, _ in reader(bus, cfg.events_stream, 1, events, 100_000):
@@ -136,7 +136,7 @@ async def live_catch_up(cfg: NatsConfig, path: Path, events: int) -> float:
                 stop.set()
 
         started = time.perf_counter()
-        await rebuild.keep_up(store, bus, 512, stop, report)
+        await follow.keep_up(store, bus, 512, stop, report)
         seconds = time.perf_counter() - started
         assert store.last_seq() >= events
         return seconds * events / store.last_seq()  # it stops at a batch boundary

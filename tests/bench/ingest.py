@@ -29,8 +29,8 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MultiFrameGrayscaleWordSecondaryCaptureImageStorage, generate_uid
 
-from shared import localstack as ls
-from shared.corpus import generate_studies
+from switchyard import stack as ls
+from switchyard.corpus import generate_studies
 from tests.fixtures.servers import make_stack, new_orthanc_node
 from tests.fixtures.util import free_port, wait_for
 

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared import localstack as ls
-from shared.corpus import generate_studies
+from switchyard import stack as ls
+from switchyard.corpus import generate_studies
 from tests.bench.placement import counts, cpu_seconds, lua_router, timed_send
 from tests.fixtures.servers import new_orthanc_node
 

@@ -32,10 +32,10 @@ import msgspec
 
 from services.scheduler.policy import NodeView, Weights, place
 from shared import events as ev
-from shared import localstack as ls
+from switchyard import stack as ls
 from shared.bus import Bus
 from shared.config import NodeConfig
-from shared.corpus import generate_studies
+from switchyard.corpus import generate_studies
 from tests.fixtures.servers import OrthancNode, make_stack, new_orthanc_node
 from tests.fixtures.util import free_port, wait_for
 

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from shared import events as ev
-from shared import localstack as ls
+from switchyard import stack as ls
 from shared.bus import Bus
-from shared.corpus import corpus_index, generate_studies
+from switchyard.corpus import corpus_index, generate_studies
 from tests.fixtures.servers import _new_node, make_stack
 from tests.fixtures.util import wait_for
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import duckdb
 import msgspec
 
-from services.catalog.rebuild import rebuild_file
+from shared.readmodel.replay import rebuild_file
 from services.probe.store import NAME, SCHEMA, ProbeStore
 from shared import events as ev
 from tests.bench.catalog import bench_nats, chunks, instance_events, publish_log

@@ -12,7 +12,7 @@ import pydicom
 
 from shared import events as ev
 from shared.bus import Bus
-from shared.localstack import REPO
+from switchyard.stack import REPO
 
 
 def log_events(stack) -> list[ev.AnyEvent]:
@@ -29,7 +29,7 @@ def log_events(stack) -> list[ev.AnyEvent]:
 
 
 def nodes_cli(stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", "--config", str(stack.config_path), "nodes", *args],
+    return subprocess.run([sys.executable, "-m", "switchyard", "--config", str(stack.config_path), "nodes", *args],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
 

@@ -14,11 +14,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from services.catalog import project
-from services.catalog.projection import CatalogStore
-from services.catalog.rebuild import _read_with_client, keep_up, read_raw_batches, rebuild_file, replay_into
 from services.probe.store import ProbeStore
 from shared import events as ev
 from shared.bus import Bus, subject_for
+from shared.readmodel.catalog import CatalogStore
+from shared.readmodel.follow import keep_up
+from shared.readmodel.replay import _read_with_client, read_raw_batches, rebuild_file, replay_into
 from tests.bench.catalog import instance_events
 from tests.fixtures.servers import make_stack
 from tests.fixtures.util import dump_all

@@ -15,10 +15,10 @@ import duckdb
 import msgspec
 import pytest
 
-from services.catalog.projection import CatalogStore
-from services.catalog.rebuild import rebuild_file
-from shared import cli
-from shared.corpus import corpus_index, generate_studies
+from shared.readmodel.catalog import CatalogStore
+from shared.readmodel.replay import rebuild_file
+from switchyard import cli
+from switchyard.corpus import corpus_index, generate_studies
 from tests.fixtures.servers import catalog_ready, make_stack
 from tests.fixtures.util import dump_all, wait_for
 

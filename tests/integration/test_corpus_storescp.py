@@ -9,8 +9,8 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from shared import localstack as ls
-from shared.corpus import bundled_test_files, corpus_index, generate_studies
+from switchyard import stack as ls
+from switchyard.corpus import bundled_test_files, corpus_index, generate_studies
 
 pytestmark = pytest.mark.integration
 

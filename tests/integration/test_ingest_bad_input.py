@@ -23,8 +23,8 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage
 
-from shared import localstack as ls
-from shared.corpus import generate_studies
+from switchyard import stack as ls
+from switchyard.corpus import generate_studies
 from shared.dimse import NODELAY_HANDLER, settle
 from tests.fixtures.servers import Stack, make_stack
 from tests.fixtures.util import wait_for

@@ -23,8 +23,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
-from shared import localstack as ls
-from shared.corpus import bundled_test_files
+from switchyard import stack as ls
+from switchyard.corpus import bundled_test_files
 from shared.dicomfile import dataset_offset
 from shared.dimse import NODELAY_HANDLER, settle
 from tests.fixtures.util import free_port

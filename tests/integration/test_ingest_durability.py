@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.corpus import generate_studies
+from switchyard.corpus import generate_studies
 from tests.fixtures.util import wait_for
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import msgspec
 import pydicom
 import pytest
 
-from shared.corpus import generate_studies
+from switchyard.corpus import generate_studies
 from shared.blobs.s3 import S3BlobStore
 from tests.fixtures.s3 import moto_endpoint, s3_blob_config, start_moto
 from tests.fixtures.servers import make_stack

@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from shared.corpus import generate_studies
+from switchyard.corpus import generate_studies
 from shared.dimse import NODELAY_HANDLER
 from tests.fixtures.pki import client_context
 from tests.fixtures.servers import Stack, make_stack

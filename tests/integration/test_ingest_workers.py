@@ -11,8 +11,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from shared import localstack as ls
-from shared.corpus import generate_studies
+from switchyard import stack as ls
+from switchyard.corpus import generate_studies
 from tests.fixtures.servers import make_stack
 from tests.fixtures.util import free_port, wait_for
 

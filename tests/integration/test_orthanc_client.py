@@ -12,7 +12,7 @@ from services.probe.store import Expected
 from services.probe.verify import judge_all, read_changes, sight
 from shared import events as ev
 from shared.config import NodeConfig
-from shared.corpus import generate_studies
+from switchyard.corpus import generate_studies
 from shared.dicomfile import dataset_bytes_digest
 from shared import orthanc
 from shared.orthanc import OrthancClient, OrthancError

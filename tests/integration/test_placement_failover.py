@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from shared import events as ev
-from shared.corpus import generate_studies
+from switchyard.corpus import generate_studies
 from tests.fixtures.servers import make_stack
 from tests.fixtures.util import wait_for
 from tests.integration.placement_helpers import all_forwarded, by_study, log_events, scheduler_sees

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from shared import localstack as ls
-from shared.corpus import generate_studies
+from switchyard import stack as ls
+from switchyard.corpus import generate_studies
 from tests.fixtures.servers import make_stack
 from tests.fixtures.util import wait_for
 from tests.integration.placement_helpers import all_forwarded, by_study, scheduler_sees

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared import events as ev
-from shared.corpus import generate_studies
+from switchyard.corpus import generate_studies
 from tests.fixtures.servers import make_stack, new_orthanc_node
 from tests.fixtures.util import wait_for
 from tests.integration.placement_helpers import all_forwarded, by_study, log_events, nodes_cli, scheduler_sees

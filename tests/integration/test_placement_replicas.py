@@ -10,8 +10,8 @@ import msgspec
 import pytest
 
 from shared import events as ev
-from shared import localstack as ls
-from shared.corpus import generate_studies
+from switchyard import stack as ls
+from switchyard.corpus import generate_studies
 from tests.fixtures.servers import make_stack
 from tests.fixtures.util import free_port, wait_for
 from tests.integration.placement_helpers import all_forwarded, by_study, log_events, scheduler_sees

@@ -8,7 +8,7 @@ import pytest
 
 from shared import events as ev
 from shared.config import RoutingConfig, RoutingRule
-from shared.corpus import generate_studies
+from switchyard.corpus import generate_studies
 from tests.fixtures.servers import make_stack
 from tests.fixtures.util import wait_for
 from tests.integration.placement_helpers import by_study, log_events, nodes_cli, scheduler_sees, study_rows

@@ -8,7 +8,7 @@ import pytest
 
 from shared import events as ev
 from shared.config import RoutingConfig, RoutingRule
-from shared.corpus import generate_studies
+from switchyard.corpus import generate_studies
 from shared.dicomfile import dataset_bytes_digest
 from tests.fixtures.servers import make_stack
 from tests.fixtures.util import wait_for

@@ -10,8 +10,8 @@ import msgspec
 import pydicom
 import pytest
 
-from shared import localstack as ls
-from shared.corpus import corpus_index, generate_studies
+from switchyard import stack as ls
+from switchyard.corpus import corpus_index, generate_studies
 from shared.dicomfile import dataset_bytes_digest
 from tests.fixtures.util import wait_for
 

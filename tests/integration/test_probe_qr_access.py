@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet
 
-from shared.corpus import corpus_index, generate_studies
+from switchyard.corpus import corpus_index, generate_studies
 from tests.fixtures.pki import client_context
 from tests.fixtures.servers import Stack, make_stack
 from tests.fixtures.util import wait_for

@@ -9,7 +9,7 @@ import pytest
 
 from shared import events as ev
 from shared.bus import Bus
-from shared.corpus import corpus_index, generate_studies
+from switchyard.corpus import corpus_index, generate_studies
 from shared.dicomfile import dataset_bytes_digest
 from tests.fixtures.util import dump_all, wait_for
 
@@ -157,10 +157,10 @@ def log_seqs(stack) -> tuple[int, int]:
 
 def test_probe_rebuild_equals_the_live_stores_and_swaps_in(stack, live_nodes, tmp_path, capsys):
     """Both probe files replayed from the log equal the live ones, table by table (node cursors carried)."""
-    from services.catalog.projection import CatalogStore
-    from services.catalog.rebuild import rebuild_file
+    from shared.readmodel.catalog import CatalogStore
+    from shared.readmodel.replay import rebuild_file
     from services.probe.store import ProbeStore
-    from shared import cli
+    from switchyard import cli
 
     files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=2, seed=5105)
     (_, sops), = corpus_index(files).items()

@@ -7,7 +7,7 @@ import io
 import pydicom
 import pytest
 
-from shared.corpus import corpus_index, generate_studies
+from switchyard.corpus import corpus_index, generate_studies
 from shared.dicomfile import dataset_bytes_digest
 from tests.fixtures.util import wait_for
 

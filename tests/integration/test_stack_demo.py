@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shared import localstack as ls
+from switchyard import stack as ls
 from shared.config import NodeConfig
 from tests.fixtures.servers import stack_config
 from tests.fixtures.util import free_port
@@ -21,7 +21,7 @@ def test_stack_routes_the_demo_and_stops_cleanly(tmp_path):
                         rest_url=f"http://127.0.0.1:{free_port()}") for i in (1, 2, 3)]
     config = ls.write_config(stack_config(tmp_path / "data", nodes), tmp_path / "switchyard.toml")
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "--config", str(config), "stack", "--demo", "--exit-after-demo",
+        [sys.executable, "-m", "switchyard", "--config", str(config), "stack", "--demo", "--exit-after-demo",
          "--data-dir", str(tmp_path / "data"), "--nats-monitor-port", str(free_port())],
         cwd=ls.REPO, capture_output=True, text=True, timeout=600,
     )

@@ -8,8 +8,8 @@ import duckdb
 import pytest
 
 from services.catalog.audit import ExportError, export, parse_when
-from services.catalog.projection import CatalogStore
-from shared import cli
+from shared.readmodel.catalog import CatalogStore
+from switchyard import cli
 from tests.unit.test_catalog_projection import forwarded, placed, received
 
 

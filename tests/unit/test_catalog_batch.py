@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.catalog.projection import CatalogStore
+from shared.readmodel.catalog import CatalogStore
 from shared import events as ev
 from tests.unit.test_catalog_projection import dump, forwarded, placed, received
 
@@ -143,7 +143,7 @@ def test_nothing_of_a_bulk_load_is_visible_before_its_end(tmp_path):
 
 
 def test_a_malformed_message_rolls_a_bulk_load_back(tmp_path):
-    from services.catalog.projection import BulkRejected
+    from shared.readmodel.store import BulkRejected
 
     good = [ev.encode(e) for _, e in mixed_log()]
     bad_size = ev.encode(received(8)).replace(b'"size":108', b'"size":"big"')

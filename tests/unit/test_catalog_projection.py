@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from services.catalog.projection import CatalogStore
+from shared.readmodel.catalog import CatalogStore
 from shared import events as ev
 
 

@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import AllTransferSyntaxes, CTImageStorage, MRImageStorage
 from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
 
-from shared.corpus import bundled_test_files, corpus_index, generate_studies, main
+from switchyard.corpus import bundled_test_files, corpus_index, generate_studies, main
 
 STUDIES, SERIES, INSTANCES = 3, 2, 5
 

@@ -96,7 +96,7 @@ def test_a_new_placement_on_the_same_node_is_expected_again(tmp_path):
     store.apply([(1, first), (2, forwarded(first))])
     store.record_changes("node1", [("1.1", "o1", 1, None)], 1)
     (item,) = store.ready_to_check("node1")
-    store.settle("node1", "1.1", item.placement_id, "failed", "dataset digest mismatch")
+    store.settle_many([("node1", "1.1", item.placement_id, "failed", "dataset digest mismatch")])
     again = msgspec_replace(placed("1.1"), event_id="second-placement", attempt=1)
     store.apply([(3, again), (4, forwarded(again))])
     (item,) = store.ready_to_check("node1")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.catalog.rebuild import _DELIVERY, _ack_tokens
+from shared.natswire import DELIVERY as _DELIVERY, ack_tokens as _ack_tokens
 
 V1 = "$JS.ACK.SWITCHYARD.Xy7rT2kLmN0pQ4sV8wZ1aB.1.123456.123450.1764393333000000000.3876544"
 V2 = "$JS.ACK.hub.ACCHASH.SWITCHYARD.Xy7rT2kLmN0pQ4sV8wZ1aB.1.123456.123450.1764393333000000000.3876544.tok"

@@ -25,7 +25,7 @@ from typing import IO
 
 import msgspec
 
-from shared import localstack as ls
+from switchyard import stack as ls
 from shared.config import Config, ConfigError, load_config
 
 
@@ -78,7 +78,7 @@ def wait_delivered(cfg: Config, index: dict[str, list[str]], timeout: float) -> 
 
 def run_demo(cfg: Config, work_dir: Path, out: IO[str] = sys.stdout, timeout: float = 300.0) -> list[dict]:
     """Send the demo corpus with DCMTK storescu and print which node got each study."""
-    from shared.corpus import bundled_test_files, corpus_index, generate_studies
+    from switchyard.corpus import bundled_test_files, corpus_index, generate_studies
 
     corpus = work_dir / "demo-corpus"
     shutil.rmtree(corpus, ignore_errors=True)
@@ -171,7 +171,7 @@ def _rebuild(cfg: Config, what: str, jobs: list[tuple[Path, type, object]]) -> i
 
     import nats.errors
 
-    from services.catalog.rebuild import StoreInUse, ensure_unlocked, rebuild_file
+    from shared.readmodel.replay import StoreInUse, ensure_unlocked, rebuild_file
 
     try:
         for path, _, _ in jobs:
@@ -193,14 +193,14 @@ def _rebuild(cfg: Config, what: str, jobs: list[tuple[Path, type, object]]) -> i
 
 
 def cmd_catalog_rebuild(args: argparse.Namespace, cfg: Config) -> int:
-    from services.catalog.projection import CatalogStore
+    from shared.readmodel.catalog import CatalogStore
 
     return _rebuild(cfg, "catalog", [(Path(args.db or cfg.catalog.db_path), CatalogStore, None)])
 
 
 def cmd_probe_rebuild(args: argparse.Namespace, cfg: Config) -> int:
     """Both probe files: the verification store (node cursors carried over) and the front door's catalog."""
-    from services.catalog.projection import CatalogStore
+    from shared.readmodel.catalog import CatalogStore
     from services.probe.store import ProbeStore
 
     verify_db = Path(args.db or cfg.probe.db_path)

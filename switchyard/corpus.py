@@ -5,7 +5,7 @@ demo can be sent again without colliding with what a node already holds.
 pydicom's bundled files add real-world variety (vendors, byte orders, VR encodings,
 SOP classes) that a router must pass through untouched.
 
-Run as ``python -m shared.corpus DEST`` to write a corpus to disk.
+Run as ``python -m switchyard.corpus DEST`` to write a corpus to disk.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def corpus_index(paths: Iterable[Path]) -> dict[str, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write a corpus to DEST/generated (and DEST/pydicom); print UIDs and counts, no patient data."""
-    p = argparse.ArgumentParser(prog="python -m shared.corpus", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m switchyard.corpus", description=main.__doc__)
     p.add_argument("dest", type=Path)
     p.add_argument("--studies", type=int, default=4)
     p.add_argument("--series", dest="series_per_study", type=int, default=3)

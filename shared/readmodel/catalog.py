@@ -1,4 +1,4 @@
-"""The catalog's DuckDB projection of the event log.
+"""The catalog's DuckDB projection of the event log (the catalog's store and the probe's Q/R front door's).
 
 Rows and the last applied stream sequence are written in one transaction, so
 after a crash the projection resumes exactly where its data ends, and a
@@ -28,15 +28,16 @@ import msgspec
 import pyarrow as pa
 
 from shared import events as ev
+from shared.readmodel.store import (BULK_FOLD_BYTES, STATE_SCHEMA, BulkRejected, read_last_seq, transaction,
+                                    write_last_seq)
 
 NAME = "catalog"
-log = logging.getLogger("switchyard.catalog.projection")
+log = logging.getLogger("switchyard.readmodel.catalog")
 
 # Timestamps are stored as UTC in plain TIMESTAMP columns (TIMESTAMPTZ would need
 # pytz to be read back from Python).
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS projection_state (name VARCHAR PRIMARY KEY, last_seq BIGINT NOT NULL);
+SCHEMA = STATE_SCHEMA + """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid VARCHAR PRIMARY KEY,
     sop_class_uid VARCHAR, study_instance_uid VARCHAR, series_instance_uid VARCHAR,
@@ -231,28 +232,15 @@ def _migrate(con) -> None:
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'locations'").fetchall()}
     if not cols or "pool" in cols:
         return
-    con.execute("BEGIN")
-    try:
+    with transaction(con):
         con.execute("ALTER TABLE locations RENAME TO locations_before_pools")
         con.execute(SCHEMA)
         con.execute("INSERT INTO locations SELECT *, '' FROM locations_before_pools")
         con.execute("DROP TABLE locations_before_pools")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
 class BatchRejected(Exception):
     """DuckDB refused a batch of raw events (a malformed message in it)."""
-
-
-class BulkRejected(Exception):
-    """A one-transaction rebuild met a malformed message: everything was rolled back.
-
-    DuckDB aborts a transaction on any failed statement, so the bulk load cannot
-    skip the message and go on; the caller replays again batch by batch, which does.
-    """
 
 
 # Rows per Arrow record batch: DuckDB scans record batches in parallel, so one
@@ -273,13 +261,8 @@ def _arrow_batch(seqs: list[int], payloads: list[bytes]) -> pa.Table:
     return pa.Table.from_batches(table.to_batches(max_chunksize=_RECORD_BATCH), table.schema)
 
 
-# Raw events a bulk load holds before folding them (memory bound; 1M instances of the
-# benchmark's log are 4M events, 2.3 GB: one fold).
-BULK_FOLD_BYTES = 4 << 30
-
-
 class CatalogStore:
-    """One DuckDB file; writes are serialised, reads use their own cursors."""
+    """One DuckDB file; writes are serialised, reads use their own cursors (a BulkLoading ProjectionStore)."""
 
     def __init__(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -321,8 +304,7 @@ class CatalogStore:
                 return 0
             con = self.con
             self._in_bulk(bulk, lambda: self._fold(bulk))
-            self._in_bulk(bulk, lambda: con.execute("INSERT OR REPLACE INTO projection_state VALUES (?, ?)",
-                                                    [NAME, bulk.last]))
+            self._in_bulk(bulk, lambda: write_last_seq(con, NAME, bulk.last))
             self._in_bulk(bulk, lambda: con.execute("COMMIT"))
             return bulk.applied
 
@@ -356,8 +338,7 @@ class CatalogStore:
 
     def last_seq(self) -> int:
         with self.lock:
-            rows = self.con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchall()
-        return rows[0][0] if rows else 0
+            return read_last_seq(self.con, NAME)
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         return self.con.cursor()
@@ -412,24 +393,18 @@ class CatalogStore:
         with self.lock:
             con = self.con
             con.register("raw_batch", batch)
-            con.execute("BEGIN")
             try:
-                rows = con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchall()
-                last = rows[0][0] if rows else 0
-                applied = 0
-                if seqs and seqs[-1] > last:
-                    try:
-                        applied = con.execute(_EVENTS_SQL, [last]).fetchall()[0][0]
-                        for sql in (_INSTANCES_SQL, _LOCATIONS_SQL, _NODES_SQL):
-                            con.execute(sql, [last]).fetchall()
-                    except (duckdb.ConversionException, duckdb.InvalidInputException) as exc:
-                        raise BatchRejected(str(exc)) from exc
-                new_last = max(last, seqs[-1] if seqs else 0, last_seq or 0)
-                con.execute("INSERT OR REPLACE INTO projection_state VALUES (?, ?)", [NAME, new_last])
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+                with transaction(con):
+                    last = read_last_seq(con, NAME)
+                    applied = 0
+                    if seqs and seqs[-1] > last:
+                        try:
+                            applied = con.execute(_EVENTS_SQL, [last]).fetchall()[0][0]
+                            for sql in (_INSTANCES_SQL, _LOCATIONS_SQL, _NODES_SQL):
+                                con.execute(sql, [last]).fetchall()
+                        except (duckdb.ConversionException, duckdb.InvalidInputException) as exc:
+                            raise BatchRejected(str(exc)) from exc
+                    write_last_seq(con, NAME, max(last, seqs[-1] if seqs else 0, last_seq or 0))
             finally:
                 con.unregister("raw_batch")
         return applied
@@ -439,9 +414,8 @@ class CatalogStore:
         with self.lock:
             bulk, con = self._bulk, self.con
             if not bulk.started:
-                con.execute("BEGIN")
-                rows = con.execute("SELECT last_seq FROM projection_state WHERE name = ?", [NAME]).fetchall()
-                bulk.start = bulk.last = rows[0][0] if rows else 0
+                con.execute("BEGIN")  # held across calls: committed by end_bulk_load
+                bulk.start = bulk.last = read_last_seq(con, NAME)
                 bulk.started = True
             new = bisect_right(seqs, bulk.last)  # held once each: the fold sees every event once
             if new == len(seqs):

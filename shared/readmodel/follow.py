@@ -1,0 +1,63 @@
+"""The live follower: keeps projection stores up with the log while a service runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import aclosing
+
+import nats.errors
+
+from shared.bus import Bus
+from shared.readmodel.replay import ReplayGap, replay_into
+from shared.readmodel.store import ProjectionStore
+
+log = logging.getLogger("switchyard.readmodel.follow")
+
+
+async def keep_up(store: ProjectionStore, bus: Bus, follow_batch: int, stop: asyncio.Event,
+                  on_applied: Callable[[int, int], None] | None = None, catch_up_batch: int = 100_000,
+                  linger: float = 1.0, beside: ProjectionStore | None = None,
+                  on_beside: Callable[[int], None] | None = None) -> None:
+    """Keep ``store`` up with the log until ``stop``: the live projection.
+
+    Catches up in large batches through the replay reader (a rebuild's speed),
+    then follows the tail with the ordered consumer; a full follower batch
+    means it fell behind, so it goes back to catching up in bulk.
+    ``on_applied(events, last_seq)`` is called after each transaction.
+    A follower batch closes ``linger`` seconds after its first event: each
+    batch is a DuckDB transaction of several statements, whose fixed cost
+    dominated at a live rate (0.2 s cost the catalog 2.3 ms of CPU per routed
+    image at ~100 img/s).
+
+    ``beside``: a second store (``apply`` of decoded ``(seq, event)`` pairs,
+    idempotent on the sequence, and ``last_seq``) fed by the same follower,
+    from the lower of the two stores' sequences, so a service with two
+    projections receives the log once; ``on_beside(last_seq)`` after each of
+    its transactions. It is not fed during the bulk catch-up: the follower
+    starts from its own last sequence and brings it up.
+    """
+    report = on_applied or (lambda n, last: None)
+    while not stop.is_set():
+        try:
+            applied = await replay_into(store, bus, batch=catch_up_batch, stop=stop)
+        except (ReplayGap, ConnectionError, nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.warning("bulk catch-up stopped (%s); following instead", type(exc).__name__)
+            applied = 0
+        start = await asyncio.to_thread(store.last_seq)
+        report(applied, start)
+        follow_from = start if beside is None else min(start, await asyncio.to_thread(beside.last_seq))
+        async with aclosing(bus.follow_batches(follow_from + 1, follow_batch, 0.2, stop, linger=linger,
+                                               decode=beside is not None)) as batches:
+            async for batch in batches:
+                seqs = [d.seq for d in batch]
+                n = await asyncio.to_thread(store.apply_raw, seqs, [d.msg.data for d in batch])
+                start = max(start, seqs[-1])
+                report(n, start)
+                if beside is not None:
+                    await asyncio.to_thread(beside.apply, [(d.seq, d.event) for d in batch])
+                    if on_beside is not None:
+                        on_beside(seqs[-1])
+                if len(batch) >= follow_batch:
+                    break
