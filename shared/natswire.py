@@ -131,11 +131,11 @@ class WireParser:
                 continue
             line = buf[pos:eol]
             pos = eol + 2
-            if op == b"PING":
+            if line == b"PING":
                 out.append(Ping())
-            elif op == b"PONG":
+            elif line == b"PONG":
                 out.append(Pong())
-            elif op == b"+OK":
+            elif line == b"+OK":
                 out.append(Ok())
             elif op == b"-ERR":
                 out.append(Err(line[4:].strip().strip(b"'").decode(errors="replace")))
