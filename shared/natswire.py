@@ -195,7 +195,9 @@ async def connect(url: str) -> Wire:
     wire = Wire(reader, writer, WireParser())
     try:
         frames = await wire.read()
-        if not frames or not isinstance(frames[0], Info):
+        while not frames:  # INFO may arrive over several reads
+            frames = await wire.read()
+        if not isinstance(frames[0], Info):
             raise WireUnsupported("no INFO from the server")
         writer.write(hello(frames[0].info))
         await writer.drain()
