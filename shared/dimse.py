@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import logging
-import socket
 import time
 
 from pynetdicom import evt
+
+from shared.net import set_nodelay
 
 log = logging.getLogger(__name__)
 
 
 def _set_nodelay(event: evt.Event) -> None:
-    """Without TCP_NODELAY every DIMSE round trip stalls ~40 ms (Nagle + delayed ACK)."""
-    try:
-        sock = event.assoc.dul.socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError) as exc:
-        log.warning("could not set TCP_NODELAY: %s", exc)
+    """TCP_NODELAY on the association's socket (pynetdicom has no option for it)."""
+    dul_socket = getattr(event.assoc.dul.socket, "socket", None)
+    if dul_socket is not None and not set_nodelay(dul_socket):
+        log.warning("could not set TCP_NODELAY on a pynetdicom socket")
 
 
 # Bind on every AE, SCP (start_server) and SCU (associate) alike.

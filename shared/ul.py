@@ -13,8 +13,6 @@ framing around them and the two small command sets.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +24,8 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+from shared.net import set_nodelay
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 
@@ -363,8 +363,7 @@ async def echo(host: str, port: int, calling_ae: str, called_ae: str, timeout: f
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
-            with contextlib.suppress(OSError, AttributeError):
-                writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_nodelay(writer)
             writer.write(associate_request(calling_ae, called_ae, contexts, 16384))
             pdu_type, data = await read_pdu(reader, MAX_ASSOCIATE_RQ)
             if pdu_type != ASSOCIATE_AC:

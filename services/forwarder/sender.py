@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared import ul
 from shared.config import NodeConfig
 from shared.dicomfile import dataset_offset
+from shared.net import set_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ class NodeSender:
                 reader, writer = await asyncio.open_connection(self.node.host, self.node.dicom_port)
         except (OSError, TimeoutError) as exc:
             return Outcome(False, False, f"association failed (node unreachable: {type(exc).__name__})")
-        with contextlib.suppress(OSError, AttributeError):
-            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(writer)
         established = False
         try:
             writer.write(ul.associate_request(self.calling_ae, self.node.ae_title, wanted, OUR_MAX_PDU))
