@@ -272,12 +272,17 @@ def associate_request(calling_ae: str, called_ae: str, contexts: list[tuple[str,
 
 def decode_accept(data: bytes, contexts: list[tuple[str, str]]) -> tuple[dict[tuple[str, str], int], int]:
     """From an A-ASSOCIATE-AC: accepted (abstract, transfer syntax) -> context id, and the peer's max PDU."""
+    if len(data) < 10 or int.from_bytes(data[2:6], "big") != len(data) - 6:
+        raise ProtocolError(ABORT_INVALID_PARAMETER, "A-ASSOCIATE-AC length does not match its header")
     pdu = A_ASSOCIATE_AC()
     try:
         pdu.decode(data)
         ac = pdu.to_primitive()
     except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's malformed PDU
         raise ProtocolError(ABORT_INVALID_PARAMETER, f"malformed A-ASSOCIATE-AC: {type(exc).__name__}") from exc
+    # pynetdicom's decoder skips what it cannot parse: garbage decodes as "nothing accepted".
+    if str(ac.application_context_name or "") != APPLICATION_CONTEXT:
+        raise ProtocolError(ABORT_INVALID_PARAMETER, "A-ASSOCIATE-AC without the DICOM application context")
     accepted: dict[tuple[str, str], int] = {}
     for cx in ac.presentation_context_definition_results_list:
         index = (int(cx.context_id) - 1) // 2
