@@ -1,4 +1,4 @@
-"""pynetdicom plumbing shared by every service that speaks DICOM."""
+"""pynetdicom plumbing shared by every service that speaks DICOM through pynetdicom (the probe's Q/R, tests)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def settle(assoc, timeout: float = 0.005) -> None:
     request goes out before the reactor thread has woken, the reactor can take
     the response off the queue ("Received unexpected C-STORE service message")
     and the request waits out its DIMSE timeout (pynetdicom issue #875). A fast
-    peer makes this likely. Wait (briefly) until the reactor has run.
+    peer makes this likely. Wait (briefly) until the reactor has run. Reads a
+    private attribute: tests/unit/test_pynetdicom_internals.py watches it.
     """
     deadline = time.monotonic() + timeout
     while getattr(assoc, "_is_paused", False) and time.monotonic() < deadline:
