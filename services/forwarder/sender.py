@@ -12,7 +12,6 @@ instance.
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from shared import ul
 from shared.config import NodeConfig
 from shared.dicomfile import dataset_offset
 
-log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
 # What we announce we can receive (responses are small).
