@@ -69,7 +69,8 @@ class IngestConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 11112
     metrics_port: int = 9101
-    # Where pynetdicom spools incoming datasets before they reach the blob store.
+    # Where the Storage SCP spools incoming datasets before they reach the blob store
+    # (on the blob store's filesystem, a local store adopts the file without a copy).
     spool_dir: str = "var/spool"
     # Per worker process.
     max_associations: int = 16

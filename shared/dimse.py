@@ -1,24 +1,22 @@
-"""pynetdicom plumbing shared by every service that speaks DICOM."""
+"""pynetdicom plumbing shared by every service that speaks DICOM through pynetdicom (the probe's Q/R, tests)."""
 
 from __future__ import annotations
 
 import logging
-import socket
 import time
 
 from pynetdicom import evt
+
+from shared.net import set_nodelay
 
 log = logging.getLogger(__name__)
 
 
 def _set_nodelay(event: evt.Event) -> None:
-    """Without TCP_NODELAY every DIMSE round trip stalls ~40 ms (Nagle + delayed ACK)."""
-    try:
-        sock = event.assoc.dul.socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError) as exc:
-        log.warning("could not set TCP_NODELAY: %s", exc)
+    """TCP_NODELAY on the association's socket (pynetdicom has no option for it)."""
+    dul_socket = getattr(event.assoc.dul.socket, "socket", None)
+    if dul_socket is not None and not set_nodelay(dul_socket):
+        log.warning("could not set TCP_NODELAY on a pynetdicom socket")
 
 
 # Bind on every AE, SCP (start_server) and SCU (associate) alike.
@@ -32,7 +30,8 @@ def settle(assoc, timeout: float = 0.005) -> None:
     request goes out before the reactor thread has woken, the reactor can take
     the response off the queue ("Received unexpected C-STORE service message")
     and the request waits out its DIMSE timeout (pynetdicom issue #875). A fast
-    peer makes this likely. Wait (briefly) until the reactor has run.
+    peer makes this likely. Wait (briefly) until the reactor has run. Reads a
+    private attribute: tests/unit/test_pynetdicom_internals.py watches it.
     """
     deadline = time.monotonic() + timeout
     while getattr(assoc, "_is_paused", False) and time.monotonic() < deadline:

@@ -1,20 +1,18 @@
 """Orthanc nodes: the JSON config Switchyard generates for them, and a small REST client.
 
-The client is synchronous (stdlib http.client, keep-alive, basic auth); async
-callers use asyncio.to_thread. It is all the REST Switchyard needs, so no HTTP
-library.
+The client is synchronous (urllib3: a keep-alive pool, basic auth); async
+callers use asyncio.to_thread.
 """
 
 from __future__ import annotations
 
-import base64
-import http.client
 import json
-import select
-import threading
 import urllib.parse
 from pathlib import Path
 from typing import Any
+
+import urllib3
+from urllib3.exceptions import HTTPError, ProtocolError
 
 from shared.config import NodeConfig
 
@@ -55,28 +53,30 @@ class OrthancError(RuntimeError):
     pass
 
 
-# A reused keep-alive connection the node has closed fails like this before any response.
-_STALE = (http.client.RemoteDisconnected, http.client.BadStatusLine, ConnectionResetError,
-          ConnectionAbortedError, BrokenPipeError)
+# Connections kept per client: one per concurrent caller (the probe's threads, at most 32).
+POOL_SIZE = 32
 
 
-def _closed_while_idle(conn: http.client.HTTPConnection) -> bool:
-    """An idle kept connection with anything to read has been closed by the node (poll: no fd limit)."""
-    if conn.sock is None:
-        return True
-    poller = select.poll()
-    poller.register(conn.sock, select.POLLIN)
-    return bool(poller.poll(0))
+def _reason(exc: BaseException) -> str:
+    """The socket error under urllib3's wrapping (e.g. "[Errno 111] Connection refused"), else its own text."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return str(seen) or type(seen).__name__
+        nested = [a for a in getattr(seen, "args", ()) if isinstance(a, BaseException)]
+        seen = seen.__cause__ or (nested[0] if nested else None) or getattr(seen, "reason", None)
+        if not isinstance(seen, BaseException):
+            seen = None
+    return str(exc) or type(exc).__name__
 
 
 class OrthancClient:
-    """Keep-alive REST client: a small pool of persistent connections, one per concurrent caller.
+    """Keep-alive REST client over one urllib3 connection pool per node; thread-safe.
 
-    A new TCP connection per request (urllib) cost the probe more CPU than the
+    A new TCP connection per request cost the probe more CPU than the
     requests themselves. Orthanc closes a connection idle for about a second,
-    so only callers that come back sooner (the probe's polls) keep theirs.
-    Thread-safe: each request takes an idle connection (or opens one) and puts
-    it back when the response was read in full.
+    so only callers that come back sooner (the probe's polls) keep theirs;
+    urllib3 drops a kept connection it finds closed before using it.
     """
 
     def __init__(self, node: NodeConfig, timeout: float = 5.0) -> None:
@@ -85,58 +85,31 @@ class OrthancClient:
         url = urllib.parse.urlsplit(self.base)
         if url.scheme not in ("http", "https"):
             raise ValueError(f"REST URL {node.rest_url!r} must be http(s)")
-        self._conn_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        self._host, self._port, self._prefix = url.hostname or "", url.port, url.path.rstrip("/")
-        token = base64.b64encode(f"{node.username}:{node.password}".encode()).decode()
-        self.headers = {"Authorization": f"Basic {token}"}
+        self._prefix = url.path.rstrip("/")
+        self.headers = urllib3.make_headers(basic_auth=f"{node.username}:{node.password}")
         self.timeout = timeout
-        self._idle: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
+        self._pool = urllib3.connection_from_url(
+            self.base, maxsize=POOL_SIZE, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout), headers=self.headers,
+        )
 
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        self._pool.close()
 
     def _request(self, path: str, data: bytes | None = None, method: str | None = None) -> bytes:
         method = method or ("POST" if data is not None else "GET")
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        if conn is not None and _closed_while_idle(conn):
-            # Readable while idle: the node closed it (Orthanc drops a connection idle for ~1 s).
-            conn.close()
-            conn = None
         try:
-            if conn is not None:
-                try:
-                    status, body, keep = self._exchange(conn, method, path, data)
-                except _STALE:
-                    # The node closed the idle connection (restart, its keep-alive timeout): once more, fresh.
-                    conn.close()
-                    conn = None
-            if conn is None:
-                conn = self._conn_class(self._host, self._port, timeout=self.timeout)
-                status, body, keep = self._exchange(conn, method, path, data)
-        except (OSError, http.client.HTTPException) as exc:
-            if conn is not None:
-                conn.close()
-            raise OrthancError(f"{path}: {exc or type(exc).__name__}") from exc
-        if keep:
-            with self._lock:
-                self._idle.append(conn)
-        else:
-            conn.close()
-        if status >= 400:
-            raise OrthancError(f"{path}: HTTP {status}")
-        return body
-
-    def _exchange(self, conn: http.client.HTTPConnection, method: str, path: str,
-                  data: bytes | None) -> tuple[int, bytes, bool]:
-        conn.request(method, self._prefix + path, body=data, headers=self.headers)
-        rsp = conn.getresponse()
-        body = rsp.read()
-        return rsp.status, body, not rsp.will_close
+            try:
+                rsp = self._pool.urlopen(method, self._prefix + path, body=data, retries=False)
+            except ProtocolError:
+                # The node closed a kept connection as the request went out (restart, its
+                # keep-alive timeout): once more, on a fresh connection.
+                rsp = self._pool.urlopen(method, self._prefix + path, body=data, retries=False)
+        except (HTTPError, OSError) as exc:
+            raise OrthancError(f"{path}: {_reason(exc)}") from exc
+        if rsp.status >= 400:
+            raise OrthancError(f"{path}: HTTP {rsp.status}")
+        return rsp.data
 
     def get_json(self, path: str) -> Any:
         return json.loads(self._request(path))

@@ -20,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -128,25 +126,13 @@ class NodeWorker:
             # Unacked: JetStream redelivers it after ack_wait.
             log.exception("%s: unexpected failure handling a placement", self.node.id)
 
-    def _fetch(self, key: str) -> Path:
-        """A blob the store holds elsewhere (S3) to a scratch file (blocking: on a thread)."""
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".dcm")
-        os.close(fd)
-        try:
-            self.blobs.get_file(key, Path(name))
-        except BaseException:
-            Path(name).unlink(missing_ok=True)
-            raise
-        return Path(name)
-
     async def _deliver(self, placed: ev.InstancePlacedV1, sender: NodeSender) -> tuple[Outcome, int]:
         """Blob to a file (local stores already have one), file to the node."""
         path = self.blobs.local_path(placed.blob_key)
         tmp: Path | None = None
         try:
             if path is None:
-                tmp = path = await asyncio.to_thread(self._fetch, placed.blob_key)
+                tmp = path = await asyncio.to_thread(self.blobs.to_scratch_file, placed.blob_key, self.scratch)
             size = path.stat().st_size
             outcome = await sender.send(path, placed.sop_class_uid, placed.sop_instance_uid,
                                         placed.transfer_syntax_uid)

@@ -1,7 +1,7 @@
 """The Storage SCP: where Switchyard takes responsibility for an image.
 
 Associations run on the event loop that owns the NATS connection (the upper
-layer is services.ingest.ul). Each dataset streams, undecoded, into a spool
+layer is shared.ul). Each dataset streams, undecoded, into a spool
 file behind the file meta group as its P-DATA arrives, so memory does not grow
 with object size; the digests are computed on the way. A C-STORE is answered
 success only once the blob is durable (the spool file fsynced and renamed into
@@ -19,7 +19,6 @@ import io
 import itertools
 import logging
 import os
-import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ from shared.blobs import BlobStore, BlobStoreError, content_key
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config
 from shared.dicomfile import Header, NotDicom, read_header
+from shared.net import set_nodelay
 from shared.telemetry import current_trace_context
 
 log = logging.getLogger(__name__)
@@ -191,9 +191,7 @@ class StorageSCP:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._tasks[task] = False
-        sock = writer.get_extra_info("socket")
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(writer)
         peername = writer.get_extra_info("peername") or ("?", 0)
         try:
             await self._association(reader, writer, str(peername[0]))

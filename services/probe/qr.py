@@ -229,15 +229,7 @@ class FrontDoor:
         path = self.blobs.local_path(blob_key)
         if path is not None:
             return path
-        fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".dcm")
-        os.close(fd)
-        dest = Path(name)
-        try:
-            self.blobs.get_file(blob_key, dest)
-        except BaseException:
-            dest.unlink(missing_ok=True)
-            raise
-        return dest
+        return self.blobs.to_scratch_file(blob_key, self.scratch)
 
     # -- handlers (pynetdicom threads; never raise) ----------------------------
 

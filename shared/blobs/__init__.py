@@ -1,7 +1,7 @@
 """Blob stores: where ingest keeps every received byte before anything else happens.
 
-One synchronous, thread-safe interface (ingest calls it from pynetdicom's
-threads; async services wrap calls in ``asyncio.to_thread``). Stores move bytes
+One synchronous, thread-safe interface: callers on an event loop run it on a
+thread pool (ingest's io pool, ``asyncio.to_thread`` elsewhere), several at once. Stores move bytes
 between files and the store in chunks, never a whole object in memory.
 """
 

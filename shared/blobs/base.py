@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import BinaryIO
@@ -77,6 +79,23 @@ class BlobStore(ABC):
     def local_path(self, key: str) -> Path | None:
         """A filesystem path holding the blob, where the store has one."""
         return None
+
+    def to_scratch_file(self, key: str, scratch: Path) -> Path:
+        """The blob copied to a new file in ``scratch`` (the caller deletes it); blocking.
+
+        For senders that need a file and a store that has none (S3); nothing is
+        left behind when the copy fails.
+        """
+        scratch.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=scratch, suffix=".dcm")
+        os.close(fd)
+        dest = Path(name)
+        try:
+            self.get_file(key, dest)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+        return dest
 
     def check(self) -> None:
         """Raise BlobStoreError when the store cannot currently take writes."""

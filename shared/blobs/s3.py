@@ -28,7 +28,7 @@ from shared.blobs.base import CHUNK, BlobNotFound, BlobStore, BlobStoreError, ch
 from shared.config import BlobConfig
 
 # minio's own default is a 5-minute timeout with 5 retries: an unreachable
-# endpoint would hang a pynetdicom thread for half an hour. Fail in seconds.
+# endpoint would hang an ingest io thread (and its C-STORE) for half an hour. Fail in seconds.
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 30.0
 RETRIES = 2
@@ -129,7 +129,7 @@ class S3BlobStore(BlobStore):
                 retries=urllib3.Retry(
                     total=RETRIES, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
                 ),
-                # Ingest stores from up to max_associations threads at once.
+                # Ingest stores from its io pool, up to max_associations threads at once.
                 maxsize=32,
                 cert_reqs="CERT_REQUIRED",
                 ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),

@@ -7,6 +7,8 @@ import concurrent.futures
 import msgspec
 import pydicom
 import pytest
+import urllib3.connectionpool
+from urllib3.util.connection import is_connection_dropped
 
 from services.probe.store import Expected
 from services.probe.verify import judge_all, read_changes, sight
@@ -14,12 +16,19 @@ from shared import events as ev
 from shared.config import NodeConfig
 from switchyard.corpus import generate_studies
 from shared.dicomfile import dataset_bytes_digest
-from shared import orthanc
 from shared.orthanc import OrthancClient, OrthancError
 from tests.fixtures.servers import new_orthanc_node
 from tests.fixtures.util import free_port, wait_for
 
 pytestmark = pytest.mark.integration
+
+
+def idle(client: OrthancClient) -> list:
+    """The kept connections in the client's urllib3 pool, most recently used first.
+
+    urllib3 reconnects a dropped connection object in place: a new connection is a new ``.sock``.
+    """
+    return [conn for conn in reversed(client._pool.pool.queue) if conn is not None]
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +53,12 @@ def stored(node, tmp_path_factory):
 def test_requests_reuse_one_connection(node):
     client = OrthancClient(node.node)
     client.system()
-    (conn,) = client._idle
+    (conn,) = idle(client)
     sock = conn.sock
     for _ in range(20):
         client.statistics()
     # Orthanc keeps the connection open (KeepAlive defaults to true): the same socket served every request.
-    assert client._idle == [conn] and conn.sock is sock and sock is not None
+    assert idle(client) == [conn] and conn.sock is sock and sock is not None
 
 
 def test_errors_keep_their_meaning(node):
@@ -70,7 +79,7 @@ def test_errors_keep_their_meaning(node):
 def test_a_kept_connection_is_replaced_after_the_node_restarts(node):
     client = OrthancClient(node.node, timeout=2.0)
     client.system()
-    (before,) = client._idle
+    (before,) = (conn.sock for conn in idle(client))
     node.stop()
     try:
         with pytest.raises(OrthancError):
@@ -78,32 +87,33 @@ def test_a_kept_connection_is_replaced_after_the_node_restarts(node):
     finally:
         node.start()
     assert client.system()["DicomAet"] == node.node.ae_title
-    assert client._idle and client._idle[0] is not before
+    assert idle(client) and idle(client)[0].sock not in (before, None)
 
 
 @pytest.mark.parametrize("noticed_while_idle", [True, False])
 def test_a_connection_the_node_closed_is_replaced_by_a_fresh_one(node, monkeypatch, noticed_while_idle):
     """Seen closed before use, or (a close racing the request) failing on use and retried once."""
     if not noticed_while_idle:
-        monkeypatch.setattr(orthanc, "_closed_while_idle", lambda conn: False)
+        monkeypatch.setattr(urllib3.connectionpool, "is_connection_dropped", lambda conn: False)
     client = OrthancClient(node.node)
     client.system()
-    (stale,) = client._idle
+    (stale,) = (conn.sock for conn in idle(client))
     node.stop()
     node.start()
     # The pooled connection now points at a process that is gone: the request still succeeds.
     assert client.system()["DicomAet"] == node.node.ae_title
-    assert client._idle[0] is not stale
+    assert idle(client)[0].sock not in (stale, None)
 
 
 def test_a_connection_idle_past_the_nodes_keep_alive_is_not_used(node):
     client = OrthancClient(node.node)
     client.system()
-    (conn,) = client._idle
+    (conn,) = idle(client)
+    sock = conn.sock
     # Orthanc closes an idle connection after about a second; poll the real condition.
-    wait_for(lambda: orthanc._closed_while_idle(conn), timeout=10, what="the node closed the idle connection")
+    wait_for(lambda: is_connection_dropped(conn), timeout=10, what="the node closed the idle connection")
     assert client.system()["DicomAet"] == node.node.ae_title
-    assert client._idle[0] is not conn
+    assert idle(client)[0].sock not in (sock, None)
 
 
 def test_concurrent_callers_each_get_a_connection(node):
@@ -111,7 +121,7 @@ def test_concurrent_callers_each_get_a_connection(node):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         versions = list(pool.map(lambda _: client.system()["Version"], range(200)))
     assert len(set(versions)) == 1
-    assert 1 <= len(client._idle) <= 8
+    assert 1 <= len(idle(client)) <= 8
 
 
 def test_a_sighting_names_the_instance_and_its_digest_in_one_download(node, stored):

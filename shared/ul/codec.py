@@ -1,20 +1,16 @@
-"""The DICOM upper layer on asyncio streams (PS3.8): the Storage SCP and the forwarder's SCU.
+"""The DICOM upper layer's bytes (PS3.8, PS3.7 command sets): PDUs in and out, no I/O.
 
-pynetdicom's server runs every association on two polling threads (sleeps of
-1 ms and 0.1 ms between looks at queues): measured here at 6 ms of CPU per
-small C-STORE and ~120 instances/s on one association, with four senders
-bound by the GIL. The Storage SCP only needs association negotiation, P-DATA
-and two commands (C-STORE, C-ECHO), so it runs them on the event loop that
-already owns the NATS connection. The A-ASSOCIATE-RQ/AC codec and the
-presentation-context negotiation stay pynetdicom's; this module adds the
-framing around them and the two small command sets.
+Everything here maps bytes to values or values to bytes, so it is tested with
+byte vectors against pynetdicom's own encoders (tests/unit/test_ul_codec.py).
+The A-ASSOCIATE-RQ/AC codec and the presentation-context negotiation are
+pynetdicom's (public API: pynetdicom.pdu, pynetdicom.presentation); this
+module adds P-DATA-TF framing, PDV items, the few command sets Switchyard
+speaks (C-STORE, C-ECHO) and the small fixed PDUs (release, abort, reject).
+Reading PDUs off a stream is the drivers' job (shared.ul.connection).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +23,19 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+__all__ = [
+    "ABORT", "ABORT_INVALID_PARAMETER", "ABORT_UNEXPECTED_PARAMETER", "ABORT_UNEXPECTED_PDU",
+    "ABORT_UNRECOGNISED_PDU", "AFFECTED_SOP_CLASS", "AFFECTED_SOP_INSTANCE", "APPLICATION_CONTEXT", "ASSOCIATE_AC",
+    "ASSOCIATE_RJ", "ASSOCIATE_RQ", "COMMAND_FIELD", "C_ECHO_RQ", "C_ECHO_RSP", "C_STORE_RQ", "C_STORE_RSP",
+    "DATASET_TYPE", "ERROR_COMMENT", "HARD_PDU_CAP", "IMPLICIT_VR_LITTLE_ENDIAN", "MAX_ASSOCIATE_RQ", "MESSAGE_ID",
+    "MESSAGE_ID_RESPONDED", "NO_DATASET", "Negotiated", "PRIORITY", "P_DATA_TF", "ProtocolError",
+    "REJECT_APPLICATION_CONTEXT", "REJECT_CALLED_AE", "REJECT_CALLING_AE", "REJECT_LOCAL_LIMIT",
+    "REJECT_PROTOCOL_VERSION", "RELEASE_RP", "RELEASE_RP_PDU", "RELEASE_RQ", "RELEASE_RQ_PDU", "STATUS",
+    "VERIFICATION", "abort_pdu", "associate_request", "command_uid", "command_us", "decode_accept", "decode_reject",
+    "decode_request", "echo_request", "file_meta", "negotiate", "p_data_command", "p_data_dataset", "parse_command",
+    "pdvs", "reject_pdu", "response", "store_request",
+]
+
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 
 ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = range(1, 8)
@@ -38,7 +47,6 @@ ABORT_UNEXPECTED_PARAMETER = 0x05
 ABORT_INVALID_PARAMETER = 0x06
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
-REJECT_NO_REASON = (0x01, 0x01, 0x01)
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
@@ -74,18 +82,6 @@ class ProtocolError(Exception):
     def __init__(self, reason: int, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-async def read_pdu(reader: asyncio.StreamReader, max_length: int) -> tuple[int, bytes]:
-    """One whole PDU (header included); refuses unknown types and oversize lengths before reading them."""
-    head = await reader.readexactly(6)
-    pdu_type = head[0]
-    if not ASSOCIATE_RQ <= pdu_type <= ABORT:
-        raise ProtocolError(ABORT_UNRECOGNISED_PDU, f"unrecognised PDU type 0x{pdu_type:02X}")
-    length = int.from_bytes(head[2:6], "big")
-    if length > max_length:
-        raise ProtocolError(ABORT_INVALID_PARAMETER, f"PDU of {length} bytes over the {max_length} byte maximum")
-    return pdu_type, head + await reader.readexactly(length)
 
 
 def pdvs(pdu: bytes) -> Iterator[tuple[int, bool, bool, memoryview]]:
@@ -177,6 +173,13 @@ def reject_pdu(result: int, source: int, reason: int) -> bytes:
     return struct.pack(">BBIBBBB", ASSOCIATE_RJ, 0, 4, 0, result, source, reason)
 
 
+def decode_reject(pdu: bytes) -> tuple[int, int, int]:
+    """(result, source, reason) of an A-ASSOCIATE-RJ PDU."""
+    if len(pdu) < 10:
+        raise ProtocolError(ABORT_INVALID_PARAMETER, "truncated A-ASSOCIATE-RJ")
+    return pdu[7], pdu[8], pdu[9]
+
+
 RELEASE_RP_PDU = struct.pack(">BBII", RELEASE_RP, 0, 4, 0)
 
 
@@ -242,7 +245,7 @@ def negotiate(rq: A_ASSOCIATE, protocol_version: int, supported: list[Presentati
                       peer_max_pdu=int(rq.maximum_length_received or 0))
 
 
-# ---------------------------------------------------------------- requestor side (the forwarder's SCU)
+# ---------------------------------------------------------------- requestor side (forwarder, probe)
 
 RELEASE_RQ_PDU = struct.pack(">BBII", RELEASE_RQ, 0, 4, 0)
 
@@ -269,12 +272,17 @@ def associate_request(calling_ae: str, called_ae: str, contexts: list[tuple[str,
 
 def decode_accept(data: bytes, contexts: list[tuple[str, str]]) -> tuple[dict[tuple[str, str], int], int]:
     """From an A-ASSOCIATE-AC: accepted (abstract, transfer syntax) -> context id, and the peer's max PDU."""
+    if len(data) < 10 or int.from_bytes(data[2:6], "big") != len(data) - 6:
+        raise ProtocolError(ABORT_INVALID_PARAMETER, "A-ASSOCIATE-AC length does not match its header")
     pdu = A_ASSOCIATE_AC()
     try:
         pdu.decode(data)
         ac = pdu.to_primitive()
     except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's malformed PDU
         raise ProtocolError(ABORT_INVALID_PARAMETER, f"malformed A-ASSOCIATE-AC: {type(exc).__name__}") from exc
+    # pynetdicom's decoder skips what it cannot parse: garbage decodes as "nothing accepted".
+    if str(ac.application_context_name or "") != APPLICATION_CONTEXT:
+        raise ProtocolError(ABORT_INVALID_PARAMETER, "A-ASSOCIATE-AC without the DICOM application context")
     accepted: dict[tuple[str, str], int] = {}
     for cx in ac.presentation_context_definition_results_list:
         index = (int(cx.context_id) - 1) // 2
@@ -337,51 +345,3 @@ def echo_request(message_id: int) -> bytes:
         (MESSAGE_ID, struct.pack("<H", message_id)),
         (DATASET_TYPE, struct.pack("<H", NO_DATASET)),
     ])
-
-
-async def read_command(reader: asyncio.StreamReader, timeout: float) -> dict[int, bytes]:
-    """The next whole command set the peer sends (responses carry no dataset here)."""
-    command = bytearray()
-    while True:
-        async with asyncio.timeout(timeout):
-            pdu_type, data = await read_pdu(reader, HARD_PDU_CAP)
-        if pdu_type == ABORT:
-            raise ConnectionResetError("the peer aborted the association")
-        if pdu_type != P_DATA_TF:
-            raise ProtocolError(ABORT_UNEXPECTED_PDU, f"PDU type {pdu_type} instead of a response")
-        for _cx, is_command, last, fragment in pdvs(data):
-            if is_command:
-                command += fragment
-                if last:
-                    return parse_command(bytes(command))
-
-
-async def echo(host: str, port: int, calling_ae: str, called_ae: str, timeout: float) -> bool:
-    """Associate, C-ECHO, release; True when the peer answered success. Never raises for network trouble."""
-    contexts = [(VERIFICATION, IMPLICIT_VR_LITTLE_ENDIAN)]
-    writer = None
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
-            with contextlib.suppress(OSError, AttributeError):
-                writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            writer.write(associate_request(calling_ae, called_ae, contexts, 16384))
-            pdu_type, data = await read_pdu(reader, MAX_ASSOCIATE_RQ)
-            if pdu_type != ASSOCIATE_AC:
-                return False
-            accepted, peer_max = decode_accept(data, contexts)
-            if contexts[0] not in accepted:
-                writer.write(abort_pdu())
-                return False
-            writer.write(p_data_command(accepted[contexts[0]], echo_request(1), peer_max))
-            rsp = await read_command(reader, timeout)
-            ok = command_us(rsp, COMMAND_FIELD) == C_ECHO_RSP and command_us(rsp, STATUS) == 0
-            writer.write(RELEASE_RQ_PDU)
-            while (await read_pdu(reader, HARD_PDU_CAP))[0] not in (RELEASE_RP, ABORT):
-                pass
-            return ok
-    except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError):
-        return False
-    finally:
-        if writer is not None:
-            writer.close()
