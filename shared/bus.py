@@ -251,6 +251,37 @@ class Bus:
             log.info("consumer %s exists with other settings; keeping it", config.durable_name)
         return await self.js.pull_subscribe_bind(config.durable_name, stream=stream)
 
+    async def pull_batches(self, config: ConsumerConfig, batch: int, stop: asyncio.Event,
+                           linger: float = 0.0, fetch_timeout: float = 1.0) -> AsyncIterator[list[Msg]]:
+        """Pull from a durable consumer until ``stop``: the fetch loop every worker shares.
+
+        Yields each fetched batch, and ``[]`` after a fetch that timed out (nothing
+        pending). After a batch that was not full it waits ``linger`` seconds (or
+        until ``stop``) before the next pull request: on a trickle each fetch costs
+        round trips here and in nats-server. A failed fetch is logged and retried
+        after 0.5 s. Use with ``contextlib.aclosing`` so the subscription is
+        dropped even when the caller leaves early.
+        """
+        psub = await self.pull(config)
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await psub.fetch(batch, timeout=fetch_timeout)
+                except TimeoutError:  # nats-py raises its own or asyncio's, by code path
+                    yield []
+                    continue
+                except nats.errors.Error as exc:
+                    log.warning("%s: fetch failed: %s", config.durable_name, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                yield msgs
+                if len(msgs) < batch and linger > 0:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), linger)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await psub.unsubscribe()
+
     async def replay(
         self, subject: str = ">", start_seq: int = 1, stream: str | None = None,
         idle_timeout: float = 0.5, follow: bool = False,

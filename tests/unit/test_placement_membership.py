@@ -72,7 +72,7 @@ def test_replaying_the_same_log_gives_the_same_pool(log):
 def test_affinity_cache_stays_bounded():
     import asyncio
 
-    from services.scheduler import Affinity
+    from services.scheduler.affinity import Affinity
 
     class NoKV:  # only the cache is exercised: every study is already cached
         pass
