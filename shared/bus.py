@@ -33,7 +33,6 @@ from nats.js.api import (
 
 from shared import events as ev
 from shared.config import NatsConfig
-from shared.telemetry import inject_trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +213,13 @@ class Bus:
         """Record one fact; PubAck.duplicate is True when it was already recorded."""
         if not self.nc.is_connected:
             raise BusUnavailable("not connected to NATS")
-        headers = {"Nats-Msg-Id": event.event_id}
-        inject_trace_headers(headers, event)
+        # Only the dedup id: the trace context travels in the event (its traceparent field).
         try:
             return await self.js.publish(
                 subject_for(event),
                 ev.encode(event),
                 timeout=timeout or self.cfg.publish_timeout_s,
-                headers=headers,
+                headers={"Nats-Msg-Id": event.event_id},
             )
         except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionClosedError,
                 nats.js.errors.NoStreamResponseError) as exc:
