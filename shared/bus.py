@@ -257,10 +257,16 @@ class Bus:
         pending). After a batch that was not full it waits ``linger`` seconds (or
         until ``stop``) before the next pull request: on a trickle each fetch costs
         round trips here and in nats-server. A failed fetch is logged and retried
-        after 0.5 s. Use with ``contextlib.aclosing`` so the subscription is
+        after 0.5 s; failing to bind raises, unless ``stop`` is set by then. Use with ``contextlib.aclosing`` so the subscription is
         dropped even when the caller leaves early.
         """
-        psub = await self.pull(config)
+        try:
+            psub = await self.pull(config)
+        except (nats.errors.Error, TimeoutError) as exc:
+            if not stop.is_set():
+                raise
+            log.info("%s: not bound, stopping (%s)", config.durable_name, type(exc).__name__)
+            return
         try:
             while not stop.is_set():
                 try:
@@ -277,8 +283,7 @@ class Bus:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(stop.wait(), linger)
         finally:
-            with contextlib.suppress(nats.errors.Error):
-                await psub.unsubscribe()
+            await _unsubscribe(psub)
 
     async def replay(
         self, subject: str = ">", start_seq: int = 1, stream: str | None = None,
@@ -311,7 +316,7 @@ class Bus:
                 if not follow and meta.num_pending == 0:
                     return
         finally:
-            await sub.unsubscribe()
+            await _unsubscribe(sub)
 
     async def follow_batches(
         self, start_seq: int, max_batch: int, idle_timeout: float, stop: asyncio.Event,
@@ -381,16 +386,35 @@ class Bus:
                 if batch:
                     yield batch
         finally:
-            await sub.unsubscribe()
+            await _unsubscribe(sub)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Drain (finish in-flight publishes and acks), bounded so shutdown never hangs."""
-        if not self.nc.is_closed:
-            try:
-                await asyncio.wait_for(self.nc.drain(), timeout)
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
-                log.warning("drain did not finish (%s); closing", type(exc).__name__)
-                await self.nc.close()
+        """Drain (finish in-flight publishes and acks), bounded, and never raise.
+
+        Shutdown must exit 0 whatever the server did: with the server just gone,
+        nats-py writes to a transport uvloop already closed (``RuntimeError: ...
+        the handler is closed``), and drain refuses while reconnecting. Anything
+        unfinished here is redelivered (unacked) or retried (unrecorded).
+        """
+        if self.nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self.nc.drain(), timeout)
+            return
+        except Exception as exc:  # noqa: BLE001 - shutdown must not fail
+            log.info("drain did not finish (%s: %s); closing", type(exc).__name__, exc)
+        try:
+            await asyncio.wait_for(self.nc.close(), timeout)
+        except Exception as exc:  # noqa: BLE001 - shutdown must not fail
+            log.debug("close did not finish cleanly (%s: %s)", type(exc).__name__, exc)
+
+
+async def _unsubscribe(sub) -> None:
+    """Drop a subscription on the way out; the connection may be gone already (nothing to undo then)."""
+    try:
+        await sub.unsubscribe()
+    except Exception as exc:  # noqa: BLE001 - leaving must not fail
+        log.debug("unsubscribe failed (%s: %s)", type(exc).__name__, exc)
 
 
 async def _log_error(exc: Exception) -> None:
