@@ -33,7 +33,6 @@ from nats.js.api import (
 
 from shared import events as ev
 from shared.config import NatsConfig
-from shared.telemetry import inject_trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +213,13 @@ class Bus:
         """Record one fact; PubAck.duplicate is True when it was already recorded."""
         if not self.nc.is_connected:
             raise BusUnavailable("not connected to NATS")
-        headers = {"Nats-Msg-Id": event.event_id}
-        inject_trace_headers(headers, event)
+        # Only the dedup id: the trace context travels in the event (its traceparent field).
         try:
             return await self.js.publish(
                 subject_for(event),
                 ev.encode(event),
                 timeout=timeout or self.cfg.publish_timeout_s,
-                headers=headers,
+                headers={"Nats-Msg-Id": event.event_id},
             )
         except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionClosedError,
                 nats.js.errors.NoStreamResponseError) as exc:
@@ -250,6 +248,42 @@ class Bus:
         except nats.js.errors.BadRequestError:
             log.info("consumer %s exists with other settings; keeping it", config.durable_name)
         return await self.js.pull_subscribe_bind(config.durable_name, stream=stream)
+
+    async def pull_batches(self, config: ConsumerConfig, batch: int, stop: asyncio.Event,
+                           linger: float = 0.0, fetch_timeout: float = 1.0) -> AsyncIterator[list[Msg]]:
+        """Pull from a durable consumer until ``stop``: the fetch loop every worker shares.
+
+        Yields each fetched batch, and ``[]`` after a fetch that timed out (nothing
+        pending). After a batch that was not full it waits ``linger`` seconds (or
+        until ``stop``) before the next pull request: on a trickle each fetch costs
+        round trips here and in nats-server. A failed fetch is logged and retried
+        after 0.5 s; failing to bind raises, unless ``stop`` is set by then. Use with ``contextlib.aclosing`` so the subscription is
+        dropped even when the caller leaves early.
+        """
+        try:
+            psub = await self.pull(config)
+        except (nats.errors.Error, TimeoutError) as exc:
+            if not stop.is_set():
+                raise
+            log.info("%s: not bound, stopping (%s)", config.durable_name, type(exc).__name__)
+            return
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await psub.fetch(batch, timeout=fetch_timeout)
+                except TimeoutError:  # nats-py raises its own or asyncio's, by code path
+                    yield []
+                    continue
+                except nats.errors.Error as exc:
+                    log.warning("%s: fetch failed: %s", config.durable_name, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                yield msgs
+                if len(msgs) < batch and linger > 0:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), linger)
+        finally:
+            await _unsubscribe(psub)
 
     async def replay(
         self, subject: str = ">", start_seq: int = 1, stream: str | None = None,
@@ -282,7 +316,7 @@ class Bus:
                 if not follow and meta.num_pending == 0:
                     return
         finally:
-            await sub.unsubscribe()
+            await _unsubscribe(sub)
 
     async def follow_batches(
         self, start_seq: int, max_batch: int, idle_timeout: float, stop: asyncio.Event,
@@ -352,16 +386,35 @@ class Bus:
                 if batch:
                     yield batch
         finally:
-            await sub.unsubscribe()
+            await _unsubscribe(sub)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Drain (finish in-flight publishes and acks), bounded so shutdown never hangs."""
-        if not self.nc.is_closed:
-            try:
-                await asyncio.wait_for(self.nc.drain(), timeout)
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
-                log.warning("drain did not finish (%s); closing", type(exc).__name__)
-                await self.nc.close()
+        """Drain (finish in-flight publishes and acks), bounded, and never raise.
+
+        Shutdown must exit 0 whatever the server did: with the server just gone,
+        nats-py writes to a transport uvloop already closed (``RuntimeError: ...
+        the handler is closed``), and drain refuses while reconnecting. Anything
+        unfinished here is redelivered (unacked) or retried (unrecorded).
+        """
+        if self.nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self.nc.drain(), timeout)
+            return
+        except Exception as exc:  # noqa: BLE001 - shutdown must not fail
+            log.info("drain did not finish (%s: %s); closing", type(exc).__name__, exc)
+        try:
+            await asyncio.wait_for(self.nc.close(), timeout)
+        except Exception as exc:  # noqa: BLE001 - shutdown must not fail
+            log.debug("close did not finish cleanly (%s: %s)", type(exc).__name__, exc)
+
+
+async def _unsubscribe(sub) -> None:
+    """Drop a subscription on the way out; the connection may be gone already (nothing to undo then)."""
+    try:
+        await sub.unsubscribe()
+    except Exception as exc:  # noqa: BLE001 - leaving must not fail
+        log.debug("unsubscribe failed (%s: %s)", type(exc).__name__, exc)
 
 
 async def _log_error(exc: Exception) -> None:

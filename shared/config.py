@@ -93,18 +93,31 @@ class IngestConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tls_ca_file: str = ""
 
 
+class Weights(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The placement score's weights, defined once: config reads them, the policy scores with them.
+
+    A node's score (lower gets new studies) adds each weight times its load
+    field; free disk counts against. Scores within ``tie`` are equal.
+    """
+
+    pending_jobs: float = 1.0
+    # Placements reserved since the node's last heartbeat.
+    inflight: float = 1.0
+    cpu: float = 0.02
+    instances: float = 0.0001
+    rtt_ms: float = 0.05
+    disk_free_gb: float = 0.01
+    tie: float = 1e-9
+
+
 class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_port: int = 9102
     # A node whose last heartbeat is older than this is down.
     heartbeat_timeout_s: float = 5.0
     # How long a received instance waits for a live node before it is retried.
     no_node_retry_s: float = 2.0
-    weight_pending_jobs: float = 1.0
-    weight_inflight: float = 1.0
-    weight_cpu: float = 0.02
-    weight_instances: float = 0.0001
-    weight_rtt_ms: float = 0.05
-    weight_disk_free_gb: float = 0.01
+    # Placement score weights: [scheduler.weights] in TOML.
+    weights: Weights = msgspec.field(default_factory=Weights)
     # Placements per instance (first + re-placements) before its dead letter is final.
     max_attempts: int = 3
     # How often missed heartbeats are checked (also catches a silent probe).

@@ -10,8 +10,62 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
+from enum import StrEnum
 
 import msgspec
+
+# -- Contracts: values compared across services ---------------------------------
+# Each value is the exact string on the wire (the log is replayed, old logs must
+# decode): never change a value, only add members.
+
+
+class NodeState(StrEnum):
+    """``NodeStateChangedV1.state``: membership transitions, folded by shared.membership."""
+
+    ADDED = "added"
+    DRAINED = "drained"
+    UNDRAINED = "undrained"
+    REMOVED = "removed"
+    DOWN = "down"
+    UP = "up"
+
+
+class PlacementReason(StrEnum):
+    """``InstancePlacedV1.reason``: why the scheduler chose the node."""
+
+    NEW_STUDY = "new_study"
+    AFFINITY = "affinity"
+    RULE = "rule"
+    FAILOVER = "failover"
+    REPLACEMENT = "replacement"
+
+
+class FailureReason(StrEnum):
+    """Forward-failure and dead-letter reasons the scheduler acts on (others are free text).
+
+    The forwarder hands a down or removed node's backlog back with these; the
+    scheduler re-places such a dead letter without avoiding the node.
+    """
+
+    NODE_DOWN = "node down"
+    NODE_REMOVED = "node removed"
+
+
+# Dead-letter reasons meaning the node itself was gone, not that it failed the delivery.
+NODE_GONE_REASONS = frozenset({FailureReason.NODE_DOWN, FailureReason.NODE_REMOVED})
+
+
+class LocationState(StrEnum):
+    """Where one placement of an instance stands (the read model's ``locations.state``)."""
+
+    PLACED = "placed"
+    FORWARDED = "forwarded"
+    FAILED = "failed"
+    DEAD_LETTERED = "dead_lettered"
+    VERIFIED = "verified"
+    VERIFICATION_FAILED = "verification_failed"
+
+# -------------------------------------------------------------------------------
 
 _NAMESPACE = uuid.UUID("6f2b1d52-4c1e-4a8e-9a51-5d3f0c7e2b10")
 
@@ -76,8 +130,7 @@ class InstancePlacedV1(Event, tag="instance.placed.v1"):
     blob_key: str
     dataset_digest: str
     node_id: str
-    # new_study | affinity | rule | failover | replacement
-    reason: str
+    reason: PlacementReason
     candidates: list[Candidate] = []
     # 0 for the first placement, +1 for every re-placement.
     attempt: int = 0
@@ -175,7 +228,7 @@ class NodeStateChangedV1(Event, tag="node.state_changed.v1"):
     """Membership: added, drained, undrained, removed, down, up."""
 
     node_id: str
-    state: str
+    state: NodeState
     reason: str = ""
     # On "added": where the node is. No password: the log is replayed, projected
     # and exported for audits, so REST credentials come from config

@@ -25,7 +25,7 @@ from shared.config import NodeConfig, NodeCredentials
 
 log = logging.getLogger(__name__)
 
-STATES = ("added", "drained", "undrained", "removed", "down", "up")
+STATES = tuple(ev.NodeState)
 
 
 @dataclass
@@ -40,10 +40,10 @@ class Member:
     @property
     def state(self) -> str:
         if self.removed:
-            return "removed"
+            return ev.NodeState.REMOVED
         if self.down:
-            return "down"
-        return "drained" if self.drained else "active"
+            return ev.NodeState.DOWN
+        return ev.NodeState.DRAINED if self.drained else "active"
 
 
 class Pool:
@@ -58,7 +58,7 @@ class Pool:
         """Apply one state event; returns the member it changed (None when ignored)."""
         self.last_seq = max(self.last_seq, seq)
         m = self.members.get(event.node_id)
-        if event.state == "added":
+        if event.state == ev.NodeState.ADDED:
             node = node_from(event, m.node if m else None, self.credentials)
             if m is None:
                 m = self.members[event.node_id] = Member(node)
@@ -67,15 +67,15 @@ class Pool:
         elif m is None:
             log.warning("state %s for unknown node %s ignored", event.state, event.node_id)
             return None
-        elif event.state == "drained":
+        elif event.state == ev.NodeState.DRAINED:
             m.drained = True
-        elif event.state == "undrained":
+        elif event.state == ev.NodeState.UNDRAINED:
             m.drained = False
-        elif event.state == "removed":
+        elif event.state == ev.NodeState.REMOVED:
             m.removed = True
-        elif event.state == "down":
+        elif event.state == ev.NodeState.DOWN:
             m.down = True
-        elif event.state == "up":
+        elif event.state == ev.NodeState.UP:
             m.down = False
         else:
             log.warning("unknown node state %r for %s ignored", event.state, event.node_id)
@@ -106,11 +106,13 @@ def node_from(event: ev.NodeStateChangedV1, base: NodeConfig | None = None,
     )
 
 
-def transition(member: Member | None, node_id: str, state: str, reason: str = "",
+def transition(member: Member | None, node_id: str, state: ev.NodeState | str, reason: str = "",
                node: NodeConfig | None = None) -> ev.NodeStateChangedV1:
     """The state event moving ``node_id`` to ``state``, with its deterministic id."""
-    if state not in STATES:
-        raise ValueError(f"unknown node state {state!r}")
+    try:
+        state = ev.NodeState(state)
+    except ValueError:
+        raise ValueError(f"unknown node state {state!r}") from None
     after = member.last_seq if member is not None else 0
     fields = {}
     if node is not None:

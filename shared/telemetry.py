@@ -12,7 +12,6 @@ import sys
 from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -21,7 +20,6 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 if TYPE_CHECKING:
     from shared.config import TelemetryConfig
-    from shared.events import Event
 
 _propagator = TraceContextTextMapPropagator()
 
@@ -60,23 +58,10 @@ def current_trace_context() -> tuple[str, str]:
     return carrier.get("traceparent", ""), carrier.get("tracestate", "")
 
 
-def inject_trace_headers(headers: dict[str, str], event: Event) -> None:
-    """Carry the event's trace context in NATS headers (W3C names)."""
-    if event.traceparent:
-        headers["traceparent"] = event.traceparent
-        if event.tracestate:
-            headers["tracestate"] = event.tracestate
-    else:
-        _propagator.inject(headers)
-
-
 def context_from(traceparent: str, tracestate: str = "") -> otel_context.Context:
-    """The parent context an event (or message headers) carries."""
+    """The parent context an event carries (its traceparent and tracestate fields)."""
     carrier = {"traceparent": traceparent}
     if tracestate:
         carrier["tracestate"] = tracestate
     return _propagator.extract(carrier)
 
-
-def tracer(provider: TracerProvider, name: str) -> trace.Tracer:
-    return provider.get_tracer(name)

@@ -12,6 +12,11 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from shared.config import Weights
+from shared.events import PlacementReason
+
+__all__ = ["Decision", "NodeView", "Weights", "place", "score"]
+
 
 @dataclass(frozen=True)
 class NodeView:
@@ -33,21 +38,9 @@ class NodeView:
 
 
 @dataclass(frozen=True)
-class Weights:
-    pending_jobs: float = 1.0
-    inflight: float = 1.0
-    cpu: float = 0.02
-    instances: float = 0.0001
-    rtt_ms: float = 0.05
-    disk_free_gb: float = 0.01
-    tie: float = 1e-9
-
-
-@dataclass(frozen=True)
 class Decision:
     node_id: str
-    # new_study | affinity | failover
-    reason: str
+    reason: PlacementReason
     candidates: tuple[tuple[str, float], ...]
 
 
@@ -76,8 +69,9 @@ def place(study_uid: str, nodes: Iterable[NodeView], affinity: str | None, w: We
     scored = sorted(((n.node_id, score(n, w)) for n in eligible), key=lambda c: (c[1], c[0]))
     candidates = tuple(scored)
     if affinity is not None and any(node_id == affinity for node_id, _ in scored):
-        return Decision(affinity, "affinity", candidates)
+        return Decision(affinity, PlacementReason.AFFINITY, candidates)
     best = scored[0][1]
     tied = [node_id for node_id, s in scored if s <= best + w.tie]
     chosen = max(tied, key=lambda node_id: _rendezvous(study_uid, node_id))
-    return Decision(chosen, "failover" if affinity is not None else "new_study", candidates)
+    return Decision(chosen, PlacementReason.FAILOVER if affinity is not None else PlacementReason.NEW_STUDY,
+                    candidates)

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from services.scheduler.policy import Decision, NodeView, Weights, place
-from shared.config import RoutingConfig, RoutingRule
+from services.scheduler.policy import NodeView
+from shared.config import RoutingRule
 from shared.events import InstanceReceivedV1
 
 DEFAULT_POOL = "all"
@@ -72,8 +72,3 @@ def in_pool(nodes: Iterable[NodeView], pool: str, pools: Mapping[str, list[str]]
     members = pool_members(pool, pools)
     return list(nodes) if members is None else [n for n in nodes if n.node_id in members]
 
-
-def place_in_pool(study_uid: str, nodes: Iterable[NodeView], pool: str, routing: RoutingConfig,
-                  affinity: str | None, w: Weights) -> Decision | None:
-    """The placement policy restricted to one pool; None when no node of the pool can take it."""
-    return place(study_uid, in_pool(nodes, pool, routing.pools), affinity, w)

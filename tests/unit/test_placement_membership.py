@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -72,7 +73,7 @@ def test_replaying_the_same_log_gives_the_same_pool(log):
 def test_affinity_cache_stays_bounded():
     import asyncio
 
-    from services.scheduler import Affinity
+    from services.scheduler.affinity import Affinity
 
     class NoKV:  # only the cache is exercised: every study is already cached
         pass
@@ -102,3 +103,34 @@ def test_added_node_event_carries_no_password_and_config_supplies_it():
     seeded.apply(1, state("n1", "removed"))
     seeded.apply(2, state("n1", "added", dicom_port=6000))
     assert seeded.get("n1").node.password == "seeded-pw"
+
+
+# Payloads as older releases wrote them (the log is replayed): the enums must decode them unchanged.
+OLD_STATE = (b'{"type":"node.state_changed.v1","event_id":"e1","occurred_at":"2026-01-01T00:00:00Z",'
+             b'"node_id":"n1","state":"%s","reason":"no heartbeat for 5s"}')
+OLD_PLACED = (b'{"type":"instance.placed.v1","event_id":"e2","sop_instance_uid":"1.2.3.4",'
+              b'"study_instance_uid":"1.2.3","sop_class_uid":"1.2.840","transfer_syntax_uid":"1.2.840.10008.1.2.1",'
+              b'"blob_key":"k","dataset_digest":"d","node_id":"n1","reason":"%s"}')
+
+
+def test_old_payloads_decode_to_the_enums_and_encode_back_unchanged():
+    for s in ("added", "drained", "undrained", "removed", "down", "up"):
+        event = ev.decode(OLD_STATE % s.encode())
+        assert event.state is ev.NodeState(s) and event.state == s
+        assert ev.encode(event).count(b'"state":"%s"' % s.encode()) == 1
+    for r in ("new_study", "affinity", "rule", "failover", "replacement"):
+        event = ev.decode(OLD_PLACED % r.encode())
+        assert event.reason is ev.PlacementReason(r)
+        assert b'"reason":"%s"' % r.encode() in ev.encode(event)
+    # Wire values the catalog and the scheduler compare against: never to change.
+    assert [m.value for m in ev.LocationState] == ["placed", "forwarded", "failed", "dead_lettered", "verified",
+                                                    "verification_failed"]
+    assert ev.NODE_GONE_REASONS == {"node down", "node removed"}
+
+
+def test_transition_takes_enum_or_wire_string_and_keeps_the_ids():
+    m = Pool(SEED).get("n1")
+    by_enum = transition(m, "n1", ev.NodeState.DOWN, "x")
+    assert by_enum.event_id == transition(m, "n1", "down", "x").event_id == ev.fact_id("node_state", "n1", "down", 0)
+    with pytest.raises(ValueError, match="unknown node state"):
+        transition(m, "n1", "exploded")

@@ -106,3 +106,24 @@ def test_placement_avoided_nodes_are_never_chosen(nodes, study, avoid):
     decision = place(study, [n for n in nodes if n.node_id not in avoid], None, W)
     if decision is not None:
         assert decision.node_id not in avoid
+
+
+def test_weights_are_the_configs_and_load_from_toml(tmp_path):
+    from shared.config import Weights as ConfigWeights
+    from shared.config import dump_toml, load_config
+
+    assert Weights is ConfigWeights
+    path = tmp_path / "s.toml"
+    path.write_text("[scheduler.weights]\ncpu = 0.5\nrtt_ms = 0\n")
+    cfg = load_config(path, env={})
+    assert cfg.scheduler.weights == Weights(cpu=0.5, rtt_ms=0.0)
+    # The generated config (what the local stack hands its children) reads back the same.
+    path.write_text(dump_toml(cfg))
+    assert load_config(path, env={}).scheduler.weights == cfg.scheduler.weights
+    env = load_config(None, env={"SWITCHYARD_SCHEDULER__WEIGHTS": '{"pending_jobs": 2}'})
+    assert env.scheduler.weights.pending_jobs == 2.0 and env.scheduler.weights.cpu == Weights().cpu
+    # A heavier cpu weight moves a new study to the idle-cpu node.
+    busy, idle = NodeView("a", live=True, cpu_percent=90.0, pending_jobs=0), \
+        NodeView("b", live=True, cpu_percent=0.0, pending_jobs=1)
+    assert place("1.2", [busy, idle], None, Weights(cpu=0.0)).node_id == "a"
+    assert place("1.2", [busy, idle], None, cfg.scheduler.weights).node_id == "b"

@@ -6,13 +6,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.scheduler import affinity_scope, placement_id, study_key
-from services.scheduler.policy import NodeView, Weights
-from services.scheduler.routing import DEFAULT_ROUTE, Route, header_value, in_pool, matches, place_in_pool, route
+from services.scheduler.affinity import affinity_scope, study_key
+from services.scheduler.policy import NodeView, Weights, place
+from services.scheduler.routing import DEFAULT_ROUTE, Route, header_value, in_pool, matches, route
+from services.scheduler.scheduler import placement_id
 from shared import events as ev
 from shared.config import ConfigError, RoutingConfig, RoutingRule, dump_toml, load_config
 
 W = Weights()
+
+
+def place_in_pool(study_uid, nodes, pool, routing, affinity, w):
+    """What the scheduler does: the policy over the pool's nodes only."""
+    return place(study_uid, in_pool(nodes, pool, routing.pools), affinity, w)
 NODE_IDS = [f"n{i}" for i in range(6)]
 
 
