@@ -71,10 +71,11 @@ def valid_uid(value: bytes) -> bool:
 
 
 class _Container:
-    __slots__ = ("kind", "end", "explicit", "little", "tag", "length")
+    __slots__ = ("kind", "end", "explicit", "little", "fmt", "tag", "length")
 
     def __init__(self, kind: str, end: int | None, explicit: bool, little: bool, tag: int, length: int) -> None:
         self.kind, self.end, self.explicit, self.little = kind, end, explicit, little
+        self.fmt = "<" if little else ">"
         self.tag, self.length = tag, length
 
 
@@ -91,9 +92,9 @@ class DatasetValidator:
         self._inflate = zlib.decompressobj(-zlib.MAX_WBITS) if transfer_syntax == DEFLATED_EXPLICIT_VR_LE else None
         self._stack = [_Container(_DATASET, None, explicit, little, 0, 0)]
         self._limit: int | None = None  # the innermost defined end: nothing may run past it
-        self._pos = 0  # offset in the (inflated) dataset of the next byte fed
-        self._buf = bytearray()
-        self._need = 8  # bytes wanted in _buf: an element header, or a captured value
+        self._pos = 0  # offset in the (inflated) dataset of the first byte not yet walked
+        self._buf = bytearray()  # a header split across chunks, or a UID value, being gathered
+        self._want = 8  # bytes wanted in _buf
         self._skip = 0  # value bytes still to count past
         self._capture: int | None = None  # UID tag whose value is being collected
         self._current = (0, 0)  # (tag, length) of the element being read, for messages
@@ -164,54 +165,62 @@ class DatasetValidator:
                 self._pos += take
                 if not self._skip:
                     self._close_ended()
-                continue
-            take = min(self._need - len(self._buf), n - i)
-            self._buf += mv[i:i + take]
-            i += take
-            self._pos += take
-            if len(self._buf) == self._need:
-                if self._capture is not None:
+            elif self._capture is not None:
+                take = min(self._want - len(self._buf), n - i)
+                self._buf += mv[i:i + take]
+                i += take
+                if len(self._buf) == self._want:
                     self._captured()
-                else:
-                    self._header()
+            elif not self._buf and (used := self._header(mv, i, n - i)):
+                i += used  # the common case: a whole header in this chunk, parsed in place
+            else:
+                # A header split across chunks: gather it first.
+                take = min(self._want - len(self._buf), n - i)
+                self._buf += mv[i:i + take]
+                i += take
+                if len(self._buf) == self._want and self._header(self._buf, 0, self._want):
+                    self._buf = bytearray()
 
-    def _header(self) -> None:
-        if self._limit is not None and self._pos > self._limit:
-            raise DatasetError("element header runs past the end of its item")
+    def _header(self, src, off: int, avail: int) -> int:
+        """Parse the element header at src[off:]; return its size, or 0 if more bytes are needed."""
+        if avail < 8:
+            return 0
         top = self._stack[-1]
-        buf = self._buf
-        fmt = "<" if top.little else ">"
-        group, elem = struct.unpack_from(fmt + "HH", buf)
+        fmt = top.fmt
+        group, elem = struct.unpack_from(fmt + "HH", src, off)
         tag = group << 16 | elem
-        if top.kind in (_SEQUENCE, _FRAGMENTS) or group == 0xFFFE:
-            self._delimiter(top, tag, struct.unpack_from(fmt + "I", buf, 4)[0])
-            return
+        if top.kind is not _DATASET and top.kind is not _ITEM or group == 0xFFFE:
+            length = struct.unpack_from(fmt + "I", src, off + 4)[0]
+            self._advance(8)
+            self._delimiter(top, tag, length)
+            return 8
         vr = None
         if top.explicit:
-            vr = bytes(buf[4:6])
+            vr = bytes(src[off + 4:off + 6])
             if vr not in _KNOWN_VRS:
                 if vr.isalpha() and vr.isupper():
                     raise DatasetError(f"element {tag_str(tag)} has unknown VR {vr.decode()}")
                 raise DatasetError(f"element {tag_str(tag)}: implicit VR data in explicit VR")
             if vr in _LONG_VRS:
-                if self._need == 8:
-                    self._need = 12  # the 4-byte length follows the reserved bytes
-                    return
-                length = struct.unpack_from(fmt + "I", buf, 8)[0]
+                if avail < 12:
+                    self._want = 12  # the 4-byte length follows the reserved bytes
+                    return 0
+                length = struct.unpack_from(fmt + "I", src, off + 8)[0]
+                size = 12
             else:
-                length = struct.unpack_from(fmt + "H", buf, 6)[0]
+                length = struct.unpack_from(fmt + "H", src, off + 6)[0]
+                size = 8
         else:
-            length = struct.unpack_from(fmt + "I", buf, 4)[0]
-        self._buf = bytearray()
-        self._need = 8
+            length = struct.unpack_from(fmt + "I", src, off + 4)[0]
+            size = 8
+        self._advance(size)
         self._elements += 1
         self._current = (tag, length)
         if group == 0x0002:
             raise DatasetError(f"group 0002 element {tag_str(tag)} inside the dataset")
-        depth = len(self._stack)
-        if tag in UID_TAGS and depth == 1:
+        if tag in UID_TAGS and len(self._stack) == 1:
             self._uid_element(tag, vr, length)
-            return
+            return size
         if length == UNDEFINED:
             if tag == PIXEL_DATA and vr in (b"OB", b"OW", None):
                 self._push(_FRAGMENTS, None, True, True, tag, length)
@@ -221,21 +230,27 @@ class DatasetValidator:
                 self._push(_SEQUENCE, None, False, True, tag, length)
             else:
                 raise DatasetError(f"element {tag_str(tag)} VR {vr.decode()} with undefined length")
-            return
+            return size
         if length & 1:
             raise DatasetError(f"element {tag_str(tag)} has odd value length {length}")
         self._within(tag, length)
         if vr == b"SQ" or (vr is None and length and _dictionary_sq(tag)):
             self._push(_SEQUENCE, self._pos + length, top.explicit, top.little, tag, length)
-        else:
+        elif length:
             self._skip = length
-            if not length:
-                self._close_ended()
+        else:
+            self._close_ended()
+        return size
+
+    def _advance(self, size: int) -> None:
+        """Count a header as read; it must not cross the end of its item."""
+        self._want = 8
+        self._pos += size
+        if self._limit is not None and self._pos > self._limit:
+            raise DatasetError("element header runs past the end of its item")
 
     def _delimiter(self, top: _Container, tag: int, length: int) -> None:
         """An item or delimiter header (tag and 4-byte length, no VR in any transfer syntax)."""
-        self._buf = bytearray()
-        self._need = 8
         if tag == ITEM and top.kind == _SEQUENCE:
             self._current = (tag, length)
             if length == UNDEFINED:
@@ -275,13 +290,14 @@ class DatasetValidator:
             raise DatasetError(f"element {tag_str(tag)} is empty")
         self._within(tag, length)
         self._capture = tag
-        self._need = length
+        self._want = length
 
     def _captured(self) -> None:
         tag, value = self._capture, bytes(self._buf)
         self._capture = None
         self._buf = bytearray()
-        self._need = 8
+        self._want = 8
+        self._pos += len(value)
         if not valid_uid(value):
             raise DatasetError(f"element {tag_str(tag)} is not a valid UID")
         self.uids[tag] = value.rstrip(b"\x00 ").decode("ascii")

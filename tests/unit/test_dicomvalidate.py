@@ -279,3 +279,18 @@ def test_large_values_are_counted_past_not_buffered():
         v.feed(chunk)
         assert len(v._buf) == 0
     assert len(v.finish()) == 4
+
+
+def test_any_pydicom_error_in_the_header_read_is_not_dicom_and_quotes_no_value(tmp_path, monkeypatch):
+    import shared.dicomfile as dicomfile
+
+    path = tmp_path / "x.dcm"
+    path.write_bytes(b"\0" * 132)
+
+    def broken(*args, **kwargs):
+        raise KeyError("PID123 Doe^Jane")  # as pydicom may: the value in the message
+
+    monkeypatch.setattr(dicomfile.pydicom, "dcmread", broken)
+    with pytest.raises(dicomfile.NotDicom) as info:
+        dicomfile.read_header(path)
+    assert str(info.value) == "KeyError"
