@@ -108,8 +108,8 @@ def read_header(path: Path, extra_keywords: tuple[str, ...] = ()) -> Header:
         if len(ds) == 0:
             raise NotDicom("no dataset elements")
         ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else ""
-    except NotDicom:
-        raise
+    except (NotDicom, OSError):
+        raise  # an I/O error on the spool file may pass on a retry: not the dataset's fault
     except Exception as exc:  # noqa: BLE001 - any parse error is the dataset's, never "retry later"
         # By type only: pydicom's messages can quote element values.
         raise NotDicom(type(exc).__name__) from exc
