@@ -14,7 +14,6 @@ from typing import BinaryIO
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
-from pydicom.errors import InvalidDicomError
 
 
 # Tags the received event needs, read with stop_before_pixels.
@@ -106,11 +105,14 @@ def read_header(path: Path, extra_keywords: tuple[str, ...] = ()) -> Header:
     tags = _HEADER_TAGS + _tags(extra_keywords) if extra_keywords else _HEADER_TAGS
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
-    except (InvalidDicomError, EOFError, OSError, ValueError, struct.error) as exc:
-        raise NotDicom(str(exc)) from exc
-    if len(ds) == 0:
-        raise NotDicom("no dataset elements")
-    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else ""
+        if len(ds) == 0:
+            raise NotDicom("no dataset elements")
+        ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else ""
+    except (NotDicom, OSError):
+        raise  # an I/O error on the spool file may pass on a retry: not the dataset's fault
+    except Exception as exc:  # noqa: BLE001 - any parse error is the dataset's, never "retry later"
+        # By type only: pydicom's messages can quote element values.
+        raise NotDicom(type(exc).__name__) from exc
     values: dict[str, str] = {}
     for kw in (*HEADER_KEYWORDS, *extra_keywords):
         try:

@@ -38,6 +38,7 @@ from shared.blobs import BlobStore, BlobStoreError, content_key
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config
 from shared.dicomfile import Header, NotDicom, read_header
+from shared.dicomvalidate import DatasetError, DatasetValidator, valid_uid
 from shared.net import set_nodelay
 from shared.telemetry import current_trace_context
 
@@ -48,11 +49,19 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES_BLOB = 0xA700
 OUT_OF_RESOURCES_BUS = 0xA701
 OUT_OF_RESOURCES_INTERNAL = 0xA702
-# Cannot understand: retrying the same bytes will not help.
+# Cannot understand: retrying the same bytes will not help (a structural defect, an event the bus
+# cannot carry). 0xA900 (dataset does not match SOP class) is not used: ingest does not check IODs.
 CANNOT_UNDERSTAND = 0xC000
 UID_MISMATCH = 0xC001
 TOO_LARGE = 0xC002
 UNRECOGNIZED_OPERATION = 0x0211
+# Room left in NATS max_payload for the message headers (Nats-Msg-Id, trace context).
+EVENT_HEADER_ROOM = 1024
+
+
+def shown(uid: str) -> str:
+    """A UID fit for a log line: one with other characters than digits and dots may carry anything."""
+    return uid if valid_uid(uid.encode("ascii", "replace")) else "(invalid UID)"
 
 
 class IngestMetrics:
@@ -89,9 +98,9 @@ def supported_contexts() -> list[PresentationContext]:
 
 
 class _Incoming:
-    """One dataset arriving: spooled behind its file meta, hashed as it comes."""
+    """One dataset arriving: spooled behind its file meta, hashed and validated as it comes."""
 
-    def __init__(self, path: Path, meta: bytes, limit: int) -> None:
+    def __init__(self, path: Path, meta: bytes, limit: int, transfer_syntax: str = "1.2.840.10008.1.2.1") -> None:
         self.path = path
         self.limit = limit
         self.size = len(meta)
@@ -99,6 +108,7 @@ class _Incoming:
         self.too_large = False
         self.file_hash = hashlib.sha256(meta)
         self.dataset_hash = hashlib.sha256()
+        self.validator = DatasetValidator(transfer_syntax)
         self.file: io.BufferedWriter | None = open(path, "xb")  # noqa: SIM115 - closed in close()/discard()
         self.file.write(meta)
 
@@ -114,6 +124,7 @@ class _Incoming:
         self.file.write(fragment)
         self.file_hash.update(fragment)
         self.dataset_hash.update(fragment)
+        self.validator.feed(fragment)
 
     def close(self) -> None:
         if self.file is not None:
@@ -372,7 +383,7 @@ class StorageSCP:
         abstract, transfer_syntax = assoc.contexts[command.context_id]
         meta = ul.file_meta(command.sop_class or abstract, command.sop_instance, transfer_syntax)
         path = self.spool / f"{os.getpid()}-{next(self._names)}.dcm"
-        return _Incoming(path, meta, self.cfg.ingest.max_object_bytes)
+        return _Incoming(path, meta, self.cfg.ingest.max_object_bytes, transfer_syntax)
 
     # ------------------------------------------------------------ one C-STORE
 
@@ -383,12 +394,13 @@ class StorageSCP:
         started = time.monotonic()
         try:
             with self.tracer.start_as_current_span("ingest.c_store") as span:
-                span.set_attribute("dicom.sop_instance_uid", command.sop_instance)
-                span.set_attribute("dicom.sop_class_uid", command.sop_class)
+                span.set_attribute("dicom.sop_instance_uid", shown(command.sop_instance))
+                span.set_attribute("dicom.sop_class_uid", shown(command.sop_class))
                 try:
                     status, comment = await self._store(command, incoming, peer)
-                except Exception:  # noqa: BLE001 - every C-STORE gets an answer
-                    log.exception("unexpected failure storing %s", command.sop_instance)
+                except Exception as exc:  # noqa: BLE001 - every C-STORE gets an answer
+                    # By type only: exception texts can carry element values.
+                    log.error("unexpected failure storing %s: %s", shown(command.sop_instance), type(exc).__name__)
                     status, comment = OUT_OF_RESOURCES_INTERNAL, "internal error; retry later"
                 finally:
                     incoming.discard()  # the spool file, unless the blob store took it
@@ -401,25 +413,33 @@ class StorageSCP:
                 self._tasks[task] = False
 
     async def _store(self, command: _Command, incoming: _Incoming, peer: _Peer) -> tuple[int, str]:
-        sop_uid = command.sop_instance
+        sop_uid = shown(command.sop_instance)
         if incoming.too_large:
             log.warning("refused %s: %d bytes over the %d byte limit", sop_uid, incoming.size, incoming.limit)
             return TOO_LARGE, "object larger than this SCP accepts"
         incoming.close()
-        outcome = await asyncio.get_running_loop().run_in_executor(self.io, self._persist, command, incoming)
+        try:
+            incoming.validator.finish()  # walked as the PDVs arrived: nothing is read again
+        except DatasetError as exc:
+            log.warning("refused %s: %s", sop_uid, exc)
+            return CANNOT_UNDERSTAND, str(exc)
+        outcome = await asyncio.get_running_loop().run_in_executor(
+            self.io, self._persist, command, incoming, peer, current_trace_context())
         if isinstance(outcome[0], int):
             return outcome
-        header, key, existed = outcome
-        return await self._announce(command, incoming, peer, header, key, existed)
+        received, existed = outcome
+        return await self._announce(command, incoming, received, existed)
 
-    def _persist(self, command: _Command, incoming: _Incoming) -> tuple[int, str] | tuple[Header, str, bool]:
-        """Check the header against the command, then make the blob durable (one trip to the thread pool).
+    def _persist(self, command: _Command, incoming: _Incoming, peer: _Peer,
+                 trace_context: tuple) -> tuple[int, str] | tuple[ev.InstanceReceivedV1, bool]:
+        """Check the header against the command and the event against the bus, then make the blob
+        durable (one trip to the thread pool): nothing is kept for what is refused.
 
         The spool file's bytes are flushed (``sync_ahead``) while the header is
         parsed: the two were a third of the time to answer a C-STORE, one after
         the other.
         """
-        sop_uid = command.sop_instance
+        sop_uid = shown(command.sop_instance)
         flushed = self.flush.submit(self.blobs.sync_ahead, incoming.path)
         try:
             header = read_header(incoming.path, self.extra)
@@ -436,12 +456,18 @@ class StorageSCP:
             log.warning("refused %s: no Study Instance UID", sop_uid)
             return CANNOT_UNDERSTAND, "no Study Instance UID"
         key = content_key(incoming.file_hash.hexdigest())
+        received = self._received_event(command, incoming, peer, header, key, trace_context)
+        size, limit = len(ev.encode(received)) + EVENT_HEADER_ROOM, self.bus.nc.max_payload
+        if size > limit:
+            log.warning("refused %s: its received event (%d bytes) exceeds the bus's max payload (%d)",
+                        sop_uid, size, limit)
+            return CANNOT_UNDERSTAND, "received event exceeds the bus's max payload"
         try:
             existed = self._keep(key, incoming.path, flushed.result())
         except (BlobStoreError, OSError) as exc:
             log.error("blob store refused %s: %s", sop_uid, exc)
             return OUT_OF_RESOURCES_BLOB, "object store unavailable"
-        return header, key, existed
+        return received, existed
 
     def _keep(self, key: str, path: Path, synced: bool) -> bool:
         """Make the blob durable (hand the spool file over); True when it was already there."""
@@ -450,13 +476,12 @@ class StorageSCP:
         self.blobs.adopt_file(key, path, synced=synced)
         return False
 
-    async def _announce(self, command: _Command, incoming: _Incoming, peer: _Peer, header: Header, key: str,
-                        existed: bool) -> tuple[int, str]:
+    def _received_event(self, command: _Command, incoming: _Incoming, peer: _Peer, header: Header, key: str,
+                        trace_context: tuple) -> ev.InstanceReceivedV1:
         sop_uid = command.sop_instance
         dataset_digest = incoming.dataset_hash.hexdigest()
-        size = incoming.size
-        traceparent, tracestate = current_trace_context()
-        received = ev.InstanceReceivedV1(
+        traceparent, tracestate = trace_context
+        return ev.InstanceReceivedV1(
             event_id=ev.fact_id("received", sop_uid, dataset_digest),
             traceparent=traceparent,
             tracestate=tracestate,
@@ -466,7 +491,7 @@ class StorageSCP:
             series_instance_uid=header.get("SeriesInstanceUID"),
             transfer_syntax_uid=header.transfer_syntax_uid,
             blob_key=key,
-            size=size,
+            size=incoming.size,
             dataset_digest=dataset_digest,
             calling_ae=peer.calling_ae,
             called_ae=peer.called_ae,
@@ -481,6 +506,10 @@ class StorageSCP:
             instance_number=header.get("InstanceNumber"),
             extra_tags={k: header.get(k) for k in self.extra if header.get(k)},
         )
+
+    async def _announce(self, command: _Command, incoming: _Incoming, received: ev.InstanceReceivedV1,
+                        existed: bool) -> tuple[int, str]:
+        sop_uid, key, size = command.sop_instance, received.blob_key, incoming.size
         try:
             ack = await self.bus.publish(received, self.cfg.nats.publish_timeout_s)
         except BusUnavailable as exc:

@@ -10,6 +10,11 @@ no instance is a duplicate). Baseline in the same run: DCMTK storescp writing
 the same files to disk. Peak RSS: VmHWM of the ingest process (it is started
 fresh for this) after it received one multi-frame instance generated on disk
 by streaming, never held in memory.
+
+Validation cost: the structural validator (shared.dicomvalidate) timed alone
+over the same files, the demo corpus and a 50 MiB instance, fed in 16 KiB
+chunks as PDVs arrive (smaller than most senders' PDUs: more calls, the worse
+case), next to ingest's mean receive-to-ack from the one-sender run.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MultiFrameGrayscaleWordSecondaryCaptureImageStorage, generate_uid
 
+from shared.dicomfile import dataset_offset
+from shared.dicomvalidate import DatasetValidator
 from switchyard import stack as ls
-from switchyard.corpus import generate_studies
+from switchyard.corpus import bundled_test_files, generate_studies
 from tests.fixtures.servers import make_stack, new_orthanc_node
 from tests.fixtures.util import free_port, wait_for
 
@@ -83,6 +90,26 @@ def big_multiframe(path: Path, frames: int, rows: int = 512, cols: int = 512) ->
         for _ in range(frames):
             f.write(frame)
     return path.stat().st_size
+
+
+def validation_seconds(paths: list[Path], chunk: int = 16384, rounds: int = 3) -> float:
+    """Median over ``rounds`` of the mean validator time per file (files read into memory first)."""
+    data = []
+    for path in paths:
+        with open(path, "rb") as f:
+            offset = dataset_offset(f)
+        ts = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        data.append((ts, memoryview(path.read_bytes())[offset:]))
+    means = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for ts, body in data:
+            v = DatasetValidator(ts)
+            for start in range(0, len(body), chunk):
+                v.feed(body[start:start + chunk])
+            v.finish()
+        means.append((time.perf_counter() - started) / len(data))
+    return sorted(means)[len(means) // 2]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -143,6 +170,8 @@ def main(argv: list[str]) -> int:
             cpu0 = cpu_seconds(pid)
             ing_one = rate(port, called, one, 1)
             cpu1 = cpu_seconds(pid)
+            r2a = (stack.metric("ingest", "switchyard_ingest_receive_to_ack_seconds_sum")
+                   / stack.metric("ingest", "switchyard_ingest_receive_to_ack_seconds_count"))
             ing_many = rate(port, called, many, SENDERS)
             cpu2 = cpu_seconds(pid)
             accepted = stack.metric("ingest", "switchyard_ingest_instances_total")
@@ -173,6 +202,13 @@ def main(argv: list[str]) -> int:
         finally:
             stack.close()
 
+        demo = bundled_test_files(work / "demo")
+        val_ct = validation_seconds(one)
+        val_demo = validation_seconds(demo)
+        fifty = work / "fifty.dcm"
+        fifty_size = big_multiframe(fifty, 100)  # 100 x 512 KiB frames
+        val_fifty = validation_seconds([fifty], rounds=5)
+
         print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; cpus: {os.cpu_count()}; "
               f"python {sys.version.split()[0]}")
         print(f"small instances: {count} x {size} bytes; ingest accepted (not duplicate): {accepted:.0f}")
@@ -190,6 +226,10 @@ def main(argv: list[str]) -> int:
               f"ingest CPU utilisation {(cpu1 - cpu0) * ing_one / len(one):.2f} / {(cpu2 - cpu1) * ing_many / len(many):.2f} cores")
         print(f"large instance: {big_size / 2**20:.0f} MiB in {big_s:.1f} s; ingest VmHWM {idle_hwm / 1024:.0f} MiB "
               f"idle -> {peak_hwm / 1024:.0f} MiB peak")
+        print(f"validation per image: {val_ct * 1e6:.0f} us ({size} byte CT), {val_demo * 1e6:.0f} us "
+              f"(demo corpus, {len(demo)} files), {val_fifty * 1e3:.2f} ms ({fifty_size / 2**20:.0f} MiB); "
+              f"ingest receive-to-ack mean (1 sender) {r2a * 1e3:.2f} ms, per instance wall {1e3 / ing_one:.2f} ms: "
+              f"CT validation = {val_ct / r2a:.1%} of receive-to-ack, {val_ct * ing_one:.1%} of wall")
         ok = (ing_one >= 0.5 * scp_one, ing_many >= 1.5 * ing_one, peak_hwm < 256 * 1024)
         print(f"targets: >=0.5x storescp {'met' if ok[0] else 'MISSED'}; 4 senders >=1.5x one "
               f"{'met' if ok[1] else 'MISSED'}; RSS < 256 MB {'met' if ok[2] else 'MISSED'}")

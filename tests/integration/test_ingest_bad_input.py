@@ -1,19 +1,27 @@
 """Bad input gets a clean answer while another association keeps storing successfully.
 
 After each case: no blob and no received event for the failed instance, no
-spool file left behind, and the service still serves.
+spool file left behind, and the service still serves. Datasets no node would
+accept (issue #13: structural defects, invalid UIDs, an event too big for the
+bus) are answered 0xC000 with a value-free Error Comment while a concurrent
+good sender keeps being answered within 2 s.
 """
 
 from __future__ import annotations
 
 import io
 import socket
+import struct
 import threading
+import time
 from pathlib import Path
 
 import msgspec
 import pydicom
 import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
@@ -33,7 +41,7 @@ pytestmark = pytest.mark.integration
 
 GOOD_AE = "GOODSCU"
 BACKGROUND_AE = "BACKGROUND"
-MAX_OBJECT = 256 * 1024
+MAX_OBJECT = 1536 * 1024  # room for the 1.1 MB tag; the size-limit case sends 2 MiB
 MAX_ASSOCIATIONS = 4
 
 
@@ -106,6 +114,7 @@ class Background:
     def __init__(self, stack: Stack, files: list[Path]) -> None:
         self.stack, self.files = stack, files
         self.statuses: list[int] = []
+        self.answered: list[tuple[float, float]] = []  # (when sent, seconds to the answer)
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -123,7 +132,10 @@ class Background:
                 # Stay below the network timeout between stores: keep sending.
                 while not self._stop.is_set() or not self.statuses:
                     settle(assoc)
-                    rsp = assoc.send_c_store(pydicom.dcmread(self.files[i % len(self.files)]))
+                    ds = pydicom.dcmread(self.files[i % len(self.files)])
+                    sent = time.monotonic()
+                    rsp = assoc.send_c_store(ds)
+                    self.answered.append((sent, time.monotonic() - sent))
                     self.statuses.append(int(rsp.Status) if rsp else -1)
                     i += 1
             finally:
@@ -135,6 +147,11 @@ class Background:
         self._thread.start()
         wait_for(lambda: self.statuses or self.error, timeout=20, what="background stores")
         return self
+
+    def slowest_since(self, since: float, until: float) -> tuple[int, float]:
+        """(stores sent in [since, until], the slowest one's seconds to the answer)."""
+        window = [took for sent, took in self.answered if since <= sent <= until]
+        return len(window), max(window, default=0.0)
 
     def stop(self) -> None:
         self._stop.set()
@@ -282,7 +299,7 @@ def test_peer_bound_to_another_address_is_rejected(ingest, background, tmp_path)
 
 
 def test_object_over_the_size_limit_is_refused(ingest, background, tmp_path):
-    path = one_instance(tmp_path, 12, rows=512, cols=512)  # 512 KiB of pixels > MAX_OBJECT
+    path = one_instance(tmp_path, 12, rows=1024, cols=1024)  # 2 MiB of pixels > MAX_OBJECT
     result = ingest.send([path], calling_ae=GOOD_AE, extra=["-v"])
     out = result.stdout + result.stderr
     assert "Received Store Response (Error: CannotUnderstand)" in out, out
@@ -366,6 +383,134 @@ def test_object_store_unavailable_answers_out_of_resources(ingest, tmp_path):
     assert len(blob_holding(ingest, uid)) == 1
 
 
+# ---------------------------------------------------------------- datasets no node will accept (issue #13)
+
+LONG_VRS = {b"OB", b"OW", b"SQ", b"UN", b"UT"}
+
+
+def element(tag: int, vr: bytes, value: bytes, length: int | None = None) -> bytes:
+    """One explicit VR little endian element, written by hand (``length`` overrides: the defects)."""
+    n = len(value) if length is None else length
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr
+    if vr in LONG_VRS:
+        return head + b"\0\0" + struct.pack("<I", n) + value
+    return head + struct.pack("<H", n) + value
+
+
+def part10(path: Path, sop_class: str, sop_instance: str, transfer_syntax: str, dataset: bytes) -> Path:
+    """A Part 10 file holding ``dataset`` exactly as given (pynetdicom sends it unchanged)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = transfer_syntax
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + fp.getvalue() + dataset)
+    return path
+
+
+def split(ds: pydicom.Dataset, implicit: bool = False) -> tuple[bytes, bytes]:
+    """(every element before Pixel Data, Pixel Data) encoded as ingest receives them."""
+    pixels = pydicom.Dataset()
+    pixels.PixelData = ds.PixelData
+    pixels["PixelData"].VR = "OW"
+    del ds.PixelData
+    return encode(ds, implicit, True), encode(pixels, implicit, True)
+
+
+def poison(case: str, tmp_path: Path, seed: int) -> tuple[Path, str]:
+    """(a file with the defect ``case``, the SOP Instance UID its command carries)."""
+    ds = pydicom.dcmread(one_instance(tmp_path, seed))
+    uid, ts = ds.SOPInstanceUID, ExplicitVRLittleEndian
+    if case == "non-UID characters in the SOP Instance UID":
+        uid = ds.SOPInstanceUID = f"{uid}.PID{seed}"
+    if case == "UID element sent as SQ":
+        del ds.StudyInstanceUID
+    if case == "1.1 MB tag: event over the bus's max_payload":
+        ds.StudyDescription = "S" * (1100 * 1024)
+    head, pixels = split(ds, implicit=case == "implicit VR data on an explicit context")
+    dataset = {
+        "truncated pixel data": head + pixels[:-100],
+        "odd value length": head + element(0x00181030, b"LO", b"PROTO01") + pixels,
+        "unknown VR": head + element(0x00181030, b"QQ", b"PROTOCOL") + pixels,
+        "UID element sent as SQ": head + element(0x0020000D, b"SQ", struct.pack("<HHI", 0xFFFE, 0xE000, 0)),
+        "implicit VR data on an explicit context": head + pixels,
+        "group 0002 element inside the dataset": head + element(0x00020016, b"AE", b"EVILSCU ") + pixels,
+        "1.1 MB tag: event over the bus's max_payload": head + pixels,
+        "non-UID characters in the SOP Instance UID": head + pixels,
+    }[case]
+    return part10(tmp_path / "poison.dcm", ds.SOPClassUID, uid, ts, dataset), uid
+
+
+POISON = {  # case -> what the Error Comment names (never a value)
+    "truncated pixel data": "element (7FE0,0010) value length 512 runs past end of dataset",
+    "odd value length": "element (0018,1030) has odd value length 7",
+    "unknown VR": "element (0018,1030) has unknown VR QQ",
+    "UID element sent as SQ": "element (0020,000D) is a sequence, not a UID",
+    "implicit VR data on an explicit context": "element (0008,0005): implicit VR data in explicit VR",
+    "group 0002 element inside the dataset": "group 0002 element (0002,0016) inside the dataset",
+    "1.1 MB tag: event over the bus's max_payload": "received event exceeds the bus's max payload",
+    "non-UID characters in the SOP Instance UID": "element (0008,0018) is not a valid UID",
+}
+
+
+def c_store_file(stack: Stack, path: Path, monkeypatch) -> pydicom.Dataset:
+    """C-STORE a file's dataset bytes unchanged (pynetdicom, TCP_NODELAY); the response."""
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE(ae_title=GOOD_AE)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    assoc = ae.associate("127.0.0.1", stack.cfg.ingest.port, ae_title=stack.cfg.ingest.ae_title,
+                         evt_handlers=[NODELAY_HANDLER])
+    assert assoc.is_established
+    try:
+        rsp = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    assert rsp is not None and "Status" in rsp, "no C-STORE response"
+    return rsp
+
+
+@pytest.mark.parametrize("case", list(POISON))
+def test_dataset_no_node_accepts_is_refused_and_leaves_nothing(ingest, background, tmp_path, monkeypatch, case):
+    seed = 100 + list(POISON).index(case)
+    path, uid = poison(case, tmp_path, seed)
+    blobs_before = set(ingest.blob_files())
+    events_before = len(ingest.received_events())
+    since = time.monotonic()
+    rsp = c_store_file(ingest, path, monkeypatch)
+    status = int(rsp.Status)
+    # Can never succeed: a 0xC000 failure, not success and not "retry later" (0xA7xx).
+    assert status == 0xC000, (case, hex(status), ingest.diagnostics())
+    comment = str(rsp.get("ErrorComment", ""))
+    assert comment == POISON[case][:64], comment
+    # Nothing left behind: no spool file, no blob, no event for it; the log names no value.
+    assert_nothing_kept(ingest, uid)
+    background_uids = {pydicom.dcmread(p).SOPInstanceUID for p in background.files}
+    for blob in set(ingest.blob_files()) - blobs_before:
+        assert any(u.encode() in blob.read_bytes() for u in background_uids), blob
+    assert {e.sop_instance_uid for e in ingest.received_events()[events_before:]} <= background_uids
+    log = ingest.log("ingest")
+    assert f"PID{seed}" not in log and "PROTO01" not in log and "S" * 64 not in log
+    # The good sender next to it was served as usual meanwhile.
+    wait_for(lambda: background.slowest_since(since, time.monotonic())[0] >= 2, timeout=20,
+             what="good stores during and after the bad one")
+    count, slowest = background.slowest_since(since, time.monotonic())
+    assert slowest < 2.0, (case, count, slowest)
+    assert_still_serves(ingest, tmp_path, seed + 50)
+
+
+def test_a_stream_of_poison_does_not_slow_a_good_sender(ingest, background, tmp_path, monkeypatch):
+    files = [poison(case, tmp_path / f"p{i}", 200 + i)[0] for i, case in enumerate(POISON)]
+    since = time.monotonic()
+    for _ in range(2):
+        for path in files:
+            assert int(c_store_file(ingest, path, monkeypatch).Status) == 0xC000, path
+    count, slowest = background.slowest_since(since, time.monotonic())
+    assert count >= 5 and slowest < 2.0, (count, slowest)
+
+
 def test_metrics_account_for_every_answer(ingest):
     # After all cases above (rejections, aborts, drops) the gauge is back to what is open.
     wait_for(lambda: ingest.metric("ingest", "switchyard_ingest_open_associations") == 0, timeout=20,
@@ -373,10 +518,11 @@ def test_metrics_account_for_every_answer(ingest):
     m = lambda name, labels="": ingest.metric("ingest", name, labels) or 0.0  # noqa: E731
     assert m("switchyard_ingest_associations_rejected_total") >= 5  # calling AE x2, called AE, address, limit
     assert m("switchyard_ingest_associations_aborted_total") >= 2
-    for status in ("0x0000", "0xC001", "0xC002", "0xA700"):
+    for status in ("0x0000", "0xC000", "0xC001", "0xC002", "0xA700"):
         assert m("switchyard_ingest_cstore_status_total", f'status="{status}"') >= 1, status
     accepted = m("switchyard_ingest_instances_total")
     assert accepted == len(ingest.received_events())
     assert m("switchyard_ingest_bytes_total") == sum(e.size for e in ingest.received_events())
     assert m("switchyard_ingest_receive_to_ack_seconds_count") == sum(
-        m("switchyard_ingest_cstore_status_total", f'status="{s}"') for s in ("0x0000", "0xC001", "0xC002", "0xA700"))
+        m("switchyard_ingest_cstore_status_total", f'status="{s}"')
+        for s in ("0x0000", "0xC000", "0xC001", "0xC002", "0xA700"))

@@ -26,6 +26,7 @@ from pynetdicom import _config as pynetdicom_config
 from switchyard import stack as ls
 from switchyard.corpus import bundled_test_files
 from shared.dicomfile import dataset_offset
+from shared.dicomvalidate import DatasetError, validate
 from shared.dimse import NODELAY_HANDLER, settle
 from tests.fixtures.util import free_port
 
@@ -72,6 +73,14 @@ def after_meta(path: Path) -> bytes:
     data = path.read_bytes()
     with open(path, "rb") as f:
         return data[dataset_offset(f):]
+
+
+def structurally_valid(path: Path, transfer_syntax: str) -> bool:
+    try:
+        validate(after_meta(path), transfer_syntax)
+        return True
+    except DatasetError:
+        return False
 
 
 def storescu_exact(port: int, called_ae: str, paths: list[Path], sop_classes: dict[Path, str],
@@ -124,6 +133,11 @@ def test_every_readable_bundled_file_is_stored_byte_identical_and_announced_once
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         headers[path] = (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+    # Files no node would accept (today SC_rgb_jpeg.dcm: implicit VR data under an explicit VR
+    # transfer syntax) are answered 0xC000 and not announced (issue #13).
+    refused = [p for p in files if not structurally_valid(p, headers[p][2])]
+    assert [p.name for p in refused] == ["SC_rgb_jpeg.dcm"], [p.name for p in refused]
+    files = [p for p in files if p not in refused]
     uids = {p: h[0] for p, h in headers.items()}
     sop_classes = {p: h[1] for p, h in headers.items()}
     # Broader than the uncompressed subset: compressed syntaxes are in.
@@ -143,6 +157,7 @@ def test_every_readable_bundled_file_is_stored_byte_identical_and_announced_once
     assert not failures, failures
     monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
     assert send_unchanged_with_pynetdicom(ingest_only, with_pynetdicom, headers) == [0] * len(with_pynetdicom)
+    assert send_unchanged_with_pynetdicom(ingest_only, refused, headers) == [0xC000] * len(refused)
 
     events = ingest_only.received_events()
     counts = Counter(e.sop_instance_uid for e in events)
@@ -157,3 +172,4 @@ def test_every_readable_bundled_file_is_stored_byte_identical_and_announced_once
         assert event.dataset_digest == hashlib.sha256(sent).hexdigest(), path.name
         assert event.transfer_syntax_uid == headers[path][2], path.name
     assert len(counts) == len(files)
+    assert not {uids[p] for p in refused} & set(counts)
