@@ -20,22 +20,12 @@ from services.probe.store import ProbeStore
 from shared import events as ev
 from shared.bus import Bus, subject_for
 from tests.bench.catalog import instance_events
-from tests.fixtures.servers import make_stack
+from tests.factories import mixed_log, rich_log
 from tests.fixtures.util import dump_all
-from tests.unit.test_catalog_batch import mixed_log
 
 pytestmark = pytest.mark.integration
 
 INSTANCES = 300
-
-
-@pytest.fixture
-def nats_only(tmp_path):
-    stack = make_stack(tmp_path, [], services=())
-    try:
-        yield stack
-    finally:
-        stack.close()
 
 
 async def connect(cfg) -> Bus:
@@ -167,7 +157,6 @@ def test_live_follower_batches_in_order_with_a_bounded_buffer(nats_only):
 
 def test_a_rebuild_over_a_malformed_message_falls_back_and_equals_the_live_store(nats_only, tmp_path, caplog):
     """The one-transaction rebuild cannot skip a message DuckDB refuses: it replays batch by batch instead."""
-    from tests.unit.test_catalog_batch import rich_log
 
     async def scenario():
         bus = await connect(nats_only.cfg.nats)

@@ -10,7 +10,7 @@ import pytest
 from services.catalog.audit import ExportError, export, parse_when
 from services.catalog.projection import CatalogStore
 from shared import cli
-from tests.unit.test_catalog_projection import forwarded, placed, received
+from tests.factories import forwarded, placed, received
 
 
 def at(hour: int) -> datetime:
