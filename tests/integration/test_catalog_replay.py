@@ -59,7 +59,7 @@ async def read_all(reader, bus: Bus, start: int, target: int, batch: int) -> tup
     return seqs, payloads, batches
 
 
-def test_wire_reader_reads_what_the_client_reads(nats_only):
+async def test_wire_reader_reads_what_the_client_reads(nats_only):
     async def scenario():
         bus = await connect(nats_only.cfg.nats)
         try:
@@ -74,10 +74,10 @@ def test_wire_reader_reads_what_the_client_reads(nats_only):
         finally:
             await bus.close()
 
-    asyncio.run(scenario())
+    await scenario()
 
 
-def test_live_catch_up_equals_a_rebuild(nats_only, tmp_path):
+async def test_live_catch_up_equals_a_rebuild(nats_only, tmp_path):
     cfg = nats_only.cfg
 
     async def scenario():
@@ -103,13 +103,12 @@ def test_live_catch_up_equals_a_rebuild(nats_only, tmp_path):
         finally:
             await bus.close()
 
-    live = asyncio.run(scenario())
+    live = await scenario()
     # Folded once at the end (the default memory bound), and folded after every batch
     # (a bound smaller than one batch: later folds upsert into filled tables).
     for name, fold_bytes in (("fresh.duckdb", 4 << 30), ("tight.duckdb", 1)):
         fresh = tmp_path / name
-        result = asyncio.run(rebuild_file(cfg.nats, fresh, CatalogStore, swap=False, batch=250,
-                                          fold_bytes=fold_bytes))
+        result = await rebuild_file(cfg.nats, fresh, CatalogStore, swap=False, batch=250, fold_bytes=fold_bytes)
         assert result.events == result.last_seq == live.last_seq()
         rebuilt = CatalogStore(fresh)
         for table in ("events", "instances", "locations", "nodes", "projection_state"):
@@ -120,7 +119,7 @@ def test_live_catch_up_equals_a_rebuild(nats_only, tmp_path):
     assert live.rows("SELECT state FROM nodes WHERE node_id = 'node9'") == [{"state": "added"}]
 
 
-def test_live_follower_batches_in_order_with_a_bounded_buffer(nats_only):
+async def test_live_follower_batches_in_order_with_a_bounded_buffer(nats_only):
     """Bus.follow_batches: every event once, in log order, batches never over max_batch,
     a batch closes at its linger, and a slow reader holds the buffer at max_batch."""
     async def scenario():
@@ -152,10 +151,10 @@ def test_live_follower_batches_in_order_with_a_bounded_buffer(nats_only):
             stop.set()
             await bus.close()
 
-    asyncio.run(scenario())
+    await scenario()
 
 
-def test_a_rebuild_over_a_malformed_message_falls_back_and_equals_the_live_store(nats_only, tmp_path, caplog):
+async def test_a_rebuild_over_a_malformed_message_falls_back_and_equals_the_live_store(nats_only, tmp_path, caplog):
     """The one-transaction rebuild cannot skip a message DuckDB refuses: it replays batch by batch instead."""
 
     async def scenario():
@@ -170,12 +169,11 @@ def test_a_rebuild_over_a_malformed_message_falls_back_and_equals_the_live_store
         finally:
             await bus.close()
 
-    sent = asyncio.run(scenario())
+    sent = await scenario()
     live = CatalogStore(tmp_path / "live.duckdb")
     for seq, data in enumerate(sent, start=1):
         live.apply_raw([seq], [data])
-    result = asyncio.run(rebuild_file(nats_only.cfg.nats, tmp_path / "fresh.duckdb", CatalogStore, swap=False,
-                                      batch=7))
+    result = await rebuild_file(nats_only.cfg.nats, tmp_path / "fresh.duckdb", CatalogStore, swap=False, batch=7)
     assert result.events == len(sent) - 1 and result.last_seq == len(sent)
     assert any("replaying batch by batch" in r.getMessage() for r in caplog.records)
     rebuilt = CatalogStore(tmp_path / "fresh.duckdb")
@@ -184,7 +182,7 @@ def test_a_rebuild_over_a_malformed_message_falls_back_and_equals_the_live_store
         assert rebuilt.rows(sql) == live.rows(sql), table
 
 
-def test_one_follower_brings_a_store_beside_up_from_its_own_sequence(nats_only, tmp_path):
+async def test_one_follower_brings_a_store_beside_up_from_its_own_sequence(nats_only, tmp_path):
     """keep_up(beside=...): the second store (behind the first) is fed from its own last sequence
     by the same follower and ends equal to its rebuild; the first store is not disturbed."""
     cfg = nats_only.cfg
@@ -212,7 +210,7 @@ def test_one_follower_brings_a_store_beside_up_from_its_own_sequence(nats_only, 
         finally:
             await bus.close()
 
-    asyncio.run(scenario())
+    await scenario()
     fresh = tmp_path / "fresh.duckdb"
-    asyncio.run(rebuild_file(cfg.nats, fresh, ProbeStore, swap=False))
+    await rebuild_file(cfg.nats, fresh, ProbeStore, swap=False)
     assert dump_all(tmp_path / "beside.duckdb") == dump_all(fresh)

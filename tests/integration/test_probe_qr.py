@@ -141,14 +141,11 @@ def test_move_to_a_known_destination_and_refuse_an_unknown_one(stack, corpus, st
     assert len(storescp.received()) == len(originals)
 
 
-def test_a_missing_blob_fails_only_its_own_sub_operation(stack, corpus, tmp_path):
-    from shared import events as ev
-    from tests.integration.test_probe_verify import log_events
-
+async def test_a_missing_blob_fails_only_its_own_sub_operation(stack, corpus, tmp_path):
     files, index, headers, acc = corpus
     study_uid = list(index)[1]
     lost_sop = index[study_uid][0]
-    (received,) = [e for e in log_events(stack, ev.InstanceReceivedV1) if e.sop_instance_uid == lost_sop]
+    (received,) = [e for e in await stack.received_events() if e.sop_instance_uid == lost_sop]
     blob = Path(stack.cfg.blobs.path) / received.blob_key
     aside = tmp_path / "aside"
     blob.rename(aside)
