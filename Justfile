@@ -25,6 +25,19 @@ unit *ARGS:
 integration *ARGS:
     {{venv}}/python -m pytest -q tests/integration {{ARGS}}
 
+# Lint and format check (ruff; settings in pyproject.toml)
+lint:
+    {{venv}}/ruff check .
+    {{venv}}/ruff format --check .
+
+# Type check (mypy; strict for shared/, settings in pyproject.toml)
+typecheck:
+    {{venv}}/mypy
+
+# Re-resolve requirements-dev.lock from pyproject.toml (`just lock --upgrade` moves every pin forward)
+lock *ARGS:
+    {{venv}}/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "just lock" -q -o requirements-dev.lock {{ARGS}}
+
 # Benchmarks (figures go to docs/benchmarks.md)
 bench *ARGS:
     {{venv}}/python -m tests.bench {{ARGS}}

@@ -25,8 +25,10 @@ if command -v systemctl >/dev/null && systemctl is-active --quiet orthanc 2>/dev
   $SUDO systemctl disable --now orthanc || true
 fi
 
+# The lock pins every dependency (with hashes) so two installs a month apart are
+# the same; `just lock` rewrites it. A change to either file reinstalls.
 stamp=.venv/.switchyard-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat requirements-dev.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv"
   python3 -m venv .venv
@@ -34,7 +36,8 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing the project and its dependencies into .venv"
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev]'
+  .venv/bin/pip install -q --require-hashes -r requirements-dev.lock
+  .venv/bin/pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
 

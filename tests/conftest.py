@@ -1,4 +1,5 @@
-"""Server fixtures live in tests/fixtures/, written once and shared by every test."""
+"""Server fixtures live in tests/fixtures/, written once and shared by every test;
+event builders live in tests/factories.py. No test module imports another."""
 
 from hypothesis import settings
 

@@ -1,14 +1,27 @@
-"""Event builders for tests (a test module never imports another test module)."""
+"""Event builders shared by the tests: one home, so a new event field is added in one place.
+
+Two families. The numbered ones (``received(n)``, ``placed(n, node)``...) build one study
+"1.2.9" whose instance n is "1.2.9.n" with readable ids ("p3-0" is instance 3's first
+placement); the catalog tests fold them. The ``*_on``/``*_from`` ones build events with
+the services' deterministic ids (``ev.fact_id``), as the probe derives them.
+"""
 
 from __future__ import annotations
 
+from datetime import datetime
+
+import msgspec
+
 from shared import events as ev
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
 def received(n: int, study: str = "1.2.9") -> ev.InstanceReceivedV1:
     return ev.InstanceReceivedV1(
-        event_id=f"r{n}", sop_instance_uid=f"1.2.9.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        study_instance_uid=study, series_instance_uid=f"{study}.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        event_id=f"r{n}", sop_instance_uid=f"1.2.9.{n}", sop_class_uid=CT,
+        study_instance_uid=study, series_instance_uid=f"{study}.1", transfer_syntax_uid=EXPLICIT_LE,
         blob_key=f"sha256/00/{n:064x}", size=100 + n, dataset_digest=f"{n:064x}", modality="CT",
         patient_id="DEMO01",
     )
@@ -17,7 +30,7 @@ def received(n: int, study: str = "1.2.9") -> ev.InstanceReceivedV1:
 def placed(n: int, node: str, attempt: int = 0) -> ev.InstancePlacedV1:
     return ev.InstancePlacedV1(
         event_id=f"p{n}-{attempt}", sop_instance_uid=f"1.2.9.{n}", study_instance_uid="1.2.9",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        sop_class_uid=CT, transfer_syntax_uid=EXPLICIT_LE,
         blob_key="k", dataset_digest="d", node_id=node, reason="new_study", attempt=attempt,
     )
 
@@ -25,3 +38,92 @@ def placed(n: int, node: str, attempt: int = 0) -> ev.InstancePlacedV1:
 def forwarded(n: int, node: str, attempt: int = 0) -> ev.InstanceForwardedV1:
     return ev.InstanceForwardedV1(event_id=f"f{n}-{attempt}", sop_instance_uid=f"1.2.9.{n}",
                                   study_instance_uid="1.2.9", node_id=node, placement_id=f"p{n}-{attempt}")
+
+
+def fanned_out(n: int, node: str, pool: str, attempt: int = 0) -> ev.InstancePlacedV1:
+    """A placement made by a routing rule that sends the instance to several pools."""
+    return msgspec.structs.replace(placed(n, node, attempt), event_id=f"p{n}-{pool}-{attempt}", pool=pool,
+                                   rule="both", reason="rule")
+
+
+def verification_failed(n: int, node: str, attempt: int = 0) -> ev.InstanceVerificationFailedV1:
+    return ev.InstanceVerificationFailedV1(
+        event_id=f"vf{n}-{attempt}", sop_instance_uid=f"1.2.9.{n}", study_instance_uid="1.2.9", node_id=node,
+        placement_id=f"p{n}-{attempt}", reason="dataset digest mismatch", expected_digest="a", found_digest="b")
+
+
+def log_of_two() -> list[tuple[int, ev.Event]]:
+    """Two instances: one forwarded, one refused and dead-lettered."""
+    events = [received(1), received(2), placed(1, "node1"), placed(2, "node1"), forwarded(1, "node1"),
+              ev.InstanceForwardFailedV1(event_id="x", sop_instance_uid="1.2.9.2", study_instance_uid="1.2.9",
+                                         node_id="node1", placement_id="p2-0", reason="refused", permanent=True),
+              ev.InstanceDeadLetteredV1(event_id="y", sop_instance_uid="1.2.9.2", study_instance_uid="1.2.9",
+                                        node_id="node1", placement_id="p2-0", reason="refused after 1")]
+    return list(enumerate(events, start=1))
+
+
+def mixed_log() -> list[tuple[int, ev.Event]]:
+    """Every kind the catalog folds, with stale outcomes, a re-received instance and unknown instances."""
+    events: list[ev.Event] = []
+    for n in range(1, 7):
+        events.append(received(n))
+    for n in range(1, 7):
+        events.append(placed(n, "node1"))
+    events += [
+        forwarded(1, "node1"),
+        ev.InstanceVerifiedV1(event_id="v1", sop_instance_uid="1.2.9.1", node_id="node1", dataset_digest="d"),
+        ev.InstanceVerifiedV1(event_id="v1b", sop_instance_uid="1.2.9.1", node_id="node2", dataset_digest="d"),
+        placed(2, "node2", attempt=1),
+        forwarded(2, "node1"),  # stale: placement p2-0 is no longer current
+        forwarded(2, "node2", attempt=1),
+        ev.InstanceForwardFailedV1(event_id="ff3", sop_instance_uid="1.2.9.3", study_instance_uid="1.2.9",
+                                   node_id="node1", placement_id="p3-0", reason="timeout"),
+        ev.NodeStateChangedV1(event_id="ns1", node_id="node3", state="drained", reason="maintenance"),
+        received(3),  # a re-received instance replaces its header row
+        ev.InstanceDeadLetteredV1(event_id="dl3", sop_instance_uid="1.2.9.3", study_instance_uid="1.2.9",
+                                  node_id="node1", placement_id="p3-0", reason="gave up"),
+        ev.NodeStateChangedV1(event_id="ns2", node_id="node3", state="undrained"),
+        ev.InstanceVerifiedV1(event_id="v9", sop_instance_uid="1.2.9.99", node_id="node1", dataset_digest="d"),
+    ]
+    return list(enumerate(events, start=1))
+
+
+def rich_log() -> list[tuple[int, ev.Event]]:
+    """The mixed log plus fan-out to pools, re-placement within a pool and verification outcomes."""
+
+    def fwd(n: int, node: str, pool: str, attempt: int = 0) -> ev.InstanceForwardedV1:
+        return msgspec.structs.replace(forwarded(n, node, attempt), event_id=f"f{n}-{pool}-{attempt}",
+                                       placement_id=f"p{n}-{pool}-{attempt}")
+
+    extra = [received(7), fanned_out(7, "node1", "archive"), fanned_out(7, "node2", "research"),
+             fwd(7, "node1", "archive"),
+             ev.InstanceVerificationFailedV1(event_id="vf7", sop_instance_uid="1.2.9.7", study_instance_uid="1.2.9",
+                                             node_id="node1", placement_id="p7-archive-0", reason="mismatch"),
+             fanned_out(7, "node3", "archive", attempt=1), fwd(7, "node2", "research"),
+             ev.InstanceVerifiedV1(event_id="v7", sop_instance_uid="1.2.9.7", node_id="node2", dataset_digest="d",
+                                   placement_id="p7-research-0"),
+             forwarded(4, "node1"),
+             ev.InstanceVerificationFailedV1(event_id="vf4", sop_instance_uid="1.2.9.4", study_instance_uid="1.2.9",
+                                             node_id="node1", placement_id="p4-0", reason="not seen"),
+             placed(4, "node2", attempt=1), received(4),
+             ev.NodeStateChangedV1(event_id="ns3", node_id="node1", state="drained", reason="disk")]
+    log = mixed_log()
+    return log + list(enumerate(extra, start=len(log) + 1))
+
+
+def placed_on(sop: str, node: str = "node1", digest: str = "d1") -> ev.InstancePlacedV1:
+    """A placement with the scheduler's deterministic id, for the probe's stores."""
+    return ev.InstancePlacedV1(
+        event_id=ev.fact_id("placed", sop, node), sop_instance_uid=sop, study_instance_uid="1.2",
+        sop_class_uid=CT, transfer_syntax_uid=EXPLICIT_LE,
+        blob_key=f"b/{sop}", dataset_digest=digest, node_id=node, reason="new_study",
+    )
+
+
+def forwarded_from(p: ev.InstancePlacedV1, at: datetime | None = None) -> ev.InstanceForwardedV1:
+    """The forwarder's outcome for placement ``p`` (at ``at``, default now)."""
+    return ev.InstanceForwardedV1(
+        event_id=ev.fact_id("forwarded", p.event_id), occurred_at=at or ev.utcnow(),
+        sop_instance_uid=p.sop_instance_uid, study_instance_uid=p.study_instance_uid, node_id=p.node_id,
+        placement_id=p.event_id,
+    )

@@ -23,7 +23,6 @@ import os
 import random
 import statistics
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from collections import defaultdict
@@ -10,26 +9,12 @@ from pathlib import Path
 
 import pydicom
 
-from shared import events as ev
-from shared.bus import Bus
 from switchyard.stack import REPO
-
-
-def log_events(stack) -> list[ev.AnyEvent]:
-    """Every event in the stack's log, in order (a real NATS replay)."""
-
-    async def collect():
-        bus = await Bus.connect(stack.cfg.nats, "placement-test")
-        try:
-            return [d.event async for d in bus.replay()]
-        finally:
-            await bus.close()
-
-    return asyncio.run(collect())
+from tests.fixtures.servers import log_events  # noqa: F401 - the placement tests take it from here
 
 
 def nodes_cli(stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "switchyard", "--config", str(stack.config_path), "nodes", *args],
+    return subprocess.run([sys.executable, "-m", "shared.cli", "--config", str(stack.config_path), "nodes", *args],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
 

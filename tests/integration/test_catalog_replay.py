@@ -21,22 +21,12 @@ from shared.readmodel.catalog import CatalogStore
 from shared.readmodel.follow import keep_up
 from shared.readmodel.replay import _read_with_client, read_raw_batches, rebuild_file, replay_into
 from tests.bench.catalog import instance_events
-from tests.fixtures.servers import make_stack
+from tests.factories import mixed_log, rich_log
 from tests.fixtures.util import dump_all
-from tests.unit.test_catalog_batch import mixed_log
 
 pytestmark = pytest.mark.integration
 
 INSTANCES = 300
-
-
-@pytest.fixture
-def nats_only(tmp_path):
-    stack = make_stack(tmp_path, [], services=())
-    try:
-        yield stack
-    finally:
-        stack.close()
 
 
 async def connect(cfg) -> Bus:
@@ -70,7 +60,7 @@ async def read_all(reader, bus: Bus, start: int, target: int, batch: int) -> tup
     return seqs, payloads, batches
 
 
-def test_wire_reader_reads_what_the_client_reads(nats_only):
+async def test_wire_reader_reads_what_the_client_reads(nats_only):
     async def scenario():
         bus = await connect(nats_only.cfg.nats)
         try:
@@ -85,10 +75,10 @@ def test_wire_reader_reads_what_the_client_reads(nats_only):
         finally:
             await bus.close()
 
-    asyncio.run(scenario())
+    await scenario()
 
 
-def test_live_catch_up_equals_a_rebuild(nats_only, tmp_path):
+async def test_live_catch_up_equals_a_rebuild(nats_only, tmp_path):
     cfg = nats_only.cfg
 
     async def scenario():
@@ -114,13 +104,12 @@ def test_live_catch_up_equals_a_rebuild(nats_only, tmp_path):
         finally:
             await bus.close()
 
-    live = asyncio.run(scenario())
+    live = await scenario()
     # Folded once at the end (the default memory bound), and folded after every batch
     # (a bound smaller than one batch: later folds upsert into filled tables).
     for name, fold_bytes in (("fresh.duckdb", 4 << 30), ("tight.duckdb", 1)):
         fresh = tmp_path / name
-        result = asyncio.run(rebuild_file(cfg.nats, fresh, CatalogStore, swap=False, batch=250,
-                                          fold_bytes=fold_bytes))
+        result = await rebuild_file(cfg.nats, fresh, CatalogStore, swap=False, batch=250, fold_bytes=fold_bytes)
         assert result.events == result.last_seq == live.last_seq()
         rebuilt = CatalogStore(fresh)
         for table in ("events", "instances", "locations", "nodes", "projection_state"):
@@ -131,7 +120,7 @@ def test_live_catch_up_equals_a_rebuild(nats_only, tmp_path):
     assert live.rows("SELECT state FROM nodes WHERE node_id = 'node9'") == [{"state": "added"}]
 
 
-def test_live_follower_batches_in_order_with_a_bounded_buffer(nats_only):
+async def test_live_follower_batches_in_order_with_a_bounded_buffer(nats_only):
     """Bus.follow_batches: every event once, in log order, batches never over max_batch,
     a batch closes at its linger, and a slow reader holds the buffer at max_batch."""
     async def scenario():
@@ -163,12 +152,11 @@ def test_live_follower_batches_in_order_with_a_bounded_buffer(nats_only):
             stop.set()
             await bus.close()
 
-    asyncio.run(scenario())
+    await scenario()
 
 
-def test_a_rebuild_over_a_malformed_message_falls_back_and_equals_the_live_store(nats_only, tmp_path, caplog):
+async def test_a_rebuild_over_a_malformed_message_falls_back_and_equals_the_live_store(nats_only, tmp_path, caplog):
     """The one-transaction rebuild cannot skip a message DuckDB refuses: it replays batch by batch instead."""
-    from tests.unit.test_catalog_batch import rich_log
 
     async def scenario():
         bus = await connect(nats_only.cfg.nats)
@@ -182,12 +170,11 @@ def test_a_rebuild_over_a_malformed_message_falls_back_and_equals_the_live_store
         finally:
             await bus.close()
 
-    sent = asyncio.run(scenario())
+    sent = await scenario()
     live = CatalogStore(tmp_path / "live.duckdb")
     for seq, data in enumerate(sent, start=1):
         live.apply_raw([seq], [data])
-    result = asyncio.run(rebuild_file(nats_only.cfg.nats, tmp_path / "fresh.duckdb", CatalogStore, swap=False,
-                                      batch=7))
+    result = await rebuild_file(nats_only.cfg.nats, tmp_path / "fresh.duckdb", CatalogStore, swap=False, batch=7)
     assert result.events == len(sent) - 1 and result.last_seq == len(sent)
     assert any("replaying batch by batch" in r.getMessage() for r in caplog.records)
     rebuilt = CatalogStore(tmp_path / "fresh.duckdb")
@@ -196,7 +183,7 @@ def test_a_rebuild_over_a_malformed_message_falls_back_and_equals_the_live_store
         assert rebuilt.rows(sql) == live.rows(sql), table
 
 
-def test_one_follower_brings_a_store_beside_up_from_its_own_sequence(nats_only, tmp_path):
+async def test_one_follower_brings_a_store_beside_up_from_its_own_sequence(nats_only, tmp_path):
     """keep_up(beside=...): the second store (behind the first) is fed from its own last sequence
     by the same follower and ends equal to its rebuild; the first store is not disturbed."""
     cfg = nats_only.cfg
@@ -224,7 +211,7 @@ def test_one_follower_brings_a_store_beside_up_from_its_own_sequence(nats_only, 
         finally:
             await bus.close()
 
-    asyncio.run(scenario())
+    await scenario()
     fresh = tmp_path / "fresh.duckdb"
-    asyncio.run(rebuild_file(cfg.nats, fresh, ProbeStore, swap=False))
+    await rebuild_file(cfg.nats, fresh, ProbeStore, swap=False)
     assert dump_all(tmp_path / "beside.duckdb") == dump_all(fresh)

@@ -172,11 +172,12 @@ def test_totals(routed):
     assert totals["events"] == totals["last_seq"] >= 24
 
 
-def test_rebuild_equals_the_live_store_and_swaps_in(routed, tmp_path, capsys):
+async def test_rebuild_equals_the_live_store_and_swaps_in(routed, tmp_path, capsys):
     stack, _ = routed
     db = stack.cfg.catalog.db_path
     argv = ["--config", str(stack.config_path)]
-    assert cli.main([*argv, "catalog", "rebuild"]) == 1  # refuses while the service holds the file
+    # cli.main runs its own event loop, so from this async test it runs in a thread.
+    assert await asyncio.to_thread(cli.main, [*argv, "catalog", "rebuild"]) == 1  # refuses: the file is held
     assert "stop it" in capsys.readouterr().err
     # The log must be quiet before the snapshot: the probe's verified events are
     # the last facts about these instances.
@@ -190,17 +191,17 @@ def test_rebuild_equals_the_live_store_and_swaps_in(routed, tmp_path, capsys):
     last = live["projection_state"][0][1]
 
     fresh = tmp_path / "fresh.duckdb"
-    result = asyncio.run(rebuild_file(stack.cfg.nats, fresh, CatalogStore, until_seq=last, swap=False))
+    result = await rebuild_file(stack.cfg.nats, fresh, CatalogStore, until_seq=last, swap=False)
     assert (result.events, result.last_seq) == (last, last)
     assert dump_all(fresh) == live  # table by table
 
-    assert cli.main([*argv, "audit", "export", "--since", "2000-01-01", "--until", "2100-01-01",
-                     "--out", str(tmp_path / "audit")]) == 0
+    assert await asyncio.to_thread(cli.main, [*argv, "audit", "export", "--since", "2000-01-01",
+                                              "--until", "2100-01-01", "--out", str(tmp_path / "audit")]) == 0
     assert f"{last} events, 8 instances" in capsys.readouterr().out
     con = duckdb.connect()
     assert con.execute(f"SELECT count(*) FROM '{tmp_path}/audit/events.parquet'").fetchone() == (last,)
 
-    assert cli.main([*argv, "catalog", "rebuild"]) == 0
+    assert await asyncio.to_thread(cli.main, [*argv, "catalog", "rebuild"]) == 0
     assert "catalog rebuilt" in capsys.readouterr().out
     assert dump_all(db) == live
     stack.start("catalog")

@@ -61,8 +61,8 @@ def ingest(orthanc_nodes, tmp_path_factory):
 
 # ---------------------------------------------------------------- helpers
 
-def received_uids(stack: Stack) -> set[str]:
-    return {e.sop_instance_uid for e in stack.received_events()}
+async def received_uids(stack: Stack) -> set[str]:
+    return {e.sop_instance_uid for e in await stack.received_events()}
 
 
 def blob_holding(stack: Stack, uid: str) -> list[Path]:
@@ -83,10 +83,10 @@ def spool_holding(stack: Stack, uid: str) -> list[Path]:
     return found
 
 
-def assert_nothing_kept(stack: Stack, uid: str) -> None:
+async def assert_nothing_kept(stack: Stack, uid: str) -> None:
     wait_for(lambda: not spool_holding(stack, uid), timeout=15, what=f"spool free of {uid}")
     assert blob_holding(stack, uid) == []
-    assert uid not in received_uids(stack)
+    assert uid not in await received_uids(stack)
 
 
 def one_instance(tmp_path: Path, seed: int, rows: int = 16, cols: int = 16) -> Path:
@@ -94,11 +94,11 @@ def one_instance(tmp_path: Path, seed: int, rows: int = 16, cols: int = 16) -> P
                             seed=seed, rows=rows, cols=cols)[0]
 
 
-def assert_still_serves(stack: Stack, tmp_path: Path, seed: int) -> None:
+async def assert_still_serves(stack: Stack, tmp_path: Path, seed: int) -> None:
     path = one_instance(tmp_path, seed)
     result = stack.send([path], calling_ae=GOOD_AE, extra=["-v"])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert pydicom.dcmread(path).SOPInstanceUID in received_uids(stack)
+    assert pydicom.dcmread(path).SOPInstanceUID in await received_uids(stack)
 
 
 def sender_ae() -> AE:
@@ -211,23 +211,23 @@ def closed_by_server(sock: socket.socket, timeout: float = 15.0) -> bytes:
 
 # ---------------------------------------------------------------- cases
 
-def test_non_dicom_bytes_are_dropped(ingest, background, tmp_path):
+async def test_non_dicom_bytes_are_dropped(ingest, background, tmp_path):
     with socket.create_connection(("127.0.0.1", ingest.cfg.ingest.port)) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: switchyard\r\n\r\n" + bytes(range(256)) * 64)
         answer = closed_by_server(sock)
     # Either a plain close or an A-ABORT PDU (type 0x07), never anything else.
     assert answer == b"" or answer[:1] == b"\x07", answer[:32]
-    assert_still_serves(ingest, tmp_path, 1)
+    await assert_still_serves(ingest, tmp_path, 1)
 
 
-def test_silent_connection_is_closed_after_the_network_timeout(ingest, background, tmp_path):
+async def test_silent_connection_is_closed_after_the_network_timeout(ingest, background, tmp_path):
     with socket.create_connection(("127.0.0.1", ingest.cfg.ingest.port)) as sock:
         answer = closed_by_server(sock, timeout=ingest.cfg.ingest.network_timeout_s + 10)
     assert answer == b"" or answer[:1] == b"\x07", answer[:32]
-    assert_still_serves(ingest, tmp_path, 2)
+    await assert_still_serves(ingest, tmp_path, 2)
 
 
-def test_association_aborted_mid_dataset_keeps_nothing(ingest, background, tmp_path):
+async def test_association_aborted_mid_dataset_keeps_nothing(ingest, background, tmp_path):
     path = one_instance(tmp_path, 3, rows=128, cols=128)
     ds = pydicom.dcmread(path)
     assoc, cx_id, max_pdu = raw_association(ingest)
@@ -238,12 +238,12 @@ def test_association_aborted_mid_dataset_keeps_nothing(ingest, background, tmp_p
         sock.sendall(pdu)
     wait_for(lambda: spool_holding(ingest, ds.SOPInstanceUID), timeout=10, what="partial dataset spooled")
     assoc.abort()
-    assert_nothing_kept(ingest, ds.SOPInstanceUID)
+    await assert_nothing_kept(ingest, ds.SOPInstanceUID)
     assert ingest.metric("ingest", "switchyard_ingest_spool_discarded_total") >= 1
-    assert_still_serves(ingest, tmp_path, 4)
+    await assert_still_serves(ingest, tmp_path, 4)
 
 
-def test_truncated_pdata_keeps_nothing(ingest, background, tmp_path):
+async def test_truncated_pdata_keeps_nothing(ingest, background, tmp_path):
     path = one_instance(tmp_path, 5, rows=128, cols=128)
     ds = pydicom.dcmread(path)
     assoc, cx_id, max_pdu = raw_association(ingest)
@@ -256,11 +256,11 @@ def test_truncated_pdata_keeps_nothing(ingest, background, tmp_path):
     sock.shutdown(socket.SHUT_WR)
     # The server gives up on the connection (network timeout or EOF) and keeps nothing.
     wait_for(lambda: not assoc.is_alive() or assoc.is_aborted, timeout=20, what="association ended")
-    assert_nothing_kept(ingest, ds.SOPInstanceUID)
-    assert_still_serves(ingest, tmp_path, 6)
+    await assert_nothing_kept(ingest, ds.SOPInstanceUID)
+    await assert_still_serves(ingest, tmp_path, 6)
 
 
-def test_unknown_calling_ae_is_rejected(ingest, background, tmp_path):
+async def test_unknown_calling_ae_is_rejected(ingest, background, tmp_path):
     path = one_instance(tmp_path, 7)
     result = ingest.send([path], calling_ae="STRANGER", extra=["-v"])
     out = result.stdout + result.stderr
@@ -272,33 +272,33 @@ def test_unknown_calling_ae_is_rejected(ingest, background, tmp_path):
     assert assoc.is_rejected
     rj = assoc.acceptor.primitive
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
-    assert_nothing_kept(ingest, pydicom.dcmread(path).SOPInstanceUID)
+    await assert_nothing_kept(ingest, pydicom.dcmread(path).SOPInstanceUID)
     assert "STRANGER" in ingest.log("ingest")
-    assert_still_serves(ingest, tmp_path, 8)
+    await assert_still_serves(ingest, tmp_path, 8)
 
 
-def test_wrong_called_ae_is_rejected(ingest, background, tmp_path):
+async def test_wrong_called_ae_is_rejected(ingest, background, tmp_path):
     path = one_instance(tmp_path, 9)
     result = ls.storescu("127.0.0.1", ingest.cfg.ingest.port, "NOTUS", [path], calling_ae=GOOD_AE, extra=["-v"])
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert "Association Rejected" in out and "Called AE Title Not Recognized" in out, out
-    assert_nothing_kept(ingest, pydicom.dcmread(path).SOPInstanceUID)
-    assert_still_serves(ingest, tmp_path, 10)
+    await assert_nothing_kept(ingest, pydicom.dcmread(path).SOPInstanceUID)
+    await assert_still_serves(ingest, tmp_path, 10)
 
 
-def test_peer_bound_to_another_address_is_rejected(ingest, background, tmp_path):
+async def test_peer_bound_to_another_address_is_rejected(ingest, background, tmp_path):
     path = one_instance(tmp_path, 11)
     refused = ingest.send([path], calling_ae="ELSEWHERE", extra=["-v"])
     out = refused.stdout + refused.stderr
     assert "Calling AE Title Not Recognized" in out, out
-    assert_nothing_kept(ingest, pydicom.dcmread(path).SOPInstanceUID)
+    await assert_nothing_kept(ingest, pydicom.dcmread(path).SOPInstanceUID)
     accepted = ingest.send([path], calling_ae="LOCALONLY", extra=["-v"])
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
-    assert pydicom.dcmread(path).SOPInstanceUID in received_uids(ingest)
+    assert pydicom.dcmread(path).SOPInstanceUID in await received_uids(ingest)
 
 
-def test_object_over_the_size_limit_is_refused(ingest, background, tmp_path):
+async def test_object_over_the_size_limit_is_refused(ingest, background, tmp_path):
     path = one_instance(tmp_path, 12, rows=1024, cols=1024)  # 2 MiB of pixels > MAX_OBJECT
     result = ingest.send([path], calling_ae=GOOD_AE, extra=["-v"])
     out = result.stdout + result.stderr
@@ -309,11 +309,11 @@ def test_object_over_the_size_limit_is_refused(ingest, background, tmp_path):
         assert int(rsp.Status) == 0xC002, rsp
     finally:
         assoc.release()
-    assert_nothing_kept(ingest, pydicom.dcmread(path).SOPInstanceUID)
-    assert_still_serves(ingest, tmp_path, 13)
+    await assert_nothing_kept(ingest, pydicom.dcmread(path).SOPInstanceUID)
+    await assert_still_serves(ingest, tmp_path, 13)
 
 
-def test_dataset_uid_differing_from_the_command_is_refused(ingest, background, tmp_path, monkeypatch):
+async def test_dataset_uid_differing_from_the_command_is_refused(ingest, background, tmp_path, monkeypatch):
     path = one_instance(tmp_path, 14)
     ds = pydicom.dcmread(path)
     command_uid = generate_uid()
@@ -328,12 +328,12 @@ def test_dataset_uid_differing_from_the_command_is_refused(ingest, background, t
         assert rsp is not None and int(rsp.Status) == 0xC001, rsp
     finally:
         assoc.release()
-    assert_nothing_kept(ingest, ds.SOPInstanceUID)
-    assert_nothing_kept(ingest, command_uid)
-    assert_still_serves(ingest, tmp_path, 15)
+    await assert_nothing_kept(ingest, ds.SOPInstanceUID)
+    await assert_nothing_kept(ingest, command_uid)
+    await assert_still_serves(ingest, tmp_path, 15)
 
 
-def test_association_limit_rejects_with_local_limit_exceeded(ingest, background, tmp_path):
+async def test_association_limit_rejects_with_local_limit_exceeded(ingest, background, tmp_path):
     held = []
     try:
         # The background sender holds one association already.
@@ -349,7 +349,7 @@ def test_association_limit_rejects_with_local_limit_exceeded(ingest, background,
     finally:
         for assoc in held:
             assoc.release()
-    assert_still_serves(ingest, tmp_path, 16)
+    await assert_still_serves(ingest, tmp_path, 16)
 
 
 def test_idle_association_is_aborted_after_the_network_timeout(ingest, background):
@@ -360,7 +360,7 @@ def test_idle_association_is_aborted_after_the_network_timeout(ingest, backgroun
     assert assoc.is_aborted or assoc.is_released
 
 
-def test_object_store_unavailable_answers_out_of_resources(ingest, tmp_path):
+async def test_object_store_unavailable_answers_out_of_resources(ingest, tmp_path):
     path = one_instance(tmp_path, 17)
     uid = pydicom.dcmread(path).SOPInstanceUID
     root = Path(ingest.cfg.blobs.path)
@@ -375,11 +375,11 @@ def test_object_store_unavailable_answers_out_of_resources(ingest, tmp_path):
     finally:
         root.unlink()
         aside.rename(root)
-    assert_nothing_kept(ingest, uid)
+    await assert_nothing_kept(ingest, uid)
     # The sender retries once the store is back: accepted, announced once.
     again = ingest.send([path], calling_ae=GOOD_AE, extra=["-v"])
     assert again.returncode == 0, again.stdout + again.stderr
-    assert sum(e.sop_instance_uid == uid for e in ingest.received_events()) == 1
+    assert sum(e.sop_instance_uid == uid for e in await ingest.received_events()) == 1
     assert len(blob_holding(ingest, uid)) == 1
 
 
@@ -473,11 +473,11 @@ def c_store_file(stack: Stack, path: Path, monkeypatch) -> pydicom.Dataset:
 
 
 @pytest.mark.parametrize("case", list(POISON))
-def test_dataset_no_node_accepts_is_refused_and_leaves_nothing(ingest, background, tmp_path, monkeypatch, case):
+async def test_dataset_no_node_accepts_is_refused_and_leaves_nothing(ingest, background, tmp_path, monkeypatch, case):
     seed = 100 + list(POISON).index(case)
     path, uid = poison(case, tmp_path, seed)
     blobs_before = set(ingest.blob_files())
-    events_before = len(ingest.received_events())
+    events_before = len(await ingest.received_events())
     since = time.monotonic()
     rsp = c_store_file(ingest, path, monkeypatch)
     status = int(rsp.Status)
@@ -486,11 +486,11 @@ def test_dataset_no_node_accepts_is_refused_and_leaves_nothing(ingest, backgroun
     comment = str(rsp.get("ErrorComment", ""))
     assert comment == POISON[case][:64], comment
     # Nothing left behind: no spool file, no blob, no event for it; the log names no value.
-    assert_nothing_kept(ingest, uid)
+    await assert_nothing_kept(ingest, uid)
     background_uids = {pydicom.dcmread(p).SOPInstanceUID for p in background.files}
     for blob in set(ingest.blob_files()) - blobs_before:
         assert any(u.encode() in blob.read_bytes() for u in background_uids), blob
-    assert {e.sop_instance_uid for e in ingest.received_events()[events_before:]} <= background_uids
+    assert {e.sop_instance_uid for e in (await ingest.received_events())[events_before:]} <= background_uids
     log = ingest.log("ingest")
     assert f"PID{seed}" not in log and "PROTO01" not in log and "S" * 64 not in log
     # The good sender next to it was served as usual meanwhile.
@@ -501,7 +501,7 @@ def test_dataset_no_node_accepts_is_refused_and_leaves_nothing(ingest, backgroun
     assert_still_serves(ingest, tmp_path, seed + 50)
 
 
-def test_a_stream_of_poison_does_not_slow_a_good_sender(ingest, background, tmp_path, monkeypatch):
+async def test_a_stream_of_poison_does_not_slow_a_good_sender(ingest, background, tmp_path, monkeypatch):
     files = [poison(case, tmp_path / f"p{i}", 200 + i)[0] for i, case in enumerate(POISON)]
     since = time.monotonic()
     for _ in range(2):
@@ -511,7 +511,7 @@ def test_a_stream_of_poison_does_not_slow_a_good_sender(ingest, background, tmp_
     assert count >= 5 and slowest < 2.0, (count, slowest)
 
 
-def test_metrics_account_for_every_answer(ingest):
+async def test_metrics_account_for_every_answer(ingest):
     # After all cases above (rejections, aborts, drops) the gauge is back to what is open.
     wait_for(lambda: ingest.metric("ingest", "switchyard_ingest_open_associations") == 0, timeout=20,
              what="open associations back to 0")
@@ -521,8 +521,8 @@ def test_metrics_account_for_every_answer(ingest):
     for status in ("0x0000", "0xC000", "0xC001", "0xC002", "0xA700"):
         assert m("switchyard_ingest_cstore_status_total", f'status="{status}"') >= 1, status
     accepted = m("switchyard_ingest_instances_total")
-    assert accepted == len(ingest.received_events())
-    assert m("switchyard_ingest_bytes_total") == sum(e.size for e in ingest.received_events())
+    assert accepted == len(await ingest.received_events())
+    assert m("switchyard_ingest_bytes_total") == sum(e.size for e in await ingest.received_events())
     assert m("switchyard_ingest_receive_to_ack_seconds_count") == sum(
         m("switchyard_ingest_cstore_status_total", f'status="{s}"')
         for s in ("0x0000", "0xC000", "0xC001", "0xC002", "0xA700"))

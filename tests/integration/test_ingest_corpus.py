@@ -126,7 +126,7 @@ def sent_unchanged_by_storescu(paths: list[Path], uids: dict[Path, str], sop_cla
     return [p for p in paths if uids[p] in received and after_meta(received[uids[p]]) == after_meta(p)]
 
 
-def test_every_readable_bundled_file_is_stored_byte_identical_and_announced_once(ingest_only, tmp_path,
+async def test_every_readable_bundled_file_is_stored_byte_identical_and_announced_once(ingest_only, tmp_path,
                                                                                  monkeypatch):
     files = bundled_test_files(tmp_path / "corpus", any_transfer_syntax=True)
     headers = {}
@@ -159,7 +159,7 @@ def test_every_readable_bundled_file_is_stored_byte_identical_and_announced_once
     assert send_unchanged_with_pynetdicom(ingest_only, with_pynetdicom, headers) == [0] * len(with_pynetdicom)
     assert send_unchanged_with_pynetdicom(ingest_only, refused, headers) == [0xC000] * len(refused)
 
-    events = ingest_only.received_events()
+    events = await ingest_only.received_events()
     counts = Counter(e.sop_instance_uid for e in events)
     by_uid = {e.sop_instance_uid: e for e in events}
     blobs = Path(ingest_only.cfg.blobs.path)

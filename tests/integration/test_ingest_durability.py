@@ -11,7 +11,7 @@ from tests.fixtures.util import wait_for
 pytestmark = pytest.mark.integration
 
 
-def test_nats_down_means_failure_status_and_nothing_kept(ingest_only, tmp_path):
+async def test_nats_down_means_failure_status_and_nothing_kept(ingest_only, tmp_path):
     files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=1, seed=303)
     ingest_only.stop_nats()
 
@@ -22,20 +22,20 @@ def test_nats_down_means_failure_status_and_nothing_kept(ingest_only, tmp_path):
 
     # NATS back (same store): nothing was recorded, and ingest serves again.
     ingest_only.start_nats()
-    assert ingest_only.received_events() == []
+    assert await ingest_only.received_events() == []
     wait_for(lambda: ingest_only.metric("ingest", "switchyard_bus_connected") == 1.0, timeout=20,
              what="ingest reconnected to NATS")
     again = ingest_only.send(files, extra=["-v"])
     assert again.returncode == 0 and "Received Store Response (Success)" in again.stdout + again.stderr, again.stderr
-    events = ingest_only.received_events()
+    events = await ingest_only.received_events()
     assert len(events) == 1 and len(ingest_only.blob_files()) == 1
 
 
-def test_same_instance_twice_is_recorded_once(ingest_only, tmp_path):
+async def test_same_instance_twice_is_recorded_once(ingest_only, tmp_path):
     files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=1, seed=304)
     for _ in range(2):
         result = ingest_only.send(files, extra=["-v"])
         assert "Received Store Response (Success)" in result.stdout + result.stderr, result.stderr
-    events = ingest_only.received_events()
+    events = await ingest_only.received_events()
     assert len(events) == 1
     assert events[0].blob_key.startswith("sha256/")

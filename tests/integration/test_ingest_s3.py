@@ -19,7 +19,7 @@ from tests.fixtures.util import free_port
 pytestmark = pytest.mark.integration
 
 
-def test_s3_store_unavailable_answers_out_of_resources_and_keeps_nothing(orthanc_nodes, tmp_path):
+async def test_s3_store_unavailable_answers_out_of_resources_and_keeps_nothing(orthanc_nodes, tmp_path):
     port, log = free_port(), tmp_path / "moto.log"
     moto = start_moto(port, log)
     blobs = s3_blob_config(moto_endpoint(port, log), "ingest-s3")
@@ -33,7 +33,7 @@ def test_s3_store_unavailable_answers_out_of_resources_and_keeps_nothing(orthanc
                                          seed=4242)
         ok = stack.send([first], extra=["-v"])
         assert ok.returncode == 0, ok.stdout + ok.stderr
-        [event] = stack.received_events()
+        [event] = await stack.received_events()
         assert S3BlobStore(blobs).exists(event.blob_key)
 
         moto.stop(10)
@@ -42,7 +42,7 @@ def test_s3_store_unavailable_answers_out_of_resources_and_keeps_nothing(orthanc
         assert "Received Store Response (Refused: OutOfResources)" in out, out
         assert "blob store refused" in stack.log("ingest")
         uid = pydicom.dcmread(second).SOPInstanceUID
-        assert uid not in {e.sop_instance_uid for e in stack.received_events()}
+        assert uid not in {e.sop_instance_uid for e in await stack.received_events()}
         assert list((tmp_path / "stack" / "spool").glob("*")) == []
 
         # The store is back (empty: moto keeps nothing across restarts); the
@@ -53,7 +53,7 @@ def test_s3_store_unavailable_answers_out_of_resources_and_keeps_nothing(orthanc
             if again.returncode == 0 and "Refused" not in again.stdout + again.stderr:
                 break
         assert again.returncode == 0, again.stdout + again.stderr
-        events = [e for e in stack.received_events() if e.sop_instance_uid == uid]
+        events = [e for e in await stack.received_events() if e.sop_instance_uid == uid]
         assert len(events) == 1
         assert S3BlobStore(blobs).exists(events[0].blob_key)
     finally:

@@ -48,34 +48,34 @@ def store(stack: Stack, path: Path, ctx: ssl.SSLContext | None):
         assoc.release()
 
 
-def received_uids(stack: Stack) -> list[str]:
-    return [e.sop_instance_uid for e in stack.received_events()]
+async def received_uids(stack: Stack) -> list[str]:
+    return [e.sop_instance_uid for e in await stack.received_events()]
 
 
-def test_store_over_mutual_tls(tls_ingest, pki, tmp_path):
+async def test_store_over_mutual_tls(tls_ingest, pki, tmp_path):
     path = generate_studies(tmp_path, studies=1, series_per_study=1, instances_per_series=1, seed=41, rows=16, cols=16)[0]
     assert store(tls_ingest, path, client_context(pki)) == 0
-    assert received_uids(tls_ingest).count(pydicom.dcmread(path).SOPInstanceUID) == 1
+    assert (await received_uids(tls_ingest)).count(pydicom.dcmread(path).SOPInstanceUID) == 1
 
 
 @pytest.mark.parametrize("client", ["plain", "no-client-cert", "untrusted-client-cert"])
-def test_peers_without_a_trusted_certificate_get_no_association(tls_ingest, pki, tmp_path, client):
+async def test_peers_without_a_trusted_certificate_get_no_association(tls_ingest, pki, tmp_path, client):
     path = generate_studies(tmp_path, studies=1, series_per_study=1, instances_per_series=1, seed=42, rows=16, cols=16)[0]
     ctx = {"plain": None, "no-client-cert": client_context(pki, cert=None),
            "untrusted-client-cert": client_context(pki, cert="rogue")}[client]
     assert store(tls_ingest, path, ctx) is None
-    assert pydicom.dcmread(path).SOPInstanceUID not in received_uids(tls_ingest)
+    assert pydicom.dcmread(path).SOPInstanceUID not in await received_uids(tls_ingest)
     # The server keeps serving trusted peers.
     other = generate_studies(tmp_path / "ok", studies=1, series_per_study=1, instances_per_series=1, seed=43,
                              rows=16, cols=16)[0]
     assert store(tls_ingest, other, client_context(pki)) == 0
 
 
-def test_silent_connection_does_not_block_tls_peers(tls_ingest, pki, tmp_path):
+async def test_silent_connection_does_not_block_tls_peers(tls_ingest, pki, tmp_path):
     """A peer that connects and never starts the handshake must not hold up the others."""
     path = generate_studies(tmp_path, studies=1, series_per_study=1, instances_per_series=1, seed=44, rows=16, cols=16)[0]
     with socket.create_connection(("127.0.0.1", tls_ingest.cfg.ingest.port)):
         # Before the fix the handshake of the silent peer blocked pynetdicom's accept loop
         # with no timeout: this association was never accepted (the sender's 5 s ACSE timeout).
         assert store(tls_ingest, path, client_context(pki)) == 0
-    assert pydicom.dcmread(path).SOPInstanceUID in received_uids(tls_ingest)
+    assert pydicom.dcmread(path).SOPInstanceUID in await received_uids(tls_ingest)

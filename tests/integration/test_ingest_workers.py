@@ -38,7 +38,7 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
-def test_workers_share_the_port_and_a_dead_worker_stops_the_service(orthanc_nodes, tmp_path):
+async def test_workers_share_the_port_and_a_dead_worker_stops_the_service(orthanc_nodes, tmp_path):
     metrics = port_pair()
 
     def configure(cfg):
@@ -56,7 +56,7 @@ def test_workers_share_the_port_and_a_dead_worker_stops_the_service(orthanc_node
         with ThreadPoolExecutor(SENDERS) as pool:
             results = list(pool.map(lambda c: stack.send(c, calling_ae="WORKERS"), chunks))
         assert all(r.returncode == 0 for r in results), [r.stdout + r.stderr for r in results if r.returncode]
-        assert len({e.sop_instance_uid for e in stack.received_events()}) == len(files)
+        assert len({e.sop_instance_uid for e in await stack.received_events()}) == len(files)
 
         # Each worker counts what it accepted; together, every instance once.
         assert sum(stack.metric("ingest", "switchyard_ingest_instances_total", worker=w) for w in (0, 1)) == len(files)

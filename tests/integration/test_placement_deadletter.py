@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 IMPLICIT_ONLY = {"AcceptedTransferSyntaxes": ["1.2.840.10008.1.2"]}
 
 
-def test_all_nodes_refusing_the_transfer_syntax_dead_letter(tmp_path):
+async def test_all_nodes_refusing_the_transfer_syntax_dead_letter(tmp_path):
     nodes = [new_orthanc_node(i, tmp_path / "nodes", IMPLICIT_ONLY) for i in (1, 2)]
     stack = None
     try:
@@ -36,7 +36,7 @@ def test_all_nodes_refusing_the_transfer_syntax_dead_letter(tmp_path):
 
         # The catalog shows every instance dead-lettered once the scheduler has given up on it.
         rows = wait_for(final_dead_letters, timeout=90, what="dead letters final")
-        events = log_events(stack)
+        events = await log_events(stack)
         assert not any(isinstance(e, ev.InstanceForwardedV1) for e in events)
         for row in rows:
             sop = row["sop_instance_uid"]

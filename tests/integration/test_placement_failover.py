@@ -10,13 +10,13 @@ import pytest
 from shared import events as ev
 from switchyard.corpus import generate_studies
 from tests.fixtures.servers import make_stack
-from tests.fixtures.util import wait_for
+from tests.fixtures.util import poll, wait_for
 from tests.integration.placement_helpers import all_forwarded, by_study, log_events, scheduler_sees
 
 pytestmark = pytest.mark.integration
 
 
-def test_killed_node_work_moves_whole_and_restarted_node_gets_new_studies(live_nodes, tmp_path):
+async def test_killed_node_work_moves_whole_and_restarted_node_gets_new_studies(live_nodes, tmp_path):
     stack = make_stack(tmp_path / "stack", live_nodes)
     try:
         wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
@@ -49,7 +49,7 @@ def test_killed_node_work_moves_whole_and_restarted_node_gets_new_studies(live_n
         totals = stack.catalog("/api/totals")
         assert totals["instances"] == sum(len(f) for f in studies.values())
 
-        events = log_events(stack)
+        events = await log_events(stack)
         placed_by_sop = Counter(e.sop_instance_uid for e in events if isinstance(e, ev.InstancePlacedV1))
         rows_by_sop = {r["sop_instance_uid"]: r for rows in final.values() for r in rows}
         # The studies the victim held moved together: their later instances sit on one live node.
@@ -85,21 +85,21 @@ def test_killed_node_work_moves_whole_and_restarted_node_gets_new_studies(live_n
             for files in fresh.values():
                 assert stack.send(files).returncode == 0
             rows = wait_for(lambda: all_forwarded(stack, fresh), timeout=60, what="new studies forwarded")
-            placed = [e for e in log_events(stack) if isinstance(e, ev.InstancePlacedV1)
+            placed = [e for e in await log_events(stack) if isinstance(e, ev.InstancePlacedV1)
                       and e.study_instance_uid in fresh]
             assert placed and all(victim_id in {c.node_id for c in e.candidates} for e in placed)
             if victim_id in {r[0]["node_id"] for r in rows.values()}:
                 got_work = True
                 break
         assert got_work, "the restarted node gets new studies"
-        ups = [e for e in log_events(stack) if isinstance(e, ev.NodeStateChangedV1) and e.node_id == victim_id
+        ups = [e for e in await log_events(stack) if isinstance(e, ev.NodeStateChangedV1) and e.node_id == victim_id
                and e.state == "up" and e.occurred_at >= killed_at]
         assert len(ups) == 1
     finally:
         stack.close()
 
 
-def test_backlog_of_a_dead_node_is_placed_again_elsewhere(live_nodes, tmp_path):
+async def test_backlog_of_a_dead_node_is_placed_again_elsewhere(live_nodes, tmp_path):
     """Work already placed on a node that dies before delivery: handed back, re-placed, delivered."""
     stack = make_stack(tmp_path / "stack", live_nodes, services=("ingest", "scheduler", "probe", "catalog"))
     try:
@@ -110,23 +110,28 @@ def test_backlog_of_a_dead_node_is_placed_again_elsewhere(live_nodes, tmp_path):
         for files in studies.values():
             assert stack.send(files).returncode == 0
         # No forwarder yet: every instance waits as placed work in its node's consumer.
-        placed = wait_for(lambda: [e for e in log_events(stack) if isinstance(e, ev.InstancePlacedV1)]
-                          if sum(isinstance(e, ev.InstancePlacedV1) for e in log_events(stack)) == 12 else None,
-                          timeout=30, what="every instance placed")
+        async def all_placed():
+            placed = [e for e in await log_events(stack) if isinstance(e, ev.InstancePlacedV1)]
+            return placed if len(placed) == 12 else None
+
+        placed = await poll(all_placed, timeout=30, what="every instance placed")
         victim_id = placed[0].node_id
         victim = next(n for n in live_nodes if n.node.id == victim_id)
         stranded = {e.sop_instance_uid for e in placed if e.node_id == victim_id}
         victim.proc.kill()
         victim.proc = None
         wait_for(lambda: scheduler_sees(stack, victim_id, False), timeout=30, what="victim down")
-        wait_for(lambda: any(isinstance(e, ev.NodeStateChangedV1) and e.node_id == victim_id and e.state == "down"
-                             for e in log_events(stack)), timeout=10, what="down event")
+        async def down_event():
+            return any(isinstance(e, ev.NodeStateChangedV1) and e.node_id == victim_id and e.state == "down"
+                       for e in await log_events(stack))
+
+        await poll(down_event, timeout=10, what="down event")
         stack.start("forwarder")
 
         final = wait_for(lambda: all_forwarded(stack, studies), timeout=90, what="every instance forwarded")
         rows = {r["sop_instance_uid"]: r for rs in final.values() for r in rs}
         assert all(rows[s]["node_id"] != victim_id for s in stranded)
-        events = log_events(stack)
+        events = await log_events(stack)
         handed_back = {e.sop_instance_uid for e in events if isinstance(e, ev.InstanceDeadLetteredV1)
                        and e.node_id == victim_id and e.reason == "node down"}
         assert handed_back == stranded

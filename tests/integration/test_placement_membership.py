@@ -13,7 +13,7 @@ from tests.integration.placement_helpers import all_forwarded, by_study, log_eve
 pytestmark = pytest.mark.integration
 
 
-def test_drain_add_remove_from_the_command_line(live_nodes, tmp_path):
+async def test_drain_add_remove_from_the_command_line(live_nodes, tmp_path):
     stack = make_stack(tmp_path / "stack", live_nodes)
     extra = new_orthanc_node(4, tmp_path / "node4")
     try:
@@ -67,7 +67,7 @@ def test_drain_add_remove_from_the_command_line(live_nodes, tmp_path):
         listing = nodes_cli(stack, "list").stdout
         states = {line.split()[0]: line.split()[1] for line in listing.splitlines()[1:]}
         assert states == {**{i: "active" for i in ids}, n4.id: "removed"}, listing
-        kinds = [(e.node_id, e.state) for e in log_events(stack) if isinstance(e, ev.NodeStateChangedV1)]
+        kinds = [(e.node_id, e.state) for e in await log_events(stack) if isinstance(e, ev.NodeStateChangedV1)]
         assert (drained_id, "drained") in kinds and (n4.id, "added") in kinds and (n4.id, "removed") in kinds
     finally:
         stack.close()

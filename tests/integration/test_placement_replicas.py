@@ -24,7 +24,7 @@ def metric_total(port: int, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
-def test_replicas_never_place_twice_and_interleaved_studies_stay_whole(live_nodes, tmp_path):
+async def test_replicas_never_place_twice_and_interleaved_studies_stay_whole(live_nodes, tmp_path):
     stack = make_stack(tmp_path / "stack", live_nodes)
     # Second scheduler and forwarder: same log, same durable consumers, their own metrics ports.
     cfg2 = msgspec.structs.replace(
@@ -53,7 +53,7 @@ def test_replicas_never_place_twice_and_interleaved_studies_stay_whole(live_node
         rows = wait_for(lambda: all_forwarded(stack, studies), timeout=90, what="every study forwarded")
         for study_uid, rs in rows.items():
             assert len({r["node_id"] for r in rs}) == 1, (study_uid, {r["node_id"] for r in rs})
-        events = log_events(stack)
+        events = await log_events(stack)
         placed = Counter(e.sop_instance_uid for e in events if isinstance(e, ev.InstancePlacedV1))
         assert set(placed.values()) == {1} and len(placed) == sum(len(f) for f in studies.values())
         forwarded = Counter(e.sop_instance_uid for e in events if isinstance(e, ev.InstanceForwardedV1))

@@ -68,11 +68,11 @@ def delivered(stack, studies: dict, per_instance: int = 1) -> dict[str, list[dic
     return out
 
 
-def placements(stack, sops: set[str]) -> list[ev.InstancePlacedV1]:
-    return [e for e in log_events(stack) if isinstance(e, ev.InstancePlacedV1) and e.sop_instance_uid in sops]
+async def placements(stack, sops: set[str]) -> list[ev.InstancePlacedV1]:
+    return [e for e in await log_events(stack) if isinstance(e, ev.InstancePlacedV1) and e.sop_instance_uid in sops]
 
 
-def test_rule_by_modality_sends_mr_to_its_pool_and_the_rest_elsewhere(routed, live_nodes, tmp_path):
+async def test_rule_by_modality_sends_mr_to_its_pool_and_the_rest_elsewhere(routed, live_nodes, tmp_path):
     files = generate_studies(tmp_path / "corpus", studies=6, series_per_study=1, instances_per_series=2, seed=4701)
     studies = by_study(files)
     for study_files in studies.values():
@@ -89,7 +89,7 @@ def test_rule_by_modality_sends_mr_to_its_pool_and_the_rest_elsewhere(routed, li
         (node,) = held_by(live_nodes, uid)
         assert node in {"node1", "node3"}
         general.add(node)
-    placed = placements(routed, mr | ct)
+    placed = await placements(routed, mr | ct)
     assert len(placed) == 12 and all(e.reason == "rule" for e in placed)
     assert {(e.rule, e.pool) for e in placed if e.sop_instance_uid in mr} == {("mr", "mr")}
     assert {(e.rule, e.pool) for e in placed if e.sop_instance_uid in ct} == {("rest", "general")}
@@ -99,7 +99,7 @@ def test_rule_by_modality_sends_mr_to_its_pool_and_the_rest_elsewhere(routed, li
     print(f"CT studies on {sorted(general)}")
 
 
-def test_a_pool_without_an_eligible_node_waits_and_never_goes_elsewhere(routed, live_nodes, tmp_path):
+async def test_a_pool_without_an_eligible_node_waits_and_never_goes_elsewhere(routed, live_nodes, tmp_path):
     assert nodes_cli(routed, "drain", "node2").returncode == 0
     wait_for(lambda: scheduler_sees(routed, "node2", False), timeout=30, what="node2 drained")
     waited_before = routed.metric("scheduler", "switchyard_scheduler_no_live_node_total") or 0
@@ -111,17 +111,17 @@ def test_a_pool_without_an_eligible_node_waits_and_never_goes_elsewhere(routed, 
     # Retried for want of a node in pool "mr" (node1 and node3 are live, but not in it).
     wait_for(lambda: (routed.metric("scheduler", "switchyard_scheduler_no_live_node_total") or 0)
              >= waited_before + 2, timeout=30, what="the MR instances waiting for their pool")
-    assert placements(routed, sops) == []
+    assert await placements(routed, sops) == []
     assert all(held_by(live_nodes, uid) == set() for uid in sops)
 
     assert nodes_cli(routed, "undrain", "node2").returncode == 0
     (study_uid,) = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files}
     wait_for(lambda: delivered(routed, {study_uid: files}), timeout=60, what="MR delivered after undrain")
     assert all(held_by(live_nodes, uid) == {"node2"} for uid in sops)
-    assert {e.node_id for e in placements(routed, sops)} == {"node2"}
+    assert {e.node_id for e in await placements(routed, sops)} == {"node2"}
 
 
-def test_fan_out_puts_the_instance_on_a_node_of_each_pool(routed, live_nodes, tmp_path):
+async def test_fan_out_puts_the_instance_on_a_node_of_each_pool(routed, live_nodes, tmp_path):
     files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=3, seed=4703)
     studies = by_study(files)
     (study_uid, _), = studies.items()
@@ -139,7 +139,7 @@ def test_fan_out_puts_the_instance_on_a_node_of_each_pool(routed, live_nodes, tm
         assert held_by(live_nodes, uid) == {"node2", mine["general"]}
     # The study stays together inside each pool.
     assert len({r["node_id"] for r in rows if r["pool"] == "general"}) == 1
-    placed = placements(routed, sops)
+    placed = await placements(routed, sops)
     assert len(placed) == 6 and len({e.event_id for e in placed}) == 6
     assert all(e.rule == "research" and e.reason == "rule" for e in placed)
     for e in placed:

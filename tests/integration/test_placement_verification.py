@@ -11,7 +11,7 @@ from shared.config import RoutingConfig, RoutingRule
 from switchyard.corpus import generate_studies
 from shared.dicomfile import dataset_bytes_digest
 from tests.fixtures.servers import make_stack
-from tests.fixtures.util import wait_for
+from tests.fixtures.util import poll, wait_for
 from tests.integration.placement_helpers import log_events, scheduler_sees, study_rows
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ def of(kind, events, sop_uid):
     return [e for e in events if isinstance(e, kind) and e.sop_instance_uid == sop_uid]
 
 
-def test_a_failed_verification_is_placed_again_on_another_node_of_the_pool(live_nodes, tmp_path):
+async def test_a_failed_verification_is_placed_again_on_another_node_of_the_pool(live_nodes, tmp_path):
     stack = make_stack(tmp_path / "stack", live_nodes, services=("ingest", "scheduler", "probe", "catalog"),
                        configure=lambda cfg: msgspec.structs.replace(cfg, routing=PAIR))
     uploaded = None
@@ -38,8 +38,10 @@ def test_a_failed_verification_is_placed_again_on_another_node_of_the_pool(live_
         sop, study_uid = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
         assert stack.send(files).returncode == 0
         # No forwarder yet: the placements wait in their nodes' consumers.
-        (first,) = wait_for(lambda: of(ev.InstancePlacedV1, log_events(stack), sop), timeout=30,
-                            what="tampered instance placed")
+        async def placed_once():
+            return of(ev.InstancePlacedV1, await log_events(stack), sop)
+
+        (first,) = await poll(placed_once, timeout=30, what="tampered instance placed")
         bad = next(n for n in live_nodes if n.node.id == first.node_id)
         other = next(n for n in live_nodes if n.node.id in {"node1", "node2"} - {first.node_id})
         # The node already holds a different dataset under this SOP Instance UID (Orthanc keeps
@@ -50,12 +52,12 @@ def test_a_failed_verification_is_placed_again_on_another_node_of_the_pool(live_
         uploaded = (bad, bad.client.post_json("/instances", altered.read_bytes())["ID"])
         stack.start("forwarder")
 
-        def replaced_and_verified():
-            events = log_events(stack)
+        async def replaced_and_verified():
+            events = await log_events(stack)
             done = [e for e in of(ev.InstanceVerifiedV1, events, sop) if e.node_id == other.node.id]
             return events if done else None
 
-        events = wait_for(replaced_and_verified, timeout=90, what="re-placed instance verified")
+        events = await poll(replaced_and_verified, timeout=90, what="re-placed instance verified")
         (failed,) = of(ev.InstanceVerificationFailedV1, events, sop)
         assert (failed.node_id, failed.placement_id, failed.reason) == (bad.node.id, first.event_id,
                                                                         "dataset digest mismatch")

@@ -11,17 +11,10 @@ from services.probe.verify import Verifier
 from shared import events as ev
 from shared.bus import Bus, BusUnavailable
 from shared.config import NodeConfig
-from tests.fixtures.servers import make_stack
-from tests.unit.test_probe_store import forwarded, placed
+from tests.factories import forwarded_from as forwarded
+from tests.factories import placed_on as placed
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def nats_only(tmp_path):
-    s = make_stack(tmp_path / "stack", [], services=())
-    yield s
-    s.close()
 
 
 async def test_only_acknowledged_outcomes_are_settled(nats_only, tmp_path):

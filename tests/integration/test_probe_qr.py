@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import msgspec
@@ -12,28 +11,10 @@ import pytest
 
 from switchyard import stack as ls
 from switchyard.corpus import corpus_index, generate_studies
-from shared.dicomfile import dataset_bytes_digest
+from tests.fixtures.qr import dcmtk, find, identical, refused
 from tests.fixtures.util import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def dcmtk(stack, tool: str, *args: str, aet: str = "TESTSCU", aec: str | None = None) -> subprocess.CompletedProcess:
-    p = stack.cfg.probe
-    argv = [str(ls.DCMTK_BIN / tool), "-aet", aet, "-aec", aec or p.qr_ae_title, *args, "127.0.0.1", str(p.qr_port)]
-    return subprocess.run(argv, env=ls.dicom_env(), capture_output=True, text=True, timeout=60)
-
-
-def find(stack, tmp_path: Path, model: str, keys: dict[str, str], *options: str,
-         aet: str = "TESTSCU") -> list[pydicom.Dataset]:
-    out = tmp_path / f"find-{len(list(tmp_path.glob('find-*')))}"
-    out.mkdir()
-    args = [*options, model, "-X", "-od", str(out)]
-    for k, v in keys.items():
-        args += ["-k", f"{k}={v}"]
-    result = dcmtk(stack, "findscu", *args, aet=aet)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
 @pytest.fixture(scope="module")
@@ -123,17 +104,6 @@ def test_bad_queries_get_a_failure_status_and_the_scp_keeps_answering(stack, cor
     assert len(find(stack, tmp_path, "-S", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_uid})) == 1
 
 
-def refused(result: subprocess.CompletedProcess, status: int, name: str) -> bool:
-    """DCMTK (-v) reports the final status by hex code or by name depending on the tool."""
-    text = (result.stdout + result.stderr).lower()
-    return f"0x{status:04x}" in text or name.lower() in text
-
-
-def identical(received: list[Path], originals: list[Path]) -> bool:
-    want = sorted(dataset_bytes_digest(f.read_bytes()) for f in originals)
-    return sorted(dataset_bytes_digest(p.read_bytes()) for p in received) == want
-
-
 def test_get_returns_the_study_byte_identical(stack, corpus, tmp_path):
     files, index, headers, acc = corpus
     study_uid = list(index)[1]
@@ -171,14 +141,11 @@ def test_move_to_a_known_destination_and_refuse_an_unknown_one(stack, corpus, st
     assert len(storescp.received()) == len(originals)
 
 
-def test_a_missing_blob_fails_only_its_own_sub_operation(stack, corpus, tmp_path):
-    from tests.integration.test_probe_verify import log_events
-    from shared import events as ev
-
+async def test_a_missing_blob_fails_only_its_own_sub_operation(stack, corpus, tmp_path):
     files, index, headers, acc = corpus
     study_uid = list(index)[1]
     lost_sop = index[study_uid][0]
-    (received,) = [e for e in log_events(stack, ev.InstanceReceivedV1) if e.sop_instance_uid == lost_sop]
+    (received,) = [e for e in await stack.received_events() if e.sop_instance_uid == lost_sop]
     blob = Path(stack.cfg.blobs.path) / received.blob_key
     aside = tmp_path / "aside"
     blob.rename(aside)

@@ -19,9 +19,9 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Stu
 
 from switchyard.corpus import corpus_index, generate_studies
 from tests.fixtures.pki import client_context
+from tests.fixtures.qr import dcmtk, find, identical, refused
 from tests.fixtures.servers import Stack, make_stack
 from tests.fixtures.util import wait_for
-from tests.integration.test_probe_qr import dcmtk, find, identical, refused
 
 pytestmark = pytest.mark.integration
 

@@ -11,24 +11,15 @@ from shared import events as ev
 from shared.bus import Bus
 from switchyard.corpus import corpus_index, generate_studies
 from shared.dicomfile import dataset_bytes_digest
-from tests.fixtures.util import dump_all, wait_for
+from tests.fixtures.servers import log_events
+from tests.fixtures.util import dump_all, poll, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def log_events(stack, kind: type) -> list:
-    async def read():
-        bus = await Bus.connect(stack.cfg.nats, "test-reader")
-        try:
-            return [d.event async for d in bus.replay("dicom.instance.>") if isinstance(d.event, kind)]
-        finally:
-            await bus.close()
-
-    return asyncio.run(read())
-
-
-def verified_for(stack, sops: list[str]) -> dict[str, ev.InstanceVerifiedV1]:
-    found = {e.sop_instance_uid: e for e in log_events(stack, ev.InstanceVerifiedV1) if e.sop_instance_uid in sops}
+async def verified_for(stack, sops: list[str]) -> dict[str, ev.InstanceVerifiedV1]:
+    found = {e.sop_instance_uid: e for e in await log_events(stack, ev.InstanceVerifiedV1)
+             if e.sop_instance_uid in sops}
     return found if len(found) == len(sops) else {}
 
 
@@ -36,21 +27,21 @@ def sop_of(path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
-def test_routed_instances_are_verified_against_the_ingest_digest(stack, live_nodes, tmp_path):
+async def test_routed_instances_are_verified_against_the_ingest_digest(stack, live_nodes, tmp_path):
     files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=2, instances_per_series=2, seed=5101)
     (study_uid, sops), = corpus_index(files).items()
     assert stack.send([tmp_path / "corpus"], extra=["+sd", "+r"]).returncode == 0
 
-    verified = wait_for(lambda: verified_for(stack, sops), timeout=60, what="every instance verified")
+    verified = await poll(lambda: verified_for(stack, sops), timeout=60, what="every instance verified")
     digests = {sop_of(f): dataset_bytes_digest(f.read_bytes()) for f in files}
-    forwarded = {e.sop_instance_uid: e for e in log_events(stack, ev.InstanceForwardedV1)
+    forwarded = {e.sop_instance_uid: e for e in await log_events(stack, ev.InstanceForwardedV1)
                  if e.sop_instance_uid in sops}
     for sop, v in verified.items():
         assert v.dataset_digest == digests[sop]
         assert (v.node_id, v.placement_id) == (forwarded[sop].node_id, forwarded[sop].placement_id)
         assert v.study_instance_uid == study_uid
         assert v.event_id == ev.fact_id("verified", v.node_id, sop, v.placement_id)
-    assert not [e for e in log_events(stack, ev.InstanceVerificationFailedV1) if e.sop_instance_uid in sops]
+    assert not [e for e in await log_events(stack, ev.InstanceVerificationFailedV1) if e.sop_instance_uid in sops]
     # The catalog follows the probe's verdict.
     def verified_in_catalog() -> set[str]:
         return {r["sop_instance_uid"] for r in stack.catalog(f"/api/instances?study_uid={study_uid}")
@@ -60,7 +51,7 @@ def test_routed_instances_are_verified_against_the_ingest_digest(stack, live_nod
     assert verified_in_catalog() == set(sops)
 
 
-def test_an_instance_whose_stored_bytes_differ_fails_verification(stack, live_nodes, tmp_path):
+async def test_an_instance_whose_stored_bytes_differ_fails_verification(stack, live_nodes, tmp_path):
     files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=2, seed=5102)
     (study_uid, sops), = corpus_index(files).items()
     tampered_file, clean_file = sorted(files)
@@ -78,15 +69,15 @@ def test_an_instance_whose_stored_bytes_differ_fails_verification(stack, live_no
 
         attempts = stack.cfg.scheduler.max_attempts
 
-        def outcome():
-            failed = [e for e in log_events(stack, ev.InstanceVerificationFailedV1)
+        async def outcome():
+            failed = [e for e in await log_events(stack, ev.InstanceVerificationFailedV1)
                       if e.sop_instance_uid == tampered_sop]
-            return failed if len(failed) == attempts and verified_for(stack, [clean_sop]) else None
+            return failed if len(failed) == attempts and await verified_for(stack, [clean_sop]) else None
 
         # Every node holds the altered dataset: each failed verification is re-placed on a
         # node that has not failed it, until scheduler.max_attempts placements are used up.
-        failures = wait_for(outcome, timeout=90, what="tampered instance judged on every node")
-        forwarded = {e.placement_id: e for e in log_events(stack, ev.InstanceForwardedV1)
+        failures = await poll(outcome, timeout=90, what="tampered instance judged on every node")
+        forwarded = {e.placement_id: e for e in await log_events(stack, ev.InstanceForwardedV1)
                      if e.sop_instance_uid == tampered_sop}
         for failed in failures:
             assert failed.reason == "dataset digest mismatch"
@@ -98,7 +89,7 @@ def test_an_instance_whose_stored_bytes_differ_fails_verification(stack, live_no
         assert len({f.node_id for f in failures}) == attempts
         wait_for(lambda: stack.metric("scheduler", "switchyard_scheduler_final_dead_letters_total") == 1,
                  timeout=20, what="the last failure is final")
-        assert not verified_for(stack, [tampered_sop])
+        assert not await verified_for(stack, [tampered_sop])
         # The catalog shows it as a location state, found by state, with the reason in the trail.
         rows = wait_for(lambda: stack.catalog(f"/api/instances?state=verification_failed&study_uid={study_uid}"),
                         timeout=20, what="catalog shows the failed verification")
@@ -117,11 +108,11 @@ def test_an_instance_whose_stored_bytes_differ_fails_verification(stack, live_no
             node.client._request(f"/instances/{orthanc_id}", method="DELETE")
 
 
-def test_the_changes_cursor_survives_a_probe_restart(stack, live_nodes, tmp_path):
+async def test_the_changes_cursor_survives_a_probe_restart(stack, live_nodes, tmp_path):
     first = generate_studies(tmp_path / "a", studies=1, series_per_study=1, instances_per_series=3, seed=5103)
     (_, first_sops), = corpus_index(first).items()
     assert stack.send([tmp_path / "a"], extra=["+sd", "+r"]).returncode == 0
-    wait_for(lambda: verified_for(stack, first_sops), timeout=60, what="first study verified")
+    await poll(lambda: verified_for(stack, first_sops), timeout=60, what="first study verified")
 
     stack.stop("probe")
     second = generate_studies(tmp_path / "b", studies=1, series_per_study=1, instances_per_series=2, seed=5104)
@@ -129,7 +120,7 @@ def test_the_changes_cursor_survives_a_probe_restart(stack, live_nodes, tmp_path
     assert stack.send([tmp_path / "b"], extra=["+sd", "+r"]).returncode == 0
     stack.start("probe")
 
-    wait_for(lambda: verified_for(stack, second_sops), timeout=60, what="second study verified after restart")
+    await poll(lambda: verified_for(stack, second_sops), timeout=60, what="second study verified after restart")
     # The restarted probe read only the node changes after its stored cursor, and
     # published nothing it had published before.
     total = sum(stack.metric("probe", "switchyard_probe_changes_seen_total", f'node="{n.node.id}"') or 0
@@ -138,24 +129,21 @@ def test_the_changes_cursor_survives_a_probe_restart(stack, live_nodes, tmp_path
     published = sum(stack.metric("probe", "switchyard_probe_verifications_total",
                                  f'node="{n.node.id}",outcome="verified"') or 0 for n in live_nodes)
     assert published == len(second_sops)
-    verified = [e for e in log_events(stack, ev.InstanceVerifiedV1) if e.sop_instance_uid in first_sops]
+    verified = [e for e in await log_events(stack, ev.InstanceVerifiedV1) if e.sop_instance_uid in first_sops]
     assert sorted(e.sop_instance_uid for e in verified) == sorted(first_sops)
 
 
-def log_seqs(stack) -> tuple[int, int]:
+async def log_seqs(stack) -> tuple[int, int]:
     """(last sequence of an instance event, last sequence of the stream)."""
-    async def read():
-        bus = await Bus.connect(stack.cfg.nats, "test-reader")
-        try:
-            last_instance = max([d.seq async for d in bus.replay("dicom.instance.>")], default=0)
-            return last_instance, (await bus.js.stream_info(stack.cfg.nats.events_stream)).state.last_seq
-        finally:
-            await bus.close()
-
-    return asyncio.run(read())
+    bus = await Bus.connect(stack.cfg.nats, "test-reader")
+    try:
+        last_instance = max([d.seq async for d in bus.replay("dicom.instance.>")], default=0)
+        return last_instance, (await bus.js.stream_info(stack.cfg.nats.events_stream)).state.last_seq
+    finally:
+        await bus.close()
 
 
-def test_probe_rebuild_equals_the_live_stores_and_swaps_in(stack, live_nodes, tmp_path, capsys):
+async def test_probe_rebuild_equals_the_live_stores_and_swaps_in(stack, live_nodes, tmp_path, capsys):
     """Both probe files replayed from the log equal the live ones, table by table (node cursors carried)."""
     from shared.readmodel.catalog import CatalogStore
     from shared.readmodel.replay import rebuild_file
@@ -165,12 +153,13 @@ def test_probe_rebuild_equals_the_live_stores_and_swaps_in(stack, live_nodes, tm
     files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=2, seed=5105)
     (_, sops), = corpus_index(files).items()
     assert stack.send([tmp_path / "corpus"], extra=["+sd", "+r"]).returncode == 0
-    wait_for(lambda: verified_for(stack, sops), timeout=60, what="study verified")
+    await poll(lambda: verified_for(stack, sops), timeout=60, what="study verified")
     argv = ["--config", str(stack.config_path)]
-    assert cli.main([*argv, "probe", "rebuild"]) == 1  # refuses while the probe holds its files
+    # cli.main runs its own event loop, so from this async test it runs in a thread.
+    assert await asyncio.to_thread(cli.main, [*argv, "probe", "rebuild"]) == 1  # refuses: the probe holds its files
     assert "stop it" in capsys.readouterr().err
     # The probe must have applied its own outcome events before the snapshot.
-    last_instance, last = log_seqs(stack)
+    last_instance, last = await log_seqs(stack)
     wait_for(lambda: (stack.metric("probe", "switchyard_probe_verify_last_seq") or 0) >= last_instance
              and (stack.metric("probe", "switchyard_probe_qr_last_seq") or 0) >= last,
              timeout=20, what="probe stores caught up with the log")
@@ -185,12 +174,11 @@ def test_probe_rebuild_equals_the_live_stores_and_swaps_in(stack, live_nodes, tm
                 (qr_db, live_qr, CatalogStore, None)):
             until = live["projection_state"][0][1]
             fresh = tmp_path / f"fresh-{factory.__name__}.duckdb"
-            result = asyncio.run(rebuild_file(stack.cfg.nats, fresh, factory, until_seq=until, swap=False,
-                                              seed=seed))
+            result = await rebuild_file(stack.cfg.nats, fresh, factory, until_seq=until, swap=False, seed=seed)
             assert result.last_seq == until
             assert dump_all(fresh) == live, factory.__name__  # table by table
 
-        assert cli.main([*argv, "probe", "rebuild"]) == 0
+        assert await asyncio.to_thread(cli.main, [*argv, "probe", "rebuild"]) == 0
         out = capsys.readouterr().out
         assert out.count("probe store rebuilt") == 2, out
         # Swapped in: what the log says, plus the node cursors carried over.
@@ -204,7 +192,7 @@ def test_probe_rebuild_equals_the_live_stores_and_swaps_in(stack, live_nodes, tm
     more = generate_studies(tmp_path / "more", studies=1, series_per_study=1, instances_per_series=1, seed=5106)
     (_, more_sops), = corpus_index(more).items()
     assert stack.send([tmp_path / "more"], extra=["+sd", "+r"]).returncode == 0
-    wait_for(lambda: verified_for(stack, more_sops), timeout=60, what="new study verified after the rebuild")
+    await poll(lambda: verified_for(stack, more_sops), timeout=60, what="new study verified after the rebuild")
     published = sum(stack.metric("probe", "switchyard_probe_verifications_total",
                                  f'node="{n.node.id}",outcome="verified"') or 0 for n in live_nodes)
     assert published == len(more_sops)

@@ -10,7 +10,7 @@ import pytest
 from services.catalog.audit import ExportError, export, parse_when
 from shared.readmodel.catalog import CatalogStore
 from switchyard import cli
-from tests.unit.test_catalog_projection import forwarded, placed, received
+from tests.factories import forwarded, placed, received
 
 
 def at(hour: int) -> datetime:

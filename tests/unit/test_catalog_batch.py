@@ -6,44 +6,20 @@ import pytest
 
 from shared.readmodel.catalog import CatalogStore
 from shared import events as ev
-from tests.unit.test_catalog_projection import dump, forwarded, placed, received
-
-
-def mixed_log() -> list[tuple[int, ev.Event]]:
-    events: list[ev.Event] = []
-    for n in range(1, 7):
-        events.append(received(n))
-    for n in range(1, 7):
-        events.append(placed(n, "node1"))
-    events += [
-        forwarded(1, "node1"),
-        ev.InstanceVerifiedV1(event_id="v1", sop_instance_uid="1.2.9.1", node_id="node1", dataset_digest="d"),
-        ev.InstanceVerifiedV1(event_id="v1b", sop_instance_uid="1.2.9.1", node_id="node2", dataset_digest="d"),
-        placed(2, "node2", attempt=1),
-        forwarded(2, "node1"),  # stale: placement p2-0 is no longer current
-        forwarded(2, "node2", attempt=1),
-        ev.InstanceForwardFailedV1(event_id="ff3", sop_instance_uid="1.2.9.3", study_instance_uid="1.2.9",
-                                   node_id="node1", placement_id="p3-0", reason="timeout"),
-        ev.NodeStateChangedV1(event_id="ns1", node_id="node3", state="drained", reason="maintenance"),
-        received(3),  # a re-received instance replaces its header row
-        ev.InstanceDeadLetteredV1(event_id="dl3", sop_instance_uid="1.2.9.3", study_instance_uid="1.2.9",
-                                  node_id="node1", placement_id="p3-0", reason="gave up"),
-        ev.NodeStateChangedV1(event_id="ns2", node_id="node3", state="undrained"),
-        ev.InstanceVerifiedV1(event_id="v9", sop_instance_uid="1.2.9.99", node_id="node1", dataset_digest="d"),
-    ]
-    return list(enumerate(events, start=1))
+from tests.factories import mixed_log, received, rich_log
+from tests.fixtures.util import dump_catalog
 
 
 def test_any_batch_split_gives_the_same_store(tmp_path):
     log = mixed_log()
     one = CatalogStore(tmp_path / "one.duckdb")
     assert one.apply(log) == len(log)
-    expected = dump(one)
+    expected = dump_catalog(one)
     for size in (1, 2, 5):
         store = CatalogStore(tmp_path / f"split{size}.duckdb")
         for i in range(0, len(log), size):
             store.apply(log[i:i + size])
-        assert dump(store) == expected, f"batches of {size}"
+        assert dump_catalog(store) == expected, f"batches of {size}"
 
 
 def test_batched_outcomes_follow_the_current_placement(tmp_path):
@@ -73,34 +49,8 @@ def test_a_batch_of_many_record_batches_equals_small_batches(tmp_path):
     for i in range(0, len(log), 3001):
         part = log[i:i + 3001]
         small.apply_raw([s for s, _ in part], [p for _, p in part])
-    assert dump(small) == dump(one)
+    assert dump_catalog(small) == dump_catalog(one)
     assert one.rows("SELECT count(*) AS n FROM locations WHERE state = 'verified'")[0]["n"] == 6001
-
-
-def rich_log() -> list[tuple[int, ev.Event]]:
-    """The mixed log plus fan-out to pools, re-placement within a pool and verification outcomes."""
-    import msgspec
-
-    from tests.unit.test_catalog_projection import fanned_out
-
-    def fwd(n, node, pool, attempt=0):
-        return msgspec.structs.replace(forwarded(n, node, attempt), event_id=f"f{n}-{pool}-{attempt}",
-                                       placement_id=f"p{n}-{pool}-{attempt}")
-
-    extra = [received(7), fanned_out(7, "node1", "archive"), fanned_out(7, "node2", "research"),
-             fwd(7, "node1", "archive"),
-             ev.InstanceVerificationFailedV1(event_id="vf7", sop_instance_uid="1.2.9.7", study_instance_uid="1.2.9",
-                                             node_id="node1", placement_id="p7-archive-0", reason="mismatch"),
-             fanned_out(7, "node3", "archive", attempt=1), fwd(7, "node2", "research"),
-             ev.InstanceVerifiedV1(event_id="v7", sop_instance_uid="1.2.9.7", node_id="node2", dataset_digest="d",
-                                   placement_id="p7-research-0"),
-             forwarded(4, "node1"),
-             ev.InstanceVerificationFailedV1(event_id="vf4", sop_instance_uid="1.2.9.4", study_instance_uid="1.2.9",
-                                             node_id="node1", placement_id="p4-0", reason="not seen"),
-             placed(4, "node2", attempt=1), received(4),
-             ev.NodeStateChangedV1(event_id="ns3", node_id="node1", state="drained", reason="disk")]
-    log = mixed_log()
-    return log + list(enumerate(extra, start=len(log) + 1))
 
 
 def bulk_loaded(path, log, size: int, before: int = 0, fold_bytes: int = 1 << 30) -> CatalogStore:
@@ -119,14 +69,14 @@ def test_a_bulk_load_equals_batch_by_batch_transactions(tmp_path):
     live = CatalogStore(tmp_path / "live.duckdb")
     for seq_event in log:
         live.apply([seq_event])  # the live projection, one event per transaction
-    expected = dump(live)
+    expected = dump_catalog(live)
     assert expected["projection_state"] == [("catalog", len(log))]
     for size in (1, 4, len(log)):
-        assert dump(bulk_loaded(tmp_path / f"bulk{size}.duckdb", log, size)) == expected, f"batches of {size}"
+        assert dump_catalog(bulk_loaded(tmp_path / f"bulk{size}.duckdb", log, size)) == expected, f"batches of {size}"
     # bulk onto a store that already holds part of the log (upserts instead of plain inserts)
-    assert dump(bulk_loaded(tmp_path / "resumed.duckdb", log, 3, before=13)) == expected
+    assert dump_catalog(bulk_loaded(tmp_path / "resumed.duckdb", log, 3, before=13)) == expected
     # folds bounded in memory: after every batch (the first into empty tables, then upserts)
-    assert dump(bulk_loaded(tmp_path / "folds.duckdb", log, 5, fold_bytes=1)) == expected
+    assert dump_catalog(bulk_loaded(tmp_path / "folds.duckdb", log, 5, fold_bytes=1)) == expected
 
 
 def test_nothing_of_a_bulk_load_is_visible_before_its_end(tmp_path):
@@ -164,4 +114,4 @@ def test_a_malformed_message_rolls_a_bulk_load_back(tmp_path):
         store.close()
         store = CatalogStore(path)
         assert store.last_seq() == 0
-        assert dump(store) == {t: [] for t in ("instances", "locations", "events", "projection_state")}
+        assert dump_catalog(store) == {t: [] for t in ("instances", "locations", "events", "projection_state")}

@@ -5,24 +5,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from shared import events as ev
 from shared.readmodel.catalog import CatalogStore
-from tests.factories import forwarded, placed, received
-
-
-def log_of_two() -> list[tuple[int, ev.Event]]:
-    events = [received(1), received(2), placed(1, "node1"), placed(2, "node1"), forwarded(1, "node1"),
-              ev.InstanceForwardFailedV1(event_id="x", sop_instance_uid="1.2.9.2", study_instance_uid="1.2.9",
-                                         node_id="node1", placement_id="p2-0", reason="refused", permanent=True),
-              ev.InstanceDeadLetteredV1(event_id="y", sop_instance_uid="1.2.9.2", study_instance_uid="1.2.9",
-                                        node_id="node1", placement_id="p2-0", reason="refused after 1")]
-    return list(enumerate(events, start=1))
-
-
-def dump(store: CatalogStore) -> dict[str, list]:
-    cur = store.cursor()
-    return {t: cur.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
-            for t in ("instances", "locations", "events", "projection_state")}
+from shared import events as ev
+from tests.factories import fanned_out, forwarded, log_of_two, placed, received, verification_failed
+from tests.fixtures.util import dump_catalog
 
 
 def test_apply_records_rows_and_sequence_together(tmp_path):
@@ -36,9 +22,9 @@ def test_apply_records_rows_and_sequence_together(tmp_path):
 def test_reapplying_is_a_no_op(tmp_path):
     store = CatalogStore(tmp_path / "c.duckdb")
     store.apply(log_of_two())
-    before = dump(store)
+    before = dump_catalog(store)
     assert store.apply(log_of_two()) == 0
-    assert dump(store) == before
+    assert dump_catalog(store) == before
 
 
 def test_batches_and_reopen_equal_a_single_rebuild(tmp_path):
@@ -50,7 +36,7 @@ def test_batches_and_reopen_equal_a_single_rebuild(tmp_path):
     live.apply(log[live.last_seq():])
     rebuilt = CatalogStore(tmp_path / "rebuilt.duckdb")
     rebuilt.apply(log)
-    assert dump(live) == dump(rebuilt)
+    assert dump_catalog(live) == dump_catalog(rebuilt)
 
 
 def test_stale_outcome_does_not_touch_a_newer_placement(tmp_path):
@@ -72,11 +58,6 @@ def test_failed_batch_leaves_nothing(tmp_path):
         store.apply([(2, received(3)), (3, bad)])
     assert store.last_seq() == 1
     assert store.cursor().execute("SELECT count(*) FROM instances").fetchone() == (1,)
-
-
-def fanned_out(n: int, node: str, pool: str, attempt: int = 0) -> ev.InstancePlacedV1:
-    return msgspec.structs.replace(placed(n, node, attempt), event_id=f"p{n}-{pool}-{attempt}", pool=pool,
-                                   rule="both", reason="rule")
 
 
 def test_fan_out_keeps_one_location_per_pool(tmp_path):
@@ -103,7 +84,7 @@ def test_fan_out_keeps_one_location_per_pool(tmp_path):
         {"pool": "research", "node_id": "node2", "state": "verified"}]
     one_batch = CatalogStore(tmp_path / "r.duckdb")
     one_batch.apply(log)
-    assert dump(one_batch) == dump(store)
+    assert dump_catalog(one_batch) == dump_catalog(store)
 
 
 def test_a_file_from_before_pools_is_rekeyed(tmp_path):
@@ -125,12 +106,6 @@ def test_a_file_from_before_pools_is_rekeyed(tmp_path):
         {"pool": "", "state": "forwarded"}, {"pool": "research", "state": "placed"}]
 
 
-def verification_failed(n: int, node: str, attempt: int = 0) -> ev.InstanceVerificationFailedV1:
-    return ev.InstanceVerificationFailedV1(
-        event_id=f"vf{n}-{attempt}", sop_instance_uid=f"1.2.9.{n}", study_instance_uid="1.2.9", node_id=node,
-        placement_id=f"p{n}-{attempt}", reason="dataset digest mismatch", expected_digest="a", found_digest="b")
-
-
 def test_failed_verification_is_a_location_state(tmp_path):
     log = list(enumerate([received(1), placed(1, "node1"), forwarded(1, "node1"),
                           verification_failed(1, "node1")], start=1))
@@ -141,7 +116,7 @@ def test_failed_verification_is_a_location_state(tmp_path):
     assert row == ("node1", "verification_failed", "dataset digest mismatch", 4)
     rebuilt = CatalogStore(tmp_path / "r.duckdb")
     rebuilt.apply(log)  # the same log in one batch (a rebuild) gives the same rows
-    assert dump(rebuilt) == dump(store)
+    assert dump_catalog(rebuilt) == dump_catalog(store)
 
 
 def test_failed_verification_of_an_older_placement_leaves_the_current_one(tmp_path):
@@ -158,7 +133,7 @@ def test_raw_events_are_stored_as_sent_and_fold_like_decoded_ones(tmp_path):
     assert raw.apply_raw([seq for seq, _ in log], payloads) == len(log)
     decoded = CatalogStore(tmp_path / "decoded.duckdb")
     decoded.apply(log)
-    assert dump(raw) == dump(decoded)
+    assert dump_catalog(raw) == dump_catalog(decoded)
     stored = raw.cursor().execute("SELECT CAST(payload AS VARCHAR) FROM events ORDER BY seq").fetchall()
     assert [row[0].encode() for row in stored] == payloads
 
@@ -201,10 +176,10 @@ def test_payloads_in_another_key_order_or_spacing_fold_like_encoded_ones(tmp_pat
                 if seq % 2 else json.dumps(json.loads(ev.encode(e))).encode() for seq, e in log]
     assert not any(p.startswith(b'{"type":"') for p in payloads)
     assert other.apply_raw([seq for seq, _ in log], payloads) == len(log)
-    tables = dump(encoded)
+    tables = dump_catalog(encoded)
     del tables["events"]  # its payloads are stored as sent
-    assert {t: rows for t, rows in dump(other).items() if t != "events"} == tables
-    assert [r[:7] for r in dump(other)["events"]] == [r[:7] for r in dump(encoded)["events"]]
+    assert {t: rows for t, rows in dump_catalog(other).items() if t != "events"} == tables
+    assert [r[:7] for r in dump_catalog(other)["events"]] == [r[:7] for r in dump_catalog(encoded)["events"]]
 
 
 def test_patient_study_and_series_levels_follow_the_instances(tmp_path):

@@ -70,8 +70,7 @@ def test_replaying_the_same_log_gives_the_same_pool(log):
     assert fold() == fold()
 
 
-def test_affinity_cache_stays_bounded():
-    import asyncio
+async def test_affinity_cache_stays_bounded():
 
     from services.scheduler.affinity import Affinity
 
@@ -83,7 +82,7 @@ def test_affinity_cache_stays_bounded():
     for i in range(5):
         aff._remember(f"s{i}", ("n1", i))
     assert list(aff.cache) == ["s2", "s3", "s4"]
-    assert asyncio.run(aff.get("s2")) == ("n1", 2)
+    assert await aff.get("s2") == ("n1", 2)
     aff._remember("s5", ("n2", 5))
     assert list(aff.cache) == ["s4", "s2", "s5"]
     aff.forget_node("n1")

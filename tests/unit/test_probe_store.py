@@ -7,22 +7,8 @@ from datetime import timedelta
 from services.probe.store import Expected, ProbeStore
 from services.probe.verify import failed_event, verified_event
 from shared import events as ev
-
-
-def placed(sop: str, node: str = "node1", digest: str = "d1") -> ev.InstancePlacedV1:
-    return ev.InstancePlacedV1(
-        event_id=ev.fact_id("placed", sop, node), sop_instance_uid=sop, study_instance_uid="1.2",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
-        blob_key=f"b/{sop}", dataset_digest=digest, node_id=node, reason="new_study",
-    )
-
-
-def forwarded(p: ev.InstancePlacedV1, at=None) -> ev.InstanceForwardedV1:
-    return ev.InstanceForwardedV1(
-        event_id=ev.fact_id("forwarded", p.event_id), occurred_at=at or ev.utcnow(),
-        sop_instance_uid=p.sop_instance_uid, study_instance_uid=p.study_instance_uid, node_id=p.node_id,
-        placement_id=p.event_id,
-    )
+from tests.factories import forwarded_from as forwarded
+from tests.factories import placed_on as placed
 
 
 def test_forwarded_instance_is_checked_once_the_node_shows_it(tmp_path):
