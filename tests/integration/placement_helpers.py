@@ -14,7 +14,7 @@ from tests.fixtures.servers import log_events  # noqa: F401 - the placement test
 
 
 def nodes_cli(stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", "--config", str(stack.config_path), "nodes", *args],
+    return subprocess.run([sys.executable, "-m", "switchyard", "--config", str(stack.config_path), "nodes", *args],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
