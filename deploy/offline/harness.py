@@ -46,7 +46,10 @@ SOCK = CACHE / "run" / "docker.sock"
 INDEX_PORT = 18080  # the wheelhouse's HTTP server, on the namespace's loopback
 
 SUITE = "bookworm"
-BASE_PACKAGES = ["python3", "python3-venv", "python-is-python3", "orthanc", "wget", "ca-certificates"]
+# libboost-regex1.74.0 by name: orthanc depends on a virtual package it provides,
+# which debootstrap's resolver does not follow.
+BASE_PACKAGES = ["python3", "python3-venv", "python-is-python3", "orthanc", "libboost-regex1.74.0", "wget",
+                 "ca-certificates"]
 BASE_IMAGE = "switchyard-offline/base:bookworm"
 # Tags the override file (deploy/compose.offline.yaml) refers to.
 IMAGES = {
@@ -264,6 +267,7 @@ def base_image(state: dict) -> None:
         sh(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
             SUITE, str(rootfs), _mirror()], stdout=subprocess.DEVNULL)
         sh(["chroot", str(rootfs), "apt-get", "clean"])
+        (rootfs / "etc" / "resolv.conf").unlink(missing_ok=True)  # the engine mounts its own
         sh(["tar", "-C", str(rootfs), "-cf", f"{tarball}.part", "."])
         os.replace(f"{tarball}.part", tarball)
         shutil.rmtree(rootfs, ignore_errors=True)
@@ -425,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "run":
         state = _state()
         cmd = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
+        if cmd[:1] == ["docker"]:
+            cmd = [_docker_bin(), *cmd[1:]]
         os.environ.update(engine_env(state))
         os.execvp((prefix(state) or cmd)[0], [*prefix(state), *cmd])
     with locked():
@@ -436,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
             engine_down()
             return 0
         state = _state()
-    print(json.dumps({**engine_env(state), "NETNS_PID": str(state.get("pid") or "")}))
+    running = bool(state) and (not state.get("pid") or _alive(state["pid"])) and _answers(state)
+    print(json.dumps({**engine_env(state), "NETNS_PID": str(state.get("pid") or ""),
+                      "RUNNING": "1" if running else "0"}))
     return 0
 
 
