@@ -31,7 +31,7 @@ bench *ARGS:
 
 # The compose stack in real containers (a netns-local dockerd and local images where no registry answers)
 compose-test *ARGS:
-    {{venv}}/python -m pytest -q -m compose -p no:cacheprovider tests/integration/test_compose.py {{ARGS}}
+    {{venv}}/python -m pytest -q -m compose tests/integration/test_compose.py {{ARGS}}
 
 # Validate the compose file
 compose-config:
