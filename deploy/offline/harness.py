@@ -170,6 +170,22 @@ def _compose_plugin() -> None:
             return
 
 
+def _clean_exec_root() -> None:
+    """Unmount and remove what a stopped dockerd leaves in its exec root.
+
+    Its netns bind mounts (exec/netns/*) outlive it and keep the namespace alive;
+    containerd refuses a stale socket dir.
+    """
+    root = str(CACHE / "exec")
+    with open("/proc/self/mounts") as fh:
+        points = [line.split()[1] for line in fh]
+    for point in reversed(points):
+        point = point.replace("\\040", " ")
+        if point == root or point.startswith(root + "/"):
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def engine_up() -> dict:
     """Use an engine that answers; else start dockerd in its own network namespace."""
     _compose_plugin()
@@ -186,8 +202,7 @@ def engine_up() -> dict:
         (CACHE / sub).mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         SOCK.unlink()
-    # Leftovers of an engine that was killed: containerd refuses a stale socket dir.
-    shutil.rmtree(CACHE / "exec", ignore_errors=True)
+    _clean_exec_root()
     (CACHE / "exec").mkdir()
     logf = open(CACHE / "dockerd.log", "ab")
     cmd = ["unshare", "--net", "--", "sh", "-c",
@@ -221,6 +236,7 @@ def engine_down() -> None:
         except TimeoutError:
             os.kill(pid, signal.SIGKILL)
         log(f"dockerd {pid} stopped")
+        _clean_exec_root()
     with contextlib.suppress(FileNotFoundError):
         STATE.unlink()
 
