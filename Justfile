@@ -42,6 +42,10 @@ lock *ARGS:
 bench *ARGS:
     {{venv}}/python -m tests.bench {{ARGS}}
 
+# The compose stack in real containers (a netns-local dockerd and local images where no registry answers)
+compose-test *ARGS:
+    {{venv}}/python -m pytest -q -m compose tests/integration/test_compose.py {{ARGS}}
+
 # Validate the compose file
 compose-config:
     docker compose -f deploy/compose.yaml config --quiet
