@@ -32,6 +32,7 @@ from nats.js.api import (
 )
 
 from shared import events as ev
+from shared import natsauth
 from shared.config import NatsConfig
 from shared.telemetry import inject_trace_headers
 
@@ -53,6 +54,10 @@ class BusUnavailable(RuntimeError):
 
 class PublishUncertain(RuntimeError):
     """Sent, but no acknowledgement came back: the fact may or may not be recorded."""
+
+
+class StreamsMissing(RuntimeError):
+    """A service found the log not declared; declaring it is the admin's step."""
 
 
 def node_token(node_id: str) -> str:
@@ -85,9 +90,21 @@ def subject_for(event: ev.Event) -> str:
             return f"dicom.instance.verification_failed.{node_token(node)}"
         case ev.NodeHeartbeatV1(node_id=node):
             return f"node.heartbeat.{node_token(node)}"
-        case ev.NodeStateChangedV1(node_id=node):
-            return f"node.state.{node_token(node)}"
+        case ev.NodeStateChangedV1(node_id=node, state=state):
+            # The state is in the subject so that permissions can say who may record which state.
+            return f"node.state.{node_token(node)}.{node_token(state)}"
     raise TypeError(f"no subject for {type(event).__name__}")
+
+
+def provenance_ok(subject: str, event: ev.Event) -> bool:
+    """Did ``event`` arrive on its own subject? Given the permissions, the subject names its publisher."""
+    try:
+        if subject == subject_for(event):
+            return True
+    except (TypeError, ValueError):
+        return False
+    # Logs recorded before node.state subjects carried the state (no identity may publish these now).
+    return isinstance(event, ev.NodeStateChangedV1) and subject == f"node.state.{event.node_id}"
 
 
 def stream_configs(cfg: NatsConfig) -> list[StreamConfig]:
@@ -119,6 +136,7 @@ def stream_configs(cfg: NatsConfig) -> list[StreamConfig]:
 def _scheduler_durable(name: str, subject: str) -> ConsumerConfig:
     """Shared by every scheduler replica: JetStream hands each message to one of them."""
     return ConsumerConfig(
+        name=name,  # with its name, nats-py creates it on CONSUMER.CREATE.<stream>.<name>.<filter> (permissions)
         durable_name=name,
         filter_subject=subject,
         ack_policy=AckPolicy.EXPLICIT,
@@ -135,6 +153,7 @@ def scheduler_consumer() -> ConsumerConfig:
 def forwarder_consumer(node_id: str, max_deliver: int, ack_wait_s: float) -> ConsumerConfig:
     """One durable per node: a dead node's backlog never blocks the others."""
     return ConsumerConfig(
+        name=f"forwarder-{node_token(node_id)}",
         durable_name=f"forwarder-{node_token(node_id)}",
         filter_subject=subject_placed(node_id),
         ack_policy=AckPolicy.EXPLICIT,
@@ -166,19 +185,25 @@ class Delivered:
 
 
 class Bus:
-    def __init__(self, nc: Client, cfg: NatsConfig) -> None:
+    def __init__(self, nc: Client, cfg: NatsConfig, identity: str = "admin") -> None:
         self.nc = nc
         self.cfg = cfg
+        self.identity = identity
+        self.authenticated = bool(cfg.nkey_seed_file)
         self.js: JetStreamContext = nc.jetstream(timeout=cfg.publish_timeout_s)
+        self._rejected = None
 
     @classmethod
-    async def connect(cls, cfg: NatsConfig, name: str, stop: asyncio.Event | None = None) -> Bus:
-        """Connect, retrying until NATS answers or ``stop`` is set."""
+    async def connect(cls, cfg: NatsConfig, name: str, stop: asyncio.Event | None = None,
+                      identity: str = "admin") -> Bus:
+        """Connect as ``identity`` (its nkey seed, its inbox), retrying until NATS answers or ``stop`` is set."""
+        options = natsauth.connect_options(cfg, identity)
         while True:
             try:
                 nc = await nats.connect(
                     cfg.url,
                     name=name,
+                    **options,
                     connect_timeout=cfg.connect_timeout_s,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
@@ -188,7 +213,7 @@ class Bus:
                     disconnected_cb=_log_disconnected,
                     reconnected_cb=_log_reconnected,
                 )
-                return cls(nc, cfg)
+                return cls(nc, cfg, identity)
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
                 log.warning("nats not reachable at %s (%s); retrying", cfg.url, type(exc).__name__)
                 if stop is not None and stop.is_set():
@@ -199,9 +224,53 @@ class Bus:
         """A gauge read at scrape time: 1 while connected to NATS (readiness, alerting)."""
         from prometheus_client import Gauge
 
+        from prometheus_client import Counter
+
         Gauge("switchyard_bus_connected", "1 while connected to NATS", registry=registry).set_function(
             lambda: 1.0 if self.nc.is_connected else 0.0
         )
+        self._rejected = Counter("switchyard_bus_rejected_events", "Deliveries refused: undecodable, or not on "
+                                 "their own subject (forged provenance)", ["reason"], registry=registry)
+
+    def checked(self, subject: str, data: bytes, seq: int) -> ev.AnyEvent | None:
+        """Decode one delivery and check its provenance; None (logged, counted) when refused.
+
+        The one place every consumer path decodes through: an event on a subject
+        other than its own was published by an identity not allowed to record it.
+        Logged without payload values (they may be patient data).
+        """
+        try:
+            event = ev.decode(data)
+        except Exception:  # noqa: BLE001 - one bad message must not stop a consumer
+            log.error("undecodable message at stream seq %d; skipped", seq)
+            self._count_rejected("undecodable")
+            return None
+        if not provenance_ok(subject, event):
+            log.warning("event %s at stream seq %d arrived on a subject its type may not use; refused",
+                        type(event).__name__, seq)
+            self._count_rejected("subject")
+            return None
+        return event
+
+    def _count_rejected(self, reason: str) -> None:
+        if self._rejected is not None:
+            self._rejected.labels(reason).inc()
+
+    async def accept(self, msg: Msg) -> ev.AnyEvent | None:
+        """``checked`` for an acknowledged delivery: a refused one is terminated, never redelivered."""
+        event = self.checked(msg.subject, msg.data, msg.metadata.sequence.stream)
+        if event is None:
+            await msg.term()
+        return event
+
+    async def check_streams(self) -> None:
+        """Services only check that the admin declared the streams (they may not declare them)."""
+        for name in (self.cfg.events_stream, self.cfg.heartbeats_stream):
+            try:
+                await self.js.stream_info(name)
+            except (nats.js.errors.NotFoundError, nats.errors.TimeoutError) as exc:
+                raise StreamsMissing(f"stream {name} is not declared on {self.cfg.url}; run "
+                                     "`switchyard nats init` (admin identity) first") from exc
 
     async def ensure_streams(self) -> None:
         for sc in stream_configs(self.cfg):
@@ -273,10 +342,8 @@ class Bus:
                         continue
                     return
                 meta = msg.metadata
-                try:
-                    event = ev.decode(msg.data)
-                except Exception:  # noqa: BLE001 - one bad message must not stop a projection
-                    log.error("undecodable message at stream seq %d; skipped", meta.sequence.stream)
+                event = self.checked(msg.subject, msg.data, meta.sequence.stream)
+                if event is None:
                     continue
                 yield Delivered(meta.sequence.stream, event, msg)
                 if not follow and meta.num_pending == 0:
@@ -344,10 +411,10 @@ class Bus:
                 while buffered and len(batch) < max_batch:
                     msg = buffered.popleft()
                     seq = msg.metadata.sequence.stream
-                    try:
-                        batch.append(Delivered(seq, ev.decode(msg.data) if decode else None, msg))
-                    except Exception:  # noqa: BLE001 - one bad message must not stop a projection
-                        log.error("undecodable message at stream seq %d; skipped", seq)
+                    if not decode:
+                        batch.append(Delivered(seq, None, msg))
+                    elif (event := self.checked(msg.subject, msg.data, seq)) is not None:
+                        batch.append(Delivered(seq, event, msg))
                 room.set()
                 if batch:
                     yield batch

@@ -93,7 +93,7 @@ async def run_until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task]) -> N
 
 @contextlib.asynccontextmanager
 async def running_service(name: str, cfg: Config) -> AsyncIterator[Service]:
-    """Logging, stop-on-signal, tracing and a connected bus with its streams declared.
+    """Logging, stop-on-signal, tracing and a connected bus with its streams checked.
 
     Resources registered on ``service.stack`` are released in reverse order on
     exit; the bus drains last but one, before tracing flushes.
@@ -103,9 +103,12 @@ async def running_service(name: str, cfg: Config) -> AsyncIterator[Service]:
     async with contextlib.AsyncExitStack() as stack:
         provider = setup_tracing(name, cfg.telemetry)
         stack.callback(provider.shutdown)
-        bus = await Bus.connect(cfg.nats, f"switchyard-{name}", stop)
+        bus = await Bus.connect(cfg.nats, f"switchyard-{name}", stop, identity=name)
         stack.push_async_callback(bus.close)
-        await bus.ensure_streams()
+        if bus.authenticated:
+            await bus.check_streams()  # declared by the admin (`switchyard nats init`)
+        else:
+            await bus.ensure_streams()  # dev mode only: nobody else to declare them
         registry = CollectorRegistry()
         bus.export_connected(registry)
         yield Service(name, cfg, stop, stack, bus, registry, provider)

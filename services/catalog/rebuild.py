@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import duckdb
 import nats.errors
 
 from shared import events as ev
+from shared import natsauth
 from services.catalog.projection import BULK_FOLD_BYTES, BulkRejected
 from shared.bus import Bus
 from shared.config import NatsConfig
@@ -162,6 +162,8 @@ async def _read_with_client(bus: Bus, stream: str, start_seq: int, target: int, 
 
 
 async def _delete_consumer(bus: Bus, stream: str, name: str) -> None:
+    if bus.authenticated and not natsauth.may_delete_consumers(bus.identity):
+        return  # services may not delete consumers; it expires after inactive_threshold
     try:
         await bus.js.delete_consumer(stream, name)
     except Exception:  # noqa: BLE001 - an ephemeral consumer also expires on its own
@@ -180,8 +182,8 @@ class _WireUnsupported(Exception):
     """The server wants TLS or the URL is not plain nats://: use the client path."""
 
 
-async def _wire_connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    parts = urlsplit(url.split(",")[0].strip())
+async def _wire_connect(cfg: NatsConfig, identity: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    parts = urlsplit(cfg.url.split(",")[0].strip())
     if parts.scheme not in ("nats", "") or not parts.hostname:
         raise _WireUnsupported(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 4222, limit=1 << 20)
@@ -190,11 +192,15 @@ async def _wire_connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamW
         if not line.startswith(b"INFO "):
             raise _WireUnsupported("no INFO from the server")
         info = json.loads(line[5:])
-        if info.get("tls_required") or info.get("nonce"):  # TLS, or nkey/JWT auth: the client handles those
-            raise _WireUnsupported("server needs TLS or nkeys")
+        seed = natsauth.seed_path(cfg, identity)
+        if info.get("tls_required") or (info.get("nonce") and seed is None):  # TLS, or JWT auth: the client's
+            raise _WireUnsupported("server needs TLS or credentials")
         hello = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True, "protocol": 1,
                  "lang": "python-raw", "version": "1", "name": "switchyard-rebuild-reader"}
-        if parts.username and parts.password is not None:
+        if seed is not None:  # nkey: sign the server's nonce with this identity's seed
+            raw_seed = seed.read_bytes().strip()
+            hello.update(nkey=natsauth.public_key(raw_seed), sig=natsauth.sign_nonce(raw_seed, info.get("nonce", "")))
+        elif parts.username and parts.password is not None:
             hello.update(user=unquote(parts.username), pass_=unquote(parts.password))
             hello["pass"] = hello.pop("pass_")
         elif parts.username:
@@ -221,7 +227,7 @@ async def _read_from_wire(bus: Bus, stream: str, start_seq: int, target: int, ba
     server pauses at its flow-control window while the caller applies a batch.
     """
     reader, writer = wire
-    inbox = f"_SWITCHYARD_REPLAY.{uuid.uuid4().hex}"
+    inbox = bus.nc.new_inbox()  # under this identity's inbox prefix: the only subjects it may subscribe to
     writer.write(f"SUB {inbox} 1\r\nPING\r\n".encode())
     await writer.drain()
     batches = _Batches(target, batch)
@@ -294,7 +300,7 @@ async def read_raw_batches(bus: Bus, stream: str, start_seq: int, target: int, b
     when the URL is plain nats://, else through nats-py.
     """
     try:
-        wire = await _wire_connect(bus.cfg.url)
+        wire = await _wire_connect(bus.cfg, bus.identity)
     except _WireUnsupported as exc:
         log.info("replaying through the client (%s)", exc)
         async for item in _read_with_client(bus, stream, start_seq, target, batch):

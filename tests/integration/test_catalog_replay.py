@@ -41,7 +41,7 @@ def nats_only(tmp_path):
 async def connect(cfg) -> Bus:
     once = asyncio.Event()
     once.set()
-    bus = await Bus.connect(cfg, "test-replay", once)
+    bus = await Bus.connect(cfg, "test-replay", once, identity="harness")
     await bus.ensure_streams()
     return bus
 
