@@ -15,6 +15,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -71,29 +72,56 @@ def subject_placed(node_id: str) -> str:
     return f"dicom.instance.placed.{node_token(node_id)}"
 
 
+# Where each event lives; UIDs never appear in subjects (they contain dots). The
+# state is in node.state subjects so that permissions can say who may record which state.
+_SUBJECTS: dict[type, str] = {
+    ev.InstanceReceivedV1: SUBJECT_RECEIVED,
+    ev.InstancePlacedV1: "dicom.instance.placed.{node}",
+    ev.InstanceForwardedV1: "dicom.instance.forwarded.{node}",
+    ev.InstanceForwardFailedV1: "dicom.instance.forward_failed.{node}",
+    ev.InstanceDeadLetteredV1: SUBJECT_DEAD_LETTERED,
+    ev.InstanceVerifiedV1: "dicom.instance.verified.{node}",
+    ev.InstanceVerificationFailedV1: "dicom.instance.verification_failed.{node}",
+    ev.NodeHeartbeatV1: "node.heartbeat.{node}",
+    ev.NodeStateChangedV1: "node.state.{node}.{state}",
+}
+_SUBJECT_BY_TAG = {cls.__struct_config__.tag: template for cls, template in _SUBJECTS.items()}
+
+
+def _subject(template: str, node_id: str, state: str) -> str:
+    return template.format(node=node_token(node_id) if "{node}" in template else "",
+                           state=node_token(state) if "{state}" in template else "")
+
+
 def subject_for(event: ev.Event) -> str:
-    """Where each event lives. UIDs never appear in subjects (they contain dots)."""
-    match event:
-        case ev.InstanceReceivedV1():
-            return SUBJECT_RECEIVED
-        case ev.InstancePlacedV1(node_id=node):
-            return subject_placed(node)
-        case ev.InstanceForwardedV1(node_id=node):
-            return f"dicom.instance.forwarded.{node_token(node)}"
-        case ev.InstanceForwardFailedV1(node_id=node):
-            return f"dicom.instance.forward_failed.{node_token(node)}"
-        case ev.InstanceDeadLetteredV1():
-            return SUBJECT_DEAD_LETTERED
-        case ev.InstanceVerifiedV1(node_id=node):
-            return f"dicom.instance.verified.{node_token(node)}"
-        case ev.InstanceVerificationFailedV1(node_id=node):
-            return f"dicom.instance.verification_failed.{node_token(node)}"
-        case ev.NodeHeartbeatV1(node_id=node):
-            return f"node.heartbeat.{node_token(node)}"
-        case ev.NodeStateChangedV1(node_id=node, state=state):
-            # The state is in the subject so that permissions can say who may record which state.
-            return f"node.state.{node_token(node)}.{node_token(state)}"
-    raise TypeError(f"no subject for {type(event).__name__}")
+    """Where each event lives (see _SUBJECTS)."""
+    template = _SUBJECTS.get(type(event))
+    if template is None:
+        raise TypeError(f"no subject for {type(event).__name__}")
+    return _subject(template, getattr(event, "node_id", ""), getattr(event, "state", ""))
+
+
+class _Envelope(msgspec.Struct):
+    """Just what names an event's subject, for readers that leave the payload undecoded."""
+
+    type: str
+    node_id: str = ""
+    state: str = ""
+
+
+_envelope = msgspec.json.Decoder(_Envelope)
+
+
+def raw_provenance_ok(subject: str, data: bytes) -> bool:
+    """``provenance_ok`` for an undecoded payload (a cheap partial decode)."""
+    try:
+        env = _envelope.decode(data)
+        template = _SUBJECT_BY_TAG[env.type]
+        if subject == _subject(template, env.node_id, env.state):
+            return True
+    except (msgspec.DecodeError, KeyError, ValueError):
+        return False
+    return env.type == "node.state_changed.v1" and subject == f"node.state.{env.node_id}"
 
 
 def provenance_ok(subject: str, event: ev.Event) -> bool:
@@ -251,6 +279,18 @@ class Bus:
             self._count_rejected("subject")
             return None
         return event
+
+    def _raw_accepted(self, subject: str, data: bytes, seq: int) -> bool:
+        """``checked`` for undecoded readers; undecodable payloads go on (the projection skips them itself)."""
+        if raw_provenance_ok(subject, data):
+            return True
+        try:
+            _envelope.decode(data)
+        except msgspec.DecodeError:
+            return True
+        log.warning("event at stream seq %d arrived on a subject its type may not use; refused", seq)
+        self._count_rejected("subject")
+        return False
 
     def _count_rejected(self, reason: str) -> None:
         if self._rejected is not None:
@@ -412,7 +452,8 @@ class Bus:
                     msg = buffered.popleft()
                     seq = msg.metadata.sequence.stream
                     if not decode:
-                        batch.append(Delivered(seq, None, msg))
+                        if self._raw_accepted(msg.subject, msg.data, seq):
+                            batch.append(Delivered(seq, None, msg))
                     elif (event := self.checked(msg.subject, msg.data, seq)) is not None:
                         batch.append(Delivered(seq, event, msg))
                 room.set()
