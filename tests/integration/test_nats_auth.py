@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+import msgspec
 import nats
 import nats.errors
 import pytest
@@ -233,3 +234,48 @@ def test_stack_data_and_credentials_are_private(stack):
     assert creds.stat().st_mode & 0o777 == 0o700
     for path in [*creds.iterdir(), stack.data_dir / "nats.conf"]:
         assert path.stat().st_mode & 0o777 == 0o600, path
+
+
+def test_raw_replay_reader_authenticates_with_its_nkey(stack, tmp_path):
+    """The rebuild's own-socket reader signs the server nonce; a wrong seed is refused by the server."""
+    from services.catalog.rebuild import _wire_connect
+
+    cfg = stack.cfg.nats
+
+    async def connect(c):
+        _, writer = await _wire_connect(c, "catalog")
+        writer.close()
+
+    asyncio.run(connect(cfg))
+    wrong = tmp_path / "{identity}.nk"
+    natsauth.write_private(tmp_path / "catalog.nk", natsauth.new_seed())
+    with pytest.raises(ConnectionError, match="Authorization Violation"):
+        asyncio.run(connect(msgspec.structs.replace(cfg, nkey_seed_file=str(wrong))))
+
+
+def test_nats_credentials_command_writes_private_seeds(tmp_path, capsys):
+    from shared import cli
+
+    out = tmp_path / "secrets"
+    assert cli.main(["nats", "credentials", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.stat().st_mode & 0o777 == 0o700
+    for identity in natsauth.IDENTITIES:
+        seed = (out / f"{identity}.nk").read_bytes().strip()
+        assert (out / f"{identity}.nk").stat().st_mode & 0o777 == 0o600
+        assert seed.decode() not in printed  # where, never what
+    assert "harness" not in (out / "auth.conf").read_text()
+
+
+def test_compose_gives_each_service_only_its_own_seed():
+    from tests.integration.test_deploy import DEPLOY, SWITCHYARD, compose as compose_fixture, service_config
+
+    services = compose_fixture.__wrapped__()["services"]
+    for name in SWITCHYARD:
+        assert services[name]["secrets"] == [{"source": f"nats-{name}", "target": "nats.nk"}], name
+        cfg = service_config(services[name])
+        assert cfg.nats.nkey_seed_file == "/run/secrets/nats.nk" and not cfg.nats.allow_unauthenticated, name
+        assert services[name]["depends_on"]["nats-init"]["condition"] == "service_completed_successfully", name
+    assert services["nats-init"]["secrets"] == [{"source": "nats-admin", "target": "nats.nk"}]
+    assert any(v["target"] == "/etc/nats/auth.conf" for v in services["nats"]["volumes"])
+    assert 'include "auth.conf"' in (DEPLOY / "nats" / "jetstream-single.conf").read_text()
