@@ -309,8 +309,9 @@ class Bus:
             try:
                 await self.js.stream_info(name)
             except (nats.js.errors.NotFoundError, nats.errors.TimeoutError) as exc:
-                raise StreamsMissing(f"stream {name} is not declared on {self.cfg.url}; run "
-                                     "`switchyard nats init` (admin identity) first") from exc
+                raise StreamsMissing(f"stream {name} is not declared on {self.cfg.url} (or identity "
+                                     f"{self.identity} may not see it); run `switchyard nats init` "
+                                     "(admin identity) first") from exc
 
     async def ensure_streams(self) -> None:
         for sc in stream_configs(self.cfg):
