@@ -242,10 +242,15 @@ async def _nodes(args: argparse.Namespace, cfg: Config) -> int:
 
     import asyncio
 
+    from shared.natsauth import NoCredentials
+
     try:
         bus = await asyncio.wait_for(Bus.connect(cfg.nats, "switchyard-cli"), 10)
     except asyncio.TimeoutError:
         print(f"switchyard: NATS not reachable at {cfg.nats.url}", file=sys.stderr)
+        return 1
+    except NoCredentials as exc:
+        print(f"switchyard: {exc}", file=sys.stderr)
         return 1
     try:
         await bus.ensure_streams()

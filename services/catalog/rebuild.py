@@ -185,7 +185,7 @@ class _WireUnsupported(Exception):
 async def _wire_connect(cfg: NatsConfig, identity: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     parts = urlsplit(cfg.url.split(",")[0].strip())
     if parts.scheme not in ("nats", "") or not parts.hostname:
-        raise _WireUnsupported(url)
+        raise _WireUnsupported(cfg.url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 4222, limit=1 << 20)
     try:
         line = await reader.readline()

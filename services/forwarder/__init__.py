@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import msgspec
 import nats.errors
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 

@@ -46,8 +46,8 @@ from services.scheduler.routing import DEFAULT_POOL, in_pool, route
 from shared import events as ev
 from shared import membership
 from shared.bus import (
-    AFFINITY_BUCKET, SUBJECT_HEARTBEAT_ALL, Bus, BusUnavailable, PublishUncertain, replacement_consumer,
-    scheduler_consumer, verification_failed_consumer,
+    AFFINITY_BUCKET, SUBJECT_HEARTBEAT_ALL, Bus, BusUnavailable, PublishUncertain, provenance_ok,
+    replacement_consumer, scheduler_consumer, verification_failed_consumer,
 )
 from shared.config import Config, SchedulerConfig
 from shared.runtime import running_service, wait_or_stop
@@ -267,7 +267,7 @@ class Scheduler:
         except msgspec.DecodeError:
             log.warning("undecodable heartbeat on %s", msg.subject)
             return
-        if msg.subject != f"node.heartbeat.{hb.node_id}":  # provenance: only the probe publishes its node's
+        if not provenance_ok(msg.subject, hb):  # a heartbeat on another node's subject
             log.warning("heartbeat for another node on %s; refused", msg.subject)
             return
         self.live.heartbeat(hb, time.monotonic())
