@@ -15,6 +15,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -32,6 +33,7 @@ from nats.js.api import (
 )
 
 from shared import events as ev
+from shared import natsauth
 from shared.config import NatsConfig
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,10 @@ class PublishUncertain(RuntimeError):
     """Sent, but no acknowledgement came back: the fact may or may not be recorded."""
 
 
+class StreamsMissing(RuntimeError):
+    """A service found the log not declared; declaring it is the admin's step."""
+
+
 def node_token(node_id: str) -> str:
     """Node ids become subject tokens, so they must be subject-safe."""
     if not _NODE_TOKEN.match(node_id):
@@ -65,28 +71,67 @@ def subject_placed(node_id: str) -> str:
     return f"dicom.instance.placed.{node_token(node_id)}"
 
 
+# Where each event lives; UIDs never appear in subjects (they contain dots). The
+# state is in node.state subjects so that permissions can say who may record which state.
+_SUBJECTS: dict[type, str] = {
+    ev.InstanceReceivedV1: SUBJECT_RECEIVED,
+    ev.InstancePlacedV1: "dicom.instance.placed.{node}",
+    ev.InstanceForwardedV1: "dicom.instance.forwarded.{node}",
+    ev.InstanceForwardFailedV1: "dicom.instance.forward_failed.{node}",
+    ev.InstanceDeadLetteredV1: SUBJECT_DEAD_LETTERED,
+    ev.InstanceVerifiedV1: "dicom.instance.verified.{node}",
+    ev.InstanceVerificationFailedV1: "dicom.instance.verification_failed.{node}",
+    ev.NodeHeartbeatV1: "node.heartbeat.{node}",
+    ev.NodeStateChangedV1: "node.state.{node}.{state}",
+}
+_SUBJECT_BY_TAG = {cls.__struct_config__.tag: template for cls, template in _SUBJECTS.items()}
+
+
+def _subject(template: str, node_id: str, state: str) -> str:
+    return template.format(node=node_token(node_id) if "{node}" in template else "",
+                           state=node_token(state) if "{state}" in template else "")
+
+
 def subject_for(event: ev.Event) -> str:
-    """Where each event lives. UIDs never appear in subjects (they contain dots)."""
-    match event:
-        case ev.InstanceReceivedV1():
-            return SUBJECT_RECEIVED
-        case ev.InstancePlacedV1(node_id=node):
-            return subject_placed(node)
-        case ev.InstanceForwardedV1(node_id=node):
-            return f"dicom.instance.forwarded.{node_token(node)}"
-        case ev.InstanceForwardFailedV1(node_id=node):
-            return f"dicom.instance.forward_failed.{node_token(node)}"
-        case ev.InstanceDeadLetteredV1():
-            return SUBJECT_DEAD_LETTERED
-        case ev.InstanceVerifiedV1(node_id=node):
-            return f"dicom.instance.verified.{node_token(node)}"
-        case ev.InstanceVerificationFailedV1(node_id=node):
-            return f"dicom.instance.verification_failed.{node_token(node)}"
-        case ev.NodeHeartbeatV1(node_id=node):
-            return f"node.heartbeat.{node_token(node)}"
-        case ev.NodeStateChangedV1(node_id=node):
-            return f"node.state.{node_token(node)}"
-    raise TypeError(f"no subject for {type(event).__name__}")
+    """Where each event lives (see _SUBJECTS)."""
+    template = _SUBJECTS.get(type(event))
+    if template is None:
+        raise TypeError(f"no subject for {type(event).__name__}")
+    return _subject(template, getattr(event, "node_id", ""), getattr(event, "state", ""))
+
+
+class _Envelope(msgspec.Struct):
+    """Just what names an event's subject, for readers that leave the payload undecoded."""
+
+    type: str
+    node_id: str = ""
+    state: str = ""
+
+
+_envelope = msgspec.json.Decoder(_Envelope)
+
+
+def raw_provenance_ok(subject: str, data: bytes) -> bool:
+    """``provenance_ok`` for an undecoded payload (a cheap partial decode)."""
+    try:
+        env = _envelope.decode(data)
+        template = _SUBJECT_BY_TAG[env.type]
+        if subject == _subject(template, env.node_id, env.state):
+            return True
+    except (msgspec.DecodeError, KeyError, ValueError):
+        return False
+    return env.type == "node.state_changed.v1" and subject == f"node.state.{env.node_id}"
+
+
+def provenance_ok(subject: str, event: ev.Event) -> bool:
+    """Did ``event`` arrive on its own subject? Given the permissions, the subject names its publisher."""
+    try:
+        if subject == subject_for(event):
+            return True
+    except (TypeError, ValueError):
+        return False
+    # Logs recorded before node.state subjects carried the state (no identity may publish these now).
+    return isinstance(event, ev.NodeStateChangedV1) and subject == f"node.state.{event.node_id}"
 
 
 def stream_configs(cfg: NatsConfig) -> list[StreamConfig]:
@@ -118,6 +163,7 @@ def stream_configs(cfg: NatsConfig) -> list[StreamConfig]:
 def _scheduler_durable(name: str, subject: str) -> ConsumerConfig:
     """Shared by every scheduler replica: JetStream hands each message to one of them."""
     return ConsumerConfig(
+        name=name,  # with its name, nats-py creates it on CONSUMER.CREATE.<stream>.<name>.<filter> (permissions)
         durable_name=name,
         filter_subject=subject,
         ack_policy=AckPolicy.EXPLICIT,
@@ -134,6 +180,7 @@ def scheduler_consumer() -> ConsumerConfig:
 def forwarder_consumer(node_id: str, max_deliver: int, ack_wait_s: float) -> ConsumerConfig:
     """One durable per node: a dead node's backlog never blocks the others."""
     return ConsumerConfig(
+        name=f"forwarder-{node_token(node_id)}",
         durable_name=f"forwarder-{node_token(node_id)}",
         filter_subject=subject_placed(node_id),
         ack_policy=AckPolicy.EXPLICIT,
@@ -165,19 +212,25 @@ class Delivered:
 
 
 class Bus:
-    def __init__(self, nc: Client, cfg: NatsConfig) -> None:
+    def __init__(self, nc: Client, cfg: NatsConfig, identity: str = "admin") -> None:
         self.nc = nc
         self.cfg = cfg
+        self.identity = identity
+        self.authenticated = bool(cfg.nkey_seed_file)
         self.js: JetStreamContext = nc.jetstream(timeout=cfg.publish_timeout_s)
+        self._rejected = None
 
     @classmethod
-    async def connect(cls, cfg: NatsConfig, name: str, stop: asyncio.Event | None = None) -> Bus:
-        """Connect, retrying until NATS answers or ``stop`` is set."""
+    async def connect(cls, cfg: NatsConfig, name: str, stop: asyncio.Event | None = None,
+                      identity: str = "admin") -> Bus:
+        """Connect as ``identity`` (its nkey seed, its inbox), retrying until NATS answers or ``stop`` is set."""
+        options = natsauth.connect_options(cfg, identity)
         while True:
             try:
                 nc = await nats.connect(
                     cfg.url,
                     name=name,
+                    **options,
                     connect_timeout=cfg.connect_timeout_s,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
@@ -187,7 +240,7 @@ class Bus:
                     disconnected_cb=_log_disconnected,
                     reconnected_cb=_log_reconnected,
                 )
-                return cls(nc, cfg)
+                return cls(nc, cfg, identity)
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
                 log.warning("nats not reachable at %s (%s); retrying", cfg.url, type(exc).__name__)
                 if stop is not None and stop.is_set():
@@ -198,9 +251,66 @@ class Bus:
         """A gauge read at scrape time: 1 while connected to NATS (readiness, alerting)."""
         from prometheus_client import Gauge
 
+        from prometheus_client import Counter
+
         Gauge("switchyard_bus_connected", "1 while connected to NATS", registry=registry).set_function(
             lambda: 1.0 if self.nc.is_connected else 0.0
         )
+        self._rejected = Counter("switchyard_bus_rejected_events", "Deliveries refused: undecodable, or not on "
+                                 "their own subject (forged provenance)", ["reason"], registry=registry)
+
+    def checked(self, subject: str, data: bytes, seq: int) -> ev.AnyEvent | None:
+        """Decode one delivery and check its provenance; None (logged, counted) when refused.
+
+        The one place every consumer path decodes through: an event on a subject
+        other than its own was published by an identity not allowed to record it.
+        Logged without payload values (they may be patient data).
+        """
+        try:
+            event = ev.decode(data)
+        except Exception:  # noqa: BLE001 - one bad message must not stop a consumer
+            log.error("undecodable message at stream seq %d; skipped", seq)
+            self._count_rejected("undecodable")
+            return None
+        if not provenance_ok(subject, event):
+            log.warning("event %s at stream seq %d arrived on a subject its type may not use; refused",
+                        type(event).__name__, seq)
+            self._count_rejected("subject")
+            return None
+        return event
+
+    def _raw_accepted(self, subject: str, data: bytes, seq: int) -> bool:
+        """``checked`` for undecoded readers; undecodable payloads go on (the projection skips them itself)."""
+        if raw_provenance_ok(subject, data):
+            return True
+        try:
+            _envelope.decode(data)
+        except msgspec.DecodeError:
+            return True
+        log.warning("event at stream seq %d arrived on a subject its type may not use; refused", seq)
+        self._count_rejected("subject")
+        return False
+
+    def _count_rejected(self, reason: str) -> None:
+        if self._rejected is not None:
+            self._rejected.labels(reason).inc()
+
+    async def accept(self, msg: Msg) -> ev.AnyEvent | None:
+        """``checked`` for an acknowledged delivery: a refused one is terminated, never redelivered."""
+        event = self.checked(msg.subject, msg.data, msg.metadata.sequence.stream)
+        if event is None:
+            await msg.term()
+        return event
+
+    async def check_streams(self) -> None:
+        """Services only check that the admin declared the streams (they may not declare them)."""
+        for name in (self.cfg.events_stream, self.cfg.heartbeats_stream):
+            try:
+                await self.js.stream_info(name)
+            except (nats.js.errors.NotFoundError, nats.errors.TimeoutError) as exc:
+                raise StreamsMissing(f"stream {name} is not declared on {self.cfg.url} (or identity "
+                                     f"{self.identity} may not see it); run `switchyard nats init` "
+                                     "(admin identity) first") from exc
 
     async def ensure_streams(self) -> None:
         for sc in stream_configs(self.cfg):
@@ -307,10 +417,8 @@ class Bus:
                         continue
                     return
                 meta = msg.metadata
-                try:
-                    event = ev.decode(msg.data)
-                except Exception:  # noqa: BLE001 - one bad message must not stop a projection
-                    log.error("undecodable message at stream seq %d; skipped", meta.sequence.stream)
+                event = self.checked(msg.subject, msg.data, meta.sequence.stream)
+                if event is None:
                     continue
                 yield Delivered(meta.sequence.stream, event, msg)
                 if not follow and meta.num_pending == 0:
@@ -378,10 +486,11 @@ class Bus:
                 while buffered and len(batch) < max_batch:
                     msg = buffered.popleft()
                     seq = msg.metadata.sequence.stream
-                    try:
-                        batch.append(Delivered(seq, ev.decode(msg.data) if decode else None, msg))
-                    except Exception:  # noqa: BLE001 - one bad message must not stop a projection
-                        log.error("undecodable message at stream seq %d; skipped", seq)
+                    if not decode:
+                        if self._raw_accepted(msg.subject, msg.data, seq):
+                            batch.append(Delivered(seq, None, msg))
+                    elif (event := self.checked(msg.subject, msg.data, seq)) is not None:
+                        batch.append(Delivered(seq, event, msg))
                 room.set()
                 if batch:
                     yield batch

@@ -32,6 +32,16 @@ class NatsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     replicas: int = 1
     connect_timeout_s: float = 2.0
     publish_timeout_s: float = 5.0
+    # This process's nkey seed; "{identity}" becomes the service name (or "admin").
+    # Empty: no authentication, refused unless allow_unauthenticated (dev only, logged loudly).
+    nkey_seed_file: str = ""
+    allow_unauthenticated: bool = False
+    # TLS to NATS: the CA that signed the server; cert and key for mTLS.
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # Reply inbox per identity, so no identity may subscribe to another's replies.
+    inbox_prefix: str = "_INBOX_{identity}"
 
 
 class BlobConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

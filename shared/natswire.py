@@ -147,14 +147,22 @@ class WireParser:
         return out
 
 
-def hello(info: dict) -> bytes:
-    """CONNECT and PING for a server's INFO; WireUnsupported if it wants TLS or any auth."""
+def hello(info: dict, seed: bytes | None = None) -> bytes:
+    """CONNECT and PING for a server's INFO; WireUnsupported if it wants TLS or auth we cannot give.
+
+    With an nkey ``seed`` the reader logs in as that identity: the server's
+    nonce signed with it (the same login nats-py does with ``nkeys_seed``).
+    """
     if info.get("tls_required"):
         raise WireUnsupported("the server requires TLS")
-    if info.get("auth_required") or info.get("nonce"):
-        raise WireUnsupported("the server requires authentication")
-    options = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True, "protocol": 1,
-               "lang": "python-raw", "version": "1", "name": "switchyard-replay-reader"}
+    options: dict = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True, "protocol": 1,
+                     "lang": "python-raw", "version": "1", "name": "switchyard-replay-reader"}
+    if seed is not None and info.get("nonce"):
+        from shared import natsauth
+
+        options.update(nkey=natsauth.public_key(seed), sig=natsauth.sign_nonce(seed, info["nonce"]))
+    elif info.get("auth_required") or info.get("nonce"):
+        raise WireUnsupported("the server requires authentication and no nkey seed was given")
     return b"CONNECT " + json.dumps(options).encode() + b"\r\nPING\r\n"
 
 
@@ -184,8 +192,8 @@ class Wire:
         self.writer.close()
 
 
-async def connect(url: str) -> Wire:
-    """Open a raw connection to the first server of ``url`` (plain nats://, no credentials)."""
+async def connect(url: str, seed: bytes | None = None) -> Wire:
+    """Open a raw connection to the first server of ``url`` (plain nats://; an nkey ``seed`` to log in)."""
     parts = urlsplit(url.split(",")[0].strip())
     if parts.scheme not in ("nats", "") or not parts.hostname:
         raise WireUnsupported(f"the URL scheme {parts.scheme!r} is not plain nats://")
@@ -199,7 +207,7 @@ async def connect(url: str) -> Wire:
             frames = await wire.read()
         if not isinstance(frames[0], Info):
             raise WireUnsupported("no INFO from the server")
-        writer.write(hello(frames[0].info))
+        writer.write(hello(frames[0].info, seed))
         await writer.drain()
         frames = frames[1:]
         while True:

@@ -92,20 +92,24 @@ async def run_until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task]) -> N
 
 
 @contextlib.asynccontextmanager
-async def running_service(name: str, cfg: Config) -> AsyncIterator[Service]:
-    """Logging, stop-on-signal, tracing and a connected bus with its streams declared.
+async def running_service(name: str, cfg: Config, identity: str | None = None) -> AsyncIterator[Service]:
+    """Logging, stop-on-signal, tracing and a connected bus with its streams checked.
 
     Resources registered on ``service.stack`` are released in reverse order on
-    exit; the bus drains last but one, before tracing flushes.
+    exit; the bus drains last but one, before tracing flushes. ``identity``: the
+    NATS identity (default ``name``; extra ingest workers are still "ingest").
     """
     setup_logging(name, cfg.telemetry.log_level)
     stop = stop_on_signals()
     async with contextlib.AsyncExitStack() as stack:
         provider = setup_tracing(name, cfg.telemetry)
         stack.callback(provider.shutdown)
-        bus = await Bus.connect(cfg.nats, f"switchyard-{name}", stop)
+        bus = await Bus.connect(cfg.nats, f"switchyard-{name}", stop, identity=identity or name)
         stack.push_async_callback(bus.close)
-        await bus.ensure_streams()
+        if bus.authenticated:
+            await bus.check_streams()  # declared by the admin (`switchyard nats init`)
+        else:
+            await bus.ensure_streams()  # dev mode only: nobody else to declare them
         registry = CollectorRegistry()
         bus.export_connected(registry)
         yield Service(name, cfg, stop, stack, bus, registry, provider)

@@ -7,6 +7,7 @@
   switchyard probe rebuild    the same for the probe's two store files (probe stopped)
   switchyard audit export     write the events and instances of a window as Parquet and CSV
   switchyard nodes add|drain|undrain|remove|list   change or show membership (node.state events)
+  switchyard nats credentials|init   generate NATS nkeys (0600); declare streams and KV (admin)
 """
 
 from __future__ import annotations
@@ -112,13 +113,22 @@ def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
     if missing:
         print(f"missing: {', '.join(missing)} (run ./bootstrap.sh)", file=sys.stderr)
         return 2
+    import asyncio
+
+    from shared import natsauth
+
+    cfg, creds = natsauth.secure_local(cfg, data_dir)
+    if creds is not None:
+        print(f"switchyard: NATS credentials (nkey seeds, 0600) in {creds.directory}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     procs: list[ls.Proc] = []
     console = sys.stdout
     try:
-        procs.append(ls.start_nats(cfg, data_dir, args.nats_monitor_port, console))
+        procs.append(ls.start_nats(cfg, data_dir, args.nats_monitor_port, console,
+                                   extra_conf=natsauth.server_conf(creds)))
+        asyncio.run(natsauth.declare(cfg.nats))  # the admin step: streams and KV
         for node in cfg.nodes:
             procs.append(ls.start_orthanc(node, data_dir, console))
         config_path = ls.write_config(cfg, data_dir / "switchyard.toml")
@@ -171,6 +181,7 @@ def _rebuild(cfg: Config, what: str, jobs: list[tuple[Path, type, object]]) -> i
 
     import nats.errors
 
+    from shared.natsauth import NoCredentials
     from shared.readmodel.replay import StoreInUse, ensure_unlocked, rebuild_file
 
     try:
@@ -185,7 +196,7 @@ def _rebuild(cfg: Config, what: str, jobs: list[tuple[Path, type, object]]) -> i
     except StoreInUse as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 1
-    except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+    except (OSError, asyncio.TimeoutError, nats.errors.Error, NoCredentials) as exc:
         print(f"switchyard: cannot read the log from {cfg.nats.url} ({type(exc).__name__}); "
               f"{path} not changed", file=sys.stderr)
         return 1
@@ -231,10 +242,15 @@ async def _nodes(args: argparse.Namespace, cfg: Config) -> int:
 
     import asyncio
 
+    from shared.natsauth import NoCredentials
+
     try:
         bus = await asyncio.wait_for(Bus.connect(cfg.nats, "switchyard-cli"), 10)
     except asyncio.TimeoutError:
         print(f"switchyard: NATS not reachable at {cfg.nats.url}", file=sys.stderr)
+        return 1
+    except NoCredentials as exc:
+        print(f"switchyard: {exc}", file=sys.stderr)
         return 1
     try:
         await bus.ensure_streams()
@@ -274,6 +290,37 @@ async def _nodes(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     finally:
         await bus.close()
+
+
+def cmd_nats_credentials(args: argparse.Namespace, cfg: Config) -> int:
+    """One nkey seed per identity (0600) and the server's auth include; prints locations, never seeds."""
+    from shared import natsauth
+
+    creds = natsauth.generate(Path(args.out), cfg.nats, keep=not args.rotate)
+    print(f"nats credentials in {creds.directory} (seeds 0600): "
+          + ", ".join(f"{i}.nk" for i in creds.public_keys) + f"; server include {creds.auth_conf}")
+    print("point each process at its own seed: nats.nkey_seed_file = "
+          f"\"{creds.seed_template}\" (or SWITCHYARD_NATS__NKEY_SEED_FILE)")
+    return 0
+
+
+def cmd_nats_init(args: argparse.Namespace, cfg: Config) -> int:
+    """Declare the streams and the KV bucket as admin: services may only check they exist."""
+    import asyncio
+
+    import nats.errors
+
+    from shared import natsauth
+
+    try:
+        asyncio.run(asyncio.wait_for(natsauth.declare(cfg.nats), 30))
+    except (OSError, asyncio.TimeoutError, nats.errors.Error, natsauth.NoCredentials) as exc:
+        print(f"switchyard: cannot declare the streams on {cfg.nats.url} ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return 1
+    print(f"nats: streams {cfg.nats.events_stream}, {cfg.nats.heartbeats_stream} and KV "
+          f"{natsauth.KV_BUCKET} declared")
+    return 0
 
 
 def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
@@ -320,6 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--db", help="catalog DuckDB file (default: catalog.db_path)")
     p.set_defaults(func=cmd_audit_export)
+    p = sub.add_parser("nats", help="NATS credentials and stream declaration")
+    nats_sub = p.add_subparsers(dest="nats_command", required=True)
+    q = nats_sub.add_parser("credentials", help="write one nkey seed per identity (0600) and the server's "
+                                                "authorization include (public keys only)")
+    q.add_argument("--out", required=True, help="directory (created 0700)")
+    q.add_argument("--rotate", action="store_true", help="new seeds even where one exists")
+    q.set_defaults(func=cmd_nats_credentials)
+    q = nats_sub.add_parser("init", help="declare the streams and the KV bucket (admin identity)")
+    q.set_defaults(func=cmd_nats_init)
     p = sub.add_parser("nodes", help="add, drain, undrain, remove or list nodes at run time")
     nsub = p.add_subparsers(dest="action", required=True)
     q = nsub.add_parser("add", help="add an Orthanc node")

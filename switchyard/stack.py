@@ -25,6 +25,7 @@ from typing import IO
 from urllib.parse import urlparse
 
 from shared.config import Config, NodeConfig, dump_toml
+from shared.natsauth import write_private
 from shared.orthanc import OrthancClient, OrthancError, node_config
 
 SERVICES = ("ingest", "scheduler", "forwarder", "probe", "catalog")
@@ -152,7 +153,8 @@ def nats_port(cfg: Config) -> int:
 
 
 def start_nats(cfg: Config, data_dir: Path, monitor_port: int, console: IO[str] | None = None,
-               timeout: float = 30.0, sync_always: bool = True) -> Proc:
+               timeout: float = 30.0, sync_always: bool = True, extra_conf: str = "") -> Proc:
+    """``extra_conf``: more server config (shared.natsauth.server_conf: the auth include, tls)."""
     store = data_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
     # One server, no replicas: a PubAck must mean "on disk", or a power cut could
@@ -160,7 +162,8 @@ def start_nats(cfg: Config, data_dir: Path, monitor_port: int, console: IO[str] 
     conf = data_dir / "nats.conf"
     # (sync_always=False: JetStream's default, every 2 minutes; benchmarks use it to show what fsync costs.)
     sync = "always" if sync_always else '"2m"'
-    conf.write_text(f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: {sync}\n}}\n")
+    write_private(conf, f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: {sync}\n}}\n"
+                  f"{extra_conf}".encode())
     argv = [str(VENV_BIN / "nats-server"), "-c", str(conf), "-a", "127.0.0.1", "-p", str(nats_port(cfg)),
             "-m", str(monitor_port), "-n", "switchyard-local"]
     proc = spawn("nats", argv, dict(os.environ), data_dir / "logs" / "nats.log", console)

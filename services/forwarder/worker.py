@@ -19,7 +19,6 @@ import logging
 import time
 from pathlib import Path
 
-import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.forwarder.sender import NodeSender, Outcome
@@ -136,11 +135,8 @@ class NodeWorker:
                 tmp.unlink(missing_ok=True)
 
     async def handle(self, msg) -> None:
-        try:
-            placed = ev.decode(msg.data)
-        except msgspec.DecodeError:
-            log.error("%s: undecodable placement; terminated", self.node.id)
-            await msg.term()
+        placed = await self.bus.accept(msg)  # undecodable or forged: terminated
+        if placed is None:
             return
         if not isinstance(placed, ev.InstancePlacedV1):
             await msg.ack()

@@ -57,7 +57,7 @@ async def main(cfg: Config, worker: int = 0) -> None:
     """
     icfg = cfg.ingest
     workers = max(1, icfg.workers)
-    async with running_service("ingest" if worker == 0 else f"ingest-{worker}", cfg) as svc:
+    async with running_service("ingest" if worker == 0 else f"ingest-{worker}", cfg, "ingest") as svc:
         spool = Path(icfg.spool_dir) / f"worker-{worker}" if workers > 1 else Path(icfg.spool_dir)
         spool.mkdir(parents=True, exist_ok=True)
         for leftover in spool.glob("*.dcm"):

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from services.scheduler.policy import NodeView, Weights, score
 from shared import events as ev
 from shared import membership
-from shared.bus import Bus, BusUnavailable, PublishUncertain
+from shared.bus import Bus, BusUnavailable, PublishUncertain, provenance_ok
 from shared.config import SchedulerConfig
 from shared.runtime import wait_or_stop
 
@@ -123,6 +123,9 @@ class NodeWatch:
             hb = self.hb_decoder.decode(msg.data)
         except msgspec.DecodeError:
             log.warning("undecodable heartbeat on %s", msg.subject)
+            return
+        if not provenance_ok(msg.subject, hb):  # a heartbeat on another node's subject
+            log.warning("heartbeat for another node on %s; refused", msg.subject)
             return
         self.live.heartbeat(hb, time.monotonic())
         self.export(time.monotonic())

@@ -196,11 +196,8 @@ class Scheduler:
 
     async def handle(self, msg) -> None:
         seq = msg.metadata.sequence.stream
-        try:
-            received = ev.decode(msg.data)
-        except msgspec.DecodeError:
-            log.error("undecodable event at seq %d; terminated", seq)
-            await msg.term()
+        received = await self.bus.accept(msg)  # undecodable or forged: terminated
+        if received is None:
             return
         if not isinstance(received, ev.InstanceReceivedV1):
             await msg.ack()
@@ -250,10 +247,8 @@ class Scheduler:
         await self._replace_from(msg, ev.InstanceVerificationFailedV1)
 
     async def _replace_from(self, msg, kind: type) -> None:
-        try:
-            failed = ev.decode(msg.data)
-        except msgspec.DecodeError:
-            await msg.term()
+        failed = await self.bus.accept(msg)  # undecodable or forged: terminated
+        if failed is None:
             return
         if not isinstance(failed, kind) or failed.received_seq <= 0:
             await msg.ack()
@@ -267,11 +262,11 @@ class Scheduler:
             return
         try:
             raw = await self.bus.js.get_msg(self.cfg.nats.events_stream, failed.received_seq)
-            received = ev.decode(raw.data)
-        except (nats.errors.Error, msgspec.DecodeError) as exc:
+        except nats.errors.Error as exc:
             log.warning("received event %d not readable (%s); retrying", failed.received_seq, exc)
             await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
             return
+        received = self.bus.checked(raw.subject, raw.data, failed.received_seq)
         if not isinstance(received, ev.InstanceReceivedV1):
             await msg.ack()
             return

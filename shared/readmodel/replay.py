@@ -19,7 +19,6 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import TypeVar
 
 import duckdb
 
-from shared import natswire
+from shared import natsauth, natswire
 from shared.bus import Bus
 from shared.config import NatsConfig
 from shared.readmodel.store import BULK_FOLD_BYTES, BulkLoading, BulkRejected, ProjectionStore
@@ -153,6 +152,8 @@ async def _read_with_client(bus: Bus, stream: str, start_seq: int, target: int, 
 
 
 async def _delete_consumer(bus: Bus, stream: str, name: str) -> None:
+    if bus.authenticated and not natsauth.may_delete_consumers(bus.identity):
+        return  # services may not delete consumers; it expires after inactive_threshold
     try:
         await bus.js.delete_consumer(stream, name)
     except Exception:  # noqa: BLE001 - an ephemeral consumer also expires on its own
@@ -166,7 +167,7 @@ async def _read_from_wire(bus: Bus, stream: str, start_seq: int, target: int, ba
     The consumer itself is made through the regular client. The server pauses
     at its flow-control window while the caller applies a batch.
     """
-    inbox = f"_SWITCHYARD_REPLAY.{uuid.uuid4().hex}"
+    inbox = bus.nc.new_inbox()  # under this identity's inbox prefix: the only subjects it may subscribe to
     await wire.subscribe(inbox)
     batches = _Batches(target, batch)
     add = batches.add_tokens
@@ -192,7 +193,8 @@ async def read_raw_batches(bus: Bus, stream: str, start_seq: int, target: int, b
     when the URL is plain nats://, else through nats-py.
     """
     try:
-        wire = await natswire.connect(bus.cfg.url)
+        seed_file = natsauth.seed_path(bus.cfg, bus.identity)
+        wire = await natswire.connect(bus.cfg.url, seed_file.read_bytes().strip() if seed_file else None)
     except natswire.WireUnsupported as exc:
         _slow_path_once(str(exc))
         async for item in _read_with_client(bus, stream, start_seq, target, batch):

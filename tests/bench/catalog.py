@@ -37,6 +37,7 @@ import nats
 
 from services.catalog import api
 from shared import events as ev
+from shared import natsauth
 from shared.bus import Bus, subject_for
 from shared.config import Config, NatsConfig
 from shared.readmodel import follow, replay
@@ -87,7 +88,7 @@ def chunks(n: int, size: int):
 
 
 async def publish_log(cfg: NatsConfig, n: int) -> float:
-    nc = await nats.connect(cfg.url)
+    nc = await nats.connect(cfg.url, **natsauth.connect_options(cfg, natsauth.HARNESS))  # writes every event type
     try:
         await Bus(nc, cfg).ensure_streams()
         js = nc.jetstream(timeout=60, publish_async_max_pending=50000)
@@ -126,7 +127,7 @@ async def live_catch_up(cfg: NatsConfig, path: Path, events: int) -> float:
     """Seconds for the live projection loop (``keep_up``) to catch a fresh store up over the first ``events``."""
     once = asyncio.Event()
     once.set()
-    bus = await Bus.connect(cfg, "bench-catch-up", once)
+    bus = await Bus.connect(cfg, "bench-catch-up", once, identity="catalog")
     store = CatalogStore(path)
     try:
         stop = asyncio.Event()
@@ -242,8 +243,9 @@ def bench_nats(work: Path) -> tuple[Config, ls.Proc]:
     JetStream's default sync: fsyncing each of millions of synthetic events would
     take most of an hour to publish, and the rebuild only reads.
     """
-    cfg = Config(nats=NatsConfig(url=f"nats://127.0.0.1:{free_port()}"))
-    return cfg, ls.start_nats(cfg, work, free_port(), sync_always=False)
+    cfg, creds = natsauth.secure_local(Config(nats=NatsConfig(url=f"nats://127.0.0.1:{free_port()}")), work,
+                                       (*natsauth.IDENTITIES, natsauth.HARNESS))  # auth on, as deployed
+    return cfg, ls.start_nats(cfg, work, free_port(), sync_always=False, extra_conf=natsauth.server_conf(creds))
 
 
 def main(argv: list[str]) -> int:

@@ -12,7 +12,9 @@
 
 Flags: --images=N (default 1000), --rounds=N (default 1: each end-to-end path
 sent N times, a new corpus each time; the ratios use each path's median),
---quick (fewer decisions and images).
+--nats-auth=MODE[,MODE...] (default on: off, no authentication; on, an nkey per
+service with least-privilege permissions; tls, the same over mutual TLS; the
+Switchyard path runs once per mode, in this run), --quick (fewer decisions and images).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def received(i: int, study: str) -> ev.InstanceReceivedV1:
 
 
 async def nats_latency(stack, node_ids: list[str], n: int) -> list[tuple[float, float]]:
-    bus = await Bus.connect(stack.cfg.nats, "bench")
+    bus = await Bus.connect(stack.cfg.nats, "bench", identity="harness")  # heartbeats and received: any subject
     stop = asyncio.Event()
 
     async def beat():
@@ -117,7 +119,7 @@ def decision_latency(data_dir: Path, fake: list[NodeConfig], quick: bool,
         # The nodes exist only in the log here: added like `switchyard nodes add` does.
         async def add_nodes():
             from shared import membership
-            bus = await Bus.connect(stack.cfg.nats, "bench-add")
+            bus = await Bus.connect(stack.cfg.nats, "bench-add", identity="harness")
             for n in fake:
                 await bus.publish(membership.transition(None, n.id, "added", node=n))
             await bus.close()
@@ -134,7 +136,7 @@ def decision_latency(data_dir: Path, fake: list[NodeConfig], quick: bool,
 
 async def failover_time(stack, nodes: list[OrthancNode]) -> tuple[float, str]:
     """Keep a study arriving every 10 ms; SIGKILL its node; time to the first placement elsewhere."""
-    bus = await Bus.connect(stack.cfg.nats, "bench-failover")
+    bus = await Bus.connect(stack.cfg.nats, "bench-failover", identity="harness")
     study = f"1.2.4.{int(time.time())}"
     first: dict[str, str] = {}
     avoided = asyncio.get_running_loop().create_future()
@@ -210,6 +212,26 @@ def timed_send(send, done, timeout: float = 240.0) -> float:
     return time.perf_counter() - started
 
 
+NATS_AUTH_MODES = ("off", "on", "tls")
+
+
+def nats_auth(mode: str, base: Path):
+    """(configure, server tls block) for make_stack in one --nats-auth mode."""
+    if mode == "off":
+        return (lambda cfg: msgspec.structs.replace(cfg, nats=msgspec.structs.replace(
+            cfg.nats, allow_unauthenticated=True))), ""
+    if mode == "on":
+        return (lambda cfg: cfg), ""
+    from shared import natsauth
+    from tests.fixtures.pki import make_pki
+
+    pki = make_pki(base / "pki")
+    return (lambda cfg: msgspec.structs.replace(cfg, nats=msgspec.structs.replace(
+        cfg.nats, tls_ca_file=str(pki["ca"]), tls_cert_file=str(pki["client_crt"]),
+        tls_key_file=str(pki["client_key"])))), natsauth.render_tls(
+            str(pki["server_crt"]), str(pki["server_key"]), str(pki["ca"]), verify=True)
+
+
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     images = 120 if quick else 1000
@@ -220,8 +242,15 @@ def main(argv: list[str]) -> int:
     for arg in argv:
         if arg.startswith("--rounds="):
             rounds = max(1, int(arg.split("=", 1)[1]))
+    modes = ["on"]
+    for arg in argv:
+        if arg.startswith("--nats-auth="):
+            modes = arg.split("=", 1)[1].split(",")
+            if not set(modes) <= set(NATS_AUTH_MODES):
+                print(f"--nats-auth: one or more of {', '.join(NATS_AUTH_MODES)}")
+                return 2
     decisions = 20000 if quick else 200000
-    print(f"placement bench: {images} images, {decisions} in-process decisions")
+    print(f"placement bench: {images} images, {decisions} in-process decisions, NATS auth {', '.join(modes)}")
 
     rate = bench_policy(decisions)
     print(f"policy: {rate:,.0f} decisions/s in process (target 100k/s)")
@@ -249,7 +278,7 @@ def main(argv: list[str]) -> int:
         # Same shape, new UIDs per path: the nodes would ignore instances they already hold.
         seed = int(time.time())
         corpora: dict[str, list[Path]] = {}
-        for k, path in enumerate(("direct", "switchyard", "lua")):
+        for k, path in enumerate(("direct", "lua", *(f"switchyard-{m}" for m in modes))):
             corpora[path] = [base / f"corpus-{path}-{r}" for r in range(rounds)]
             for r, corpus in enumerate(corpora[path]):
                 files = generate_studies(corpus, studies=images // 10, series_per_study=1,
@@ -267,39 +296,48 @@ def main(argv: list[str]) -> int:
                   f"({t_directs[-1]:.2f} s)")
         t_direct = statistics.median(t_directs)
 
-        # Switchyard.
+        # Switchyard, once per NATS auth mode (the last mode's stack also runs the failover).
         # The probe looks at each node every second, as deployed (the tests' 0.25 s costs CPU here).
-        stack = make_stack(base / "stack", nodes, configure=lambda cfg: msgspec.structs.replace(
-            cfg, probe=msgspec.structs.replace(cfg.probe, interval_s=1.0)))
-        wait_for(lambda: all(stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{n.node.id}"') == 1
-                             for n in nodes), timeout=30, what="nodes live")
-        pids = {s: p.popen.pid for s, p in stack.services.items()}
-        t_sys, sy_cpus = [], []
-        for r, corpus in enumerate(corpora["switchyard"]):
-            before = {s: cpu_seconds(pid) for s, pid in pids.items()}
-            nats_before = cpu_seconds(stack.nats.popen.pid)
-            base_count = counts(nodes)
-            base_verified = verified(stack)
-            started = time.perf_counter()
-            t_sys.append(timed_send(lambda: stack.send([corpus], extra=["+sd", "+r"]),
-                                    lambda: counts(nodes) - base_count >= len(files)))
-            cpu = {s: cpu_seconds(pid) - before[s] for s, pid in pids.items()}
-            nats_cpu = cpu_seconds(stack.nats.popen.pid) - nats_before
-            sy_cpus.append(sum(cpu.values()))
-            print(f"switchyard{_round(r, rounds)}: storescu -> Switchyard -> 3 Orthanc: "
-                  f"{len(files) / t_sys[-1]:.1f} img/s ({t_sys[-1]:.2f} s); "
-                  f"CPU {sy_cpus[-1] / len(files) * 1000:.1f} ms/img for the services "
-                  f"({', '.join(f'{s} {v:.2f}s' for s, v in sorted(cpu.items()))}), nats {nats_cpu:.2f}s")
-            # Verification trails delivery: the probe's whole cost per image is counted until the last
-            # verified event (and the next round starts after it, on a quiet stack).
-            wait_for(lambda: verified(stack) - base_verified >= len(files), timeout=120, interval=0.1,
-                     what="every image verified")
-            t_verified = time.perf_counter() - started
-            probe_cpu = cpu_seconds(pids["probe"]) - before["probe"]
-            print(f"probe: every image verified {t_verified:.2f} s after the send started; probe CPU until then "
-                  f"{probe_cpu:.2f} s ({probe_cpu / len(files) * 1000:.2f} ms/img)")
-        t_sy = statistics.median(t_sys)
-        sy_cpu = statistics.median(sy_cpus)
+        by_mode: dict[str, tuple[float, float, list[float]]] = {}  # median s, median CPU s, every round's s
+        for mode in modes:
+            if stack is not None:
+                stack.close()
+            configure, nats_tls = nats_auth(mode, base / f"auth-{mode}")
+            stack = make_stack(base / f"stack-{mode}", nodes, nats_tls=nats_tls, configure=lambda cfg: configure(
+                msgspec.structs.replace(cfg, probe=msgspec.structs.replace(cfg.probe, interval_s=1.0))))
+            wait_for(lambda: all(stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{n.node.id}"') == 1
+                                 for n in nodes), timeout=30, what="nodes live")
+            pids = {s: p.popen.pid for s, p in stack.services.items()}
+            t_sys, sy_cpus = [], []
+            for r, corpus in enumerate(corpora[f"switchyard-{mode}"]):
+                before = {s: cpu_seconds(pid) for s, pid in pids.items()}
+                nats_before = cpu_seconds(stack.nats.popen.pid)
+                base_count = counts(nodes)
+                base_verified = verified(stack)
+                started = time.perf_counter()
+                t_sys.append(timed_send(lambda: stack.send([corpus], extra=["+sd", "+r"]),
+                                        lambda: counts(nodes) - base_count >= len(files)))
+                cpu = {s: cpu_seconds(pid) - before[s] for s, pid in pids.items()}
+                nats_cpu = cpu_seconds(stack.nats.popen.pid) - nats_before
+                sy_cpus.append(sum(cpu.values()))
+                print(f"switchyard (nats auth {mode}){_round(r, rounds)}: storescu -> Switchyard -> 3 Orthanc: "
+                      f"{len(files) / t_sys[-1]:.1f} img/s ({t_sys[-1]:.2f} s); "
+                      f"CPU {sy_cpus[-1] / len(files) * 1000:.1f} ms/img for the services "
+                      f"({', '.join(f'{s} {v:.2f}s' for s, v in sorted(cpu.items()))}), nats {nats_cpu:.2f}s")
+                # Verification trails delivery: the probe's whole cost per image is counted until the last
+                # verified event (and the next round starts after it, on a quiet stack).
+                wait_for(lambda: verified(stack) - base_verified >= len(files), timeout=120, interval=0.1,
+                         what="every image verified")
+                t_verified = time.perf_counter() - started
+                probe_cpu = cpu_seconds(pids["probe"]) - before["probe"]
+                print(f"probe: every image verified {t_verified:.2f} s after the send started; probe CPU until then "
+                      f"{probe_cpu:.2f} s ({probe_cpu / len(files) * 1000:.2f} ms/img)")
+            by_mode[mode] = (statistics.median(t_sys), statistics.median(sy_cpus), t_sys)
+        # The ratios are for auth on when it ran (as deployed), else the first mode.
+        t_sy, sy_cpu, t_sys = by_mode["on" if "on" in by_mode else modes[0]]
+        if len(modes) > 1:
+            print("nats auth modes: " + ", ".join(f"{m} {len(files) / t:.1f} img/s" for m, (t, _, _) in by_mode.items())
+                  + (f"; on/off {by_mode['off'][0] / by_mode['on'][0]:.3f}x" if {"on", "off"} <= by_mode.keys() else ""))
 
         # Failover on the same stack (the probe polls every 0.25 s, REST timeout 1 s).
         took, reason = asyncio.run(failover_time(stack, nodes))
@@ -342,6 +380,8 @@ def main(argv: list[str]) -> int:
                           "img_per_s": {
                               "direct": round(len(files) / t_direct, 1), "switchyard": round(len(files) / t_sy, 1),
                               "lua": round(len(files) / t_lua, 1)},
+                          "switchyard_img_per_s_by_nats_auth": {
+                              m: round(len(files) / t, 1) for m, (t, _, _) in by_mode.items()},
                           "rounds_img_per_s": {
                               "direct": [round(len(files) / t, 1) for t in t_directs],
                               "switchyard": [round(len(files) / t, 1) for t in t_sys],

@@ -32,7 +32,7 @@ INSTANCES = 300
 async def connect(cfg) -> Bus:
     once = asyncio.Event()
     once.set()
-    bus = await Bus.connect(cfg, "test-replay", once)
+    bus = await Bus.connect(cfg, "test-replay", once, identity="harness")
     await bus.ensure_streams()
     return bus
 

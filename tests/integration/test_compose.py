@@ -26,7 +26,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from shared.corpus import generate_studies
+from switchyard.corpus import generate_studies
 
 pytestmark = [pytest.mark.integration, pytest.mark.compose]
 

@@ -21,8 +21,9 @@ async def test_only_acknowledged_outcomes_are_settled(nats_only, tmp_path):
     """A stream that records node1's outcomes but not node2's: node2's stays pending, to be published again."""
     cfg = nats_only.cfg
     store = ProbeStore(tmp_path / "probe.duckdb")
-    bus = await Bus.connect(cfg.nats, "test-probe")
+    bus = await Bus.connect(cfg.nats, "test-probe", identity="harness")
     try:
+        await bus.js.delete_stream(cfg.nats.events_stream)  # declared by the fixture; it would overlap
         await bus.js.add_stream(StreamConfig(name="ONLY_NODE1", subjects=["dicom.instance.verified.node1"]))
         p1, p2 = placed("1.1", "node1"), placed("1.2", "node2")
         store.apply([(1, p1), (2, forwarded(p1)), (3, p2), (4, forwarded(p2))])

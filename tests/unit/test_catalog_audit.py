@@ -66,7 +66,7 @@ def test_rebuild_without_nats_fails_cleanly_and_keeps_the_file(tmp_path, capsys)
     db = tmp_path / "c.duckdb"
     store_with_hours(db)
     config = tmp_path / "c.toml"
-    config.write_text(f'[nats]\nurl = "nats://127.0.0.1:{free_port()}"\nconnect_timeout_s = 0.5\n')
+    config.write_text(f'[nats]\nurl = "nats://127.0.0.1:{free_port()}"\nconnect_timeout_s = 0.5\nallow_unauthenticated = true\n')
     assert cli.main(["--config", str(config), "catalog", "rebuild", "--db", str(db)]) == 1
     assert "cannot read the log" in capsys.readouterr().err
     assert not (tmp_path / "c.duckdb.rebuild").exists()
