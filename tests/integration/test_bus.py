@@ -16,19 +16,10 @@ from tests.fixtures.servers import make_stack
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def nats_server(tmp_path):
-    stack = make_stack(tmp_path, [], services=())
-    try:
-        yield stack
-    finally:
-        stack.close()
-
-
 async def _connect(cfg) -> Bus:
     once = asyncio.Event()
     once.set()
-    bus = await Bus.connect(cfg.nats, "test-bus", once)
+    bus = await Bus.connect(cfg.nats, "test-bus", once, identity="harness")  # writes arbitrary events
     await bus.ensure_streams()
     return bus
 
@@ -40,8 +31,8 @@ def _placed(i: int) -> ev.InstancePlacedV1:
         reason=ev.PlacementReason.NEW_STUDY)
 
 
-async def test_pull_batches_yields_batches_then_empty_when_idle_and_ends_on_stop(nats_server):
-    bus = await _connect(nats_server.cfg)
+async def test_pull_batches_yields_batches_then_empty_when_idle_and_ends_on_stop(nats_only):
+    bus = await _connect(nats_only.cfg)
     try:
         for i in range(5):
             await bus.publish(_placed(i))
@@ -66,7 +57,7 @@ async def test_pull_batches_yields_batches_then_empty_when_idle_and_ends_on_stop
 
 
 @pytest.mark.parametrize("noticed", [False, True], ids=["at-once", "after-disconnect"])
-def test_close_after_the_server_died_raises_nothing(nats_server, noticed):
+def test_close_after_the_server_died_raises_nothing(nats_only, noticed):
     """Under uvloop (as services run), closing a bus whose server was killed must not raise.
 
     Closing at once (before the client read the EOF) made nats-py write to a
@@ -74,10 +65,10 @@ def test_close_after_the_server_died_raises_nothing(nats_server, noticed):
     """
 
     async def scenario() -> None:
-        bus = await _connect(nats_server.cfg)
+        bus = await _connect(nats_only.cfg)
         await bus.publish(_placed(1))
         await bus.js.pull_subscribe("dicom.instance.placed.>", durable="pull", stream=bus.cfg.events_stream)
-        nats_server.nats.kill()
+        nats_only.nats.kill()
         if noticed:
             deadline = time.monotonic() + 10
             while bus.nc.is_connected and time.monotonic() < deadline:
