@@ -315,9 +315,13 @@ def wheelhouse() -> Path:
     venv_py = ROOT / ".venv" / "bin" / "python"
     if venv_py.exists():
         pip = [str(venv_py), "-m", "pip"]
-    reqs = ["-r", str(lock)] if lock else [str(ROOT)]
-    sh([*pip, "wheel", "-q", "-w", str(house), *reqs, "moto[server]>=5.0",
-        "setuptools>=68", "wheel", "pip"])
+    # The hashed lock (it carries moto[server] from the dev extra) in one call: pip's
+    # --require-hashes mode takes nothing unpinned beside it; the build tools in another.
+    if lock:
+        sh([*pip, "wheel", "-q", "-w", str(house), "-r", str(lock)])
+    else:
+        sh([*pip, "wheel", "-q", "-w", str(house), str(ROOT), "moto[server]>=5.0"])
+    sh([*pip, "wheel", "-q", "-w", str(house), "setuptools>=68", "wheel", "pip"])
     simple = house / "simple"
     shutil.rmtree(simple, ignore_errors=True)
     by_name: dict[str, list[str]] = {}
