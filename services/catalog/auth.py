@@ -161,8 +161,9 @@ class NoRequestText(logging.Filter):
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             frames = "".join(traceback.format_tb(exc.__traceback__)) if exc.__traceback__ else ""
+            message = record.getMessage()
             record.msg = "%s: %s" + ("\n%s" if frames else "")
-            record.args = (record.getMessage(), type(exc).__name__, *((frames,) if frames else ()))
+            record.args = (message, type(exc).__name__, *((frames,) if frames else ()))
             record.exc_info = None
             record.exc_text = None
         return True
