@@ -38,8 +38,9 @@ PATIENT_FIELDS = {"patient_id", "patient_name", "patient_birth_date", "accession
 
 
 def door_config(cfg):
-    catalog = msgspec.structs.replace(cfg.catalog, header_timeout_s=HEADER_TIMEOUT, body_timeout_s=BODY_TIMEOUT,
-                                      token=LEGACY_TOKEN)
+    catalog = msgspec.structs.replace(
+        cfg.catalog, header_timeout_s=HEADER_TIMEOUT, body_timeout_s=BODY_TIMEOUT, token=LEGACY_TOKEN
+    )
     ingest = msgspec.structs.replace(cfg.ingest, extra_tags=["PatientSex", "Manufacturer"])
     return msgspec.structs.replace(cfg, catalog=catalog, ingest=ingest)
 
@@ -47,11 +48,13 @@ def door_config(cfg):
 @pytest.fixture(scope="module")
 def door(orthanc_nodes, tmp_path_factory):
     """NATS, ingest and the catalog; one study stored (patient DEMO01)."""
-    stack = make_stack(tmp_path_factory.mktemp("door"), orthanc_nodes, services=("ingest", "catalog"),
-                       configure=door_config)
+    stack = make_stack(
+        tmp_path_factory.mktemp("door"), orthanc_nodes, services=("ingest", "catalog"), configure=door_config
+    )
     try:
-        files = generate_studies(tmp_path_factory.mktemp("door-corpus"), studies=1, series_per_study=1,
-                                 instances_per_series=2, seed=4242)
+        files = generate_studies(
+            tmp_path_factory.mktemp("door-corpus"), studies=1, series_per_study=1, instances_per_series=2, seed=4242
+        )
         result = stack.send(files, calling_ae="DOORSCU")
         assert result.returncode == 0, result.stderr
         wait_for(lambda: len(stack.catalog("/api/instances")) == len(files), timeout=30, what="instances in catalog")
@@ -61,8 +64,9 @@ def door(orthanc_nodes, tmp_path_factory):
 
 
 def call(stack, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, object]:
-    req = urllib.request.Request(f"http://127.0.0.1:{stack.cfg.catalog.http_port}{path}", headers=headers or {},
-                                 method=method)
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{stack.cfg.catalog.http_port}{path}", headers=headers or {}, method=method
+    )
     try:
         with urllib.request.urlopen(req, timeout=5) as rsp:
             return rsp.status, json.loads(rsp.read())
@@ -126,13 +130,26 @@ def raw_request(port: int, request: bytes, timeout: float = 5.0) -> bytes:
             out += chunk
 
 
-@pytest.mark.parametrize("value", [
-    "Bearer tökén".encode(), "Bearer \xff\xfe".encode("latin-1"), b"Bearer", b"Bearer ", b"", b"Basic dXNlcjpwYXNz",
-    b"Bearer a b", b"bearer\ttoken", b"Bearer " + b"x" * 4000, f"Bearer {OPERATOR_TOKEN}\x7f".encode(),
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer tökén".encode(),
+        "Bearer \xff\xfe".encode("latin-1"),
+        b"Bearer",
+        b"Bearer ",
+        b"",
+        b"Basic dXNlcjpwYXNz",
+        b"Bearer a b",
+        b"bearer\ttoken",
+        b"Bearer " + b"x" * 4000,
+        f"Bearer {OPERATOR_TOKEN}\x7f".encode(),
+    ],
+)
 def test_malformed_authorization_header_is_401_never_500(door, value):
-    answer = raw_request(door.cfg.catalog.http_port, b"GET /api/totals HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                         b"Authorization: " + value + b"\r\n\r\n")
+    answer = raw_request(
+        door.cfg.catalog.http_port,
+        b"GET /api/totals HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: " + value + b"\r\n\r\n",
+    )
     head, _, body = answer.partition(b"\r\n\r\n")
     if value.endswith(b"\x7f"):  # a control character: aiohttp's parser refuses the request itself
         assert head.startswith(b"HTTP/1.0 400"), answer[:200]
@@ -147,8 +164,10 @@ def test_a_route_needing_operator_refuses_a_viewer(tmp_path):
     """require_role on a route of the real app (the console's actions use it), served on a real socket."""
     import asyncio
 
-    tokens = [CatalogToken(name=f"t-{role}", role=role, sha256=hashlib.sha256(role.encode()).hexdigest())
-              for role in ("viewer", "operator")]
+    tokens = [
+        CatalogToken(name=f"t-{role}", role=role, sha256=hashlib.sha256(role.encode()).hexdigest())
+        for role in ("viewer", "operator")
+    ]
     catalog = CatalogConfig(tokens=tokens)
     port = free_port()
 
@@ -164,6 +183,7 @@ def test_a_route_needing_operator_refuses_a_viewer(tmp_path):
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         try:
+
             def post(token: str | None) -> tuple[int, object]:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 conn.request("POST", "/api/test/act", body=b"{}", headers=bearer(token) if token else {})
@@ -184,8 +204,9 @@ def test_a_route_needing_operator_refuses_a_viewer(tmp_path):
 # --- timeouts -------------------------------------------------------------------------------
 
 
-def seconds_until_closed(port: int, first: bytes, trickle: bytes = b"", every: float = 0.25,
-                         limit: float = 30.0) -> tuple[float, bytes]:
+def seconds_until_closed(
+    port: int, first: bytes, trickle: bytes = b"", every: float = 0.25, limit: float = 30.0
+) -> tuple[float, bytes]:
     """Connect, send ``first``, then one byte of ``trickle`` every ``every`` s; time until the server closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=limit) as s:
         start = time.monotonic()
@@ -201,7 +222,7 @@ def seconds_until_closed(port: int, first: bytes, trickle: bytes = b"", every: f
             except TimeoutError:
                 if i < len(trickle):
                     try:
-                        s.sendall(trickle[i:i + 1])
+                        s.sendall(trickle[i : i + 1])
                     except OSError:
                         return time.monotonic() - start, got
                     i += 1
@@ -210,11 +231,14 @@ def seconds_until_closed(port: int, first: bytes, trickle: bytes = b"", every: f
         return limit, got
 
 
-@pytest.mark.parametrize("first,trickle", [
-    (b"", b""),  # connects and says nothing
-    (b"GET /api/totals HTTP/1.1\r\nHost: x\r\n", b""),  # headers never finish
-    (b"GET /api/totals HTTP/1.1\r\n", b"X-Slow: " + b"a" * 200),  # a byte at a time (each resets nothing)
-])
+@pytest.mark.parametrize(
+    "first,trickle",
+    [
+        (b"", b""),  # connects and says nothing
+        (b"GET /api/totals HTTP/1.1\r\nHost: x\r\n", b""),  # headers never finish
+        (b"GET /api/totals HTTP/1.1\r\n", b"X-Slow: " + b"a" * 200),  # a byte at a time (each resets nothing)
+    ],
+)
 def test_a_client_that_never_finishes_its_headers_is_cut_off(door, first, trickle):
     elapsed, got = seconds_until_closed(door.cfg.catalog.http_port, first, trickle)
     assert got == b""
@@ -222,8 +246,10 @@ def test_a_client_that_never_finishes_its_headers_is_cut_off(door, first, trickl
 
 
 def test_a_body_that_never_finishes_gets_408(door):
-    head = (f"POST /api/totals HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR_TOKEN}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
+    head = (
+        f"POST /api/totals HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR_TOKEN}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
     elapsed, got = seconds_until_closed(door.cfg.catalog.http_port, head + b'{"a": ', trickle=b" " * 100)
     assert got.startswith(b"HTTP/1.1 408"), got[:200]
     assert BODY_TIMEOUT - 0.3 <= elapsed <= BODY_TIMEOUT + 3.0, elapsed
@@ -245,8 +271,12 @@ def test_access_log_carries_path_status_and_principal_never_the_query(door):
     assert call(door, "/api/studies?patient_id=SENTINELQUERY&limit=5", bearer(OPERATOR_TOKEN))[0] == 200
     assert call(door, "/api/instances?accession=SENTINELQUERY", bearer(VIEWER_TOKEN))[0] == 403
     # A path with a control character cannot forge a log line.
-    assert raw_request(door.cfg.catalog.http_port, b"GET /api/x%0AFORGED HTTP/1.1\r\nHost: x\r\nConnection: close"
-                       b"\r\nAuthorization: Bearer " + VIEWER_TOKEN.encode() + b"\r\n\r\n").startswith(b"HTTP/1.1 404")
+    assert raw_request(
+        door.cfg.catalog.http_port,
+        b"GET /api/x%0AFORGED HTTP/1.1\r\nHost: x\r\nConnection: close"
+        b"\r\nAuthorization: Bearer " + VIEWER_TOKEN.encode() + b"\r\n\r\n",
+    ).startswith(b"HTTP/1.1 404")
+
     def logged() -> str:
         text = door.log("catalog")
         return text if "GET /api/instances 403" in text and "%0AFORGED" in text else ""
@@ -258,11 +288,14 @@ def test_access_log_carries_path_status_and_principal_never_the_query(door):
     assert VIEWER_TOKEN not in log and OPERATOR_TOKEN not in log
 
 
-@pytest.mark.parametrize("request_bytes", [
-    b"GET /api/studies?patient_id=SENTINELBAD1&accession=SENTINELBAD1 HTTP/1.1 x\r\nHost: x\r\n\r\n",
-    b"GET /api/studies?patient_id=SENTINELBAD2 HTTP/9.9\r\nHost: x\r\n\r\n",
-    b"GET /api/studies?patient_id=SENTINELBAD3 HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",
-])
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /api/studies?patient_id=SENTINELBAD1&accession=SENTINELBAD1 HTTP/1.1 x\r\nHost: x\r\n\r\n",
+        b"GET /api/studies?patient_id=SENTINELBAD2 HTTP/9.9\r\nHost: x\r\n\r\n",
+        b"GET /api/studies?patient_id=SENTINELBAD3 HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",
+    ],
+)
 def test_a_malformed_request_is_logged_without_its_query_string(door, request_bytes):
     sentinel = request_bytes.split(b"=")[1].split(b" ")[0].split(b"&")[0].decode()
     before = door.log("catalog").count("Error handling request")
@@ -283,8 +316,12 @@ def test_a_malformed_request_is_logged_without_its_query_string(door, request_by
 
 def test_tls_only_when_configured(orthanc_nodes, tmp_path, pki):
     def with_tls(cfg):
-        return msgspec.structs.replace(cfg, catalog=msgspec.structs.replace(
-            cfg.catalog, tls_cert_file=str(pki["server_crt"]), tls_key_file=str(pki["server_key"])))
+        return msgspec.structs.replace(
+            cfg,
+            catalog=msgspec.structs.replace(
+                cfg.catalog, tls_cert_file=str(pki["server_crt"]), tls_key_file=str(pki["server_key"])
+            ),
+        )
 
     stack = make_stack(tmp_path / "tls", orthanc_nodes, services=("catalog",), configure=with_tls)
     try:
@@ -295,8 +332,9 @@ def test_tls_only_when_configured(orthanc_nodes, tmp_path, pki):
             assert rsp.status == 200 and "instances" in json.loads(rsp.read())
         # Plain HTTP on the TLS port gets no answer (the handshake fails).
         with pytest.raises((http.client.HTTPException, ConnectionError, urllib.error.URLError)):
-            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/api/totals",
-                                                          headers=bearer(VIEWER_TOKEN)), timeout=5).read()
+            urllib.request.urlopen(
+                urllib.request.Request(f"http://127.0.0.1:{port}/api/totals", headers=bearer(VIEWER_TOKEN)), timeout=5
+            ).read()
         assert "catalog API on https://" in stack.log("catalog")
     finally:
         stack.close()
