@@ -232,8 +232,8 @@ def catalog_credentials(cfg: Config, data_dir: Path) -> tuple[Config, Path]:
             json.dump(tokens, f)
         os.replace(tmp, path)
     os.chmod(path, 0o600)
-    local = [CatalogToken(name=f"local-{role}", role=role, sha256=hashlib.sha256(token.encode()).hexdigest())
-             for role, token in sorted(tokens.items())]
+    local = [CatalogToken(name=f"local-{role}", role=role, sha256=hashlib.sha256(tokens[role].encode()).hexdigest())
+             for role in ("operator", "viewer")]
     kept = [t for t in cfg.catalog.tokens if t.name not in {t.name for t in local}]
     return msgspec.structs.replace(cfg, catalog=msgspec.structs.replace(cfg.catalog, tokens=kept + local)), path
 

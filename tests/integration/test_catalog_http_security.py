@@ -338,3 +338,24 @@ def test_tls_only_when_configured(orthanc_nodes, tmp_path, pki):
         assert "catalog API on https://" in stack.log("catalog")
     finally:
         stack.close()
+
+
+# --- the local stack's credentials ----------------------------------------------------------
+
+
+def test_local_stack_tokens_are_0600_and_the_config_holds_only_hashes(tmp_path, capsys):
+    from shared.config import Config, load_config
+    from switchyard import stack as ls
+
+    cfg, path = ls.catalog_credentials(Config(), tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    tokens = ls.read_catalog_tokens(tmp_path)
+    assert set(tokens) == {"viewer", "operator"} and tokens["viewer"] != tokens["operator"]
+    written = ls.write_config(cfg, tmp_path / "switchyard.toml").read_text()
+    assert tokens["viewer"] not in written and tokens["operator"] not in written
+    by_role = {t.role: t for t in load_config(tmp_path / "switchyard.toml", env={}).catalog.tokens}
+    assert by_role["operator"].sha256 == hashlib.sha256(tokens["operator"].encode()).hexdigest()
+    assert by_role["viewer"].name == "local-viewer"
+    again, _ = ls.catalog_credentials(cfg, tmp_path)  # the same tokens next time, not duplicated
+    assert ls.read_catalog_tokens(tmp_path) == tokens and len(again.catalog.tokens) == 2
+    assert tokens["operator"] not in capsys.readouterr().out
