@@ -224,13 +224,46 @@ class ProbeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     qr_network_timeout_s: float = 30.0
 
 
+class CatalogToken(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One HTTP API credential: only its sha256 is in the config, so the file gives no access."""
+
+    name: str
+    role: Literal["viewer", "operator"]
+    # Lower-case hex of sha256(token bytes).
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError(f"catalog token {self.name!r}: sha256 must be 64 lower-case hex digits")
+
+
 class CatalogConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_port: int = 9105
     db_path: str = "var/catalog.duckdb"
     http_host: str = "127.0.0.1"
     http_port: int = 8080
-    # Bearer token for the HTTP API. Change it anywhere but a laptop.
-    token: str = "switchyard-dev-token"
+    # HTTP API credentials (services/catalog/auth.py). None configured: every request is 401.
+    tokens: list[CatalogToken] = []
+    # Deprecated: one plain-text token, taken as an operator token (WARNING at start).
+    token: str = ""
+    # Viewers see no patient name, ID, birth date or accession number unless this is set.
+    viewer_sees_patient_data: bool = False
+    # HTTPS: set both to serve TLS only.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # A connection must complete a request's headers within this long (from connect or the
+    # last response), and a request body within body_timeout_s, or it is cut off.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("catalog: set both tls_cert_file and tls_key_file, or neither")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ValueError("catalog: header_timeout_s and body_timeout_s must be positive")
+        names = [t.name for t in self.tokens]
+        if len(set(names)) != len(names):
+            raise ValueError("catalog.tokens: each token needs its own name")
     # Live follower: a batch (one transaction) closes when full or follow_linger_s after
     # its first event; a full batch means the catalog fell behind and catches up in bulk.
     batch: int = 8192

@@ -150,6 +150,7 @@ class _Peer:
     calling_ae: str
     called_ae: str
     address: str
+    port: int = 0
 
 
 class StorageSCP:
@@ -257,7 +258,8 @@ class StorageSCP:
         if result.reject is not None:
             self.metrics.rejected.inc()
             return
-        peer = _Peer(calling, called, address)
+        peername = writer.get_extra_info("peername")
+        peer = _Peer(calling, called, address, int(peername[1]) if peername and len(peername) > 1 else 0)
         self._open += 1
         self.metrics.associations.inc()
         try:
@@ -495,6 +497,8 @@ class StorageSCP:
             dataset_digest=dataset_digest,
             calling_ae=peer.calling_ae,
             called_ae=peer.called_ae,
+            peer_address=peer.address,
+            peer_port=peer.port,
             modality=header.get("Modality"),
             patient_id=header.get("PatientID"),
             patient_name=header.get("PatientName"),

@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS instances (
     patient_id VARCHAR, patient_name VARCHAR, patient_birth_date VARCHAR, accession_number VARCHAR,
     study_date VARCHAR, study_description VARCHAR, series_number VARCHAR, instance_number VARCHAR,
     size BIGINT, dataset_digest VARCHAR, blob_key VARCHAR, calling_ae VARCHAR, called_ae VARCHAR,
-    received_at TIMESTAMP, received_seq BIGINT, extra_tags JSON
+    received_at TIMESTAMP, received_seq BIGINT, extra_tags JSON,
+    peer_address VARCHAR DEFAULT '', peer_port INTEGER DEFAULT 0
 );
 -- One location per instance and routing pool ('' = the default pool): fan-out
 -- gives an instance one per pool; a re-placement replaces its pool's row.
@@ -86,7 +87,7 @@ _RECEIVED_COLUMNS = (
     "sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid",
     "transfer_syntax_uid", "modality", "patient_id", "patient_name", "patient_birth_date",
     "accession_number", "study_date", "study_description", "series_number", "instance_number",
-    "size", "dataset_digest", "blob_key", "calling_ae", "called_ae",
+    "size", "dataset_digest", "blob_key", "calling_ae", "called_ae", "peer_address", "peer_port",
 )
 _LOCATION_COLUMNS = ("sop_instance_uid", "study_instance_uid", "node_id", "state", "placement_id",
                      "reason", "detail", "updated_seq", "updated_at", "pool")
@@ -138,6 +139,8 @@ _DEFAULTS = _defaults()
 def _column(name: str) -> str:
     if name == "size":
         return "CAST(j.size AS BIGINT) AS size"
+    if name == "peer_port":  # (absent from events written before ingest recorded it)
+        return "CAST(coalesce(j.peer_port, '0') AS INTEGER) AS peer_port"
     if name == "occurred_at":  # any UTC offset; a naive time is UTC (the connection's zone)
         return "make_timestamp(epoch_us(CAST(j.occurred_at AS TIMESTAMPTZ))) AS occurred_at"
     default = _DEFAULTS.get(name)
@@ -227,7 +230,15 @@ _NODES_SQL = (
 
 
 def _migrate(con) -> None:
-    """Files from before routing pools keyed locations by instance only: re-key them (pool '')."""
+    """Bring older files to the schema: peer columns on instances; locations re-keyed by pool ('')."""
+    peer = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns"
+                                      " WHERE table_name = 'instances' AND column_name LIKE 'peer_%'").fetchall()}
+    if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'instances'").fetchone()[0]:
+        # Files from before ingest recorded the peer's address: the columns, empty (a rebuild fills them).
+        if "peer_address" not in peer:
+            con.execute("ALTER TABLE instances ADD COLUMN peer_address VARCHAR DEFAULT ''")
+        if "peer_port" not in peer:
+            con.execute("ALTER TABLE instances ADD COLUMN peer_port INTEGER DEFAULT 0")
     cols = {r[0] for r in con.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'locations'").fetchall()}
     if not cols or "pool" in cols:
