@@ -23,6 +23,7 @@ import time
 
 import msgspec
 import nats.errors
+from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.scheduler.affinity import Affinity, affinity_scope, is_default_pool
@@ -249,7 +250,8 @@ class Scheduler:
         """Delivered, but the probe could not confirm it on the node: a failed delivery, place it again."""
         await self._replace_from(msg, ev.InstanceVerificationFailedV1)
 
-    async def _replace_from(self, msg, kind: type) -> None:
+    async def _replace_from(self, msg: Msg,
+                            kind: type[ev.InstanceDeadLetteredV1 | ev.InstanceVerificationFailedV1]) -> None:
         try:
             failed = ev.decode(msg.data)
         except msgspec.DecodeError:
@@ -267,7 +269,7 @@ class Scheduler:
             return
         try:
             raw = await self.bus.js.get_msg(self.cfg.nats.events_stream, failed.received_seq)
-            received = ev.decode(raw.data)
+            received = ev.decode(raw.data or b"")  # (always set; b"" would be a DecodeError)
         except (nats.errors.Error, msgspec.DecodeError) as exc:
             log.warning("received event %d not readable (%s); retrying", failed.received_seq, exc)
             await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
