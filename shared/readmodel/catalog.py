@@ -19,7 +19,7 @@ import threading
 import typing
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, TypeVar
@@ -348,7 +348,7 @@ class CatalogStore:
     def cursor(self) -> duckdb.DuckDBPyConnection:
         return self.con.cursor()
 
-    def rows(self, sql: str, params: list[object] | None = None) -> list[dict[str, Any]]:
+    def rows(self, sql: str, params: Sequence[object] | None = None) -> list[dict[str, Any]]:
         """A read query on its own cursor (safe beside the writer), rows as dicts."""
         cur = self.cursor()
         try:
