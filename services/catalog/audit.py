@@ -65,7 +65,7 @@ def export(db_path: str | Path, since: datetime, until: datetime, out_dir: str |
     try:
         for name, sql in queries.items():
             params = {"since": since, "until": until}
-            counts[name] = con.execute(f"SELECT count(*) FROM ({sql})", params).fetchone()[0]
+            counts[name] = con.execute(f"SELECT count(*) FROM ({sql})", params).fetchall()[0][0]
             con.execute(f"CREATE TEMP TABLE export_{name} AS {sql}", params)
             for fmt, opts in (("parquet", "FORMAT PARQUET"), ("csv", "FORMAT CSV, HEADER")):
                 target = out_dir / f"{name}.{fmt}"

@@ -29,7 +29,7 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import by pynetdicom
 
 from shared import ul
 from shared.access import PeerPolicy
@@ -121,6 +121,7 @@ class _Incoming:
             self.too_large = True
             self.discard()
             return
+        assert self.file is not None  # (None only once discarded, and then too_large is set)
         self.file.write(fragment)
         self.file_hash.update(fragment)
         self.dataset_hash.update(fragment)
@@ -201,6 +202,7 @@ class StorageSCP:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None  # (always, in a coroutine)
         self._tasks[task] = False
         set_nodelay(writer)
         peername = writer.get_extra_info("peername") or ("?", 0)
@@ -390,6 +392,7 @@ class StorageSCP:
     async def _finish_store(self, writer: asyncio.StreamWriter, assoc: ul.Negotiated, peer: _Peer,
                             command: _Command, incoming: _Incoming) -> None:
         task = asyncio.current_task()
+        assert task is not None  # (always, in a coroutine)
         self._tasks[task] = True
         started = time.monotonic()
         try:
