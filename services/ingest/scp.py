@@ -29,7 +29,7 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import by pynetdicom
+from pynetdicom.sop_class import Verification
 
 from shared import ul
 from shared.access import PeerPolicy

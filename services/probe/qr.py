@@ -29,7 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt, build_context
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.transport import ThreadedAssociationServer
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom makes these names at import
+from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
