@@ -358,7 +358,7 @@ class CatalogStore:
         finally:
             cur.close()
 
-    def apply(self, batch: Iterable[tuple[int, ev.AnyEvent]]) -> int:
+    def apply(self, batch: Iterable[tuple[int, ev.Event]]) -> int:
         """Apply decoded events (tests, tools): encoded, then as ``apply_raw``, without skipping any."""
         batch = list(batch)
         if self._bulk is not None:
