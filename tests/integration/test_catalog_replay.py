@@ -44,9 +44,9 @@ async def publish_log(bus: Bus) -> list[bytes]:
         for e in instance_events(i):
             await bus.publish(e)
             sent.append(ev.encode(e))
-    for _, e in mixed_log():
-        await bus.js.publish(subject_for(e), ev.encode(e))
-        sent.append(ev.encode(e))
+    for _, logged in mixed_log():
+        await bus.js.publish(subject_for(logged), ev.encode(logged))
+        sent.append(ev.encode(logged))
     return sent
 
 
