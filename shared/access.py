@@ -21,11 +21,18 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pynetdicom import evt
 from pynetdicom.acse import ACSE
 
+if TYPE_CHECKING:
+    from pynetdicom.transport import AssociationServer
+
 log = logging.getLogger("switchyard.access")
+
+# An (event, handler) pair for evt_handlers.
+Handler = tuple[evt.NotificationEvent, Callable[[evt.Event], None]]
 
 # A-ASSOCIATE-RJ result, source, diagnostic (PS3.8 9.3.4).
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -69,7 +76,7 @@ def _resolve(host: str) -> set[str]:
     except OSError:
         pass
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host, None)}
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except OSError as exc:
         raise ValueError(f"allowed_peers host {host!r} does not resolve: {exc}") from exc
 
@@ -93,7 +100,7 @@ class _PeerCheckingACSE(ACSE):
         super()._negotiate_as_acceptor()
 
 
-def install_policy(policy: PeerPolicy):
+def install_policy(policy: PeerPolicy) -> Handler:
     """An EVT_CONN_OPEN handler that gives each new association the checking ACSE."""
 
     def _on_open(event: evt.Event) -> None:
@@ -124,7 +131,7 @@ def server_tls_context(cert_file: str, key_file: str, ca_file: str, prefix: str)
     return ctx
 
 
-def defer_tls_handshake(server, ctx: ssl.SSLContext, timeout: float) -> None:
+def defer_tls_handshake(server: AssociationServer, ctx: ssl.SSLContext, timeout: float) -> None:
     """Move the TLS handshake out of pynetdicom's accept loop.
 
     pynetdicom wraps each accepted socket with a blocking handshake in the one
@@ -134,15 +141,17 @@ def defer_tls_handshake(server, ctx: ssl.SSLContext, timeout: float) -> None:
     timeout.
     """
 
-    def get_request():
-        client, address = server.socket.accept()
+    def get_request() -> tuple[socket.socket, tuple[str, int]]:
+        listener = server.socket
+        assert listener is not None  # pynetdicom types it optional; a serving server has it
+        client, address = listener.accept()
         client.settimeout(timeout)
         return ctx.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
 
-    server.get_request = get_request
+    server.get_request = get_request  # type: ignore[method-assign]  # pynetdicom has no hook for the accept step
 
 
-def bound_reads(timeout: float):
+def bound_reads(timeout: float) -> Handler:
     """An EVT_CONN_OPEN handler: the socket's read timeout, then a deferred TLS handshake.
 
     Sockets accepted by pynetdicom's server block without a timeout, and the
@@ -152,8 +161,12 @@ def bound_reads(timeout: float):
     """
 
     def _on_open(event: evt.Event) -> None:
+        dul_socket = event.assoc.dul.socket
+        if dul_socket is None:
+            log.warning("could not set the socket timeout: the association has no socket")
+            return
         try:
-            sock = event.assoc.dul.socket.socket
+            sock = dul_socket.socket
             if sock is None:
                 return
             sock.settimeout(timeout)

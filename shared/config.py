@@ -14,7 +14,7 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -338,7 +338,7 @@ def _parse_value(raw: str) -> object:
     return raw
 
 
-def _apply_env(data: dict, env: dict[str, str]) -> dict:
+def _apply_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     for name, raw in env.items():
         if not name.startswith(_PREFIX) or name == "SWITCHYARD_CONFIG":
             continue
@@ -355,11 +355,11 @@ def _apply_env(data: dict, env: dict[str, str]) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:
+def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:
     """Read the TOML file (if any), apply environment overrides, validate."""
     env = dict(os.environ if env is None else env)
     path = path or env.get("SWITCHYARD_CONFIG")
-    data: dict = {}
+    data: dict[str, Any] = {}
     if path:
         try:
             data = tomllib.loads(Path(path).read_text())

@@ -21,13 +21,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
 
 from switchyard import stack as ls
 from shared.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from shared.readmodel.store import ProjectionStore
 
 
 def with_data_dir(cfg: Config, data_dir: Path) -> Config:
@@ -177,7 +181,8 @@ def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _rebuild(cfg: Config, what: str, jobs: list[tuple[Path, type, object]]) -> int:
+def _rebuild(cfg: Config, what: str,
+             jobs: list[tuple[Path, Callable[[Path], ProjectionStore], Callable[[Any], None] | None]]) -> int:
     """Rebuild store files from the log, each swapped in atomically: (path, store class, seed or None).
 
     Every file is checked first, so none is rebuilt while the service holds any of them.

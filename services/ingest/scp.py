@@ -121,6 +121,7 @@ class _Incoming:
             self.too_large = True
             self.discard()
             return
+        assert self.file is not None  # (None only once discarded, and then too_large is set)
         self.file.write(fragment)
         self.file_hash.update(fragment)
         self.dataset_hash.update(fragment)
@@ -202,6 +203,7 @@ class StorageSCP:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None  # (always, in a coroutine)
         self._tasks[task] = False
         set_nodelay(writer)
         peername = writer.get_extra_info("peername") or ("?", 0)
@@ -392,6 +394,7 @@ class StorageSCP:
     async def _finish_store(self, writer: asyncio.StreamWriter, assoc: ul.Negotiated, peer: _Peer,
                             command: _Command, incoming: _Incoming) -> None:
         task = asyncio.current_task()
+        assert task is not None  # (always, in a coroutine)
         self._tasks[task] = True
         started = time.monotonic()
         try:

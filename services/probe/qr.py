@@ -28,6 +28,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt, build_context
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -85,7 +86,7 @@ class BadQuery(ValueError):
         self.status = status
 
 
-def level_of(identifier: Dataset, sop_class: str) -> str:
+def level_of(identifier: Dataset, sop_class: str | None) -> str:
     level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
     if level not in LEVELS:
         raise BadQuery(IDENTIFIER_MISMATCH, f"unknown QueryRetrieveLevel {level!r}")
@@ -204,7 +205,7 @@ def _send_blob_files(event: evt.Event) -> None:
             dataset = dataset._blob_path if as_stored else dcmread(dataset._blob_path)
         return original(dataset, *args, **kwargs)
 
-    assoc.send_c_store = send_c_store
+    assoc.send_c_store = send_c_store  # type: ignore[method-assign]  # pynetdicom has no hook for how it sends
 
 
 BLOB_SENDER = (evt.EVT_ESTABLISHED, _send_blob_files)
@@ -329,7 +330,7 @@ def _log_rejection(event: evt.Event) -> None:
                 event.assoc.acceptor.ae_title)
 
 
-def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[object, FrontDoor]:
+def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[ThreadedAssociationServer, FrontDoor]:
     """Start the Q/R SCP (non-blocking). Returns the server (call .shutdown()) and the handlers.
 
     Peers are admitted as by ingest (shared.access): the calling AE (and
@@ -357,6 +358,7 @@ def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[object, F
     # VR little endian, the syntax modalities send most, so most blobs go out as stored.
     syntaxes = [ExplicitVRLittleEndian] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
     for cx in StoragePresentationContexts:
+        assert cx.abstract_syntax is not None  # (set in every one of pynetdicom's contexts)
         ae.add_supported_context(cx.abstract_syntax, syntaxes, scp_role=True, scu_role=False)
     server = ae.start_server(
         (pcfg.qr_host, pcfg.qr_port), block=False, ssl_context=tls,
@@ -364,6 +366,7 @@ def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[object, F
                       (evt.EVT_REJECTED, _log_rejection), BLOB_SENDER, (evt.EVT_C_FIND, door.on_find),
                       (evt.EVT_C_MOVE, door.on_move), (evt.EVT_C_GET, door.on_get)],
     )
+    assert server is not None  # (block=False returns the server)
     if tls:
         defer_tls_handshake(server, tls, pcfg.qr_network_timeout_s)
     return server, door

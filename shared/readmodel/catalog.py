@@ -19,9 +19,10 @@ import threading
 import typing
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 from pathlib import Path
+from typing import Any, TypeVar
 
 import duckdb
 import msgspec
@@ -33,6 +34,7 @@ from shared.readmodel.store import (BULK_FOLD_BYTES, STATE_SCHEMA, BulkRejected,
 
 NAME = "catalog"
 log = logging.getLogger("switchyard.readmodel.catalog")
+T = TypeVar("T")
 
 # Timestamps are stored as UTC in plain TIMESTAMP columns (TIMESTAMPTZ would need
 # pytz to be read back from Python).
@@ -93,8 +95,10 @@ _LOCATION_COLUMNS = ("sop_instance_uid", "study_instance_uid", "node_id", "state
                      "reason", "detail", "updated_seq", "updated_at", "pool")
 
 
-def _tag(kind: type) -> str:
-    return kind.__struct_config__.tag
+def _tag(kind: type[msgspec.Struct]) -> str:
+    tag = kind.__struct_config__.tag
+    assert isinstance(tag, str), kind  # every event type is tagged with its name
+    return tag
 
 
 # How an event moves an instance's location (one row per instance and pool): type tag ->
@@ -229,7 +233,7 @@ _NODES_SQL = (
 )
 
 
-def _migrate(con) -> None:
+def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     """Bring older files to the schema: peer columns on instances; locations re-keyed by pool ('')."""
     peer = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns"
                                       " WHERE table_name = 'instances' AND column_name LIKE 'peer_%'").fetchall()}
@@ -327,17 +331,18 @@ class CatalogStore:
         con.register("raw_batch", pa.concat_tables(bulk.staged))
         bulk.staged, bulk.staged_bytes = [], 0  # the registered table holds the buffers until unregistered
         for table, sql in (("instances", _INSTANCES_SQL), ("locations", _LOCATIONS_SQL), ("nodes", _NODES_SQL)):
-            if not con.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)").fetchone()[0]:
+            if not con.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)").fetchall()[0][0]:
                 sql = sql.replace("INSERT OR REPLACE INTO", "INSERT INTO", 1)  # empty: nothing to replace
             con.execute(sql, [bulk.start]).fetchall()
         con.unregister("raw_batch")  # (on a failure, _in_bulk drops it after the rollback)
 
-    def _in_bulk(self, bulk: _Bulk, step: Callable[[], object]) -> object:
+    def _in_bulk(self, bulk: _Bulk, step: Callable[[], T]) -> T:
         """Run a step of the load's transaction; on any failure roll all of it back (DuckDB aborts it anyway)."""
         try:
             return step()
         except BaseException as exc:
             self._bulk = None
+            undo: Callable[[], object]
             for undo in (lambda: self.con.execute("ROLLBACK"), lambda: self.con.unregister("raw_batch")):
                 try:  # (a failed COMMIT has already ended the transaction; the batch may not be registered)
                     undo()
@@ -354,7 +359,7 @@ class CatalogStore:
     def cursor(self) -> duckdb.DuckDBPyConnection:
         return self.con.cursor()
 
-    def rows(self, sql: str, params: list | None = None) -> list[dict]:
+    def rows(self, sql: str, params: Sequence[object] | None = None) -> list[dict[str, Any]]:
         """A read query on its own cursor (safe beside the writer), rows as dicts."""
         cur = self.cursor()
         try:
@@ -364,7 +369,7 @@ class CatalogStore:
         finally:
             cur.close()
 
-    def apply(self, batch: Iterable[tuple[int, ev.AnyEvent]]) -> int:
+    def apply(self, batch: Iterable[tuple[int, ev.Event]]) -> int:
         """Apply decoded events (tests, tools): encoded, then as ``apply_raw``, without skipping any."""
         batch = list(batch)
         if self._bulk is not None:
@@ -424,6 +429,7 @@ class CatalogStore:
         """One batch of a bulk load: its events rows now, the batch held for the fold."""
         with self.lock:
             bulk, con = self._bulk, self.con
+            assert bulk is not None  # apply/apply_raw stage only during a bulk load
             if not bulk.started:
                 con.execute("BEGIN")  # held across calls: committed by end_bulk_load
                 bulk.start = bulk.last = read_last_seq(con, NAME)
@@ -434,7 +440,7 @@ class CatalogStore:
             seqs, payloads = seqs[new:], payloads[new:]
             batch = _arrow_batch(seqs, payloads)
             con.register("raw_batch", batch)
-            applied = self._in_bulk(bulk, lambda: con.execute(_EVENTS_SQL, [bulk.last]).fetchall()[0][0])
+            applied: int = self._in_bulk(bulk, lambda: con.execute(_EVENTS_SQL, [bulk.last]).fetchall()[0][0])
             con.unregister("raw_batch")
             bulk.staged.append(batch)
             bulk.staged_bytes += batch.nbytes

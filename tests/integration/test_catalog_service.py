@@ -10,6 +10,7 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from typing import Any
 
 import duckdb
 import msgspec
@@ -57,7 +58,7 @@ def routed(orthanc_nodes, tmp_path_factory):
         stack.close()
 
 
-def get(stack, path: str, token: str | None = "default") -> tuple[int, object]:
+def get(stack, path: str, token: str | None = "default") -> tuple[int, Any]:  # (status, JSON body)
     headers = {}
     if token is not None:
         headers["Authorization"] = f"Bearer {OPERATOR_TOKEN if token == 'default' else token}"

@@ -47,7 +47,7 @@ def test_tls_is_off_unless_cert_and_key_are_set(pki):
 
 def test_a_ca_file_requires_client_certificates(pki):
     server_only = server_tls_context(str(pki["server_crt"]), str(pki["server_key"]), "", "ingest.tls")
-    assert server_only.verify_mode == ssl.CERT_NONE
+    assert server_only is not None and server_only.verify_mode == ssl.CERT_NONE
     mutual = server_tls_context(str(pki["server_crt"]), str(pki["server_key"]), str(pki["ca"]), "ingest.tls")
-    assert mutual.verify_mode == ssl.CERT_REQUIRED
+    assert mutual is not None and mutual.verify_mode == ssl.CERT_REQUIRED
     assert mutual.minimum_version >= ssl.TLSVersion.TLSv1_2
