@@ -28,7 +28,11 @@ from services.catalog.auth import (
     sees_patient_data,
 )
 from shared.config import CatalogConfig
+from shared.events import LocationState
 from shared.readmodel.catalog import LOCATION_STATES, CatalogStore
+
+# Delivered: the node has it (verified or not yet judged); SQL literals from the contract enum.
+_DELIVERED = ", ".join(f"'{s}'" for s in (LocationState.FORWARDED, LocationState.VERIFIED))
 
 _DATE = re.compile(r"^\d{8}$")
 _UID = re.compile(r"^[0-9.]{1,64}$")
@@ -155,8 +159,8 @@ async def studies(request: web.Request) -> web.Response:
         " string_agg(DISTINCT i.modality, ',') AS modalities, count(DISTINCT i.series_instance_uid) AS series,"
         " count(DISTINCT i.sop_instance_uid) AS instances,"
         " list(DISTINCT l.node_id) FILTER (WHERE l.node_id IS NOT NULL) AS nodes,"
-        " count(*) FILTER (WHERE l.state IN ('forwarded', 'verified')) AS delivered,"
-        " count(*) FILTER (WHERE l.state = 'verified') AS verified"
+        f" count(*) FILTER (WHERE l.state IN ({_DELIVERED})) AS delivered,"
+        f" count(*) FILTER (WHERE l.state = '{LocationState.VERIFIED}') AS verified"
         " FROM instances i LEFT JOIN locations l USING (sop_instance_uid)"
         + _where(where)
         + " GROUP BY i.study_instance_uid ORDER BY i.study_instance_uid LIMIT ?"
@@ -172,7 +176,7 @@ async def series(request: web.Request) -> web.Response:
         " any_value(i.modality) AS modality, any_value(i.series_number) AS series_number,"
         " count(DISTINCT i.sop_instance_uid) AS instances,"
         " list(DISTINCT l.node_id) FILTER (WHERE l.node_id IS NOT NULL) AS nodes,"
-        " count(*) FILTER (WHERE l.state IN ('forwarded', 'verified')) AS delivered"
+        f" count(*) FILTER (WHERE l.state IN ({_DELIVERED})) AS delivered"
         " FROM instances i LEFT JOIN locations l USING (sop_instance_uid)"
         + _where(where)
         + " GROUP BY i.series_instance_uid ORDER BY i.series_instance_uid LIMIT ?"

@@ -47,7 +47,8 @@ def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-# Event type -> its subject (shared.bus.subject_for; "{node}" is the event's node id).
+# Event type -> its subject (shared.bus.subject_for; "{node}" is the event's node id, "{state}" a
+# node-state event's state).
 SUBJECTS = {
     "instance.received.v1": "dicom.instance.received",
     "instance.placed.v1": "dicom.instance.placed.{node}",
@@ -56,15 +57,17 @@ SUBJECTS = {
     "instance.dead_lettered.v1": "dicom.instance.dead_lettered",
     "instance.verified.v1": "dicom.instance.verified.{node}",
     "instance.verification_failed.v1": "dicom.instance.verification_failed.{node}",
-    "node.state_changed.v1": "node.state.{node}",
+    "node.state_changed.v1": "node.state.{node}.{state}",
 }
 
 
 def _subject_case() -> str:
     whens = []
     for kind, subject in SUBJECTS.items():
-        prefix, node, _ = subject.partition("{node}")
+        prefix, node, rest = subject.partition("{node}")
         value = f"{_sql_str(prefix)} || node_id" if node else _sql_str(prefix)
+        if rest == ".{state}":
+            value += " || '.' || json_extract_string(payload, '$.state')"
         whens.append(f"WHEN {_sql_str(kind)} THEN {value}")
     return f"CASE type {' '.join(whens)} END"
 

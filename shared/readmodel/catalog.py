@@ -106,14 +106,14 @@ def _tag(kind: type[msgspec.Struct]) -> str:
 # placement_id when the event names one, else its node_id (verified events from before
 # placement ids); detail: None keeps it, "" clears it, "reason" takes the event's reason).
 # A new location state is one line here.
-LOCATION_MOVES: dict[str, tuple[str, str, str | None]] = {
-    _tag(ev.InstanceForwardedV1): ("forwarded", "placement", ""),
-    _tag(ev.InstanceForwardFailedV1): ("failed", "placement", "reason"),
-    _tag(ev.InstanceDeadLetteredV1): ("dead_lettered", "placement", "reason"),
-    _tag(ev.InstanceVerifiedV1): ("verified", "node", None),
-    _tag(ev.InstanceVerificationFailedV1): ("verification_failed", "placement", "reason"),
+LOCATION_MOVES: dict[str, tuple[ev.LocationState, str, str | None]] = {
+    _tag(ev.InstanceForwardedV1): (ev.LocationState.FORWARDED, "placement", ""),
+    _tag(ev.InstanceForwardFailedV1): (ev.LocationState.FAILED, "placement", "reason"),
+    _tag(ev.InstanceDeadLetteredV1): (ev.LocationState.DEAD_LETTERED, "placement", "reason"),
+    _tag(ev.InstanceVerifiedV1): (ev.LocationState.VERIFIED, "node", None),
+    _tag(ev.InstanceVerificationFailedV1): (ev.LocationState.VERIFICATION_FAILED, "placement", "reason"),
 }
-LOCATION_STATES = ("placed", *dict.fromkeys(state for state, _, _ in LOCATION_MOVES.values()))
+LOCATION_STATES: tuple[ev.LocationState, ...] = tuple(ev.LocationState)
 EVENT_TYPES = tuple(_tag(kind) for kind in typing.get_args(ev.AnyEvent))
 _RECEIVED, _PLACED, _NODE_STATE = (_tag(k) for k in (ev.InstanceReceivedV1, ev.InstancePlacedV1,
                                                      ev.NodeStateChangedV1))
@@ -201,7 +201,8 @@ placed AS (
 moving AS (SELECT s.*, m.state AS new_state, m.by_placement, m.detail_is_reason
            FROM staged s JOIN moves m USING (type)),
 base AS (
-    SELECT sop_instance_uid, study_instance_uid, node_id, 'placed' AS state, placement_id, reason, '' AS detail,
+    SELECT sop_instance_uid, study_instance_uid, node_id, {_lit(ev.LocationState.PLACED)} AS state, placement_id,
+           reason, '' AS detail,
            seq AS updated_seq, occurred_at AS updated_at, pool, seq AS from_seq FROM placed
     UNION ALL
     SELECT {', '.join('l.' + c for c in _LOCATION_COLUMNS)}, 0 AS from_seq FROM locations l
