@@ -22,10 +22,12 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.transport import AssociationServer
 
 log = logging.getLogger("switchyard.access")
 
@@ -96,7 +98,7 @@ def _resolve(host: str) -> set[str]:
     except OSError:
         pass
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host, None)}
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except OSError as exc:
         raise ValueError(f"allowed_peers host {host!r} does not resolve: {exc}") from exc
 
@@ -160,9 +162,10 @@ class _PeerCheckingACSE(ACSE):
             return self._reject(calling, REJECT_LOCAL_LIMIT)
         if self.gate.needs:
             # A context the peer has no right to is not negotiated at all (abstract syntax not supported).
+            needs = self.gate.needs
             self.acceptor.supported_contexts = [
                 cx for cx in self.acceptor.supported_contexts
-                if self.gate.needs.get(cx.abstract_syntax, "") in rights or cx.abstract_syntax not in self.gate.needs
+                if str(cx.abstract_syntax) not in needs or needs[str(cx.abstract_syntax)] in rights
             ]
         super()._negotiate_as_acceptor()
 
@@ -199,7 +202,7 @@ def server_tls_context(cert_file: str, key_file: str, ca_file: str, prefix: str)
     return ctx
 
 
-def defer_tls_handshake(server, ctx: ssl.SSLContext, timeout: float) -> None:
+def defer_tls_handshake(server: AssociationServer, ctx: ssl.SSLContext, timeout: float) -> None:
     """Move the TLS handshake out of pynetdicom's accept loop.
 
     pynetdicom wraps each accepted socket with a blocking handshake in the one
@@ -209,15 +212,19 @@ def defer_tls_handshake(server, ctx: ssl.SSLContext, timeout: float) -> None:
     timeout.
     """
 
-    def get_request():
-        client, address = server.socket.accept()
+    listener = server.socket
+    if listener is None:
+        raise ValueError("the server has no listening socket")
+
+    def get_request() -> tuple[ssl.SSLSocket, Any]:
+        client, address = listener.accept()
         client.settimeout(timeout)
         return ctx.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
 
-    server.get_request = get_request
+    server.get_request = get_request  # type: ignore[method-assign]
 
 
-def bound_reads(timeout: float):
+def bound_reads(timeout: float) -> tuple[evt.NotificationEvent, Callable[[evt.Event], None]]:
     """An EVT_CONN_OPEN handler: the socket's read timeout, then a deferred TLS handshake.
 
     Sockets accepted by pynetdicom's server block without a timeout, and the
@@ -228,7 +235,8 @@ def bound_reads(timeout: float):
 
     def _on_open(event: evt.Event) -> None:
         try:
-            sock = event.assoc.dul.socket.socket
+            assoc_sock = event.assoc.dul.socket
+            sock = assoc_sock.socket if assoc_sock is not None else None
             if sock is None:
                 return
             sock.settimeout(timeout)

@@ -26,8 +26,12 @@ GLOBAL = 6
 @pytest.fixture(scope="module")
 def ingest(orthanc_nodes, tmp_path_factory):
     def configure(cfg):
-        return msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(
-            cfg.ingest, max_associations=GLOBAL, max_associations_per_peer=PER_PEER, network_timeout_s=10.0))
+        return msgspec.structs.replace(
+            cfg,
+            ingest=msgspec.structs.replace(
+                cfg.ingest, max_associations=GLOBAL, max_associations_per_peer=PER_PEER, network_timeout_s=10.0
+            ),
+        )
 
     stack = make_stack(tmp_path_factory.mktemp("ingest-access"), orthanc_nodes, ("ingest",), configure)
     yield stack
@@ -63,8 +67,9 @@ def test_one_peer_holding_associations_does_not_lock_out_another(ingest, tmp_pat
         assert len(held) == PER_PEER
         assert ingest.metric("ingest", "switchyard_ingest_open_associations") == PER_PEER
         # Another peer still stores.
-        path = generate_studies(tmp_path / "c", studies=1, series_per_study=1, instances_per_series=1, seed=7301,
-                                rows=16, cols=16)[0]
+        path = generate_studies(
+            tmp_path / "c", studies=1, series_per_study=1, instances_per_series=1, seed=7301, rows=16, cols=16
+        )[0]
         result = ingest.send([path], calling_ae="GOODSCU", extra=["-v"])
         assert result.returncode == 0, result.stdout + result.stderr
         uid = pydicom.dcmread(path).SOPInstanceUID

@@ -40,12 +40,20 @@ def rights_stack(data_dir: Path, nodes, storescp_at: str = "") -> Stack:
     """ingest and probe; FINDER may find, GETTER and HOG find and retrieve (KNOWNSCU for send_study)."""
 
     def configure(cfg):
-        peers = [QRPeer(ae=FINDER, host="127.0.0.1", rights=["find"]),
-                 QRPeer(ae=GETTER, host="127.0.0.1", rights=["find", "retrieve"]),
-                 QRPeer(ae=HOG, rights=["find", "retrieve"]), QRPeer(ae="KNOWNSCU", rights=["find"])]
-        probe = msgspec.structs.replace(cfg.probe, qr_peers=peers, qr_network_timeout_s=10.0,
-                                        qr_max_associations_per_peer=PER_PEER, qr_max_associations=16,
-                                        move_destinations=[storescp_at] if storescp_at else [])
+        peers = [
+            QRPeer(ae=FINDER, host="127.0.0.1", rights=["find"]),
+            QRPeer(ae=GETTER, host="127.0.0.1", rights=["find", "retrieve"]),
+            QRPeer(ae=HOG, rights=["find", "retrieve"]),
+            QRPeer(ae="KNOWNSCU", rights=["find"]),
+        ]
+        probe = msgspec.structs.replace(
+            cfg.probe,
+            qr_peers=peers,
+            qr_network_timeout_s=10.0,
+            qr_max_associations_per_peer=PER_PEER,
+            qr_max_associations=16,
+            move_destinations=[storescp_at] if storescp_at else [],
+        )
         return msgspec.structs.replace(cfg, probe=probe)
 
     return make_stack(data_dir, nodes, ("ingest", "probe"), configure)
@@ -63,8 +71,9 @@ def mover(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rights(orthanc_nodes, mover, tmp_path_factory):
-    stack = rights_stack(tmp_path_factory.mktemp("qr-rights"), orthanc_nodes,
-                         f"{mover.ae_title}@127.0.0.1:{mover.port}")
+    stack = rights_stack(
+        tmp_path_factory.mktemp("qr-rights"), orthanc_nodes, f"{mover.ae_title}@127.0.0.1:{mover.port}"
+    )
     try:
         study_uid, files = send_study(stack, tmp_path_factory.mktemp("qr-rights-corpus"), 5401)
         yield stack, study_uid, files
@@ -77,8 +86,12 @@ def associate(stack: Stack, aet: str, *contexts: str) -> Association:
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
     for cx in contexts:
         ae.add_requested_context(cx)
-    return ae.associate("127.0.0.1", stack.cfg.probe.qr_port, ae_title=stack.cfg.probe.qr_ae_title,
-                        ext_neg=[build_role(CT, scp_role=True)])
+    return ae.associate(
+        "127.0.0.1",
+        stack.cfg.probe.qr_port,
+        ae_title=stack.cfg.probe.qr_ae_title,
+        ext_neg=[build_role(CT, scp_role=True)],
+    )
 
 
 def test_closed_by_default(orthanc_nodes, tmp_path_factory):
@@ -107,8 +120,13 @@ def test_find_only_peer_gets_no_retrieve(rights, tmp_path):
     keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_uid}
     assert [str(d.StudyInstanceUID) for d in find(stack, tmp_path, "-S", keys, aet=FINDER)] == [study_uid]
     # C-GET and C-MOVE contexts are refused at negotiation; C-FIND is accepted on the same association.
-    assoc = associate(stack, FINDER, StudyRootQueryRetrieveInformationModelFind,
-                      StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove)
+    assoc = associate(
+        stack,
+        FINDER,
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
+        StudyRootQueryRetrieveInformationModelMove,
+    )
     assert assoc.is_established
     try:
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
@@ -118,11 +136,11 @@ def test_find_only_peer_gets_no_retrieve(rights, tmp_path):
         assoc.release()
     out = tmp_path / "get"
     out.mkdir()
-    got = dcmtk(stack, "getscu", "-v", "-S", "-od", str(out), *STUDY, "-k", f"StudyInstanceUID={study_uid}",
-                aet=FINDER)
+    got = dcmtk(stack, "getscu", "-v", "-S", "-od", str(out), *STUDY, "-k", f"StudyInstanceUID={study_uid}", aet=FINDER)
     assert got.returncode != 0 and "presentation context" in (got.stdout + got.stderr).lower(), got.stdout + got.stderr
-    moved = dcmtk(stack, "movescu", "-v", "-S", "-aem", "STORESCP", *STUDY, "-k", f"StudyInstanceUID={study_uid}",
-                  aet=FINDER)
+    moved = dcmtk(
+        stack, "movescu", "-v", "-S", "-aem", "STORESCP", *STUDY, "-k", f"StudyInstanceUID={study_uid}", aet=FINDER
+    )
     # (movescu exits 0 even so.)
     assert "no valid presentation context" in (moved.stdout + moved.stderr).lower(), moved.stdout + moved.stderr
     assert not list(out.iterdir())
@@ -132,8 +150,16 @@ def test_find_only_peer_gets_no_retrieve(rights, tmp_path):
     assert identical(sorted(out.iterdir()), files)
 
 
-@pytest.mark.parametrize("keys", [[], ["-k", "PatientID=*"], ["-k", "PatientID="], ["-k", "AccessionNumber=*"],
-                                  ["-k", "PatientName=*", "-k", "StudyInstanceUID="]])
+@pytest.mark.parametrize(
+    "keys",
+    [
+        [],
+        ["-k", "PatientID=*"],
+        ["-k", "PatientID="],
+        ["-k", "AccessionNumber=*"],
+        ["-k", "PatientName=*", "-k", "StudyInstanceUID="],
+    ],
+)
 def test_broad_retrieve_is_refused(rights, mover, tmp_path, keys):
     stack, study_uid, files = rights
     out = tmp_path / "get"
@@ -150,7 +176,7 @@ def test_broad_retrieve_is_refused(rights, mover, tmp_path, keys):
     try:
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
-        (status, _), = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
+        ((status, _),) = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
         assert int(status.Status) == 0xA900 and "StudyInstanceUID" in str(status.ErrorComment)
     finally:
         assoc.release()
@@ -161,8 +187,9 @@ def test_a_named_study_is_still_moved(rights, mover):
     for p in mover.received():
         p.unlink()
     header = pydicom.dcmread(files[0], stop_before_pixels=True)
-    moved = dcmtk(stack, "movescu", "-S", "-aem", mover.ae_title, *STUDY, "-k", f"PatientID={header.PatientID}",
-                  aet=GETTER)
+    moved = dcmtk(
+        stack, "movescu", "-S", "-aem", mover.ae_title, *STUDY, "-k", f"PatientID={header.PatientID}", aet=GETTER
+    )
     assert moved.returncode == 0, moved.stdout + moved.stderr
     wait_for(lambda: len(mover.received()) == len(files), timeout=20, what="storescp got the study")
     assert identical(mover.received(), files)
@@ -202,8 +229,9 @@ def test_dcmtk_sees_the_limit_as_a_rejection(rights):
     held = [associate(stack, HOG, StudyRootQueryRetrieveInformationModelFind) for _ in range(PER_PEER)]
     try:
         assert all(a.is_established for a in held)
-        result: subprocess.CompletedProcess = dcmtk(stack, "findscu", "-v", "-S", *STUDY,
-                                                    "-k", f"StudyInstanceUID={study_uid}", aet=HOG)
+        result: subprocess.CompletedProcess = dcmtk(
+            stack, "findscu", "-v", "-S", *STUDY, "-k", f"StudyInstanceUID={study_uid}", aet=HOG
+        )
         assert rejected(result, "Local Limit Exceeded"), result.stdout + result.stderr
     finally:
         for a in held:
