@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 from pydicom.dataset import Dataset
 
@@ -139,3 +140,18 @@ def test_retrieve_handlers_refuse_a_peer_without_the_right(tmp_path):
     assert next(gen) == 1
     status, _ = next(gen)
     assert int(status.Status) == 0xA900 and "StudyInstanceUID" in status.ErrorComment
+
+
+def test_the_local_stack_opens_the_door_for_its_dev_ae_only_and_says_so():
+    import io
+
+    from shared.config import QRPeer
+    from switchyard import stack as ls
+
+    out = io.StringIO()
+    cfg = ls.open_dev_qr(Config(), out)
+    assert [(p.ae, p.host, p.rights) for p in cfg.probe.qr_peers] == [("DEVSCU", "127.0.0.1", ["find", "retrieve"])]
+    assert "DEVSCU" in out.getvalue() and "probe.qr_peers" in out.getvalue()
+    own = msgspec.structs.replace(Config().probe, qr_peers=[QRPeer(ae="VIEWER")])
+    mine = msgspec.structs.replace(Config(), probe=own)
+    assert ls.open_dev_qr(mine, io.StringIO()) is mine
