@@ -84,6 +84,9 @@ class IngestConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     spool_dir: str = "var/spool"
     # Per worker process.
     max_associations: int = 16
+    # Open associations one peer (calling AE + address) may hold, per worker process,
+    # so one peer cannot take every slot from the others. 0: no per-peer limit.
+    max_associations_per_peer: int = 4
     # Processes sharing the port (SO_REUSEPORT); worker N serves metrics on metrics_port + N.
     workers: int = 1
     max_pdu: int = 262144
@@ -190,6 +193,25 @@ class ForwarderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     concurrency_per_node: int = 2
 
 
+class QRPeer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One peer allowed at the Q/R front door, and what it may do there.
+
+    ``host`` (an IP address or a name resolved once at start) binds the AE title
+    to that address; empty admits the AE from any address. ``rights``: "find"
+    (C-FIND) and/or "retrieve" (C-GET and C-MOVE). Least privilege by default.
+    """
+
+    ae: str
+    host: str = ""
+    rights: list[Literal["find", "retrieve"]] = msgspec.field(default_factory=lambda: ["find"])
+
+    def __post_init__(self) -> None:
+        if not self.ae.strip():
+            raise ValueError("probe.qr_peers: an entry without an AE title")
+        if not self.rights:
+            raise ValueError(f"probe.qr_peers {self.ae!r}: no rights (use find and/or retrieve)")
+
+
 class ProbeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_port: int = 9104
     ae_title: str = "SWITCHYARD"
@@ -210,11 +232,19 @@ class ProbeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     catalog_db_path: str = "var/probe-catalog.duckdb"
     # C-MOVE destinations the front door knows, each "AE_TITLE@host:port".
     move_destinations: list[str] = []
-    # Who may associate with the front door (C-FIND, C-MOVE and C-GET alike), as
-    # ingest.allowed_calling_aes / allowed_peers: AE titles from any address, and
-    # "AE" or "AE@host" entries. Both empty: anyone.
+    # Who may associate with the front door, and with which rights. Nothing configured:
+    # the front door refuses every association (closed by default). E.g.
+    # qr_peers = [{ae = "VIEWER", host = "10.0.0.5", rights = ["find"]},
+    #             {ae = "PACS", host = "10.0.0.9", rights = ["find", "retrieve"]}]
+    qr_peers: list[QRPeer] = []
+    # Older form, still accepted: each entry may find AND retrieve (as before).
+    # AE titles from any address, and "AE" or "AE@host" entries.
     qr_allowed_calling_aes: list[str] = []
     qr_allowed_peers: list[str] = []
+    # Associations open at once (pynetdicom's maximum_associations), and per peer
+    # (calling AE + address), so one peer cannot take every slot. 0: no per-peer limit.
+    qr_max_associations: int = 16
+    qr_max_associations_per_peer: int = 4
     # DICOM over TLS for the front door, as ingest's: cert and key serve TLS only;
     # a CA file also requires and verifies client certificates.
     qr_tls_cert_file: str = ""

@@ -114,7 +114,7 @@ def run_demo(cfg: Config, work_dir: Path, out: IO[str] = sys.stdout, timeout: fl
 
 def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
     data_dir = Path(args.data_dir).resolve()
-    cfg = with_data_dir(cfg, data_dir)
+    cfg = ls.open_dev_qr(with_data_dir(cfg, data_dir), sys.stdout)
     cfg, tokens_path = ls.catalog_credentials(cfg, data_dir)
     missing = [name for name, ok in ls.tool_available().items() if not ok]
     if missing:

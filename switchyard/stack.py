@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 import msgspec
 
-from shared.config import CatalogToken, Config, NodeConfig, dump_toml
+from shared.config import CatalogToken, Config, NodeConfig, QRPeer, dump_toml
 from shared.natsauth import write_private
 from shared.orthanc import OrthancClient, OrthancError, node_config
 
@@ -239,6 +239,24 @@ def catalog_credentials(cfg: Config, data_dir: Path) -> tuple[Config, Path]:
              for role in ("operator", "viewer")]
     kept = [t for t in cfg.catalog.tokens if t.name not in {t.name for t in local}]
     return msgspec.structs.replace(cfg, catalog=msgspec.structs.replace(cfg.catalog, tokens=kept + local)), path
+
+
+# The local stack's Q/R front door is opened for this one AE, from loopback only.
+DEV_QR_AE = "DEVSCU"
+
+
+def open_dev_qr(cfg: Config, out: IO[str]) -> Config:
+    """The local stack only: open the (closed by default) Q/R door to DEV_QR_AE on loopback, and say so.
+
+    A config that names its own Q/R peers is left as it is.
+    """
+    p = cfg.probe
+    if p.qr_peers or p.qr_allowed_calling_aes or p.qr_allowed_peers:
+        return cfg
+    peer = QRPeer(ae=DEV_QR_AE, host="127.0.0.1", rights=["find", "retrieve"])
+    out.write(f"switchyard: dev stack: Q/R front door {p.qr_ae_title}@{p.qr_host}:{p.qr_port} opened to calling AE"
+              f" {DEV_QR_AE} from 127.0.0.1 (find + retrieve); set probe.qr_peers to choose peers\n")
+    return msgspec.structs.replace(cfg, probe=msgspec.structs.replace(p, qr_peers=[peer]))
 
 
 def write_config(cfg: Config, path: Path) -> Path:

@@ -173,6 +173,8 @@ class StorageSCP:
         self.flush = ThreadPoolExecutor(max(4, cfg.ingest.max_associations), thread_name_prefix="ingest-flush")
         self._names = itertools.count()
         self._open = 0
+        # Open associations per peer (calling AE, address): one peer may not take every slot.
+        self._per_peer: dict[tuple[str, str], int] = {}
         # Association tasks, and whether each is finishing a C-STORE (not to be cut off at stop).
         self._tasks: dict[asyncio.Task, bool] = {}
 
@@ -255,6 +257,10 @@ class StorageSCP:
             refuse = ul.REJECT_LOCAL_LIMIT
             log.warning("association rejected: calling AE %r from %s, %d associations open", calling, address,
                         self._open)
+        elif 0 < self.cfg.ingest.max_associations_per_peer <= self._per_peer.get((calling, address), 0):
+            refuse = ul.REJECT_LOCAL_LIMIT
+            log.warning("association rejected: calling AE %r from %s already holds %d associations (per-peer limit)",
+                        calling, address, self._per_peer[(calling, address)])
         result = ul.negotiate(rq, int.from_bytes(data[6:8], "big"), self.contexts, self.cfg.ingest.max_pdu, refuse)
         writer.write(result.answer)
         if result.reject is not None:
@@ -262,12 +268,18 @@ class StorageSCP:
             return
         peername = writer.get_extra_info("peername")
         peer = _Peer(calling, called, address, int(peername[1]) if peername and len(peername) > 1 else 0)
+        key = (calling, address)
         self._open += 1
+        self._per_peer[key] = self._per_peer.get(key, 0) + 1
         self.metrics.associations.inc()
         try:
             await self._data_phase(reader, writer, result, peer)
         finally:
             self._open -= 1
+            if (left := self._per_peer[key] - 1) > 0:
+                self._per_peer[key] = left
+            else:
+                del self._per_peer[key]
             self.metrics.associations.dec()
 
     async def _data_phase(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

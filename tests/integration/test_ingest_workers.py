@@ -42,8 +42,10 @@ async def test_workers_share_the_port_and_a_dead_worker_stops_the_service(orthan
     metrics = port_pair()
 
     def configure(cfg):
+        # All SENDERS come as one peer and the kernel may give one worker most of them.
         return msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(cfg.ingest, workers=2,
-                                                                           metrics_port=metrics))
+                                                                           metrics_port=metrics,
+                                                                           max_associations_per_peer=SENDERS))
 
     stack = make_stack(tmp_path / "stack", orthanc_nodes, ("ingest",), configure)
     try:
