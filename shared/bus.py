@@ -12,8 +12,9 @@ import collections
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 import nats
@@ -21,6 +22,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -35,6 +37,9 @@ from nats.js.api import (
 from shared import events as ev
 from shared import natsauth
 from shared.config import NatsConfig
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +252,7 @@ class Bus:
                     raise
                 await asyncio.sleep(0.5)
 
-    def export_connected(self, registry) -> None:
+    def export_connected(self, registry: CollectorRegistry) -> None:
         """A gauge read at scrape time: 1 while connected to NATS (readiness, alerting)."""
         from prometheus_client import Gauge
 
@@ -345,12 +350,14 @@ class Bus:
         would have raised (so the caller can act on exactly the acknowledged ones).
         """
         results = await asyncio.gather(*(self.publish(e, timeout) for e in events), return_exceptions=True)
+        out: list[PubAck | BusUnavailable | PublishUncertain] = []
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, (BusUnavailable, PublishUncertain)):
                 raise r
-        return results
+            out.append(r)
+        return out
 
-    async def pull(self, config: ConsumerConfig, stream: str | None = None):
+    async def pull(self, config: ConsumerConfig, stream: str | None = None) -> JetStreamContext.PullSubscription:
         """Bind a pull subscription to a durable consumer declared here."""
         stream = stream or self.cfg.events_stream
         try:
@@ -360,7 +367,7 @@ class Bus:
         return await self.js.pull_subscribe_bind(config.durable_name, stream=stream)
 
     async def pull_batches(self, config: ConsumerConfig, batch: int, stop: asyncio.Event,
-                           linger: float = 0.0, fetch_timeout: float = 1.0) -> AsyncIterator[list[Msg]]:
+                           linger: float = 0.0, fetch_timeout: float = 1.0) -> AsyncGenerator[list[Msg], None]:
         """Pull from a durable consumer until ``stop``: the fetch loop every worker shares.
 
         Yields each fetched batch, and ``[]`` after a fetch that timed out (nothing
@@ -398,7 +405,7 @@ class Bus:
     async def replay(
         self, subject: str = ">", start_seq: int = 1, stream: str | None = None,
         idle_timeout: float = 0.5, follow: bool = False,
-    ) -> AsyncIterator[Delivered]:
+    ) -> AsyncGenerator[Delivered, None]:
         """Read the log in order from ``start_seq``; stop when caught up unless ``follow``."""
         stream = stream or self.cfg.events_stream
         info = await self.js.stream_info(stream)
@@ -429,7 +436,7 @@ class Bus:
     async def follow_batches(
         self, start_seq: int, max_batch: int, idle_timeout: float, stop: asyncio.Event,
         subject: str = ">", stream: str | None = None, linger: float = 0.2, decode: bool = True,
-    ) -> AsyncIterator[list[Delivered]]:
+    ) -> AsyncGenerator[list[Delivered], None]:
         """Follow the log from ``start_seq`` in batches.
 
         A batch ends when full or ``linger`` seconds after its first message:
@@ -518,7 +525,7 @@ class Bus:
             log.debug("close did not finish cleanly (%s: %s)", type(exc).__name__, exc)
 
 
-async def _unsubscribe(sub) -> None:
+async def _unsubscribe(sub: Subscription | JetStreamContext.PullSubscription) -> None:
     """Drop a subscription on the way out; the connection may be gone already (nothing to undo then)."""
     try:
         await sub.unsubscribe()

@@ -14,7 +14,7 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -84,6 +84,9 @@ class IngestConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     spool_dir: str = "var/spool"
     # Per worker process.
     max_associations: int = 16
+    # Open associations one peer (calling AE + address) may hold, per worker process,
+    # so one peer cannot take every slot from the others. 0: no per-peer limit.
+    max_associations_per_peer: int = 4
     # Processes sharing the port (SO_REUSEPORT); worker N serves metrics on metrics_port + N.
     workers: int = 1
     max_pdu: int = 262144
@@ -190,6 +193,25 @@ class ForwarderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     concurrency_per_node: int = 2
 
 
+class QRPeer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One peer allowed at the Q/R front door, and what it may do there.
+
+    ``host`` (an IP address or a name resolved once at start) binds the AE title
+    to that address; empty admits the AE from any address. ``rights``: "find"
+    (C-FIND) and/or "retrieve" (C-GET and C-MOVE). Least privilege by default.
+    """
+
+    ae: str
+    host: str = ""
+    rights: list[Literal["find", "retrieve"]] = msgspec.field(default_factory=lambda: ["find"])
+
+    def __post_init__(self) -> None:
+        if not self.ae.strip():
+            raise ValueError("probe.qr_peers: an entry without an AE title")
+        if not self.rights:
+            raise ValueError(f"probe.qr_peers {self.ae!r}: no rights (use find and/or retrieve)")
+
+
 class ProbeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_port: int = 9104
     ae_title: str = "SWITCHYARD"
@@ -210,11 +232,19 @@ class ProbeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     catalog_db_path: str = "var/probe-catalog.duckdb"
     # C-MOVE destinations the front door knows, each "AE_TITLE@host:port".
     move_destinations: list[str] = []
-    # Who may associate with the front door (C-FIND, C-MOVE and C-GET alike), as
-    # ingest.allowed_calling_aes / allowed_peers: AE titles from any address, and
-    # "AE" or "AE@host" entries. Both empty: anyone.
+    # Who may associate with the front door, and with which rights. Nothing configured:
+    # the front door refuses every association (closed by default). E.g.
+    # qr_peers = [{ae = "VIEWER", host = "10.0.0.5", rights = ["find"]},
+    #             {ae = "PACS", host = "10.0.0.9", rights = ["find", "retrieve"]}]
+    qr_peers: list[QRPeer] = []
+    # Older form, still accepted: each entry may find AND retrieve (as before).
+    # AE titles from any address, and "AE" or "AE@host" entries.
     qr_allowed_calling_aes: list[str] = []
     qr_allowed_peers: list[str] = []
+    # Associations open at once (pynetdicom's maximum_associations), and per peer
+    # (calling AE + address), so one peer cannot take every slot. 0: no per-peer limit.
+    qr_max_associations: int = 16
+    qr_max_associations_per_peer: int = 4
     # DICOM over TLS for the front door, as ingest's: cert and key serve TLS only;
     # a CA file also requires and verifies client certificates.
     qr_tls_cert_file: str = ""
@@ -224,13 +254,46 @@ class ProbeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     qr_network_timeout_s: float = 30.0
 
 
+class CatalogToken(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One HTTP API credential: only its sha256 is in the config, so the file gives no access."""
+
+    name: str
+    role: Literal["viewer", "operator"]
+    # Lower-case hex of sha256(token bytes).
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError(f"catalog token {self.name!r}: sha256 must be 64 lower-case hex digits")
+
+
 class CatalogConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_port: int = 9105
     db_path: str = "var/catalog.duckdb"
     http_host: str = "127.0.0.1"
     http_port: int = 8080
-    # Bearer token for the HTTP API. Change it anywhere but a laptop.
-    token: str = "switchyard-dev-token"
+    # HTTP API credentials (services/catalog/auth.py). None configured: every request is 401.
+    tokens: list[CatalogToken] = []
+    # Deprecated: one plain-text token, taken as an operator token (WARNING at start).
+    token: str = ""
+    # Viewers see no patient name, ID, birth date or accession number unless this is set.
+    viewer_sees_patient_data: bool = False
+    # HTTPS: set both to serve TLS only.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # A connection must complete a request's headers within this long (from connect or the
+    # last response), and a request body within body_timeout_s, or it is cut off.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("catalog: set both tls_cert_file and tls_key_file, or neither")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ValueError("catalog: header_timeout_s and body_timeout_s must be positive")
+        names = [t.name for t in self.tokens]
+        if len(set(names)) != len(names):
+            raise ValueError("catalog.tokens: each token needs its own name")
     # Live follower: a batch (one transaction) closes when full or follow_linger_s after
     # its first event; a full batch means the catalog fell behind and catches up in bulk.
     batch: int = 8192
@@ -305,7 +368,7 @@ def _parse_value(raw: str) -> object:
     return raw
 
 
-def _apply_env(data: dict, env: dict[str, str]) -> dict:
+def _apply_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     for name, raw in env.items():
         if not name.startswith(_PREFIX) or name == "SWITCHYARD_CONFIG":
             continue
@@ -322,11 +385,11 @@ def _apply_env(data: dict, env: dict[str, str]) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:
+def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:
     """Read the TOML file (if any), apply environment overrides, validate."""
     env = dict(os.environ if env is None else env)
     path = path or env.get("SWITCHYARD_CONFIG")
-    data: dict = {}
+    data: dict[str, Any] = {}
     if path:
         try:
             data = tomllib.loads(Path(path).read_text())

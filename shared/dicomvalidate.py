@@ -181,7 +181,7 @@ class DatasetValidator:
                 if len(self._buf) == self._want and self._header(self._buf, 0, self._want):
                     self._buf = bytearray()
 
-    def _header(self, src, off: int, avail: int) -> int:
+    def _header(self, src: bytes | bytearray | memoryview, off: int, avail: int) -> int:
         """Parse the element header at src[off:]; return its size, or 0 if more bytes are needed."""
         if avail < 8:
             return 0
@@ -294,6 +294,7 @@ class DatasetValidator:
 
     def _captured(self) -> None:
         tag, value = self._capture, bytes(self._buf)
+        assert tag is not None  # called only while a UID value is being captured
         self._capture = None
         self._buf = bytearray()
         self._want = 8

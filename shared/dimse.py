@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from pynetdicom import evt
 
 from shared.net import set_nodelay
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +27,7 @@ def _set_nodelay(event: evt.Event) -> None:
 NODELAY_HANDLER = (evt.EVT_CONN_OPEN, _set_nodelay)
 
 
-def settle(assoc, timeout: float = 0.005) -> None:
+def settle(assoc: Association, timeout: float = 0.005) -> None:
     """Let pynetdicom's reactor wake before the next request on ``assoc``.
 
     pynetdicom (3.0) resumes its paused reactor after each send_c_*; if the next

@@ -101,6 +101,9 @@ class InstanceReceivedV1(Event, tag="instance.received.v1"):
     dataset_digest: str
     calling_ae: str = ""
     called_ae: str = ""
+    # The sending peer's IP address and TCP port as ingest saw them (provenance).
+    peer_address: str = ""
+    peer_port: int = 0
     modality: str = ""
     # Header values for the catalog. They live in the log (a medical record, like
     # any PACS database), never in logs, span attributes or metric labels.

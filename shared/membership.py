@@ -18,6 +18,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from shared import events as ev
 from shared.bus import SUBJECT_NODE_STATE_ALL, Bus
@@ -114,7 +115,7 @@ def transition(member: Member | None, node_id: str, state: ev.NodeState | str, r
     except ValueError:
         raise ValueError(f"unknown node state {state!r}") from None
     after = member.last_seq if member is not None else 0
-    fields = {}
+    fields: dict[str, Any] = {}  # NodeStateChangedV1 keyword arguments of several types
     if node is not None:
         fields = dict(host=node.host, dicom_port=node.dicom_port, ae_title=node.ae_title,
                       rest_url=node.rest_url, username=node.username)

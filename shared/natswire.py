@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 ACK_PREFIX = "$JS.ACK."
@@ -44,7 +45,7 @@ DELIVERY = re.compile(rb"H?MSG [^ ]+ 1 \$JS\.ACK\.[^.]+\.[^.]+\.\d+\.(\d+)\.(\d+
 
 @dataclass(frozen=True, slots=True)
 class Info:
-    info: dict
+    info: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,9 @@ class FlowControl:
     reply: bytes
 
 
+Frame = Delivery | Info | Ping | Pong | Ok | Err | Heartbeat | FlowControl
+
+
 class WireUnsupported(Exception):
     """The URL or the server needs what the raw reader does not do (TLS, auth): use nats-py."""
 
@@ -93,8 +97,9 @@ class WireParser:
         self._buf = b""
         self.controls = 0  # frames other than deliveries in the last feed (0: a plain list of deliveries)
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes) -> list[Frame]:
         buf = self._buf + data if self._buf else data
+        out: list[Frame]
         pos, size, out = 0, len(buf), []
         delivery = DELIVERY.match
         mixed = False  # any frame from the general path (it may be a control frame)
@@ -147,7 +152,7 @@ class WireParser:
         return out
 
 
-def hello(info: dict, seed: bytes | None = None) -> bytes:
+def hello(info: dict[str, Any], seed: bytes | None = None) -> bytes:
     """CONNECT and PING for a server's INFO; WireUnsupported if it wants TLS or auth we cannot give.
 
     With an nkey ``seed`` the reader logs in as that identity: the server's
@@ -155,7 +160,7 @@ def hello(info: dict, seed: bytes | None = None) -> bytes:
     """
     if info.get("tls_required"):
         raise WireUnsupported("the server requires TLS")
-    options: dict = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True, "protocol": 1,
+    options: dict[str, Any] = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True, "protocol": 1,
                      "lang": "python-raw", "version": "1", "name": "switchyard-replay-reader"}
     if seed is not None and info.get("nonce"):
         from shared import natsauth
@@ -177,7 +182,7 @@ class Wire:
     writer: asyncio.StreamWriter
     parser: WireParser
 
-    async def read(self) -> list:
+    async def read(self) -> list[Frame]:
         chunk = await self.reader.read(1 << 22)
         if not chunk:
             raise WireError("nats closed the connection")
@@ -222,7 +227,7 @@ async def connect(url: str, seed: bytes | None = None) -> Wire:
         raise
 
 
-async def deliveries(wire: Wire) -> AsyncIterator[list[Delivery]]:
+async def deliveries(wire: Wire) -> AsyncGenerator[list[Delivery], None]:
     """The subscription's deliveries, one list per read (subscribe first).
 
     Answers PING and flow control as they come (the server pauses at its
@@ -232,9 +237,10 @@ async def deliveries(wire: Wire) -> AsyncIterator[list[Delivery]]:
         frames = await wire.read()
         if not wire.parser.controls:
             if frames:
-                yield frames
+                yield cast("list[Delivery]", frames)  # no control frames: deliveries only
             continue
-        got, replies = [], []
+        got: list[Delivery] = []
+        replies: list[bytes] = []
         for frame in frames:
             if type(frame) is tuple:
                 got.append(frame)

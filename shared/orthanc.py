@@ -121,11 +121,13 @@ class OrthancClient:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         return json.loads(self._request(path, data=data, method="POST"))
 
-    def system(self) -> dict:
-        return self.get_json("/system")
+    def system(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.get_json("/system")
+        return result
 
-    def statistics(self) -> dict:
-        return self.get_json("/statistics")
+    def statistics(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.get_json("/statistics")
+        return result
 
     def pending_jobs(self) -> int:
         jobs = self.get_json("/jobs?expand")

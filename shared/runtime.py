@@ -71,7 +71,7 @@ class Service:
         self.stack.callback(server.shutdown)
 
 
-async def run_until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task]) -> None:
+async def run_until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[Any]]) -> None:
     """Wait for the stop signal; a task that ends early stops the service loudly.
 
     A worker that dies silently (an unexpected exception held in its task) would

@@ -19,6 +19,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import CollectorRegistry, start_http_server
 
 if TYPE_CHECKING:
+    import threading
+    from wsgiref.simple_server import WSGIServer
+
     from shared.config import TelemetryConfig
 
 _propagator = TraceContextTextMapPropagator()
@@ -46,7 +49,7 @@ def setup_tracing(service: str, cfg: TelemetryConfig) -> TracerProvider:
     return provider
 
 
-def start_metrics(registry: CollectorRegistry, host: str, port: int):
+def start_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
     """Serve /metrics; returns (server, thread) so main can shut it down."""
     return start_http_server(port, addr=host, registry=registry)
 

@@ -21,13 +21,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
 
 from switchyard import stack as ls
 from shared.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from shared.readmodel.store import ProjectionStore
 
 
 def with_data_dir(cfg: Config, data_dir: Path) -> Config:
@@ -52,21 +56,22 @@ def with_data_dir(cfg: Config, data_dir: Path) -> Config:
     )
 
 
-def catalog_get(cfg: Config, path: str, timeout: float = 5.0):
+def catalog_get(cfg: Config, path: str, timeout: float = 5.0, token: str = ""):
     url = f"http://{cfg.catalog.http_host}:{cfg.catalog.http_port}{path}"
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {cfg.catalog.token}"})
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token or cfg.catalog.token}"})
     with urllib.request.urlopen(req, timeout=timeout) as rsp:
         return json.loads(rsp.read())
 
 
-def wait_delivered(cfg: Config, index: dict[str, list[str]], timeout: float) -> list[dict]:
+def wait_delivered(cfg: Config, index: dict[str, list[str]], timeout: float, token: str = "") -> list[dict]:
     """Poll the catalog until every instance of every study is delivered to a node."""
     deadline = time.monotonic() + timeout
     wanted = {study: len(sops) for study, sops in index.items()}
     rows: list[dict] = []
     while time.monotonic() < deadline:
         try:
-            rows = [r for r in catalog_get(cfg, "/api/studies?limit=10000") if r["study_instance_uid"] in wanted]
+            rows = [r for r in catalog_get(cfg, "/api/studies?limit=10000", token=token)
+                    if r["study_instance_uid"] in wanted]
         except (urllib.error.URLError, OSError, ValueError):
             rows = []
         done = {r["study_instance_uid"] for r in rows if r["delivered"] >= wanted[r["study_instance_uid"]]}
@@ -95,7 +100,8 @@ def run_demo(cfg: Config, work_dir: Path, out: IO[str] = sys.stdout, timeout: fl
     if result.returncode != 0:
         out.write(result.stdout[-2000:] + result.stderr[-2000:])
         raise RuntimeError(f"storescu exited with {result.returncode}")
-    rows = wait_delivered(cfg, index, timeout)
+    # The local stack's operator token (catalog-tokens.json in the data dir), else a configured catalog.token.
+    rows = wait_delivered(cfg, index, timeout, ls.read_catalog_tokens(work_dir).get("operator", ""))
     elapsed = time.monotonic() - started
     out.write(f"demo: all {len(files)} instances delivered in {elapsed:.1f}s\n\n")
     out.write(f"{'study instance uid':<66} {'modality':<9} {'inst':>5}  node\n")
@@ -108,7 +114,8 @@ def run_demo(cfg: Config, work_dir: Path, out: IO[str] = sys.stdout, timeout: fl
 
 def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
     data_dir = Path(args.data_dir).resolve()
-    cfg = with_data_dir(cfg, data_dir)
+    cfg = ls.open_dev_qr(with_data_dir(cfg, data_dir), sys.stdout)
+    cfg, tokens_path = ls.catalog_credentials(cfg, data_dir)
     missing = [name for name, ok in ls.tool_available().items() if not ok]
     if missing:
         print(f"missing: {', '.join(missing)} (run ./bootstrap.sh)", file=sys.stderr)
@@ -136,7 +143,8 @@ def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
             procs.append(ls.start_service(service, cfg, config_path, data_dir, console))
         print(
             f"\nswitchyard: up. DICOM {cfg.ingest.ae_title}@127.0.0.1:{cfg.ingest.port}; catalog "
-            f"http://{cfg.catalog.http_host}:{cfg.catalog.http_port}/api/studies (Bearer token in config); "
+            f"http://{cfg.catalog.http_host}:{cfg.catalog.http_port}/api/studies (viewer and operator Bearer tokens"
+            f" in {tokens_path}, mode 0600); "
             f"nodes {', '.join(f'{n.id} {n.rest_url}' for n in cfg.nodes)}; config {config_path}\n",
             flush=True,
         )
@@ -166,13 +174,15 @@ def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
     for node in data["nodes"]:
         node["password"] = "***"
     data["blobs"]["s3_secret_key"] = "***"
-    data["catalog"]["token"] = "***"
+    if data["catalog"]["token"]:
+        data["catalog"]["token"] = "***"
     data["node_credentials"]["password"] = "***"
     print(json.dumps(data, indent=2))
     return 0
 
 
-def _rebuild(cfg: Config, what: str, jobs: list[tuple[Path, type, object]]) -> int:
+def _rebuild(cfg: Config, what: str,
+             jobs: list[tuple[Path, Callable[[Path], ProjectionStore], Callable[[Any], None] | None]]) -> int:
     """Rebuild store files from the log, each swapped in atomically: (path, store class, seed or None).
 
     Every file is checked first, so none is rebuilt while the service holds any of them.

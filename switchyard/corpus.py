@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     AllTransferSyntaxes,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -70,7 +71,7 @@ def _instance(*, seed: int, study: int, series: int, instance: int, rows: int, c
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage if is_ct else MRImageStorage
-    meta.MediaStorageSOPInstanceUID = _uid(seed, "instance", study, series, instance)
+    meta.MediaStorageSOPInstanceUID = UID(_uid(seed, "instance", study, series, instance))
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "SWITCHYARD_DEMO"

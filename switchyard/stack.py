@@ -7,8 +7,10 @@ from the server itself (HTTP health, REST, metrics endpoint), never assumed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,7 +26,9 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlparse
 
-from shared.config import Config, NodeConfig, dump_toml
+import msgspec
+
+from shared.config import CatalogToken, Config, NodeConfig, QRPeer, dump_toml
 from shared.natsauth import write_private
 from shared.orthanc import OrthancClient, OrthancError, node_config
 
@@ -198,6 +202,61 @@ def start_orthanc(node: NodeConfig, data_dir: Path, console: IO[str] | None = No
 
     wait_until(ready, timeout, f"Orthanc {node.id}", proc.popen)
     return proc
+
+
+CATALOG_TOKENS_FILE = "catalog-tokens.json"
+
+
+def read_catalog_tokens(data_dir: Path) -> dict[str, str]:
+    """The local stack's API tokens by role ({} if none were made yet)."""
+    path = data_dir / CATALOG_TOKENS_FILE
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {role: str(token) for role, token in data.items() if role in ("viewer", "operator")}
+
+
+def catalog_credentials(cfg: Config, data_dir: Path) -> tuple[Config, Path]:
+    """A viewer and an operator token for the local stack's catalog API.
+
+    Made once and kept in ``data_dir/catalog-tokens.json`` (mode 0600, created
+    so, never world-readable in between); the config only gets their sha256
+    (as ``local-viewer`` / ``local-operator``), so the config file grants nothing.
+    """
+    path = data_dir / CATALOG_TOKENS_FILE
+    tokens = read_catalog_tokens(data_dir)
+    if set(tokens) != {"viewer", "operator"}:
+        tokens = {role: secrets.token_urlsafe(32) for role in ("viewer", "operator")}
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(tokens, f)
+        os.replace(tmp, path)
+    os.chmod(path, 0o600)
+    local = [CatalogToken(name=f"local-{role}", role=role, sha256=hashlib.sha256(tokens[role].encode()).hexdigest())
+             for role in ("operator", "viewer")]
+    kept = [t for t in cfg.catalog.tokens if t.name not in {t.name for t in local}]
+    return msgspec.structs.replace(cfg, catalog=msgspec.structs.replace(cfg.catalog, tokens=kept + local)), path
+
+
+# The local stack's Q/R front door is opened for this one AE, from loopback only.
+DEV_QR_AE = "DEVSCU"
+
+
+def open_dev_qr(cfg: Config, out: IO[str]) -> Config:
+    """The local stack only: open the (closed by default) Q/R door to DEV_QR_AE on loopback, and say so.
+
+    A config that names its own Q/R peers is left as it is.
+    """
+    p = cfg.probe
+    if p.qr_peers or p.qr_allowed_calling_aes or p.qr_allowed_peers:
+        return cfg
+    peer = QRPeer(ae=DEV_QR_AE, host="127.0.0.1", rights=["find", "retrieve"])
+    out.write(f"switchyard: dev stack: Q/R front door {p.qr_ae_title}@{p.qr_host}:{p.qr_port} opened to calling AE"
+              f" {DEV_QR_AE} from 127.0.0.1 (find + retrieve); set probe.qr_peers to choose peers\n")
+    return msgspec.structs.replace(cfg, probe=msgspec.structs.replace(p, qr_peers=[peer]))
 
 
 def write_config(cfg: Config, path: Path) -> Path:

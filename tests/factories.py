@@ -31,7 +31,7 @@ def placed(n: int, node: str, attempt: int = 0) -> ev.InstancePlacedV1:
     return ev.InstancePlacedV1(
         event_id=f"p{n}-{attempt}", sop_instance_uid=f"1.2.9.{n}", study_instance_uid="1.2.9",
         sop_class_uid=CT, transfer_syntax_uid=EXPLICIT_LE,
-        blob_key="k", dataset_digest="d", node_id=node, reason="new_study", attempt=attempt,
+        blob_key="k", dataset_digest="d", node_id=node, reason=ev.PlacementReason.NEW_STUDY, attempt=attempt,
     )
 
 
@@ -43,7 +43,7 @@ def forwarded(n: int, node: str, attempt: int = 0) -> ev.InstanceForwardedV1:
 def fanned_out(n: int, node: str, pool: str, attempt: int = 0) -> ev.InstancePlacedV1:
     """A placement made by a routing rule that sends the instance to several pools."""
     return msgspec.structs.replace(placed(n, node, attempt), event_id=f"p{n}-{pool}-{attempt}", pool=pool,
-                                   rule="both", reason="rule")
+                                   rule="both", reason=ev.PlacementReason.RULE)
 
 
 def verification_failed(n: int, node: str, attempt: int = 0) -> ev.InstanceVerificationFailedV1:
@@ -52,9 +52,9 @@ def verification_failed(n: int, node: str, attempt: int = 0) -> ev.InstanceVerif
         placement_id=f"p{n}-{attempt}", reason="dataset digest mismatch", expected_digest="a", found_digest="b")
 
 
-def log_of_two() -> list[tuple[int, ev.Event]]:
+def log_of_two() -> list[tuple[int, ev.AnyEvent]]:
     """Two instances: one forwarded, one refused and dead-lettered."""
-    events = [received(1), received(2), placed(1, "node1"), placed(2, "node1"), forwarded(1, "node1"),
+    events: list[ev.AnyEvent] = [received(1), received(2), placed(1, "node1"), placed(2, "node1"), forwarded(1, "node1"),
               ev.InstanceForwardFailedV1(event_id="x", sop_instance_uid="1.2.9.2", study_instance_uid="1.2.9",
                                          node_id="node1", placement_id="p2-0", reason="refused", permanent=True),
               ev.InstanceDeadLetteredV1(event_id="y", sop_instance_uid="1.2.9.2", study_instance_uid="1.2.9",
@@ -62,9 +62,9 @@ def log_of_two() -> list[tuple[int, ev.Event]]:
     return list(enumerate(events, start=1))
 
 
-def mixed_log() -> list[tuple[int, ev.Event]]:
+def mixed_log() -> list[tuple[int, ev.AnyEvent]]:
     """Every kind the catalog folds, with stale outcomes, a re-received instance and unknown instances."""
-    events: list[ev.Event] = []
+    events: list[ev.AnyEvent] = []
     for n in range(1, 7):
         events.append(received(n))
     for n in range(1, 7):
@@ -78,24 +78,24 @@ def mixed_log() -> list[tuple[int, ev.Event]]:
         forwarded(2, "node2", attempt=1),
         ev.InstanceForwardFailedV1(event_id="ff3", sop_instance_uid="1.2.9.3", study_instance_uid="1.2.9",
                                    node_id="node1", placement_id="p3-0", reason="timeout"),
-        ev.NodeStateChangedV1(event_id="ns1", node_id="node3", state="drained", reason="maintenance"),
+        ev.NodeStateChangedV1(event_id="ns1", node_id="node3", state=ev.NodeState.DRAINED, reason="maintenance"),
         received(3),  # a re-received instance replaces its header row
         ev.InstanceDeadLetteredV1(event_id="dl3", sop_instance_uid="1.2.9.3", study_instance_uid="1.2.9",
                                   node_id="node1", placement_id="p3-0", reason="gave up"),
-        ev.NodeStateChangedV1(event_id="ns2", node_id="node3", state="undrained"),
+        ev.NodeStateChangedV1(event_id="ns2", node_id="node3", state=ev.NodeState.UNDRAINED),
         ev.InstanceVerifiedV1(event_id="v9", sop_instance_uid="1.2.9.99", node_id="node1", dataset_digest="d"),
     ]
     return list(enumerate(events, start=1))
 
 
-def rich_log() -> list[tuple[int, ev.Event]]:
+def rich_log() -> list[tuple[int, ev.AnyEvent]]:
     """The mixed log plus fan-out to pools, re-placement within a pool and verification outcomes."""
 
     def fwd(n: int, node: str, pool: str, attempt: int = 0) -> ev.InstanceForwardedV1:
         return msgspec.structs.replace(forwarded(n, node, attempt), event_id=f"f{n}-{pool}-{attempt}",
                                        placement_id=f"p{n}-{pool}-{attempt}")
 
-    extra = [received(7), fanned_out(7, "node1", "archive"), fanned_out(7, "node2", "research"),
+    extra: list[ev.AnyEvent] = [received(7), fanned_out(7, "node1", "archive"), fanned_out(7, "node2", "research"),
              fwd(7, "node1", "archive"),
              ev.InstanceVerificationFailedV1(event_id="vf7", sop_instance_uid="1.2.9.7", study_instance_uid="1.2.9",
                                              node_id="node1", placement_id="p7-archive-0", reason="mismatch"),
@@ -106,7 +106,7 @@ def rich_log() -> list[tuple[int, ev.Event]]:
              ev.InstanceVerificationFailedV1(event_id="vf4", sop_instance_uid="1.2.9.4", study_instance_uid="1.2.9",
                                              node_id="node1", placement_id="p4-0", reason="not seen"),
              placed(4, "node2", attempt=1), received(4),
-             ev.NodeStateChangedV1(event_id="ns3", node_id="node1", state="drained", reason="disk")]
+             ev.NodeStateChangedV1(event_id="ns3", node_id="node1", state=ev.NodeState.DRAINED, reason="disk")]
     log = mixed_log()
     return log + list(enumerate(extra, start=len(log) + 1))
 
@@ -116,7 +116,7 @@ def placed_on(sop: str, node: str = "node1", digest: str = "d1") -> ev.InstanceP
     return ev.InstancePlacedV1(
         event_id=ev.fact_id("placed", sop, node), sop_instance_uid=sop, study_instance_uid="1.2",
         sop_class_uid=CT, transfer_syntax_uid=EXPLICIT_LE,
-        blob_key=f"b/{sop}", dataset_digest=digest, node_id=node, reason="new_study",
+        blob_key=f"b/{sop}", dataset_digest=digest, node_id=node, reason=ev.PlacementReason.NEW_STUDY,
     )
 
 

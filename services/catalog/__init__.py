@@ -9,7 +9,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from services.catalog.api import build_app
+from services.catalog.api import build_app, runner_options, ssl_context
 from shared import events as ev
 from shared.bus import Bus
 from shared.config import Config
@@ -53,17 +53,23 @@ async def follow_heartbeats(cfg: Config, bus: Bus, loads: dict, stop: asyncio.Ev
 
 async def main(cfg: Config) -> None:
     async with running_service("catalog", cfg) as svc:
-        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+        if cfg.catalog.token:
+            log.warning("catalog.token is deprecated: it is taken as an operator token; list hashed tokens with"
+                        " roles in catalog.tokens instead (docs/security.md)")
+        if not cfg.catalog.tokens and not cfg.catalog.token:
+            log.warning("no catalog.tokens configured: every API request is refused (401)")
         store = CatalogStore(cfg.catalog.db_path)
         svc.stack.callback(store.close)
         loads: dict = {}
-        app = build_app(store, cfg.catalog.token, loads, tuple(n.id for n in cfg.nodes))
-        runner = web.AppRunner(app, access_log=None)
+        app = build_app(store, cfg.catalog, loads, tuple(n.id for n in cfg.nodes))
+        runner = web.AppRunner(app, **runner_options(cfg.catalog))
         await runner.setup()
         svc.stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, cfg.catalog.http_host, cfg.catalog.http_port).start()
+        tls = ssl_context(cfg.catalog)
+        await web.TCPSite(runner, cfg.catalog.http_host, cfg.catalog.http_port, ssl_context=tls).start()
         projector = asyncio.create_task(project(cfg, svc.bus, store, svc.registry, svc.stop), name="projection")
         heartbeats = asyncio.create_task(follow_heartbeats(cfg, svc.bus, loads, svc.stop), name="heartbeats")
         svc.serve_metrics(cfg.catalog.metrics_port)
-        log.info("catalog API on %s:%d", cfg.catalog.http_host, cfg.catalog.http_port)
+        log.info("catalog API on %s://%s:%d (%d tokens)", "https" if tls else "http", cfg.catalog.http_host,
+                 cfg.catalog.http_port, len(cfg.catalog.tokens) + bool(cfg.catalog.token))
         await run_until_stopped(svc.stop, [projector, heartbeats])

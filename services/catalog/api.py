@@ -1,27 +1,44 @@
-"""The catalog's HTTP API: JSON, bearer-token protected, clear 4xx on bad queries.
+"""The catalog's HTTP API: JSON, bearer tokens with roles (services/catalog/auth.py), clear 4xx on bad queries.
 
-Query results contain patient values (this is the audit memory); request logs
-carry only paths without query strings, and never the values.
+Query results contain patient values (this is the audit memory) for operators
+only, unless catalog.viewer_sees_patient_data; a viewer may not search by them
+either (a search is an oracle). Request logs carry only paths without query
+strings, and never the values.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import logging
 import re
+import ssl
 from typing import Any
 
 from aiohttp import web
 
+from services.catalog.auth import (
+    BODY_TIMEOUT_KEY,
+    TOKENS_KEY,
+    VIEWER_SEES_PATIENT_KEY,
+    AccessLogger,
+    TokenTable,
+    authenticate,
+    http_logger,
+    sees_patient_data,
+)
+from shared.config import CatalogConfig
+from shared.events import LocationState
 from shared.readmodel.catalog import LOCATION_STATES, CatalogStore
+
+# Delivered: the node has it (verified or not yet judged); SQL literals from the contract enum.
+_DELIVERED = ", ".join(f"'{s}'" for s in (LocationState.FORWARDED, LocationState.VERIFIED))
 
 _DATE = re.compile(r"^\d{8}$")
 _UID = re.compile(r"^[0-9.]{1,64}$")
 MAX_LIMIT = 10000
 
 STORE_KEY = web.AppKey("store", CatalogStore)
-TOKEN_KEY = web.AppKey("token", str)
 # Latest heartbeat per node (filled by the service from the HEARTBEATS stream).
 LOADS_KEY = web.AppKey("loads", dict)
 NODES_KEY = web.AppKey("nodes", tuple)
@@ -44,14 +61,28 @@ def _uid(value: str, name: str) -> str:
     return value
 
 
-@web.middleware
-async def auth(request: web.Request, handler):
-    if request.path == "/healthz":
-        return await handler(request)
-    expected = f"Bearer {request.app[TOKEN_KEY]}"
-    if not hmac.compare_digest(request.headers.get("Authorization", ""), expected):
-        return web.json_response({"error": "missing or wrong bearer token"}, status=401)
-    return await handler(request)
+# Patient-identifying result columns, and extra-tag keywords treated as such (PatientName,
+# OtherPatientIDs, IssuerOfPatientID, AccessionNumber, ...): operators only by default.
+PATIENT_COLUMNS = frozenset({"patient_id", "patient_name", "patient_birth_date", "accession_number"})
+_PATIENT_PARAMS = frozenset({"patient_id", "accession"})
+_PATIENT_KEYWORD = re.compile(r"Patient|Accession")
+
+
+def _forbidden(message: str) -> web.HTTPForbidden:
+    return web.HTTPForbidden(text=json.dumps({"error": message}), content_type="application/json")
+
+
+def _masked(request: web.Request, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows without patient fields for callers who may not see them (the keys are left out)."""
+    if sees_patient_data(request):
+        return rows
+    out = []
+    for row in rows:
+        row = {k: v for k, v in row.items() if k not in PATIENT_COLUMNS}
+        if isinstance(row.get("extra_tags"), dict):
+            row["extra_tags"] = {k: v for k, v in row["extra_tags"].items() if not _PATIENT_KEYWORD.search(k)}
+        out.append(row)
+    return out
 
 
 async def _query(request: web.Request, sql: str, params: list[Any]) -> list[dict[str, Any]]:
@@ -87,6 +118,11 @@ def _search_filters(request: web.Request, allowed: set[str]) -> tuple[list[str],
     """WHERE clauses for the header filters every search understands, plus tag.<Keyword> extra tags."""
     _check_params(request, allowed)
     q = request.query
+    if not sees_patient_data(request):
+        for key in q:
+            m = _TAG.match(key)
+            if key in _PATIENT_PARAMS or (m and _PATIENT_KEYWORD.search(m.group(1))):
+                raise _forbidden(f"searching by {key!r} needs access to patient data (operator role)")
     where: list[str] = []
     params: list[Any] = []
     for key, column in _EQUALS.items():
@@ -123,13 +159,13 @@ async def studies(request: web.Request) -> web.Response:
         " string_agg(DISTINCT i.modality, ',') AS modalities, count(DISTINCT i.series_instance_uid) AS series,"
         " count(DISTINCT i.sop_instance_uid) AS instances,"
         " list(DISTINCT l.node_id) FILTER (WHERE l.node_id IS NOT NULL) AS nodes,"
-        " count(*) FILTER (WHERE l.state IN ('forwarded', 'verified')) AS delivered,"
-        " count(*) FILTER (WHERE l.state = 'verified') AS verified"
+        f" count(*) FILTER (WHERE l.state IN ({_DELIVERED})) AS delivered,"
+        f" count(*) FILTER (WHERE l.state = '{LocationState.VERIFIED}') AS verified"
         " FROM instances i LEFT JOIN locations l USING (sop_instance_uid)"
         + _where(where)
         + " GROUP BY i.study_instance_uid ORDER BY i.study_instance_uid LIMIT ?"
     )
-    return _json(await _query(request, sql, [*params, _limit(request)]))
+    return _json(_masked(request, await _query(request, sql, [*params, _limit(request)])))
 
 
 async def series(request: web.Request) -> web.Response:
@@ -140,12 +176,12 @@ async def series(request: web.Request) -> web.Response:
         " any_value(i.modality) AS modality, any_value(i.series_number) AS series_number,"
         " count(DISTINCT i.sop_instance_uid) AS instances,"
         " list(DISTINCT l.node_id) FILTER (WHERE l.node_id IS NOT NULL) AS nodes,"
-        " count(*) FILTER (WHERE l.state IN ('forwarded', 'verified')) AS delivered"
+        f" count(*) FILTER (WHERE l.state IN ({_DELIVERED})) AS delivered"
         " FROM instances i LEFT JOIN locations l USING (sop_instance_uid)"
         + _where(where)
         + " GROUP BY i.series_instance_uid ORDER BY i.series_instance_uid LIMIT ?"
     )
-    return _json(await _query(request, sql, [*params, _limit(request)]))
+    return _json(_masked(request, await _query(request, sql, [*params, _limit(request)])))
 
 
 _STATES = set(LOCATION_STATES)
@@ -165,6 +201,7 @@ async def instances(request: web.Request) -> web.Response:
     sql = (
         "SELECT i.sop_instance_uid, i.study_instance_uid, i.series_instance_uid, i.sop_class_uid,"
         " i.transfer_syntax_uid, i.modality, i.patient_id, i.accession_number, i.study_date, i.calling_ae,"
+        " i.called_ae, i.peer_address, i.peer_port,"
         " i.size, i.dataset_digest, i.received_seq, i.received_at, CAST(i.extra_tags AS VARCHAR) AS extra_tags,"
         " l.node_id, l.state, l.reason, l.detail, l.pool"
         " FROM instances i LEFT JOIN locations l USING (sop_instance_uid)"
@@ -174,7 +211,7 @@ async def instances(request: web.Request) -> web.Response:
     rows = await _query(request, sql, [*params, _limit(request)])
     for row in rows:
         row["extra_tags"] = json.loads(row["extra_tags"]) if row["extra_tags"] else {}
-    return _json(rows)
+    return _json(_masked(request, rows))
 
 
 def _trail_entry(row: dict[str, Any]) -> dict[str, Any]:
@@ -183,9 +220,11 @@ def _trail_entry(row: dict[str, Any]) -> dict[str, Any]:
     entry = {"seq": row["seq"], "type": row["type"], "at": row["occurred_at"], "node_id": row["node_id"],
              "sop_instance_uid": row["sop_instance_uid"], "event_id": payload.get("event_id")}
     kind = row["type"]
-    if kind.startswith("instance.received."):
+    if kind.startswith("instance.received."):  # who sent it: AE titles and the peer's address
         entry["calling_ae"] = payload.get("calling_ae", "")
         entry["called_ae"] = payload.get("called_ae", "")
+        entry["peer_address"] = payload.get("peer_address", "")
+        entry["peer_port"] = payload.get("peer_port", 0)
     elif kind.startswith("instance.placed."):
         entry["why"] = {"reason": payload.get("reason"), "candidates": payload.get("candidates", []),
                         "attempt": payload.get("attempt", 0), "rule": payload.get("rule", ""),
@@ -204,7 +243,8 @@ def _trail_entry(row: dict[str, Any]) -> dict[str, Any]:
 
 _TRAIL_SQL = ("SELECT seq, type, node_id, sop_instance_uid, occurred_at, CAST(payload AS VARCHAR) AS payload"
               " FROM events WHERE {} ORDER BY seq")
-_SUMMARY_SQL = ("SELECT i.sop_instance_uid, i.study_instance_uid, i.calling_ae, i.received_at, l.node_id, l.state,"
+_SUMMARY_SQL = ("SELECT i.sop_instance_uid, i.study_instance_uid, i.calling_ae, i.peer_address, i.peer_port,"
+                " i.received_at, l.node_id, l.state,"
                 " l.reason, l.detail, l.pool FROM instances i LEFT JOIN locations l USING (sop_instance_uid) WHERE {}"
                 " ORDER BY i.received_seq")
 
@@ -279,11 +319,13 @@ async def totals(request: web.Request) -> web.Response:
     return _json({**rows[0], "locations": {r["state"]: r["n"] for r in states}})
 
 
-def build_app(store: CatalogStore, token: str, loads: dict | None = None,
+def build_app(store: CatalogStore, catalog: CatalogConfig, loads: dict | None = None,
               node_ids: tuple[str, ...] = ()) -> web.Application:
-    app = web.Application(middlewares=[auth])
+    app = web.Application(middlewares=[authenticate])
     app[STORE_KEY] = store
-    app[TOKEN_KEY] = token
+    app[TOKENS_KEY] = TokenTable.from_config(catalog)
+    app[BODY_TIMEOUT_KEY] = catalog.body_timeout_s
+    app[VIEWER_SEES_PATIENT_KEY] = catalog.viewer_sees_patient_data
     app[LOADS_KEY] = loads if loads is not None else {}
     app[NODES_KEY] = tuple(node_ids)
     app.router.add_get("/healthz", healthz)
@@ -295,3 +337,30 @@ def build_app(store: CatalogStore, token: str, loads: dict | None = None,
     app.router.add_get("/api/nodes", nodes)
     app.router.add_get("/api/totals", totals)
     return app
+
+
+def runner_options(catalog: CatalogConfig) -> dict[str, Any]:
+    """AppRunner options: the header deadline, access log without query strings, filtered error log.
+
+    aiohttp closes a connection whose request headers are not complete
+    ``keepalive_timeout`` after it connected or after the last response (its
+    keep-alive timer is not reset by incoming bytes), so that timer is the
+    header timeout; an idle keep-alive connection goes at the same time.
+    """
+    return {
+        "keepalive_timeout": catalog.header_timeout_s,
+        "lingering_time": min(10.0, catalog.body_timeout_s),
+        "access_log_class": AccessLogger,
+        "access_log": logging.getLogger("switchyard.catalog.access"),
+        "logger": http_logger(),
+    }
+
+
+def ssl_context(catalog: CatalogConfig) -> ssl.SSLContext | None:
+    """HTTPS only when a certificate and key are configured (TLS 1.2 or later)."""
+    if not catalog.tls_cert_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(catalog.tls_cert_file, catalog.tls_key_file)
+    return ctx

@@ -121,6 +121,7 @@ class _Incoming:
             self.too_large = True
             self.discard()
             return
+        assert self.file is not None  # (None only once discarded, and then too_large is set)
         self.file.write(fragment)
         self.file_hash.update(fragment)
         self.dataset_hash.update(fragment)
@@ -150,6 +151,7 @@ class _Peer:
     calling_ae: str
     called_ae: str
     address: str
+    port: int = 0
 
 
 class StorageSCP:
@@ -171,6 +173,8 @@ class StorageSCP:
         self.flush = ThreadPoolExecutor(max(4, cfg.ingest.max_associations), thread_name_prefix="ingest-flush")
         self._names = itertools.count()
         self._open = 0
+        # Open associations per peer (calling AE, address): one peer may not take every slot.
+        self._per_peer: dict[tuple[str, str], int] = {}
         # Association tasks, and whether each is finishing a C-STORE (not to be cut off at stop).
         self._tasks: dict[asyncio.Task, bool] = {}
 
@@ -201,6 +205,7 @@ class StorageSCP:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None  # (always, in a coroutine)
         self._tasks[task] = False
         set_nodelay(writer)
         peername = writer.get_extra_info("peername") or ("?", 0)
@@ -252,18 +257,29 @@ class StorageSCP:
             refuse = ul.REJECT_LOCAL_LIMIT
             log.warning("association rejected: calling AE %r from %s, %d associations open", calling, address,
                         self._open)
+        elif 0 < self.cfg.ingest.max_associations_per_peer <= self._per_peer.get((calling, address), 0):
+            refuse = ul.REJECT_LOCAL_LIMIT
+            log.warning("association rejected: calling AE %r from %s already holds %d associations (per-peer limit)",
+                        calling, address, self._per_peer[(calling, address)])
         result = ul.negotiate(rq, int.from_bytes(data[6:8], "big"), self.contexts, self.cfg.ingest.max_pdu, refuse)
         writer.write(result.answer)
         if result.reject is not None:
             self.metrics.rejected.inc()
             return
-        peer = _Peer(calling, called, address)
+        peername = writer.get_extra_info("peername")
+        peer = _Peer(calling, called, address, int(peername[1]) if peername and len(peername) > 1 else 0)
+        key = (calling, address)
         self._open += 1
+        self._per_peer[key] = self._per_peer.get(key, 0) + 1
         self.metrics.associations.inc()
         try:
             await self._data_phase(reader, writer, result, peer)
         finally:
             self._open -= 1
+            if (left := self._per_peer[key] - 1) > 0:
+                self._per_peer[key] = left
+            else:
+                del self._per_peer[key]
             self.metrics.associations.dec()
 
     async def _data_phase(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -390,6 +406,7 @@ class StorageSCP:
     async def _finish_store(self, writer: asyncio.StreamWriter, assoc: ul.Negotiated, peer: _Peer,
                             command: _Command, incoming: _Incoming) -> None:
         task = asyncio.current_task()
+        assert task is not None  # (always, in a coroutine)
         self._tasks[task] = True
         started = time.monotonic()
         try:
@@ -495,6 +512,8 @@ class StorageSCP:
             dataset_digest=dataset_digest,
             calling_ae=peer.calling_ae,
             called_ae=peer.called_ae,
+            peer_address=peer.address,
+            peer_port=peer.port,
             modality=header.get("Modality"),
             patient_id=header.get("PatientID"),
             patient_name=header.get("PatientName"),

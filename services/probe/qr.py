@@ -8,8 +8,12 @@ stored: straight from the file after its meta group
 so what leaves is byte-identical to what came in.
 
 Handlers run on pynetdicom threads and never raise: bad requests get a DICOM
-failure status. Who may associate at all (calling AE allowlist, called AE,
-optional TLS) is decided before any of them runs, as for ingest.
+failure status. Who may associate at all, with which rights, and how many
+associations each peer may hold is decided before any of them runs
+(shared.access). The door is closed by default: no configured peers, no
+association. A C-GET/C-MOVE must name what it retrieves (PatientID,
+StudyInstanceUID or AccessionNumber, or a series/instance UID): the archive
+is never handed out by one broad request.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt, build_context
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -38,7 +43,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from shared.access import PeerPolicy, bound_reads, defer_tls_handshake, install_policy, server_tls_context
+from shared.access import Gate, PeerPolicy, bound_reads, defer_tls_handshake, install_policy, server_tls_context
 from shared.blobs import BlobStore
 from shared.config import Config
 from shared.dimse import NODELAY_HANDLER
@@ -75,6 +80,19 @@ UID_KEYS = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClass
 IDENTIFIER_MISMATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC000
 MOVE_DESTINATION_UNKNOWN = 0xA801
+# PS3.7 C.5 general status "Refused: Not Authorized": the operation is understood
+# but this peer may not invoke it; a retry will not help (unlike 0xA7xx, out of resources).
+NOT_AUTHORIZED = 0x0124
+
+# Rights (probe.qr_peers) and the SOP classes each one opens.
+FIND, RETRIEVE = "find", "retrieve"
+NEEDS = {
+    PatientRootQueryRetrieveInformationModelFind: FIND, StudyRootQueryRetrieveInformationModelFind: FIND,
+    PatientRootQueryRetrieveInformationModelGet: RETRIEVE, StudyRootQueryRetrieveInformationModelGet: RETRIEVE,
+    PatientRootQueryRetrieveInformationModelMove: RETRIEVE, StudyRootQueryRetrieveInformationModelMove: RETRIEVE,
+}
+# A retrieve must name what it wants by one of these (exact value, no wildcard).
+IDENTIFYING = ("PatientID", "StudyInstanceUID", "AccessionNumber", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 class BadQuery(ValueError):
@@ -85,13 +103,35 @@ class BadQuery(ValueError):
         self.status = status
 
 
-def level_of(identifier: Dataset, sop_class: str) -> str:
+def level_of(identifier: Dataset, sop_class: str | None) -> str:
     level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
     if level not in LEVELS:
         raise BadQuery(IDENTIFIER_MISMATCH, f"unknown QueryRetrieveLevel {level!r}")
     if level == "PATIENT" and sop_class not in PATIENT_ROOT:
         raise BadQuery(IDENTIFIER_MISMATCH, "PATIENT level is not in the Study Root model")
     return level
+
+
+def identifies(identifier: Dataset) -> bool:
+    """Whether a retrieve names what it wants: a non-empty identifying key without wildcards."""
+    for keyword in IDENTIFYING:
+        if keyword not in identifier:
+            continue
+        raw = identifier[keyword].value
+        if isinstance(raw, (list, MultiValue)):
+            raw = "\\".join(str(v) for v in raw)
+        value = "" if raw is None else str(raw).strip()
+        if value and not any(c in value for c in "*?"):
+            return True
+    return False
+
+
+def refusal(status: int, comment: str) -> Dataset:
+    """A failure status with an Error Comment saying why (no patient values in it)."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
 
 
 def _like(value: str) -> str:
@@ -204,7 +244,7 @@ def _send_blob_files(event: evt.Event) -> None:
             dataset = dataset._blob_path if as_stored else dcmread(dataset._blob_path)
         return original(dataset, *args, **kwargs)
 
-    assoc.send_c_store = send_c_store
+    assoc.send_c_store = send_c_store  # type: ignore[method-assign]  # pynetdicom has no hook for how it sends
 
 
 BLOB_SENDER = (evt.EVT_ESTABLISHED, _send_blob_files)
@@ -216,6 +256,13 @@ class FrontDoor:
     store: CatalogStore
     blobs: BlobStore
     scratch: Path
+    policy: PeerPolicy = PeerPolicy()
+
+    def may_retrieve(self, event: evt.Event) -> bool:
+        """Checked again in the handler: a context opened by mistake still cannot retrieve."""
+        req = event.assoc.requestor
+        rights = self.policy.rights(str(req.ae_title), req.address)
+        return rights is not None and RETRIEVE in rights
 
     def destination(self, ae_title: str) -> tuple[str, int] | None:
         for entry in self.cfg.probe.move_destinations:
@@ -271,9 +318,17 @@ class FrontDoor:
                 temps.append(path)
             yield 0xFF00, BlobInstance(sop, sop_class, ts, path)
 
-    def _failure(self, what: str, event: evt.Event) -> tuple[int, str] | list:
-        """Matches for a retrieve, or (status, reason) when the identifier cannot be answered."""
+    def _failure(self, what: str, event: evt.Event) -> tuple[int | Dataset, str] | list:
+        """Matches for a retrieve, or (status, reason) when it is refused or cannot be answered."""
+        if not self.may_retrieve(event):
+            log.warning("%s refused: calling AE %r from %s has no retrieve right", what,
+                        str(event.assoc.requestor.ae_title), event.assoc.requestor.address)
+            return refusal(NOT_AUTHORIZED, "calling AE not authorized to retrieve"), "not authorized"
         try:
+            if not identifies(event.identifier):
+                log.info("%s refused: no PatientID, StudyInstanceUID, AccessionNumber or UID", what)
+                return refusal(IDENTIFIER_MISMATCH, "retrieve needs PatientID, StudyInstanceUID or "
+                               "AccessionNumber"), "too broad"
             return self._matches(event)
         except BadQuery as exc:
             log.info("%s refused: %s", what, exc)
@@ -322,6 +377,14 @@ class FrontDoor:
                 t.unlink(missing_ok=True)
 
 
+def peer_policy(cfg: Config) -> PeerPolicy:
+    """probe.qr_peers with their rights; the older allowlists as find + retrieve (their old meaning)."""
+    pcfg = cfg.probe
+    return PeerPolicy.from_config(
+        pcfg.qr_allowed_calling_aes, pcfg.qr_allowed_peers, rights=frozenset({FIND, RETRIEVE}),
+        entries=[(p.ae, p.host, p.rights) for p in pcfg.qr_peers])
+
+
 def _log_rejection(event: evt.Event) -> None:
     """AE titles and address only: nothing about patients is known at association time."""
     req = event.assoc.requestor
@@ -329,7 +392,7 @@ def _log_rejection(event: evt.Event) -> None:
                 event.assoc.acceptor.ae_title)
 
 
-def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[object, FrontDoor]:
+def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[ThreadedAssociationServer, FrontDoor]:
     """Start the Q/R SCP (non-blocking). Returns the server (call .shutdown()) and the handlers.
 
     Peers are admitted as by ingest (shared.access): the calling AE (and
@@ -337,14 +400,26 @@ def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[object, F
     any C-FIND, C-MOVE or C-GET, and TLS is optional.
     """
     pcfg = cfg.probe
-    policy = PeerPolicy.from_config(pcfg.qr_allowed_calling_aes, pcfg.qr_allowed_peers)
+    policy = peer_policy(cfg)
+    if policy.open:
+        log.warning("Q/R front door closed: no probe.qr_peers configured, every association is refused. Open it"
+                    ' per peer, e.g. probe.qr_peers = [{ae = "VIEWER", host = "10.0.0.5", rights = ["find"]}]'
+                    ' (rights: "find", "retrieve")')
+    else:
+        for rule in policy.rules:
+            log.info("Q/R peer %r from %s: %s", rule.ae, ", ".join(sorted(rule.hosts)) or "any address",
+                     " + ".join(sorted(rule.rights)))
+    if pcfg.qr_allowed_calling_aes or pcfg.qr_allowed_peers:
+        log.info("probe.qr_allowed_calling_aes / qr_allowed_peers are read as find + retrieve; prefer probe.qr_peers")
+    gate = Gate(policy, closed=True, per_peer_limit=pcfg.qr_max_associations_per_peer, needs=NEEDS)
     tls = server_tls_context(pcfg.qr_tls_cert_file, pcfg.qr_tls_key_file, pcfg.qr_tls_ca_file, "probe.qr_tls")
     # The probe sends C-STOREs only from here, so the process-global flag is safe to set.
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     scratch = Path(pcfg.catalog_db_path).parent / "probe-qr-scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    door = FrontDoor(cfg, store, blobs, scratch)
+    door = FrontDoor(cfg, store, blobs, scratch, policy)
     ae = AE(ae_title=pcfg.qr_ae_title)
+    ae.maximum_associations = pcfg.qr_max_associations
     ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = pcfg.qr_network_timeout_s
     ae.require_called_aet = True  # a wrong called AE: rejected, called-AE-title-not-recognized
     for sop_class in (PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
@@ -357,13 +432,15 @@ def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[object, F
     # VR little endian, the syntax modalities send most, so most blobs go out as stored.
     syntaxes = [ExplicitVRLittleEndian] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
     for cx in StoragePresentationContexts:
+        assert cx.abstract_syntax is not None  # (set in every one of pynetdicom's contexts)
         ae.add_supported_context(cx.abstract_syntax, syntaxes, scp_role=True, scu_role=False)
     server = ae.start_server(
         (pcfg.qr_host, pcfg.qr_port), block=False, ssl_context=tls,
-        evt_handlers=[NODELAY_HANDLER, install_policy(policy), bound_reads(pcfg.qr_network_timeout_s),
+        evt_handlers=[NODELAY_HANDLER, install_policy(gate), bound_reads(pcfg.qr_network_timeout_s),
                       (evt.EVT_REJECTED, _log_rejection), BLOB_SENDER, (evt.EVT_C_FIND, door.on_find),
                       (evt.EVT_C_MOVE, door.on_move), (evt.EVT_C_GET, door.on_get)],
     )
+    assert server is not None  # (block=False returns the server)
     if tls:
         defer_tls_handshake(server, tls, pcfg.qr_network_timeout_s)
     return server, door

@@ -88,7 +88,9 @@ _EXPECTED = ("e.node_id, e.sop_instance_uid, e.study_instance_uid, e.placement_i
 
 def _expected(row) -> Expected:
     *head, avoid, pool, found = row
-    return Expected(*head, avoid=tuple(json.loads(avoid or "[]")), pool=pool or "", found_digest=found)
+    # mypy cannot tell that *head (the first nine columns) stops before these keywords
+    return Expected(*head, avoid=tuple(json.loads(avoid or "[]")), pool=pool or "",  # type: ignore[misc]
+                    found_digest=found)
 
 
 def _quoted(path: Path) -> str:
@@ -284,7 +286,7 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
                              [list(wanted_placements)]).fetchall():
             placements[r[0]] = r
     judged = {(e.node_id, e.sop_instance_uid) for _, e in todo
-              if type(e) in (ev.InstanceVerifiedV1, ev.InstanceVerificationFailedV1)}
+              if isinstance(e, (ev.InstanceVerifiedV1, ev.InstanceVerificationFailedV1))}
     expected: dict[tuple[str, str], list] = {}
     if judged:
         nodes, sops = zip(*judged)
@@ -295,13 +297,12 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
     dirty: set[tuple[str, str]] = set()
     deleted: set[str] = set()
     for _, event in todo:
-        kind = type(event)
-        if kind is ev.InstancePlacedV1:
+        if type(event) is ev.InstancePlacedV1:
             placements[event.event_id] = (event.event_id, event.sop_instance_uid, event.study_instance_uid,
                                           event.node_id, event.dataset_digest, event.received_seq, event.attempt,
                                           json.dumps(event.avoid), event.pool)
             deleted.discard(event.event_id)
-        elif kind is ev.InstanceForwardedV1:
+        elif type(event) is ev.InstanceForwardedV1:
             placed = placements.get(event.placement_id)
             if placed is not None:
                 # The expectation carries the digest (and what a re-placement needs) from here on.
@@ -311,15 +312,16 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
                 expected[key] = [*key, event.study_instance_uid, event.placement_id, placed[4],
                                  _utc(event.occurred_at), "pending", "", *placed[5:]]
                 dirty.add(key)
-        elif kind is ev.InstanceDeadLetteredV1:
+        elif type(event) is ev.InstanceDeadLetteredV1:
             placements[event.placement_id] = None
             deleted.add(event.placement_id)
-        elif (kind is ev.InstanceVerifiedV1 and event.placement_id) or kind is ev.InstanceVerificationFailedV1:
+        elif ((type(event) is ev.InstanceVerifiedV1 and event.placement_id)
+              or type(event) is ev.InstanceVerificationFailedV1):
             key = (event.node_id, event.sop_instance_uid)
             row = expected.get(key)
             if row is not None and row[3] == event.placement_id:
-                verified = kind is ev.InstanceVerifiedV1
-                row[6], row[7] = ("verified", "") if verified else ("failed", event.reason)
+                row[6], row[7] = (("failed", event.reason) if isinstance(event, ev.InstanceVerificationFailedV1)
+                                  else ("verified", ""))
                 dirty.add(key)
     if deleted:
         con.execute("DELETE FROM placements WHERE placement_id IN (SELECT unnest($1::VARCHAR[]))", [list(deleted)])

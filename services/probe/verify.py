@@ -222,7 +222,7 @@ class Verifier:
         A crash or a missing PubAck in between leaves the expectation pending:
         the next poll publishes the same event id again (deduplicated).
         """
-        events = []
+        events: list[ev.Event] = []
         for item, ok, found, reason in outcomes:
             if ok:
                 events.append(verified_event(item, found))

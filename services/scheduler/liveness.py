@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import overload
 
 import msgspec
 from prometheus_client import CollectorRegistry, Gauge
@@ -28,6 +29,10 @@ from shared.runtime import wait_or_stop
 log = logging.getLogger("switchyard.scheduler")
 
 
+@overload
+def _smooth(old: float, new: float, alpha: float) -> float: ...
+@overload
+def _smooth(old: float | None, new: float | None, alpha: float) -> float | None: ...
 def _smooth(old: float | None, new: float | None, alpha: float) -> float | None:
     if new is None or old is None:
         return new

@@ -23,6 +23,7 @@ import time
 
 import msgspec
 import nats.errors
+from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.scheduler.affinity import Affinity, affinity_scope, is_default_pool
@@ -246,7 +247,8 @@ class Scheduler:
         """Delivered, but the probe could not confirm it on the node: a failed delivery, place it again."""
         await self._replace_from(msg, ev.InstanceVerificationFailedV1)
 
-    async def _replace_from(self, msg, kind: type) -> None:
+    async def _replace_from(self, msg: Msg,
+                            kind: type[ev.InstanceDeadLetteredV1 | ev.InstanceVerificationFailedV1]) -> None:
         failed = await self.bus.accept(msg)  # undecodable or forged: terminated
         if failed is None:
             return

@@ -15,7 +15,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import certifi
 import urllib3
@@ -26,6 +26,9 @@ from urllib3.exceptions import HTTPError, MaxRetryError
 
 from shared.blobs.base import CHUNK, BlobNotFound, BlobStore, BlobStoreError, check_key
 from shared.config import BlobConfig
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 # minio's own default is a 5-minute timeout with 5 retries: an unreachable
 # endpoint would hang an ingest io thread (and its C-STORE) for half an hour. Fail in seconds.
@@ -100,9 +103,10 @@ class _S3Stream(io.RawIOBase):
     def readall(self) -> bytes:
         return self.read(-1)
 
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
         return len(data)
 
     def close(self) -> None:

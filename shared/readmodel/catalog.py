@@ -19,9 +19,10 @@ import threading
 import typing
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 from pathlib import Path
+from typing import Any, TypeVar
 
 import duckdb
 import msgspec
@@ -33,6 +34,7 @@ from shared.readmodel.store import (BULK_FOLD_BYTES, STATE_SCHEMA, BulkRejected,
 
 NAME = "catalog"
 log = logging.getLogger("switchyard.readmodel.catalog")
+T = TypeVar("T")
 
 # Timestamps are stored as UTC in plain TIMESTAMP columns (TIMESTAMPTZ would need
 # pytz to be read back from Python).
@@ -45,7 +47,8 @@ CREATE TABLE IF NOT EXISTS instances (
     patient_id VARCHAR, patient_name VARCHAR, patient_birth_date VARCHAR, accession_number VARCHAR,
     study_date VARCHAR, study_description VARCHAR, series_number VARCHAR, instance_number VARCHAR,
     size BIGINT, dataset_digest VARCHAR, blob_key VARCHAR, calling_ae VARCHAR, called_ae VARCHAR,
-    received_at TIMESTAMP, received_seq BIGINT, extra_tags JSON
+    received_at TIMESTAMP, received_seq BIGINT, extra_tags JSON,
+    peer_address VARCHAR DEFAULT '', peer_port INTEGER DEFAULT 0
 );
 -- One location per instance and routing pool ('' = the default pool): fan-out
 -- gives an instance one per pool; a re-placement replaces its pool's row.
@@ -86,14 +89,16 @@ _RECEIVED_COLUMNS = (
     "sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid",
     "transfer_syntax_uid", "modality", "patient_id", "patient_name", "patient_birth_date",
     "accession_number", "study_date", "study_description", "series_number", "instance_number",
-    "size", "dataset_digest", "blob_key", "calling_ae", "called_ae",
+    "size", "dataset_digest", "blob_key", "calling_ae", "called_ae", "peer_address", "peer_port",
 )
 _LOCATION_COLUMNS = ("sop_instance_uid", "study_instance_uid", "node_id", "state", "placement_id",
                      "reason", "detail", "updated_seq", "updated_at", "pool")
 
 
-def _tag(kind: type) -> str:
-    return kind.__struct_config__.tag
+def _tag(kind: type[msgspec.Struct]) -> str:
+    tag = kind.__struct_config__.tag
+    assert isinstance(tag, str), kind  # every event type is tagged with its name
+    return tag
 
 
 # How an event moves an instance's location (one row per instance and pool): type tag ->
@@ -101,14 +106,14 @@ def _tag(kind: type) -> str:
 # placement_id when the event names one, else its node_id (verified events from before
 # placement ids); detail: None keeps it, "" clears it, "reason" takes the event's reason).
 # A new location state is one line here.
-LOCATION_MOVES: dict[str, tuple[str, str, str | None]] = {
-    _tag(ev.InstanceForwardedV1): ("forwarded", "placement", ""),
-    _tag(ev.InstanceForwardFailedV1): ("failed", "placement", "reason"),
-    _tag(ev.InstanceDeadLetteredV1): ("dead_lettered", "placement", "reason"),
-    _tag(ev.InstanceVerifiedV1): ("verified", "node", None),
-    _tag(ev.InstanceVerificationFailedV1): ("verification_failed", "placement", "reason"),
+LOCATION_MOVES: dict[str, tuple[ev.LocationState, str, str | None]] = {
+    _tag(ev.InstanceForwardedV1): (ev.LocationState.FORWARDED, "placement", ""),
+    _tag(ev.InstanceForwardFailedV1): (ev.LocationState.FAILED, "placement", "reason"),
+    _tag(ev.InstanceDeadLetteredV1): (ev.LocationState.DEAD_LETTERED, "placement", "reason"),
+    _tag(ev.InstanceVerifiedV1): (ev.LocationState.VERIFIED, "node", None),
+    _tag(ev.InstanceVerificationFailedV1): (ev.LocationState.VERIFICATION_FAILED, "placement", "reason"),
 }
-LOCATION_STATES = ("placed", *dict.fromkeys(state for state, _, _ in LOCATION_MOVES.values()))
+LOCATION_STATES: tuple[ev.LocationState, ...] = tuple(ev.LocationState)
 EVENT_TYPES = tuple(_tag(kind) for kind in typing.get_args(ev.AnyEvent))
 _RECEIVED, _PLACED, _NODE_STATE = (_tag(k) for k in (ev.InstanceReceivedV1, ev.InstancePlacedV1,
                                                      ev.NodeStateChangedV1))
@@ -138,6 +143,8 @@ _DEFAULTS = _defaults()
 def _column(name: str) -> str:
     if name == "size":
         return "CAST(j.size AS BIGINT) AS size"
+    if name == "peer_port":  # (absent from events written before ingest recorded it)
+        return "CAST(coalesce(j.peer_port, '0') AS INTEGER) AS peer_port"
     if name == "occurred_at":  # any UTC offset; a naive time is UTC (the connection's zone)
         return "make_timestamp(epoch_us(CAST(j.occurred_at AS TIMESTAMPTZ))) AS occurred_at"
     default = _DEFAULTS.get(name)
@@ -194,7 +201,8 @@ placed AS (
 moving AS (SELECT s.*, m.state AS new_state, m.by_placement, m.detail_is_reason
            FROM staged s JOIN moves m USING (type)),
 base AS (
-    SELECT sop_instance_uid, study_instance_uid, node_id, 'placed' AS state, placement_id, reason, '' AS detail,
+    SELECT sop_instance_uid, study_instance_uid, node_id, {_lit(ev.LocationState.PLACED)} AS state, placement_id,
+           reason, '' AS detail,
            seq AS updated_seq, occurred_at AS updated_at, pool, seq AS from_seq FROM placed
     UNION ALL
     SELECT {', '.join('l.' + c for c in _LOCATION_COLUMNS)}, 0 AS from_seq FROM locations l
@@ -226,8 +234,16 @@ _NODES_SQL = (
 )
 
 
-def _migrate(con) -> None:
-    """Files from before routing pools keyed locations by instance only: re-key them (pool '')."""
+def _migrate(con: duckdb.DuckDBPyConnection) -> None:
+    """Bring older files to the schema: peer columns on instances; locations re-keyed by pool ('')."""
+    peer = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns"
+                                      " WHERE table_name = 'instances' AND column_name LIKE 'peer_%'").fetchall()}
+    if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'instances'").fetchone()[0]:
+        # Files from before ingest recorded the peer's address: the columns, empty (a rebuild fills them).
+        if "peer_address" not in peer:
+            con.execute("ALTER TABLE instances ADD COLUMN peer_address VARCHAR DEFAULT ''")
+        if "peer_port" not in peer:
+            con.execute("ALTER TABLE instances ADD COLUMN peer_port INTEGER DEFAULT 0")
     cols = {r[0] for r in con.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'locations'").fetchall()}
     if not cols or "pool" in cols:
@@ -316,17 +332,18 @@ class CatalogStore:
         con.register("raw_batch", pa.concat_tables(bulk.staged))
         bulk.staged, bulk.staged_bytes = [], 0  # the registered table holds the buffers until unregistered
         for table, sql in (("instances", _INSTANCES_SQL), ("locations", _LOCATIONS_SQL), ("nodes", _NODES_SQL)):
-            if not con.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)").fetchone()[0]:
+            if not con.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)").fetchall()[0][0]:
                 sql = sql.replace("INSERT OR REPLACE INTO", "INSERT INTO", 1)  # empty: nothing to replace
             con.execute(sql, [bulk.start]).fetchall()
         con.unregister("raw_batch")  # (on a failure, _in_bulk drops it after the rollback)
 
-    def _in_bulk(self, bulk: _Bulk, step: Callable[[], object]) -> object:
+    def _in_bulk(self, bulk: _Bulk, step: Callable[[], T]) -> T:
         """Run a step of the load's transaction; on any failure roll all of it back (DuckDB aborts it anyway)."""
         try:
             return step()
         except BaseException as exc:
             self._bulk = None
+            undo: Callable[[], object]
             for undo in (lambda: self.con.execute("ROLLBACK"), lambda: self.con.unregister("raw_batch")):
                 try:  # (a failed COMMIT has already ended the transaction; the batch may not be registered)
                     undo()
@@ -343,7 +360,7 @@ class CatalogStore:
     def cursor(self) -> duckdb.DuckDBPyConnection:
         return self.con.cursor()
 
-    def rows(self, sql: str, params: list | None = None) -> list[dict]:
+    def rows(self, sql: str, params: Sequence[object] | None = None) -> list[dict[str, Any]]:
         """A read query on its own cursor (safe beside the writer), rows as dicts."""
         cur = self.cursor()
         try:
@@ -353,7 +370,7 @@ class CatalogStore:
         finally:
             cur.close()
 
-    def apply(self, batch: Iterable[tuple[int, ev.AnyEvent]]) -> int:
+    def apply(self, batch: Iterable[tuple[int, ev.Event]]) -> int:
         """Apply decoded events (tests, tools): encoded, then as ``apply_raw``, without skipping any."""
         batch = list(batch)
         if self._bulk is not None:
@@ -413,6 +430,7 @@ class CatalogStore:
         """One batch of a bulk load: its events rows now, the batch held for the fold."""
         with self.lock:
             bulk, con = self._bulk, self.con
+            assert bulk is not None  # apply/apply_raw stage only during a bulk load
             if not bulk.started:
                 con.execute("BEGIN")  # held across calls: committed by end_bulk_load
                 bulk.start = bulk.last = read_last_seq(con, NAME)
@@ -423,7 +441,7 @@ class CatalogStore:
             seqs, payloads = seqs[new:], payloads[new:]
             batch = _arrow_batch(seqs, payloads)
             con.register("raw_batch", batch)
-            applied = self._in_bulk(bulk, lambda: con.execute(_EVENTS_SQL, [bulk.last]).fetchall()[0][0])
+            applied: int = self._in_bulk(bulk, lambda: con.execute(_EVENTS_SQL, [bulk.last]).fetchall()[0][0])
             con.unregister("raw_batch")
             bulk.staged.append(batch)
             bulk.staged_bytes += batch.nbytes

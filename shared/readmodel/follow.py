@@ -56,7 +56,7 @@ async def keep_up(store: ProjectionStore, bus: Bus, follow_batch: int, stop: asy
                 start = max(start, seqs[-1])
                 report(n, start)
                 if beside is not None:
-                    await asyncio.to_thread(beside.apply, [(d.seq, d.event) for d in batch])
+                    await asyncio.to_thread(beside.apply, [(d.seq, d.event) for d in batch if d.event is not None])
                     if on_beside is not None:
                         on_beside(seqs[-1])
                 if len(batch) >= follow_batch:

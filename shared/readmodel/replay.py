@@ -19,11 +19,11 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import duckdb
 
@@ -32,9 +32,14 @@ from shared.bus import Bus
 from shared.config import NatsConfig
 from shared.readmodel.store import BULK_FOLD_BYTES, BulkLoading, BulkRejected, ProjectionStore
 
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+    from nats.js.api import ConsumerConfig
+
 log = logging.getLogger("switchyard.readmodel.replay")
 
 S = TypeVar("S", bound=ProjectionStore)
+Batch = tuple[list[int], list[bytes]]  # (stream sequences, payloads as stored)
 
 
 class StoreInUse(RuntimeError):
@@ -63,7 +68,7 @@ class ReplayGap(RuntimeError):
     """The reader missed deliveries (it fell too far behind); nothing partial is kept."""
 
 
-def _consumer_config(inbox: str, start_seq: int):
+def _consumer_config(inbox: str, start_seq: int) -> ConsumerConfig:
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     return ConsumerConfig(
@@ -103,14 +108,15 @@ class _Batches:
         return out
 
 
-async def _read_with_client(bus: Bus, stream: str, start_seq: int, target: int, batch: int):
+async def _read_with_client(bus: Bus, stream: str, start_seq: int, target: int,
+                            batch: int) -> AsyncGenerator[Batch, None]:
     """nats-py's subscription path (any URL: TLS, credentials); ~90k events/s."""
     nc = bus.nc
     inbox = nc.new_inbox()
-    ready: asyncio.Queue = asyncio.Queue(maxsize=4)
+    ready: asyncio.Queue[Batch | Exception] = asyncio.Queue(maxsize=4)
     batches = _Batches(target, batch)
 
-    async def on_msg(msg) -> None:
+    async def on_msg(msg: Msg) -> None:
         if batches.done:
             return
         reply = msg.reply
@@ -161,7 +167,7 @@ async def _delete_consumer(bus: Bus, stream: str, name: str) -> None:
 
 
 async def _read_from_wire(bus: Bus, stream: str, start_seq: int, target: int, batch: int,
-                          wire: natswire.Wire):
+                          wire: natswire.Wire) -> AsyncGenerator[Batch, None]:
     """The push consumer's deliveries parsed straight off a socket (shared.natswire): ~2.5x nats-py's path.
 
     The consumer itself is made through the regular client. The server pauses
@@ -185,7 +191,8 @@ async def _read_from_wire(bus: Bus, stream: str, start_seq: int, target: int, ba
         await _delete_consumer(bus, stream, info.name)
 
 
-async def read_raw_batches(bus: Bus, stream: str, start_seq: int, target: int, batch: int):
+async def read_raw_batches(bus: Bus, stream: str, start_seq: int, target: int,
+                           batch: int) -> AsyncGenerator[Batch, None]:
     """Yield (seqs, payloads) from ``start_seq`` through ``target``, as stored in the log.
 
     A push consumer without acks, with flow control; a skipped consumer
@@ -230,7 +237,7 @@ async def replay_into(store: ProjectionStore, bus: Bus, stream: str | None = Non
     if target <= start:
         return 0
     applied = 0
-    pending: asyncio.Future | None = None
+    pending: asyncio.Future[int] | None = None
     try:
         async with aclosing(read_raw_batches(bus, stream, start + 1, target, batch)) as batches:
             async for seqs, payloads in batches:
@@ -260,12 +267,12 @@ async def _replay_fresh(bus: Bus, fresh: Path, store_factory: Callable[[Path], S
     try:
         if seed is not None:
             seed(store)
-        bulk = isinstance(store, BulkLoading)
-        if bulk:
-            store.bulk_load(one_transaction, fold_bytes)
+        bulk = store if isinstance(store, BulkLoading) else None
+        if bulk is not None:
+            bulk.bulk_load(one_transaction, fold_bytes)
         events = await replay_into(store, bus, stream, until_seq, batch)
-        if bulk:
-            await asyncio.to_thread(store.end_bulk_load)
+        if bulk is not None:
+            await asyncio.to_thread(bulk.end_bulk_load)
         return events, store.last_seq()
     finally:
         store.close()

@@ -205,7 +205,9 @@ def decode_request(data: bytes) -> A_ASSOCIATE:
         raise ProtocolError(ABORT_INVALID_PARAMETER, f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}") from exc
 
 
-def _user_information(max_pdu: int) -> list:
+def _user_information(
+    max_pdu: int,
+) -> list[MaximumLengthNotification | ImplementationClassUIDNotification | ImplementationVersionNameNotification]:
     """What we announce in an A-ASSOCIATE-RQ or -AC: our maximum PDU and implementation."""
     length = MaximumLengthNotification()
     length.maximum_length_received = max_pdu
@@ -227,7 +229,7 @@ def negotiate(rq: A_ASSOCIATE, protocol_version: int, supported: list[Presentati
     if refuse is not None:
         return Negotiated(calling, called, reject_pdu(*refuse), reject=refuse)
     roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
-             if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
+             if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None}
     results, ac_roles = negotiate_as_acceptor(rq.presentation_context_definition_list, supported, roles)
     ac = A_ASSOCIATE()
     ac.application_context_name = APPLICATION_CONTEXT
@@ -240,7 +242,7 @@ def negotiate(rq: A_ASSOCIATE, protocol_version: int, supported: list[Presentati
     pdu = A_ASSOCIATE_AC()
     pdu.from_primitive(ac)
     contexts = {int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                for cx in results if cx.result == 0x00}
+                for cx in results if cx.result == 0x00 and cx.context_id is not None}
     return Negotiated(calling, called, pdu.encode(), contexts=contexts,
                       peer_max_pdu=int(rq.maximum_length_received or 0))
 
@@ -264,7 +266,7 @@ def associate_request(calling_ae: str, called_ae: str, contexts: list[tuple[str,
         cx.transfer_syntax = [transfer_syntax]
         proposed.append(cx)
     rq.presentation_context_definition_list = proposed
-    rq.user_information = _user_information(max_pdu)
+    rq.user_information = [*_user_information(max_pdu)]
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(rq)
     return pdu.encode()
@@ -285,6 +287,8 @@ def decode_accept(data: bytes, contexts: list[tuple[str, str]]) -> tuple[dict[tu
         raise ProtocolError(ABORT_INVALID_PARAMETER, "A-ASSOCIATE-AC without the DICOM application context")
     accepted: dict[tuple[str, str], int] = {}
     for cx in ac.presentation_context_definition_results_list:
+        if cx.context_id is None:  # (pynetdicom's decoder always sets it)
+            continue
         index = (int(cx.context_id) - 1) // 2
         if cx.result == 0x00 and 0 <= index < len(contexts) and int(cx.context_id) % 2 == 1:
             abstract, wanted = contexts[index]

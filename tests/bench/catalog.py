@@ -50,7 +50,9 @@ NODES = ("node1", "node2", "node3")
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
-def instance_events(i: int) -> list[ev.Event]:
+def instance_events(
+    i: int,
+) -> tuple[ev.InstanceReceivedV1, ev.InstancePlacedV1, ev.InstanceForwardedV1, ev.InstanceVerifiedV1]:
     """received, placed, forwarded, verified for instance i (10 instances a series, 100 a study)."""
     study, series = f"1.2.826.0.1.3680043.10.1.{i // 100}", f"1.2.826.0.1.3680043.10.2.{i // 10}"
     sop = f"1.2.826.0.1.3680043.10.3.{i}"
@@ -58,7 +60,7 @@ def instance_events(i: int) -> list[ev.Event]:
     at = T0 + timedelta(milliseconds=i)
     digest = f"{i:064x}"
     placed_id = f"p{i}"
-    return [
+    return (
         ev.InstanceReceivedV1(
             event_id=f"r{i}", occurred_at=at, sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
             study_instance_uid=study, series_instance_uid=series, transfer_syntax_uid="1.2.840.10008.1.2.1",
@@ -72,14 +74,14 @@ def instance_events(i: int) -> list[ev.Event]:
             event_id=placed_id, occurred_at=at, sop_instance_uid=sop, study_instance_uid=study,
             sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
             blob_key=f"sha256/{digest[:2]}/{digest}", dataset_digest=digest, node_id=node,
-            reason="new_study" if i % 100 == 0 else "affinity",
+            reason=ev.PlacementReason.NEW_STUDY if i % 100 == 0 else ev.PlacementReason.AFFINITY,
             candidates=[ev.Candidate(n, 0.1 * k) for k, n in enumerate(NODES)], received_seq=4 * i + 1,
         ),
         ev.InstanceForwardedV1(event_id=f"f{i}", occurred_at=at, sop_instance_uid=sop, study_instance_uid=study,
                                node_id=node, placement_id=placed_id, duration_ms=3.5),
         ev.InstanceVerifiedV1(event_id=f"v{i}", occurred_at=at, sop_instance_uid=sop, node_id=node,
                               dataset_digest=digest),
-    ]
+    )
 
 
 def chunks(n: int, size: int):
@@ -178,12 +180,13 @@ def row_by_row_baseline(path: Path, n: int) -> float:
     seq, seconds = 0, 0.0
     rows = []
     for i in range(n):
-        for e in instance_events(i):
+        for event in instance_events(i):
             seq += 1
-            rows.append((seq, ev.decode(ev.encode(e))))
+            rows.append((seq, ev.decode(ev.encode(event))))
     t = time.perf_counter()
     con.execute("BEGIN")
     for seq, e in rows:
+        assert not isinstance(e, (ev.NodeHeartbeatV1, ev.NodeStateChangedV1))  # instance events only
         con.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [seq, e.event_id, type(e).__struct_config__.tag, e.sop_instance_uid,
                      getattr(e, "study_instance_uid", None), e.node_id if hasattr(e, "node_id") else None,

@@ -169,8 +169,10 @@ def main(argv: list[str]) -> int:
             cpu0 = cpu_seconds(pid)
             ing_one = rate(port, called, one, 1)
             cpu1 = cpu_seconds(pid)
-            r2a = (stack.metric("ingest", "switchyard_ingest_receive_to_ack_seconds_sum")
-                   / stack.metric("ingest", "switchyard_ingest_receive_to_ack_seconds_count"))
+            r2a_sum = stack.metric("ingest", "switchyard_ingest_receive_to_ack_seconds_sum")
+            r2a_count = stack.metric("ingest", "switchyard_ingest_receive_to_ack_seconds_count")
+            assert r2a_sum is not None and r2a_count, (r2a_sum, r2a_count)
+            r2a = r2a_sum / r2a_count
             ing_many = rate(port, called, many, SENDERS)
             cpu2 = cpu_seconds(pid)
             accepted = stack.metric("ingest", "switchyard_ingest_instances_total")

@@ -53,11 +53,12 @@ def bench_policy(n: int) -> float:
     rng = random.Random(1)
     studies = [f"1.2.{rng.randrange(10**9)}.{i}" for i in range(1000)]
     nodes = [NodeView(f"node{i}", live=True, pending_jobs=i % 2, rtt_ms=1.0 + i, reserved=0) for i in range(3)]
-    affinity = {}
+    affinity: dict[str, str] = {}
     started = time.perf_counter()
     for i in range(n):
         study = studies[i % 1000]
         d = place(study, nodes, affinity.get(study), w)
+        assert d is not None
         affinity[study] = d.node_id
     return n / (time.perf_counter() - started)
 
@@ -85,6 +86,8 @@ async def nats_latency(stack, node_ids: list[str], n: int) -> list[tuple[float, 
 
     async def on_placed(msg):
         e = ev.decode(msg.data)
+        if not isinstance(e, ev.InstancePlacedV1):
+            return
         fut = waiting.pop(e.sop_instance_uid, None)
         if fut is not None and not fut.done():
             fut.set_result(time.perf_counter())
@@ -129,7 +132,7 @@ def decision_latency(data_dir: Path, fake: list[NodeConfig], quick: bool,
         out = []
         for lat in (sorted(p[0] for p in pairs), sorted(p[1] for p in pairs)):
             out += [lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000]
-        return tuple(out)
+        return out[0], out[1], out[2], out[3]
     finally:
         stack.close()
 
@@ -144,7 +147,7 @@ async def failover_time(stack, nodes: list[OrthancNode]) -> tuple[float, str]:
 
     async def on_placed(msg):
         e = ev.decode(msg.data)
-        if e.study_instance_uid != study:
+        if not isinstance(e, ev.InstancePlacedV1) or e.study_instance_uid != study:
             return
         first.setdefault("node", e.node_id)
         if killed_at[0] and e.node_id != first["node"] and not avoided.done():
@@ -160,6 +163,7 @@ async def failover_time(stack, nodes: list[OrthancNode]) -> tuple[float, str]:
             if "node" in first and not killed_at[0] and i > 20:
                 victim = next(n for n in nodes if n.node.id == first["node"])
                 killed_at[0] = time.perf_counter()
+                assert victim.proc is not None
                 victim.proc.kill()
                 victim.proc = None
             await asyncio.sleep(0.01)
@@ -185,6 +189,7 @@ def lua_router(base: Path, nodes: list[OrthancNode]) -> tuple[OrthancNode, ls.Pr
         "DicomModalities": {n.node.id: [n.node.ae_title, n.node.host, n.node.dicom_port] for n in nodes},
     })
     router.start()
+    assert router.proc is not None
     return router, router.proc
 
 

@@ -67,9 +67,11 @@ def main(argv: list[str]) -> int:
         total = len(files)
         started = time.perf_counter()
         assert stack.send([base / "corpus"], extra=["+sd", "+r"]).returncode == 0
-        events = wait_for(lambda: (e := _events(stack.cfg)) and
-                          sum(isinstance(x, ev.InstanceVerifiedV1) for x in e) >= total and e,
-                          timeout=240, interval=0.5, what="all verified")
+        def all_verified() -> list[ev.AnyEvent] | None:
+            e = _events(stack.cfg)
+            return e if sum(isinstance(x, ev.InstanceVerifiedV1) for x in e) >= total else None
+
+        events = wait_for(all_verified, timeout=240, interval=0.5, what="all verified")
         wall = time.perf_counter() - started
         placed = {e.event_id: e for e in events if isinstance(e, ev.InstancePlacedV1)}
         fwd = {e.sop_instance_uid: e for e in events if isinstance(e, ev.InstanceForwardedV1)}

@@ -318,7 +318,7 @@ def test_s3_get_file_failing_mid_stream_leaves_no_partial_file(
             yield next(it)  # one good chunk lands in the temp file ...
             raise urllib3.exceptions.ProtocolError("connection broken mid-body")
 
-        response.stream = stream
+        monkeypatch.setattr(response, "stream", stream)
         return response
 
     monkeypatch.setattr(store._client, "get_object", breaking_get_object)

@@ -50,6 +50,7 @@ async def test_pull_batches_yields_batches_then_empty_when_idle_and_ends_on_stop
         assert got == [["p0", "p1", "p2", "p3"], ["p4"], []]
         # The short batch lingered before the next pull; the full one did not.
         assert time.monotonic() - started >= 0.3
+        assert consumer.durable_name is not None
         info = await bus.js.consumer_info(bus.cfg.events_stream, consumer.durable_name)
         assert info.num_ack_pending == 0 and info.num_pending == 0
     finally:
@@ -85,6 +86,7 @@ def test_services_exit_0_on_sigterm_right_after_nats_died(tmp_path):
     """``docker compose restart`` order: the server goes first, then the services get SIGTERM."""
     stack = make_stack(tmp_path, [], services=("scheduler", "forwarder"))
     try:
+        assert stack.nats is not None
         stack.nats.kill()
         procs = dict(stack.services)
         for proc in procs.values():

@@ -44,9 +44,9 @@ async def publish_log(bus: Bus) -> list[bytes]:
         for e in instance_events(i):
             await bus.publish(e)
             sent.append(ev.encode(e))
-    for _, e in mixed_log():
-        await bus.js.publish(subject_for(e), ev.encode(e))
-        sent.append(ev.encode(e))
+    for _, logged in mixed_log():
+        await bus.js.publish(subject_for(logged), ev.encode(logged))
+        sent.append(ev.encode(logged))
     return sent
 
 
@@ -92,7 +92,7 @@ async def test_live_catch_up_equals_a_rebuild(nats_only, tmp_path):
             async with asyncio.timeout(60):
                 while await asyncio.to_thread(live.last_seq) < len(sent):
                     await asyncio.sleep(0.05)
-            extra = ev.NodeStateChangedV1(event_id="late", node_id="node9", state="added")
+            extra = ev.NodeStateChangedV1(event_id="late", node_id="node9", state=ev.NodeState.ADDED)
             await bus.publish(extra)  # followed after the catch-up
             async with asyncio.timeout(30):
                 while await asyncio.to_thread(live.last_seq) < len(sent) + 1:
@@ -142,7 +142,7 @@ async def test_live_follower_batches_in_order_with_a_bounded_buffer(nats_only):
             assert got == list(range(1, len(sent) + 1))
             assert max(sizes) == 64 and all(decoded)
             # A trickle: one event, then the batch closes at its linger (not at max_batch).
-            late = ev.NodeStateChangedV1(event_id="late-follow", node_id="node9", state="added")
+            late = ev.NodeStateChangedV1(event_id="late-follow", node_id="node9", state=ev.NodeState.ADDED)
             await bus.publish(late)
             async with asyncio.timeout(10):
                 async for batch in bus.follow_batches(len(sent) + 1, 64, 0.1, stop, linger=0.05):

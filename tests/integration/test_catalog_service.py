@@ -10,6 +10,7 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from typing import Any
 
 import duckdb
 import msgspec
@@ -19,7 +20,7 @@ from shared.readmodel.catalog import CatalogStore
 from shared.readmodel.replay import rebuild_file
 from switchyard import cli
 from switchyard.corpus import corpus_index, generate_studies
-from tests.fixtures.servers import catalog_ready, make_stack
+from tests.fixtures.servers import OPERATOR_TOKEN, catalog_ready, make_stack
 from tests.fixtures.util import dump_all, wait_for
 
 pytestmark = pytest.mark.integration
@@ -57,10 +58,10 @@ def routed(orthanc_nodes, tmp_path_factory):
         stack.close()
 
 
-def get(stack, path: str, token: str | None = "default") -> tuple[int, object]:
+def get(stack, path: str, token: str | None = "default") -> tuple[int, Any]:  # (status, JSON body)
     headers = {}
     if token is not None:
-        headers["Authorization"] = f"Bearer {stack.cfg.catalog.token if token == 'default' else token}"
+        headers["Authorization"] = f"Bearer {OPERATOR_TOKEN if token == 'default' else token}"
     req = urllib.request.Request(f"http://127.0.0.1:{stack.cfg.catalog.http_port}{path}", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=5) as rsp:
@@ -125,6 +126,11 @@ def test_trail_of_an_instance_and_of_a_study(routed):
     assert set(types[3:]) <= {"instance.verified.v1"}
     received, placed, forwarded = trail["events"][:3]
     assert received["calling_ae"] == "CATSCU" and received["at"]
+    # Who sent it: DCMTK's storescu connected from loopback, from an ephemeral port.
+    assert received["called_ae"] == stack.cfg.ingest.ae_title
+    assert received["peer_address"] == "127.0.0.1" and 1024 <= received["peer_port"] <= 65535
+    assert trail["instance"]["peer_address"] == "127.0.0.1"
+    assert trail["instance"]["peer_port"] == received["peer_port"]
     assert placed["why"]["reason"] in {"new_study", "affinity"}
     assert {c["node_id"] for c in placed["why"]["candidates"]} <= {"node1", "node2", "node3"}
     assert forwarded["node_id"] == placed["node_id"] == trail["instance"]["node_id"]
@@ -200,6 +206,15 @@ async def test_rebuild_equals_the_live_store_and_swaps_in(routed, tmp_path, caps
     assert f"{last} events, 8 instances" in capsys.readouterr().out
     con = duckdb.connect()
     assert con.execute(f"SELECT count(*) FROM '{tmp_path}/audit/events.parquet'").fetchone() == (last,)
+    # Provenance as columns: who sent each instance (AE titles, address, port) and on which subject.
+    for table in ("events", "instances"):
+        rows = con.execute(
+            "SELECT DISTINCT subject, calling_ae, called_ae, peer_address, peer_port > 0"
+            f" FROM '{tmp_path}/audit/{table}.csv' WHERE subject = 'dicom.instance.received'").fetchall()
+        assert rows == [("dicom.instance.received", "CATSCU", stack.cfg.ingest.ae_title, "127.0.0.1", True)]
+    subjects = con.execute(f"SELECT DISTINCT split_part(subject, '.', 3) FROM '{tmp_path}/audit/events.parquet'"
+                           " WHERE type LIKE 'instance.%'").fetchall()
+    assert {s for (s,) in subjects} >= {"received", "placed", "forwarded"}
 
     assert await asyncio.to_thread(cli.main, [*argv, "catalog", "rebuild"]) == 0
     assert "catalog rebuilt" in capsys.readouterr().out

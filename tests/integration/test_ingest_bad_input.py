@@ -22,7 +22,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -180,7 +180,9 @@ def store_pdus(ds: pydicom.Dataset, command_uid: str, context_id: int, max_pdu: 
     prim.AffectedSOPClassUID = ds.SOPClassUID
     prim.AffectedSOPInstanceUID = command_uid
     prim.Priority = 2
-    prim.DataSet = io.BytesIO(encode(ds, False, True))
+    data = encode(ds, False, True)
+    assert data is not None
+    prim.DataSet = io.BytesIO(data)
     msg = C_STORE_RQ()
     msg.primitive_to_message(prim)
     pdus = []
@@ -271,6 +273,7 @@ async def test_unknown_calling_ae_is_rejected(ingest, background, tmp_path):
     assoc = ae.associate("127.0.0.1", ingest.cfg.ingest.port, ae_title=ingest.cfg.ingest.ae_title)
     assert assoc.is_rejected
     rj = assoc.acceptor.primitive
+    assert rj is not None
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
     await assert_nothing_kept(ingest, pydicom.dcmread(path).SOPInstanceUID)
     assert "STRANGER" in ingest.log("ingest")
@@ -344,6 +347,7 @@ async def test_association_limit_rejects_with_local_limit_exceeded(ingest, backg
         extra = sender_ae().associate("127.0.0.1", ingest.cfg.ingest.port, ae_title=ingest.cfg.ingest.ae_title)
         assert extra.is_rejected
         rj = extra.acceptor.primitive
+        assert rj is not None
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
         assert ingest.metric("ingest", "switchyard_ingest_open_associations") == MAX_ASSOCIATIONS
     finally:
@@ -400,9 +404,9 @@ def element(tag: int, vr: bytes, value: bytes, length: int | None = None) -> byt
 def part10(path: Path, sop_class: str, sop_instance: str, transfer_syntax: str, dataset: bytes) -> Path:
     """A Part 10 file holding ``dataset`` exactly as given (pynetdicom sends it unchanged)."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = transfer_syntax
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_file_meta_info(fp, meta, enforce_standard=True)
@@ -416,7 +420,9 @@ def split(ds: pydicom.Dataset, implicit: bool = False) -> tuple[bytes, bytes]:
     pixels.PixelData = ds.PixelData
     pixels["PixelData"].VR = "OW"
     del ds.PixelData
-    return encode(ds, implicit, True), encode(pixels, implicit, True)
+    head, pixel_data = encode(ds, implicit, True), encode(pixels, implicit, True)
+    assert head is not None and pixel_data is not None
+    return head, pixel_data
 
 
 def poison(case: str, tmp_path: Path, seed: int) -> tuple[Path, str]:
@@ -498,7 +504,7 @@ async def test_dataset_no_node_accepts_is_refused_and_leaves_nothing(ingest, bac
              what="good stores during and after the bad one")
     count, slowest = background.slowest_since(since, time.monotonic())
     assert slowest < 2.0, (case, count, slowest)
-    assert_still_serves(ingest, tmp_path, seed + 50)
+    await assert_still_serves(ingest, tmp_path, seed + 50)
 
 
 async def test_a_stream_of_poison_does_not_slow_a_good_sender(ingest, background, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tomllib
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import urlparse
 
 import jsonschema
@@ -186,7 +187,7 @@ def test_the_validation_can_fail():
                "spec": {"selector": {}, "template": {"spec": {"containers": [{"name": "x", "imagee": "y"}]}}}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad_dep, K8S_VERSION, strict=True)
-    so = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
+    so: dict[str, Any] = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
           "spec": {"scaleTargetRef": {"name": "x"}, "triggers": [{"type": "nats-jetstream",
                                                                  "metadata": {"lagThreshold": 10}}]}}
     with pytest.raises(jsonschema.ValidationError):
@@ -452,6 +453,7 @@ async def nats_with_auth(tmp_path):
         [str(NATS_SERVER), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor)],
         env=env, cwd=conf.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
+    assert proc.stderr is not None
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
@@ -677,7 +679,7 @@ def policies_for(docs, labels: dict, direction: str) -> list[dict]:
             if direction in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], labels)]
 
 
-def peer_matches(peers: list[dict] | None, peer: tuple[str, object]) -> bool:
+def peer_matches(peers: list[dict] | None, peer: tuple[str, Any]) -> bool:
     """peer: ("pod", labels) in this namespace, ("ns", name), or ("ip", None) for any outside address."""
     if not peers:
         return True
@@ -693,7 +695,7 @@ def peer_matches(peers: list[dict] | None, peer: tuple[str, object]) -> bool:
     return False
 
 
-def allows(docs, labels: dict, direction: str, port: int, peer: tuple[str, object], protocol: str = "TCP") -> bool:
+def allows(docs, labels: dict, direction: str, port: int | None, peer: tuple[str, Any], protocol: str = "TCP") -> bool:
     key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
     for pol in policies_for(docs, labels, direction):
         for rule in pol["spec"].get(key) or []:

@@ -28,7 +28,9 @@ def idle(client: OrthancClient) -> list:
 
     urllib3 reconnects a dropped connection object in place: a new connection is a new ``.sock``.
     """
-    return [conn for conn in reversed(client._pool.pool.queue) if conn is not None]
+    pool = client._pool.pool
+    assert pool is not None  # (None only once the pool is closed)
+    return [conn for conn in reversed(pool.queue) if conn is not None]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from nats.js.api import StreamConfig
+from nats.js.api import PubAck, StreamConfig
 from prometheus_client import CollectorRegistry
 
 from services.probe.store import ProbeStore
@@ -44,7 +44,7 @@ async def test_only_acknowledged_outcomes_are_settled(nats_only, tmp_path):
         acks = await bus.publish_many([ev.InstanceVerifiedV1(
             event_id=ev.fact_id("verified", "node1", "1.1", p1.event_id), sop_instance_uid="1.1",
             study_instance_uid="1.2", node_id="node1", placement_id=p1.event_id, dataset_digest="d1")])
-        assert acks[0].duplicate
+        assert isinstance(acks[0], PubAck) and acks[0].duplicate
     finally:
         await bus.close()
         store.close()

@@ -92,6 +92,7 @@ def test_unknown_calling_ae_gets_no_find_move_or_get(guarded, tmp_path):
     assoc = ae.associate("127.0.0.1", stack.cfg.probe.qr_port, ae_title=stack.cfg.probe.qr_ae_title)
     assert assoc.is_rejected
     rj = assoc.acceptor.primitive
+    assert rj is not None
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
     # Logged with AE titles and address only: nothing about the patients of the study.
     log = stack.log("probe")

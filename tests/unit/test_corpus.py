@@ -76,7 +76,7 @@ def test_generated_counts_per_study_and_series(generated):
 
 
 def test_generated_modalities_alternate_by_study(generated):
-    by_dir = {}
+    by_dir: dict[int, set[tuple[str, str]]] = {}
     for p in generated:
         ds = _read(p)
         by_dir.setdefault(int(p.parents[1].name), set()).add((ds.Modality, ds.SOPClassUID))
@@ -138,7 +138,7 @@ def test_bundled_files_pass_every_filter(bundled):
 def test_bundled_copies_are_byte_identical_to_pydicom_files(bundled):
     from pydicom.data import get_testdata_files
 
-    sources = {}
+    sources: dict[str, Path] = {}
     for s in sorted(Path(p) for p in get_testdata_files()):
         sources.setdefault(s.name, s)
     for path in bundled:

@@ -282,6 +282,8 @@ def test_large_values_are_counted_past_not_buffered():
 
 
 def test_any_pydicom_error_in_the_header_read_is_not_dicom_and_quotes_no_value(tmp_path, monkeypatch):
+    import pydicom
+
     import shared.dicomfile as dicomfile
 
     path = tmp_path / "x.dcm"
@@ -290,7 +292,7 @@ def test_any_pydicom_error_in_the_header_read_is_not_dicom_and_quotes_no_value(t
     def broken(*args, **kwargs):
         raise KeyError("PID123 Doe^Jane")  # as pydicom may: the value in the message
 
-    monkeypatch.setattr(dicomfile.pydicom, "dcmread", broken)
+    monkeypatch.setattr(pydicom, "dcmread", broken)  # the module dicomfile calls
     with pytest.raises(dicomfile.NotDicom) as info:
         dicomfile.read_header(path)
     assert str(info.value) == "KeyError"

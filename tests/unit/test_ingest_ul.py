@@ -31,6 +31,7 @@ def store_pdus(max_pdu: int, size: int = 20000) -> tuple[list[bytes], bytes, str
     prim.AffectedSOPInstanceUID = ds.SOPInstanceUID
     prim.Priority = 2
     data = encode(ds, False, True)
+    assert data is not None
     prim.DataSet = io.BytesIO(data)
     msg = C_STORE_RQ()
     msg.primitive_to_message(prim)
@@ -156,11 +157,12 @@ def test_incoming_stops_spooling_at_the_size_limit(tmp_path):
 @pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.3.45", generate_uid()])
 @pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.4.50"])
 def test_file_meta_is_what_pydicom_writes(sop_instance, transfer_syntax):
+    from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_file_meta_info
     from pydicom.uid import UID
     from pynetdicom.dsutils import create_file_meta
 
-    expected = io.BytesIO()
+    expected = DicomBytesIO()
     expected.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(expected, create_file_meta(sop_class_uid=UID(MRImageStorage), sop_instance_uid=UID(sop_instance),
                                                     transfer_syntax=UID(transfer_syntax)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import cast
 
 import pytest
 
@@ -112,7 +113,7 @@ def _wire_over(data: bytes) -> natswire.Wire:
     reader = asyncio.StreamReader()
     reader.feed_data(data)
     reader.feed_eof()
-    return natswire.Wire(reader, None, natswire.WireParser())
+    return natswire.Wire(reader, cast(asyncio.StreamWriter, None), natswire.WireParser())  # never written to
 
 
 def test_err_raises_a_clear_error():

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from shared import events as ev
 from shared.config import NodeConfig, NodeCredentials
-from shared.membership import Pool, node_from, transition
+from shared.membership import Member, Pool, node_from, transition
 
 SEED = [NodeConfig(id="n1"), NodeConfig(id="n2")]
 
 
 def state(node_id: str, s: str, **kw) -> ev.NodeStateChangedV1:
-    return ev.NodeStateChangedV1(event_id=f"{node_id}-{s}", node_id=node_id, state=s, **kw)
+    # cast: unknown states too ("exploded"), as an older or newer writer may have logged them
+    return ev.NodeStateChangedV1(event_id=f"{node_id}-{s}", node_id=node_id, state=cast(ev.NodeState, s), **kw)
+
+
+def member(pool: Pool, node_id: str) -> Member:
+    m = pool.get(node_id)
+    assert m is not None, node_id
+    return m
 
 
 def test_config_seeds_and_events_apply_in_order():
@@ -24,19 +33,19 @@ def test_config_seeds_and_events_apply_in_order():
     pool.apply(7, state("n2", "down"))
     pool.apply(8, state("n2", "removed"))
     assert [m.node.id for m in pool.active()] == ["n1", "n3"]
-    assert pool.get("n1").state == "drained" and pool.get("n2").state == "removed"
-    assert pool.get("n3").node.dicom_port == 5000 and pool.get("n3").node.ae_title == "N3"
-    assert pool.last_seq == 8 and pool.get("n1").last_seq == 5
+    assert member(pool, "n1").state == "drained" and member(pool, "n2").state == "removed"
+    assert member(pool, "n3").node.dicom_port == 5000 and member(pool, "n3").node.ae_title == "N3"
+    assert pool.last_seq == 8 and member(pool, "n1").last_seq == 5
     pool.apply(9, state("n1", "undrained"))
     pool.apply(10, state("n2", "added"))
-    assert pool.get("n1").state == "active" and pool.get("n2").state == "active"
+    assert member(pool, "n1").state == "active" and member(pool, "n2").state == "active"
 
 
 def test_unknown_node_or_state_is_ignored():
     pool = Pool(SEED)
     assert pool.apply(3, state("ghost", "drained")) is None
     assert pool.apply(4, state("n1", "exploded")) is None
-    assert pool.get("n1").state == "active"
+    assert member(pool, "n1").state == "active"
 
 
 def test_transition_ids_are_one_per_transition():
@@ -95,13 +104,13 @@ def test_added_node_event_carries_no_password_and_config_supplies_it():
     assert b"s3cret-pw" not in ev.encode(event)
     pool = Pool(SEED, NodeCredentials(username="ops", password="from-config"))
     pool.apply(1, event)
-    added = pool.get("n9").node
+    added = member(pool, "n9").node
     assert added.password == "from-config" and added.dicom_port == 5009
     # A seeded node re-added keeps its configured password.
     seeded = Pool([NodeConfig(id="n1", password="seeded-pw")])
     seeded.apply(1, state("n1", "removed"))
     seeded.apply(2, state("n1", "added", dicom_port=6000))
-    assert seeded.get("n1").node.password == "seeded-pw"
+    assert member(seeded, "n1").node.password == "seeded-pw"
 
 
 # Payloads as older releases wrote them (the log is replayed): the enums must decode them unchanged.
@@ -115,10 +124,12 @@ OLD_PLACED = (b'{"type":"instance.placed.v1","event_id":"e2","sop_instance_uid":
 def test_old_payloads_decode_to_the_enums_and_encode_back_unchanged():
     for s in ("added", "drained", "undrained", "removed", "down", "up"):
         event = ev.decode(OLD_STATE % s.encode())
+        assert isinstance(event, ev.NodeStateChangedV1)
         assert event.state is ev.NodeState(s) and event.state == s
         assert ev.encode(event).count(b'"state":"%s"' % s.encode()) == 1
     for r in ("new_study", "affinity", "rule", "failover", "replacement"):
         event = ev.decode(OLD_PLACED % r.encode())
+        assert isinstance(event, ev.InstancePlacedV1)
         assert event.reason is ev.PlacementReason(r)
         assert b'"reason":"%s"' % r.encode() in ev.encode(event)
     # Wire values the catalog and the scheduler compare against: never to change.

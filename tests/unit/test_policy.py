@@ -7,7 +7,7 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.scheduler.policy import NodeView, Weights, place, score
+from services.scheduler.policy import Decision, NodeView, Weights, place, score
 
 W = Weights()
 
@@ -30,6 +30,13 @@ node_views = st.lists(
 study_uids = st.from_regex(r"1\.2\.[0-9]{1,10}\.[0-9]{1,10}", fullmatch=True)
 
 
+def chosen(study: str, nodes: list[NodeView], affinity: str | None, weights: Weights) -> Decision:
+    """place() where a node is eligible: the test fails here if none was chosen."""
+    decision = place(study, nodes, affinity, weights)
+    assert decision is not None
+    return decision
+
+
 @given(node_views, study_uids, st.none() | st.sampled_from([f"n{i}" for i in range(6)]))
 def test_never_a_down_or_drained_node(nodes, study, affinity):
     decision = place(study, nodes, affinity, W)
@@ -46,7 +53,7 @@ def test_affinity_kept_while_the_node_is_eligible(nodes, study, affinity):
     decision = place(study, nodes, affinity, W)
     target = next((n for n in nodes if n.node_id == affinity), None)
     if target is not None and target.live and not target.drained:
-        assert decision.node_id == affinity and decision.reason == "affinity"
+        assert decision is not None and decision.node_id == affinity and decision.reason == "affinity"
     elif decision is not None:
         assert decision.node_id != affinity and decision.reason == "failover"
 
@@ -63,28 +70,28 @@ def test_new_study_goes_to_a_least_loaded_node(nodes, study):
 
 def test_equal_nodes_share_new_studies_evenly():
     nodes = [NodeView(f"n{i}", live=True) for i in range(3)]
-    counts = Counter(place(f"1.2.3.{i}", nodes, None, W).node_id for i in range(3000))
+    counts = Counter(chosen(f"1.2.3.{i}", nodes, None, W).node_id for i in range(3000))
     assert set(counts) == {"n0", "n1", "n2"}
     assert all(800 <= c <= 1200 for c in counts.values()), counts
 
 
 def test_same_study_same_choice_everywhere():
     nodes = [NodeView(f"n{i}", live=True) for i in range(4)]
-    assert len({place("1.2.840.99", list(reversed(nodes)) if i % 2 else nodes, None, W).node_id
+    assert len({chosen("1.2.840.99", list(reversed(nodes)) if i % 2 else nodes, None, W).node_id
                 for i in range(10)}) == 1
 
 
 def test_load_moves_work_away():
     busy = NodeView("busy", live=True, pending_jobs=10)
     idle = NodeView("idle", live=True)
-    assert place("1.2.3", [busy, idle], None, W).node_id == "idle"
+    assert chosen("1.2.3", [busy, idle], None, W).node_id == "idle"
     reserved = NodeView("idle", live=True, reserved=20)
-    assert place("1.2.3", [busy, reserved], None, W).node_id == "busy"
+    assert chosen("1.2.3", [busy, reserved], None, W).node_id == "busy"
 
 
 def test_candidates_sorted_best_first_with_scores():
     nodes = [NodeView("a", live=True, pending_jobs=3), NodeView("b", live=True, pending_jobs=1)]
-    decision = place("1.2.3", nodes, None, W)
+    decision = chosen("1.2.3", nodes, None, W)
     assert [c[0] for c in decision.candidates] == ["b", "a"]
     assert decision.candidates[0][1] < decision.candidates[1][1]
 
@@ -95,7 +102,7 @@ def test_placement_placement_reservations_spread_a_burst_over_equal_nodes(n_node
     reserved = {f"n{i}": 0 for i in range(n_nodes)}
     for study in studies:
         nodes = [NodeView(n, live=True, reserved=r) for n, r in reserved.items()]
-        decision = place(study, nodes, None, W)
+        decision = chosen(study, nodes, None, W)
         reserved[decision.node_id] += 1
     assert max(reserved.values()) - min(reserved.values()) <= 1
 
@@ -125,5 +132,5 @@ def test_weights_are_the_configs_and_load_from_toml(tmp_path):
     # A heavier cpu weight moves a new study to the idle-cpu node.
     busy, idle = NodeView("a", live=True, cpu_percent=90.0, pending_jobs=0), \
         NodeView("b", live=True, cpu_percent=0.0, pending_jobs=1)
-    assert place("1.2", [busy, idle], None, Weights(cpu=0.0)).node_id == "a"
-    assert place("1.2", [busy, idle], None, cfg.scheduler.weights).node_id == "b"
+    assert chosen("1.2", [busy, idle], None, Weights(cpu=0.0)).node_id == "a"
+    assert chosen("1.2", [busy, idle], None, cfg.scheduler.weights).node_id == "b"

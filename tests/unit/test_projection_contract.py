@@ -5,6 +5,9 @@ Each case runs over both stores, on real DuckDB files.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import duckdb
 import pytest
 
@@ -14,7 +17,7 @@ from shared.readmodel.catalog import CatalogStore
 from shared.readmodel.store import BulkLoading, ProjectionStore
 from tests.factories import forwarded, placed, received
 
-STORES = {"catalog": CatalogStore, "probe": ProbeStore}
+STORES: dict[str, Callable[[Path], ProjectionStore]] = {"catalog": CatalogStore, "probe": ProbeStore}
 
 
 @pytest.fixture(params=sorted(STORES))

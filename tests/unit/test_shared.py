@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -64,7 +65,7 @@ def test_events_round_trip_through_one_decoder():
     placed = ev.InstancePlacedV1(
         event_id="e1", occurred_at=at, sop_instance_uid="1.2", study_instance_uid="1.3", sop_class_uid="1.4",
         transfer_syntax_uid="1.2.840.10008.1.2.1", blob_key="k", dataset_digest="d", node_id="node1",
-        reason="new_study", candidates=[ev.Candidate("node1", 0.5)],
+        reason=ev.PlacementReason.NEW_STUDY, candidates=[ev.Candidate("node1", 0.5)],
     )
     decoded = ev.decode(ev.encode(placed))
     assert decoded == placed and isinstance(decoded, ev.InstancePlacedV1)
@@ -75,6 +76,7 @@ def test_old_payloads_without_new_fields_still_decode():
     raw = (b'{"type":"node.heartbeat.v1","event_id":"x","occurred_at":"2026-01-01T00:00:00Z",'
            b'"node_id":"n","up":true}')
     hb = ev.decode(raw)
+    assert isinstance(hb, ev.NodeHeartbeatV1)
     assert hb.up and hb.pending_jobs == 0 and hb.rtt_ms is None
 
 
@@ -90,8 +92,14 @@ def test_subjects_carry_node_ids_never_uids():
     assert "1.2.3" not in subject_for(received)
 
 
-def test_dataset_offset_and_digest_match_pydicom():
+def ct_small() -> str:
     path = get_testdata_file("CT_small.dcm")
+    assert isinstance(path, str)
+    return path
+
+
+def test_dataset_offset_and_digest_match_pydicom():
+    path = ct_small()
     data = open(path, "rb").read()
     with open(path, "rb") as f:
         offset = dataset_offset(f)
@@ -106,7 +114,7 @@ def test_dataset_offset_and_digest_match_pydicom():
 
 
 def test_read_header_reads_tags_not_pixels(tmp_path):
-    header = read_header(get_testdata_file("CT_small.dcm"), ("Manufacturer",))
+    header = read_header(Path(ct_small()), ("Manufacturer",))
     assert header.get("Modality") == "CT"
     assert header.get("SOPInstanceUID").startswith("1.3.6.1.4.1.5962")
     assert "Manufacturer" in header.values and "PixelData" not in header.values
@@ -122,7 +130,7 @@ def test_read_header_reads_tags_not_pixels(tmp_path):
 
 def test_read_header_decodes_with_the_files_character_set(tmp_path):
     """Only wanted tags are kept, but Specific Character Set still governs their decoding."""
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds = pydicom.dcmread(ct_small())
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.PatientName = "Müller^Zoë"
     ds.Manufacturer = "Ångström"

@@ -23,7 +23,8 @@ INSTANCE = "1.2.3.4.5"  # odd length: padded with a NUL
 def pynetdicom_p_data(pdvs: list[tuple[int, int, bytes]]) -> bytes:
     """A P-DATA-TF as pynetdicom encodes it: (context id, message control header, fragment) per PDV."""
     prim = P_DATA()
-    prim.presentation_data_value_list = [[cx, bytes([control]) + data] for cx, control, data in pdvs]
+    # pynetdicom checks for [id, pdv] lists at run time; its annotation says tuples
+    prim.presentation_data_value_list = [[cx, bytes([control]) + data] for cx, control, data in pdvs]  # type: ignore[misc]
     pdu = P_DATA_TF()
     pdu.from_primitive(prim)
     return pdu.encode()

@@ -138,7 +138,9 @@ class CodecPeer:
                         return
 
     def _answer(self, writer, assoc, cx, fields, field, instance) -> None:
-        message_id = ul.command_us(fields, ul.MESSAGE_ID) + (1 if self.mode == "wrong_id" else 0)
+        message_id = ul.command_us(fields, ul.MESSAGE_ID)
+        assert message_id is not None
+        message_id += 1 if self.mode == "wrong_id" else 0
         rsp = ul.response(field, message_id, ul.command_uid(fields, ul.AFFECTED_SOP_CLASS), instance, self.status)
         writer.write(ul.p_data_command(cx, rsp, assoc.peer_max_pdu))
 
@@ -172,6 +174,7 @@ def pynetdicom_scp():
     server = ae.start_server(("127.0.0.1", 0), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, on_store),
                                            (evt.EVT_RELEASED, lambda event: released.append(True))])
+    assert server is not None
     try:
         yield server.server_address[1], received, released
     finally:
