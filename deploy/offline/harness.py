@@ -416,7 +416,7 @@ def images(state: dict) -> None:
         app_ctx = tmp / "app"
         app_ctx.mkdir()
         shutil.copy2(ROOT / "pyproject.toml", app_ctx)
-        for sub in ("shared", "services"):
+        for sub in ("shared", "services", "switchyard"):
             shutil.copytree(ROOT / sub, app_ctx / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc",
                                                                                      "*.egg-info"))
         lock = _lock_file()

@@ -52,7 +52,7 @@ def test_default_per_peer_limit_is_below_the_global_one():
     assert 0 < cfg.max_associations_per_peer < cfg.max_associations
 
 
-def test_one_peer_holding_associations_does_not_lock_out_another(ingest, tmp_path):
+async def test_one_peer_holding_associations_does_not_lock_out_another(ingest, tmp_path):
     held: list[Association] = []
     try:
         for _ in range(GLOBAL):  # as many as the whole worker has
@@ -73,7 +73,7 @@ def test_one_peer_holding_associations_does_not_lock_out_another(ingest, tmp_pat
         result = ingest.send([path], calling_ae="GOODSCU", extra=["-v"])
         assert result.returncode == 0, result.stdout + result.stderr
         uid = pydicom.dcmread(path).SOPInstanceUID
-        assert uid in {e.sop_instance_uid for e in ingest.received_events()}
+        assert uid in {e.sop_instance_uid for e in await ingest.received_events()}
         # Logged with AE and address only.
         log = ingest.log("ingest")
         assert f"'HOGSCU' from 127.0.0.1 already holds {PER_PEER} associations (per-peer limit)" in log
