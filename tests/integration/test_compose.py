@@ -44,6 +44,9 @@ UP_TIMEOUT_S = 300
 ROUTE_TIMEOUT_S = 180
 
 
+IMAGE_UID = 10001  # deploy/Dockerfile's user
+
+
 def _offline() -> bool:
     return os.environ.get("SWITCHYARD_COMPOSE_OFFLINE", "1") != "0"
 
@@ -190,6 +193,15 @@ def stack(tmp_path_factory):
     assert up.returncode == 0, up.stderr[-4000:]
     print(f"\ncompose test: engine and images in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     compose("down", "-v", "--remove-orphans", timeout=180)
+    # NATS identities, made once as deploy/compose.yaml says (seeds 0600, read by the image's user).
+    secrets = ROOT / "deploy" / "secrets"
+    if not (secrets / "admin.nk").exists():
+        subprocess.run([sys.executable, "-m", "switchyard", "nats", "credentials", "--out", str(secrets)],
+                       cwd=ROOT, check=True, capture_output=True, timeout=60)
+    for seed in secrets.glob("*.nk"):
+        os.chown(seed, IMAGE_UID, -1)
+    # The Q/R door is closed by default; this test's findscu is let in to C-FIND.
+    os.environ["SWITCHYARD_QR_PEERS"] = '[{"ae": "FINDSCU", "rights": ["find"]}]'
     t1 = time.monotonic()
     compose("up", "-d", "--wait", "--no-build" if _offline() else "--build", timeout=UP_TIMEOUT_S)
     print(f"compose test: up --wait in {time.monotonic() - t1:.1f} s", file=sys.stderr)

@@ -98,20 +98,20 @@ OWN = {"ingest": {"received"}, "scheduler": {"placed", "down"}, "forwarder": {"f
        "probe": {"heartbeat", "verified"}, "catalog": set()}
 
 
-def test_no_credentials_no_connection(stack):
+async def test_no_credentials_no_connection(stack):
     async def attempt():
         with pytest.raises(nats.errors.Error) as raised:
             await nats.connect(stack.cfg.nats.url, allow_reconnect=False, max_reconnect_attempts=0,
                                connect_timeout=2)
         return raised.value
 
-    exc = asyncio.run(attempt())
+    exc = await attempt()
     assert "Authorization Violation" in str(exc), exc
     assert "authentication error" in (stack.data_dir / "logs" / "nats.log").read_text()
 
 
 @pytest.mark.parametrize("identity", natsauth.SERVICES)
-def test_each_service_is_refused_outside_its_rights(stack, identity):
+async def test_each_service_is_refused_outside_its_rights(stack, identity):
     cfg = stack.cfg.nats
     s = cfg.events_stream
 
@@ -146,7 +146,7 @@ def test_each_service_is_refused_outside_its_rights(stack, identity):
                     "deliver_subject": f"{natsauth.inbox_prefix(cfg, identity)}.x"}})
                 assert rsp is not None and "error" in rsp, rsp
 
-    asyncio.run(attack())
+    await attack()
     assert stack.catalog("/healthz")["ok"]
 
 
@@ -177,7 +177,7 @@ def assert_nothing_received(storescp, seconds: float = 3.0) -> None:
         time.sleep(0.2)
 
 
-def test_forged_node_exfiltration_is_refused_by_the_server(stack, storescp, tmp_path):
+async def test_forged_node_exfiltration_is_refused_by_the_server(stack, storescp, tmp_path):
     """No credentials, or the probe's or ingest's: the server refuses both the node and the placement."""
     cfg = stack.cfg.nats
     evil, forged = forged_node_events(storescp)
@@ -190,13 +190,13 @@ def test_forged_node_exfiltration_is_refused_by_the_server(stack, storescp, tmp_
                 assert await a.publish(subject_for(evil), ev.encode(evil))
                 assert await a.publish(subject_for(forged), ev.encode(forged))
 
-    asyncio.run(attack())
+    await attack()
     route_one_study(stack, tmp_path, 1212)
     assert_nothing_received(storescp)
     assert "evil" not in {row["node_id"] for row in stack.catalog("/api/nodes")}
 
 
-def test_stolen_scheduler_seed_cannot_add_a_node(stack, storescp, tmp_path):
+async def test_stolen_scheduler_seed_cannot_add_a_node(stack, storescp, tmp_path):
     """The scheduler may record down/up and placements: an ``added`` payload on its ``up`` subject is
     refused by every consumer (provenance), so no forwarder ever serves evil."""
     cfg = stack.cfg.nats
@@ -212,7 +212,7 @@ def test_stolen_scheduler_seed_cannot_add_a_node(stack, storescp, tmp_path):
         finally:
             await bus.close()
 
-    asyncio.run(attack())
+    await attack()
     route_one_study(stack, tmp_path, 1313)
     assert_nothing_received(storescp)
     for service, count in before.items():

@@ -34,7 +34,7 @@ def test_services_route_over_mutual_tls(tls_stack, tmp_path):
     route_one_study(tls_stack, tmp_path, 2424)
 
 
-def test_a_seed_without_a_client_certificate_is_refused(tls_stack, pki):
+async def test_a_seed_without_a_client_certificate_is_refused(tls_stack, pki):
     cfg = tls_stack.cfg.nats
 
     async def attempt(ctx):
@@ -45,9 +45,9 @@ def test_a_seed_without_a_client_certificate_is_refused(tls_stack, pki):
 
     no_cert = ssl.create_default_context(cafile=str(pki["ca"]))
     with pytest.raises((nats.errors.Error, OSError, asyncio.TimeoutError)):
-        asyncio.run(attempt(no_cert))
+        await attempt(no_cert)
     with pytest.raises((nats.errors.Error, OSError, asyncio.TimeoutError)):
-        asyncio.run(attempt(None))  # plain text to a TLS-only server
+        await attempt(None)  # plain text to a TLS-only server
     good = ssl.create_default_context(cafile=str(pki["ca"]))
     good.load_cert_chain(str(pki["client_crt"]), str(pki["client_key"]))
-    asyncio.run(attempt(good))
+    await attempt(good)
