@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
@@ -23,6 +24,14 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Files 0600, directories 0700: stores, spools, blobs and configs hold patient data or secrets.
+PRIVATE_UMASK = 0o077
+
+
+def private_files() -> None:
+    """Create every file and directory of this process (and its children) owner-only."""
+    os.umask(PRIVATE_UMASK)
+
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run a service's main on uvloop.
@@ -30,7 +39,9 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     Every service is a loop of small socket reads and writes (NATS, DICOM,
     HTTP); libuv's loop and transports spend less CPU on each than asyncio's
     selector loop written in Python (docs/benchmarks.md, "placement").
+    Files are created owner-only from here on (``private_files``).
     """
+    private_files()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
 
