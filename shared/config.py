@@ -32,6 +32,10 @@ class NatsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     replicas: int = 1
     connect_timeout_s: float = 2.0
     publish_timeout_s: float = 5.0
+    # 0: a log purged or truncated under a store stops it (exit non-zero). N: the
+    # operator accepts that the events stream now starts at sequence N (what came
+    # before is lost); stores and membership start from what the log still holds.
+    accepted_log_start: int = 0
 
 
 class BlobConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

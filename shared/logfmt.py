@@ -22,8 +22,10 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 import time
 import traceback
+import warnings
 from types import TracebackType
 from typing import Any
 
@@ -86,9 +88,7 @@ def describe_exception(exc: BaseException) -> str:
     """``TypeName: message`` (escaped), or ``TypeName (tag (gggg,eeee))`` for a value-bearing one."""
     name = type(exc).__qualname__
     if value_bearing(exc):
-        tags = sorted({f"({g.upper()},{e.upper()})" for g, e in _TAG.findall(_safe_str(exc))})
-        suffix = f" (tag {', '.join(tags)})" if tags else ""
-        return f"{name}{suffix} [message withheld: may hold element values]"
+        return f"{name} {_withheld(_safe_str(exc))}"
     text = _safe_str(exc)
     return escape(f"{name}: {text}" if text else name)
 
@@ -141,8 +141,23 @@ def _sanitise_arg(arg: object) -> object:
     return describe_exception(arg) if isinstance(arg, BaseException) else arg
 
 
+def _withheld(text: str) -> str:
+    tags = sorted({f"({g.upper()},{e.upper()})" for g, e in _TAG.findall(text)})
+    suffix = f" (tag {', '.join(tags)})" if tags else ""
+    return f"{suffix.lstrip()} [message withheld: may hold element values]".lstrip()
+
+
 def render_message(record: logging.LogRecord) -> str:
-    """The record's message with exception arguments described, escaped onto one line."""
+    """The record's message with exception arguments described, escaped onto one line.
+
+    A record logged by a value-bearing library itself (pydicom warns with the
+    offending value in the text) keeps only the tags its text names.
+    """
+    if _in_modules(record.name):
+        try:
+            return _withheld(record.getMessage())
+        except Exception:  # noqa: BLE001
+            return _withheld("")
     args: Any = record.args
     if isinstance(args, tuple):
         args = tuple(_sanitise_arg(a) for a in args)
@@ -208,6 +223,7 @@ def install(service: str, level: str = "INFO") -> logging.Handler:
     handler.setFormatter(SwitchyardFormatter(service))
     root.addHandler(handler)
     root.setLevel(level.upper())
+    _route_uncaught()
     for name in ("pynetdicom", "aiohttp", "aiohttp.access", "aiohttp.server", "aiohttp.web", "asyncio", "nats"):
         lib = logging.getLogger(name)
         for h in list(lib.handlers):
@@ -215,3 +231,35 @@ def install(service: str, level: str = "INFO") -> logging.Handler:
                 lib.removeHandler(h)
         lib.propagate = True
     return handler
+
+
+def _route_uncaught() -> None:
+    """Uncaught exceptions (main thread and threads) go through the formatter, not raw to stderr."""
+    crash = logging.getLogger("switchyard.crash")
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.__excepthook__(exc_type, exc, tb)
+            return
+        crash.critical("stopped by an unhandled %s", exc_type.__qualname__, exc_info=(exc_type, exc, tb))
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is None or issubclass(args.exc_type, SystemExit):
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        crash.critical("thread %s stopped by an unhandled %s", name, args.exc_type.__qualname__,
+                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = hook
+    threading.excepthook = thread_hook
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Warnings become records of ``py.warnings``; one raised inside a value-bearing library is withheld."""
+    where = filename.replace("\\", "/")
+    text = str(message)
+    if any(f"/{m.split('.')[0]}/" in where for m in VALUE_BEARING_MODULES):
+        text = _withheld(text)
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, text)

@@ -162,7 +162,7 @@ def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _rebuild(cfg: Config, what: str, jobs: list[tuple[Path, type, object]]) -> int:
+def _rebuild(cfg: Config, what: str, jobs: list[tuple[Path, type, object]], accept_log_loss: bool = False) -> int:
     """Rebuild store files from the log, each swapped in atomically: (path, store class, seed or None).
 
     Every file is checked first, so none is rebuilt while the service holds any of them.
@@ -171,19 +171,22 @@ def _rebuild(cfg: Config, what: str, jobs: list[tuple[Path, type, object]]) -> i
 
     import nats.errors
 
-    from shared.readmodel.replay import StoreInUse, ensure_unlocked, rebuild_file
+    from shared.readmodel.replay import LogTruncated, StoreInUse, ensure_unlocked, rebuild_file
 
+    nats_cfg = cfg.nats
+    if accept_log_loss:  # rebuild from whatever the log still holds
+        nats_cfg = msgspec.structs.replace(nats_cfg, accepted_log_start=2**62)
     try:
         for path, _, _ in jobs:
             ensure_unlocked(path)
         for path, store_class, seed in jobs:
-            result = asyncio.run(rebuild_file(cfg.nats, path, store_class, seed=seed,
+            result = asyncio.run(rebuild_file(nats_cfg, path, store_class, seed=seed,
                                               fold_bytes=cfg.catalog.rebuild_memory_mib << 20))
             rate = result.events / result.seconds if result.seconds else 0.0
             print(f"{what} rebuilt: {result.path}: {result.events} events up to sequence {result.last_seq} "
                   f"in {result.seconds:.1f}s ({rate:.0f} events/s)")
-    except StoreInUse as exc:
-        print(f"switchyard: {exc}", file=sys.stderr)
+    except (StoreInUse, LogTruncated) as exc:
+        print(f"switchyard: {exc}; {path} not changed", file=sys.stderr)
         return 1
     except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
         print(f"switchyard: cannot read the log from {cfg.nats.url} ({type(exc).__name__}); "
@@ -195,7 +198,8 @@ def _rebuild(cfg: Config, what: str, jobs: list[tuple[Path, type, object]]) -> i
 def cmd_catalog_rebuild(args: argparse.Namespace, cfg: Config) -> int:
     from shared.readmodel.catalog import CatalogStore
 
-    return _rebuild(cfg, "catalog", [(Path(args.db or cfg.catalog.db_path), CatalogStore, None)])
+    return _rebuild(cfg, "catalog", [(Path(args.db or cfg.catalog.db_path), CatalogStore, None)],
+                    args.accept_log_loss)
 
 
 def cmd_probe_rebuild(args: argparse.Namespace, cfg: Config) -> int:
@@ -207,7 +211,7 @@ def cmd_probe_rebuild(args: argparse.Namespace, cfg: Config) -> int:
     return _rebuild(cfg, "probe store", [
         (verify_db, ProbeStore, lambda store: store.carry_node_state(verify_db)),
         (Path(args.catalog_db or cfg.probe.catalog_db_path), CatalogStore, None),
-    ])
+    ], args.accept_log_loss)
 
 
 def cmd_audit_export(args: argparse.Namespace, cfg: Config) -> int:
@@ -236,9 +240,15 @@ async def _nodes(args: argparse.Namespace, cfg: Config) -> int:
     except asyncio.TimeoutError:
         print(f"switchyard: NATS not reachable at {cfg.nats.url}", file=sys.stderr)
         return 1
+    from shared.readmodel.replay import LogTruncated
+
     try:
         await bus.ensure_streams()
-        pool = await membership.load(bus, cfg.nodes, cfg.node_credentials)
+        try:
+            pool = await membership.load(bus, cfg.nodes, cfg.node_credentials)
+        except LogTruncated as exc:
+            print(f"switchyard: {exc}", file=sys.stderr)
+            return 1
         if args.action == "list":
             print(f"{'node':<16} {'state':<8} {'dicom':<28} rest")
             for node_id, m in sorted(pool.members.items()):
@@ -282,6 +292,10 @@ def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
     return asyncio.run(_nodes(args, cfg))
 
 
+ACCEPT_LOSS_HELP = ("rebuild from what the log still holds even if it was purged or truncated "
+                    "(events before its first sequence are lost); without it such a rebuild stops with an error")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchyard", description="Switchyard DICOM router")
     parser.add_argument("--config", help="TOML config file (default: $SWITCHYARD_CONFIG or built-in defaults)")
@@ -302,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p = catalog_sub.add_parser("rebuild", help="replay the log from sequence 1 into a fresh file and swap it in; "
                                               "refuses while the catalog service holds the file")
     p.add_argument("--db", help="catalog DuckDB file (default: catalog.db_path)")
+    p.add_argument("--accept-log-loss", action="store_true", help=ACCEPT_LOSS_HELP)
     p.set_defaults(func=cmd_catalog_rebuild)
     p = sub.add_parser("probe", help="probe maintenance")
     probe_sub = p.add_subparsers(dest="probe_command", required=True)
@@ -310,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "probe service holds them")
     p.add_argument("--db", help="verification DuckDB file (default: probe.db_path)")
     p.add_argument("--catalog-db", help="front door DuckDB file (default: probe.catalog_db_path)")
+    p.add_argument("--accept-log-loss", action="store_true", help=ACCEPT_LOSS_HELP)
     p.set_defaults(func=cmd_probe_rebuild)
     p = sub.add_parser("audit", help="audit exports")
     audit_sub = p.add_subparsers(dest="audit_command", required=True)

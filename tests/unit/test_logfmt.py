@@ -157,3 +157,14 @@ def test_pynetdicom_records_go_through_the_root_formatter() -> None:
     lines = out.stderr.splitlines()
     assert len(lines) == 2, out.stderr
     assert all(" svc " in ln for ln in lines)
+
+
+def test_uncaught_exception_goes_through_the_formatter() -> None:
+    code = (
+        "from shared.telemetry import setup_logging; setup_logging('svc');"
+        "import pydicom.valuerep; pydicom.valuerep.IS('Sentinel^P\\u00e4tient\\nforged')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "Sentinel" not in out.stderr
+    assert _records(out.stderr)[0].split()[1:4] == ["CRITICAL", "svc", "switchyard.crash:"], out.stderr
