@@ -167,4 +167,6 @@ def test_uncaught_exception_goes_through_the_formatter() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "Sentinel" not in out.stderr
-    assert _records(out.stderr)[0].split()[1:4] == ["CRITICAL", "svc", "switchyard.crash:"], out.stderr
+    records = _records(out.stderr)
+    assert all(" svc " in r for r in records), out.stderr  # pydicom's own warning too, not raw
+    assert records[-1].split()[1:4] == ["CRITICAL", "svc", "switchyard.crash:"], out.stderr
