@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
@@ -18,19 +17,13 @@ from prometheus_client import CollectorRegistry
 
 from shared.bus import Bus
 from shared.config import Config
+from shared.fsmode import private_umask
 from shared.telemetry import setup_logging, setup_tracing, start_metrics
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Files 0600, directories 0700: stores, spools, blobs and configs hold patient data or secrets.
-PRIVATE_UMASK = 0o077
-
-
-def private_files() -> None:
-    """Create every file and directory of this process (and its children) owner-only."""
-    os.umask(PRIVATE_UMASK)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -39,9 +32,9 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     Every service is a loop of small socket reads and writes (NATS, DICOM,
     HTTP); libuv's loop and transports spend less CPU on each than asyncio's
     selector loop written in Python (docs/benchmarks.md, "placement").
-    Files are created owner-only from here on (``private_files``).
+    Files are created owner-only from here on (shared.fsmode).
     """
-    private_files()
+    private_umask()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
@@ -27,6 +28,8 @@ import msgspec
 
 from switchyard import stack as ls
 from shared.config import Config, ConfigError, load_config
+from shared.fsmode import PRIVATE_DIR, private_dir, private_umask
+from shared.telemetry import setup_logging
 
 
 def with_data_dir(cfg: Config, data_dir: Path) -> Config:
@@ -106,7 +109,8 @@ def run_demo(cfg: Config, work_dir: Path, out: IO[str] = sys.stdout, timeout: fl
 
 
 def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
-    data_dir = Path(args.data_dir).resolve()
+    data_dir = private_dir(Path(args.data_dir).resolve())
+    os.chmod(data_dir, PRIVATE_DIR)  # ours: secrets and patient data below (an existing ./var too)
     cfg = with_data_dir(cfg, data_dir)
     missing = [name for name, ok in ls.tool_available().items() if not ok]
     if missing:
@@ -127,7 +131,9 @@ def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
         print(
             f"\nswitchyard: up. DICOM {cfg.ingest.ae_title}@127.0.0.1:{cfg.ingest.port}; catalog "
             f"http://{cfg.catalog.http_host}:{cfg.catalog.http_port}/api/studies (Bearer token in config); "
-            f"nodes {', '.join(f'{n.id} {n.rest_url}' for n in cfg.nodes)}; config {config_path}\n",
+            f"nodes {', '.join(f'{n.id} {n.rest_url}' for n in cfg.nodes)}; config {config_path}\n"
+            f"switchyard: credentials (owner-only files): API token and node passwords in {config_path}, "
+            f"Orthanc configs in {data_dir / 'orthanc'}\n",
             flush=True,
         )
         if args.demo:
@@ -151,14 +157,30 @@ def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+# A config field whose name contains one of these holds a secret: printed masked, whatever section
+# it is in (fields added later, e.g. NATS credentials, are covered without a change here).
+SECRET_FIELD_WORDS = ("password", "token", "secret", "seed", "nkey", "private")
+
+
+def mask_secrets(data: object) -> object:
+    """The config as builtins with every secret-named string field replaced by ``***`` (paths are kept)."""
+    if isinstance(data, dict):
+        return {k: "***" if isinstance(v, str) and v and _secret_field(k) else mask_secrets(v)
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [mask_secrets(v) for v in data]
+    return data
+
+
+def _secret_field(name: str) -> bool:
+    name = name.lower()
+    if name.endswith(("_file", "_path", "_dir")):
+        return False  # a location, not a value
+    return any(word in name for word in SECRET_FIELD_WORDS)
+
+
 def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
-    data = msgspec.to_builtins(cfg)
-    for node in data["nodes"]:
-        node["password"] = "***"
-    data["blobs"]["s3_secret_key"] = "***"
-    data["catalog"]["token"] = "***"
-    data["node_credentials"]["password"] = "***"
-    print(json.dumps(data, indent=2))
+    print(json.dumps(mask_secrets(msgspec.to_builtins(cfg)), indent=2))
     return 0
 
 
@@ -355,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     nsub.add_parser("list", help="the pool as the log says it is")
     p.set_defaults(func=cmd_nodes)
     args = parser.parse_args(argv)
+    # Owner-only files (rebuilt stores, audit exports, the stack's data); library log records
+    # (nats, asyncio) through the one formatter, warnings and errors only: the CLI prints its own.
+    private_umask()
+    setup_logging("cli", "WARNING")
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
