@@ -27,7 +27,7 @@ import time
 import traceback
 import warnings
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 # Where an exception's text may hold bytes from the wire or a file (element
 # values, request lines): such exceptions are logged by type and tag only.
@@ -163,8 +163,11 @@ def render_message(record: logging.LogRecord) -> str:
         args = tuple(_sanitise_arg(a) for a in args)
     elif isinstance(args, dict):
         args = {k: _sanitise_arg(v) for k, v in args.items()}
-    msg = record.msg if isinstance(record.msg, str) else (
-        describe_exception(record.msg) if isinstance(record.msg, BaseException) else str(record.msg))
+    msg = (
+        record.msg
+        if isinstance(record.msg, str)
+        else (describe_exception(record.msg) if isinstance(record.msg, BaseException) else str(record.msg))
+    )
     if args:
         try:
             msg = msg % args
@@ -209,7 +212,7 @@ class SwitchyardFormatter(logging.Formatter):
         return "\n".join(format_exception_lines(exc)) if exc is not None else ""
 
 
-def install(service: str, level: str = "INFO") -> logging.Handler:
+def install(service: str, level: str = "INFO") -> logging.StreamHandler[TextIO]:
     """Replace the root logger's handlers with one stderr handler using SwitchyardFormatter.
 
     Every logger propagates to the root, so this formats pynetdicom's and
@@ -247,16 +250,26 @@ def _route_uncaught() -> None:
         if args.exc_value is None or issubclass(args.exc_type, SystemExit):
             return
         name = args.thread.name if args.thread is not None else "?"
-        crash.critical("thread %s stopped by an unhandled %s", name, args.exc_type.__qualname__,
-                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        crash.critical(
+            "thread %s stopped by an unhandled %s",
+            name,
+            args.exc_type.__qualname__,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )
 
     sys.excepthook = hook
     threading.excepthook = thread_hook
     warnings.showwarning = _show_warning
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: Any = None, line: str | None = None) -> None:
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
     """Warnings become records of ``py.warnings``; one raised inside a value-bearing library is withheld."""
     where = filename.replace("\\", "/")
     text = str(message)

@@ -66,8 +66,14 @@ def purge(stack: Stack) -> None:
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SWITCHYARD_CONFIG": str(stack.config_path)}
-    return subprocess.run([sys.executable, "-m", "switchyard", *args], env=env, capture_output=True, text=True,
-                          timeout=DEADLINE, cwd=ls.REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "switchyard", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        cwd=ls.REPO,
+    )
 
 
 def test_check_log_holds_rules():
@@ -118,8 +124,9 @@ def test_live_follower_stops_on_a_purged_log(nats_only, tmp_path):
             assert await replay_into(store, bus) == 8
             fresh = CatalogStore(str(tmp_path / "fresh.duckdb"))
             try:
-                with pytest.raises(LogTruncated, match=f"needs stream sequence 1 but the log now starts at "
-                                                       f"{INSTANCES * 4 + 1}"):
+                with pytest.raises(
+                    LogTruncated, match=f"needs stream sequence 1 but the log now starts at {INSTANCES * 4 + 1}"
+                ):
                     await asyncio.wait_for(keep_up(fresh, bus, 100, asyncio.Event()), DEADLINE)
             finally:
                 fresh.close()
@@ -131,10 +138,15 @@ def test_live_follower_stops_on_a_purged_log(nats_only, tmp_path):
 
 
 def spawn_service(stack: Stack, service: str) -> ls.Proc:
-    env = {**os.environ, "SWITCHYARD_CONFIG": str(stack.config_path), "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": str(ls.REPO)}
-    return ls.spawn(service, [sys.executable, "-m", f"services.{service}"], env,
-                    stack.data_dir / "logs" / f"{service}.log")
+    env = {
+        **os.environ,
+        "SWITCHYARD_CONFIG": str(stack.config_path),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(ls.REPO),
+    }
+    return ls.spawn(
+        service, [sys.executable, "-m", f"services.{service}"], env, stack.data_dir / "logs" / f"{service}.log"
+    )
 
 
 @pytest.mark.parametrize("service", ["catalog", "scheduler"])

@@ -23,7 +23,7 @@ import msgspec
 import pydicom
 import pytest
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from shared.logfmt import escape
 from switchyard import stack as ls
@@ -71,8 +71,7 @@ def scanned(orthanc_nodes, tmp_path_factory):
 
 
 def sentinel_studies(dest: Path) -> list[Path]:
-    files = generate_studies(dest, studies=2, series_per_study=1, instances_per_series=3, seed=4242,
-                             rows=16, cols=16)
+    files = generate_studies(dest, studies=2, series_per_study=1, instances_per_series=3, seed=4242, rows=16, cols=16)
     for path in files:
         ds = pydicom.dcmread(path)
         ds.SpecificCharacterSet = "ISO_IR 192"
@@ -88,11 +87,11 @@ def malformed_dataset(dest: Path) -> tuple[pydicom.Dataset, bytes]:
     """A dataset whose PatientID is encoded as UL with 6 bytes (not a multiple of 4)."""
     from pynetdicom.dsutils import encode
 
-    (path,) = generate_studies(dest, studies=1, series_per_study=1, instances_per_series=1, seed=4343,
-                               rows=16, cols=16)
+    (path,) = generate_studies(dest, studies=1, series_per_study=1, instances_per_series=1, seed=4343, rows=16, cols=16)
     ds = pydicom.dcmread(path)
     ds.PatientID = "PLACEHOLD1"
     raw = encode(ds, False, True)
+    assert raw is not None
     element = b"\x10\x00\x20\x00LO\x0a\x00PLACEHOLD1"
     assert raw.count(element) == 1
     return ds, raw.replace(element, b"\x10\x00\x20\x00UL\x06\x00" + BAD_PATIENT_ID)
@@ -112,9 +111,10 @@ def send_raw_store(stack: Stack, ds: pydicom.Dataset, raw: bytes) -> None:
     assert assoc.is_established
     try:
         cx = assoc.accepted_contexts[0]
+        assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+        assert cx.context_id is not None and assoc.acceptor.maximum_length is not None
         sock = assoc.dul.socket.socket
-        for pdu in store_pdus(ds, ds.SOPInstanceUID, cx.context_id, min(assoc.acceptor.maximum_length, 16384),
-                              raw=raw):
+        for pdu in store_pdus(ds, ds.SOPInstanceUID, cx.context_id, min(assoc.acceptor.maximum_length, 16384), raw=raw):
             sock.sendall(pdu)
         wait_for(lambda: answered(stack) > before, timeout=20, what="the malformed store answered")
     finally:
@@ -135,8 +135,10 @@ def raw_exchange(port: int, data: bytes, timeout: float = 15.0) -> bytes:
 
 
 def http_get(stack: Stack, path: str) -> int:
-    req = urllib.request.Request(f"http://127.0.0.1:{stack.cfg.catalog.http_port}{path}",
-                                 headers={"Authorization": f"Bearer {stack.cfg.catalog.token}"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{stack.cfg.catalog.http_port}{path}",
+        headers={"Authorization": f"Bearer {stack.cfg.catalog.token}"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=5) as rsp:
             return rsp.status
@@ -145,8 +147,12 @@ def http_get(stack: Stack, path: str) -> int:
 
 
 def metrics_pages(stack: Stack) -> dict[str, str]:
-    return {s: urllib.request.urlopen(f"http://127.0.0.1:{ls.metrics_port(stack.cfg, s)}/metrics",
-                                      timeout=5).read().decode(errors="replace") for s in ls.SERVICES}
+    return {
+        s: urllib.request.urlopen(f"http://127.0.0.1:{ls.metrics_port(stack.cfg, s)}/metrics", timeout=5)
+        .read()
+        .decode(errors="replace")
+        for s in ls.SERVICES
+    }
 
 
 def data_logs(stack: Stack) -> dict[str, str]:
@@ -171,22 +177,33 @@ def test_no_sentinel_in_logs_metrics_or_spans(scanned: Stack, tmp_path):
     ds, raw = malformed_dataset(tmp_path / "malformed")
     send_raw_store(scanned, ds, raw)
     raw_exchange(scanned.cfg.ingest.port, b"GET /?patient_id=QXQUERY HTTP/1.1\r\n\r\n" + bytes(range(256)) * 8)
-    raw_exchange(scanned.cfg.ingest.port,
-                 associate_rq(b"EV\n" + FORGED.encode(), scanned.cfg.ingest.ae_title.encode(), CTImageStorage))
+    raw_exchange(
+        scanned.cfg.ingest.port,
+        associate_rq(b"EV\n" + FORGED.encode(), scanned.cfg.ingest.ae_title.encode(), CTImageStorage),
+    )
     # HTTP: patient fields in the query string, well-formed and malformed requests.
     assert http_get(scanned, "/api/studies?patient_id=QXQUERY1&accession=QXQUERY2") in (200, 400, 403, 404)
-    raw_exchange(scanned.cfg.catalog.http_port,
-                 b"GET /api/studies?patient_id=QXQUERY3 HTTP/1.1\r\nHost: x\r\nBad\x01Header: QXQUERY4\r\n\r\n")
+    raw_exchange(
+        scanned.cfg.catalog.http_port,
+        b"GET /api/studies?patient_id=QXQUERY3 HTTP/1.1\r\nHost: x\r\nBad\x01Header: QXQUERY4\r\n\r\n",
+    )
     raw_exchange(scanned.cfg.catalog.http_port, b"GET /api/studies?patient_id=QXQUERY5\x00 HTTP/9.9\r\n\r\n")
 
     # Every association above has ended (and been logged) before the logs are read.
-    wait_for(lambda: scanned.metric("ingest", "switchyard_ingest_open_associations") == 0, timeout=30,
-             what="open associations back to 0")
+    wait_for(
+        lambda: scanned.metric("ingest", "switchyard_ingest_open_associations") == 0,
+        timeout=30,
+        what="open associations back to 0",
+    )
     logs = data_logs(scanned)
     assert any('"trace_id"' in text for text in logs.values()), "no span was exported: the scan would be blind"
     pages = metrics_pages(scanned)
-    found = [(where, form) for where, text in {**logs, **{f"/metrics {k}": v for k, v in pages.items()}}.items()
-             for form in SENTINEL_FORMS if form in text]
+    found = [
+        (where, form)
+        for where, text in {**logs, **{f"/metrics {k}": v for k, v in pages.items()}}.items()
+        for form in SENTINEL_FORMS
+        if form in text
+    ]
     assert not found, found
 
     # Log injection: the AE's newline did not start a line of its own.

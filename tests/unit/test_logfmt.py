@@ -109,9 +109,11 @@ def test_wrapper_copying_its_pydicom_cause_is_withheld(captured: io.StringIO) ->
 def test_bytes_length_exception_keeps_the_tag() -> None:
     from pydicom.errors import BytesLengthException
 
-    exc = BytesLengthException(f"Expected total bytes to be an even multiple of bytes per value. "
-                               f"Instead received b'{SECRET}' with length 17 and struct format 'H' "
-                               f"for tag (0010, 0020)")
+    exc = BytesLengthException(
+        f"Expected total bytes to be an even multiple of bytes per value. "
+        f"Instead received b'{SECRET}' with length 17 and struct format 'H' "
+        f"for tag (0010, 0020)"
+    )
     text = describe_exception(exc)
     assert SECRET not in text
     assert text.startswith("BytesLengthException (tag (0010,0020))")
@@ -124,7 +126,7 @@ def test_other_exceptions_keep_their_escaped_message() -> None:
 
 def test_traceback_continuations_and_exception_group(captured: io.StringIO) -> None:
     try:
-        raise ExceptionGroup("two", [RuntimeError("one\nline"), _pydicom_value_error()])  # type: ignore[list-item]
+        raise ExceptionGroup("two", [RuntimeError("one\nline"), _pydicom_value_error()])  # type: ignore[type-var]
     except ExceptionGroup:
         logging.getLogger("x").exception("group")
     text = captured.getvalue()
