@@ -109,6 +109,10 @@ def test_rebuild_after_purge_fails_fast_then_accepts_the_loss(nats_only, tmp_pat
     assert "purged or truncated" in failed.stderr and "--accept-log-loss" in failed.stderr
     accepted = cli(nats_only, "catalog", "rebuild", "--db", str(db), "--accept-log-loss")
     assert accepted.returncode == 0, accepted.stderr
+    probe = cli(
+        nats_only, "probe", "rebuild", "--db", str(tmp_path / "p.duckdb"), "--catalog-db", str(tmp_path / "pc.duckdb")
+    )
+    assert probe.returncode == 1 and "purged or truncated" in probe.stderr, probe.stdout + probe.stderr
 
 
 def test_live_follower_stops_on_a_purged_log(nats_only, tmp_path):
@@ -149,7 +153,7 @@ def spawn_service(stack: Stack, service: str) -> ls.Proc:
     )
 
 
-@pytest.mark.parametrize("service", ["catalog", "scheduler"])
+@pytest.mark.parametrize("service", ["catalog", "scheduler", "probe"])
 def test_service_exits_non_zero_on_a_purged_log(nats_only, service):
     async def fill() -> None:
         bus = await connect(nats_only)
