@@ -160,7 +160,8 @@ def render_message(record: logging.LogRecord) -> str:
             return _withheld("")
     args: Any = record.args
     if isinstance(args, tuple):
-        args = tuple(_sanitise_arg(a) for a in args)
+        if any(isinstance(a, BaseException) for a in args):
+            args = tuple(_sanitise_arg(a) for a in args)
     elif isinstance(args, dict):
         args = {k: _sanitise_arg(v) for k, v in args.items()}
     msg = (
@@ -182,12 +183,15 @@ class SwitchyardFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
         super().__init__()
         self.service = escape(service)
+        self._second, self._stamp = -1, ""
 
     def format_fields(self, record: logging.LogRecord) -> dict[str, Any]:
         """The record's sanitised fields: what any rendering (text, JSON) may print."""
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        second = int(record.created)
+        if second != self._second:  # strftime once per second, not per record
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         fields: dict[str, Any] = {
-            "time": f"{ts}.{int(record.msecs):03d}Z",
+            "time": f"{self._stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "service": self.service,
             "logger": escape(record.name),

@@ -377,10 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     nsub.add_parser("list", help="the pool as the log says it is")
     p.set_defaults(func=cmd_nodes)
     args = parser.parse_args(argv)
-    # Owner-only files (rebuilt stores, audit exports, the stack's data); library log records
-    # (nats, asyncio) through the one formatter, warnings and errors only: the CLI prints its own.
-    private_umask()
-    setup_logging("cli", "WARNING")
+    if argv is None:  # the command itself, not a test calling main() in its own process
+        # Owner-only files (rebuilt stores, audit exports, the stack's data); library log records
+        # (nats, asyncio) through the one formatter, warnings and errors only: the CLI prints its own.
+        private_umask()
+        setup_logging("cli", "WARNING")
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
