@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import stat
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -146,6 +147,16 @@ def http_get(stack: Stack, path: str) -> int:
         return exc.code
 
 
+def qr_find(stack: Stack, keys: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """DCMTK findscu at STUDY level (study root) against the probe's Q/R front door."""
+    p = stack.cfg.probe
+    args = ["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID="]
+    for k, v in keys.items():
+        args += ["-k", f"{k}={v}"]
+    argv = [str(ls.DCMTK_BIN / "findscu"), "-aet", "SCANSCU", "-aec", p.qr_ae_title, *args, "127.0.0.1", str(p.qr_port)]
+    return subprocess.run(argv, env=ls.dicom_env(), capture_output=True, text=True, errors="replace", timeout=60)
+
+
 def metrics_pages(stack: Stack) -> dict[str, str]:
     return {
         s: urllib.request.urlopen(f"http://127.0.0.1:{ls.metrics_port(stack.cfg, s)}/metrics", timeout=5)
@@ -189,15 +200,26 @@ def test_no_sentinel_in_logs_metrics_or_spans(scanned: Stack, tmp_path):
     )
     raw_exchange(scanned.cfg.catalog.http_port, b"GET /api/studies?patient_id=QXQUERY5\x00 HTTP/9.9\r\n\r\n")
 
+    # Q/R: patient values as query keys (matching, and a malformed date range); refused or answered,
+    # the keys must not be logged.
+    for keys in (
+        {"PatientName": "Qxzentinel*", "PatientID": "QXPID*", "AccessionNumber": ""},
+        {"PatientBirthDate": "QXQUERY6\n-1877", "PatientID": "QXQUERY7\x1b"},
+    ):
+        qr_find(scanned, keys)
+
     # Every association above has ended (and been logged) before the logs are read.
     wait_for(
         lambda: scanned.metric("ingest", "switchyard_ingest_open_associations") == 0,
         timeout=30,
         what="open associations back to 0",
     )
+    pages = metrics_pages(scanned)
+    # Stopping the services flushes their span processors: every span is in the logs after this.
+    for service in ls.SERVICES:
+        scanned.stop(service)
     logs = data_logs(scanned)
     assert any('"trace_id"' in text for text in logs.values()), "no span was exported: the scan would be blind"
-    pages = metrics_pages(scanned)
     found = [
         (where, form)
         for where, text in {**logs, **{f"/metrics {k}": v for k, v in pages.items()}}.items()
