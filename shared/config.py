@@ -42,6 +42,10 @@ class NatsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tls_key_file: str = ""
     # Reply inbox per identity, so no identity may subscribe to another's replies.
     inbox_prefix: str = "_INBOX_{identity}"
+    # 0: a log purged or truncated under a store stops it (exit non-zero). N: the
+    # operator accepts that the events stream now starts at sequence N (what came
+    # before is lost); stores and membership start from what the log still holds.
+    accepted_log_start: int = 0
 
 
 class BlobConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

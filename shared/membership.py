@@ -23,6 +23,7 @@ from typing import Any
 from shared import events as ev
 from shared.bus import SUBJECT_NODE_STATE_ALL, Bus
 from shared.config import NodeConfig, NodeCredentials
+from shared.readmodel.replay import LogTruncated, ensure_log_holds
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,13 @@ def transition(member: Member | None, node_id: str, state: ev.NodeState | str, r
 
 async def load(bus: Bus, seed: list[NodeConfig], credentials: NodeCredentials | None = None) -> Pool:
     """The pool as of now: the config seed plus every state event in the log."""
+    # Membership is rebuilt from sequence 1 each time: a purged log would silently
+    # forget added, drained and removed nodes (LogTruncated says what to do).
+    try:
+        await ensure_log_holds(bus, "membership", 0)
+    except LogTruncated as exc:
+        log.error("%s", exc)
+        raise
     pool = Pool(seed, credentials)
     async for d in bus.replay(SUBJECT_NODE_STATE_ALL):
         if isinstance(d.event, ev.NodeStateChangedV1):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import NatsConfig
+from shared.fsmode import write_private  # seeds and the auth include: 0600 from the start
 
 SERVICES = ("ingest", "scheduler", "forwarder", "probe", "catalog")
 IDENTITIES = (*SERVICES, "admin")
@@ -157,14 +158,6 @@ def sign_nonce(seed: bytes, nonce: str) -> str:
 def _private_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Create a file readable by its owner only (0600 from the start, never world-readable)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
 
 
 @dataclass(frozen=True)

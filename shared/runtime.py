@@ -17,11 +17,13 @@ from prometheus_client import CollectorRegistry
 
 from shared.bus import Bus
 from shared.config import Config
+from shared.fsmode import private_umask
 from shared.telemetry import setup_logging, setup_tracing, start_metrics
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -30,7 +32,9 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     Every service is a loop of small socket reads and writes (NATS, DICOM,
     HTTP); libuv's loop and transports spend less CPU on each than asyncio's
     selector loop written in Python (docs/benchmarks.md, "placement").
+    Files are created owner-only from here on (shared.fsmode).
     """
+    private_umask()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
 

@@ -8,7 +8,6 @@ accession numbers never are.
 from __future__ import annotations
 
 import logging
-import sys
 from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
@@ -17,6 +16,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, start_http_server
+
+from shared.logfmt import install as install_log_formatter
 
 if TYPE_CHECKING:
     import threading
@@ -28,12 +29,8 @@ _propagator = TraceContextTextMapPropagator()
 
 
 def setup_logging(service: str, level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)-7s {service} %(name)s: %(message)s",
-        force=True,
-    )
+    """Install the one formatter (shared.logfmt) on the root logger: every logger goes through it."""
+    install_log_formatter(service, level)
     # pynetdicom logs dataset summaries (patient names among them) at DEBUG/INFO.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
@@ -29,6 +30,8 @@ import msgspec
 
 from switchyard import stack as ls
 from shared.config import Config, ConfigError, load_config
+from shared.fsmode import PRIVATE_DIR, private_dir, private_umask
+from shared.telemetry import setup_logging
 
 if TYPE_CHECKING:
     from shared.readmodel.store import ProjectionStore
@@ -113,7 +116,8 @@ def run_demo(cfg: Config, work_dir: Path, out: IO[str] = sys.stdout, timeout: fl
 
 
 def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
-    data_dir = Path(args.data_dir).resolve()
+    data_dir = private_dir(Path(args.data_dir).resolve())
+    os.chmod(data_dir, PRIVATE_DIR)  # ours: secrets and patient data below (an existing ./var too)
     cfg = ls.open_dev_qr(with_data_dir(cfg, data_dir), sys.stdout)
     cfg, tokens_path = ls.catalog_credentials(cfg, data_dir)
     missing = [name for name, ok in ls.tool_available().items() if not ok]
@@ -169,20 +173,36 @@ def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+# A config field whose name contains one of these holds a secret: printed masked, whatever section
+# it is in (fields added later, e.g. NATS credentials, are covered without a change here).
+SECRET_FIELD_WORDS = ("password", "token", "secret", "seed", "nkey", "private")
+
+
+def mask_secrets(data: object) -> object:
+    """The config as builtins with every secret-named string field replaced by ``***`` (paths are kept)."""
+    if isinstance(data, dict):
+        return {k: "***" if isinstance(v, str) and v and _secret_field(k) else mask_secrets(v)
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [mask_secrets(v) for v in data]
+    return data
+
+
+def _secret_field(name: str) -> bool:
+    name = name.lower()
+    if name.endswith(("_file", "_path", "_dir")):
+        return False  # a location, not a value
+    return any(word in name for word in SECRET_FIELD_WORDS)
+
+
 def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
-    data = msgspec.to_builtins(cfg)
-    for node in data["nodes"]:
-        node["password"] = "***"
-    data["blobs"]["s3_secret_key"] = "***"
-    if data["catalog"]["token"]:
-        data["catalog"]["token"] = "***"
-    data["node_credentials"]["password"] = "***"
-    print(json.dumps(data, indent=2))
+    print(json.dumps(mask_secrets(msgspec.to_builtins(cfg)), indent=2))
     return 0
 
 
 def _rebuild(cfg: Config, what: str,
-             jobs: list[tuple[Path, Callable[[Path], ProjectionStore], Callable[[Any], None] | None]]) -> int:
+             jobs: list[tuple[Path, Callable[[Path], ProjectionStore], Callable[[Any], None] | None]],
+             accept_log_loss: bool = False) -> int:
     """Rebuild store files from the log, each swapped in atomically: (path, store class, seed or None).
 
     Every file is checked first, so none is rebuilt while the service holds any of them.
@@ -192,19 +212,22 @@ def _rebuild(cfg: Config, what: str,
     import nats.errors
 
     from shared.natsauth import NoCredentials
-    from shared.readmodel.replay import StoreInUse, ensure_unlocked, rebuild_file
+    from shared.readmodel.replay import LogTruncated, StoreInUse, ensure_unlocked, rebuild_file
 
+    nats_cfg = cfg.nats
+    if accept_log_loss:  # rebuild from whatever the log still holds
+        nats_cfg = msgspec.structs.replace(nats_cfg, accepted_log_start=2**62)
     try:
         for path, _, _ in jobs:
             ensure_unlocked(path)
         for path, store_class, seed in jobs:
-            result = asyncio.run(rebuild_file(cfg.nats, path, store_class, seed=seed,
+            result = asyncio.run(rebuild_file(nats_cfg, path, store_class, seed=seed,
                                               fold_bytes=cfg.catalog.rebuild_memory_mib << 20))
             rate = result.events / result.seconds if result.seconds else 0.0
             print(f"{what} rebuilt: {result.path}: {result.events} events up to sequence {result.last_seq} "
                   f"in {result.seconds:.1f}s ({rate:.0f} events/s)")
-    except StoreInUse as exc:
-        print(f"switchyard: {exc}", file=sys.stderr)
+    except (StoreInUse, LogTruncated) as exc:
+        print(f"switchyard: {exc}; {path} not changed", file=sys.stderr)
         return 1
     except (OSError, asyncio.TimeoutError, nats.errors.Error, NoCredentials) as exc:
         print(f"switchyard: cannot read the log from {cfg.nats.url} ({type(exc).__name__}); "
@@ -216,7 +239,8 @@ def _rebuild(cfg: Config, what: str,
 def cmd_catalog_rebuild(args: argparse.Namespace, cfg: Config) -> int:
     from shared.readmodel.catalog import CatalogStore
 
-    return _rebuild(cfg, "catalog", [(Path(args.db or cfg.catalog.db_path), CatalogStore, None)])
+    return _rebuild(cfg, "catalog", [(Path(args.db or cfg.catalog.db_path), CatalogStore, None)],
+                    args.accept_log_loss)
 
 
 def cmd_probe_rebuild(args: argparse.Namespace, cfg: Config) -> int:
@@ -228,7 +252,7 @@ def cmd_probe_rebuild(args: argparse.Namespace, cfg: Config) -> int:
     return _rebuild(cfg, "probe store", [
         (verify_db, ProbeStore, lambda store: store.carry_node_state(verify_db)),
         (Path(args.catalog_db or cfg.probe.catalog_db_path), CatalogStore, None),
-    ])
+    ], args.accept_log_loss)
 
 
 def cmd_audit_export(args: argparse.Namespace, cfg: Config) -> int:
@@ -262,9 +286,15 @@ async def _nodes(args: argparse.Namespace, cfg: Config) -> int:
     except NoCredentials as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 1
+    from shared.readmodel.replay import LogTruncated
+
     try:
         await bus.ensure_streams()
-        pool = await membership.load(bus, cfg.nodes, cfg.node_credentials)
+        try:
+            pool = await membership.load(bus, cfg.nodes, cfg.node_credentials)
+        except LogTruncated as exc:
+            print(f"switchyard: {exc}", file=sys.stderr)
+            return 1
         if args.action == "list":
             print(f"{'node':<16} {'state':<8} {'dicom':<28} rest")
             for node_id, m in sorted(pool.members.items()):
@@ -339,6 +369,10 @@ def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
     return asyncio.run(_nodes(args, cfg))
 
 
+ACCEPT_LOSS_HELP = ("rebuild from what the log still holds even if it was purged or truncated "
+                    "(events before its first sequence are lost); without it such a rebuild stops with an error")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchyard", description="Switchyard DICOM router")
     parser.add_argument("--config", help="TOML config file (default: $SWITCHYARD_CONFIG or built-in defaults)")
@@ -359,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     p = catalog_sub.add_parser("rebuild", help="replay the log from sequence 1 into a fresh file and swap it in; "
                                               "refuses while the catalog service holds the file")
     p.add_argument("--db", help="catalog DuckDB file (default: catalog.db_path)")
+    p.add_argument("--accept-log-loss", action="store_true", help=ACCEPT_LOSS_HELP)
     p.set_defaults(func=cmd_catalog_rebuild)
     p = sub.add_parser("probe", help="probe maintenance")
     probe_sub = p.add_subparsers(dest="probe_command", required=True)
@@ -367,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "probe service holds them")
     p.add_argument("--db", help="verification DuckDB file (default: probe.db_path)")
     p.add_argument("--catalog-db", help="front door DuckDB file (default: probe.catalog_db_path)")
+    p.add_argument("--accept-log-loss", action="store_true", help=ACCEPT_LOSS_HELP)
     p.set_defaults(func=cmd_probe_rebuild)
     p = sub.add_parser("audit", help="audit exports")
     audit_sub = p.add_subparsers(dest="audit_command", required=True)
@@ -405,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     nsub.add_parser("list", help="the pool as the log says it is")
     p.set_defaults(func=cmd_nodes)
     args = parser.parse_args(argv)
+    if argv is None:  # the command itself, not a test calling main() in its own process
+        # Owner-only files (rebuilt stores, audit exports, the stack's data); library log records
+        # (nats, asyncio) through the one formatter, warnings and errors only: the CLI prints its own.
+        private_umask()
+        setup_logging("cli", "WARNING")
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import msgspec
 
 from shared.config import CatalogToken, Config, NodeConfig, QRPeer, dump_toml
-from shared.natsauth import write_private
+from shared.fsmode import PRIVATE_UMASK, open_private_append, private_dir, write_private
 from shared.orthanc import OrthancClient, OrthancError, node_config
 
 SERVICES = ("ingest", "scheduler", "forwarder", "probe", "catalog")
@@ -140,15 +140,18 @@ def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path | None
     """
     if console is not None:
         popen = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+                                 stderr=subprocess.STDOUT, start_new_session=True, umask=PRIVATE_UMASK)
         t = threading.Thread(target=_pump, args=(f"{name:>10}", popen.stdout, console), daemon=True)
         t.start()
         return Proc(name, popen, [t])
     assert log_path is not None
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    # Owner-only: the child's files (nats-server's store, Orthanc's storage, DuckDB) and its log.
+    log = open_private_append(log_path)
+    try:
         popen = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                 start_new_session=True)
+                                 start_new_session=True, umask=PRIVATE_UMASK)
+    finally:
+        os.close(log)
     return Proc(name, popen)
 
 
@@ -159,8 +162,7 @@ def nats_port(cfg: Config) -> int:
 def start_nats(cfg: Config, data_dir: Path, monitor_port: int, console: IO[str] | None = None,
                timeout: float = 30.0, sync_always: bool = True, extra_conf: str = "") -> Proc:
     """``extra_conf``: more server config (shared.natsauth.server_conf: the auth include, tls)."""
-    store = data_dir / "nats"
-    store.mkdir(parents=True, exist_ok=True)
+    store = private_dir(data_dir / "nats")
     # One server, no replicas: a PubAck must mean "on disk", or a power cut could
     # lose events whose instances were already answered success.
     conf = data_dir / "nats.conf"
@@ -183,10 +185,9 @@ def orthanc_http_port(node: NodeConfig) -> int:
 def start_orthanc(node: NodeConfig, data_dir: Path, console: IO[str] | None = None,
                   timeout: float = 60.0, overrides: dict | None = None) -> Proc:
     home = data_dir / "orthanc" / node.id
-    storage = home / "storage"
-    storage.mkdir(parents=True, exist_ok=True)
-    config_path = home / "orthanc.json"
-    config_path.write_text(json.dumps(node_config(node, storage, orthanc_http_port(node), overrides), indent=2))
+    storage = private_dir(home / "storage")
+    config_path = home / "orthanc.json"  # holds the node's REST passwords
+    write_private(config_path, json.dumps(node_config(node, storage, orthanc_http_port(node), overrides), indent=2))
     env = dicom_env()
     shim = loopback_shim()
     if shim is not None:
@@ -260,9 +261,8 @@ def open_dev_qr(cfg: Config, out: IO[str]) -> Config:
 
 
 def write_config(cfg: Config, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_toml(cfg))
-    return path
+    """The services' config file, 0600: it holds the API token and the nodes' passwords."""
+    return write_private(path, dump_toml(cfg))
 
 
 def metrics_port(cfg: Config, service: str) -> int:
@@ -301,7 +301,7 @@ def tcp_accepts(port: int, host: str = "127.0.0.1") -> bool:
 def start_storescp(port: int, out_dir: Path, log_path: Path, ae_title: str = "STORESCP",
                    timeout: float = 15.0, extra: list[str] | None = None) -> Proc:
     """DCMTK storescp writing every received object to out_dir, accepting all transfer syntaxes."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)
     argv = [str(DCMTK_BIN / "storescp"), "-aet", ae_title, "-od", str(out_dir), "+xa", *(extra or []), str(port)]
     proc = spawn("storescp", argv, dicom_env(), log_path)
     wait_until(lambda: tcp_accepts(port), timeout, "storescp", proc.popen)

@@ -127,3 +127,68 @@ def forwarded_from(p: ev.InstancePlacedV1, at: datetime | None = None) -> ev.Ins
         sop_instance_uid=p.sop_instance_uid, study_instance_uid=p.study_instance_uid, node_id=p.node_id,
         placement_id=p.event_id,
     )
+
+
+# DICOM wire builders (bad input); imports kept local: the event builders above need none.
+
+
+def store_pdus(ds, command_uid: str, context_id: int, max_pdu: int, raw: bytes | None = None) -> list[bytes]:
+    """The encoded P-DATA-TF PDUs of one C-STORE-RQ, written by hand (command, then dataset).
+
+    ``raw``: dataset bytes to send instead of ``ds`` encoded (a malformed dataset).
+    """
+    import io
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+    from pynetdicom.pdu import P_DATA_TF
+
+    prim = C_STORE()
+    prim.MessageID = 7
+    prim.AffectedSOPClassUID = ds.SOPClassUID
+    prim.AffectedSOPInstanceUID = command_uid
+    prim.Priority = 2
+    if raw is None:
+        raw = encode(ds, False, True)
+        assert raw is not None, "pynetdicom could not encode the dataset"
+    prim.DataSet = io.BytesIO(raw)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(prim)
+    pdus = []
+    for p_data in msg.encode_msg(context_id, max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(p_data)
+        pdus.append(pdu.encode())
+    return pdus
+
+
+def associate_rq(
+    calling_ae: bytes,
+    called_ae: bytes,
+    abstract_syntax: str,
+    transfer_syntax: str = "1.2.840.10008.1.2.1",
+    max_pdu: int = 16384,
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU with the AE titles as given, unchecked (control characters included)."""
+    import struct
+
+    def item(kind: int, body: bytes) -> bytes:
+        return struct.pack(">BxH", kind, len(body)) + body
+
+    def ae(title: bytes) -> bytes:
+        return title[:16].ljust(16, b" ")
+
+    context = item(
+        0x20, bytes([1, 0, 0, 0]) + item(0x30, abstract_syntax.encode()) + item(0x40, transfer_syntax.encode())
+    )
+    body = (
+        struct.pack(">HH", 1, 0)
+        + ae(called_ae)
+        + ae(calling_ae)
+        + bytes(32)
+        + item(0x10, b"1.2.840.10008.3.1.1.1")
+        + context
+        + item(0x50, item(0x51, struct.pack(">I", max_pdu)))
+    )
+    return struct.pack(">BxI", 0x01, len(body)) + body

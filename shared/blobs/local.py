@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from shared.blobs.base import CHUNK, BlobNotFound, BlobStore, BlobStoreError, check_key
+from shared.fsmode import private_dir
 
 
 def _fsync_file(path: Path) -> None:
@@ -36,7 +37,7 @@ def _fsync_dir(path: Path) -> None:
 class LocalBlobStore(BlobStore):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)  # blobs are patient data: 0700 dirs, 0600 files (mkstemp)
 
     def _path(self, key: str) -> Path:
         check_key(key)
@@ -45,7 +46,7 @@ class LocalBlobStore(BlobStore):
     def put_file(self, key: str, src: Path) -> None:
         dest = self._path(key)
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(dest.parent)
             fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".incoming-")
             try:
                 with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
@@ -74,7 +75,7 @@ class LocalBlobStore(BlobStore):
         # that exists always holds whole bytes (ingest trusts an existing key).
         dest = self._path(key)
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(dest.parent)
             if not synced:
                 _fsync_file(src)
             os.replace(src, dest)

@@ -10,7 +10,7 @@ from contextlib import aclosing
 import nats.errors
 
 from shared.bus import Bus
-from shared.readmodel.replay import ReplayGap, replay_into
+from shared.readmodel.replay import LogTruncated, ReplayGap, ensure_log_holds, replay_into
 from shared.readmodel.store import ProjectionStore
 
 log = logging.getLogger("switchyard.readmodel.follow")
@@ -37,8 +37,21 @@ async def keep_up(store: ProjectionStore, bus: Bus, follow_batch: int, stop: asy
     projections receives the log once; ``on_beside(last_seq)`` after each of
     its transactions. It is not fed during the bulk catch-up: the follower
     starts from its own last sequence and brings it up.
+
+    A log purged or replaced under either store raises LogTruncated (logged):
+    the service exits non-zero instead of following a log with a hole in it.
     """
     report = on_applied or (lambda n, last: None)
+    try:
+        await _keep_up(store, bus, follow_batch, stop, report, catch_up_batch, linger, beside, on_beside)
+    except LogTruncated as exc:
+        log.error("%s", exc)
+        raise
+
+
+async def _keep_up(store: ProjectionStore, bus: Bus, follow_batch: int, stop: asyncio.Event,
+                   report: Callable[[int, int], None], catch_up_batch: int, linger: float,
+                   beside: ProjectionStore | None, on_beside: Callable[[int], None] | None) -> None:
     while not stop.is_set():
         try:
             applied = await replay_into(store, bus, batch=catch_up_batch, stop=stop)
@@ -48,6 +61,8 @@ async def keep_up(store: ProjectionStore, bus: Bus, follow_batch: int, stop: asy
         start = await asyncio.to_thread(store.last_seq)
         report(applied, start)
         follow_from = start if beside is None else min(start, await asyncio.to_thread(beside.last_seq))
+        if beside is not None:  # the replay checked ``store``; the follower also feeds ``beside``
+            await ensure_log_holds(bus, type(beside).__name__, follow_from)
         async with aclosing(bus.follow_batches(follow_from + 1, follow_batch, 0.2, stop, linger=linger,
                                                decode=beside is not None)) as batches:
             async for batch in batches:

@@ -64,6 +64,48 @@ def ensure_unlocked(path: Path) -> None:
         raise StoreInUse(f"{path} is in use by a running service; stop it before a rebuild") from exc
 
 
+class LogTruncated(RuntimeError):
+    """The log no longer holds what a reader needs: purged, truncated, or replaced under it.
+
+    Waiting would never end (a rebuild waited for events that were gone), and
+    going on would silently skip them: the reader stops with what to do.
+    """
+
+
+def log_start(first_seq: int, last_seq: int, messages: int) -> int:
+    """The first sequence the stream still holds (last_seq + 1 when it is empty)."""
+    return first_seq if messages else last_seq + 1
+
+
+def check_log_holds(what: str, position: int, first_seq: int, last_seq: int, messages: int,
+                    accepted_start: int = 0) -> None:
+    """Raise LogTruncated unless the stream still holds every event after ``position``.
+
+    ``position``: the last sequence ``what`` has applied (0: it reads from the start).
+    ``accepted_start`` (``nats.accepted_log_start``): the operator accepted a log that
+    starts there. A position past the stream's end means the stream was replaced.
+    """
+    if position > last_seq:
+        raise LogTruncated(
+            f"{what} holds the log up to sequence {position} but the stream ends at {last_seq}: "
+            f"the stream was deleted or replaced. Restore it from a backup, or rebuild the store "
+            f"from the log as it is now (switchyard catalog rebuild / probe rebuild)")
+    start = log_start(first_seq, last_seq, messages)
+    if start > position + 1 and start > accepted_start:
+        raise LogTruncated(
+            f"{what} needs stream sequence {position + 1} but the log now starts at {start}: events "
+            f"{position + 1}..{start - 1} were purged or truncated. Restore the stream from a backup, or "
+            f"accept the loss: set nats.accepted_log_start = {start} (SWITCHYARD_NATS__ACCEPTED_LOG_START), "
+            f"or rebuild with --accept-log-loss")
+
+
+async def ensure_log_holds(bus: Bus, what: str, position: int, stream: str | None = None) -> None:
+    """check_log_holds against the stream as the server reports it now."""
+    info = await bus.js.stream_info(stream or bus.cfg.events_stream)
+    st = info.state
+    check_log_holds(what, position, st.first_seq, st.last_seq, st.messages, bus.cfg.accepted_log_start)
+
+
 class ReplayGap(RuntimeError):
     """The reader missed deliveries (it fell too far behind); nothing partial is kept."""
 
@@ -229,13 +271,17 @@ async def replay_into(store: ProjectionStore, bus: Bus, stream: str | None = Non
     """Apply the stream from the store's last sequence + 1 up to ``until_seq`` (default: the end now).
 
     Stops early, between batches, once ``stop`` is set.
+    Raises LogTruncated if the log no longer holds the events after the
+    store's position (purged or replaced), unless ``nats.accepted_log_start`` accepts it.
     """
     stream = stream or bus.cfg.events_stream
     info = await bus.js.stream_info(stream)
-    target = info.state.last_seq if until_seq is None else min(until_seq, info.state.last_seq)
+    st = info.state
+    target = st.last_seq if until_seq is None else min(until_seq, st.last_seq)
     start = await asyncio.to_thread(store.last_seq)
-    if target <= start:
-        return 0
+    check_log_holds(type(store).__name__, start, st.first_seq, st.last_seq, st.messages, bus.cfg.accepted_log_start)
+    if target <= start or log_start(st.first_seq, st.last_seq, st.messages) > target:
+        return 0  # nothing (left) to read: a consumer would wait for deliveries that never come
     applied = 0
     pending: asyncio.Future[int] | None = None
     try:
