@@ -8,6 +8,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from shared.config import Config
@@ -46,7 +47,8 @@ def test_private_dir_leaves_existing_parents_alone(tmp_path: Path) -> None:
 
 
 def test_config_print_masks_every_secret(capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = Config()
+    base = Config()
+    cfg = msgspec.structs.replace(base, catalog=msgspec.structs.replace(base.catalog, token="legacy-secret-token"))
     assert cli.cmd_config(None, cfg) == 0  # type: ignore[arg-type]
     printed = capsys.readouterr().out
     data = json.loads(printed)
