@@ -165,7 +165,7 @@ def _first_difference(a, b, a_little: bool, b_little: bool, path: str = "") -> s
         if ea.VR == "SQ" or eb.VR == "SQ":
             if ea.VR != eb.VR or len(ea.value) != len(eb.value):
                 return f"{path}{tag}"
-            for i, (ia, ib) in enumerate(zip(ea.value, eb.value)):
+            for i, (ia, ib) in enumerate(zip(ea.value, eb.value, strict=True)):
                 diff = _first_difference(ia, ib, a_little, b_little, f"{path}{tag}[{i}].")
                 if diff:
                     return diff

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from services.scheduler.liveness import Liveness
 from shared import events as ev
 from shared.config import NodeConfig
 from shared.membership import Pool
-from services.scheduler.liveness import Liveness
 
 TIMEOUT = 2.0
 
