@@ -196,3 +196,37 @@ async def test_probe_rebuild_equals_the_live_stores_and_swaps_in(stack, live_nod
     published = sum(stack.metric("probe", "switchyard_probe_verifications_total",
                                  f'node="{n.node.id}",outcome="verified"') or 0 for n in live_nodes)
     assert published == len(more_sops)
+
+
+async def test_a_deflated_file_reencoded_by_the_node_is_verified_on_one_node(stack, live_nodes, tmp_path):
+    """Orthanc stores a Deflated Explicit VR LE file with other bytes: equal dataset, verified, not re-placed."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+    ds = pydicom.dcmread(get_testdata_file("image_dfl.dcm"))
+    assert ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    # Fresh UIDs: the session's nodes may hold the test file from another test.
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    sop = str(ds.SOPInstanceUID)
+    # storescu sends it deflated only when it proposes that transfer syntax.
+    assert stack.send([path], extra=["-xd"]).returncode == 0
+
+    async def verified():
+        found = [e for e in await log_events(stack, ev.InstanceVerifiedV1) if e.sop_instance_uid == sop]
+        return found or None
+
+    (v,) = await poll(verified, timeout=60, what="deflated instance verified")
+    (received,) = [e for e in await log_events(stack, ev.InstanceReceivedV1) if e.sop_instance_uid == sop]
+    assert received.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+    assert v.reencoded, "the node re-encoded it: the raw digest differs, the dataset does not"
+    assert v.dataset_digest != received.dataset_digest
+    node = next(n for n in live_nodes if n.node.id == v.node_id)
+    assert dataset_bytes_digest(node.client.instance_file(sop)) == v.dataset_digest
+    events = await log_events(stack)
+    assert [e.attempt for e in events if isinstance(e, ev.InstancePlacedV1) and e.sop_instance_uid == sop] == [0]
+    assert not [e for e in events if isinstance(e, (ev.InstanceVerificationFailedV1, ev.InstanceDeadLetteredV1))
+                and e.sop_instance_uid == sop]
+    assert [n.node.id for n in live_nodes if n.client.instance_id(sop) is not None] == [v.node_id]
