@@ -140,9 +140,24 @@ class Scheduler:
                     why, moved_from = PlacementReason.FAILOVER, holder
             elif known is not None:
                 moved_from = known[0]
+        iscope = affinity_scope(received.sop_instance_uid, pool)
+        if not replaces:
+            # First placement of this received event: a new version of an instance goes
+            # where its first copy is (while that node can take work).
+            holder = await self.affinity.claim_instance(iscope, node_id, seq)
+            if holder is not None:
+                if holder != node_id and any(v.node_id == holder and v.eligible for v in views):
+                    self.live.unreserve(node_id)
+                    self.live.reserve(holder)
+                    node_id, moved_from = holder, ""
+                elif holder != node_id:
+                    await self.affinity.move_instance(iscope, node_id, seq)
+                why = PlacementReason.NEW_VERSION
+        else:
+            await self.affinity.move_instance(iscope, node_id, seq)
         if reason is not None:
             why = reason
-        elif rule and why != PlacementReason.FAILOVER:
+        elif rule and why not in (PlacementReason.FAILOVER, PlacementReason.NEW_VERSION):
             # A rule chose the pool (new study or affinity inside it); a failover still says so.
             why = PlacementReason.RULE
         traceparent, tracestate = current_trace_context()

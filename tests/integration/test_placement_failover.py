@@ -136,10 +136,15 @@ async def test_backlog_of_a_dead_node_is_placed_again_elsewhere(live_nodes, tmp_
         handed_back = {e.sop_instance_uid for e in events if isinstance(e, ev.InstanceDeadLetteredV1)
                        and e.node_id == victim_id and e.reason == "node down"}
         assert handed_back == stranded
+        letters = {e.placement_id: e for e in events if isinstance(e, ev.InstanceDeadLetteredV1)}
         again = [e for e in events if isinstance(e, ev.InstancePlacedV1) and e.sop_instance_uid in stranded
-                 and e.attempt == 1]
+                 and e.replaces]
         assert {e.sop_instance_uid for e in again} == stranded
-        assert all(e.reason == "failover" and e.replaces for e in again)
+        assert all(e.reason == "failover" for e in again)
+        # A hand-back the forwarder says used up no attempt keeps the attempt number.
+        for e in again:
+            counted = getattr(letters[e.replaces], "counts_as_attempt", True)
+            assert e.attempt == (1 if counted else 0), (e.attempt, counted)
         # The stranded study moved whole: one new node per study.
         for study_uid, rs in final.items():
             assert len({r["node_id"] for r in rs}) == 1, study_uid
