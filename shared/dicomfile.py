@@ -14,6 +14,9 @@ from typing import BinaryIO
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 
 # Tags the received event needs, read with stop_before_pixels.
@@ -135,7 +138,7 @@ def _little(value: bytes, width: int, little_endian: bool) -> bytes:
     return b"".join(value[i:i + width][::-1] for i in range(0, len(value), width))
 
 
-def _normal(elem, little_endian: bool) -> object:
+def _normal(elem: DataElement, little_endian: bool) -> object:
     """An element's value with encoding-only differences taken out (padding, byte order)."""
     value = elem.value
     if isinstance(value, bytes):
@@ -149,12 +152,12 @@ def _normal(elem, little_endian: bool) -> object:
     return value
 
 
-def _content(tag) -> bool:
+def _content(tag: BaseTag) -> bool:
     """Not group lengths, file meta or Data Set Trailing Padding (FFFC,FFFC): those are encoding."""
-    return tag.element != 0x0000 and tag.group != 0x0002 and tag != 0xFFFCFFFC
+    return bool(tag.element != 0x0000 and tag.group != 0x0002 and tag != 0xFFFCFFFC)
 
 
-def _first_difference(a, b, a_little: bool, b_little: bool, path: str = "") -> str:
+def _first_difference(a: Dataset, b: Dataset, a_little: bool, b_little: bool, path: str = "") -> str:
     """The first tag that differs between two decoded datasets ("" when equal); group lengths ignored."""
     tags_a = {t for t in a.keys() if _content(t)}
     tags_b = {t for t in b.keys() if _content(t)}

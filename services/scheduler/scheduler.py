@@ -144,13 +144,13 @@ class Scheduler:
         if not replaces:
             # First placement of this received event: a new version of an instance goes
             # where its first copy is (while that node can take work).
-            holder = await self.affinity.claim_instance(iscope, node_id, seq)
-            if holder is not None:
-                if holder != node_id and any(v.node_id == holder and v.eligible for v in views):
+            first_copy = await self.affinity.claim_instance(iscope, node_id, seq)
+            if first_copy is not None:
+                if first_copy != node_id and any(v.node_id == first_copy and v.eligible for v in views):
                     self.live.unreserve(node_id)
-                    self.live.reserve(holder)
-                    node_id, moved_from = holder, ""
-                elif holder != node_id:
+                    self.live.reserve(first_copy)
+                    node_id, moved_from = first_copy, ""
+                elif first_copy != node_id:
                     await self.affinity.move_instance(iscope, node_id, seq)
                 why = PlacementReason.NEW_VERSION
         else:

@@ -13,7 +13,7 @@ from shared.dicomfile import NotDicom, dataset_bytes_digest, dataset_difference
 
 
 def read(name: str) -> bytes:
-    with open(get_testdata_file(name), "rb") as f:
+    with open(str(get_testdata_file(name)), "rb") as f:
         return f.read()
 
 
