@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pydicom
 import pytest
 
@@ -15,21 +17,17 @@ from tests.integration.placement_helpers import log_events, scheduler_sees
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def overwriting_nodes(tmp_path):
-    """Two nodes that keep the newest copy of an instance (Orthanc's OverwriteInstances)."""
+async def test_a_new_version_follows_its_first_copy_and_is_counted(tmp_path):
+    # Two nodes of its own that keep the newest copy of an instance (Orthanc's OverwriteInstances).
     nodes = [new_orthanc_node(i, tmp_path / "orthanc", overrides={"OverwriteInstances": True}) for i in (1, 2)]
-    try:
+    with contextlib.ExitStack() as running:
         for n in nodes:
+            running.callback(n.stop)
             n.start()
-        yield nodes
-    finally:
-        for n in nodes:
-            n.stop()
+        await _new_version_follows_first_copy(nodes, tmp_path)
 
 
-async def test_a_new_version_follows_its_first_copy_and_is_counted(overwriting_nodes, tmp_path):
-    nodes = overwriting_nodes
+async def _new_version_follows_first_copy(nodes, tmp_path):
     stack = make_stack(tmp_path / "stack", nodes)
     try:
         wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in nodes), timeout=30, what="every node live")
