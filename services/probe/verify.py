@@ -120,7 +120,7 @@ def compare(data: bytes, found: str, item: Expected, original: Original | None) 
     """Other bytes on the node: the same dataset re-encoded, or a different one."""
     sent = original(item.blob_key) if original is not None and item.blob_key else None
     if sent is None:
-        return False, found, "dataset digest mismatch (received bytes not available to compare)"
+        return False, found, "dataset digest mismatch"
     try:
         diff = dataset_difference(sent, data)
     except NotDicom as exc:
