@@ -14,6 +14,9 @@ from typing import BinaryIO
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 
 # Tags the received event needs, read with stop_before_pixels.
@@ -122,3 +125,73 @@ def read_header(path: Path, extra_keywords: tuple[str, ...] = ()) -> Header:
         if value is not None and value != "":
             values[kw] = str(value)
     return Header(ts, values)
+
+
+# Bytes per word of the VRs whose raw value is a byte string in the dataset's byte order.
+_WORD_VRS = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+
+
+def _little(value: bytes, width: int, little_endian: bool) -> bytes:
+    """A word-valued byte string in little endian (a big endian dataset keeps its own order)."""
+    if little_endian or width < 2 or len(value) % width:
+        return value
+    return b"".join(value[i:i + width][::-1] for i in range(0, len(value), width))
+
+
+def _normal(elem: DataElement, little_endian: bool) -> object:
+    """An element's value with encoding-only differences taken out (padding, byte order)."""
+    value = elem.value
+    if isinstance(value, bytes):
+        value = _little(value, _WORD_VRS.get(elem.VR, 1), little_endian)
+        # Odd-length values are padded to even length: one trailing NUL or space.
+        return value[:-1] if value[-1:] in (b"\x00", b" ") else value
+    if isinstance(value, str):
+        return value.rstrip(" \x00")
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [v.rstrip(" \x00") if isinstance(v, str) else v for v in value]
+    return value
+
+
+def _content(tag: BaseTag) -> bool:
+    """Not group lengths, file meta or Data Set Trailing Padding (FFFC,FFFC): those are encoding."""
+    return bool(tag.element != 0x0000 and tag.group != 0x0002 and tag != 0xFFFCFFFC)
+
+
+def _first_difference(a: Dataset, b: Dataset, a_little: bool, b_little: bool, path: str = "") -> str:
+    """The first tag that differs between two decoded datasets ("" when equal); group lengths ignored."""
+    tags_a = {t for t in a.keys() if _content(t)}
+    tags_b = {t for t in b.keys() if _content(t)}
+    if tags_a != tags_b:
+        return f"{path}{min(tags_a ^ tags_b)}"
+    for tag in sorted(tags_a):
+        ea, eb = a[tag], b[tag]
+        if ea.VR == "SQ" or eb.VR == "SQ":
+            if ea.VR != eb.VR or len(ea.value) != len(eb.value):
+                return f"{path}{tag}"
+            for i, (ia, ib) in enumerate(zip(ea.value, eb.value, strict=True)):
+                diff = _first_difference(ia, ib, a_little, b_little, f"{path}{tag}[{i}].")
+                if diff:
+                    return diff
+        elif _normal(ea, a_little) != _normal(eb, b_little):
+            return f"{path}{tag}"
+    return ""
+
+
+def dataset_difference(a: bytes, b: bytes) -> str:
+    """Compare two Part 10 files as datasets: "" when equal, else the first differing tag.
+
+    For a node that stored other bytes for the same dataset: group lengths,
+    value padding and the transfer syntax of uncompressed data (deflate,
+    explicit/implicit VR, byte order) are encoding, not content. Encapsulated
+    pixel data differs when its compressed bytes do. The answer names tags only,
+    never values (they may identify a patient). Raises NotDicom when either
+    file cannot be decoded.
+    """
+    import io
+
+    try:
+        da = pydicom.dcmread(io.BytesIO(a))
+        db = pydicom.dcmread(io.BytesIO(b))
+        return _first_difference(da, db, bool(da.is_little_endian), bool(db.is_little_endian))
+    except Exception as exc:  # noqa: BLE001 - any decode error means "cannot be compared"
+        raise NotDicom(type(exc).__name__) from exc

@@ -38,6 +38,8 @@ class PlacementReason(StrEnum):
     RULE = "rule"
     FAILOVER = "failover"
     REPLACEMENT = "replacement"
+    # The same SOP Instance UID received again with other content: where its first copy is.
+    NEW_VERSION = "new_version"
 
 
 class FailureReason(StrEnum):
@@ -147,6 +149,8 @@ class InstancePlacedV1(Event, tag="instance.placed.v1"):
     # ("" for both: no rule matched, pool "all"). Re-placements stay in the pool.
     rule: str = ""
     pool: str = ""
+    # Failed verifications of this instance on earlier nodes (a second one is final).
+    verification_failures: int = 0
 
 
 class InstanceForwardedV1(Event, tag="instance.forwarded.v1"):
@@ -181,6 +185,8 @@ class InstanceDeadLetteredV1(Event, tag="instance.dead_lettered.v1"):
     attempt: int = 0
     avoid: list[str] = []
     pool: str = ""
+    # For an operator, never placed again (e.g. verification failed on two nodes).
+    final: bool = False
 
 
 class InstanceVerifiedV1(Event, tag="instance.verified.v1"):
@@ -189,6 +195,9 @@ class InstanceVerifiedV1(Event, tag="instance.verified.v1"):
     dataset_digest: str
     study_instance_uid: str = ""
     placement_id: str = ""
+    # The node holds other bytes for an equal dataset (e.g. deflate or group lengths
+    # re-encoded); dataset_digest is then the node's file's.
+    reencoded: bool = False
 
 
 class InstanceVerificationFailedV1(Event, tag="instance.verification_failed.v1"):
@@ -208,6 +217,8 @@ class InstanceVerificationFailedV1(Event, tag="instance.verification_failed.v1")
     attempt: int = 0
     avoid: list[str] = []
     pool: str = ""
+    # From the placement: failed verifications on earlier nodes (this one not counted).
+    verification_failures: int = 0
 
 
 class NodeHeartbeatV1(Event, tag="node.heartbeat.v1"):

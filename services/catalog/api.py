@@ -244,7 +244,7 @@ def _trail_entry(row: dict[str, Any]) -> dict[str, Any]:
 _TRAIL_SQL = ("SELECT seq, type, node_id, sop_instance_uid, occurred_at, CAST(payload AS VARCHAR) AS payload"
               " FROM events WHERE {} ORDER BY seq")
 _SUMMARY_SQL = ("SELECT i.sop_instance_uid, i.study_instance_uid, i.calling_ae, i.peer_address, i.peer_port,"
-                " i.received_at, l.node_id, l.state,"
+                " i.received_at, i.versions, l.node_id, l.state,"
                 " l.reason, l.detail, l.pool FROM instances i LEFT JOIN locations l USING (sop_instance_uid) WHERE {}"
                 " ORDER BY i.received_seq")
 

@@ -61,6 +61,12 @@ CREATE TABLE IF NOT EXISTS seen (
 );
 -- The dataset digest of the file as downloaded when seen (NULL: rows from before, read back when judged).
 ALTER TABLE seen ADD COLUMN IF NOT EXISTS dataset_digest VARCHAR;
+-- The blob (a semantic comparison when the node's bytes differ) and the instance's failed
+-- verifications on earlier nodes (a second one is final).
+ALTER TABLE placements ADD COLUMN IF NOT EXISTS blob_key VARCHAR DEFAULT '';
+ALTER TABLE placements ADD COLUMN IF NOT EXISTS verification_failures INTEGER DEFAULT 0;
+ALTER TABLE expected ADD COLUMN IF NOT EXISTS blob_key VARCHAR DEFAULT '';
+ALTER TABLE expected ADD COLUMN IF NOT EXISTS verification_failures INTEGER DEFAULT 0;
 """
 
 
@@ -80,17 +86,20 @@ class Expected:
     pool: str = ""
     # The digest of the node's file when the probe saw it (None: not known, read it back).
     found_digest: str | None = None
+    blob_key: str = ""
+    verification_failures: int = 0
 
 
 _EXPECTED = ("e.node_id, e.sop_instance_uid, e.study_instance_uid, e.placement_id, e.dataset_digest,"
-             " e.forwarded_at, {orthanc_id}, e.received_seq, e.attempt, e.avoid, e.pool, {found}")
+             " e.forwarded_at, {orthanc_id}, e.received_seq, e.attempt, e.avoid, e.pool, {found},"
+             " e.blob_key, e.verification_failures")
 
 
 def _expected(row) -> Expected:
-    *head, avoid, pool, found = row
+    *head, avoid, pool, found, blob_key, failures = row
     # mypy cannot tell that *head (the first nine columns) stops before these keywords
     return Expected(*head, avoid=tuple(json.loads(avoid or "[]")), pool=pool or "",  # type: ignore[misc]
-                    found_digest=found)
+                    found_digest=found, blob_key=blob_key or "", verification_failures=failures or 0)
 
 
 def _quoted(path: Path) -> str:
@@ -255,12 +264,15 @@ def _settle_many(con, outcomes: list[tuple[str, str, str, str, str]]) -> None:
         " AND expected.sop_instance_uid = u.sop AND expected.placement_id = u.placement_id", cols)
 
 
+# The tail from received_seq on is the placement's, copied into the expectation.
 _EXPECTED_COLUMNS = ("node_id", "sop_instance_uid", "study_instance_uid", "placement_id", "dataset_digest",
-                     "forwarded_at", "state", "detail", "received_seq", "attempt", "avoid", "pool")
+                     "forwarded_at", "state", "detail", "received_seq", "attempt", "avoid", "pool",
+                     "blob_key", "verification_failures")
 _PLACEMENT_COLUMNS = ("placement_id", "sop_instance_uid", "study_instance_uid", "node_id", "dataset_digest",
-                      "received_seq", "attempt", "avoid", "pool")
-_PLACEMENT_TYPES = ["VARCHAR"] * 5 + ["BIGINT", "INTEGER", "VARCHAR", "VARCHAR"]
-_EXPECTED_TYPES = ["VARCHAR"] * 5 + ["TIMESTAMP", "VARCHAR", "VARCHAR", "BIGINT", "INTEGER", "VARCHAR", "VARCHAR"]
+                      "received_seq", "attempt", "avoid", "pool", "blob_key", "verification_failures")
+_PLACEMENT_TYPES = ["VARCHAR"] * 5 + ["BIGINT", "INTEGER", "VARCHAR", "VARCHAR", "VARCHAR", "INTEGER"]
+_EXPECTED_TYPES = ["VARCHAR"] * 5 + ["TIMESTAMP", "VARCHAR", "VARCHAR", "BIGINT", "INTEGER", "VARCHAR", "VARCHAR",
+                                     "VARCHAR", "INTEGER"]
 
 
 def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
@@ -300,7 +312,8 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
         if type(event) is ev.InstancePlacedV1:
             placements[event.event_id] = (event.event_id, event.sop_instance_uid, event.study_instance_uid,
                                           event.node_id, event.dataset_digest, event.received_seq, event.attempt,
-                                          json.dumps(event.avoid), event.pool)
+                                          json.dumps(event.avoid), event.pool, event.blob_key,
+                                          event.verification_failures)
             deleted.discard(event.event_id)
         elif type(event) is ev.InstanceForwardedV1:
             placed = placements.get(event.placement_id)

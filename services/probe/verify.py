@@ -15,6 +15,12 @@ a failure the instance is looked up by SOP Instance UID on the node and read
 back (``confirm``). A poll's outcomes are published pipelined and only the
 acknowledged ones are settled.
 
+When the digests differ, the node may have re-encoded an equal dataset
+(Orthanc inflates a deflated file, for one): the file is then compared as a
+dataset with the blob received at ingest (shared.dicomfile.dataset_difference).
+Equal is ``verified`` with ``reencoded``; different is a failure naming the
+first differing tag (never a value).
+
 The deadline is only judged right after a complete ``/changes`` read: a node
 that cannot be reached fails no instance on stale knowledge (its heartbeat
 already says it is down).
@@ -25,15 +31,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Callable
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.probe.store import Expected, ProbeStore
 from shared import events as ev
+from shared.blobs import BlobStoreError, open_blob_store
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config, NodeConfig
-from shared.dicomfile import NotDicom, dataset_bytes_digest, meta_sop_and_digest
+from shared.dicomfile import NotDicom, dataset_bytes_digest, dataset_difference, meta_sop_and_digest
 from shared.orthanc import OrthancClient, OrthancError
 from shared.runtime import wait_or_stop
 
@@ -85,8 +93,15 @@ def sight(client: OrthancClient, orthanc_id: str) -> tuple[str, str | None] | No
     return sop, digest
 
 
-def judge(client: OrthancClient, item: Expected) -> tuple[bool, str, str]:
-    """Read one instance back: (digest matches, found digest, reason)."""
+# The reason on a verified outcome whose node holds other bytes for an equal dataset.
+REENCODED = "re-encoded by the node"
+
+# The bytes received at ingest, by blob key (None: not available to compare with).
+Original = Callable[[str], bytes | None]
+
+
+def judge(client: OrthancClient, item: Expected, original: Original | None = None) -> tuple[bool, str, str]:
+    """Read one instance back: (dataset matches, found digest, reason)."""
     try:
         data = client.get_bytes(f"/instances/{item.orthanc_id}/file")
         found = dataset_bytes_digest(data)
@@ -97,11 +112,26 @@ def judge(client: OrthancClient, item: Expected) -> tuple[bool, str, str]:
     except (NotDicom, ValueError) as exc:
         return False, "", f"stored file is not DICOM: {exc}"
     if found != item.dataset_digest:
-        return False, found, "dataset digest mismatch"
+        return compare(data, found, item, original)
     return True, found, ""
 
 
-def confirm(client: OrthancClient, item: Expected, missing: str) -> tuple[bool, str, str]:
+def compare(data: bytes, found: str, item: Expected, original: Original | None) -> tuple[bool, str, str]:
+    """Other bytes on the node: the same dataset re-encoded, or a different one."""
+    sent = original(item.blob_key) if original is not None and item.blob_key else None
+    if sent is None:
+        return False, found, "dataset digest mismatch"
+    try:
+        diff = dataset_difference(sent, data)
+    except NotDicom as exc:
+        return False, found, f"dataset digest mismatch (not comparable: {exc})"
+    if diff:
+        return False, found, f"dataset differs at {diff}"
+    return True, found, REENCODED
+
+
+def confirm(client: OrthancClient, item: Expected, missing: str,
+            original: Original | None = None) -> tuple[bool, str, str]:
     """Judge by the node's own index: look the SOP Instance UID up, read that instance back.
 
     The authority before any failure: a sighting (file meta, an earlier
@@ -110,14 +140,14 @@ def confirm(client: OrthancClient, item: Expected, missing: str) -> tuple[bool, 
     orthanc_id = client.instance_id(item.sop_instance_uid)
     if orthanc_id is None:
         return False, "", missing
-    return judge(client, dataclasses.replace(item, orthanc_id=orthanc_id))
+    return judge(client, dataclasses.replace(item, orthanc_id=orthanc_id), original)
 
 
 Outcome = tuple[Expected, bool, str, str]  # (item, ok, found digest, reason)
 
 
 def judge_all(client: OrthancClient, ready: list[Expected], overdue: list[Expected],
-              missing: str) -> tuple[list[Outcome], OrthancError | None]:
+              missing: str, original: Original | None = None) -> tuple[list[Outcome], OrthancError | None]:
     """Judge a poll's instances on one worker thread; stops at the first unanswered request (with it)."""
     out: list[Outcome] = []
     try:
@@ -125,19 +155,19 @@ def judge_all(client: OrthancClient, ready: list[Expected], overdue: list[Expect
             if item.found_digest is not None and item.found_digest == item.dataset_digest:
                 out.append((item, True, item.found_digest, ""))
             else:
-                out.append((item, *confirm(client, item, "instance no longer on the node")))
+                out.append((item, *confirm(client, item, "instance no longer on the node", original)))
         for item in overdue:
-            out.append((item, *confirm(client, item, missing)))
+            out.append((item, *confirm(client, item, missing, original)))
     except OrthancError as exc:
         return out, exc
     return out, None
 
 
-def verified_event(item: Expected, digest: str) -> ev.InstanceVerifiedV1:
+def verified_event(item: Expected, digest: str, reencoded: bool = False) -> ev.InstanceVerifiedV1:
     return ev.InstanceVerifiedV1(
         event_id=ev.fact_id("verified", item.node_id, item.sop_instance_uid, item.placement_id),
         sop_instance_uid=item.sop_instance_uid, study_instance_uid=item.study_instance_uid,
-        node_id=item.node_id, placement_id=item.placement_id, dataset_digest=digest,
+        node_id=item.node_id, placement_id=item.placement_id, dataset_digest=digest, reencoded=reencoded,
     )
 
 
@@ -148,6 +178,7 @@ def failed_event(item: Expected, reason: str, found: str = "") -> ev.InstanceVer
         node_id=item.node_id, placement_id=item.placement_id, reason=reason,
         expected_digest=item.dataset_digest, found_digest=found,
         received_seq=item.received_seq, attempt=item.attempt, avoid=list(item.avoid), pool=item.pool,
+        verification_failures=item.verification_failures,
     )
 
 
@@ -166,6 +197,16 @@ class Verifier:
         # that found nothing to judge, (store generation, next deadline) to skip idle queries.
         self.cursors: dict[str, int] = {}
         self.idle: dict[str, tuple[int, datetime | None]] = {}
+        self.blobs = open_blob_store(cfg.blobs)
+
+    def original(self, blob_key: str) -> bytes | None:
+        """The bytes received at ingest (worker thread); None when the blob cannot be read."""
+        try:
+            with self.blobs.open(blob_key) as f:
+                return f.read()
+        except (BlobStoreError, OSError, ValueError) as exc:
+            log.warning("blob for a semantic comparison not readable: %s", type(exc).__name__)
+            return None
 
     async def watch(self, node: NodeConfig, stop: asyncio.Event) -> None:
         pcfg = self.cfg.probe
@@ -214,7 +255,7 @@ class Verifier:
             return [], None
         self.idle.pop(node.id, None)
         missing = f"not seen on the node within {pcfg.verify_deadline_s:g}s"
-        return judge_all(client, ready, overdue, missing)
+        return judge_all(client, ready, overdue, missing, self.original)
 
     async def publish(self, node: NodeConfig, outcomes: list[Outcome]) -> None:
         """Publish pipelined, then settle what was acknowledged (one transaction).
@@ -225,7 +266,7 @@ class Verifier:
         events: list[ev.Event] = []
         for item, ok, found, reason in outcomes:
             if ok:
-                events.append(verified_event(item, found))
+                events.append(verified_event(item, found, reencoded=reason == REENCODED))
             else:
                 log.warning("instance %s on %s failed verification: %s", item.sop_instance_uid, node.id, reason)
                 events.append(failed_event(item, reason, found))

@@ -6,6 +6,11 @@ placement of a study is a KV ``create`` (compare-and-set), a move is an
 ``update`` against the revision read, so two replicas racing on one study
 agree on the winner's node; the affinity survives restarts without replaying
 the log.
+
+Instances have an entry too (``instance_key``: node and the received event's
+stream sequence), created with the first copy's placement: a later received
+event for the same SOP Instance UID (a new version, other content) finds it
+and goes where the first copy is.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ from shared.config import Config
 def study_key(study_uid: str) -> str:
     """KV keys allow few characters: a hash of the study UID (or of an affinity scope)."""
     return "s" + hashlib.blake2b(study_uid.encode(), digest_size=16).hexdigest()
+
+
+def instance_key(scope: str) -> str:
+    """An instance's key (a hash of its SOP Instance UID, or of its (pool, SOP) scope)."""
+    return "i" + hashlib.blake2b(scope.encode(), digest_size=16).hexdigest()
 
 
 def is_default_pool(pool: str) -> bool:
@@ -86,6 +96,30 @@ class Affinity:
             return current[0] if current is not None else node_id
         self._remember(study, (node_id, rev))
         return node_id
+
+    async def claim_instance(self, scope: str, node_id: str, received_seq: int) -> str | None:
+        """Record the instance's first copy on ``node_id``; for another received event of the
+        same instance (a new version), the node its first copy went to instead (None: first)."""
+        key = instance_key(scope)
+        value = f"{node_id}|{received_seq}".encode()
+        try:
+            await self.kv.create(key, value)
+            return None
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError,
+                nats.js.errors.APIError):
+            pass
+        try:
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        holder, _, seq = (entry.value or b"").decode().partition("|")
+        if not holder or seq == str(received_seq):
+            return None  # this received event again (a redelivery): not a new version
+        return holder
+
+    async def move_instance(self, scope: str, node_id: str, received_seq: int) -> None:
+        """The instance was placed again elsewhere: later versions follow it there."""
+        await self.kv.put(instance_key(scope), f"{node_id}|{received_seq}".encode())
 
     def forget_node(self, node_id: str) -> None:
         """A node went down: re-read its studies from the KV (another replica may move them)."""

@@ -2,8 +2,15 @@
 
 Owns the smoothed load of every node (``Liveness``: what the policy scores),
 the reservations made since each node's last heartbeat, and the watch loop
-(``NodeWatch``) that turns missed heartbeats (a dead node, or a silent probe)
-into one ``down`` event per transition and a fresh heartbeat back into ``up``.
+(``NodeWatch``) that turns a node's failure into one ``down`` event per
+transition and a fresh heartbeat back into ``up``.
+
+A node is down on a witness: the probe's heartbeat saying so (REST or C-ECHO
+failed), or the node's silence while the probe reports other nodes after its
+deadline. Silence of every node at once is the probe (or this scheduler's
+link to it) failing, not the nodes: "probe lost" freezes membership (no
+``down``, so no hand-backs) and placement keeps the nodes as last seen; the
+forwarders' own association failures still fail deliveries.
 Transition ids are deterministic (shared.membership), so replicas record each
 transition once. Heartbeats come on a core NATS subscription: live telemetry,
 no replay needed.
@@ -55,6 +62,9 @@ class Liveness:
     def heartbeat(self, hb: ev.NodeHeartbeatV1, now: float) -> None:
         if self.pool.get(hb.node_id) is None:
             return
+        if self.probe_lost(now):
+            # The first heartbeat after a probe loss: the others are on their way, not late.
+            self.resumed(now)
         prev = self.heartbeats.get(hb.node_id)
         if prev is not None and prev[1].up and hb.up:
             old = prev[1]
@@ -74,23 +84,52 @@ class Liveness:
             self.reserved[node_id] -= 1
 
     def observed_live(self, node_id: str, now: float) -> bool:
+        """Last heard up, and not silent by a witness (silence alone is the probe's, not the node's)."""
         seen = self.heartbeats.get(node_id)
-        return seen is not None and seen[1].up and now - seen[0] <= self.timeout_s
+        if seen is None or not seen[1].up:
+            return False
+        return now - seen[0] <= self.timeout_s or not self.silence_witnessed(node_id, now)
 
-    def silent_for(self, node_id: str, now: float) -> float:
+    def silence_witnessed(self, node_id: str, now: float) -> bool:
+        """The node missed its deadline while the probe reported another node after it."""
         seen = self.heartbeats.get(node_id)
         since = self.watching.setdefault(node_id, now)
-        return now - max(since, seen[0] if seen else since)
+        # A node never heard from since this scheduler started (or since the probe came
+        # back) gets a longer grace: the probe may be starting too.
+        deadline = (max(seen[0], since) + self.timeout_s) if seen else (since + 3 * self.timeout_s)
+        if now <= deadline:
+            return False
+        return any(t > deadline for other, (t, _) in self.heartbeats.items()
+                   if other != node_id and self.pool.get(other) is not None)
+
+    def probe_lost(self, now: float) -> bool:
+        """No heartbeat from any node within the timeout, while some were heard (or the grace passed)."""
+        nodes = [m.node.id for m in self.pool.active()]
+        if not nodes:
+            return False
+        heard = [self.heartbeats[n][0] for n in nodes if n in self.heartbeats]
+        if heard:
+            return now - max(heard) > self.timeout_s
+        return now - self.started > 3 * self.timeout_s
+
+    def resumed(self, now: float) -> None:
+        """Heartbeats are back after a probe loss: every node's silence counts from now."""
+        for m in self.pool.active():
+            self.watching[m.node.id] = now
 
     def views(self, now: float, avoid: frozenset[str] = frozenset()) -> list[NodeView]:
         out = []
+        frozen = self.probe_lost(now)
         for m in self.pool.active():
             node_id = m.node.id
             if node_id in avoid:
                 continue
             seen = self.heartbeats.get(node_id)
             if seen is None:
-                out.append(NodeView(node_id, live=False, drained=m.drained))
+                # Nothing heard since this scheduler started: while the probe is lost, the
+                # log's membership (not down) is the last word.
+                live = frozen and not m.down
+                out.append(NodeView(node_id, live=live, drained=m.drained))
                 continue
             _, hb = seen
             # Back from "down" only once the "up" event is in the log: the forwarders
@@ -122,6 +161,10 @@ class NodeWatch:
                                ["node"], registry=registry)
         self.node_score = Gauge("switchyard_scheduler_node_score", "Load score (lower gets new studies)",
                                 ["node"], registry=registry)
+        self.lost = False
+        self.probe_lost = Gauge("switchyard_scheduler_probe_lost",
+                                "1 while no node's heartbeat arrives: membership frozen (alert on it)",
+                                registry=registry)
 
     async def on_heartbeat(self, msg) -> None:
         try:
@@ -146,8 +189,20 @@ class NodeWatch:
         self.node_live.labels(node=node_id).set(0)
 
     async def check_nodes(self) -> None:
-        """Missed heartbeats -> "down", fresh heartbeats -> "up": one event per transition."""
+        """A witnessed failure -> "down", fresh heartbeats -> "up": one event per transition."""
         now = time.monotonic()
+        lost = self.live.probe_lost(now)
+        if lost != self.lost:
+            self.lost = lost
+            self.probe_lost.set(1 if lost else 0)
+            if lost:
+                log.warning("probe lost: no heartbeat from any node for %gs; membership frozen "
+                            "(no node marked down, placements go to the nodes as last seen)", self.live.timeout_s)
+            else:
+                log.warning("probe back: heartbeats resumed, membership follows them again")
+        if lost:
+            self.export(now)
+            return
         for m in self.pool.active():
             node_id = m.node.id
             live = self.live.observed_live(node_id, now)
@@ -155,10 +210,8 @@ class NodeWatch:
                 seen = self.live.heartbeats.get(node_id)
                 if seen is not None and not seen[1].up:
                     reason = f"probe: {seen[1].error or 'down'}"
-                elif self.live.silent_for(node_id, now) > self.live.timeout_s * (1 if seen else 3):
-                    # A node never heard from since this scheduler started gets a longer grace
-                    # (the probe may be starting too).
-                    reason = f"no heartbeat for {self.live.timeout_s:g}s"
+                elif self.live.silence_witnessed(node_id, now):
+                    reason = f"no heartbeat for {self.live.timeout_s:g}s while other nodes report"
                 else:
                     continue
                 await self._transition(m, ev.NodeState.DOWN, reason)

@@ -102,8 +102,13 @@ class Scheduler:
 
     async def decide(self, seq: int, received: ev.InstanceReceivedV1, attempt: int = 0,
                      avoid: tuple[str, ...] = (), replaces: str = "", reason: PlacementReason | None = None,
-                     pool: str = "", rule: str = "") -> ev.InstancePlacedV1 | None:
-        """One placement in ``pool`` ("": the default pool); None when no node of the pool can take it."""
+                     pool: str = "", rule: str = "", event_id: str = "",
+                     verification_failures: int = 0) -> ev.InstancePlacedV1 | None:
+        """One placement in ``pool`` ("": the default pool); None when no node of the pool can take it.
+
+        ``event_id``: set for a hand-back that used up no attempt (its id comes from the
+        placement it replaces, as the attempt number does not move).
+        """
         study = received.study_instance_uid
         scope = affinity_scope(study, pool)
         views = self.pool_views(pool, avoid)
@@ -136,14 +141,29 @@ class Scheduler:
                     why, moved_from = PlacementReason.FAILOVER, holder
             elif known is not None:
                 moved_from = known[0]
+        iscope = affinity_scope(received.sop_instance_uid, pool)
+        if not replaces:
+            # First placement of this received event: a new version of an instance goes
+            # where its first copy is (while that node can take work).
+            first_copy = await self.affinity.claim_instance(iscope, node_id, seq)
+            if first_copy is not None:
+                if first_copy != node_id and any(v.node_id == first_copy and v.eligible for v in views):
+                    self.live.unreserve(node_id)
+                    self.live.reserve(first_copy)
+                    node_id, moved_from = first_copy, ""
+                elif first_copy != node_id:
+                    await self.affinity.move_instance(iscope, node_id, seq)
+                why = PlacementReason.NEW_VERSION
+        else:
+            await self.affinity.move_instance(iscope, node_id, seq)
         if reason is not None:
             why = reason
-        elif rule and why != PlacementReason.FAILOVER:
+        elif rule and why not in (PlacementReason.FAILOVER, PlacementReason.NEW_VERSION):
             # A rule chose the pool (new study or affinity inside it); a failover still says so.
             why = PlacementReason.RULE
         traceparent, tracestate = current_trace_context()
         return ev.InstancePlacedV1(
-            event_id=placement_id(received.sop_instance_uid, seq, attempt, pool),
+            event_id=event_id or placement_id(received.sop_instance_uid, seq, attempt, pool),
             traceparent=traceparent, tracestate=tracestate,
             sop_instance_uid=received.sop_instance_uid, study_instance_uid=study,
             sop_class_uid=received.sop_class_uid, transfer_syntax_uid=received.transfer_syntax_uid,
@@ -151,7 +171,7 @@ class Scheduler:
             node_id=node_id, reason=why,
             candidates=[ev.Candidate(n, round(s, 6)) for n, s in decision.candidates],
             attempt=attempt, received_seq=seq, replaces=replaces, avoid=list(avoid),
-            study_moved_from=moved_from, rule=rule, pool=pool,
+            study_moved_from=moved_from, rule=rule, pool=pool, verification_failures=verification_failures,
         )
 
     async def _consume(self, config, handler, stop: asyncio.Event) -> None:
@@ -252,11 +272,21 @@ class Scheduler:
         failed = await self.bus.accept(msg)  # undecodable or forged: terminated
         if failed is None:
             return
-        if not isinstance(failed, kind) or failed.received_seq <= 0:
+        if (not isinstance(failed, (ev.InstanceDeadLetteredV1, ev.InstanceVerificationFailedV1))
+                or not isinstance(failed, kind) or failed.received_seq <= 0 or getattr(failed, "final", False)):
             await msg.ack()
             return
-        attempt = failed.attempt + 1
-        if attempt >= self.cfg.scheduler.max_attempts:
+        if isinstance(failed, ev.InstanceVerificationFailedV1) and failed.verification_failures >= 1:
+            # The same instance failed verification on a second node: the instance, not the
+            # nodes, is the problem. Final, for an operator; a third placement would not help.
+            await self._final_dead_letter(msg, failed)
+            return
+        # A hand-back because the node went down (the forwarder says so) uses up no attempt:
+        # the placement keeps its number and takes its id from the one it replaces.
+        counted = getattr(failed, "counts_as_attempt", True)
+        attempt = failed.attempt + 1 if counted else failed.attempt
+        event_id = "" if counted else ev.fact_id("placed_again", failed.placement_id)
+        if counted and attempt >= self.cfg.scheduler.max_attempts:
             log.warning("%s failed for good after %d placements: %s", failed.sop_instance_uid,
                         attempt, failed.reason)
             self.given_up.inc()
@@ -279,7 +309,9 @@ class Scheduler:
         try:
             placed = await self.decide(failed.received_seq, received, attempt, avoid, failed.placement_id,
                                        PlacementReason.FAILOVER if node_gone else PlacementReason.REPLACEMENT,
-                                       pool=failed.pool)
+                                       pool=failed.pool, event_id=event_id,
+                                       verification_failures=failed.verification_failures + 1
+                                       if isinstance(failed, ev.InstanceVerificationFailedV1) else 0)
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             log.warning("affinity lookup for %s failed (%s); retrying", failed.sop_instance_uid, exc)
             await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
@@ -296,3 +328,26 @@ class Scheduler:
             return
         if await self._record(placed):
             await msg.ack()
+
+    async def _final_dead_letter(self, msg, failed: ev.InstanceVerificationFailedV1) -> None:
+        """Record a failed verification as a final dead letter (not placed again)."""
+        nodes = failed.verification_failures + 1
+        dead = ev.InstanceDeadLetteredV1(
+            event_id=ev.fact_id("dead_lettered_final", failed.node_id, failed.sop_instance_uid, failed.placement_id),
+            sop_instance_uid=failed.sop_instance_uid, study_instance_uid=failed.study_instance_uid,
+            node_id=failed.node_id, placement_id=failed.placement_id,
+            reason=f"verification failed on {nodes} nodes ({failed.reason}): an instance problem, for an operator",
+            received_seq=failed.received_seq, attempt=failed.attempt,
+            avoid=list(dict.fromkeys([*failed.avoid, failed.node_id])), pool=failed.pool, final=True,
+        )
+        try:
+            ack = await self.bus.publish(dead)
+        except (BusUnavailable, PublishUncertain) as exc:
+            log.warning("final dead letter of %s not recorded (%s); will retry", failed.sop_instance_uid, exc)
+            await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
+            return
+        if not ack.duplicate:
+            self.given_up.inc()
+            log.warning("%s failed verification on %d nodes: dead-lettered for an operator",
+                        failed.sop_instance_uid, nodes)
+        await msg.ack()

@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at TIMESTAMP, received_seq BIGINT, extra_tags JSON,
     peer_address VARCHAR DEFAULT '', peer_port INTEGER DEFAULT 0
 );
+-- Received events of the instance with a new dataset digest (re-sent with other content).
+ALTER TABLE instances ADD COLUMN IF NOT EXISTS versions INTEGER DEFAULT 1;
 -- One location per instance and routing pool ('' = the default pool): fan-out
 -- gives an instance one per pool; a re-placement replaces its pool's row.
 CREATE TABLE IF NOT EXISTS locations (
@@ -172,11 +174,19 @@ def _parsed(fields: tuple[str, ...], types: tuple[str, ...]) -> str:
 
 _EVENT_FIELDS = ("event_id", "type", "sop_instance_uid", "study_instance_uid", "node_id", "occurred_at")
 _EVENTS_SQL = f"INSERT INTO events SELECT seq, {', '.join(_EVENT_FIELDS)}, payload FROM {_parsed(_EVENT_FIELDS, EVENT_TYPES)}"
+# The latest received event per instance wins; ``versions`` counts the received events
+# whose dataset digest differs from the one before (the same SOP Instance UID re-sent
+# with other content), across batches, so a rebuild counts as the live fold did.
 _INSTANCES_SQL = (
-    f"INSERT OR REPLACE INTO instances ({', '.join(_RECEIVED_COLUMNS)}, received_at, received_seq, extra_tags)"
-    f" SELECT {', '.join(_RECEIVED_COLUMNS)}, occurred_at, seq, extra_tags"
-    f" FROM {_parsed((*_RECEIVED_COLUMNS, 'occurred_at', 'extra_tags'), (_RECEIVED,))}"
-    " QUALIFY row_number() OVER (PARTITION BY sop_instance_uid ORDER BY seq DESC) = 1"
+    f"INSERT OR REPLACE INTO instances ({', '.join(_RECEIVED_COLUMNS)}, received_at, received_seq, extra_tags,"
+    " versions)"
+    f" SELECT {', '.join('d.' + c for c in _RECEIVED_COLUMNS)}, d.occurred_at, d.seq, d.extra_tags,"
+    " CAST(coalesce(i.versions, 0) + sum(CASE WHEN coalesce(d.prev, i.dataset_digest) IS DISTINCT FROM"
+    " d.dataset_digest THEN 1 ELSE 0 END) OVER (PARTITION BY d.sop_instance_uid) AS INTEGER)"
+    " FROM (SELECT *, lag(dataset_digest) OVER (PARTITION BY sop_instance_uid ORDER BY seq) AS prev"
+    f" FROM {_parsed((*_RECEIVED_COLUMNS, 'occurred_at', 'extra_tags'), (_RECEIVED,))}) d"
+    " LEFT JOIN instances i ON i.sop_instance_uid = d.sop_instance_uid"
+    " QUALIFY row_number() OVER (PARTITION BY d.sop_instance_uid ORDER BY d.seq DESC) = 1"
 )
 _MOVES = " UNION ALL ".join(
     f"SELECT {_lit(tag)} AS type, {_lit(state)} AS state, {'true' if on == 'placement' else 'false'} AS by_placement,"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -135,15 +136,81 @@ async def test_backlog_of_a_dead_node_is_placed_again_elsewhere(live_nodes, tmp_
         handed_back = {e.sop_instance_uid for e in events if isinstance(e, ev.InstanceDeadLetteredV1)
                        and e.node_id == victim_id and e.reason == "node down"}
         assert handed_back == stranded
+        letters = {e.placement_id: e for e in events if isinstance(e, ev.InstanceDeadLetteredV1)}
         again = [e for e in events if isinstance(e, ev.InstancePlacedV1) and e.sop_instance_uid in stranded
-                 and e.attempt == 1]
+                 and e.replaces]
         assert {e.sop_instance_uid for e in again} == stranded
-        assert all(e.reason == "failover" and e.replaces for e in again)
+        assert all(e.reason == "failover" for e in again)
+        # A hand-back the forwarder says used up no attempt keeps the attempt number.
+        for e in again:
+            counted = getattr(letters[e.replaces], "counts_as_attempt", True)
+            assert e.attempt == (1 if counted else 0), (e.attempt, counted)
         # The stranded study moved whole: one new node per study.
         for study_uid, rs in final.items():
             assert len({r["node_id"] for r in rs}) == 1, study_uid
         for n in live_nodes:
             if n is not victim:
                 assert {s for s, r in rows.items() if r["node_id"] == n.node.id} <= n.client.sop_instance_uids()
+    finally:
+        stack.close()
+
+
+async def test_a_killed_probe_marks_no_node_down_and_routing_continues(live_nodes, tmp_path):
+    """Liveness has more than one witness: the probe's silence is not the nodes' failure."""
+    stack = make_stack(tmp_path / "stack", live_nodes)
+    timeout = stack.cfg.scheduler.heartbeat_timeout_s
+    try:
+        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
+                 what="every node live")
+        assert stack.metric("scheduler", "switchyard_scheduler_probe_lost") == 0
+        before = by_study(generate_studies(tmp_path / "before", studies=3, series_per_study=1,
+                                           instances_per_series=3, seed=4301))
+        for files in before.values():
+            assert stack.send(files).returncode == 0
+        wait_for(lambda: all_forwarded(stack, before), timeout=60, what="first studies forwarded")
+
+        killed_at = ev.utcnow()
+        stack.services.pop("probe").kill()  # SIGKILL: no goodbye heartbeat
+        lost_seen = time.monotonic()
+        wait_for(lambda: stack.metric("scheduler", "switchyard_scheduler_probe_lost") == 1, timeout=5 * timeout,
+                 what="probe lost raised")
+        assert "probe lost" in stack.log("scheduler")
+        # Routing continues while the probe is gone: new studies are placed and forwarded.
+        during = by_study(generate_studies(tmp_path / "during", studies=3, series_per_study=1,
+                                           instances_per_series=3, seed=4302))
+        for files in during.values():
+            assert stack.send(files).returncode == 0
+        wait_for(lambda: all_forwarded(stack, during), timeout=60, what="studies forwarded without a probe")
+        # Observed for at least 2x the heartbeat timeout past the loss: every node stays eligible.
+        deadline = max(lost_seen, time.monotonic()) + 2 * timeout
+        while time.monotonic() < deadline:
+            assert all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), "a node went ineligible"
+            time.sleep(0.1)
+        events = [e for e in await log_events(stack) if e.occurred_at >= killed_at]
+        assert not [e for e in events if isinstance(e, ev.NodeStateChangedV1)], "membership frozen"
+        assert not [e for e in events if isinstance(e, ev.InstanceDeadLetteredV1)], "no hand-backs"
+        during_sops = {e.sop_instance_uid for e in events if isinstance(e, ev.InstancePlacedV1)}
+        assert len(during_sops) == sum(len(f) for f in during.values())
+
+        stack.start("probe")
+        wait_for(lambda: stack.metric("scheduler", "switchyard_scheduler_probe_lost") == 0, timeout=30,
+                 what="probe back")
+        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
+                 what="every node live again")
+        events = [e for e in await log_events(stack) if e.occurred_at >= killed_at]
+        assert not [e for e in events if isinstance(e, ev.NodeStateChangedV1)], "no node down on the probe's return"
+
+        # A node that really fails still goes down (the probe's own witness).
+        victim = live_nodes[1]
+        victim.stop()
+        wait_for(lambda: scheduler_sees(stack, victim.node.id, False), timeout=30, what="stopped node ineligible")
+
+        async def down():
+            return [e for e in await log_events(stack, ev.NodeStateChangedV1)
+                    if e.node_id == victim.node.id and e.state == "down" and e.occurred_at >= killed_at]
+
+        (went_down,) = await poll(down, timeout=30, what="down event for the stopped node")
+        assert went_down.reason.startswith("probe:"), went_down.reason
+        assert stack.metric("scheduler", "switchyard_scheduler_probe_lost") == 0
     finally:
         stack.close()

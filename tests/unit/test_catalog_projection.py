@@ -202,3 +202,23 @@ def test_patient_study_and_series_levels_follow_the_instances(tmp_path):
         {"series_instance_uid": "1.2.9.1", "study_instance_uid": "1.2.9", "instances": 2}]
     store.apply([(4, received(4, study="1.2.8"))])  # a later batch moves the levels with it
     assert store.rows("SELECT instances FROM studies WHERE study_instance_uid = '1.2.8'") == [{"instances": 2}]
+
+
+def test_versions_count_new_content_under_one_sop_whatever_the_batching(tmp_path):
+    """The same SOP Instance UID re-sent: a new digest is a new version, the same digest is not."""
+    def again(event_id: str, digest: str) -> ev.InstanceReceivedV1:
+        return msgspec.structs.replace(received(1), event_id=event_id, dataset_digest=digest)
+
+    log = [(1, received(1)), (2, received(2)), (3, again("r1b", "b" * 64)), (4, again("r1c", "b" * 64)),
+           (5, again("r1d", "c" * 64))]
+    stores = {}
+    for split in (1, 2, 3, 5):
+        store = stores[split] = CatalogStore(tmp_path / f"{split}.duckdb")
+        store.apply(log[:split])
+        store.apply(log[split:])
+    rows = {split: dict(s.cursor().execute("SELECT sop_instance_uid, versions FROM instances").fetchall())
+            for split, s in stores.items()}
+    assert all(r == {"1.2.9.1": 3, "1.2.9.2": 1} for r in rows.values()), rows
+    latest = stores[1].cursor().execute(
+        "SELECT dataset_digest, received_seq FROM instances WHERE sop_instance_uid = '1.2.9.1'").fetchone()
+    assert latest == ("c" * 64, 5)
