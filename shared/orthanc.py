@@ -41,7 +41,7 @@ def node_config(node: NodeConfig, storage_dir: Path, http_port: int,
         # Orthanc's default, stated: the probe's REST client keeps its connections.
         "KeepAlive": True,
         "StorageCompression": False,
-        "OverwriteInstances": True,  # a new version of an instance replaces its old copy on the node it follows
+        "OverwriteInstances": False,
         "HttpDescribeErrors": True,
         "ConcurrentJobs": 2,
         "StableAge": 2,
