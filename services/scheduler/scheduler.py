@@ -259,7 +259,9 @@ class Scheduler:
             await msg.ack()
             return
         attempt = failed.attempt + 1
-        if attempt >= self.cfg.scheduler.max_attempts:
+        # A hand-back because the node went down uses up no attempt (bounded all the same).
+        handbacks = getattr(failed, "handbacks", 0) + (not getattr(failed, "counts_as_attempt", True))
+        if attempt - handbacks >= self.cfg.scheduler.max_attempts or attempt >= 4 * self.cfg.scheduler.max_attempts:
             log.warning("%s failed for good after %d placements: %s", failed.sop_instance_uid,
                         attempt, failed.reason)
             self.given_up.inc()
@@ -297,5 +299,6 @@ class Scheduler:
             self.waiting.inc()
             await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
             return
+        placed.handbacks = handbacks
         if await self._record(placed):
             await msg.ack()
