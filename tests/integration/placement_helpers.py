@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pydicom
 
+from shared import events as ev
+from shared.bus import SUBJECT_RECEIVED
 from switchyard.stack import REPO
 from tests.fixtures.servers import log_events  # noqa: F401 - the placement tests take it from here
+from tests.fixtures.util import poll
 
 
 def nodes_cli(stack, *args: str) -> subprocess.CompletedProcess:
@@ -43,3 +46,14 @@ def all_forwarded(stack, studies: dict[str, list[Path]]) -> dict[str, list[dict]
             return {}
         out[study_uid] = rows
     return out
+
+
+async def received_with_seq(bus, n: int) -> list:
+    """The log's ``n`` received events with their stream sequences, once all are there
+    (tests that stand in for the scheduler place them themselves)."""
+    async def ready():
+        got = [(d.seq, d.event) async for d in bus.replay(SUBJECT_RECEIVED)
+               if isinstance(d.event, ev.InstanceReceivedV1)]
+        return got if len(got) == n else None
+
+    return await poll(ready, timeout=30, what=f"{n} received events")

@@ -17,11 +17,12 @@ from services.forwarder.sender import NodeSender
 from shared import events as ev
 from shared import membership
 from shared.blobs import open_blob_store
-from shared.bus import SUBJECT_RECEIVED, Bus, forwarder_consumer
+from shared.bus import Bus, forwarder_consumer
 from switchyard.corpus import generate_studies
 from tests.factories import placed_from
 from tests.fixtures.servers import log_events, make_stack, new_orthanc_node
 from tests.fixtures.util import poll, wait_for
+from tests.integration.placement_helpers import received_with_seq
 
 pytestmark = pytest.mark.integration
 
@@ -29,15 +30,6 @@ pytestmark = pytest.mark.integration
 def short_ack_wait(cfg):
     """Unacked placements come back after 2 s (a lost ack), not after a minute."""
     return msgspec.structs.replace(cfg, forwarder=msgspec.structs.replace(cfg.forwarder, ack_wait_s=2.0))
-
-
-async def received_with_seq(bus: Bus, n: int) -> list[tuple[int, ev.InstanceReceivedV1]]:
-    async def ready():
-        got = [(d.seq, d.event) async for d in bus.replay(SUBJECT_RECEIVED)
-               if isinstance(d.event, ev.InstanceReceivedV1)]
-        return got if len(got) == n else None
-
-    return await poll(ready, timeout=30, what=f"{n} received events")
 
 
 async def mark(bus: Bus, stack, node_id: str, state: str) -> None:
