@@ -109,6 +109,9 @@ class NodeWorker:
         self.tasks: set[asyncio.Task] = set()
         # Tasks holding a message until the node can be asked: not counted as work in flight.
         self.holding = 0
+        # Tasks only waiting (held, or for a paused node): nothing to finish on the way out.
+        self.waiting: set[asyncio.Task] = set()
+        self.tasks_closing: set[asyncio.Task] = set()
         # Node-failure pause: no C-STORE (and no fetch) before this monotonic time.
         self.paused_until = 0.0
         self.node_failures = 0
@@ -134,8 +137,14 @@ class NodeWorker:
         self.changed.set()
         self.changed = asyncio.Event()
         if self.gone:
-            for sender in self.all_senders:
-                await sender.close_if_idle()
+            # In the background: releasing an association to a dead node waits for its timeout,
+            # and the membership follower must not.
+            closing = asyncio.create_task(self._close_idle())
+            self.tasks_closing.add(closing)
+            closing.add_done_callback(self.tasks_closing.discard)
+
+    async def _close_idle(self) -> None:
+        await asyncio.gather(*(sender.close_if_idle() for sender in self.all_senders))
 
     # -- the loop -------------------------------------------------------------------
 
@@ -191,11 +200,24 @@ class NodeWorker:
 
     async def _drain(self) -> None:
         """On the way out: let C-STOREs on the wire finish briefly; the rest is redelivered."""
-        if self.tasks:
-            _done, pending = await asyncio.wait(set(self.tasks), timeout=5.0)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        deadline = time.monotonic() + 5.0
+        while (working := self.tasks - self.waiting) and time.monotonic() < deadline:
+            await asyncio.wait(working, timeout=min(0.5, deadline - time.monotonic()))
+        pending = set(self.tasks)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    @contextlib.contextmanager
+    def _only_waiting(self):
+        """Marks the current task as waiting (not delivering) while inside."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.waiting.add(task)
+        try:
+            yield
+        finally:
+            self.waiting.discard(task)  # type: ignore[arg-type]
 
     def _paused(self) -> bool:
         return time.monotonic() < self.paused_until
@@ -309,11 +331,12 @@ class NodeWorker:
     async def _wait_paused(self, msg) -> None:
         """Wait out the node's pause (or a state change), keeping the message in progress."""
         changed = self.changed
-        with contextlib.suppress(Exception):
-            await msg.in_progress()
-        wait = min(max(0.0, self.paused_until - time.monotonic()), HOLD_POLL_S)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(changed.wait(), wait)
+        with self._only_waiting():
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+            wait = min(max(0.0, self.paused_until - time.monotonic()), HOLD_POLL_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), wait)
 
     # -- outcomes ---------------------------------------------------------------------
 
@@ -392,10 +415,11 @@ class NodeWorker:
                     log.warning("%s: cannot ask the node whether it holds %s; holding it", self.node.id,
                                 placed.sop_instance_uid)
                 changed = self.changed
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), HOLD_POLL_S)
+                with self._only_waiting():
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(changed.wait(), HOLD_POLL_S)
         finally:
             if held:
                 self.holding -= 1
