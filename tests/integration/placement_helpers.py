@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections import defaultdict
@@ -10,9 +11,10 @@ from pathlib import Path
 import pydicom
 
 from shared import events as ev
-from shared.bus import SUBJECT_RECEIVED
+from shared.bus import SUBJECT_RECEIVED, Bus
+from switchyard.corpus import generate_studies
 from switchyard.stack import REPO
-from tests.fixtures.servers import log_events  # noqa: F401 - the placement tests take it from here
+from tests.fixtures.servers import log_events, make_stack  # noqa: F401 - the placement tests take log_events from here
 from tests.fixtures.util import poll
 
 
@@ -57,3 +59,28 @@ async def received_with_seq(bus, n: int) -> list:
         return got if len(got) == n else None
 
     return await poll(ready, timeout=30, what=f"{n} received events")
+
+
+@contextlib.asynccontextmanager
+async def standing_in_for_the_scheduler(tmp_path: Path, nodes: list, instances: int, seed: int,
+                                        services=("ingest", "forwarder"), configure=None):
+    """``nodes`` started, a stack without scheduler (and probe), ``instances`` sent and received;
+    yields (stack, bus, [(seq, received)]): the test places them itself, as the scheduler would.
+    Everything is stopped on the way out."""
+    stack = bus = None
+    try:
+        for n in nodes:
+            n.start()
+        stack = make_stack(tmp_path / "stack", nodes, services=services, configure=configure)
+        files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=instances,
+                                 seed=seed)
+        assert stack.send(files).returncode == 0
+        bus = await Bus.connect(stack.cfg.nats, "test-scheduler")
+        yield stack, bus, await received_with_seq(bus, instances)
+    finally:
+        if bus is not None:
+            await bus.close()
+        if stack is not None:
+            stack.close()
+        for n in nodes:
+            n.stop()

@@ -18,11 +18,10 @@ from shared import events as ev
 from shared import membership
 from shared.blobs import open_blob_store
 from shared.bus import Bus, forwarder_consumer
-from switchyard.corpus import generate_studies
 from tests.factories import placed_from
-from tests.fixtures.servers import log_events, make_stack, new_orthanc_node
+from tests.fixtures.servers import log_events, new_orthanc_node
 from tests.fixtures.util import poll, wait_for
-from tests.integration.placement_helpers import received_with_seq
+from tests.integration.placement_helpers import standing_in_for_the_scheduler
 
 pytestmark = pytest.mark.integration
 
@@ -40,16 +39,9 @@ async def mark(bus: Bus, stack, node_id: str, state: str) -> None:
 
 async def test_a_lost_ack_on_a_node_marked_down_is_settled_as_delivered_not_handed_back(tmp_path):
     a, b = (new_orthanc_node(i, tmp_path / "nodes") for i in (1, 2))
-    stack = bus = None
-    try:
-        a.start()
-        b.start()
-        stack = make_stack(tmp_path / "stack", [a, b], services=("ingest",), configure=short_ack_wait)
-        files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=2,
-                                 seed=1301)
-        assert stack.send(files).returncode == 0
-        bus = await Bus.connect(stack.cfg.nats, "test-scheduler")
-        (seq1, r1), (seq2, r2) = await received_with_seq(bus, 2)
+    async with standing_in_for_the_scheduler(tmp_path, [a, b], 2, seed=1301, services=("ingest",),
+                                             configure=short_ack_wait) as (stack, bus, received):
+        (seq1, r1), (seq2, r2) = received
         delivered, never_sent = placed_from(r1, seq1, "node1"), placed_from(r2, seq2, "node1")
         await bus.publish(delivered)
         await bus.publish(never_sent)
@@ -99,27 +91,13 @@ async def test_a_lost_ack_on_a_node_marked_down_is_settled_as_delivered_not_hand
         # Exactly one copy: the one node1 got on the first delivery, none elsewhere.
         assert a.client.sop_instance_uids() == {delivered.sop_instance_uid}
         assert b.client.sop_instance_uids() == set()
-    finally:
-        if bus is not None:
-            await bus.close()
-        if stack is not None:
-            stack.close()
-        for n in (a, b):
-            n.stop()
 
 
 async def test_a_node_marked_down_gets_its_idle_associations_closed(tmp_path):
     """Orthanc waits for open associations on SIGTERM: the forwarder must not keep one to a down node."""
     a = new_orthanc_node(1, tmp_path / "nodes")
-    stack = bus = None
-    try:
-        a.start()
-        stack = make_stack(tmp_path / "stack", [a], services=("ingest", "forwarder"))
-        files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=1,
-                                 seed=1302)
-        assert stack.send(files).returncode == 0
-        bus = await Bus.connect(stack.cfg.nats, "test-scheduler")
-        ((seq, r),) = await received_with_seq(bus, 1)
+    async with standing_in_for_the_scheduler(tmp_path, [a], 1, seed=1302) as (stack, bus, received):
+        ((seq, r),) = received
         await bus.publish(placed_from(r, seq, "node1"))
         wait_for(lambda: a.client.sop_instance_uids() == {r.sop_instance_uid}, timeout=30, what="delivered")
         # The forwarder keeps the association for the next instance; the node goes down.
@@ -129,9 +107,3 @@ async def test_a_node_marked_down_gets_its_idle_associations_closed(tmp_path):
         a.stop()
         took = time.monotonic() - started
         assert took < 5.0, f"Orthanc took {took:.1f}s to stop: an association was still open"
-    finally:
-        if bus is not None:
-            await bus.close()
-        if stack is not None:
-            stack.close()
-        a.stop()

@@ -16,12 +16,11 @@ import pydicom
 import pytest
 
 from shared import events as ev
-from shared.bus import Bus
 from switchyard.corpus import generate_studies
 from tests.factories import placed_from
 from tests.fixtures.servers import log_events, make_stack, new_orthanc_node
 from tests.fixtures.util import poll, wait_for
-from tests.integration.placement_helpers import by_study, received_with_seq
+from tests.integration.placement_helpers import by_study, standing_in_for_the_scheduler
 
 pytestmark = pytest.mark.integration
 
@@ -115,18 +114,10 @@ def _sops(files) -> set[str]:
 async def test_a_failing_node_pauses_its_worker_and_uses_up_no_delivery(tmp_path):
     """Connection refused is the node's failure, not the instance's: no delivery burnt, no dead letter."""
     a = new_orthanc_node(1, tmp_path / "nodes")
-    stack = bus = None
-    try:
-        a.start()
-        stack = make_stack(tmp_path / "stack", [a], services=("ingest", "forwarder"))
-        files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=1,
-                                 seed=1402)
-        assert stack.send(files).returncode == 0
-        bus = await Bus.connect(stack.cfg.nats, "test-scheduler")
-        ((seq, r),) = await received_with_seq(bus, 1)
+    async with standing_in_for_the_scheduler(tmp_path, [a], 1, seed=1402) as (stack, bus, received):
+        ((seq, r),) = received
         a.stop()
-        placed = placed_from(r, seq, "node1")
-        await bus.publish(placed)
+        await bus.publish(placed_from(r, seq, "node1"))
         # Three pauses (0.5 + 1 + 2 s): with per-message retries (max_deliver 4, backoff
         # 0.2/0.5/1 s) the placement would have been dead-lettered by then.
         wait_for(lambda: (stack.metric("forwarder", "switchyard_forwarder_node_failures_total", 'node="node1"')
@@ -143,9 +134,3 @@ async def test_a_failing_node_pauses_its_worker_and_uses_up_no_delivery(tmp_path
         # One node-failure witness, on the first (and only) delivery.
         assert [(f.delivery, f.node_failure, f.permanent) for f in failed] == [(1, True, False)]
         assert not [e for e in events if isinstance(e, ev.InstanceDeadLetteredV1)]
-    finally:
-        if bus is not None:
-            await bus.close()
-        if stack is not None:
-            stack.close()
-        a.stop()
