@@ -39,8 +39,9 @@ async def mark(bus: Bus, stack, node_id: str, state: str) -> None:
 
 async def test_a_lost_ack_on_a_node_marked_down_is_settled_as_delivered_not_handed_back(tmp_path):
     a, b = (new_orthanc_node(i, tmp_path / "nodes") for i in (1, 2))
-    async with standing_in_for_the_scheduler(tmp_path, [a, b], 2, seed=1301, services=("ingest",),
-                                             configure=short_ack_wait) as (stack, bus, received):
+    async with standing_in_for_the_scheduler(
+        tmp_path, [a, b], 2, seed=1301, services=("ingest",), configure=short_ack_wait
+    ) as (stack, bus, received):
         (seq1, r1), (seq2, r2) = received
         delivered, never_sent = placed_from(r1, seq1, "node1"), placed_from(r2, seq2, "node1")
         await bus.publish(delivered)
@@ -54,8 +55,9 @@ async def test_a_lost_ack_on_a_node_marked_down_is_settled_as_delivered_not_hand
         assert sorted(ev.decode(m.data).event_id for m in msgs) == sorted([delivered.event_id, never_sent.event_id])
         sender = NodeSender(a.node, fcfg.ae_title, 5.0)
         path = open_blob_store(stack.cfg.blobs).local_path(delivered.blob_key)
-        assert (await sender.send(path, delivered.sop_class_uid, delivered.sop_instance_uid,
-                                  delivered.transfer_syntax_uid)).ok
+        assert (
+            await sender.send(path, delivered.sop_class_uid, delivered.sop_instance_uid, delivered.transfer_syntax_uid)
+        ).ok
         await sender.close()
         await psub.unsubscribe()
 
@@ -66,8 +68,11 @@ async def test_a_lost_ack_on_a_node_marked_down_is_settled_as_delivered_not_hand
 
         # Both come back redelivered; node1 cannot be asked whether it holds them: held,
         # neither assumed absent (handed back) nor delivered.
-        wait_for(lambda: stack.metric("forwarder", "switchyard_forwarder_held", 'node="node1"') == 2,
-                 timeout=30, what="both placements held while node1 cannot be asked")
+        wait_for(
+            lambda: stack.metric("forwarder", "switchyard_forwarder_held", 'node="node1"') == 2,
+            timeout=30,
+            what="both placements held while node1 cannot be asked",
+        )
         events = await log_events(stack)
         assert not [e for e in events if isinstance(e, ev.InstanceDeadLetteredV1 | ev.InstanceForwardedV1)]
 
@@ -84,9 +89,11 @@ async def test_a_lost_ack_on_a_node_marked_down_is_settled_as_delivered_not_hand
         forwarded = [e for e in events if isinstance(e, ev.InstanceForwardedV1)]
         dead = [e for e in events if isinstance(e, ev.InstanceDeadLetteredV1)]
         assert [(f.placement_id, f.node_id, f.already_present) for f in forwarded] == [
-            (delivered.event_id, "node1", True)]
+            (delivered.event_id, "node1", True)
+        ]
         assert [(d.placement_id, d.reason, d.counts_as_attempt) for d in dead] == [
-            (never_sent.event_id, ev.FailureReason.NODE_DOWN, False)]
+            (never_sent.event_id, ev.FailureReason.NODE_DOWN, False)
+        ]
         assert stack.metric("forwarder", "switchyard_forwarder_held", 'node="node1"') == 0
         # Exactly one copy: the one node1 got on the first delivery, none elsewhere.
         assert a.client.sop_instance_uids() == {delivered.sop_instance_uid}

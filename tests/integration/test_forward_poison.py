@@ -32,8 +32,11 @@ POISON = 2
 def delays(events: list, sops: set[str]) -> list[float]:
     """Seconds from ``received`` to ``forwarded``, per instance of ``sops``."""
     received = {e.sop_instance_uid: e.occurred_at for e in events if isinstance(e, ev.InstanceReceivedV1)}
-    return [(e.occurred_at - received[e.sop_instance_uid]).total_seconds()
-            for e in events if isinstance(e, ev.InstanceForwardedV1) and e.sop_instance_uid in sops]
+    return [
+        (e.occurred_at - received[e.sop_instance_uid]).total_seconds()
+        for e in events
+        if isinstance(e, ev.InstanceForwardedV1) and e.sop_instance_uid in sops
+    ]
 
 
 async def forwarded_all(stack, sops: set[str]) -> list:
@@ -52,12 +55,18 @@ async def test_a_poison_instance_is_dead_lettered_fast_and_does_not_delay_good_o
         for n in nodes:
             n.start()
         stack = make_stack(tmp_path / "stack", nodes)
-        studies = by_study(generate_studies(tmp_path / "corpus", studies=3, series_per_study=1,
-                                            instances_per_series=GOOD, seed=1401))
+        studies = by_study(
+            generate_studies(tmp_path / "corpus", studies=3, series_per_study=1, instances_per_series=GOOD, seed=1401)
+        )
         base, good, poison = (files for _uid, files in sorted(studies.items()))
         poison = poison[:POISON]
-        wait_for(lambda: all(stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{n.node.id}"') == 1
-                             for n in nodes), timeout=30, what="both nodes live")
+        wait_for(
+            lambda: all(
+                stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{n.node.id}"') == 1 for n in nodes
+            ),
+            timeout=30,
+            what="both nodes live",
+        )
 
         # Baseline: good instances alone.
         assert stack.send(base).returncode == 0
@@ -65,8 +74,9 @@ async def test_a_poison_instance_is_dead_lettered_fast_and_does_not_delay_good_o
         baseline = delays(events, _sops(base))
 
         # The same again, with the poison sent at the same time.
-        sent = await asyncio.gather(asyncio.to_thread(stack.send, good),
-                                    asyncio.to_thread(stack.send, poison, "POISONSCU", ["-xb"]))
+        sent = await asyncio.gather(
+            asyncio.to_thread(stack.send, good), asyncio.to_thread(stack.send, poison, "POISONSCU", ["-xb"])
+        )
         assert [s.returncode for s in sent] == [0, 0]
         events = await forwarded_all(stack, _sops(good))
         with_poison = delays(events, _sops(good))
@@ -97,8 +107,10 @@ async def test_a_poison_instance_is_dead_lettered_fast_and_does_not_delay_good_o
 
         added = statistics.mean(with_poison) - statistics.mean(baseline)
         worst = max(with_poison) - max(baseline)
-        print(f"good delivery delay: baseline mean {statistics.mean(baseline):.3f}s max {max(baseline):.3f}s; "
-              f"with poison mean {statistics.mean(with_poison):.3f}s max {max(with_poison):.3f}s")
+        print(
+            f"good delivery delay: baseline mean {statistics.mean(baseline):.3f}s max {max(baseline):.3f}s; "
+            f"with poison mean {statistics.mean(with_poison):.3f}s max {max(with_poison):.3f}s"
+        )
         assert added < 2.0 and worst < 2.0, (baseline, with_poison)
     finally:
         if stack is not None:
@@ -120,8 +132,11 @@ async def test_a_failing_node_pauses_its_worker_and_uses_up_no_delivery(tmp_path
         await bus.publish(placed_from(r, seq, "node1"))
         # Three pauses (0.5 + 1 + 2 s): with per-message retries (max_deliver 4, backoff
         # 0.2/0.5/1 s) the placement would have been dead-lettered by then.
-        wait_for(lambda: (stack.metric("forwarder", "switchyard_forwarder_node_failures_total", 'node="node1"')
-                          or 0) >= 3, timeout=30, what="three node failures")
+        wait_for(
+            lambda: (stack.metric("forwarder", "switchyard_forwarder_node_failures_total", 'node="node1"') or 0) >= 3,
+            timeout=30,
+            what="three node failures",
+        )
         a.start()
         wait_for(lambda: a.client.sop_instance_uids() == {r.sop_instance_uid}, timeout=30, what="delivered")
 
