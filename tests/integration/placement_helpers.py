@@ -19,7 +19,7 @@ from tests.fixtures.util import poll
 
 
 def nodes_cli(stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", "--config", str(stack.config_path), "nodes", *args],
+    return subprocess.run([sys.executable, "-m", "switchyard", "--config", str(stack.config_path), "nodes", *args],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
