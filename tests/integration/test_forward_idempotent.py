@@ -55,6 +55,7 @@ async def test_a_lost_ack_on_a_node_marked_down_is_settled_as_delivered_not_hand
         assert sorted(ev.decode(m.data).event_id for m in msgs) == sorted([delivered.event_id, never_sent.event_id])
         sender = NodeSender(a.node, fcfg.ae_title, 5.0)
         path = open_blob_store(stack.cfg.blobs).local_path(delivered.blob_key)
+        assert path is not None  # the stack's blob store is local
         assert (
             await sender.send(path, delivered.sop_class_uid, delivered.sop_instance_uid, delivered.transfer_syntax_uid)
         ).ok
