@@ -151,6 +151,9 @@ class InstancePlacedV1(Event, tag="instance.placed.v1"):
     pool: str = ""
     # Failed verifications of this instance on earlier nodes (a second one is final).
     verification_failures: int = 0
+    # Earlier placements of this instance handed back because their node went down
+    # (not counted against scheduler.max_attempts).
+    handbacks: int = 0
 
 
 class InstanceForwardedV1(Event, tag="instance.forwarded.v1"):
@@ -160,6 +163,9 @@ class InstanceForwardedV1(Event, tag="instance.forwarded.v1"):
     placement_id: str
     duration_ms: float = 0.0
     status: int = 0
+    # True when a redelivered placement was found already on its node (a lost ack):
+    # settled as delivered, not sent again.
+    already_present: bool = False
 
 
 class InstanceForwardFailedV1(Event, tag="instance.forward_failed.v1"):
@@ -172,6 +178,9 @@ class InstanceForwardFailedV1(Event, tag="instance.forward_failed.v1"):
     permanent: bool = False
     delivery: int = 1
     status: int | None = None
+    # The node itself failed (unreachable, association rejected), not this instance:
+    # the forwarder pauses the node's worker; no delivery is used up. A liveness witness.
+    node_failure: bool = False
 
 
 class InstanceDeadLetteredV1(Event, tag="instance.dead_lettered.v1"):
@@ -187,6 +196,11 @@ class InstanceDeadLetteredV1(Event, tag="instance.dead_lettered.v1"):
     pool: str = ""
     # For an operator, never placed again (e.g. verification failed on two nodes).
     final: bool = False
+    # False for a hand-back because the node went down or was removed: the scheduler
+    # places it again without using up one of its attempts.
+    counts_as_attempt: bool = True
+    # Hand-backs so far for this instance (from the placement), so attempts can discount them.
+    handbacks: int = 0
 
 
 class InstanceVerifiedV1(Event, tag="instance.verified.v1"):

@@ -129,6 +129,16 @@ def forwarded_from(p: ev.InstancePlacedV1, at: datetime | None = None) -> ev.Ins
     )
 
 
+def placed_from(r: ev.InstanceReceivedV1, received_seq: int, node: str) -> ev.InstancePlacedV1:
+    """The scheduler's first placement of a real received instance (tests that stand in for the scheduler)."""
+    return ev.InstancePlacedV1(
+        event_id=ev.fact_id("placed", r.sop_instance_uid, received_seq, 0), sop_instance_uid=r.sop_instance_uid,
+        study_instance_uid=r.study_instance_uid, sop_class_uid=r.sop_class_uid,
+        transfer_syntax_uid=r.transfer_syntax_uid, blob_key=r.blob_key, dataset_digest=r.dataset_digest,
+        node_id=node, reason=ev.PlacementReason.NEW_STUDY, received_seq=received_seq,
+    )
+
+
 # DICOM wire builders (bad input); imports kept local: the event builders above need none.
 
 

@@ -27,17 +27,23 @@ async def main(cfg: Config) -> None:
         metrics = ForwarderMetrics(svc.registry)
         pool = await membership.load(svc.bus, cfg.nodes, cfg.node_credentials)
         tasks: dict[str, asyncio.Task] = {}
+        workers: dict[str, NodeWorker] = {}
 
         def ensure_worker(member: membership.Member) -> None:
             # A removed node keeps its worker: it hands the node's backlog back.
             if member.node.id not in tasks:
-                worker = NodeWorker(cfg, member, svc.bus, blobs, metrics, svc.tracer)
+                worker = workers[member.node.id] = NodeWorker(cfg, member, svc.bus, blobs, metrics, svc.tracer)
                 tasks[member.node.id] = asyncio.create_task(worker.run(svc.stop), name=f"forward-{member.node.id}")
                 log.info("forwarding to node %s", member.node.id)
 
+        async def changed(member: membership.Member, _event) -> None:
+            ensure_worker(member)
+            # Down or removed: its idle associations closed now, held messages re-decided.
+            await workers[member.node.id].membership_changed()
+
         for member in pool.members.values():
             ensure_worker(member)
-        follower = asyncio.create_task(membership.follow(svc.bus, pool, svc.stop, lambda m, _e: ensure_worker(m)))
+        follower = asyncio.create_task(membership.follow(svc.bus, pool, svc.stop, changed))
         svc.serve_metrics(cfg.forwarder.metrics_port)
         # A worker that dies, or the membership follower, stops the process loudly.
         await run_until_stopped(svc.stop, [follower, *tasks.values()])

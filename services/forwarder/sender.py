@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from shared import ul
 from shared.config import NodeConfig
 from shared.dicomfile import dataset_offset
-
 
 MAX_CONTEXTS = 128
 # What we announce we can receive (responses are small).
@@ -27,10 +27,16 @@ OUR_MAX_PDU = 65536
 
 @dataclass(frozen=True)
 class Outcome:
+    """One delivery's result. Failures are of the node (``node_failure``: pause the node,
+    use no delivery), of this instance (``instance``: the node rejected or aborted on
+    this dataset, worth one more try at most), or neither (retried with backoff)."""
+
     ok: bool
     permanent: bool
     reason: str
     status: int | None = None
+    node_failure: bool = False
+    instance: bool = False
 
 
 def classify(status: int) -> Outcome:
@@ -39,7 +45,7 @@ def classify(status: int) -> Outcome:
         return Outcome(True, False, "stored", status)
     if 0xA700 <= status <= 0xA7FF:
         return Outcome(False, False, f"node out of resources (0x{status:04X})", status)
-    return Outcome(False, True, f"node refused the instance (0x{status:04X})", status)
+    return Outcome(False, True, f"node refused the instance (0x{status:04X})", status, instance=True)
 
 
 class NodeSender:
@@ -65,11 +71,12 @@ class NodeSender:
             self.assoc = await ul.Association.request(self.node.host, self.node.dicom_port, self.calling_ae,
                                                       self.node.ae_title, wanted, OUR_MAX_PDU, self.timeout_s)
         except ul.Unreachable as exc:
-            return Outcome(False, False, f"association failed (node unreachable: {type(exc.__cause__).__name__})")
+            return Outcome(False, False, f"association failed (node unreachable: {type(exc.__cause__).__name__})",
+                           node_failure=True)
         except ul.Rejected as exc:
-            return Outcome(False, False, str(exc))
+            return Outcome(False, False, str(exc), node_failure=True)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ul.ProtocolError) as exc:
-            return Outcome(False, False, f"association failed ({type(exc).__name__})")
+            return Outcome(False, False, f"association failed ({type(exc).__name__})", node_failure=True)
         self.proposed = list(wanted)
         return None
 
@@ -84,16 +91,34 @@ class NodeSender:
             assert self.assoc is not None
             context_id = self.assoc.accepted.get(key)
             if context_id is None:
-                return Outcome(False, True, "node refused the SOP class / transfer syntax")
-            try:
-                with open(path, "rb") as f:
-                    start = dataset_offset(f)
-                    size = f.seek(0, 2) - start
-                    f.seek(start)
-                    return classify(await self.assoc.c_store(context_id, sop_class, sop_instance, f, size))
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, ul.ProtocolError) as exc:
-                await self.close(abort=True)
-                return Outcome(False, False, f"send failed: {type(exc).__name__}")
+                return Outcome(False, True, "node refused the SOP class / transfer syntax", instance=True)
+            with open(path, "rb") as f:
+                start = dataset_offset(f)
+                size = f.seek(0, 2) - start
+                f.seek(start)
+                return await self._store(context_id, sop_class, sop_instance, f, size)
+
+    async def _store(self, context_id: int, sop_class: str, sop_instance: str, f: BinaryIO, size: int) -> Outcome:
+        assert self.assoc is not None
+        try:
+            return classify(await self.assoc.c_store(context_id, sop_class, sop_instance, f, size))
+        except TimeoutError:
+            # The node took the dataset and did not answer in time: it may still be
+            # storing it; an ordinary retry (the caller checks the node before giving up).
+            await self.close(abort=True)
+            return Outcome(False, False, "send failed: no response in time")
+        except (OSError, asyncio.IncompleteReadError, ul.ProtocolError) as exc:
+            # The node aborted or closed the association during this C-STORE: recognised
+            # at once (no timeout wait), an instance failure; a node that is really gone
+            # fails the next association instead.
+            await self.close(abort=True)
+            return Outcome(False, False, f"node aborted the C-STORE ({type(exc).__name__})", instance=True)
+
+    async def close_if_idle(self) -> None:
+        """Close the association unless a C-STORE is on it (the node was marked down:
+        an idle association must not keep it from exiting)."""
+        if not self.lock.locked():
+            await self.close()
 
     async def close(self, abort: bool = False) -> None:
         """Release (or abort) the association; never raises."""

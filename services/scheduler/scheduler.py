@@ -281,12 +281,12 @@ class Scheduler:
             # nodes, is the problem. Final, for an operator; a third placement would not help.
             await self._final_dead_letter(msg, failed)
             return
-        # A hand-back because the node went down (the forwarder says so) uses up no attempt:
-        # the placement keeps its number and takes its id from the one it replaces.
-        counted = getattr(failed, "counts_as_attempt", True)
-        attempt = failed.attempt + 1 if counted else failed.attempt
-        event_id = "" if counted else ev.fact_id("placed_again", failed.placement_id)
-        if counted and attempt >= self.cfg.scheduler.max_attempts:
+        attempt = failed.attempt + 1
+        event_id = ""
+        # A hand-back because the node went down (the forwarder says so) uses up no attempt,
+        # bounded all the same (a flapping node cannot loop an instance forever).
+        handbacks = getattr(failed, "handbacks", 0) + (not getattr(failed, "counts_as_attempt", True))
+        if attempt - handbacks >= self.cfg.scheduler.max_attempts or attempt >= 4 * self.cfg.scheduler.max_attempts:
             log.warning("%s failed for good after %d placements: %s", failed.sop_instance_uid,
                         attempt, failed.reason)
             self.given_up.inc()
@@ -326,6 +326,7 @@ class Scheduler:
             self.waiting.inc()
             await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
             return
+        placed.handbacks = handbacks
         if await self._record(placed):
             await msg.ack()
 

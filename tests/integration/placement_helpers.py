@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections import defaultdict
@@ -9,8 +10,12 @@ from pathlib import Path
 
 import pydicom
 
+from shared import events as ev
+from shared.bus import SUBJECT_RECEIVED, Bus
+from switchyard.corpus import generate_studies
 from switchyard.stack import REPO
-from tests.fixtures.servers import log_events  # noqa: F401 - the placement tests take it from here
+from tests.fixtures.servers import log_events, make_stack  # noqa: F401 - the placement tests take log_events from here
+from tests.fixtures.util import poll
 
 
 def nodes_cli(stack, *args: str) -> subprocess.CompletedProcess:
@@ -43,3 +48,39 @@ def all_forwarded(stack, studies: dict[str, list[Path]]) -> dict[str, list[dict]
             return {}
         out[study_uid] = rows
     return out
+
+
+async def received_with_seq(bus, n: int) -> list:
+    """The log's ``n`` received events with their stream sequences, once all are there
+    (tests that stand in for the scheduler place them themselves)."""
+    async def ready():
+        got = [(d.seq, d.event) async for d in bus.replay(SUBJECT_RECEIVED)
+               if isinstance(d.event, ev.InstanceReceivedV1)]
+        return got if len(got) == n else None
+
+    return await poll(ready, timeout=30, what=f"{n} received events")
+
+
+@contextlib.asynccontextmanager
+async def standing_in_for_the_scheduler(tmp_path: Path, nodes: list, instances: int, seed: int,
+                                        services=("ingest", "forwarder"), configure=None):
+    """``nodes`` started, a stack without scheduler (and probe), ``instances`` sent and received;
+    yields (stack, bus, [(seq, received)]): the test places them itself, as the scheduler would.
+    Everything is stopped on the way out."""
+    stack = bus = None
+    try:
+        for n in nodes:
+            n.start()
+        stack = make_stack(tmp_path / "stack", nodes, services=services, configure=configure)
+        files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=instances,
+                                 seed=seed)
+        assert stack.send(files).returncode == 0
+        bus = await Bus.connect(stack.cfg.nats, "test-scheduler")
+        yield stack, bus, await received_with_seq(bus, instances)
+    finally:
+        if bus is not None:
+            await bus.close()
+        if stack is not None:
+            stack.close()
+        for n in nodes:
+            n.stop()

@@ -250,7 +250,9 @@ async def test_a_response_to_another_message_is_a_protocol_error(tmp_path):
         await assoc.close(abort=True)
         sender = NodeSender(node(peer.port), "FORWARDER", TIMEOUT)
         outcome = await sender.send(path, CTImageStorage, sop, ExplicitVRLittleEndian)
-        assert (outcome.ok, outcome.permanent, outcome.reason) == (False, False, "send failed: ProtocolError")
+        assert (outcome.ok, outcome.permanent) == (False, False)
+        assert outcome.reason == "node aborted the C-STORE (ProtocolError)"
+        assert outcome.instance and not outcome.node_failure  # this instance's failure, found at once
         assert sender.assoc is None  # aborted: the next send associates afresh
 
 
@@ -262,9 +264,13 @@ async def test_a_peer_abort_fails_the_store_and_drops_the_association(tmp_path):
             await store(assoc, path, sop)
         await assoc.close(abort=True)
         sender = NodeSender(node(peer.port), "FORWARDER", TIMEOUT)
+        started = time.monotonic()
         outcome = await sender.send(path, CTImageStorage, sop, ExplicitVRLittleEndian)
+        # Recognised when the A-ABORT arrives, not after the response timeout.
+        assert time.monotonic() - started < TIMEOUT / 2
         assert (outcome.ok, outcome.permanent) == (False, False)
-        assert outcome.reason == "send failed: ConnectionResetError" and sender.assoc is None
+        assert outcome.reason == "node aborted the C-STORE (ConnectionResetError)" and sender.assoc is None
+        assert outcome.instance and not outcome.node_failure
 
 
 async def test_an_association_the_peer_closed_while_idle_is_renewed(tmp_path):
@@ -292,6 +298,7 @@ async def test_a_rejection_names_result_source_and_reason(tmp_path):
         outcome = await NodeSender(node(peer.port), "FORWARDER", TIMEOUT).send(path, CTImageStorage, sop,
                                                                               ExplicitVRLittleEndian)
         assert outcome.reason == "association rejected (result 1, source 1, reason 7)" and not outcome.permanent
+        assert outcome.node_failure and not outcome.instance  # the node's failure: pause it, use no delivery
         assert not await ul.echo("127.0.0.1", peer.port, "PROBE", "PEER", TIMEOUT)
 
 
