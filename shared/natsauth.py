@@ -74,7 +74,8 @@ def permissions(identity: str, cfg: NatsConfig) -> Permissions:
     if identity == "ingest":
         return Permissions((*base, "dicom.instance.received"), (inbox,))
     if identity == "scheduler":
-        pub = [*base, *_read_stream(s), "dicom.instance.placed.*",
+        # dead_lettered: the final one when verification failed on a second node (an instance problem).
+        pub = [*base, *_read_stream(s), "dicom.instance.placed.*", "dicom.instance.dead_lettered",
                *(f"node.state.*.{st}" for st in SCHEDULER_STATES),
                f"$JS.API.STREAM.MSG.GET.{s}", f"$JS.API.DIRECT.GET.{s}",
                f"$JS.API.STREAM.INFO.{KV_STREAM}", f"$KV.{KV_BUCKET}.>",

@@ -75,7 +75,7 @@ async def standing_in_for_the_scheduler(tmp_path: Path, nodes: list, instances: 
         files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=instances,
                                  seed=seed)
         assert stack.send(files).returncode == 0
-        bus = await Bus.connect(stack.cfg.nats, "test-scheduler")
+        bus = await Bus.connect(stack.cfg.nats, "test-scheduler", identity="harness")  # writes what the scheduler would
         yield stack, bus, await received_with_seq(bus, instances)
     finally:
         if bus is not None:

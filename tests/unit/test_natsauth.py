@@ -56,7 +56,7 @@ def event_subjects() -> dict[str, str]:
 
 RIGHTS = {
     "ingest": {"received"},
-    "scheduler": {"placed", "down", "up"},
+    "scheduler": {"placed", "down", "up", "dead_lettered"},
     "forwarder": {"forwarded", "forward_failed", "dead_lettered"},
     "probe": {"heartbeat", "verified", "verification_failed"},
     "catalog": set(),
