@@ -1,0 +1,60 @@
+"""The CI-sized chaos run (issue #13): every fault once while 3 DCMTK senders send, then the audit.
+
+Runs ``switchyard chaos`` as an operator would (its own stack under the
+supervisor, real kill -9 / SIGTERM of each process, a real nats-server restart,
+an Orthanc node stopped and started) and asserts the issue's targets on the
+report: 0 lost, 0 duplicated, 0 studies split except by a node that went down,
+0 final dead letters, and the audit settles.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import msgspec
+import pytest
+
+from switchyard import stack as ls
+from shared.config import NodeConfig
+from tests.fixtures.servers import stack_config
+from tests.fixtures.util import free_port
+
+pytestmark = pytest.mark.integration
+
+INSTANCES = 1200
+# Every fault once (ingest twice), seconds after the senders start; node2 down for 8 s.
+FAULTS = ("kill:ingest@3,kill:scheduler@6,kill:forwarder@9,kill:probe@12,kill:catalog@15,term:nats@18,"
+          "kill:ingest@22,stop:node2@25+8,kill:nats@36")
+
+
+def test_chaos_run_loses_duplicates_splits_and_dead_letters_nothing(tmp_path):
+    nodes = [NodeConfig(id=f"node{i}", dicom_port=free_port(), ae_title=f"NODE{i}",
+                        rest_url=f"http://127.0.0.1:{free_port()}", password="test-secret") for i in (1, 2, 3)]
+    cfg = stack_config(tmp_path / "data", nodes)
+    # A delivery whose ack a NATS restart lost comes back after ack_wait: short, so the run fits CI.
+    cfg = msgspec.structs.replace(cfg, forwarder=msgspec.structs.replace(cfg.forwarder, ack_wait_s=10.0))
+    config = ls.write_config(cfg, tmp_path / "switchyard.toml")
+    result = subprocess.run(
+        [sys.executable, "-m", "switchyard", "--config", str(config), "chaos", "--instances", str(INSTANCES),
+         "--senders", "3", "--faults", FAULTS, "--seed", "13", "--data-dir", str(tmp_path / "data"),
+         "--keep-ports", "--settle-timeout", "120", "--send-timeout", "180", "--json", str(tmp_path / "report.json")],
+        cwd=ls.REPO, capture_output=True, text=True, timeout=420,
+    )
+    out = result.stdout + result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["instances"] == INSTANCES, out[-4000:]
+    # Every fault happened and the supervisor brought each killed process back.
+    restarted = " ".join(report["restarts"])
+    for target in ("ingest", "scheduler", "forwarder", "probe", "catalog", "nats"):
+        assert target in restarted, out[-4000:]
+    assert report["acknowledged"] == INSTANCES, out[-4000:]
+    assert report["received_duplicated"] == 0, out[-4000:]
+    assert (report["lost"], report["duplicated"], report["split"], report["dead_lettered"]) == (0, 0, 0, 0), \
+        out[-4000:]
+    assert report["settled"] and report["catalog_mismatch"] == 0, out[-4000:]
+    assert result.returncode == 0, out[-4000:]
+    # Nothing left running.
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout
+    assert leftovers.strip() == "", leftovers
