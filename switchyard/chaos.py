@@ -32,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -45,35 +46,45 @@ from switchyard.corpus import _uid, generate_studies
 
 # Issue #13's schedule: every service killed (ingest twice), nats-server SIGTERM and kill -9,
 # one node stopped for 30 s. Seconds after the senders start.
-DEFAULT_FAULTS = ("kill:ingest@5,kill:scheduler@12,kill:forwarder@18,kill:probe@24,kill:catalog@30,"
-                  "term:nats@36,kill:ingest@46,stop:node2@52+30,kill:nats@90")
+DEFAULT_FAULTS = (
+    "kill:ingest@5,kill:scheduler@12,kill:forwarder@18,kill:probe@24,kill:catalog@30,"
+    "term:nats@36,kill:ingest@46,stop:node2@52+30,kill:nats@90"
+)
 
-_FAULT = re.compile(r"^(kill|term|stop):([A-Za-z0-9_.-]+)@(\d+(?:\.\d+)?)(?:\+(\d+(?:\.\d+)?))?$")
+_FAULT = re.compile(r"^(kill|term|stop):([A-Za-z0-9_.-]+)@(\d+(?:\.\d+)?)(%?)(?:\+(\d+(?:\.\d+)?))?$")
 
 
 @dataclass(frozen=True)
 class Fault:
     action: str  # kill (SIGKILL), term (SIGTERM), stop (held down for ``duration`` s, then started)
     target: str  # a service, "nats", or a node id
-    at: float
+    at: float  # seconds after the senders start, or percent of the corpus acknowledged if ``percent``
     duration: float = 0.0
+    percent: bool = False
 
     def __str__(self) -> str:
-        return f"{self.action}:{self.target}@{self.at:g}" + (f"+{self.duration:g}" if self.duration else "")
+        return f"{self.action}:{self.target}@{self.at:g}{'%' if self.percent else ''}" + (
+            f"+{self.duration:g}" if self.duration else ""
+        )
 
 
 def parse_faults(text: str) -> list[Fault]:
-    """``kill:ingest@5,term:nats@30,stop:node2@40+30`` -> faults in time order."""
+    """``kill:ingest@5,term:nats@30%,stop:node2@40+30`` -> faults in order.
+
+    ``@N`` is N seconds after the senders start, ``@N%`` once N percent of the
+    corpus is acknowledged (so every fault lands while senders send, whatever
+    the machine's speed); ``+D`` keeps a stopped process down for D seconds.
+    """
     faults = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         m = _FAULT.match(part)
         if not m:
-            raise ValueError(f"fault {part!r}: expected kill|term|stop:TARGET@SECONDS[+DURATION]")
-        action, target, at, duration = m.group(1), m.group(2), float(m.group(3)), float(m.group(4) or 0)
+            raise ValueError(f"fault {part!r}: expected kill|term|stop:TARGET@SECONDS[%][+DURATION]")
+        action, target, at, duration = m.group(1), m.group(2), float(m.group(3)), float(m.group(5) or 0)
         if action == "stop" and not duration:
             raise ValueError(f"fault {part!r}: stop needs +DURATION")
-        faults.append(Fault(action, target, at, duration))
-    return sorted(faults, key=lambda f: f.at)
+        faults.append(Fault(action, target, at, duration, percent=bool(m.group(4))))
+    return faults
 
 
 @dataclass
@@ -107,6 +118,7 @@ class Report:
     down_nodes: list[str] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
     restarts: list[str] = field(default_factory=list)
+    timeline: list[str] = field(default_factory=list)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     def text(self) -> str:
@@ -138,8 +150,15 @@ def make_corpus(dest: Path, plan: Plan) -> Corpus:
     """Synthetic 16x16 studies (small, so the run measures routing, not bytes); UIDs depend on the seed."""
     per_study = plan.instances_per_series * plan.series_per_study
     studies = max(1, -(-plan.instances // per_study))
-    paths = generate_studies(dest, studies=studies, series_per_study=plan.series_per_study,
-                             instances_per_series=plan.instances_per_series, seed=plan.seed, rows=16, cols=16)
+    paths = generate_studies(
+        dest,
+        studies=studies,
+        series_per_study=plan.series_per_study,
+        instances_per_series=plan.instances_per_series,
+        seed=plan.seed,
+        rows=16,
+        cols=16,
+    )
     files, study_of, by_study = {}, {}, defaultdict(list)
     for path in paths:
         study, series, instance = int(path.parent.parent.name), int(path.parent.name), int(path.stem)
@@ -152,10 +171,27 @@ def make_corpus(dest: Path, plan: Plan) -> Corpus:
 
 # ---------------------------------------------------------------------------------------------- senders
 
+
 def storescu_batch(cfg: Config, paths: list[Path], calling_ae: str) -> set[Path]:
     """Send ``paths`` on one association; the files storescu got a success (or warning) status for."""
-    argv = [str(ls.DCMTK_BIN / "storescu"), "-v", "-aet", calling_ae, "-aec", cfg.ingest.ae_title, "-R",
-            "-to", "10", "-ta", "10", "-td", "60", "127.0.0.1", str(cfg.ingest.port), *map(str, paths)]
+    argv = [
+        str(ls.DCMTK_BIN / "storescu"),
+        "-v",
+        "-aet",
+        calling_ae,
+        "-aec",
+        cfg.ingest.ae_title,
+        "-R",
+        "-to",
+        "10",
+        "-ta",
+        "10",
+        "-td",
+        "60",
+        "127.0.0.1",
+        str(cfg.ingest.port),
+        *map(str, paths),
+    ]
     try:
         out = subprocess.run(argv, env=ls.dicom_env(), capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
@@ -173,8 +209,9 @@ def storescu_batch(cfg: Config, paths: list[Path], calling_ae: str) -> set[Path]
     return acked
 
 
-def sender(cfg: Config, name: str, paths: list[Path], acked: set[Path], lock: threading.Lock,
-           deadline: float, batch: int) -> None:
+def sender(
+    cfg: Config, name: str, paths: list[Path], acked: set[Path], lock: threading.Lock, deadline: float, batch: int
+) -> None:
     """Send until everything is acknowledged: what was not (refused, aborted, ingest down) goes again."""
     remaining = list(paths)
     failures = 0
@@ -187,49 +224,65 @@ def sender(cfg: Config, name: str, paths: list[Path], acked: set[Path], lock: th
         failures = 0 if got else failures + 1
         if not got:
             # A modality's retry interval, not a readiness wait: ingest may be restarting.
-            time.sleep(min(0.2 * 2 ** failures, 3.0))
+            time.sleep(min(0.2 * 2**failures, 3.0))
 
 
 # ---------------------------------------------------------------------------------------------- faults
 
-def run_faults(sup: ls.Supervisor, faults: list[Fault], started: float, stop: threading.Event,
-               timeline: list[str], out: IO[str]) -> None:
+
+def run_faults(
+    sup: ls.Supervisor,
+    faults: list[Fault],
+    started: float,
+    progress: Callable[[], float],
+    sending: threading.Event,
+    stop: threading.Event,
+    timeline: list[str],
+    out: IO[str],
+) -> None:
+    """Run each fault when due (time or progress; a progress fault not reached when sending ends runs then)."""
+
     def note(text: str) -> None:
-        stamp = f"{time.monotonic() - started:6.1f}s"
+        stamp = f"{time.monotonic() - started:6.1f}s {100 * progress():3.0f}%"
         timeline.append(f"{stamp} {text}")
         out.write(f"chaos: {stamp} {text}\n")
         out.flush()
 
-    pending: list[tuple[float, str, Fault]] = [(f.at, "start", f) for f in faults]
-    while pending and not stop.is_set():
-        pending.sort(key=lambda p: p[0])
-        at, phase, fault = pending[0]
-        if stop.wait(max(0.0, started + at - time.monotonic())):
-            break
-        pending.pop(0)
-        if phase == "release":
-            sup.release(fault.target, wait=False)
-            note(f"started {fault.target} again")
-            continue
-        if fault.action == "stop":
-            proc = sup.hold(fault.target)
-            proc.stop()
-            note(f"stopped {fault.target} for {fault.duration:g}s")
-            pending.append((at + fault.duration, "release", fault))
-            continue
-        sig = signal.SIGKILL if fault.action == "kill" else signal.SIGTERM
-        try:
-            os.kill(sup.pid(fault.target), sig)
-            note(f"{'kill -9' if sig == signal.SIGKILL else 'SIGTERM'} {fault.target}")
-        except ProcessLookupError:
-            note(f"{fault.target} was not running")
+    def due(fault: Fault) -> bool:
+        if fault.percent:
+            return progress() * 100 >= fault.at or not sending.is_set()
+        return time.monotonic() - started >= fault.at
+
+    pending = list(faults)
+    releases: list[tuple[float, Fault]] = []
+    while (pending or releases) and not stop.is_set():
+        for release in [r for r in releases if time.monotonic() >= r[0]]:
+            releases.remove(release)
+            sup.release(release[1].target, wait=False)
+            note(f"started {release[1].target} again")
+        for fault in [f for f in pending if due(f)]:
+            pending.remove(fault)
+            if fault.action == "stop":
+                proc = sup.hold(fault.target)
+                t0 = time.monotonic()
+                proc.stop()
+                note(f"stopped {fault.target} (took {time.monotonic() - t0:.1f}s) for {fault.duration:g}s")
+                releases.append((time.monotonic() + fault.duration, fault))
+                continue
+            sig = signal.SIGKILL if fault.action == "kill" else signal.SIGTERM
+            try:
+                os.kill(sup.pid(fault.target), sig)
+                note(f"{'kill -9' if sig == signal.SIGKILL else 'SIGTERM'} {fault.target}")
+            except ProcessLookupError:
+                note(f"{fault.target} was not running")
+        stop.wait(0.05)
     # Whatever is still held (the run ended early) comes back before the audit.
-    for _, phase, fault in pending:
-        if phase == "release":
-            sup.release(fault.target, wait=False)
+    for _, fault in releases:
+        sup.release(fault.target, wait=False)
 
 
 # ---------------------------------------------------------------------------------------------- audit
+
 
 def node_holdings(node: NodeConfig) -> set[str] | None:
     """Every SOP Instance UID on the node, from one /tools/find; None if it does not answer."""
@@ -281,7 +334,7 @@ async def _read_log(cfg: Config) -> LogFacts:
     return LogFacts(received, down, last)
 
 
-def audit(cfg: Config, corpus: Corpus, acked: set[str], report: Report) -> tuple | None:
+def audit(cfg: Config, corpus: Corpus, acked: set[str], report: Report, really_down: set[str]) -> tuple | None:
     """Fill the counts of ``report``; returns a fingerprint to compare passes, or None if a source is down."""
     holdings = {}
     for node in cfg.nodes:
@@ -309,7 +362,10 @@ def audit(cfg: Config, corpus: Corpus, acked: set[str], report: Report) -> tuple
     for node_id, held in holdings.items():
         for sop in held & acked:
             where[sop].add(node_id)
-    lost, dup, dead, mismatch = [], [], [], []
+    lost: list[str] = []
+    dup: list[str] = []
+    dead: list[str] = []
+    mismatch: list[str] = []
     for sop in sorted(acked):
         nodes = where.get(sop, set())
         if len(nodes) > 1:
@@ -318,29 +374,43 @@ def audit(cfg: Config, corpus: Corpus, acked: set[str], report: Report) -> tuple
             (dead if facts.last_placement.get(sop) == "dead_lettered" else lost).append(sop)
         elif catalog_nodes.get(sop, set()) != nodes:
             mismatch.append(sop)
-    split, excused = [], []
+    split: list[str] = []
+    excused: list[str] = []
     for study in sorted({corpus.study_of[s] for s in acked}):
         nodes = set().union(*(where.get(s, set()) for s in corpus.by_study[study]))
         if len(nodes) > 1:
-            (excused if len(nodes - facts.down) <= 1 else split).append(study)
+            # Only a node the run really took down excuses a split, not one merely marked down.
+            (excused if len(nodes - (really_down & facts.down)) <= 1 else split).append(study)
     report.acknowledged = len(acked)
     report.lost, report.duplicated, report.dead_lettered = len(lost), len(dup), len(dead)
     report.split, report.split_excused, report.catalog_mismatch = len(split), len(excused), len(mismatch)
     report.received_duplicated = sum(1 for s in acked if facts.received[s] > 1)
     report.down_nodes = sorted(facts.down)
-    report.examples = {"lost": lost[:5], "duplicated": dup[:5], "split": split[:5], "dead_lettered": dead[:5],
-                       "catalog_mismatch": mismatch[:5]}
-    return (tuple(lost), tuple(dup), tuple(dead), tuple(mismatch), tuple(split),
-            tuple(sorted((k, len(v)) for k, v in holdings.items())))
+    report.examples = {
+        "lost": lost[:5],
+        "duplicated": dup[:5],
+        "split": split[:5],
+        "dead_lettered": dead[:5],
+        "catalog_mismatch": mismatch[:5],
+    }
+    return (
+        tuple(lost),
+        tuple(dup),
+        tuple(dead),
+        tuple(mismatch),
+        tuple(split),
+        tuple(sorted((k, len(v)) for k, v in holdings.items())),
+    )
 
 
-def settle(cfg: Config, corpus: Corpus, acked: set[str], report: Report, timeout: float,
-           out: IO[str]) -> None:
+def settle(
+    cfg: Config, corpus: Corpus, acked: set[str], report: Report, timeout: float, out: IO[str], really_down: set[str]
+) -> None:
     """Audit until nothing is lost or in flight and two passes agree, or the timeout."""
     started = time.monotonic()
     previous = None
     while True:
-        fingerprint = audit(cfg, corpus, acked, report)
+        fingerprint = audit(cfg, corpus, acked, report, really_down)
         elapsed = time.monotonic() - started
         if fingerprint is not None:
             quiet = report.lost == 0 and report.catalog_mismatch == 0
@@ -348,8 +418,10 @@ def settle(cfg: Config, corpus: Corpus, acked: set[str], report: Report, timeout
                 report.settled = True
                 return
             previous = fingerprint
-            out.write(f"chaos: settling ({elapsed:.0f}s): lost {report.lost} duplicated {report.duplicated} "
-                      f"dead-lettered {report.dead_lettered} catalog disagrees {report.catalog_mismatch}\n")
+            out.write(
+                f"chaos: settling ({elapsed:.0f}s): lost {report.lost} duplicated {report.duplicated} "
+                f"dead-lettered {report.dead_lettered} catalog disagrees {report.catalog_mismatch}\n"
+            )
             out.flush()
             if quiet:
                 report.settle_s = elapsed
@@ -359,6 +431,7 @@ def settle(cfg: Config, corpus: Corpus, acked: set[str], report: Report, timeout
 
 
 # ---------------------------------------------------------------------------------------------- run
+
 
 def run(cfg: Config, data_dir: Path, plan: Plan, monitor_port: int, out: IO[str] = sys.stdout) -> Report:
     """Start the stack under a supervisor, send under faults, audit; the stack is stopped at the end."""
@@ -389,29 +462,52 @@ def run(cfg: Config, data_dir: Path, plan: Plan, monitor_port: int, out: IO[str]
             out.write(f"chaos: {plan.senders} storescu senders, faults {', '.join(report.faults) or '-'}\n")
             out.flush()
             timeline: list[str] = []
-            faults_done = threading.Event()
-            fault_thread = threading.Thread(target=run_faults, args=(sup, plan.faults, started, faults_done,
-                                                                     timeline, out), daemon=True)
+            sending = threading.Event()
+            sending.set()
+
+            def progress() -> float:
+                with lock:
+                    return len(acked_paths) / max(1, report.instances)
+
+            fault_thread = threading.Thread(
+                target=run_faults, args=(sup, plan.faults, started, progress, sending, stop, timeline, out), daemon=True
+            )
             fault_thread.start()
-            senders = [threading.Thread(target=sender, args=(cfg, f"CHAOS{i + 1}", share, acked_paths, lock,
-                                                             deadline, plan.batch), daemon=True)
-                       for i, share in enumerate(shares)]
+            senders = [
+                threading.Thread(
+                    target=sender,
+                    args=(cfg, f"CHAOS{i + 1}", share, acked_paths, lock, deadline, plan.batch),
+                    daemon=True,
+                )
+                for i, share in enumerate(shares)
+            ]
             for t in senders:
                 t.start()
             for t in senders:
                 t.join()
             report.send_s = time.monotonic() - started
+            sending.clear()
             # Every fault runs even if sending finished first: the audit must see its effects.
             fault_thread.join()
             # Everything up again before the audit (a restart may be in its backoff).
-            ls.wait_until(lambda: all(p.popen.poll() is None for p in sup.procs.values()), 120,
-                          "every process running again")
+            ls.wait_until(
+                lambda: all(p.popen.poll() is None for p in sup.procs.values()), 120, "every process running again"
+            )
             sop_of = {p: s for s, p in corpus.files.items()}
             acked = {sop_of[p] for p in acked_paths}
             report.unacknowledged = report.instances - len(acked)
             out.write(f"chaos: {len(acked)} acknowledged in {report.send_s:.1f}s; auditing\n")
             out.flush()
-            settle(cfg, corpus, acked, report, plan.settle_timeout_s, out)
+            settle(
+                cfg,
+                corpus,
+                acked,
+                report,
+                plan.settle_timeout_s,
+                out,
+                {f.target for f in plan.faults if f.target in {n.id for n in cfg.nodes}},
+            )
+            report.timeline = timeline
             report.restarts = [f"{name} (exit {code})" for _, name, code in sup.restarts]
         finally:
             stop.set()

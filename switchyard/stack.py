@@ -7,6 +7,7 @@ from the server itself (HTTP health, REST, metrics endpoint), never assumed.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -372,11 +373,19 @@ def start_stack(cfg: Config, data_dir: Path, config_path: Path, monitor_port: in
     try:
         sup.add("nats", lambda wait: start_nats(cfg, data_dir, monitor_port, console, wait=wait))
         for node in cfg.nodes:
-            sup.add(node.id, lambda wait, node=node: start_orthanc(node, data_dir, console, wait=wait))
+            sup.add(node.id, functools.partial(_start_node, node, data_dir, console))
         for service in SERVICES:
-            sup.add(service, lambda wait, service=service: start_service(service, cfg, config_path, data_dir,
-                                                                         console, wait=wait))
+            sup.add(service, functools.partial(_start_service, service, cfg, config_path, data_dir, console))
     except BaseException:
         sup.stop_all()
         raise
     return sup
+
+
+def _start_node(node: NodeConfig, data_dir: Path, console: IO[str] | None, wait: bool) -> Proc:
+    return start_orthanc(node, data_dir, console, wait=wait)
+
+
+def _start_service(service: str, cfg: Config, config_path: Path, data_dir: Path, console: IO[str] | None,
+                   wait: bool) -> Proc:
+    return start_service(service, cfg, config_path, data_dir, console, wait=wait)

@@ -16,31 +16,67 @@ import sys
 import msgspec
 import pytest
 
-from switchyard import stack as ls
 from shared.config import NodeConfig
+from switchyard import stack as ls
 from tests.fixtures.servers import stack_config
 from tests.fixtures.util import free_port
 
 pytestmark = pytest.mark.integration
 
-INSTANCES = 1200
-# Every fault once (ingest twice), seconds after the senders start; node2 down for 8 s.
-FAULTS = ("kill:ingest@3,kill:scheduler@6,kill:forwarder@9,kill:probe@12,kill:catalog@15,term:nats@18,"
-          "kill:ingest@22,stop:node2@25+8,kill:nats@36")
+INSTANCES = 2000
+# Every fault once (ingest twice), each when that share of the corpus is acknowledged, so all land
+# while the senders send whatever the machine's speed; node2 stays down for 8 s.
+FAULTS = (
+    "kill:ingest@5%,kill:scheduler@12%,kill:forwarder@20%,kill:probe@28%,kill:catalog@36%,term:nats@44%,"
+    "kill:ingest@55%,stop:node2@62%+8,kill:nats@75%"
+)
 
 
 def test_chaos_run_loses_duplicates_splits_and_dead_letters_nothing(tmp_path):
-    nodes = [NodeConfig(id=f"node{i}", dicom_port=free_port(), ae_title=f"NODE{i}",
-                        rest_url=f"http://127.0.0.1:{free_port()}", password="test-secret") for i in (1, 2, 3)]
+    nodes = [
+        NodeConfig(
+            id=f"node{i}",
+            dicom_port=free_port(),
+            ae_title=f"NODE{i}",
+            rest_url=f"http://127.0.0.1:{free_port()}",
+            password="test-secret",
+        )
+        for i in (1, 2, 3)
+    ]
     cfg = stack_config(tmp_path / "data", nodes)
     # A delivery whose ack a NATS restart lost comes back after ack_wait: short, so the run fits CI.
     cfg = msgspec.structs.replace(cfg, forwarder=msgspec.structs.replace(cfg.forwarder, ack_wait_s=10.0))
     config = ls.write_config(cfg, tmp_path / "switchyard.toml")
     result = subprocess.run(
-        [sys.executable, "-m", "switchyard", "--config", str(config), "chaos", "--instances", str(INSTANCES),
-         "--senders", "3", "--faults", FAULTS, "--seed", "13", "--data-dir", str(tmp_path / "data"),
-         "--keep-ports", "--settle-timeout", "120", "--send-timeout", "180", "--json", str(tmp_path / "report.json")],
-        cwd=ls.REPO, capture_output=True, text=True, timeout=420,
+        [
+            sys.executable,
+            "-m",
+            "switchyard",
+            "--config",
+            str(config),
+            "chaos",
+            "--instances",
+            str(INSTANCES),
+            "--senders",
+            "3",
+            "--faults",
+            FAULTS,
+            "--seed",
+            "13",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--keep-ports",
+            "--settle-timeout",
+            "90",
+            "--send-timeout",
+            "180",
+            "--json",
+            str(tmp_path / "report.json"),
+        ],
+        cwd=ls.REPO,
+        capture_output=True,
+        text=True,
+        timeout=420,
     )
     out = result.stdout + result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
@@ -51,8 +87,7 @@ def test_chaos_run_loses_duplicates_splits_and_dead_letters_nothing(tmp_path):
         assert target in restarted, out[-4000:]
     assert report["acknowledged"] == INSTANCES, out[-4000:]
     assert report["received_duplicated"] == 0, out[-4000:]
-    assert (report["lost"], report["duplicated"], report["split"], report["dead_lettered"]) == (0, 0, 0, 0), \
-        out[-4000:]
+    assert (report["lost"], report["duplicated"], report["split"], report["dead_lettered"]) == (0, 0, 0, 0), out[-4000:]
     assert report["settled"] and report["catalog_mismatch"] == 0, out[-4000:]
     assert result.returncode == 0, out[-4000:]
     # Nothing left running.
