@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import msgspec
 import pytest
 
 from shared.config import NodeConfig
 from switchyard import stack as ls
-from tests.fixtures.servers import stack_config
+from switchyard.corpus import generate_studies
+from tests.fixtures.servers import make_stack, stack_config
 from tests.fixtures.util import free_port
 
 pytestmark = pytest.mark.integration
@@ -93,3 +95,27 @@ def test_chaos_run_loses_duplicates_splits_and_dead_letters_nothing(tmp_path):
     # Nothing left running.
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout
     assert leftovers.strip() == "", leftovers
+
+
+@pytest.mark.parametrize("how", ["term", "kill"])
+def test_catalog_resumes_within_2s_after_a_nats_restart(orthanc_nodes, tmp_path, how):
+    stack = make_stack(tmp_path / "stack", orthanc_nodes, services=("ingest", "catalog"))
+    try:
+        first, second = generate_studies(
+            tmp_path / "corpus", studies=2, series_per_study=1, instances_per_series=1, seed=int(time.time())
+        )
+        assert stack.send([first]).returncode == 0
+        ls.wait_until(lambda: len(stack.catalog("/api/instances?limit=10")) == 1, 10, "catalog has the first")
+        if how == "kill":
+            stack.nats.kill()
+            stack.nats = None
+        else:
+            stack.stop_nats()
+        stack.start_nats()
+        # Ingest reconnects and publishes; the time counted is from its success to the catalog row.
+        ls.wait_until(lambda: stack.send([second]).returncode == 0, 20, "ingest stores again")
+        sent = time.monotonic()
+        ls.wait_until(lambda: len(stack.catalog("/api/instances?limit=10")) == 2, 30, "catalog has the second")
+        assert time.monotonic() - sent < 2.0, stack.diagnostics()
+    finally:
+        stack.close()
