@@ -10,6 +10,8 @@ report: 0 lost, 0 duplicated, 0 studies split except by a node that went down,
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -119,3 +121,77 @@ def test_catalog_resumes_within_2s_after_a_nats_restart(orthanc_nodes, tmp_path,
         assert time.monotonic() - sent < 2.0, stack.diagnostics()
     finally:
         stack.close()
+
+
+def test_stack_restarts_a_crashed_service_and_keeps_probe_files_in_its_data_dir(tmp_path):
+    nodes = [
+        NodeConfig(
+            id=f"node{i}",
+            dicom_port=free_port(),
+            ae_title=f"NODE{i}",
+            rest_url=f"http://127.0.0.1:{free_port()}",
+            password="test-secret",
+        )
+        for i in (1, 2, 3)
+    ]
+    cfg = stack_config(tmp_path / "data", nodes)
+    # Relative paths, as in the default config: --data-dir must place them.
+    cfg = msgspec.structs.replace(
+        cfg,
+        probe=msgspec.structs.replace(
+            cfg.probe, db_path="var/probe.duckdb", catalog_db_path="var/probe-catalog.duckdb"
+        ),
+    )
+    config = ls.write_config(cfg, tmp_path / "switchyard.toml")
+    data = tmp_path / "elsewhere"
+    log = tmp_path / "stack.out"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "switchyard",
+                "--config",
+                str(config),
+                "stack",
+                "--data-dir",
+                str(data),
+                "--nats-monitor-port",
+                str(free_port()),
+            ],
+            cwd=ls.REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        ls.wait_until(lambda: "switchyard: running" in log.read_text(), 120, "stack up", proc)
+        assert (data / "probe.duckdb").exists() and (data / "probe-catalog.duckdb").exists()
+
+        def forwarder_pid() -> int | None:
+            found = subprocess.run(
+                ["pgrep", "-P", str(proc.pid), "-f", "services.forwarder"], capture_output=True, text=True
+            ).stdout.split()
+            return int(found[0]) if found else None
+
+        first = forwarder_pid()
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        ls.wait_until(
+            lambda: "forwarder exited with code -9; restarting" in log.read_text(), 10, "restart logged", proc
+        )
+        ls.wait_until(
+            lambda: (
+                forwarder_pid() not in (None, first)
+                and ls.http_ok(f"http://127.0.0.1:{cfg.forwarder.metrics_port}/metrics")
+            ),
+            60,
+            "forwarder back",
+            proc,
+        )
+        assert proc.poll() is None, log.read_text()[-3000:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout
+    assert leftovers.strip() == "", leftovers
