@@ -131,7 +131,8 @@ class Report:
             f"lost {self.lost}  duplicated {self.duplicated}  split {self.split} "
             f"(+{self.split_excused} by a node that went down)  dead-lettered {self.dead_lettered}",
             f"received twice {self.received_duplicated}  catalog disagrees {self.catalog_mismatch}",
-            f"settled: {'yes' if self.settled else 'NO'} after {self.settle_s:.1f}s",
+            f"settled: {'yes' if self.settled else 'NO'} after {self.settle_s:.1f}s "
+            f"(the audit then unchanged for the forwarder's ack_wait + 5 s)",
         ]
         for kind, uids in sorted(self.examples.items()):
             if uids:
@@ -404,28 +405,38 @@ def audit(cfg: Config, corpus: Corpus, acked: set[str], report: Report, really_d
 
 
 def settle(
-    cfg: Config, corpus: Corpus, acked: set[str], report: Report, timeout: float, out: IO[str], really_down: set[str]
+    cfg: Config,
+    corpus: Corpus,
+    acked: set[str],
+    report: Report,
+    timeout: float,
+    out: IO[str],
+    really_down: set[str],
+    quiet_s: float,
 ) -> None:
-    """Audit until nothing is lost or in flight and two passes agree, or the timeout."""
+    """Audit until nothing is lost (in flight) and the audit has not changed for ``quiet_s``, or the timeout.
+
+    ``quiet_s`` should exceed the forwarder's ack_wait: a delivery whose ack was
+    lost comes back only then, and may still make a duplicate.
+    """
     started = time.monotonic()
-    previous = None
+    previous, since = None, 0.0
     while True:
         fingerprint = audit(cfg, corpus, acked, report, really_down)
         elapsed = time.monotonic() - started
         if fingerprint is not None:
-            quiet = report.lost == 0 and report.catalog_mismatch == 0
-            if quiet and fingerprint == previous:
-                report.settled = True
+            if fingerprint != previous or report.lost:
+                previous, since = fingerprint, elapsed
+                out.write(
+                    f"chaos: settling ({elapsed:.0f}s): lost {report.lost} duplicated {report.duplicated} "
+                    f"dead-lettered {report.dead_lettered} catalog disagrees {report.catalog_mismatch}\n"
+                )
+                out.flush()
+            elif elapsed - since >= quiet_s:
+                report.settled, report.settle_s = True, since
                 return
-            previous = fingerprint
-            out.write(
-                f"chaos: settling ({elapsed:.0f}s): lost {report.lost} duplicated {report.duplicated} "
-                f"dead-lettered {report.dead_lettered} catalog disagrees {report.catalog_mismatch}\n"
-            )
-            out.flush()
-            if quiet:
-                report.settle_s = elapsed
         if elapsed > timeout:
+            report.settle_s = elapsed
             return
         time.sleep(2.0)
 
@@ -506,6 +517,7 @@ def run(cfg: Config, data_dir: Path, plan: Plan, monitor_port: int, out: IO[str]
                 plan.settle_timeout_s,
                 out,
                 {f.target for f in plan.faults if f.target in {n.id for n in cfg.nodes}},
+                quiet_s=cfg.forwarder.ack_wait_s + 5.0,
             )
             report.timeline = timeline
             report.restarts = [f"{name} (exit {code})" for _, name, code in sup.restarts]
