@@ -22,7 +22,7 @@ import pytest
 from shared.config import NodeConfig
 from switchyard import stack as ls
 from switchyard.corpus import generate_studies
-from tests.fixtures.servers import make_stack, stack_config
+from tests.fixtures.servers import NODE_PASSWORD, make_stack, stack_config
 from tests.fixtures.util import free_port
 
 pytestmark = pytest.mark.integration
@@ -36,18 +36,23 @@ FAULTS = (
 )
 
 
-def test_chaos_run_loses_duplicates_splits_and_dead_letters_nothing(tmp_path):
+def own_nodes_config(data_dir):
+    """A test config whose three nodes the command under test starts itself (free ports)."""
     nodes = [
         NodeConfig(
             id=f"node{i}",
             dicom_port=free_port(),
             ae_title=f"NODE{i}",
             rest_url=f"http://127.0.0.1:{free_port()}",
-            password="test-secret",
+            password=NODE_PASSWORD,
         )
         for i in (1, 2, 3)
     ]
-    cfg = stack_config(tmp_path / "data", nodes)
+    return stack_config(data_dir, nodes)
+
+
+def test_chaos_run_loses_duplicates_splits_and_dead_letters_nothing(tmp_path):
+    cfg = own_nodes_config(tmp_path / "data")
     # A delivery whose ack a NATS restart lost comes back after ack_wait: short, so the run fits CI.
     cfg = msgspec.structs.replace(cfg, forwarder=msgspec.structs.replace(cfg.forwarder, ack_wait_s=10.0))
     config = ls.write_config(cfg, tmp_path / "switchyard.toml")
@@ -124,17 +129,7 @@ def test_catalog_resumes_within_2s_after_a_nats_restart(orthanc_nodes, tmp_path,
 
 
 def test_stack_restarts_a_crashed_service_and_keeps_probe_files_in_its_data_dir(tmp_path):
-    nodes = [
-        NodeConfig(
-            id=f"node{i}",
-            dicom_port=free_port(),
-            ae_title=f"NODE{i}",
-            rest_url=f"http://127.0.0.1:{free_port()}",
-            password="test-secret",
-        )
-        for i in (1, 2, 3)
-    ]
-    cfg = stack_config(tmp_path / "data", nodes)
+    cfg = own_nodes_config(tmp_path / "data")
     # Relative paths, as in the default config: --data-dir must place them.
     cfg = msgspec.structs.replace(
         cfg,
