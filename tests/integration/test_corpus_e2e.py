@@ -20,7 +20,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from switchyard.corpus import bundled_test_files
-from tests.fixtures.servers import make_stack, new_orthanc_node
+from tests.fixtures.servers import make_stack
 from tests.integration.test_ingest_corpus import dcmtk_reads, storescu_exact
 
 pytestmark = pytest.mark.integration
@@ -57,20 +57,8 @@ def dataset_differences(sent: Path, stored: bytes, tmp: Path) -> list[str]:
     return out
 
 
-@pytest.fixture
-def fresh_nodes(tmp_path):
-    """Three empty Orthanc nodes: the session's nodes may already hold pydicom's files from other tests."""
-    nodes = [new_orthanc_node(i, tmp_path / "orthanc") for i in (1, 2, 3)]
-    try:
-        for n in nodes:
-            n.start()
-        yield nodes
-    finally:
-        for n in nodes:
-            n.stop()
-
-
-def test_every_readable_corpus_file_lands_on_one_node_verified_and_equal(fresh_nodes, tmp_path):
+def test_every_readable_corpus_file_lands_on_one_node_verified_and_equal(fresh_orthanc_nodes, tmp_path):
+    fresh_nodes = fresh_orthanc_nodes
     files = bundled_test_files(tmp_path / "corpus", any_transfer_syntax=True)
     headers = {}
     for path in files:
