@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -447,6 +448,8 @@ def settle(
 def run(cfg: Config, data_dir: Path, plan: Plan, monitor_port: int, out: IO[str] = sys.stdout) -> Report:
     """Start the stack under a supervisor, send under faults, audit; the stack is stopped at the end."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    # The audit's own NATS client would print its reconnect warnings between the report's lines.
+    logging.getLogger("shared.bus").setLevel(logging.ERROR)
     report = Report(faults=[str(f) for f in plan.faults])
     targets = {"nats", *ls.SERVICES, *(n.id for n in cfg.nodes)}
     unknown = [f.target for f in plan.faults if f.target not in targets]
