@@ -323,9 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "or dead-lettered)")
     p.add_argument("--instances", type=int, default=2000)
     p.add_argument("--senders", type=int, default=3, help="concurrent DCMTK storescu senders")
-    p.add_argument("--faults", default=None, help="comma-separated kill|term|stop:TARGET@N[%][+DURATION]: N seconds "
+    p.add_argument("--faults", default=None, help="comma-separated kill|term|stop:TARGET@N[%%][+DURATION]: N seconds "
                                                   "after the senders start, or N percent of the corpus "
-                                                  "acknowledged, e.g. kill:ingest@5,term:nats@30%,stop:node2@40+30; "
+                                                  "acknowledged, e.g. kill:ingest@5,term:nats@30%%,stop:node2@40+30; "
                                                   "'' for none (default: issue #13's schedule)")
     p.add_argument("--seed", type=int, help="corpus seed (default: the time, so UIDs are new)")
     p.add_argument("--data-dir", default="var/chaos", help="a fresh directory per run is best")
