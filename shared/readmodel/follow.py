@@ -76,7 +76,7 @@ async def _leave_on_reconnect(bus: Bus, stop: asyncio.Event, leave: asyncio.Even
     while not stop.is_set() and bus.nc.stats.get("reconnects", 0) == reconnects:
         try:
             await asyncio.wait_for(stop.wait(), poll)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     if not stop.is_set():
         log.info("nats reconnected; following the log again from the store's last sequence")
