@@ -11,6 +11,11 @@ default:
 stack *ARGS:
     {{venv}}/switchyard stack --demo {{ARGS}}
 
+# The stack under faults (kill -9, NATS restarts, a node stopped) while 3 senders send; audits every
+# acknowledged instance (lost/duplicated/split/dead-lettered). E.g. just chaos --instances 20000
+chaos *ARGS:
+    {{venv}}/switchyard chaos {{ARGS}}
+
 # Run the stack without the demo
 up *ARGS:
     {{venv}}/switchyard stack {{ARGS}}

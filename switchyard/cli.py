@@ -1,6 +1,7 @@
 """The ``switchyard`` command line.
 
   switchyard stack [--demo]   run nats-server, Orthanc nodes and the services locally
+  switchyard chaos            run the stack under faults, audit every acknowledged instance
   switchyard demo             send the demo corpus to a running stack, print placements
   switchyard config           print the effective configuration (secrets masked)
   switchyard catalog rebuild  replay the log into a fresh catalog file and swap it in (service stopped)
@@ -56,6 +57,8 @@ def with_data_dir(cfg: Config, data_dir: Path) -> Config:
         ingest=msgspec.structs.replace(cfg.ingest, spool_dir=under(cfg.ingest.spool_dir)),
         forwarder=msgspec.structs.replace(cfg.forwarder, scratch_dir=under(cfg.forwarder.scratch_dir)),
         catalog=msgspec.structs.replace(cfg.catalog, db_path=under(cfg.catalog.db_path)),
+        probe=msgspec.structs.replace(cfg.probe, db_path=under(cfg.probe.db_path),
+                                      catalog_db_path=under(cfg.probe.catalog_db_path)),
     )
 
 
@@ -124,8 +127,6 @@ def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
     if missing:
         print(f"missing: {', '.join(missing)} (run ./bootstrap.sh)", file=sys.stderr)
         return 2
-    import asyncio
-
     from shared import natsauth
 
     cfg, creds = natsauth.secure_local(cfg, data_dir)
@@ -134,17 +135,12 @@ def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    procs: list[ls.Proc] = []
     console = sys.stdout
+    config_path = ls.write_config(cfg, data_dir / "switchyard.toml")
+    sup = ls.start_stack(cfg, data_dir, config_path, args.nats_monitor_port, console, creds=creds)
     try:
-        procs.append(ls.start_nats(cfg, data_dir, args.nats_monitor_port, console,
-                                   extra_conf=natsauth.server_conf(creds)))
-        asyncio.run(natsauth.declare(cfg.nats))  # the admin step: streams and KV
-        for node in cfg.nodes:
-            procs.append(ls.start_orthanc(node, data_dir, console))
-        config_path = ls.write_config(cfg, data_dir / "switchyard.toml")
-        for service in ls.SERVICES:
-            procs.append(ls.start_service(service, cfg, config_path, data_dir, console))
+        # A crashed service (or server) is started again with backoff, as compose would.
+        sup.start_thread(stop)
         print(
             f"\nswitchyard: up. DICOM {cfg.ingest.ae_title}@127.0.0.1:{cfg.ingest.port}; catalog "
             f"http://{cfg.catalog.http_host}:{cfg.catalog.http_port}/api/studies (viewer and operator Bearer tokens"
@@ -156,16 +152,42 @@ def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
             run_demo(cfg, data_dir)
         if args.exit_after_demo:
             return 0
-        print("switchyard: running; Ctrl-C stops everything", flush=True)
-        while not stop.is_set():
-            dead = [p.name for p in procs if p.popen.poll() is not None]
-            if dead:
-                print(f"switchyard: {', '.join(dead)} exited; stopping", file=sys.stderr, flush=True)
-                return 1
-            stop.wait(0.5)
+        print("switchyard: running; a crashed process is restarted; Ctrl-C stops everything", flush=True)
+        stop.wait()
         return 0
     finally:
-        ls.stop_all(procs)
+        stop.set()
+        sup.stop_all()
+
+
+def cmd_chaos(args: argparse.Namespace, cfg: Config) -> int:
+    from switchyard import chaos
+
+    try:
+        plan = chaos.Plan(instances=args.instances, senders=args.senders, faults=chaos.parse_faults(
+                              chaos.DEFAULT_FAULTS if args.faults is None else args.faults),
+                          seed=args.seed if args.seed is not None else int(time.time()),
+                          settle_timeout_s=args.settle_timeout, send_timeout_s=args.send_timeout)
+    except ValueError as exc:
+        print(f"switchyard: {exc}", file=sys.stderr)
+        return 2
+    data_dir = Path(args.data_dir).resolve()
+    cfg = with_data_dir(cfg, data_dir)
+    if not args.keep_ports:
+        cfg = chaos.config_with_ports(cfg, chaos.free_port)
+    missing = [name for name, ok in ls.tool_available().items() if not ok]
+    if missing:
+        print(f"missing: {', '.join(missing)} (run ./bootstrap.sh)", file=sys.stderr)
+        return 2
+    try:
+        report = chaos.run(cfg, data_dir, plan, args.nats_monitor_port or chaos.free_port())
+    except ValueError as exc:
+        print(f"switchyard: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(chaos.report_json(report))
+    clean = (report.settled and not (report.lost or report.duplicated or report.split or report.dead_lettered))
+    return 0 if clean else 1
 
 
 def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
@@ -383,6 +405,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default="var", help="where servers keep their data (default ./var)")
     p.add_argument("--nats-monitor-port", type=int, default=8222)
     p.set_defaults(func=cmd_stack)
+    p = sub.add_parser("chaos", help="run the stack under faults while senders send, then audit every "
+                                     "acknowledged instance (exit 1 if anything is lost, duplicated, split "
+                                     "or dead-lettered)")
+    p.add_argument("--instances", type=int, default=2000)
+    p.add_argument("--senders", type=int, default=3, help="concurrent DCMTK storescu senders")
+    p.add_argument("--faults", default=None, help="comma-separated kill|term|stop:TARGET@N[%%][+DURATION]: N seconds "
+                                                  "after the senders start, or N percent of the corpus "
+                                                  "acknowledged, e.g. kill:ingest@5,term:nats@30%%,stop:node2@40+30; "
+                                                  "'' for none (default: issue #13's schedule)")
+    p.add_argument("--seed", type=int, help="corpus seed (default: the time, so UIDs are new)")
+    p.add_argument("--data-dir", default="var/chaos", help="a fresh directory per run is best")
+    p.add_argument("--settle-timeout", type=float, default=600.0)
+    p.add_argument("--send-timeout", type=float, default=900.0)
+    p.add_argument("--keep-ports", action="store_true", help="use the config's ports (default: free ones)")
+    p.add_argument("--nats-monitor-port", type=int, default=0)
+    p.add_argument("--json", help="also write the report here")
+    p.set_defaults(func=cmd_chaos)
     p = sub.add_parser("demo", help="send the demo corpus to a running stack")
     p.add_argument("--data-dir", default="var")
     p.set_defaults(func=cmd_demo)

@@ -7,6 +7,8 @@ from the server itself (HTTP health, REST, metrics endpoint), never assumed.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +31,7 @@ from urllib.parse import urlparse
 import msgspec
 
 from shared.config import CatalogToken, Config, NodeConfig, QRPeer, dump_toml
+from shared import natsauth
 from shared.fsmode import PRIVATE_UMASK, open_private_append, private_dir, write_private
 from shared.orthanc import OrthancClient, OrthancError, node_config
 
@@ -160,7 +163,7 @@ def nats_port(cfg: Config) -> int:
 
 
 def start_nats(cfg: Config, data_dir: Path, monitor_port: int, console: IO[str] | None = None,
-               timeout: float = 30.0, sync_always: bool = True, extra_conf: str = "") -> Proc:
+               timeout: float = 30.0, sync_always: bool = True, extra_conf: str = "", wait: bool = True) -> Proc:
     """``extra_conf``: more server config (shared.natsauth.server_conf: the auth include, tls)."""
     store = private_dir(data_dir / "nats")
     # One server, no replicas: a PubAck must mean "on disk", or a power cut could
@@ -173,8 +176,9 @@ def start_nats(cfg: Config, data_dir: Path, monitor_port: int, console: IO[str] 
     argv = [str(VENV_BIN / "nats-server"), "-c", str(conf), "-a", "127.0.0.1", "-p", str(nats_port(cfg)),
             "-m", str(monitor_port), "-n", "switchyard-local"]
     proc = spawn("nats", argv, dict(os.environ), data_dir / "logs" / "nats.log", console)
-    wait_until(lambda: http_ok(f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"),
-               timeout, "nats-server", proc.popen)
+    if wait:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"),
+                   timeout, "nats-server", proc.popen)
     return proc
 
 
@@ -183,7 +187,7 @@ def orthanc_http_port(node: NodeConfig) -> int:
 
 
 def start_orthanc(node: NodeConfig, data_dir: Path, console: IO[str] | None = None,
-                  timeout: float = 60.0, overrides: dict | None = None) -> Proc:
+                  timeout: float = 60.0, overrides: dict | None = None, wait: bool = True) -> Proc:
     home = data_dir / "orthanc" / node.id
     storage = private_dir(home / "storage")
     config_path = home / "orthanc.json"  # holds the node's REST passwords
@@ -201,7 +205,8 @@ def start_orthanc(node: NodeConfig, data_dir: Path, console: IO[str] | None = No
         except OrthancError:
             return False
 
-    wait_until(ready, timeout, f"Orthanc {node.id}", proc.popen)
+    if wait:
+        wait_until(ready, timeout, f"Orthanc {node.id}", proc.popen)
     return proc
 
 
@@ -270,15 +275,17 @@ def metrics_port(cfg: Config, service: str) -> int:
 
 
 def start_service(service: str, cfg: Config, config_path: Path, data_dir: Path,
-                  console: IO[str] | None = None, timeout: float = 60.0, cwd: Path | None = None) -> Proc:
+                  console: IO[str] | None = None, timeout: float = 60.0, cwd: Path | None = None,
+                  wait: bool = True) -> Proc:
     """Run ``python -m services.<service>``; ready once its metrics endpoint answers."""
     env = {**os.environ, "SWITCHYARD_CONFIG": str(config_path), "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = spawn(service, [sys.executable, "-m", f"services.{service}"], env,
                  data_dir / "logs" / f"{service}.log", console, cwd=cwd)
     port = metrics_port(cfg, service)
-    wait_until(lambda: http_ok(f"http://{cfg.telemetry.metrics_host}:{port}/metrics"), timeout,
-               f"service {service}", proc.popen)
+    if wait:
+        wait_until(lambda: http_ok(f"http://{cfg.telemetry.metrics_host}:{port}/metrics"), timeout,
+                   f"service {service}", proc.popen)
     return proc
 
 
@@ -314,3 +321,143 @@ def tool_available() -> dict[str, bool]:
         "storescu": (DCMTK_BIN / "storescu").exists(),
         "nats-server": (VENV_BIN / "nats-server").exists() or shutil.which("nats-server") is not None,
     }
+
+
+# Restart delays after a crash: doubled each time, reset once a process stays up STABLE_S.
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+STABLE_S = 30.0
+
+
+class Supervisor:
+    """Keeps the stack's processes running, as compose's ``restart: always`` or Kubernetes would.
+
+    A process that exits without being asked to is started again after a
+    backoff (logged with its exit code); a process under ``hold`` (an operator,
+    or the chaos run, stopped it on purpose) is left down until ``release``.
+    Restarts only spawn: readiness is the service's own business, so a service
+    that cannot start yet (NATS down) simply exits and backs off again.
+    """
+
+    def __init__(self, log: IO[str] = sys.stderr) -> None:
+        self.procs: dict[str, Proc] = {}
+        self._starters: dict[str, Callable[[bool], Proc]] = {}
+        self._order: list[str] = []
+        self._held: set[str] = set()
+        self._failures: dict[str, int] = {}
+        self._started_at: dict[str, float] = {}
+        self._due: dict[str, float] = {}
+        self.restarts: list[tuple[float, str, int | None]] = []
+        self._lock = threading.RLock()
+        self._log = log
+
+    def add(self, name: str, starter: Callable[[bool], Proc]) -> Proc:
+        """Start ``name`` now (waiting for readiness); ``starter(wait)`` starts it again later."""
+        proc = starter(True)
+        with self._lock:
+            self.procs[name] = proc
+            self._starters[name] = starter
+            self._order.append(name)
+            self._started_at[name] = time.monotonic()
+        return proc
+
+    def hold(self, name: str) -> Proc:
+        """Leave ``name`` down when it exits (the caller stops it)."""
+        with self._lock:
+            self._held.add(name)
+            self._due.pop(name, None)
+            return self.procs[name]
+
+    def release(self, name: str, wait: bool = True) -> Proc:
+        """Start a held process again (now, waiting for readiness if asked) and supervise it."""
+        with self._lock:
+            proc = self.procs[name]
+            if proc.popen.poll() is None:
+                self._held.discard(name)
+                return proc
+        proc = self._starters[name](wait)
+        with self._lock:
+            self.procs[name] = proc
+            self._started_at[name] = time.monotonic()
+            self._held.discard(name)
+        return proc
+
+    def pid(self, name: str) -> int:
+        with self._lock:
+            return self.procs[name].popen.pid
+
+    def check(self) -> None:
+        """One supervision pass: schedule restarts of exited processes, run those that are due."""
+        now = time.monotonic()
+        with self._lock:
+            for name in self._order:
+                proc = self.procs[name]
+                if name in self._held or proc.popen.poll() is None:
+                    if proc.popen.poll() is None and now - self._started_at.get(name, now) > STABLE_S:
+                        self._failures[name] = 0
+                    continue
+                if name not in self._due:
+                    n = self._failures.get(name, 0)
+                    delay = RESTART_BACKOFF_S[min(n, len(RESTART_BACKOFF_S) - 1)]
+                    self._failures[name] = n + 1
+                    self._due[name] = now + delay
+                    self.restarts.append((time.time(), name, proc.popen.returncode))
+                    self._log.write(f"switchyard: {name} exited with code {proc.popen.returncode}; "
+                                    f"restarting in {delay:g}s (restart {n + 1})\n")
+                    self._log.flush()
+                elif now >= self._due[name]:
+                    del self._due[name]
+                    try:
+                        self.procs[name] = self._starters[name](False)
+                        self._started_at[name] = time.monotonic()
+                    except Exception as exc:  # noqa: BLE001 - try again after the next backoff
+                        self._log.write(f"switchyard: {name} did not start ({type(exc).__name__}); will retry\n")
+                        self._log.flush()
+
+    def run(self, stop: threading.Event, interval: float = 0.2) -> None:
+        while not stop.is_set():
+            self.check()
+            stop.wait(interval)
+
+    def start_thread(self, stop: threading.Event) -> threading.Thread:
+        t = threading.Thread(target=self.run, args=(stop,), name="supervisor", daemon=True)
+        t.start()
+        return t
+
+    def stop_all(self, timeout: float = 15.0) -> None:
+        with self._lock:
+            self._held.update(self._order)
+            procs = [self.procs[name] for name in self._order]
+        stop_all(procs, timeout)
+
+
+def start_stack(cfg: Config, data_dir: Path, config_path: Path, monitor_port: int,
+                console: IO[str] | None = None, log: IO[str] = sys.stderr,
+                creds: natsauth.Credentials | None = None) -> Supervisor:
+    """NATS, the nodes and the five services under one supervisor (its loop not yet running).
+
+    ``creds`` (natsauth.secure_local): NATS runs with that authorization block, and the
+    streams and KV are declared as admin before any service starts (services only check them).
+    """
+    sup = Supervisor(log)
+    extra_conf = natsauth.server_conf(creds)
+    try:
+        sup.add("nats", lambda wait: start_nats(cfg, data_dir, monitor_port, console, extra_conf=extra_conf,
+                                                wait=wait))
+        asyncio.run(natsauth.declare(cfg.nats))  # the admin step (idempotent)
+        for node in cfg.nodes:
+            sup.add(node.id, functools.partial(_start_node, node, data_dir, console))
+        for service in SERVICES:
+            sup.add(service, functools.partial(_start_service, service, cfg, config_path, data_dir, console))
+    except BaseException:
+        sup.stop_all()
+        raise
+    return sup
+
+
+def _start_node(node: NodeConfig, data_dir: Path, console: IO[str] | None, wait: bool) -> Proc:
+    return start_orthanc(node, data_dir, console, wait=wait)
+
+
+def _start_service(service: str, cfg: Config, config_path: Path, data_dir: Path, console: IO[str] | None,
+                   wait: bool) -> Proc:
+    return start_service(service, cfg, config_path, data_dir, console, wait=wait)

@@ -63,16 +63,37 @@ async def _keep_up(store: ProjectionStore, bus: Bus, follow_batch: int, stop: as
         follow_from = start if beside is None else min(start, await asyncio.to_thread(beside.last_seq))
         if beside is not None:  # the replay checked ``store``; the follower also feeds ``beside``
             await ensure_log_holds(bus, type(beside).__name__, follow_from)
-        async with aclosing(bus.follow_batches(follow_from + 1, follow_batch, 0.2, stop, linger=linger,
-                                               decode=beside is not None)) as batches:
-            async for batch in batches:
-                seqs = [d.seq for d in batch]
-                n = await asyncio.to_thread(store.apply_raw, seqs, [d.msg.data for d in batch])
-                start = max(start, seqs[-1])
-                report(n, start)
-                if beside is not None:
-                    await asyncio.to_thread(beside.apply, [(d.seq, d.event) for d in batch if d.event is not None])
-                    if on_beside is not None:
-                        on_beside(seqs[-1])
-                if len(batch) >= follow_batch:
-                    break
+        # After a NATS reconnect the ordered consumer may stall until its idle heartbeats
+        # are missed (5-25 s, issue #13): leave at once and follow again from the store.
+        leave = asyncio.Event()
+        watcher = asyncio.create_task(_leave_on_reconnect(bus, stop, leave))
+        try:
+            async with aclosing(bus.follow_batches(follow_from + 1, follow_batch, 0.2, leave, linger=linger,
+                                                   decode=beside is not None)) as batches:
+                async for batch in batches:
+                    seqs = [d.seq for d in batch]
+                    n = await asyncio.to_thread(store.apply_raw, seqs, [d.msg.data for d in batch])
+                    start = max(start, seqs[-1])
+                    report(n, start)
+                    if beside is not None:
+                        await asyncio.to_thread(beside.apply,
+                                                [(d.seq, d.event) for d in batch if d.event is not None])
+                        if on_beside is not None:
+                            on_beside(seqs[-1])
+                    if len(batch) >= follow_batch:
+                        break
+        finally:
+            watcher.cancel()
+
+
+async def _leave_on_reconnect(bus: Bus, stop: asyncio.Event, leave: asyncio.Event, poll: float = 0.1) -> None:
+    """Set ``leave`` on ``stop`` or once the connection has reconnected (nats-py counts reconnects)."""
+    reconnects = bus.nc.stats.get("reconnects", 0)
+    while not stop.is_set() and bus.nc.stats.get("reconnects", 0) == reconnects:
+        try:
+            await asyncio.wait_for(stop.wait(), poll)
+        except TimeoutError:
+            pass
+    if not stop.is_set():
+        log.info("nats reconnected; following the log again from the store's last sequence")
+    leave.set()
