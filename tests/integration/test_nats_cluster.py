@@ -1,0 +1,147 @@
+"""A 3-server JetStream cluster (R3 streams) loses its stream leader, then another server, mid-stream.
+
+Instances keep arriving the whole time (a modality resends what was refused,
+as DICOM senders do); the checks: none lost, none placed or forwarded twice,
+routing resumes within 5 s of each kill, and a killed server rejoins and
+holds the whole log again.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections import Counter
+from datetime import datetime, timezone
+
+import pytest
+
+from shared import events as ev
+from shared.bus import Bus
+from switchyard.corpus import generate_studies
+from tests.fixtures.servers import Stack, log_events, make_stack
+from tests.fixtures.util import poll, wait_for
+from tests.integration.placement_helpers import all_forwarded, by_study, scheduler_sees
+
+pytestmark = pytest.mark.integration
+
+RESUME_S = 5.0
+
+
+class Sender(threading.Thread):
+    """Sends batches one after another; a batch not answered success for every file is sent again."""
+
+    def __init__(self, stack: Stack, files, batch: int = 4, pause: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.pause = stack, pause
+        self.batches = [files[i:i + batch] for i in range(0, len(files), batch)]
+        self.sent = 0  # batches answered success
+        self.resends = 0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        for b in self.batches:
+            for _ in range(60):
+                out = self.stack.send(b, extra=["-v"])
+                if (out.stdout + out.stderr).count("Received Store Response (Success)") == len(b):
+                    break
+                self.resends += 1
+                time.sleep(0.2)
+            else:
+                self.error = "a batch was refused 60 times"
+                return
+            self.sent += 1
+            time.sleep(self.pause)
+
+
+async def stream_leader(stack: Stack) -> str:
+    bus = await Bus.connect(stack.cfg.nats, "test-admin")
+    try:
+        info = await bus.js.stream_info(stack.cfg.nats.events_stream)
+        return info.cluster.leader if info.cluster and info.cluster.leader else ""
+    finally:
+        await bus.close()
+
+
+def member_last_seq(stack: Stack, name: str) -> int:
+    """The events stream's last sequence in ``name``'s own store (its monitoring endpoint)."""
+    port = stack.member(name).monitor_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/jsz?streams=true", timeout=2) as rsp:
+        jsz = json.loads(rsp.read())
+    for account in jsz.get("account_details", []):
+        for stream in account.get("stream_detail", []):
+            if stream["name"] == stack.cfg.nats.events_stream:
+                return int(stream["state"]["last_seq"])
+    return -1
+
+
+async def forwarded_after(stack: Stack, t: float) -> tuple[float] | None:
+    """(seconds from ``t`` to the first forwarded event made after ``t``,): recorded, so the cluster took it."""
+    times = [e.occurred_at.timestamp() for e in await log_events(stack, ev.InstanceForwardedV1)
+             if e.occurred_at.timestamp() >= t]
+    return (min(times) - t,) if times else None
+
+
+async def kill_and_measure(stack: Stack, name: str, sender: Sender) -> float:
+    """SIGKILL ``name``; how long until an instance is forwarded again."""
+    t = datetime.now(timezone.utc).timestamp()
+    stack.kill_member(name)
+    (gap,) = await poll(lambda: forwarded_after(stack, t), timeout=60, interval=0.2,
+                        what=f"routing after killing {name}")
+    assert sender.error is None, sender.error
+    return gap
+
+
+async def rejoin(stack: Stack, name: str) -> None:
+    """Restart ``name`` and wait until its own store has the leader's whole log."""
+    stack.restart_member(name)
+    leader = await poll(lambda: stream_leader(stack), timeout=30, what="a stream leader")
+
+    async def caught_up() -> bool:
+        return member_last_seq(stack, name) >= member_last_seq(stack, leader) > 0
+
+    await poll(caught_up, timeout=60, interval=0.2, what=f"{name} caught up")
+
+
+async def test_cluster_loses_leader_then_another_server_and_nothing_else(live_nodes, tmp_path):
+    stack = make_stack(tmp_path / "stack", live_nodes, nats_cluster=3)
+    try:
+        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
+                 what="every node live")
+        files = generate_studies(tmp_path / "corpus", studies=8, series_per_study=1, instances_per_series=25,
+                                 seed=1601)
+        studies = by_study(files)
+        sender = Sender(stack, files)
+        sender.start()
+        total = len(sender.batches)
+        wait_for(lambda: sender.sent >= total // 4, timeout=60, what="a quarter sent")
+
+        first = await poll(lambda: stream_leader(stack), timeout=10, what="the stream leader")
+        gap1 = await kill_and_measure(stack, first, sender)
+        await rejoin(stack, first)
+
+        wait_for(lambda: sender.sent >= total // 2, timeout=60, what="half sent")
+        leader = await poll(lambda: stream_leader(stack), timeout=10, what="the stream leader")
+        second = next(m.name for m in stack.members if m.name not in (first, leader))
+        gap2 = await kill_and_measure(stack, second, sender)
+        await rejoin(stack, second)
+
+        sender.join(180)
+        assert not sender.is_alive() and sender.error is None, sender.error
+        assert gap1 < RESUME_S and gap2 < RESUME_S, (gap1, gap2)
+
+        wait_for(lambda: all_forwarded(stack, studies), timeout=90, what="every instance forwarded")
+        events = await log_events(stack)
+        for kind in (ev.InstanceReceivedV1, ev.InstancePlacedV1, ev.InstanceForwardedV1):
+            counts = Counter(e.sop_instance_uid for e in events if isinstance(e, kind))
+            assert len(counts) == len(files), (kind.__name__, len(counts), len(files))
+            assert set(counts.values()) == {1}, (kind.__name__, [s for s, c in counts.items() if c > 1][:3])
+        assert not any(isinstance(e, ev.InstanceDeadLetteredV1) for e in events)
+        # Every server holds the same log at the end.
+        last = {m.name: member_last_seq(stack, m.name) for m in stack.members}
+        assert len(set(last.values())) == 1, last
+        print(f"cluster: {len(files)} files, resume after leader kill {gap1:.2f}s, after 2nd kill {gap2:.2f}s, "
+              f"{sender.resends} batches resent")
+    finally:
+        stack.close()
