@@ -126,8 +126,14 @@ def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
     procs: list[ls.Proc] = []
     console = sys.stdout
     try:
-        procs.append(ls.start_nats(cfg, data_dir, args.nats_monitor_port, console,
-                                   extra_conf=natsauth.server_conf(creds)))
+        if args.nats_cluster > 1:
+            # N servers on 127.0.0.1 (client 4222+i, routes 6222+i, monitoring nats-monitor-port+i), R3.
+            members = ls.cluster_members(args.nats_cluster, monitor_base=args.nats_monitor_port)
+            cfg = ls.with_cluster(cfg, members)
+            procs.extend(ls.start_nats_cluster(members, data_dir, console, extra_conf=natsauth.server_conf(creds)))
+        else:
+            procs.append(ls.start_nats(cfg, data_dir, args.nats_monitor_port, console,
+                                       extra_conf=natsauth.server_conf(creds)))
         asyncio.run(natsauth.declare(cfg.nats))  # the admin step: streams and KV
         for node in cfg.nodes:
             procs.append(ls.start_orthanc(node, data_dir, console))
@@ -338,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-after-demo", action="store_true", help="stop after the demo (for scripts)")
     p.add_argument("--data-dir", default="var", help="where servers keep their data (default ./var)")
     p.add_argument("--nats-monitor-port", type=int, default=8222)
+    p.add_argument("--nats-cluster", type=int, default=1, metavar="N",
+                   help="run N nats-servers as one JetStream cluster on loopback, streams replicated (R3)")
     p.set_defaults(func=cmd_stack)
     p = sub.add_parser("demo", help="send the demo corpus to a running stack")
     p.add_argument("--data-dir", default="var")

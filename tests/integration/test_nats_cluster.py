@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -44,7 +44,7 @@ class Sender(threading.Thread):
     def __init__(self, stack: Stack, files, batch: int = 3, pause: float = 0.1) -> None:
         super().__init__(daemon=True)
         self.stack, self.pause = stack, pause
-        self.batches = [files[i:i + batch] for i in range(0, len(files), batch)]
+        self.batches = [files[i : i + batch] for i in range(0, len(files), batch)]
         self.sent = 0  # batches answered success
         self.resends = 0
         self.error: str | None = None
@@ -87,24 +87,32 @@ def member_last_seq(stack: Stack, name: str) -> int:
 
 async def forwarded_after(stack: Stack, t: float) -> tuple[float] | None:
     """(seconds from ``t`` to the first forwarded event made after ``t``,): recorded, so the cluster took it."""
-    times = [e.occurred_at.timestamp() for e in await log_events(stack, ev.InstanceForwardedV1)
-             if e.occurred_at.timestamp() >= t]
+    times = [
+        e.occurred_at.timestamp()
+        for e in await log_events(stack, ev.InstanceForwardedV1)
+        if e.occurred_at.timestamp() >= t
+    ]
     return (min(times) - t,) if times else None
 
 
 async def kill_and_measure(stack: Stack, name: str, sender: Sender, graceful: bool = False) -> float:
     """SIGKILL (or SIGTERM: ``graceful``) ``name``; how long until an instance is forwarded again."""
     assert sender.is_alive(), "the sender finished before the kill: nothing to measure"
-    t = datetime.now(timezone.utc).timestamp()
+    t = datetime.now(UTC).timestamp()
     stack.kill_member(name, graceful)
-    (gap,) = await poll(lambda: forwarded_after(stack, t), timeout=60, interval=0.2,
-                        what=f"routing after killing {name}")
+    (gap,) = await poll(
+        lambda: forwarded_after(stack, t), timeout=60, interval=0.2, what=f"routing after killing {name}"
+    )
     assert sender.error is None, sender.error
     # Which step came back when (for a failure message and the benchmark notes).
     events = await log_events(stack)
-    firsts = {k.__name__: min((e.occurred_at.timestamp() - t for e in events
-                               if isinstance(e, k) and e.occurred_at.timestamp() >= t), default=None)
-              for k in (ev.InstanceReceivedV1, ev.InstancePlacedV1, ev.InstanceForwardedV1)}
+    firsts = {
+        k.__name__: min(
+            (e.occurred_at.timestamp() - t for e in events if isinstance(e, k) and e.occurred_at.timestamp() >= t),
+            default=None,
+        )
+        for k in (ev.InstanceReceivedV1, ev.InstancePlacedV1, ev.InstanceForwardedV1)
+    }
     print(f"{'SIGTERM' if graceful else 'SIGKILL'} {name}: first after it {firsts}")
     return gap
 
@@ -123,10 +131,12 @@ async def rejoin(stack: Stack, name: str) -> None:
 async def test_cluster_loses_leader_then_another_server_and_nothing_else(live_nodes, tmp_path):
     stack = make_stack(tmp_path / "stack", live_nodes, nats_cluster=3)
     try:
-        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
-                 what="every node live")
-        files = generate_studies(tmp_path / "corpus", studies=10, series_per_study=1, instances_per_series=30,
-                                 seed=1601)
+        wait_for(
+            lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30, what="every node live"
+        )
+        files = generate_studies(
+            tmp_path / "corpus", studies=10, series_per_study=1, instances_per_series=30, seed=1601
+        )
         studies = by_study(files)
         sender = Sender(stack, files)
         sender.start()
@@ -162,9 +172,11 @@ async def test_cluster_loses_leader_then_another_server_and_nothing_else(live_no
         # Every server holds the same log at the end.
         last = {m.name: member_last_seq(stack, m.name) for m in stack.members}
         assert len(set(last.values())) == 1, last
-        print(f"cluster: {len(files)} files, routing resumed {gap1:.2f}s after SIGKILL of the leader, "
-              f"{gap2:.2f}s after SIGKILL of a follower, {gap3:.2f}s after SIGTERM of the leader; "
-              f"{sender.resends} batches resent")
+        print(
+            f"cluster: {len(files)} files, routing resumed {gap1:.2f}s after SIGKILL of the leader, "
+            f"{gap2:.2f}s after SIGKILL of a follower, {gap3:.2f}s after SIGTERM of the leader; "
+            f"{sender.resends} batches resent"
+        )
         assert gap1 < RESUME_AFTER_LEADER_KILL_S and gap2 < RESUME_AFTER_LEADER_KILL_S, (gap1, gap2)
         assert gap3 < RESUME_S, gap3
     finally:

@@ -28,16 +28,21 @@ pytestmark = pytest.mark.integration
 
 def metric_total(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
 
 
 def catalog_states(port: int, token: str, studies) -> dict[str, str]:
     """sop -> state as one catalog instance sees it."""
     out = {}
     for study_uid in studies:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/instances?study_uid={study_uid}&limit=10000",
-                                     headers={"Authorization": f"Bearer {token}"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/instances?study_uid={study_uid}&limit=10000",
+            headers={"Authorization": f"Bearer {token}"},
+        )
         with urllib.request.urlopen(req, timeout=5) as rsp:
             out.update({r["sop_instance_uid"]: r["state"] for r in json.loads(rsp.read())})
     return out
@@ -51,28 +56,35 @@ async def test_two_of_each_service_route_everything_once(live_nodes, tmp_path):
     try:
         for service in ("scheduler", "forwarder", "probe", "catalog"):
             stack.start_replica(service, 2)
-        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
-                 what="every node live")
-        files = generate_studies(tmp_path / "corpus", studies=8, series_per_study=2, instances_per_series=10,
-                                 seed=1602)
+        wait_for(
+            lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30, what="every node live"
+        )
+        files = generate_studies(tmp_path / "corpus", studies=8, series_per_study=2, instances_per_series=10, seed=1602)
         studies = by_study(files)
         # Three modalities at once, each with a share of every study.
         shares = [[f for fs in studies.values() for f in sorted(fs)[i::3]] for i in range(3)]
         codes: list[int] = []
-        senders = [threading.Thread(target=lambda s=s, i=i: codes.append(stack.send(s, calling_ae=f"MOD{i}").returncode))
-                   for i, s in enumerate(shares)]
+        senders = [
+            threading.Thread(target=lambda s=s, i=i: codes.append(stack.send(s, calling_ae=f"MOD{i}").returncode))
+            for i, s in enumerate(shares)
+        ]
         for t in senders:
             t.start()
 
         # Mid-stream, once both have worked: SIGKILL the first scheduler and the second forwarder.
         first, second = stack.cfg, stack.replica_cfgs
-        wait_for(lambda: metric_total(first.scheduler.metrics_port, "switchyard_scheduler_placements_total") > 0
-                 and metric_total(second["scheduler-2"].scheduler.metrics_port,
-                                  "switchyard_scheduler_placements_total") > 0
-                 and metric_total(first.forwarder.metrics_port, "switchyard_forwarder_forwarded_total") > 0
-                 and metric_total(second["forwarder-2"].forwarder.metrics_port,
-                                  "switchyard_forwarder_forwarded_total") > 0,
-                 timeout=90, what="both schedulers and both forwarders at work")
+        wait_for(
+            lambda: (
+                metric_total(first.scheduler.metrics_port, "switchyard_scheduler_placements_total") > 0
+                and metric_total(second["scheduler-2"].scheduler.metrics_port, "switchyard_scheduler_placements_total")
+                > 0
+                and metric_total(first.forwarder.metrics_port, "switchyard_forwarder_forwarded_total") > 0
+                and metric_total(second["forwarder-2"].forwarder.metrics_port, "switchyard_forwarder_forwarded_total")
+                > 0
+            ),
+            timeout=90,
+            what="both schedulers and both forwarders at work",
+        )
         stack.services.pop("scheduler").kill()
         stack.services.pop("forwarder-2").kill()
 
@@ -98,11 +110,11 @@ async def test_two_of_each_service_route_everything_once(live_nodes, tmp_path):
 
         # Both ingest workers, both probes took part; both catalogs hold every instance, verified.
         assert all(stack.metric("ingest", "switchyard_ingest_instances_total", worker=w) > 0 for w in (0, 1))
-        assert sum(stack.metric("ingest", "switchyard_ingest_instances_total", worker=w) for w in (0, 1)) \
-            == len(files)
+        assert sum(stack.metric("ingest", "switchyard_ingest_instances_total", worker=w) for w in (0, 1)) == len(files)
         for port in (first.probe.metrics_port, second["probe-2"].probe.metrics_port):
             assert metric_total(port, "switchyard_probe_verifications_total") > 0, port
         for port in (first.catalog.http_port, second["catalog-2"].catalog.http_port):
+
             def complete(port=port) -> bool:
                 states = catalog_states(port, first.catalog.token, studies)
                 return len(states) == len(files) and set(states.values()) == {"verified"}
