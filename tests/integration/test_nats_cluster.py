@@ -9,19 +9,26 @@ holds the whole log again.
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import subprocess
 import threading
 import time
 import urllib.request
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from shared import events as ev
+from shared import natsauth
 from shared.bus import Bus
+from shared.config import load_config
+from switchyard import stack as ls
 from switchyard.corpus import generate_studies
 from tests.fixtures.servers import Stack, log_events, make_stack
-from tests.fixtures.util import poll, wait_for
+from tests.fixtures.util import free_port, poll, wait_for
 from tests.integration.placement_helpers import all_forwarded, by_study, scheduler_sees
 
 pytestmark = pytest.mark.integration
@@ -181,3 +188,130 @@ async def test_cluster_loses_leader_then_another_server_and_nothing_else(live_no
         assert gap3 < RESUME_S, gap3
     finally:
         stack.close()
+
+
+# --- the compose profile `cluster`, its NATS configs run for real ----------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_BIN = ROOT / ".venv" / "bin" / "docker-compose"
+
+
+def compose_cluster(password: str) -> dict:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("COMPOSE_FILE", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_ENV_FILES")
+    }
+    proc = subprocess.run(
+        [
+            str(COMPOSE_BIN),
+            "-f",
+            "deploy/compose.yaml",
+            "--env-file",
+            "deploy/cluster.env",
+            "config",
+            "--format",
+            "json",
+        ],
+        cwd=ROOT,
+        env={**env, "NATS_ROUTE_PASSWORD": password},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+async def test_compose_cluster_profile_runs_three_authenticated_members(tmp_path):
+    """The profile's members, their configs as compose renders them, on loopback: one cluster, R3 for the
+    services, and a server without the route password never joins."""
+    password = secrets.token_hex(16)
+    compose = compose_cluster(password)
+    members = [n for n in ("nats", "nats-2", "nats-3") if n in compose["services"]]
+    assert len(members) == 3
+    for name in ("ingest", "scheduler", "forwarder", "probe", "catalog", "nats-init"):
+        env = {k: str(v) for k, v in compose["services"][name]["environment"].items() if v is not None}
+        nats_cfg = load_config(env=env).nats
+        assert nats_cfg.server_urls() == ["nats://nats:4222", "nats://nats-2:4222", "nats://nats-3:4222"], name
+        assert nats_cfg.replicas == 3, name
+    assert {"nats-2", "nats-3"} <= compose["services"]["nats-init"]["depends_on"].keys()
+
+    # Hostnames and container paths -> loopback ports and temp dirs; everything else as rendered.
+    ports = {n: (free_port(), free_port(), free_port()) for n in members}  # client, route, monitor
+    routes = compose["configs"]["nats-routes"]["content"]
+    for n, (_, route, _) in ports.items():
+        routes = routes.replace(f"@{n}:6222", f"@127.0.0.1:{route}")
+    creds = natsauth.generate(tmp_path / "creds", load_config(env={}).nats)
+    conf_text = (ROOT / "deploy" / "nats" / "jetstream-cluster.conf").read_text()
+    procs = []
+
+    def start(n: str, route_password: str) -> ls.Proc:
+        d = tmp_path / n
+        d.mkdir()
+        (d / "routes.conf").write_text(routes.replace(password, route_password))
+        (d / "auth.conf").write_text(creds.auth_conf.read_text())
+        client, route, monitor = ports[n]
+        (d / "nats.conf").write_text(
+            conf_text.replace("store_dir: /data", f"store_dir: {json.dumps(str(d))}").replace(
+                "0.0.0.0:6222", f"127.0.0.1:{route}"
+            )
+        )
+        env = {
+            **os.environ,
+            "NATS_SERVER_NAME": compose["services"][n]["environment"]["NATS_SERVER_NAME"],
+            "NATS_ROUTE_PASSWORD": route_password,
+        }
+        return ls.spawn(
+            n,
+            [
+                str(ls.VENV_BIN / "nats-server"),
+                "-c",
+                str(d / "nats.conf"),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(client),
+                "-m",
+                str(monitor),
+            ],
+            env,
+            d / "log",
+        )
+
+    def jsz(n: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[n][2]}/jsz", timeout=1) as rsp:
+            return json.loads(rsp.read())
+
+    def routez(n: str) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[n][2]}/routez", timeout=1) as rsp:
+            return len({r.get("remote_name") or r.get("remote_id") for r in json.loads(rsp.read())["routes"]})
+
+    try:
+        procs = [start(n, password) for n in members]
+        wait_for(
+            lambda: all(jsz(n).get("meta_cluster", {}).get("leader") for n in members), timeout=30, what="a meta leader"
+        )
+        wait_for(lambda: all(routez(n) == 2 for n in members), timeout=30, what="every member routed to the others")
+        # A fourth server that does not know the password: refused, never in the cluster.
+        ports["intruder"] = (free_port(), free_port(), free_port())
+        compose["services"]["intruder"] = {"environment": {"NATS_SERVER_NAME": "intruder"}}
+        intruder = start("intruder", "not-the-password")
+        procs.append(intruder)
+        wait_for(
+            lambda: "Authorization Violation" in (tmp_path / "intruder" / "log").read_text(),
+            timeout=20,
+            what="the intruder's routes refused",
+        )
+        assert intruder.popen.poll() is None and all(routez(n) == 2 for n in members)
+        # Unset, the password is a startup error, not an empty password.
+        unset = subprocess.run(
+            [str(ls.VENV_BIN / "nats-server"), "-t", "-c", str(tmp_path / "nats" / "nats.conf")],
+            env={**{k: v for k, v in os.environ.items() if k != "NATS_ROUTE_PASSWORD"}, "NATS_SERVER_NAME": "nats-1"},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert unset.returncode != 0 and "NATS_ROUTE_PASSWORD" in unset.stdout + unset.stderr
+    finally:
+        ls.stop_all(procs)
