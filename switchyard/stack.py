@@ -248,10 +248,12 @@ def start_nats_cluster(members: list[NatsMember], data_dir: Path, console: IO[st
     """Start every member, then wait until the cluster has a JetStream meta leader (streams can be declared)."""
     procs = [start_nats_member(m, members, data_dir, console, timeout, sync_always, extra_conf, wait=False)
              for m in members]
+    def serving(m: NatsMember) -> Callable[[], bool]:
+        return lambda: http_ok(f"http://127.0.0.1:{m.monitor_port}/healthz?js-enabled-only=true")
+
     try:
-        for m, p in zip(members, procs):
-            wait_until(lambda m=m: http_ok(f"http://127.0.0.1:{m.monitor_port}/healthz?js-enabled-only=true"),
-                       timeout, f"nats-server {m.name}", p.popen)
+        for m, p in zip(members, procs, strict=True):
+            wait_until(serving(m), timeout, f"nats-server {m.name}", p.popen)
         wait_until(lambda: all(meta_leader(m) for m in members), timeout, "JetStream meta leader")
     except BaseException:
         stop_all(procs)
