@@ -37,7 +37,7 @@ from switchyard import stack as ls
 from shared.bus import Bus
 from shared.config import NodeConfig
 from switchyard.corpus import generate_studies
-from tests.fixtures.servers import OrthancNode, make_stack, new_orthanc_node
+from tests.fixtures.servers import OrthancNode, first_after, make_stack, new_orthanc_node, stream_leader
 from tests.fixtures.util import free_port, wait_for
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -232,23 +232,6 @@ def nats_auth(mode: str, base: Path):
             str(pki["server_crt"]), str(pki["server_key"]), str(pki["ca"]), verify=True)
 
 
-async def _stream_leader(stack) -> str:
-    bus = await Bus.connect(stack.cfg.nats, "bench-admin")
-    try:
-        info = await bus.js.stream_info(stack.cfg.nats.events_stream)
-        return info.cluster.leader if info.cluster and info.cluster.leader else ""
-    finally:
-        await bus.close()
-
-
-async def _first_forwarded_after(stack, t: float) -> float | None:
-    from tests.fixtures.servers import log_events
-
-    times = [e.occurred_at.timestamp() for e in await log_events(stack, ev.InstanceForwardedV1)
-             if e.occurred_at.timestamp() >= t]
-    return min(times) - t if times else None
-
-
 def nats_cluster_bench(base: Path, images: int, rounds: int, kills: int) -> int:
     """One server next to a 3-server cluster (R3), back to back on the same nodes; then leader kills.
 
@@ -280,7 +263,7 @@ def nats_cluster_bench(base: Path, images: int, rounds: int, kills: int) -> int:
                                          seed=seed + 7 * r + k)
                 base_count = counts(nodes)
                 t = timed_send(lambda stack=stack, corpus=corpus: stack.send([corpus], extra=["+sd", "+r"]),
-                               lambda b=base_count, n=len(files): counts(nodes) - b >= n)
+                               lambda b=base_count, fs=files: counts(nodes) - b >= len(fs))
                 rates[topology].append(len(files) / t)
                 print(f"{topology} nats{_round(r, rounds)}: storescu -> Switchyard -> 3 Orthanc: "
                       f"{len(files) / t:.1f} img/s ({t:.2f} s)")
@@ -303,14 +286,15 @@ def nats_cluster_bench(base: Path, images: int, rounds: int, kills: int) -> int:
                     sender = threading.Thread(target=send_trickle, daemon=True)
                     sender.start()
                     wait_for(lambda b=before: counts(nodes) - b >= 5, timeout=60, what="the trickle flowing")
-                    leader = asyncio.run(_stream_leader(stack))
+                    leader = asyncio.run(stream_leader(stack))
                     t0 = datetime.now(UTC).timestamp()
                     stack.kill_member(leader)
                     deadline = time.monotonic() + 60
                     gap = None
                     while gap is None and time.monotonic() < deadline:
                         try:
-                            gap = asyncio.run(_first_forwarded_after(stack, t0))
+                            found = asyncio.run(first_after(stack, ev.InstanceForwardedV1, t0))
+                            gap = found[0] if found else None
                         except Exception:  # noqa: BLE001 - the cluster is electing: read again
                             gap = None
                         time.sleep(0.2)

@@ -23,11 +23,10 @@ import pytest
 
 from shared import events as ev
 from shared import natsauth
-from shared.bus import Bus
 from shared.config import load_config
 from switchyard import stack as ls
 from switchyard.corpus import generate_studies
-from tests.fixtures.servers import Stack, log_events, make_stack
+from tests.fixtures.servers import Stack, first_after, log_events, make_stack, stream_leader
 from tests.fixtures.util import free_port, poll, wait_for
 from tests.integration.placement_helpers import all_forwarded, by_study, scheduler_sees
 
@@ -71,15 +70,6 @@ class Sender(threading.Thread):
             time.sleep(self.pause)
 
 
-async def stream_leader(stack: Stack) -> str:
-    bus = await Bus.connect(stack.cfg.nats, "test-admin")
-    try:
-        info = await bus.js.stream_info(stack.cfg.nats.events_stream)
-        return info.cluster.leader if info.cluster and info.cluster.leader else ""
-    finally:
-        await bus.close()
-
-
 def member_last_seq(stack: Stack, name: str) -> int:
     """The events stream's last sequence in ``name``'s own store (its monitoring endpoint)."""
     port = stack.member(name).monitor_port
@@ -92,23 +82,16 @@ def member_last_seq(stack: Stack, name: str) -> int:
     return -1
 
 
-async def forwarded_after(stack: Stack, t: float) -> tuple[float] | None:
-    """(seconds from ``t`` to the first forwarded event made after ``t``,): recorded, so the cluster took it."""
-    times = [
-        e.occurred_at.timestamp()
-        for e in await log_events(stack, ev.InstanceForwardedV1)
-        if e.occurred_at.timestamp() >= t
-    ]
-    return (min(times) - t,) if times else None
-
-
 async def kill_and_measure(stack: Stack, name: str, sender: Sender, graceful: bool = False) -> float:
     """SIGKILL (or SIGTERM: ``graceful``) ``name``; how long until an instance is forwarded again."""
     assert sender.is_alive(), "the sender finished before the kill: nothing to measure"
     t = datetime.now(UTC).timestamp()
     stack.kill_member(name, graceful)
     (gap,) = await poll(
-        lambda: forwarded_after(stack, t), timeout=60, interval=0.2, what=f"routing after killing {name}"
+        lambda: first_after(stack, ev.InstanceForwardedV1, t),
+        timeout=60,
+        interval=0.2,
+        what=f"routing after killing {name}",
     )
     assert sender.error is None, sender.error
     # Which step came back when (for a failure message and the benchmark notes).
