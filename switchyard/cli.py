@@ -127,8 +127,8 @@ def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
     console = sys.stdout
     try:
         if args.nats_cluster > 1:
-            # N servers on 127.0.0.1 (client 4222+i, routes 6222+i, monitoring nats-monitor-port+i), R3.
-            members = ls.cluster_members(args.nats_cluster, monitor_base=args.nats_monitor_port)
+            # N servers on 127.0.0.1 (clients nats.url's port+i, routes 6222+i, monitoring nats-monitor-port+i), R3.
+            members = ls.cluster_members(args.nats_cluster, base=ls.nats_port(cfg), monitor_base=args.nats_monitor_port)
             cfg = ls.with_cluster(cfg, members)
             procs.extend(ls.start_nats_cluster(members, data_dir, console, extra_conf=natsauth.server_conf(creds)))
         else:
