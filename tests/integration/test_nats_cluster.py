@@ -45,18 +45,23 @@ RESUME_AFTER_LEADER_KILL_S = 9.0 + 0.8 + 2.0
 
 
 class Sender(threading.Thread):
-    """Sends batches one after another; a batch not answered success for every file is sent again."""
+    """Sends batches one after another until ``stop`` (or the files run out); a batch not answered
+    success for every file is sent again. ``done``: the files of the batches answered success."""
 
     def __init__(self, stack: Stack, files, batch: int = 3, pause: float = 0.1) -> None:
         super().__init__(daemon=True)
         self.stack, self.pause = stack, pause
         self.batches = [files[i : i + batch] for i in range(0, len(files), batch)]
         self.sent = 0  # batches answered success
+        self.done: list = []
         self.resends = 0
         self.error: str | None = None
+        self.stop = threading.Event()
 
     def run(self) -> None:
         for b in self.batches:
+            if self.stop.is_set():
+                return
             for _ in range(60):
                 out = self.stack.send(b, extra=["-v"])
                 if (out.stdout + out.stderr).count("Received Store Response (Success)") == len(b):
@@ -67,6 +72,7 @@ class Sender(threading.Thread):
                 self.error = "a batch was refused 60 times"
                 return
             self.sent += 1
+            self.done.extend(b)
             time.sleep(self.pause)
 
 
@@ -125,32 +131,36 @@ async def test_cluster_loses_leader_then_another_server_and_nothing_else(live_no
             lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30, what="every node live"
         )
         files = generate_studies(
-            tmp_path / "corpus", studies=10, series_per_study=1, instances_per_series=30, seed=1601
+            tmp_path / "corpus", studies=20, series_per_study=1, instances_per_series=30, seed=1601
         )
-        studies = by_study(files)
+        # More than the three kills take to send: the sender is stopped after the last one.
         sender = Sender(stack, files)
         sender.start()
-        total = len(sender.batches)
-        wait_for(lambda: sender.sent >= total // 6, timeout=60, what="a sixth sent")
+        wait_for(lambda: sender.sent >= 15, timeout=60, what="some sent")
 
         first = await poll(lambda: stream_leader(stack), timeout=10, what="the stream leader")
         gap1 = await kill_and_measure(stack, first, sender)
         await rejoin(stack, first)
 
-        wait_for(lambda: sender.sent >= 2 * total // 6, timeout=60, what="a third sent")
+        mark = sender.sent
+        wait_for(lambda: sender.sent >= mark + 10, timeout=60, what="more sent")
         leader = await poll(lambda: stream_leader(stack), timeout=10, what="the stream leader")
         second = next(m.name for m in stack.members if m.name not in (first, leader))
         gap2 = await kill_and_measure(stack, second, sender)
         await rejoin(stack, second)
 
         # A planned restart (SIGTERM) of the leader: it steps down before it exits.
-        wait_for(lambda: sender.sent >= total // 2, timeout=60, what="half sent")
+        mark = sender.sent
+        wait_for(lambda: sender.sent >= mark + 10, timeout=60, what="more sent")
         third = await poll(lambda: stream_leader(stack), timeout=10, what="the stream leader")
         gap3 = await kill_and_measure(stack, third, sender, graceful=True)
         await rejoin(stack, third)
 
+        sender.stop.set()
         sender.join(180)
         assert not sender.is_alive() and sender.error is None, sender.error
+        files = sender.done
+        studies = by_study(files)
 
         wait_for(lambda: all_forwarded(stack, studies), timeout=90, what="every instance forwarded")
         events = await log_events(stack)
