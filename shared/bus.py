@@ -233,7 +233,7 @@ class Bus:
         while True:
             try:
                 nc = await nats.connect(
-                    cfg.url,
+                    cfg.server_urls(),
                     name=name,
                     **options,
                     connect_timeout=cfg.connect_timeout_s,
@@ -247,7 +247,8 @@ class Bus:
                 )
                 return cls(nc, cfg, identity)
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
-                log.warning("nats not reachable at %s (%s); retrying", cfg.url, type(exc).__name__)
+                log.warning("nats not reachable at %s (%s); retrying", ", ".join(cfg.server_urls()),
+                            type(exc).__name__)
                 if stop is not None and stop.is_set():
                     raise
                 await asyncio.sleep(0.5)

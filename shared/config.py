@@ -21,6 +21,9 @@ import msgspec
 
 class NatsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     url: str = "nats://127.0.0.1:4222"
+    # More servers of the same JetStream cluster: a client connects to any of
+    # them and fails over to the others (``url`` stays the first one tried).
+    servers: list[str] = msgspec.field(default_factory=list)
     events_stream: str = "SWITCHYARD"
     heartbeats_stream: str = "HEARTBEATS"
     # How long JetStream remembers a Nats-Msg-Id: a retried publish inside this
@@ -46,6 +49,10 @@ class NatsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # operator accepts that the events stream now starts at sequence N (what came
     # before is lost); stores and membership start from what the log still holds.
     accepted_log_start: int = 0
+
+    def server_urls(self) -> list[str]:
+        """Every server to connect to: ``url`` then ``servers``, without repeats."""
+        return list(dict.fromkeys([self.url, *self.servers]))
 
 
 class BlobConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -136,8 +136,14 @@ def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     console = sys.stdout
+    members = None
+    if args.nats_cluster > 1:
+        # N servers on 127.0.0.1 (clients nats.url's port+i, routes 6222+i, monitoring nats-monitor-port+i), R3.
+        members = ls.cluster_members(args.nats_cluster, base=ls.nats_port(cfg), monitor_base=args.nats_monitor_port)
+        cfg = ls.with_cluster(cfg, members)
     config_path = ls.write_config(cfg, data_dir / "switchyard.toml")
-    sup = ls.start_stack(cfg, data_dir, config_path, args.nats_monitor_port, console, creds=creds)
+    sup = ls.start_stack(cfg, data_dir, config_path, args.nats_monitor_port, console, creds=creds,
+                         nats_members=members)
     try:
         # A crashed service (or server) is started again with backoff, as compose would.
         sup.start_thread(stop)
@@ -404,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-after-demo", action="store_true", help="stop after the demo (for scripts)")
     p.add_argument("--data-dir", default="var", help="where servers keep their data (default ./var)")
     p.add_argument("--nats-monitor-port", type=int, default=8222)
+    p.add_argument("--nats-cluster", type=int, default=1, metavar="N",
+                   help="run N nats-servers as one JetStream cluster on loopback, streams replicated (R3)")
     p.set_defaults(func=cmd_stack)
     p = sub.add_parser("chaos", help="run the stack under faults while senders send, then audit every "
                                      "acknowledged instance (exit 1 if anything is lost, duplicated, split "

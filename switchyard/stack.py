@@ -125,7 +125,7 @@ def stop_all(procs: list[Proc], timeout: float = 15.0) -> None:
 
 
 def _tier(name: str) -> str:
-    return "service" if name in SERVICES else "nats" if name == "nats" else "node"
+    return "service" if name.partition("-")[0] in SERVICES else "nats" if name.startswith("nats") else "node"
 
 
 def _pump(prefix: str, stream: IO[bytes], sink: IO[str]) -> None:
@@ -180,6 +180,100 @@ def start_nats(cfg: Config, data_dir: Path, monitor_port: int, console: IO[str] 
         wait_until(lambda: http_ok(f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"),
                    timeout, "nats-server", proc.popen)
     return proc
+
+
+@dataclass(frozen=True)
+class NatsMember:
+    """One server of a local JetStream cluster: its client, route and monitoring ports."""
+
+    name: str
+    port: int
+    cluster_port: int
+    monitor_port: int
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+
+def cluster_members(n: int, ports: Callable[[], int] | None = None, base: int = 4222,
+                    cluster_base: int = 6222, monitor_base: int = 8222) -> list[NatsMember]:
+    """``n`` members on loopback: fixed ports from the bases (the local stack) or from ``ports()`` (tests)."""
+    if ports is not None:
+        return [NatsMember(f"switchyard-{i + 1}", ports(), ports(), ports()) for i in range(n)]
+    return [NatsMember(f"switchyard-{i + 1}", base + i, cluster_base + i, monitor_base + i) for i in range(n)]
+
+
+def with_cluster(cfg: Config, members: list[NatsMember]) -> Config:
+    """``cfg`` pointing its clients at every member, with streams and KV replicated on up to 3 of them."""
+    import msgspec
+
+    nats = msgspec.structs.replace(cfg.nats, url=members[0].url, servers=[m.url for m in members[1:]],
+                                   replicas=min(3, len(members)))
+    return msgspec.structs.replace(cfg, nats=nats)
+
+
+def route_password(data_dir: Path) -> str:
+    """The routes' shared secret (0600 under the data dir, kept across restarts): no stranger joins the cluster."""
+    path = data_dir / "nats-route.secret"
+    if not path.exists():
+        write_private(path, secrets.token_urlsafe(24).encode())
+    return path.read_text().strip()
+
+
+def cluster_conf(member: NatsMember, members: list[NatsMember], store: Path, password: str,
+                 sync_always: bool = True) -> str:
+    """One member's config (without the auth/tls lines): JetStream, and routes authenticated by password."""
+    sync = "always" if sync_always else '"2m"'
+    routes = ", ".join(json.dumps(f"nats-route://route:{password}@127.0.0.1:{m.cluster_port}")
+                       for m in members if m != member)
+    return (f"server_name: {json.dumps(member.name)}\n"
+            f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: {sync}\n}}\n"
+            f"cluster {{\n  name: \"switchyard\"\n  listen: \"127.0.0.1:{member.cluster_port}\"\n"
+            f"  authorization {{ user: \"route\", password: {json.dumps(password)} }}\n"
+            f"  routes: [{routes}]\n}}\n")
+
+
+def start_nats_member(member: NatsMember, members: list[NatsMember], data_dir: Path,
+                      console: IO[str] | None = None, timeout: float = 30.0, sync_always: bool = True,
+                      extra_conf: str = "", wait: bool = True) -> Proc:
+    """Start (or restart, on its same store) one cluster member; ``wait``: until it serves clients."""
+    store = data_dir / "nats" / member.name
+    store.mkdir(parents=True, exist_ok=True)
+    conf = data_dir / f"nats-{member.name}.conf"
+    write_private(conf, (cluster_conf(member, members, store, route_password(data_dir), sync_always)
+                         + extra_conf).encode())
+    argv = [str(VENV_BIN / "nats-server"), "-c", str(conf), "-a", "127.0.0.1", "-p", str(member.port),
+            "-m", str(member.monitor_port)]
+    proc = spawn(f"nats-{member.name}", argv, dict(os.environ), data_dir / "logs" / f"{member.name}.log", console)
+    if wait:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{member.monitor_port}/healthz?js-enabled-only=true"),
+                   timeout, f"nats-server {member.name}", proc.popen)
+    return proc
+
+
+def start_nats_cluster(members: list[NatsMember], data_dir: Path, console: IO[str] | None = None,
+                       timeout: float = 60.0, sync_always: bool = True, extra_conf: str = "") -> list[Proc]:
+    """Start every member, then wait until the cluster has a JetStream meta leader (streams can be declared)."""
+    procs = [start_nats_member(m, members, data_dir, console, timeout, sync_always, extra_conf, wait=False)
+             for m in members]
+    def serving(m: NatsMember) -> Callable[[], bool]:
+        return lambda: http_ok(f"http://127.0.0.1:{m.monitor_port}/healthz?js-enabled-only=true")
+
+    try:
+        for m, p in zip(members, procs, strict=True):
+            wait_until(serving(m), timeout, f"nats-server {m.name}", p.popen)
+        wait_until(lambda: all(meta_leader(m) for m in members), timeout, "JetStream meta leader")
+    except BaseException:
+        stop_all(procs)
+        raise
+    return procs
+
+
+def meta_leader(member: NatsMember) -> str:
+    """The JetStream meta leader as ``member`` sees it ("" if none yet)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{member.monitor_port}/jsz", timeout=1.0) as rsp:
+        return str(json.loads(rsp.read()).get("meta_cluster", {}).get("leader", ""))
 
 
 def orthanc_http_port(node: NodeConfig) -> int:
@@ -432,7 +526,8 @@ class Supervisor:
 
 def start_stack(cfg: Config, data_dir: Path, config_path: Path, monitor_port: int,
                 console: IO[str] | None = None, log: IO[str] = sys.stderr,
-                creds: natsauth.Credentials | None = None) -> Supervisor:
+                creds: natsauth.Credentials | None = None,
+                nats_members: list[NatsMember] | None = None) -> Supervisor:
     """NATS, the nodes and the five services under one supervisor (its loop not yet running).
 
     ``creds`` (natsauth.secure_local): NATS runs with that authorization block, and the
@@ -441,8 +536,13 @@ def start_stack(cfg: Config, data_dir: Path, config_path: Path, monitor_port: in
     sup = Supervisor(log)
     extra_conf = natsauth.server_conf(creds)
     try:
-        sup.add("nats", lambda wait: start_nats(cfg, data_dir, monitor_port, console, extra_conf=extra_conf,
-                                                wait=wait))
+        if nats_members:  # a local JetStream cluster: each member supervised on its own
+            for member in nats_members:
+                sup.add(member.name, lambda wait, m=member: start_nats_member(
+                    m, nats_members, data_dir, console, extra_conf=extra_conf, wait=wait))
+        else:
+            sup.add("nats", lambda wait: start_nats(cfg, data_dir, monitor_port, console, extra_conf=extra_conf,
+                                                    wait=wait))
         asyncio.run(natsauth.declare(cfg.nats))  # the admin step (idempotent)
         for node in cfg.nodes:
             sup.add(node.id, functools.partial(_start_node, node, data_dir, console))

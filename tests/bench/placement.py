@@ -37,7 +37,7 @@ from switchyard import stack as ls
 from shared.bus import Bus
 from shared.config import NodeConfig
 from switchyard.corpus import generate_studies
-from tests.fixtures.servers import OrthancNode, make_stack, new_orthanc_node
+from tests.fixtures.servers import OrthancNode, first_after, make_stack, new_orthanc_node, stream_leader
 from tests.fixtures.util import free_port, wait_for
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -237,6 +237,94 @@ def nats_auth(mode: str, base: Path):
             str(pki["server_crt"]), str(pki["server_key"]), str(pki["ca"]), verify=True)
 
 
+def nats_cluster_bench(base: Path, images: int, rounds: int, kills: int) -> int:
+    """One server next to a 3-server cluster (R3), back to back on the same nodes; then leader kills.
+
+    Resume: SIGKILL of the events stream's leader while a sender keeps sending
+    (one file per association, resent when refused), to the first forwarded
+    event made after the kill.
+    """
+    import threading
+    from datetime import UTC, datetime
+
+    nodes = [new_orthanc_node(i, base / "nodes") for i in (1, 2, 3)]
+    stack = None
+    rates: dict[str, list[float]] = {"single": [], "cluster": []}
+    resumes: list[float] = []
+    try:
+        for n in nodes:
+            n.start()
+        seed = int(time.time())
+        for k, topology in enumerate(("single", "cluster")):
+            stack = make_stack(base / f"stack-{topology}", nodes, nats_cluster=3 if topology == "cluster" else 0,
+                               configure=lambda cfg: msgspec.structs.replace(
+                                   cfg, probe=msgspec.structs.replace(cfg.probe, interval_s=1.0)))
+            wait_for(lambda stack=stack: all(stack.metric("scheduler", "switchyard_scheduler_node_live",
+                                                          f'node="{n.node.id}"') == 1 for n in nodes),
+                     timeout=30, what="nodes live")
+            for r in range(rounds):
+                corpus = base / f"corpus-{topology}-{r}"
+                files = generate_studies(corpus, studies=images // 10, series_per_study=1, instances_per_series=10,
+                                         seed=seed + 7 * r + k)
+                base_count = counts(nodes)
+                t = timed_send(lambda stack=stack, corpus=corpus: stack.send([corpus], extra=["+sd", "+r"]),
+                               lambda b=base_count, fs=files: counts(nodes) - b >= len(fs))
+                rates[topology].append(len(files) / t)
+                print(f"{topology} nats{_round(r, rounds)}: storescu -> Switchyard -> 3 Orthanc: "
+                      f"{len(files) / t:.1f} img/s ({t:.2f} s)")
+            if topology == "cluster":
+                for kill in range(kills):
+                    trickle = generate_studies(base / f"trickle-{kill}", studies=1, series_per_study=1,
+                                               instances_per_series=60, seed=seed + 1000 + kill)
+                    stop = threading.Event()
+
+                    def send_trickle(files=trickle, stack=stack, stop=stop):
+                        for f in files:
+                            while not stop.is_set():
+                                out = stack.send([f], extra=["-v"])
+                                if "Received Store Response (Success)" in out.stdout + out.stderr:
+                                    break
+                            if stop.is_set():
+                                return
+
+                    before = counts(nodes)
+                    sender = threading.Thread(target=send_trickle, daemon=True)
+                    sender.start()
+                    wait_for(lambda b=before: counts(nodes) - b >= 5, timeout=60, what="the trickle flowing")
+                    leader = asyncio.run(stream_leader(stack))
+                    t0 = datetime.now(UTC).timestamp()
+                    stack.kill_member(leader)
+                    deadline = time.monotonic() + 60
+                    gap = None
+                    while gap is None and time.monotonic() < deadline:
+                        try:
+                            found = asyncio.run(first_after(stack, ev.InstanceForwardedV1, t0))
+                            gap = found[0] if found else None
+                        except Exception:  # noqa: BLE001 - the cluster is electing: read again
+                            gap = None
+                        time.sleep(0.2)
+                    stop.set()
+                    sender.join(30)
+                    assert gap is not None, "routing did not resume within 60 s"
+                    resumes.append(gap)
+                    print(f"leader kill {kill + 1}/{kills}: SIGKILL of {leader}, routing resumed after {gap:.2f} s")
+                    stack.restart_member(leader)
+            stack.close()
+            stack = None
+        single, cluster = statistics.median(rates["single"]), statistics.median(rates["cluster"])
+        print(f"nats cluster: {cluster:.1f} img/s vs single server {single:.1f} img/s ({cluster / single:.2f}x); "
+              f"resume after a leader SIGKILL: " + ", ".join(f"{g:.2f}" for g in resumes) + " s")
+        print(json.dumps({"img_per_s": {"single": round(single, 1), "cluster": round(cluster, 1)},
+                          "rounds_img_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+                          "resume_after_leader_kill_s": [round(g, 2) for g in resumes]}))
+        return 0
+    finally:
+        if stack is not None:
+            stack.close()
+        for n in nodes:
+            n.stop()
+
+
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     images = 120 if quick else 1000
@@ -247,6 +335,11 @@ def main(argv: list[str]) -> int:
     for arg in argv:
         if arg.startswith("--rounds="):
             rounds = max(1, int(arg.split("=", 1)[1]))
+    if "--nats-cluster" in argv:
+        # Only the cluster comparison: single server vs 3-server cluster, and the leader-kill resume time.
+        kills = 3 if quick else 5
+        print(f"placement bench, nats cluster: {images} images per round, {rounds} round(s), {kills} leader kills")
+        return nats_cluster_bench(Path(tempfile.mkdtemp(prefix="switchyard-bench-cluster-")), images, rounds, kills)
     modes = ["on"]
     for arg in argv:
         if arg.startswith("--nats-auth="):

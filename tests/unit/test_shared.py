@@ -55,6 +55,18 @@ def test_dump_toml_round_trips(tmp_path):
     assert load_config(path, env={}) == cfg
 
 
+def test_nats_servers_of_a_cluster(tmp_path):
+    """url first, then the other members, once each; from the environment (JSON) and through TOML."""
+    cfg = load_config(env={"SWITCHYARD_NATS__URL": "nats://a:4222",
+                           "SWITCHYARD_NATS__SERVERS": '["nats://b:4222", "nats://a:4222", "nats://c:4222"]',
+                           "SWITCHYARD_NATS__REPLICAS": "3"})
+    assert cfg.nats.server_urls() == ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+    assert cfg.nats.replicas == 3
+    assert load_config(env={}).nats.server_urls() == ["nats://127.0.0.1:4222"]
+    path = tmp_path / "c.toml"
+    path.write_text(dump_toml(cfg))
+    assert load_config(path, env={}).nats.server_urls() == cfg.nats.server_urls()
+
 def test_fact_ids_are_deterministic():
     assert ev.fact_id("received", "1.2.3", "abc") == ev.fact_id("received", "1.2.3", "abc")
     assert ev.fact_id("received", "1.2.3", "abc") != ev.fact_id("received", "1.2.3", "abd")
