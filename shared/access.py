@@ -58,10 +58,14 @@ class PeerPolicy:
     rules: tuple[Rule, ...] = ()
 
     @classmethod
-    def from_config(cls, calling_aes: Iterable[str], peers: Iterable[str],
-                    resolve: Callable[[str], set[str]] | None = None,
-                    rights: frozenset[str] = frozenset(),
-                    entries: Iterable[tuple[str, str, Iterable[str]]] = ()) -> PeerPolicy:
+    def from_config(
+        cls,
+        calling_aes: Iterable[str],
+        peers: Iterable[str],
+        resolve: Callable[[str], set[str]] | None = None,
+        rights: frozenset[str] = frozenset(),
+        entries: Iterable[tuple[str, str, Iterable[str]]] = (),
+    ) -> PeerPolicy:
         """``calling_aes`` and ``"AE"``/``"AE@host"`` ``peers`` get ``rights``; ``entries``
         are (AE, host or "", rights) each with their own."""
         resolve = resolve or _resolve
@@ -163,14 +167,19 @@ class _PeerCheckingACSE(ACSE):
             return self._reject(calling, REJECT_CALLING_AE)
         limit = self.gate.per_peer_limit
         if limit and (held := held_by(self.assoc, calling, address)) >= limit:
-            log.warning("association rejected: calling AE %r from %s already holds %d associations (per-peer"
-                        " limit)", calling, address, held)
+            log.warning(
+                "association rejected: calling AE %r from %s already holds %d associations (per-peer limit)",
+                calling,
+                address,
+                held,
+            )
             return self._reject(calling, REJECT_LOCAL_LIMIT)
         if self.gate.needs:
             # A context the peer has no right to is not negotiated at all (abstract syntax not supported).
             needs = self.gate.needs
             self.acceptor.supported_contexts = [
-                cx for cx in self.acceptor.supported_contexts
+                cx
+                for cx in self.acceptor.supported_contexts
                 if str(cx.abstract_syntax) not in needs or needs[str(cx.abstract_syntax)] in rights
             ]
         super()._negotiate_as_acceptor()
@@ -258,8 +267,11 @@ def bound_reads(timeout: float) -> Handler:
             try:
                 sock.do_handshake()
             except (ssl.SSLError, OSError) as exc:
-                log.warning("TLS handshake with %s failed: %s", event.assoc.requestor.address,
-                            getattr(exc, "reason", None) or type(exc).__name__)
+                log.warning(
+                    "TLS handshake with %s failed: %s",
+                    event.assoc.requestor.address,
+                    getattr(exc, "reason", None) or type(exc).__name__,
+                )
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 

@@ -93,8 +93,10 @@ _SUBJECT_BY_TAG = {cls.__struct_config__.tag: template for cls, template in _SUB
 
 
 def _subject(template: str, node_id: str, state: str) -> str:
-    return template.format(node=node_token(node_id) if "{node}" in template else "",
-                           state=node_token(state) if "{state}" in template else "")
+    return template.format(
+        node=node_token(node_id) if "{node}" in template else "",
+        state=node_token(state) if "{state}" in template else "",
+    )
 
 
 def subject_for(event: ev.Event) -> str:
@@ -226,8 +228,9 @@ class Bus:
         self._rejected = None
 
     @classmethod
-    async def connect(cls, cfg: NatsConfig, name: str, stop: asyncio.Event | None = None,
-                      identity: str = "admin") -> Bus:
+    async def connect(
+        cls, cfg: NatsConfig, name: str, stop: asyncio.Event | None = None, identity: str = "admin"
+    ) -> Bus:
         """Connect as ``identity`` (its nkey seed, its inbox), retrying until NATS answers or ``stop`` is set."""
         options = natsauth.connect_options(cfg, identity)
         while True:
@@ -246,24 +249,25 @@ class Bus:
                     reconnected_cb=_log_reconnected,
                 )
                 return cls(nc, cfg, identity)
-            except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
-                log.warning("nats not reachable at %s (%s); retrying", ", ".join(cfg.server_urls()),
-                            type(exc).__name__)
+            except (TimeoutError, OSError, nats.errors.Error) as exc:
+                log.warning("nats not reachable at %s (%s); retrying", ", ".join(cfg.server_urls()), type(exc).__name__)
                 if stop is not None and stop.is_set():
                     raise
                 await asyncio.sleep(0.5)
 
     def export_connected(self, registry: CollectorRegistry) -> None:
         """A gauge read at scrape time: 1 while connected to NATS (readiness, alerting)."""
-        from prometheus_client import Gauge
-
-        from prometheus_client import Counter
+        from prometheus_client import Counter, Gauge
 
         Gauge("switchyard_bus_connected", "1 while connected to NATS", registry=registry).set_function(
             lambda: 1.0 if self.nc.is_connected else 0.0
         )
-        self._rejected = Counter("switchyard_bus_rejected_events", "Deliveries refused: undecodable, or not on "
-                                 "their own subject (forged provenance)", ["reason"], registry=registry)
+        self._rejected = Counter(
+            "switchyard_bus_rejected_events",
+            "Deliveries refused: undecodable, or not on their own subject (forged provenance)",
+            ["reason"],
+            registry=registry,
+        )
 
     def checked(self, subject: str, data: bytes, seq: int) -> ev.AnyEvent | None:
         """Decode one delivery and check its provenance; None (logged, counted) when refused.
@@ -279,8 +283,11 @@ class Bus:
             self._count_rejected("undecodable")
             return None
         if not provenance_ok(subject, event):
-            log.warning("event %s at stream seq %d arrived on a subject its type may not use; refused",
-                        type(event).__name__, seq)
+            log.warning(
+                "event %s at stream seq %d arrived on a subject its type may not use; refused",
+                type(event).__name__,
+                seq,
+            )
             self._count_rejected("subject")
             return None
         return event
@@ -314,9 +321,11 @@ class Bus:
             try:
                 await self.js.stream_info(name)
             except (nats.js.errors.NotFoundError, nats.errors.TimeoutError) as exc:
-                raise StreamsMissing(f"stream {name} is not declared on {self.cfg.url} (or identity "
-                                     f"{self.identity} may not see it); run `switchyard nats init` "
-                                     "(admin identity) first") from exc
+                raise StreamsMissing(
+                    f"stream {name} is not declared on {self.cfg.url} (or identity "
+                    f"{self.identity} may not see it); run `switchyard nats init` "
+                    "(admin identity) first"
+                ) from exc
 
     async def ensure_streams(self) -> None:
         for sc in stream_configs(self.cfg):
@@ -337,14 +346,18 @@ class Bus:
                 timeout=timeout or self.cfg.publish_timeout_s,
                 headers={"Nats-Msg-Id": event.event_id},
             )
-        except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionClosedError,
-                nats.js.errors.NoStreamResponseError) as exc:
+        except (
+            nats.errors.OutboundBufferLimitError,
+            nats.errors.ConnectionClosedError,
+            nats.js.errors.NoStreamResponseError,
+        ) as exc:
             raise BusUnavailable(type(exc).__name__) from exc
-        except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.TimeoutError) as exc:
             raise PublishUncertain("no PubAck before timeout") from exc
 
-    async def publish_many(self, events: list[ev.Event],
-                           timeout: float | None = None) -> list[PubAck | BusUnavailable | PublishUncertain]:
+    async def publish_many(
+        self, events: list[ev.Event], timeout: float | None = None
+    ) -> list[PubAck | BusUnavailable | PublishUncertain]:
         """Record many facts pipelined: send them all, then wait for every PubAck.
 
         One result per event, in order: its PubAck, or the error ``publish``
@@ -367,8 +380,9 @@ class Bus:
             log.info("consumer %s exists with other settings; keeping it", config.durable_name)
         return await self.js.pull_subscribe_bind(config.durable_name, stream=stream)
 
-    async def pull_batches(self, config: ConsumerConfig, batch: int, stop: asyncio.Event,
-                           linger: float = 0.0, fetch_timeout: float = 1.0) -> AsyncGenerator[list[Msg], None]:
+    async def pull_batches(
+        self, config: ConsumerConfig, batch: int, stop: asyncio.Event, linger: float = 0.0, fetch_timeout: float = 1.0
+    ) -> AsyncGenerator[list[Msg], None]:
         """Pull from a durable consumer until ``stop``: the fetch loop every worker shares.
 
         Yields each fetched batch, and ``[]`` after a fetch that timed out (nothing
@@ -404,8 +418,12 @@ class Bus:
             await _unsubscribe(psub)
 
     async def replay(
-        self, subject: str = ">", start_seq: int = 1, stream: str | None = None,
-        idle_timeout: float = 0.5, follow: bool = False,
+        self,
+        subject: str = ">",
+        start_seq: int = 1,
+        stream: str | None = None,
+        idle_timeout: float = 0.5,
+        follow: bool = False,
     ) -> AsyncGenerator[Delivered, None]:
         """Read the log in order from ``start_seq``; stop when caught up unless ``follow``."""
         stream = stream or self.cfg.events_stream
@@ -413,7 +431,9 @@ class Bus:
         if not follow and info.state.last_seq < start_seq:
             return
         sub = await self.js.subscribe(
-            subject, stream=stream, ordered_consumer=True,
+            subject,
+            stream=stream,
+            ordered_consumer=True,
             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq)),
         )
         try:
@@ -435,8 +455,15 @@ class Bus:
             await _unsubscribe(sub)
 
     async def follow_batches(
-        self, start_seq: int, max_batch: int, idle_timeout: float, stop: asyncio.Event,
-        subject: str = ">", stream: str | None = None, linger: float = 0.2, decode: bool = True,
+        self,
+        start_seq: int,
+        max_batch: int,
+        idle_timeout: float,
+        stop: asyncio.Event,
+        subject: str = ">",
+        stream: str | None = None,
+        linger: float = 0.2,
+        decode: bool = True,
     ) -> AsyncGenerator[list[Delivered], None]:
         """Follow the log from ``start_seq`` in batches.
 
@@ -468,7 +495,11 @@ class Bus:
             arrived.set()
 
         sub = await self.js.subscribe(
-            subject, stream=stream, cb=take, manual_ack=True, ordered_consumer=True,
+            subject,
+            stream=stream,
+            cb=take,
+            manual_ack=True,
+            ordered_consumer=True,
             pending_msgs_limit=max(4 * max_batch, 65536),
             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq)),
         )
@@ -479,7 +510,7 @@ class Bus:
                     arrived.clear()
                     try:
                         await asyncio.wait_for(arrived.wait(), idle_timeout)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         continue
                 # Linger from the first message: let the batch fill, unless it is full already.
                 due = loop.time() + linger

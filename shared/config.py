@@ -305,6 +305,7 @@ class CatalogConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         names = [t.name for t in self.tokens]
         if len(set(names)) != len(names):
             raise ValueError("catalog.tokens: each token needs its own name")
+
     # Live follower: a batch (one transaction) closes when full or follow_linger_s after
     # its first event; a full batch means the catalog fell behind and catches up in bulk.
     batch: int = 8192
@@ -354,8 +355,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for rule in self.routing.rules:
             unknown = sorted(set(rule.match) - known)
             if unknown:
-                raise ValueError(f"routing rule {rule.name!r} matches {unknown}: neither a received-event"
-                                 " field nor in ingest.extra_tags")
+                raise ValueError(
+                    f"routing rule {rule.name!r} matches {unknown}: neither a received-event"
+                    " field nor in ingest.extra_tags"
+                )
 
     def node(self, node_id: str) -> NodeConfig | None:
         return next((n for n in self.nodes if n.id == node_id), None)
@@ -383,7 +386,7 @@ def _apply_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     for name, raw in env.items():
         if not name.startswith(_PREFIX) or name == "SWITCHYARD_CONFIG":
             continue
-        rest = name[len(_PREFIX):].lower()
+        rest = name[len(_PREFIX) :].lower()
         if rest == "nodes":
             data["nodes"] = _parse_value(raw)
             continue

@@ -18,12 +18,21 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
-
 # Tags the received event needs, read with stop_before_pixels.
 HEADER_KEYWORDS = (
-    "SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-    "PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "StudyDate",
-    "StudyDescription", "SeriesNumber", "InstanceNumber",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyDescription",
+    "SeriesNumber",
+    "InstanceNumber",
 )
 
 
@@ -135,7 +144,7 @@ def _little(value: bytes, width: int, little_endian: bool) -> bytes:
     """A word-valued byte string in little endian (a big endian dataset keeps its own order)."""
     if little_endian or width < 2 or len(value) % width:
         return value
-    return b"".join(value[i:i + width][::-1] for i in range(0, len(value), width))
+    return b"".join(value[i : i + width][::-1] for i in range(0, len(value), width))
 
 
 def _normal(elem: DataElement, little_endian: bool) -> object:

@@ -167,7 +167,7 @@ class DatasetValidator:
                     self._close_ended()
             elif self._capture is not None:
                 take = min(self._want - len(self._buf), n - i)
-                self._buf += mv[i:i + take]
+                self._buf += mv[i : i + take]
                 i += take
                 if len(self._buf) == self._want:
                     self._captured()
@@ -176,7 +176,7 @@ class DatasetValidator:
             else:
                 # A header split across chunks: gather it first.
                 take = min(self._want - len(self._buf), n - i)
-                self._buf += mv[i:i + take]
+                self._buf += mv[i : i + take]
                 i += take
                 if len(self._buf) == self._want and self._header(self._buf, 0, self._want):
                     self._buf = bytearray()
@@ -196,7 +196,7 @@ class DatasetValidator:
             return 8
         vr = None
         if top.explicit:
-            vr = bytes(src[off + 4:off + 6])
+            vr = bytes(src[off + 4 : off + 6])
             if vr not in _KNOWN_VRS:
                 if vr.isalpha() and vr.isupper():
                     raise DatasetError(f"element {tag_str(tag)} has unknown VR {vr.decode()}")
@@ -344,7 +344,7 @@ def validate(data: bytes, transfer_syntax: str, chunk: int = 0) -> dict[int, str
     v = DatasetValidator(transfer_syntax)
     if chunk:
         for start in range(0, len(data), chunk):
-            v.feed(data[start:start + chunk])
+            v.feed(data[start : start + chunk])
     else:
         v.feed(data)
     return v.finish()

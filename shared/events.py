@@ -9,7 +9,7 @@ the same Nats-Msg-Id and JetStream records the fact once.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 
 import msgspec
@@ -67,6 +67,7 @@ class LocationState(StrEnum):
     VERIFIED = "verified"
     VERIFICATION_FAILED = "verification_failed"
 
+
 # -------------------------------------------------------------------------------
 
 _NAMESPACE = uuid.UUID("6f2b1d52-4c1e-4a8e-9a51-5d3f0c7e2b10")
@@ -78,7 +79,7 @@ def fact_id(kind: str, *parts: object) -> str:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Event(msgspec.Struct, kw_only=True, tag_field="type"):

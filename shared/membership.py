@@ -93,8 +93,9 @@ class Pool:
         return self.members.get(node_id)
 
 
-def node_from(event: ev.NodeStateChangedV1, base: NodeConfig | None = None,
-              credentials: NodeCredentials | None = None) -> NodeConfig:
+def node_from(
+    event: ev.NodeStateChangedV1, base: NodeConfig | None = None, credentials: NodeCredentials | None = None
+) -> NodeConfig:
     """The NodeConfig an "added" event describes (unset fields keep ``base`` or the defaults).
 
     The password never comes from the event: it is the seeded node's, or ``credentials``'.
@@ -102,14 +103,19 @@ def node_from(event: ev.NodeStateChangedV1, base: NodeConfig | None = None,
     creds = credentials or NodeCredentials()
     base = base or NodeConfig(id=event.node_id, username=creds.username, password=creds.password)
     return NodeConfig(
-        id=event.node_id, host=event.host or base.host, dicom_port=event.dicom_port or base.dicom_port,
-        ae_title=event.ae_title or base.ae_title, rest_url=event.rest_url or base.rest_url,
-        username=event.username or base.username, password=base.password,
+        id=event.node_id,
+        host=event.host or base.host,
+        dicom_port=event.dicom_port or base.dicom_port,
+        ae_title=event.ae_title or base.ae_title,
+        rest_url=event.rest_url or base.rest_url,
+        username=event.username or base.username,
+        password=base.password,
     )
 
 
-def transition(member: Member | None, node_id: str, state: ev.NodeState | str, reason: str = "",
-               node: NodeConfig | None = None) -> ev.NodeStateChangedV1:
+def transition(
+    member: Member | None, node_id: str, state: ev.NodeState | str, reason: str = "", node: NodeConfig | None = None
+) -> ev.NodeStateChangedV1:
     """The state event moving ``node_id`` to ``state``, with its deterministic id."""
     try:
         state = ev.NodeState(state)
@@ -118,10 +124,16 @@ def transition(member: Member | None, node_id: str, state: ev.NodeState | str, r
     after = member.last_seq if member is not None else 0
     fields: dict[str, Any] = {}  # NodeStateChangedV1 keyword arguments of several types
     if node is not None:
-        fields = dict(host=node.host, dicom_port=node.dicom_port, ae_title=node.ae_title,
-                      rest_url=node.rest_url, username=node.username)
-    return ev.NodeStateChangedV1(event_id=ev.fact_id("node_state", node_id, state, after),
-                                 node_id=node_id, state=state, reason=reason, **fields)
+        fields = dict(
+            host=node.host,
+            dicom_port=node.dicom_port,
+            ae_title=node.ae_title,
+            rest_url=node.rest_url,
+            username=node.username,
+        )
+    return ev.NodeStateChangedV1(
+        event_id=ev.fact_id("node_state", node_id, state, after), node_id=node_id, state=state, reason=reason, **fields
+    )
 
 
 async def load(bus: Bus, seed: list[NodeConfig], credentials: NodeCredentials | None = None) -> Pool:
@@ -140,9 +152,12 @@ async def load(bus: Bus, seed: list[NodeConfig], credentials: NodeCredentials | 
     return pool
 
 
-async def follow(bus: Bus, pool: Pool, stop: asyncio.Event,
-                 on_change: Callable[[Member, ev.NodeStateChangedV1], Awaitable[None] | None] | None = None,
-                 ) -> None:
+async def follow(
+    bus: Bus,
+    pool: Pool,
+    stop: asyncio.Event,
+    on_change: Callable[[Member, ev.NodeStateChangedV1], Awaitable[None] | None] | None = None,
+) -> None:
     """Apply new state events as they are recorded, until ``stop``."""
 
     async def loop() -> None:
@@ -150,8 +165,7 @@ async def follow(bus: Bus, pool: Pool, stop: asyncio.Event,
             if not isinstance(d.event, ev.NodeStateChangedV1) or d.seq <= pool.last_seq:
                 continue
             m = pool.apply(d.seq, d.event)
-            log.info("node %s: %s%s", d.event.node_id, d.event.state,
-                     f" ({d.event.reason})" if d.event.reason else "")
+            log.info("node %s: %s%s", d.event.node_id, d.event.state, f" ({d.event.reason})" if d.event.reason else "")
             if m is not None and on_change is not None:
                 result = on_change(m, d.event)
                 if asyncio.iscoroutine(result):

@@ -62,8 +62,12 @@ def _read_stream(stream: str) -> list[str]:
 
 def _durable(stream: str, name: str, filter_subject: str) -> list[str]:
     """One named pull consumer: created with its filter in the subject (the server checks it matches)."""
-    return [f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{filter_subject}", f"$JS.API.CONSUMER.INFO.{stream}.{name}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", f"$JS.ACK.{stream}.{name}.>"]
+    return [
+        f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{filter_subject}",
+        f"$JS.API.CONSUMER.INFO.{stream}.{name}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
+        f"$JS.ACK.{stream}.{name}.>",
+    ]
 
 
 def permissions(identity: str, cfg: NatsConfig) -> Permissions:
@@ -75,24 +79,43 @@ def permissions(identity: str, cfg: NatsConfig) -> Permissions:
         return Permissions((*base, "dicom.instance.received"), (inbox,))
     if identity == "scheduler":
         # dead_lettered: the final one when verification failed on a second node (an instance problem).
-        pub = [*base, *_read_stream(s), "dicom.instance.placed.*", "dicom.instance.dead_lettered",
-               *(f"node.state.*.{st}" for st in SCHEDULER_STATES),
-               f"$JS.API.STREAM.MSG.GET.{s}", f"$JS.API.DIRECT.GET.{s}",
-               f"$JS.API.STREAM.INFO.{KV_STREAM}", f"$KV.{KV_BUCKET}.>",
-               f"$JS.API.STREAM.MSG.GET.{KV_STREAM}", f"$JS.API.DIRECT.GET.{KV_STREAM}.>"]
+        pub = [
+            *base,
+            *_read_stream(s),
+            "dicom.instance.placed.*",
+            "dicom.instance.dead_lettered",
+            *(f"node.state.*.{st}" for st in SCHEDULER_STATES),
+            f"$JS.API.STREAM.MSG.GET.{s}",
+            f"$JS.API.DIRECT.GET.{s}",
+            f"$JS.API.STREAM.INFO.{KV_STREAM}",
+            f"$KV.{KV_BUCKET}.>",
+            f"$JS.API.STREAM.MSG.GET.{KV_STREAM}",
+            f"$JS.API.DIRECT.GET.{KV_STREAM}.>",
+        ]
         for name, filt in SCHEDULER_DURABLES.items():
             pub += _durable(s, name, filt)
         return Permissions(tuple(pub), (inbox, "node.heartbeat.>"))
     if identity == "forwarder":
         # One durable per node (forwarder-<node>, nodes come and go): any name filtered to
         # placed.<node>, except the scheduler's durables.
-        pub = [*base, *_read_stream(s), "dicom.instance.forwarded.*", "dicom.instance.forward_failed.*",
-               "dicom.instance.dead_lettered", *_durable(s, "*", "dicom.instance.placed.*")]
+        pub = [
+            *base,
+            *_read_stream(s),
+            "dicom.instance.forwarded.*",
+            "dicom.instance.forward_failed.*",
+            "dicom.instance.dead_lettered",
+            *_durable(s, "*", "dicom.instance.placed.*"),
+        ]
         deny = [x for name in SCHEDULER_DURABLES for x in _durable(s, name, ">")]
         return Permissions(tuple(pub), (inbox,), tuple(deny))
     if identity == "probe":
-        pub = [*base, *_read_stream(s), "node.heartbeat.*", "dicom.instance.verified.*",
-               "dicom.instance.verification_failed.*"]
+        pub = [
+            *base,
+            *_read_stream(s),
+            "node.heartbeat.*",
+            "dicom.instance.verified.*",
+            "dicom.instance.verification_failed.*",
+        ]
         return Permissions(tuple(pub), (inbox,))
     if identity == "catalog":
         return Permissions((*base, *_read_stream(s), *_read_stream(h)), (inbox,))
@@ -120,8 +143,10 @@ def render_authorization(public_keys: dict[str, str], cfg: NatsConfig) -> str:
         pub = f"allow: {_conf_list(p.publish)}"
         if p.publish_deny:
             pub += f", deny: {_conf_list(p.publish_deny)}"
-        users.append(f"    # {identity}\n    {{nkey: {json.dumps(key)}, permissions: {{\n"
-                     f"      publish: {{{pub}}}\n      subscribe: {{allow: {_conf_list(p.subscribe)}}}\n    }}}}")
+        users.append(
+            f"    # {identity}\n    {{nkey: {json.dumps(key)}, permissions: {{\n"
+            f"      publish: {{{pub}}}\n      subscribe: {{allow: {_conf_list(p.subscribe)}}}\n    }}}}"
+        )
     return "authorization {\n  users = [\n" + ",\n".join(users) + "\n  ]\n}\n"
 
 
@@ -214,10 +239,14 @@ def connect_options(cfg: NatsConfig, identity: str) -> dict:
     elif cfg.allow_unauthenticated:
         logging.getLogger(__name__).warning(
             "WARNING: the NATS bus is unauthenticated (nats.allow_unauthenticated): anyone who reaches %s "
-            "can read and forge the log", cfg.url)
+            "can read and forge the log",
+            cfg.url,
+        )
     else:
-        raise NoCredentials("nats.nkey_seed_file is not set: generate credentials with `switchyard nats "
-                            "credentials`, or set nats.allow_unauthenticated = true for a throwaway dev bus")
+        raise NoCredentials(
+            "nats.nkey_seed_file is not set: generate credentials with `switchyard nats "
+            "credentials`, or set nats.allow_unauthenticated = true for a throwaway dev bus"
+        )
     if cfg.tls_ca_file or cfg.tls_cert_file or cfg.url.startswith("tls://"):
         ctx = ssl.create_default_context(cafile=cfg.tls_ca_file or None)
         if cfg.tls_cert_file:
@@ -269,8 +298,13 @@ async def declare(cfg: NatsConfig, identity: str = "admin") -> None:
         try:
             await bus.js.key_value(KV_BUCKET)
         except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
-            await bus.js.create_key_value(KeyValueConfig(
-                bucket=KV_BUCKET, history=1, replicas=cfg.replicas,
-                storage=StorageType.FILE if cfg.storage == "file" else StorageType.MEMORY))
+            await bus.js.create_key_value(
+                KeyValueConfig(
+                    bucket=KV_BUCKET,
+                    history=1,
+                    replicas=cfg.replicas,
+                    storage=StorageType.FILE if cfg.storage == "file" else StorageType.MEMORY,
+                )
+            )
     finally:
         await bus.close()

@@ -39,8 +39,10 @@ def ack_tokens(reply: str) -> tuple[int, int, int]:
 # ($JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>): groups
 # sseq, dseq, pending, header bytes (HMSG), total bytes. Anything else takes the general path.
 # (Single-character negations: sre counts those in a tight loop, ~2x faster than a class.)
-DELIVERY = re.compile(rb"H?MSG [^ ]+ 1 \$JS\.ACK\.[^.]+\.[^.]+\.\d+\.(\d+)\.(\d+)\.\d+\.(\d+)"
-                      rb" (?:(\d+) )?(\d+)\r\n")
+DELIVERY = re.compile(
+    rb"H?MSG [^ ]+ 1 \$JS\.ACK\.[^.]+\.[^.]+\.\d+\.(\d+)\.(\d+)\.\d+\.(\d+)"
+    rb" (?:(\d+) )?(\d+)\r\n"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,7 @@ class Heartbeat:
 @dataclass(frozen=True, slots=True)
 class FlowControl:
     """A message whose reply is not an ack subject: the server waits for an empty publish to it."""
+
     reply: bytes
 
 
@@ -112,13 +115,13 @@ class WireParser:
                 if end + 2 > size:
                     break
                 pos = end + 2
-                out.append((int(sseq), int(dseq), int(left), buf[start + int(headers or 0):end]))
+                out.append((int(sseq), int(dseq), int(left), buf[start + int(headers or 0) : end]))
                 continue
             eol = buf.find(b"\r\n", pos)
             if eol < 0:
                 break
             mixed = True
-            op = buf[pos:pos + 4]
+            op = buf[pos : pos + 4]
             if op == b"MSG " or op == b"HMSG":
                 args = buf[pos:eol].split()
                 start = eol + 2
@@ -132,7 +135,7 @@ class WireParser:
                 elif not args[3].startswith(ACK_PREFIX.encode()):
                     out.append(FlowControl(args[3]))
                 else:
-                    out.append((*ack_tokens(args[3].decode()), buf[start + headers:end]))
+                    out.append((*ack_tokens(args[3].decode()), buf[start + headers : end]))
                 continue
             line = buf[pos:eol]
             pos = eol + 2
@@ -160,8 +163,16 @@ def hello(info: dict[str, Any], seed: bytes | None = None) -> bytes:
     """
     if info.get("tls_required"):
         raise WireUnsupported("the server requires TLS")
-    options: dict[str, Any] = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True, "protocol": 1,
-                     "lang": "python-raw", "version": "1", "name": "switchyard-replay-reader"}
+    options: dict[str, Any] = {
+        "verbose": False,
+        "pedantic": False,
+        "headers": True,
+        "no_responders": True,
+        "protocol": 1,
+        "lang": "python-raw",
+        "version": "1",
+        "name": "switchyard-replay-reader",
+    }
     if seed is not None and info.get("nonce"):
         from shared import natsauth
 
@@ -178,6 +189,7 @@ def _error(frame: Err) -> WireError:
 @dataclass
 class Wire:
     """An open connection: its streams and the parser holding what was read past the handshake."""
+
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     parser: WireParser

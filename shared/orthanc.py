@@ -17,8 +17,9 @@ from urllib3.exceptions import HTTPError, ProtocolError
 from shared.config import NodeConfig
 
 
-def node_config(node: NodeConfig, storage_dir: Path, http_port: int,
-                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def node_config(
+    node: NodeConfig, storage_dir: Path, http_port: int, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Orthanc config for one node: takes whatever the forwarder sends, unchanged.
 
     ``overrides`` replaces top-level keys (tests: e.g. a narrower AcceptedTransferSyntaxes).
@@ -89,8 +90,12 @@ class OrthancClient:
         self.headers = urllib3.make_headers(basic_auth=f"{node.username}:{node.password}")
         self.timeout = timeout
         self._pool = urllib3.connection_from_url(
-            self.base, maxsize=POOL_SIZE, block=False, retries=False,
-            timeout=urllib3.Timeout(connect=timeout, read=timeout), headers=self.headers,
+            self.base,
+            maxsize=POOL_SIZE,
+            block=False,
+            retries=False,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            headers=self.headers,
         )
 
     def close(self) -> None:

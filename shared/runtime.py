@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run a service's main on uvloop.
 

@@ -64,4 +64,3 @@ def context_from(traceparent: str, tracestate: str = "") -> otel_context.Context
     if tracestate:
         carrier["tracestate"] = tracestate
     return _propagator.extract(carrier)
-

@@ -315,8 +315,7 @@ class LogFacts:
 
 async def _read_log(cfg: Config) -> LogFacts:
     from shared import events as ev
-    from shared import natsauth
-from shared.bus import Bus
+    from shared.bus import Bus
 
     bus = await asyncio.wait_for(Bus.connect(cfg.nats, "switchyard-chaos"), 10)
     received: Counter = Counter()

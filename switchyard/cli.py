@@ -1,14 +1,14 @@
 """The ``switchyard`` command line.
 
-  switchyard stack [--demo]   run nats-server, Orthanc nodes and the services locally
-  switchyard chaos            run the stack under faults, audit every acknowledged instance
-  switchyard demo             send the demo corpus to a running stack, print placements
-  switchyard config           print the effective configuration (secrets masked)
-  switchyard catalog rebuild  replay the log into a fresh catalog file and swap it in (service stopped)
-  switchyard probe rebuild    the same for the probe's two store files (probe stopped)
-  switchyard audit export     write the events and instances of a window as Parquet and CSV
-  switchyard nodes add|drain|undrain|remove|list   change or show membership (node.state events)
-  switchyard nats credentials|init   generate NATS nkeys (0600); declare streams and KV (admin)
+switchyard stack [--demo]   run nats-server, Orthanc nodes and the services locally
+switchyard chaos            run the stack under faults, audit every acknowledged instance
+switchyard demo             send the demo corpus to a running stack, print placements
+switchyard config           print the effective configuration (secrets masked)
+switchyard catalog rebuild  replay the log into a fresh catalog file and swap it in (service stopped)
+switchyard probe rebuild    the same for the probe's two store files (probe stopped)
+switchyard audit export     write the events and instances of a window as Parquet and CSV
+switchyard nodes add|drain|undrain|remove|list   change or show membership (node.state events)
+switchyard nats credentials|init   generate NATS nkeys (0600); declare streams and KV (admin)
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
 
-from switchyard import stack as ls
 from shared.config import Config, ConfigError, load_config
 from shared.fsmode import PRIVATE_DIR, private_dir, private_umask
 from shared.telemetry import setup_logging
+from switchyard import stack as ls
 
 if TYPE_CHECKING:
     from shared.readmodel.store import ProjectionStore
@@ -57,8 +57,9 @@ def with_data_dir(cfg: Config, data_dir: Path) -> Config:
         ingest=msgspec.structs.replace(cfg.ingest, spool_dir=under(cfg.ingest.spool_dir)),
         forwarder=msgspec.structs.replace(cfg.forwarder, scratch_dir=under(cfg.forwarder.scratch_dir)),
         catalog=msgspec.structs.replace(cfg.catalog, db_path=under(cfg.catalog.db_path)),
-        probe=msgspec.structs.replace(cfg.probe, db_path=under(cfg.probe.db_path),
-                                      catalog_db_path=under(cfg.probe.catalog_db_path)),
+        probe=msgspec.structs.replace(
+            cfg.probe, db_path=under(cfg.probe.db_path), catalog_db_path=under(cfg.probe.catalog_db_path)
+        ),
     )
 
 
@@ -76,15 +77,20 @@ def wait_delivered(cfg: Config, index: dict[str, list[str]], timeout: float, tok
     rows: list[dict] = []
     while time.monotonic() < deadline:
         try:
-            rows = [r for r in catalog_get(cfg, "/api/studies?limit=10000", token=token)
-                    if r["study_instance_uid"] in wanted]
+            rows = [
+                r
+                for r in catalog_get(cfg, "/api/studies?limit=10000", token=token)
+                if r["study_instance_uid"] in wanted
+            ]
         except (urllib.error.URLError, OSError, ValueError):
             rows = []
         done = {r["study_instance_uid"] for r in rows if r["delivered"] >= wanted[r["study_instance_uid"]]}
         if done == set(wanted):
             return rows
         time.sleep(0.25)
-    missing = sorted(set(wanted) - {r["study_instance_uid"] for r in rows if r["delivered"] >= wanted[r["study_instance_uid"]]})
+    missing = sorted(
+        set(wanted) - {r["study_instance_uid"] for r in rows if r["delivered"] >= wanted[r["study_instance_uid"]]}
+    )
     raise TimeoutError(f"{len(missing)} demo studies not fully delivered within {timeout}s")
 
 
@@ -94,15 +100,19 @@ def run_demo(cfg: Config, work_dir: Path, out: IO[str] = sys.stdout, timeout: fl
 
     corpus = work_dir / "demo-corpus"
     shutil.rmtree(corpus, ignore_errors=True)
-    files = generate_studies(corpus / "generated", studies=6, series_per_study=3, instances_per_series=4,
-                             seed=int(time.time()))
+    files = generate_studies(
+        corpus / "generated", studies=6, series_per_study=3, instances_per_series=4, seed=int(time.time())
+    )
     files += bundled_test_files(corpus / "pydicom")
     index = corpus_index(files)
-    out.write(f"demo: sending {len(files)} instances in {len(index)} studies to "
-              f"{cfg.ingest.ae_title}@127.0.0.1:{cfg.ingest.port} with DCMTK storescu\n")
+    out.write(
+        f"demo: sending {len(files)} instances in {len(index)} studies to "
+        f"{cfg.ingest.ae_title}@127.0.0.1:{cfg.ingest.port} with DCMTK storescu\n"
+    )
     started = time.monotonic()
-    result = ls.storescu("127.0.0.1", cfg.ingest.port, cfg.ingest.ae_title, [corpus],
-                         calling_ae="DEMO", extra=["+sd", "+r"])
+    result = ls.storescu(
+        "127.0.0.1", cfg.ingest.port, cfg.ingest.ae_title, [corpus], calling_ae="DEMO", extra=["+sd", "+r"]
+    )
     if result.returncode != 0:
         out.write(result.stdout[-2000:] + result.stderr[-2000:])
         raise RuntimeError(f"storescu exited with {result.returncode}")
@@ -142,8 +152,7 @@ def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
         members = ls.cluster_members(args.nats_cluster, base=ls.nats_port(cfg), monitor_base=args.nats_monitor_port)
         cfg = ls.with_cluster(cfg, members)
     config_path = ls.write_config(cfg, data_dir / "switchyard.toml")
-    sup = ls.start_stack(cfg, data_dir, config_path, args.nats_monitor_port, console, creds=creds,
-                         nats_members=members)
+    sup = ls.start_stack(cfg, data_dir, config_path, args.nats_monitor_port, console, creds=creds, nats_members=members)
     try:
         # A crashed service (or server) is started again with backoff, as compose would.
         sup.start_thread(stop)
@@ -170,10 +179,14 @@ def cmd_chaos(args: argparse.Namespace, cfg: Config) -> int:
     from switchyard import chaos
 
     try:
-        plan = chaos.Plan(instances=args.instances, senders=args.senders, faults=chaos.parse_faults(
-                              chaos.DEFAULT_FAULTS if args.faults is None else args.faults),
-                          seed=args.seed if args.seed is not None else int(time.time()),
-                          settle_timeout_s=args.settle_timeout, send_timeout_s=args.send_timeout)
+        plan = chaos.Plan(
+            instances=args.instances,
+            senders=args.senders,
+            faults=chaos.parse_faults(chaos.DEFAULT_FAULTS if args.faults is None else args.faults),
+            seed=args.seed if args.seed is not None else int(time.time()),
+            settle_timeout_s=args.settle_timeout,
+            send_timeout_s=args.send_timeout,
+        )
     except ValueError as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 2
@@ -192,7 +205,7 @@ def cmd_chaos(args: argparse.Namespace, cfg: Config) -> int:
         return 2
     if args.json:
         Path(args.json).write_text(chaos.report_json(report))
-    clean = (report.settled and not (report.lost or report.duplicated or report.split or report.dead_lettered))
+    clean = report.settled and not (report.lost or report.duplicated or report.split or report.dead_lettered)
     return 0 if clean else 1
 
 
@@ -209,8 +222,7 @@ SECRET_FIELD_WORDS = ("password", "token", "secret", "seed", "nkey", "private")
 def mask_secrets(data: object) -> object:
     """The config as builtins with every secret-named string field replaced by ``***`` (paths are kept)."""
     if isinstance(data, dict):
-        return {k: "***" if isinstance(v, str) and v and _secret_field(k) else mask_secrets(v)
-                for k, v in data.items()}
+        return {k: "***" if isinstance(v, str) and v and _secret_field(k) else mask_secrets(v) for k, v in data.items()}
     if isinstance(data, list):
         return [mask_secrets(v) for v in data]
     return data
@@ -228,9 +240,12 @@ def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _rebuild(cfg: Config, what: str,
-             jobs: list[tuple[Path, Callable[[Path], ProjectionStore], Callable[[Any], None] | None]],
-             accept_log_loss: bool = False) -> int:
+def _rebuild(
+    cfg: Config,
+    what: str,
+    jobs: list[tuple[Path, Callable[[Path], ProjectionStore], Callable[[Any], None] | None]],
+    accept_log_loss: bool = False,
+) -> int:
     """Rebuild store files from the log, each swapped in atomically: (path, store class, seed or None).
 
     Every file is checked first, so none is rebuilt while the service holds any of them.
@@ -249,17 +264,22 @@ def _rebuild(cfg: Config, what: str,
         for path, _, _ in jobs:
             ensure_unlocked(path)
         for path, store_class, seed in jobs:
-            result = asyncio.run(rebuild_file(nats_cfg, path, store_class, seed=seed,
-                                              fold_bytes=cfg.catalog.rebuild_memory_mib << 20))
+            result = asyncio.run(
+                rebuild_file(nats_cfg, path, store_class, seed=seed, fold_bytes=cfg.catalog.rebuild_memory_mib << 20)
+            )
             rate = result.events / result.seconds if result.seconds else 0.0
-            print(f"{what} rebuilt: {result.path}: {result.events} events up to sequence {result.last_seq} "
-                  f"in {result.seconds:.1f}s ({rate:.0f} events/s)")
+            print(
+                f"{what} rebuilt: {result.path}: {result.events} events up to sequence {result.last_seq} "
+                f"in {result.seconds:.1f}s ({rate:.0f} events/s)"
+            )
     except (StoreInUse, LogTruncated) as exc:
         print(f"switchyard: {exc}; {path} not changed", file=sys.stderr)
         return 1
-    except (OSError, asyncio.TimeoutError, nats.errors.Error, NoCredentials) as exc:
-        print(f"switchyard: cannot read the log from {cfg.nats.url} ({type(exc).__name__}); "
-              f"{path} not changed", file=sys.stderr)
+    except (TimeoutError, OSError, nats.errors.Error, NoCredentials) as exc:
+        print(
+            f"switchyard: cannot read the log from {cfg.nats.url} ({type(exc).__name__}); {path} not changed",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -267,20 +287,24 @@ def _rebuild(cfg: Config, what: str,
 def cmd_catalog_rebuild(args: argparse.Namespace, cfg: Config) -> int:
     from shared.readmodel.catalog import CatalogStore
 
-    return _rebuild(cfg, "catalog", [(Path(args.db or cfg.catalog.db_path), CatalogStore, None)],
-                    args.accept_log_loss)
+    return _rebuild(cfg, "catalog", [(Path(args.db or cfg.catalog.db_path), CatalogStore, None)], args.accept_log_loss)
 
 
 def cmd_probe_rebuild(args: argparse.Namespace, cfg: Config) -> int:
     """Both probe files: the verification store (node cursors carried over) and the front door's catalog."""
-    from shared.readmodel.catalog import CatalogStore
     from services.probe.store import ProbeStore
+    from shared.readmodel.catalog import CatalogStore
 
     verify_db = Path(args.db or cfg.probe.db_path)
-    return _rebuild(cfg, "probe store", [
-        (verify_db, ProbeStore, lambda store: store.carry_node_state(verify_db)),
-        (Path(args.catalog_db or cfg.probe.catalog_db_path), CatalogStore, None),
-    ], args.accept_log_loss)
+    return _rebuild(
+        cfg,
+        "probe store",
+        [
+            (verify_db, ProbeStore, lambda store: store.carry_node_state(verify_db)),
+            (Path(args.catalog_db or cfg.probe.catalog_db_path), CatalogStore, None),
+        ],
+        args.accept_log_loss,
+    )
 
 
 def cmd_audit_export(args: argparse.Namespace, cfg: Config) -> int:
@@ -291,24 +315,25 @@ def cmd_audit_export(args: argparse.Namespace, cfg: Config) -> int:
     except ExportError as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 1
-    print(f"audit export: {result.events} events, {result.instances} instances -> "
-          + ", ".join(str(f) for f in result.files))
+    print(
+        f"audit export: {result.events} events, {result.instances} instances -> "
+        + ", ".join(str(f) for f in result.files)
+    )
     return 0
 
 
 async def _nodes(args: argparse.Namespace, cfg: Config) -> int:
     """Membership changes are events in the log; every service follows them live."""
+    import asyncio
+
     from shared import membership
     from shared.bus import Bus, BusUnavailable, PublishUncertain, subject_for
     from shared.config import NodeConfig
-
-    import asyncio
-
     from shared.natsauth import NoCredentials
 
     try:
         bus = await asyncio.wait_for(Bus.connect(cfg.nats, "switchyard-cli"), 10)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         print(f"switchyard: NATS not reachable at {cfg.nats.url}", file=sys.stderr)
         return 1
     except NoCredentials as exc:
@@ -337,8 +362,14 @@ async def _nodes(args: argparse.Namespace, cfg: Config) -> int:
                 print(f"switchyard: node {args.node_id} exists (remove it first)", file=sys.stderr)
                 return 1
             try:
-                node = NodeConfig(id=args.node_id, host=args.host, dicom_port=args.dicom_port, ae_title=args.ae_title,
-                                  rest_url=args.rest_url, username=args.username or cfg.node_credentials.username)
+                node = NodeConfig(
+                    id=args.node_id,
+                    host=args.host,
+                    dicom_port=args.dicom_port,
+                    ae_title=args.ae_title,
+                    rest_url=args.rest_url,
+                    username=args.username or cfg.node_credentials.username,
+                )
                 event = membership.transition(member, args.node_id, state, args.reason, node)
                 subject_for(event)  # the node id must be a subject token
             except ValueError as exc:
@@ -365,10 +396,15 @@ def cmd_nats_credentials(args: argparse.Namespace, cfg: Config) -> int:
     from shared import natsauth
 
     creds = natsauth.generate(Path(args.out), cfg.nats, keep=not args.rotate)
-    print(f"nats credentials in {creds.directory} (seeds 0600): "
-          + ", ".join(f"{i}.nk" for i in creds.public_keys) + f"; server include {creds.auth_conf}")
-    print("point each process at its own seed: nats.nkey_seed_file = "
-          f"\"{creds.seed_template}\" (or SWITCHYARD_NATS__NKEY_SEED_FILE)")
+    print(
+        f"nats credentials in {creds.directory} (seeds 0600): "
+        + ", ".join(f"{i}.nk" for i in creds.public_keys)
+        + f"; server include {creds.auth_conf}"
+    )
+    print(
+        "point each process at its own seed: nats.nkey_seed_file = "
+        f'"{creds.seed_template}" (or SWITCHYARD_NATS__NKEY_SEED_FILE)'
+    )
     return 0
 
 
@@ -382,12 +418,12 @@ def cmd_nats_init(args: argparse.Namespace, cfg: Config) -> int:
 
     try:
         asyncio.run(asyncio.wait_for(natsauth.declare(cfg.nats), 30))
-    except (OSError, asyncio.TimeoutError, nats.errors.Error, natsauth.NoCredentials) as exc:
-        print(f"switchyard: cannot declare the streams on {cfg.nats.url} ({type(exc).__name__}: {exc})",
-              file=sys.stderr)
+    except (TimeoutError, OSError, nats.errors.Error, natsauth.NoCredentials) as exc:
+        print(
+            f"switchyard: cannot declare the streams on {cfg.nats.url} ({type(exc).__name__}: {exc})", file=sys.stderr
+        )
         return 1
-    print(f"nats: streams {cfg.nats.events_stream}, {cfg.nats.heartbeats_stream} and KV "
-          f"{natsauth.KV_BUCKET} declared")
+    print(f"nats: streams {cfg.nats.events_stream}, {cfg.nats.heartbeats_stream} and KV {natsauth.KV_BUCKET} declared")
     return 0
 
 
@@ -397,8 +433,10 @@ def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
     return asyncio.run(_nodes(args, cfg))
 
 
-ACCEPT_LOSS_HELP = ("rebuild from what the log still holds even if it was purged or truncated "
-                    "(events before its first sequence are lost); without it such a rebuild stops with an error")
+ACCEPT_LOSS_HELP = (
+    "rebuild from what the log still holds even if it was purged or truncated "
+    "(events before its first sequence are lost); without it such a rebuild stops with an error"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,18 +448,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-after-demo", action="store_true", help="stop after the demo (for scripts)")
     p.add_argument("--data-dir", default="var", help="where servers keep their data (default ./var)")
     p.add_argument("--nats-monitor-port", type=int, default=8222)
-    p.add_argument("--nats-cluster", type=int, default=1, metavar="N",
-                   help="run N nats-servers as one JetStream cluster on loopback, streams replicated (R3)")
+    p.add_argument(
+        "--nats-cluster",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N nats-servers as one JetStream cluster on loopback, streams replicated (R3)",
+    )
     p.set_defaults(func=cmd_stack)
-    p = sub.add_parser("chaos", help="run the stack under faults while senders send, then audit every "
-                                     "acknowledged instance (exit 1 if anything is lost, duplicated, split "
-                                     "or dead-lettered)")
+    p = sub.add_parser(
+        "chaos",
+        help="run the stack under faults while senders send, then audit every "
+        "acknowledged instance (exit 1 if anything is lost, duplicated, split "
+        "or dead-lettered)",
+    )
     p.add_argument("--instances", type=int, default=2000)
     p.add_argument("--senders", type=int, default=3, help="concurrent DCMTK storescu senders")
-    p.add_argument("--faults", default=None, help="comma-separated kill|term|stop:TARGET@N[%%][+DURATION]: N seconds "
-                                                  "after the senders start, or N percent of the corpus "
-                                                  "acknowledged, e.g. kill:ingest@5,term:nats@30%%,stop:node2@40+30; "
-                                                  "'' for none (default: issue #13's schedule)")
+    p.add_argument(
+        "--faults",
+        default=None,
+        help="comma-separated kill|term|stop:TARGET@N[%%][+DURATION]: N seconds "
+        "after the senders start, or N percent of the corpus "
+        "acknowledged, e.g. kill:ingest@5,term:nats@30%%,stop:node2@40+30; "
+        "'' for none (default: issue #13's schedule)",
+    )
     p.add_argument("--seed", type=int, help="corpus seed (default: the time, so UIDs are new)")
     p.add_argument("--data-dir", default="var/chaos", help="a fresh directory per run is best")
     p.add_argument("--settle-timeout", type=float, default=600.0)
@@ -437,24 +487,33 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_config)
     p = sub.add_parser("catalog", help="catalog maintenance")
     catalog_sub = p.add_subparsers(dest="catalog_command", required=True)
-    p = catalog_sub.add_parser("rebuild", help="replay the log from sequence 1 into a fresh file and swap it in; "
-                                              "refuses while the catalog service holds the file")
+    p = catalog_sub.add_parser(
+        "rebuild",
+        help="replay the log from sequence 1 into a fresh file and swap it in; "
+        "refuses while the catalog service holds the file",
+    )
     p.add_argument("--db", help="catalog DuckDB file (default: catalog.db_path)")
     p.add_argument("--accept-log-loss", action="store_true", help=ACCEPT_LOSS_HELP)
     p.set_defaults(func=cmd_catalog_rebuild)
     p = sub.add_parser("probe", help="probe maintenance")
     probe_sub = p.add_subparsers(dest="probe_command", required=True)
-    p = probe_sub.add_parser("rebuild", help="replay the log into fresh probe store files (verification store "
-                                            "and Q/R front door catalog) and swap them in; refuses while the "
-                                            "probe service holds them")
+    p = probe_sub.add_parser(
+        "rebuild",
+        help="replay the log into fresh probe store files (verification store "
+        "and Q/R front door catalog) and swap them in; refuses while the "
+        "probe service holds them",
+    )
     p.add_argument("--db", help="verification DuckDB file (default: probe.db_path)")
     p.add_argument("--catalog-db", help="front door DuckDB file (default: probe.catalog_db_path)")
     p.add_argument("--accept-log-loss", action="store_true", help=ACCEPT_LOSS_HELP)
     p.set_defaults(func=cmd_probe_rebuild)
     p = sub.add_parser("audit", help="audit exports")
     audit_sub = p.add_subparsers(dest="audit_command", required=True)
-    p = audit_sub.add_parser("export", help="events and instances of [since, until) as Parquet and CSV "
-                                            "(reads the catalog file; stop the catalog service first)")
+    p = audit_sub.add_parser(
+        "export",
+        help="events and instances of [since, until) as Parquet and CSV "
+        "(reads the catalog file; stop the catalog service first)",
+    )
     p.add_argument("--since", required=True, help="ISO 8601 date or date-time, UTC unless a zone is given")
     p.add_argument("--until", required=True, help="ISO 8601 date or date-time (exclusive)")
     p.add_argument("--out", required=True, help="output directory")
@@ -462,8 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_audit_export)
     p = sub.add_parser("nats", help="NATS credentials and stream declaration")
     nats_sub = p.add_subparsers(dest="nats_command", required=True)
-    q = nats_sub.add_parser("credentials", help="write one nkey seed per identity (0600) and the server's "
-                                                "authorization include (public keys only)")
+    q = nats_sub.add_parser(
+        "credentials",
+        help="write one nkey seed per identity (0600) and the server's authorization include (public keys only)",
+    )
     q.add_argument("--out", required=True, help="directory (created 0700)")
     q.add_argument("--rotate", action="store_true", help="new seeds even where one exists")
     q.set_defaults(func=cmd_nats_credentials)
@@ -477,11 +538,17 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--dicom-port", type=int, required=True)
     q.add_argument("--ae-title", required=True)
     q.add_argument("--rest-url", required=True)
-    q.add_argument("--username", help="REST user (default: node_credentials.username); the password "
-                                      "comes from config (node_credentials), never from the log")
+    q.add_argument(
+        "--username",
+        help="REST user (default: node_credentials.username); the password "
+        "comes from config (node_credentials), never from the log",
+    )
     q.add_argument("--reason", default="added from the command line")
-    for action, text in (("drain", "no new placements"), ("undrain", "take new placements again"),
-                         ("remove", "leave the pool; its backlog is placed elsewhere")):
+    for action, text in (
+        ("drain", "no new placements"),
+        ("undrain", "take new placements again"),
+        ("remove", "leave the pool; its backlog is placed elsewhere"),
+    ):
         q = nsub.add_parser(action, help=text)
         q.add_argument("node_id")
         q.add_argument("--reason", default=f"{action} from the command line")

@@ -61,8 +61,9 @@ def _uid(seed: int, *parts: object) -> str:
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
-def _instance(*, seed: int, study: int, series: int, instance: int, rows: int, cols: int,
-              uids: dict[str, str]) -> Dataset:
+def _instance(
+    *, seed: int, study: int, series: int, instance: int, rows: int, cols: int, uids: dict[str, str]
+) -> Dataset:
     """One CT or MR image with every identifying tag a router looks at, all obviously fake."""
     is_ct = study % 2 == 0
     study_rng = random.Random(f"{_UID_NAMESPACE}:{seed}:{study}")
@@ -136,9 +137,15 @@ def _instance(*, seed: int, study: int, series: int, instance: int, rows: int, c
     return ds
 
 
-def generate_studies(dest: Path, studies: int = 4, series_per_study: int = 3,
-                     instances_per_series: int = 4, seed: int = 0, rows: int = 64,
-                     cols: int = 64) -> list[Path]:
+def generate_studies(
+    dest: Path,
+    studies: int = 4,
+    series_per_study: int = 3,
+    instances_per_series: int = 4,
+    seed: int = 0,
+    rows: int = 64,
+    cols: int = 64,
+) -> list[Path]:
     """Write synthetic CT/MR studies as DICOM Part 10 files under dest/<study>/<series>/<n>.dcm.
 
     Everything is derived from ``seed``: the same seed writes byte-identical
@@ -154,8 +161,9 @@ def generate_studies(dest: Path, studies: int = 4, series_per_study: int = 3,
             series_dir = dest / str(study) / str(series)
             series_dir.mkdir(parents=True, exist_ok=True)
             for instance in range(instances_per_series):
-                ds = _instance(seed=seed, study=study, series=series, instance=instance,
-                               rows=rows, cols=cols, uids=uids)
+                ds = _instance(
+                    seed=seed, study=study, series=series, instance=instance, rows=rows, cols=cols, uids=uids
+                )
                 path = series_dir / f"{instance}.dcm"
                 ds.save_as(path, enforce_file_format=True)
                 written.append(path)
@@ -184,8 +192,7 @@ def _storable_sop_instance(path: Path, any_transfer_syntax: bool = False) -> str
             # Some candidates are deliberately malformed; they are judged below, not reported.
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError,
-            NotImplementedError):
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError, NotImplementedError):
         return None
     meta = getattr(ds, "file_meta", None)
     if meta is None:
@@ -240,8 +247,7 @@ def corpus_index(paths: Iterable[Path]) -> dict[str, list[str]]:
     """StudyInstanceUID -> sorted SOP Instance UIDs: what a node should hold once all is routed."""
     index: dict[str, list[str]] = {}
     for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True,
-                             specific_tags=["StudyInstanceUID", "SOPInstanceUID"])
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SOPInstanceUID"])
         index.setdefault(str(ds.StudyInstanceUID), []).append(str(ds.SOPInstanceUID))
     return {study: sorted(sops) for study, sops in sorted(index.items())}
 
@@ -259,10 +265,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-bundled", action="store_true", help="leave out pydicom's test files")
     args = p.parse_args(argv)
 
-    files = generate_studies(args.dest / "generated", studies=args.studies,
-                             series_per_study=args.series_per_study,
-                             instances_per_series=args.instances_per_series,
-                             seed=args.seed, rows=args.rows, cols=args.cols)
+    files = generate_studies(
+        args.dest / "generated",
+        studies=args.studies,
+        series_per_study=args.series_per_study,
+        instances_per_series=args.instances_per_series,
+        seed=args.seed,
+        rows=args.rows,
+        cols=args.cols,
+    )
     if not args.no_bundled:
         files += bundled_test_files(args.dest / "pydicom")
     index = corpus_index(files)

@@ -30,8 +30,8 @@ from urllib.parse import urlparse
 
 import msgspec
 
-from shared.config import CatalogToken, Config, NodeConfig, QRPeer, dump_toml
 from shared import natsauth
+from shared.config import CatalogToken, Config, NodeConfig, QRPeer, dump_toml
 from shared.fsmode import PRIVATE_UMASK, open_private_append, private_dir, write_private
 from shared.orthanc import OrthancClient, OrthancError, node_config
 
@@ -134,16 +134,30 @@ def _pump(prefix: str, stream: IO[bytes], sink: IO[str]) -> None:
         sink.flush()
 
 
-def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path | None,
-          console: IO[str] | None = None, cwd: Path | None = None) -> Proc:
+def spawn(
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    log_path: Path | None,
+    console: IO[str] | None = None,
+    cwd: Path | None = None,
+) -> Proc:
     """Start a process whose output goes to a log file, or to the console with a name prefix.
 
     Each child gets its own session: Ctrl-C reaches only the supervisor, which
     then stops services before the servers they depend on.
     """
     if console is not None:
-        popen = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, start_new_session=True, umask=PRIVATE_UMASK)
+        popen = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            umask=PRIVATE_UMASK,
+        )
         t = threading.Thread(target=_pump, args=(f"{name:>10}", popen.stdout, console), daemon=True)
         t.start()
         return Proc(name, popen, [t])
@@ -151,8 +165,16 @@ def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path | None
     # Owner-only: the child's files (nats-server's store, Orthanc's storage, DuckDB) and its log.
     log = open_private_append(log_path)
     try:
-        popen = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                 start_new_session=True, umask=PRIVATE_UMASK)
+        popen = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            umask=PRIVATE_UMASK,
+        )
     finally:
         os.close(log)
     return Proc(name, popen)
@@ -162,8 +184,16 @@ def nats_port(cfg: Config) -> int:
     return urlparse(cfg.nats.url).port or 4222
 
 
-def start_nats(cfg: Config, data_dir: Path, monitor_port: int, console: IO[str] | None = None,
-               timeout: float = 30.0, sync_always: bool = True, extra_conf: str = "", wait: bool = True) -> Proc:
+def start_nats(
+    cfg: Config,
+    data_dir: Path,
+    monitor_port: int,
+    console: IO[str] | None = None,
+    timeout: float = 30.0,
+    sync_always: bool = True,
+    extra_conf: str = "",
+    wait: bool = True,
+) -> Proc:
     """``extra_conf``: more server config (shared.natsauth.server_conf: the auth include, tls)."""
     store = private_dir(data_dir / "nats")
     # One server, no replicas: a PubAck must mean "on disk", or a power cut could
@@ -171,14 +201,30 @@ def start_nats(cfg: Config, data_dir: Path, monitor_port: int, console: IO[str] 
     conf = data_dir / "nats.conf"
     # (sync_always=False: JetStream's default, every 2 minutes; benchmarks use it to show what fsync costs.)
     sync = "always" if sync_always else '"2m"'
-    write_private(conf, f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: {sync}\n}}\n"
-                  f"{extra_conf}".encode())
-    argv = [str(VENV_BIN / "nats-server"), "-c", str(conf), "-a", "127.0.0.1", "-p", str(nats_port(cfg)),
-            "-m", str(monitor_port), "-n", "switchyard-local"]
+    write_private(
+        conf, f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: {sync}\n}}\n{extra_conf}".encode()
+    )
+    argv = [
+        str(VENV_BIN / "nats-server"),
+        "-c",
+        str(conf),
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(nats_port(cfg)),
+        "-m",
+        str(monitor_port),
+        "-n",
+        "switchyard-local",
+    ]
     proc = spawn("nats", argv, dict(os.environ), data_dir / "logs" / "nats.log", console)
     if wait:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"),
-                   timeout, "nats-server", proc.popen)
+        wait_until(
+            lambda: http_ok(f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"),
+            timeout,
+            "nats-server",
+            proc.popen,
+        )
     return proc
 
 
@@ -196,8 +242,9 @@ class NatsMember:
         return f"nats://127.0.0.1:{self.port}"
 
 
-def cluster_members(n: int, ports: Callable[[], int] | None = None, base: int = 4222,
-                    cluster_base: int = 6222, monitor_base: int = 8222) -> list[NatsMember]:
+def cluster_members(
+    n: int, ports: Callable[[], int] | None = None, base: int = 4222, cluster_base: int = 6222, monitor_base: int = 8222
+) -> list[NatsMember]:
     """``n`` members on loopback: fixed ports from the bases (the local stack) or from ``ports()`` (tests)."""
     if ports is not None:
         return [NatsMember(f"switchyard-{i + 1}", ports(), ports(), ports()) for i in range(n)]
@@ -208,8 +255,9 @@ def with_cluster(cfg: Config, members: list[NatsMember]) -> Config:
     """``cfg`` pointing its clients at every member, with streams and KV replicated on up to 3 of them."""
     import msgspec
 
-    nats = msgspec.structs.replace(cfg.nats, url=members[0].url, servers=[m.url for m in members[1:]],
-                                   replicas=min(3, len(members)))
+    nats = msgspec.structs.replace(
+        cfg.nats, url=members[0].url, servers=[m.url for m in members[1:]], replicas=min(3, len(members))
+    )
     return msgspec.structs.replace(cfg, nats=nats)
 
 
@@ -221,42 +269,75 @@ def route_password(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def cluster_conf(member: NatsMember, members: list[NatsMember], store: Path, password: str,
-                 sync_always: bool = True) -> str:
+def cluster_conf(
+    member: NatsMember, members: list[NatsMember], store: Path, password: str, sync_always: bool = True
+) -> str:
     """One member's config (without the auth/tls lines): JetStream, and routes authenticated by password."""
     sync = "always" if sync_always else '"2m"'
-    routes = ", ".join(json.dumps(f"nats-route://route:{password}@127.0.0.1:{m.cluster_port}")
-                       for m in members if m != member)
-    return (f"server_name: {json.dumps(member.name)}\n"
-            f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: {sync}\n}}\n"
-            f"cluster {{\n  name: \"switchyard\"\n  listen: \"127.0.0.1:{member.cluster_port}\"\n"
-            f"  authorization {{ user: \"route\", password: {json.dumps(password)} }}\n"
-            f"  routes: [{routes}]\n}}\n")
+    routes = ", ".join(
+        json.dumps(f"nats-route://route:{password}@127.0.0.1:{m.cluster_port}") for m in members if m != member
+    )
+    return (
+        f"server_name: {json.dumps(member.name)}\n"
+        f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: {sync}\n}}\n"
+        f'cluster {{\n  name: "switchyard"\n  listen: "127.0.0.1:{member.cluster_port}"\n'
+        f'  authorization {{ user: "route", password: {json.dumps(password)} }}\n'
+        f"  routes: [{routes}]\n}}\n"
+    )
 
 
-def start_nats_member(member: NatsMember, members: list[NatsMember], data_dir: Path,
-                      console: IO[str] | None = None, timeout: float = 30.0, sync_always: bool = True,
-                      extra_conf: str = "", wait: bool = True) -> Proc:
+def start_nats_member(
+    member: NatsMember,
+    members: list[NatsMember],
+    data_dir: Path,
+    console: IO[str] | None = None,
+    timeout: float = 30.0,
+    sync_always: bool = True,
+    extra_conf: str = "",
+    wait: bool = True,
+) -> Proc:
     """Start (or restart, on its same store) one cluster member; ``wait``: until it serves clients."""
     store = data_dir / "nats" / member.name
     store.mkdir(parents=True, exist_ok=True)
     conf = data_dir / f"nats-{member.name}.conf"
-    write_private(conf, (cluster_conf(member, members, store, route_password(data_dir), sync_always)
-                         + extra_conf).encode())
-    argv = [str(VENV_BIN / "nats-server"), "-c", str(conf), "-a", "127.0.0.1", "-p", str(member.port),
-            "-m", str(member.monitor_port)]
+    write_private(
+        conf, (cluster_conf(member, members, store, route_password(data_dir), sync_always) + extra_conf).encode()
+    )
+    argv = [
+        str(VENV_BIN / "nats-server"),
+        "-c",
+        str(conf),
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(member.port),
+        "-m",
+        str(member.monitor_port),
+    ]
     proc = spawn(f"nats-{member.name}", argv, dict(os.environ), data_dir / "logs" / f"{member.name}.log", console)
     if wait:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{member.monitor_port}/healthz?js-enabled-only=true"),
-                   timeout, f"nats-server {member.name}", proc.popen)
+        wait_until(
+            lambda: http_ok(f"http://127.0.0.1:{member.monitor_port}/healthz?js-enabled-only=true"),
+            timeout,
+            f"nats-server {member.name}",
+            proc.popen,
+        )
     return proc
 
 
-def start_nats_cluster(members: list[NatsMember], data_dir: Path, console: IO[str] | None = None,
-                       timeout: float = 60.0, sync_always: bool = True, extra_conf: str = "") -> list[Proc]:
+def start_nats_cluster(
+    members: list[NatsMember],
+    data_dir: Path,
+    console: IO[str] | None = None,
+    timeout: float = 60.0,
+    sync_always: bool = True,
+    extra_conf: str = "",
+) -> list[Proc]:
     """Start every member, then wait until the cluster has a JetStream meta leader (streams can be declared)."""
-    procs = [start_nats_member(m, members, data_dir, console, timeout, sync_always, extra_conf, wait=False)
-             for m in members]
+    procs = [
+        start_nats_member(m, members, data_dir, console, timeout, sync_always, extra_conf, wait=False) for m in members
+    ]
+
     def serving(m: NatsMember) -> Callable[[], bool]:
         return lambda: http_ok(f"http://127.0.0.1:{m.monitor_port}/healthz?js-enabled-only=true")
 
@@ -280,8 +361,14 @@ def orthanc_http_port(node: NodeConfig) -> int:
     return urlparse(node.rest_url).port or 8042
 
 
-def start_orthanc(node: NodeConfig, data_dir: Path, console: IO[str] | None = None,
-                  timeout: float = 60.0, overrides: dict | None = None, wait: bool = True) -> Proc:
+def start_orthanc(
+    node: NodeConfig,
+    data_dir: Path,
+    console: IO[str] | None = None,
+    timeout: float = 60.0,
+    overrides: dict | None = None,
+    wait: bool = True,
+) -> Proc:
     home = data_dir / "orthanc" / node.id
     storage = private_dir(home / "storage")
     config_path = home / "orthanc.json"  # holds the node's REST passwords
@@ -335,8 +422,10 @@ def catalog_credentials(cfg: Config, data_dir: Path) -> tuple[Config, Path]:
             json.dump(tokens, f)
         os.replace(tmp, path)
     os.chmod(path, 0o600)
-    local = [CatalogToken(name=f"local-{role}", role=role, sha256=hashlib.sha256(tokens[role].encode()).hexdigest())
-             for role in ("operator", "viewer")]
+    local = [
+        CatalogToken(name=f"local-{role}", role=role, sha256=hashlib.sha256(tokens[role].encode()).hexdigest())
+        for role in ("operator", "viewer")
+    ]
     kept = [t for t in cfg.catalog.tokens if t.name not in {t.name for t in local}]
     return msgspec.structs.replace(cfg, catalog=msgspec.structs.replace(cfg.catalog, tokens=kept + local)), path
 
@@ -354,8 +443,10 @@ def open_dev_qr(cfg: Config, out: IO[str]) -> Config:
     if p.qr_peers or p.qr_allowed_calling_aes or p.qr_allowed_peers:
         return cfg
     peer = QRPeer(ae=DEV_QR_AE, host="127.0.0.1", rights=["find", "retrieve"])
-    out.write(f"switchyard: dev stack: Q/R front door {p.qr_ae_title}@{p.qr_host}:{p.qr_port} opened to calling AE"
-              f" {DEV_QR_AE} from 127.0.0.1 (find + retrieve); set probe.qr_peers to choose peers\n")
+    out.write(
+        f"switchyard: dev stack: Q/R front door {p.qr_ae_title}@{p.qr_host}:{p.qr_port} opened to calling AE"
+        f" {DEV_QR_AE} from 127.0.0.1 (find + retrieve); set probe.qr_peers to choose peers\n"
+    )
     return msgspec.structs.replace(cfg, probe=msgspec.structs.replace(p, qr_peers=[peer]))
 
 
@@ -368,26 +459,60 @@ def metrics_port(cfg: Config, service: str) -> int:
     return getattr(cfg, service).metrics_port
 
 
-def start_service(service: str, cfg: Config, config_path: Path, data_dir: Path,
-                  console: IO[str] | None = None, timeout: float = 60.0, cwd: Path | None = None,
-                  wait: bool = True) -> Proc:
+def start_service(
+    service: str,
+    cfg: Config,
+    config_path: Path,
+    data_dir: Path,
+    console: IO[str] | None = None,
+    timeout: float = 60.0,
+    cwd: Path | None = None,
+    wait: bool = True,
+) -> Proc:
     """Run ``python -m services.<service>``; ready once its metrics endpoint answers."""
     env = {**os.environ, "SWITCHYARD_CONFIG": str(config_path), "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = spawn(service, [sys.executable, "-m", f"services.{service}"], env,
-                 data_dir / "logs" / f"{service}.log", console, cwd=cwd)
+    proc = spawn(
+        service,
+        [sys.executable, "-m", f"services.{service}"],
+        env,
+        data_dir / "logs" / f"{service}.log",
+        console,
+        cwd=cwd,
+    )
     port = metrics_port(cfg, service)
     if wait:
-        wait_until(lambda: http_ok(f"http://{cfg.telemetry.metrics_host}:{port}/metrics"), timeout,
-                   f"service {service}", proc.popen)
+        wait_until(
+            lambda: http_ok(f"http://{cfg.telemetry.metrics_host}:{port}/metrics"),
+            timeout,
+            f"service {service}",
+            proc.popen,
+        )
     return proc
 
 
-def storescu(host: str, port: int, called_ae: str, paths: list[Path], calling_ae: str = "STORESCU",
-             timeout: float = 300.0, extra: list[str] | None = None) -> subprocess.CompletedProcess:
+def storescu(
+    host: str,
+    port: int,
+    called_ae: str,
+    paths: list[Path],
+    calling_ae: str = "STORESCU",
+    timeout: float = 300.0,
+    extra: list[str] | None = None,
+) -> subprocess.CompletedProcess:
     """Send files with DCMTK storescu, proposing each file's own transfer syntax (-R)."""
-    argv = [str(DCMTK_BIN / "storescu"), "-aet", calling_ae, "-aec", called_ae, "-R", *(extra or []),
-            host, str(port), *map(str, paths)]
+    argv = [
+        str(DCMTK_BIN / "storescu"),
+        "-aet",
+        calling_ae,
+        "-aec",
+        called_ae,
+        "-R",
+        *(extra or []),
+        host,
+        str(port),
+        *map(str, paths),
+    ]
     return subprocess.run(argv, env=dicom_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -399,8 +524,14 @@ def tcp_accepts(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def start_storescp(port: int, out_dir: Path, log_path: Path, ae_title: str = "STORESCP",
-                   timeout: float = 15.0, extra: list[str] | None = None) -> Proc:
+def start_storescp(
+    port: int,
+    out_dir: Path,
+    log_path: Path,
+    ae_title: str = "STORESCP",
+    timeout: float = 15.0,
+    extra: list[str] | None = None,
+) -> Proc:
     """DCMTK storescp writing every received object to out_dir, accepting all transfer syntaxes."""
     private_dir(out_dir)
     argv = [str(DCMTK_BIN / "storescp"), "-aet", ae_title, "-od", str(out_dir), "+xa", *(extra or []), str(port)]
@@ -495,8 +626,10 @@ class Supervisor:
                     self._failures[name] = n + 1
                     self._due[name] = now + delay
                     self.restarts.append((time.time(), name, proc.popen.returncode))
-                    self._log.write(f"switchyard: {name} exited with code {proc.popen.returncode}; "
-                                    f"restarting in {delay:g}s (restart {n + 1})\n")
+                    self._log.write(
+                        f"switchyard: {name} exited with code {proc.popen.returncode}; "
+                        f"restarting in {delay:g}s (restart {n + 1})\n"
+                    )
                     self._log.flush()
                 elif now >= self._due[name]:
                     del self._due[name]
@@ -524,10 +657,16 @@ class Supervisor:
         stop_all(procs, timeout)
 
 
-def start_stack(cfg: Config, data_dir: Path, config_path: Path, monitor_port: int,
-                console: IO[str] | None = None, log: IO[str] = sys.stderr,
-                creds: natsauth.Credentials | None = None,
-                nats_members: list[NatsMember] | None = None) -> Supervisor:
+def start_stack(
+    cfg: Config,
+    data_dir: Path,
+    config_path: Path,
+    monitor_port: int,
+    console: IO[str] | None = None,
+    log: IO[str] = sys.stderr,
+    creds: natsauth.Credentials | None = None,
+    nats_members: list[NatsMember] | None = None,
+) -> Supervisor:
     """NATS, the nodes and the five services under one supervisor (its loop not yet running).
 
     ``creds`` (natsauth.secure_local): NATS runs with that authorization block, and the
@@ -538,11 +677,16 @@ def start_stack(cfg: Config, data_dir: Path, config_path: Path, monitor_port: in
     try:
         if nats_members:  # a local JetStream cluster: each member supervised on its own
             for member in nats_members:
-                sup.add(member.name, lambda wait, m=member: start_nats_member(
-                    m, nats_members, data_dir, console, extra_conf=extra_conf, wait=wait))
+                sup.add(
+                    member.name,
+                    lambda wait, m=member: start_nats_member(
+                        m, nats_members, data_dir, console, extra_conf=extra_conf, wait=wait
+                    ),
+                )
         else:
-            sup.add("nats", lambda wait: start_nats(cfg, data_dir, monitor_port, console, extra_conf=extra_conf,
-                                                    wait=wait))
+            sup.add(
+                "nats", lambda wait: start_nats(cfg, data_dir, monitor_port, console, extra_conf=extra_conf, wait=wait)
+            )
         asyncio.run(natsauth.declare(cfg.nats))  # the admin step (idempotent)
         for node in cfg.nodes:
             sup.add(node.id, functools.partial(_start_node, node, data_dir, console))
@@ -558,6 +702,7 @@ def _start_node(node: NodeConfig, data_dir: Path, console: IO[str] | None, wait:
     return start_orthanc(node, data_dir, console, wait=wait)
 
 
-def _start_service(service: str, cfg: Config, config_path: Path, data_dir: Path, console: IO[str] | None,
-                   wait: bool) -> Proc:
+def _start_service(
+    service: str, cfg: Config, config_path: Path, data_dir: Path, console: IO[str] | None, wait: bool
+) -> Proc:
     return start_service(service, cfg, config_path, data_dir, console, wait=wait)

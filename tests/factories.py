@@ -20,45 +20,95 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 def received(n: int, study: str = "1.2.9") -> ev.InstanceReceivedV1:
     return ev.InstanceReceivedV1(
-        event_id=f"r{n}", sop_instance_uid=f"1.2.9.{n}", sop_class_uid=CT,
-        study_instance_uid=study, series_instance_uid=f"{study}.1", transfer_syntax_uid=EXPLICIT_LE,
-        blob_key=f"sha256/00/{n:064x}", size=100 + n, dataset_digest=f"{n:064x}", modality="CT",
+        event_id=f"r{n}",
+        sop_instance_uid=f"1.2.9.{n}",
+        sop_class_uid=CT,
+        study_instance_uid=study,
+        series_instance_uid=f"{study}.1",
+        transfer_syntax_uid=EXPLICIT_LE,
+        blob_key=f"sha256/00/{n:064x}",
+        size=100 + n,
+        dataset_digest=f"{n:064x}",
+        modality="CT",
         patient_id="DEMO01",
     )
 
 
 def placed(n: int, node: str, attempt: int = 0) -> ev.InstancePlacedV1:
     return ev.InstancePlacedV1(
-        event_id=f"p{n}-{attempt}", sop_instance_uid=f"1.2.9.{n}", study_instance_uid="1.2.9",
-        sop_class_uid=CT, transfer_syntax_uid=EXPLICIT_LE,
-        blob_key="k", dataset_digest="d", node_id=node, reason=ev.PlacementReason.NEW_STUDY, attempt=attempt,
+        event_id=f"p{n}-{attempt}",
+        sop_instance_uid=f"1.2.9.{n}",
+        study_instance_uid="1.2.9",
+        sop_class_uid=CT,
+        transfer_syntax_uid=EXPLICIT_LE,
+        blob_key="k",
+        dataset_digest="d",
+        node_id=node,
+        reason=ev.PlacementReason.NEW_STUDY,
+        attempt=attempt,
     )
 
 
 def forwarded(n: int, node: str, attempt: int = 0) -> ev.InstanceForwardedV1:
-    return ev.InstanceForwardedV1(event_id=f"f{n}-{attempt}", sop_instance_uid=f"1.2.9.{n}",
-                                  study_instance_uid="1.2.9", node_id=node, placement_id=f"p{n}-{attempt}")
+    return ev.InstanceForwardedV1(
+        event_id=f"f{n}-{attempt}",
+        sop_instance_uid=f"1.2.9.{n}",
+        study_instance_uid="1.2.9",
+        node_id=node,
+        placement_id=f"p{n}-{attempt}",
+    )
 
 
 def fanned_out(n: int, node: str, pool: str, attempt: int = 0) -> ev.InstancePlacedV1:
     """A placement made by a routing rule that sends the instance to several pools."""
-    return msgspec.structs.replace(placed(n, node, attempt), event_id=f"p{n}-{pool}-{attempt}", pool=pool,
-                                   rule="both", reason=ev.PlacementReason.RULE)
+    return msgspec.structs.replace(
+        placed(n, node, attempt),
+        event_id=f"p{n}-{pool}-{attempt}",
+        pool=pool,
+        rule="both",
+        reason=ev.PlacementReason.RULE,
+    )
 
 
 def verification_failed(n: int, node: str, attempt: int = 0) -> ev.InstanceVerificationFailedV1:
     return ev.InstanceVerificationFailedV1(
-        event_id=f"vf{n}-{attempt}", sop_instance_uid=f"1.2.9.{n}", study_instance_uid="1.2.9", node_id=node,
-        placement_id=f"p{n}-{attempt}", reason="dataset digest mismatch", expected_digest="a", found_digest="b")
+        event_id=f"vf{n}-{attempt}",
+        sop_instance_uid=f"1.2.9.{n}",
+        study_instance_uid="1.2.9",
+        node_id=node,
+        placement_id=f"p{n}-{attempt}",
+        reason="dataset digest mismatch",
+        expected_digest="a",
+        found_digest="b",
+    )
 
 
 def log_of_two() -> list[tuple[int, ev.AnyEvent]]:
     """Two instances: one forwarded, one refused and dead-lettered."""
-    events: list[ev.AnyEvent] = [received(1), received(2), placed(1, "node1"), placed(2, "node1"), forwarded(1, "node1"),
-              ev.InstanceForwardFailedV1(event_id="x", sop_instance_uid="1.2.9.2", study_instance_uid="1.2.9",
-                                         node_id="node1", placement_id="p2-0", reason="refused", permanent=True),
-              ev.InstanceDeadLetteredV1(event_id="y", sop_instance_uid="1.2.9.2", study_instance_uid="1.2.9",
-                                        node_id="node1", placement_id="p2-0", reason="refused after 1")]
+    events: list[ev.AnyEvent] = [
+        received(1),
+        received(2),
+        placed(1, "node1"),
+        placed(2, "node1"),
+        forwarded(1, "node1"),
+        ev.InstanceForwardFailedV1(
+            event_id="x",
+            sop_instance_uid="1.2.9.2",
+            study_instance_uid="1.2.9",
+            node_id="node1",
+            placement_id="p2-0",
+            reason="refused",
+            permanent=True,
+        ),
+        ev.InstanceDeadLetteredV1(
+            event_id="y",
+            sop_instance_uid="1.2.9.2",
+            study_instance_uid="1.2.9",
+            node_id="node1",
+            placement_id="p2-0",
+            reason="refused after 1",
+        ),
+    ]
     return list(enumerate(events, start=1))
 
 
@@ -76,12 +126,24 @@ def mixed_log() -> list[tuple[int, ev.AnyEvent]]:
         placed(2, "node2", attempt=1),
         forwarded(2, "node1"),  # stale: placement p2-0 is no longer current
         forwarded(2, "node2", attempt=1),
-        ev.InstanceForwardFailedV1(event_id="ff3", sop_instance_uid="1.2.9.3", study_instance_uid="1.2.9",
-                                   node_id="node1", placement_id="p3-0", reason="timeout"),
+        ev.InstanceForwardFailedV1(
+            event_id="ff3",
+            sop_instance_uid="1.2.9.3",
+            study_instance_uid="1.2.9",
+            node_id="node1",
+            placement_id="p3-0",
+            reason="timeout",
+        ),
         ev.NodeStateChangedV1(event_id="ns1", node_id="node3", state=ev.NodeState.DRAINED, reason="maintenance"),
         received(3),  # a re-received instance replaces its header row
-        ev.InstanceDeadLetteredV1(event_id="dl3", sop_instance_uid="1.2.9.3", study_instance_uid="1.2.9",
-                                  node_id="node1", placement_id="p3-0", reason="gave up"),
+        ev.InstanceDeadLetteredV1(
+            event_id="dl3",
+            sop_instance_uid="1.2.9.3",
+            study_instance_uid="1.2.9",
+            node_id="node1",
+            placement_id="p3-0",
+            reason="gave up",
+        ),
         ev.NodeStateChangedV1(event_id="ns2", node_id="node3", state=ev.NodeState.UNDRAINED),
         ev.InstanceVerifiedV1(event_id="v9", sop_instance_uid="1.2.9.99", node_id="node1", dataset_digest="d"),
     ]
@@ -92,21 +154,41 @@ def rich_log() -> list[tuple[int, ev.AnyEvent]]:
     """The mixed log plus fan-out to pools, re-placement within a pool and verification outcomes."""
 
     def fwd(n: int, node: str, pool: str, attempt: int = 0) -> ev.InstanceForwardedV1:
-        return msgspec.structs.replace(forwarded(n, node, attempt), event_id=f"f{n}-{pool}-{attempt}",
-                                       placement_id=f"p{n}-{pool}-{attempt}")
+        return msgspec.structs.replace(
+            forwarded(n, node, attempt), event_id=f"f{n}-{pool}-{attempt}", placement_id=f"p{n}-{pool}-{attempt}"
+        )
 
-    extra: list[ev.AnyEvent] = [received(7), fanned_out(7, "node1", "archive"), fanned_out(7, "node2", "research"),
-             fwd(7, "node1", "archive"),
-             ev.InstanceVerificationFailedV1(event_id="vf7", sop_instance_uid="1.2.9.7", study_instance_uid="1.2.9",
-                                             node_id="node1", placement_id="p7-archive-0", reason="mismatch"),
-             fanned_out(7, "node3", "archive", attempt=1), fwd(7, "node2", "research"),
-             ev.InstanceVerifiedV1(event_id="v7", sop_instance_uid="1.2.9.7", node_id="node2", dataset_digest="d",
-                                   placement_id="p7-research-0"),
-             forwarded(4, "node1"),
-             ev.InstanceVerificationFailedV1(event_id="vf4", sop_instance_uid="1.2.9.4", study_instance_uid="1.2.9",
-                                             node_id="node1", placement_id="p4-0", reason="not seen"),
-             placed(4, "node2", attempt=1), received(4),
-             ev.NodeStateChangedV1(event_id="ns3", node_id="node1", state=ev.NodeState.DRAINED, reason="disk")]
+    extra: list[ev.AnyEvent] = [
+        received(7),
+        fanned_out(7, "node1", "archive"),
+        fanned_out(7, "node2", "research"),
+        fwd(7, "node1", "archive"),
+        ev.InstanceVerificationFailedV1(
+            event_id="vf7",
+            sop_instance_uid="1.2.9.7",
+            study_instance_uid="1.2.9",
+            node_id="node1",
+            placement_id="p7-archive-0",
+            reason="mismatch",
+        ),
+        fanned_out(7, "node3", "archive", attempt=1),
+        fwd(7, "node2", "research"),
+        ev.InstanceVerifiedV1(
+            event_id="v7", sop_instance_uid="1.2.9.7", node_id="node2", dataset_digest="d", placement_id="p7-research-0"
+        ),
+        forwarded(4, "node1"),
+        ev.InstanceVerificationFailedV1(
+            event_id="vf4",
+            sop_instance_uid="1.2.9.4",
+            study_instance_uid="1.2.9",
+            node_id="node1",
+            placement_id="p4-0",
+            reason="not seen",
+        ),
+        placed(4, "node2", attempt=1),
+        received(4),
+        ev.NodeStateChangedV1(event_id="ns3", node_id="node1", state=ev.NodeState.DRAINED, reason="disk"),
+    ]
     log = mixed_log()
     return log + list(enumerate(extra, start=len(log) + 1))
 
@@ -114,17 +196,26 @@ def rich_log() -> list[tuple[int, ev.AnyEvent]]:
 def placed_on(sop: str, node: str = "node1", digest: str = "d1") -> ev.InstancePlacedV1:
     """A placement with the scheduler's deterministic id, for the probe's stores."""
     return ev.InstancePlacedV1(
-        event_id=ev.fact_id("placed", sop, node), sop_instance_uid=sop, study_instance_uid="1.2",
-        sop_class_uid=CT, transfer_syntax_uid=EXPLICIT_LE,
-        blob_key=f"b/{sop}", dataset_digest=digest, node_id=node, reason=ev.PlacementReason.NEW_STUDY,
+        event_id=ev.fact_id("placed", sop, node),
+        sop_instance_uid=sop,
+        study_instance_uid="1.2",
+        sop_class_uid=CT,
+        transfer_syntax_uid=EXPLICIT_LE,
+        blob_key=f"b/{sop}",
+        dataset_digest=digest,
+        node_id=node,
+        reason=ev.PlacementReason.NEW_STUDY,
     )
 
 
 def forwarded_from(p: ev.InstancePlacedV1, at: datetime | None = None) -> ev.InstanceForwardedV1:
     """The forwarder's outcome for placement ``p`` (at ``at``, default now)."""
     return ev.InstanceForwardedV1(
-        event_id=ev.fact_id("forwarded", p.event_id), occurred_at=at or ev.utcnow(),
-        sop_instance_uid=p.sop_instance_uid, study_instance_uid=p.study_instance_uid, node_id=p.node_id,
+        event_id=ev.fact_id("forwarded", p.event_id),
+        occurred_at=at or ev.utcnow(),
+        sop_instance_uid=p.sop_instance_uid,
+        study_instance_uid=p.study_instance_uid,
+        node_id=p.node_id,
         placement_id=p.event_id,
     )
 
@@ -132,10 +223,16 @@ def forwarded_from(p: ev.InstancePlacedV1, at: datetime | None = None) -> ev.Ins
 def placed_from(r: ev.InstanceReceivedV1, received_seq: int, node: str) -> ev.InstancePlacedV1:
     """The scheduler's first placement of a real received instance (tests that stand in for the scheduler)."""
     return ev.InstancePlacedV1(
-        event_id=ev.fact_id("placed", r.sop_instance_uid, received_seq, 0), sop_instance_uid=r.sop_instance_uid,
-        study_instance_uid=r.study_instance_uid, sop_class_uid=r.sop_class_uid,
-        transfer_syntax_uid=r.transfer_syntax_uid, blob_key=r.blob_key, dataset_digest=r.dataset_digest,
-        node_id=node, reason=ev.PlacementReason.NEW_STUDY, received_seq=received_seq,
+        event_id=ev.fact_id("placed", r.sop_instance_uid, received_seq, 0),
+        sop_instance_uid=r.sop_instance_uid,
+        study_instance_uid=r.study_instance_uid,
+        sop_class_uid=r.sop_class_uid,
+        transfer_syntax_uid=r.transfer_syntax_uid,
+        blob_key=r.blob_key,
+        dataset_digest=r.dataset_digest,
+        node_id=node,
+        reason=ev.PlacementReason.NEW_STUDY,
+        received_seq=received_seq,
     )
 
 

@@ -20,8 +20,7 @@ from shared.runtime import run_until_stopped, running_service
 log = logging.getLogger("switchyard.catalog")
 
 
-async def project(cfg: Config, bus: Bus, store: CatalogStore, registry: CollectorRegistry,
-                  stop: asyncio.Event) -> None:
+async def project(cfg: Config, bus: Bus, store: CatalogStore, registry: CollectorRegistry, stop: asyncio.Event) -> None:
     applied = Counter("switchyard_catalog_events_applied", "Events applied to the catalog", registry=registry)
     last = Gauge("switchyard_catalog_last_seq", "Last applied stream sequence", registry=registry)
     start = await asyncio.to_thread(store.last_seq)
@@ -54,8 +53,10 @@ async def follow_heartbeats(cfg: Config, bus: Bus, loads: dict, stop: asyncio.Ev
 async def main(cfg: Config) -> None:
     async with running_service("catalog", cfg) as svc:
         if cfg.catalog.token:
-            log.warning("catalog.token is deprecated: it is taken as an operator token; list hashed tokens with"
-                        " roles in catalog.tokens instead (docs/security.md)")
+            log.warning(
+                "catalog.token is deprecated: it is taken as an operator token; list hashed tokens with"
+                " roles in catalog.tokens instead (docs/security.md)"
+            )
         if not cfg.catalog.tokens and not cfg.catalog.token:
             log.warning("no catalog.tokens configured: every API request is refused (401)")
         store = CatalogStore(cfg.catalog.db_path)
@@ -70,6 +71,11 @@ async def main(cfg: Config) -> None:
         projector = asyncio.create_task(project(cfg, svc.bus, store, svc.registry, svc.stop), name="projection")
         heartbeats = asyncio.create_task(follow_heartbeats(cfg, svc.bus, loads, svc.stop), name="heartbeats")
         svc.serve_metrics(cfg.catalog.metrics_port)
-        log.info("catalog API on %s://%s:%d (%d tokens)", "https" if tls else "http", cfg.catalog.http_host,
-                 cfg.catalog.http_port, len(cfg.catalog.tokens) + bool(cfg.catalog.token))
+        log.info(
+            "catalog API on %s://%s:%d (%d tokens)",
+            "https" if tls else "http",
+            cfg.catalog.http_host,
+            cfg.catalog.http_port,
+            len(cfg.catalog.tokens) + bool(cfg.catalog.token),
+        )
         await run_until_stopped(svc.stop, [projector, heartbeats])

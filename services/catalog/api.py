@@ -100,8 +100,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 _TAG = re.compile(r"^tag\.([A-Za-z][A-Za-z0-9]{0,63})$")
 # Search filters shared by studies, series and instances: param -> column.
-_EQUALS = {"patient_id": "i.patient_id", "accession": "i.accession_number", "modality": "i.modality",
-           "calling_ae": "i.calling_ae"}
+_EQUALS = {
+    "patient_id": "i.patient_id",
+    "accession": "i.accession_number",
+    "modality": "i.modality",
+    "calling_ae": "i.calling_ae",
+}
 _SEARCH_PARAMS = {*_EQUALS, "date_from", "date_to", "study_uid", "limit"}
 
 
@@ -217,8 +221,14 @@ async def instances(request: web.Request) -> web.Response:
 def _trail_entry(row: dict[str, Any]) -> dict[str, Any]:
     """One event of a trail: who, when, which node, why, verified."""
     payload = json.loads(row["payload"])
-    entry = {"seq": row["seq"], "type": row["type"], "at": row["occurred_at"], "node_id": row["node_id"],
-             "sop_instance_uid": row["sop_instance_uid"], "event_id": payload.get("event_id")}
+    entry = {
+        "seq": row["seq"],
+        "type": row["type"],
+        "at": row["occurred_at"],
+        "node_id": row["node_id"],
+        "sop_instance_uid": row["sop_instance_uid"],
+        "event_id": payload.get("event_id"),
+    }
     kind = row["type"]
     if kind.startswith("instance.received."):  # who sent it: AE titles and the peer's address
         entry["calling_ae"] = payload.get("calling_ae", "")
@@ -226,14 +236,21 @@ def _trail_entry(row: dict[str, Any]) -> dict[str, Any]:
         entry["peer_address"] = payload.get("peer_address", "")
         entry["peer_port"] = payload.get("peer_port", 0)
     elif kind.startswith("instance.placed."):
-        entry["why"] = {"reason": payload.get("reason"), "candidates": payload.get("candidates", []),
-                        "attempt": payload.get("attempt", 0), "rule": payload.get("rule", ""),
-                        "pool": payload.get("pool", "")}
+        entry["why"] = {
+            "reason": payload.get("reason"),
+            "candidates": payload.get("candidates", []),
+            "attempt": payload.get("attempt", 0),
+            "rule": payload.get("rule", ""),
+            "pool": payload.get("pool", ""),
+        }
     elif kind.startswith(("instance.forward_failed.", "instance.dead_lettered.")):
         entry["why"] = {"reason": payload.get("reason"), "permanent": payload.get("permanent")}
     elif kind.startswith("instance.verification_failed."):
-        entry["why"] = {"reason": payload.get("reason"), "expected_digest": payload.get("expected_digest"),
-                        "found_digest": payload.get("found_digest")}
+        entry["why"] = {
+            "reason": payload.get("reason"),
+            "expected_digest": payload.get("expected_digest"),
+            "found_digest": payload.get("found_digest"),
+        }
     elif kind.startswith("instance.forwarded."):
         entry["status"] = payload.get("status")
         entry["duration_ms"] = payload.get("duration_ms")
@@ -241,12 +258,16 @@ def _trail_entry(row: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-_TRAIL_SQL = ("SELECT seq, type, node_id, sop_instance_uid, occurred_at, CAST(payload AS VARCHAR) AS payload"
-              " FROM events WHERE {} ORDER BY seq")
-_SUMMARY_SQL = ("SELECT i.sop_instance_uid, i.study_instance_uid, i.calling_ae, i.peer_address, i.peer_port,"
-                " i.received_at, i.versions, l.node_id, l.state,"
-                " l.reason, l.detail, l.pool FROM instances i LEFT JOIN locations l USING (sop_instance_uid) WHERE {}"
-                " ORDER BY i.received_seq")
+_TRAIL_SQL = (
+    "SELECT seq, type, node_id, sop_instance_uid, occurred_at, CAST(payload AS VARCHAR) AS payload"
+    " FROM events WHERE {} ORDER BY seq"
+)
+_SUMMARY_SQL = (
+    "SELECT i.sop_instance_uid, i.study_instance_uid, i.calling_ae, i.peer_address, i.peer_port,"
+    " i.received_at, i.versions, l.node_id, l.state,"
+    " l.reason, l.detail, l.pool FROM instances i LEFT JOIN locations l USING (sop_instance_uid) WHERE {}"
+    " ORDER BY i.received_seq"
+)
 
 
 def _summary(row: dict[str, Any]) -> dict[str, Any]:
@@ -264,41 +285,56 @@ async def trail(request: web.Request) -> web.Response:
     if not rows:
         raise _not_found("instance")
     summary = await _query(request, _SUMMARY_SQL.format("i.sop_instance_uid = ?"), [uid])
-    return _json({"instance": _summary(summary[0]) if summary else None,
-                  "events": [_trail_entry(r) for r in rows]})
+    return _json({"instance": _summary(summary[0]) if summary else None, "events": [_trail_entry(r) for r in rows]})
 
 
 async def study_trail(request: web.Request) -> web.Response:
     _check_params(request, set())
     uid = _uid(request.match_info["uid"], "Study Instance UID")
     # Verified events carry no study UID: take them through the study's instances.
-    rows = await _query(request, _TRAIL_SQL.format(
-        "study_instance_uid = ? OR sop_instance_uid IN "
-        "(SELECT sop_instance_uid FROM instances WHERE study_instance_uid = ?)"), [uid, uid])
+    rows = await _query(
+        request,
+        _TRAIL_SQL.format(
+            "study_instance_uid = ? OR sop_instance_uid IN "
+            "(SELECT sop_instance_uid FROM instances WHERE study_instance_uid = ?)"
+        ),
+        [uid, uid],
+    )
     if not rows:
         raise _not_found("study")
     summary = await _query(request, _SUMMARY_SQL.format("i.study_instance_uid = ?"), [uid])
-    return _json({"study_instance_uid": uid, "instances": [_summary(r) for r in summary],
-                  "events": [_trail_entry(r) for r in rows]})
+    return _json(
+        {
+            "study_instance_uid": uid,
+            "instances": [_summary(r) for r in summary],
+            "events": [_trail_entry(r) for r in rows],
+        }
+    )
 
 
 async def nodes(request: web.Request) -> web.Response:
     _check_params(request, set())
     configured = request.app[NODES_KEY]
     loads = request.app[LOADS_KEY]
-    states = {r["node_id"]: r for r in await _query(
-        request, "SELECT node_id, state, reason, updated_at FROM nodes", [])}
+    states = {
+        r["node_id"]: r for r in await _query(request, "SELECT node_id, state, reason, updated_at FROM nodes", [])
+    }
     counts: dict[str, dict[str, int]] = {}
     for r in await _query(request, "SELECT node_id, state, count(*) AS n FROM locations GROUP BY ALL", []):
         counts.setdefault(r["node_id"], {})[r["state"]] = r["n"]
     out = []
     for node_id in sorted({*configured, *states, *counts, *loads}):
         state = states.get(node_id)
-        out.append({
-            "node_id": node_id, "configured": node_id in configured,
-            "state": state["state"] if state else None, "state_reason": state["reason"] if state else None,
-            "load": loads.get(node_id), "instances": counts.get(node_id, {}),
-        })
+        out.append(
+            {
+                "node_id": node_id,
+                "configured": node_id in configured,
+                "state": state["state"] if state else None,
+                "state_reason": state["reason"] if state else None,
+                "load": loads.get(node_id),
+                "instances": counts.get(node_id, {}),
+            }
+        )
     return _json(out)
 
 
@@ -319,8 +355,9 @@ async def totals(request: web.Request) -> web.Response:
     return _json({**rows[0], "locations": {r["state"]: r["n"] for r in states}})
 
 
-def build_app(store: CatalogStore, catalog: CatalogConfig, loads: dict | None = None,
-              node_ids: tuple[str, ...] = ()) -> web.Application:
+def build_app(
+    store: CatalogStore, catalog: CatalogConfig, loads: dict | None = None, node_ids: tuple[str, ...] = ()
+) -> web.Application:
     app = web.Application(middlewares=[authenticate])
     app[STORE_KEY] = store
     app[TOKENS_KEY] = TokenTable.from_config(catalog)

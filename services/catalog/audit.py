@@ -15,7 +15,7 @@ may publish on which subject is fixed by the NATS permissions
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -39,7 +39,7 @@ def parse_when(value: str) -> datetime:
     except ValueError as exc:
         raise ExportError(f"{value!r} is not an ISO 8601 date or date-time") from exc
     if at.tzinfo is not None:
-        at = at.astimezone(timezone.utc).replace(tzinfo=None)
+        at = at.astimezone(UTC).replace(tzinfo=None)
     return at
 
 
@@ -88,18 +88,18 @@ def export(db_path: str | Path, since: datetime, until: datetime, out_dir: str |
     out_dir.mkdir(parents=True, exist_ok=True)
     queries = {
         "events": "SELECT seq, event_id, type, sop_instance_uid, study_instance_uid, node_id, occurred_at,"
-                  f" {SUBJECT_SQL} AS subject,"
-                  " json_extract_string(payload, '$.calling_ae') AS calling_ae,"
-                  " json_extract_string(payload, '$.called_ae') AS called_ae,"
-                  " json_extract_string(payload, '$.peer_address') AS peer_address,"
-                  " CAST(json_extract(payload, '$.peer_port') AS INTEGER) AS peer_port,"
-                  " CAST(payload AS VARCHAR) AS payload FROM events"
-                  " WHERE occurred_at >= $since AND occurred_at < $until ORDER BY seq",
+        f" {SUBJECT_SQL} AS subject,"
+        " json_extract_string(payload, '$.calling_ae') AS calling_ae,"
+        " json_extract_string(payload, '$.called_ae') AS called_ae,"
+        " json_extract_string(payload, '$.peer_address') AS peer_address,"
+        " CAST(json_extract(payload, '$.peer_port') AS INTEGER) AS peer_port,"
+        " CAST(payload AS VARCHAR) AS payload FROM events"
+        " WHERE occurred_at >= $since AND occurred_at < $until ORDER BY seq",
         "instances": "SELECT i.* REPLACE (CAST(i.extra_tags AS VARCHAR) AS extra_tags),"
-                     f" {_sql_str(SUBJECTS['instance.received.v1'])} AS subject, l.node_id, l.state,"
-                     " l.reason AS placement_reason, l.detail AS location_detail"
-                     " FROM instances i LEFT JOIN locations l USING (sop_instance_uid)"
-                     " WHERE i.received_at >= $since AND i.received_at < $until ORDER BY i.received_seq",
+        f" {_sql_str(SUBJECTS['instance.received.v1'])} AS subject, l.node_id, l.state,"
+        " l.reason AS placement_reason, l.detail AS location_detail"
+        " FROM instances i LEFT JOIN locations l USING (sop_instance_uid)"
+        " WHERE i.received_at >= $since AND i.received_at < $until ORDER BY i.received_seq",
     }
     files, counts = [], {}
     try:

@@ -68,11 +68,22 @@ class NodeSender:
         """Open an association proposing ``wanted``; an Outcome when that failed."""
         await self.close()
         try:
-            self.assoc = await ul.Association.request(self.node.host, self.node.dicom_port, self.calling_ae,
-                                                      self.node.ae_title, wanted, OUR_MAX_PDU, self.timeout_s)
+            self.assoc = await ul.Association.request(
+                self.node.host,
+                self.node.dicom_port,
+                self.calling_ae,
+                self.node.ae_title,
+                wanted,
+                OUR_MAX_PDU,
+                self.timeout_s,
+            )
         except ul.Unreachable as exc:
-            return Outcome(False, False, f"association failed (node unreachable: {type(exc.__cause__).__name__})",
-                           node_failure=True)
+            return Outcome(
+                False,
+                False,
+                f"association failed (node unreachable: {type(exc.__cause__).__name__})",
+                node_failure=True,
+            )
         except ul.Rejected as exc:
             return Outcome(False, False, str(exc), node_failure=True)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ul.ProtocolError) as exc:

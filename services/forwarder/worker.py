@@ -65,34 +65,44 @@ class ForwarderMetrics:
     """Per-node delivery metrics, shared by every worker of the process."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.forwarded = Counter("switchyard_forwarder_forwarded", "Instances delivered", ["node"],
-                                 registry=registry)
+        self.forwarded = Counter("switchyard_forwarder_forwarded", "Instances delivered", ["node"], registry=registry)
         self.bytes = Counter("switchyard_forwarder_bytes", "Bytes delivered", ["node"], registry=registry)
-        self.failures = Counter("switchyard_forwarder_failures", "Failed delivery attempts",
-                                ["node", "permanent"], registry=registry)
-        self.dead = Counter("switchyard_forwarder_dead_lettered", "Instances dead-lettered", ["node"],
-                            registry=registry)
-        self.latency = Histogram("switchyard_forwarder_store_seconds", "C-STORE time per instance",
-                                 ["node"], registry=registry)
-        self.inflight = Gauge("switchyard_forwarder_inflight", "Instances being delivered", ["node"],
-                              registry=registry)
-        self.backlog = Gauge("switchyard_forwarder_backlog", "Placed instances not yet delivered",
-                             ["node"], registry=registry)
-        self.already_present = Counter("switchyard_forwarder_already_present",
-                                       "Redelivered placements found already on their node", ["node"],
-                                       registry=registry)
-        self.node_failures = Counter("switchyard_forwarder_node_failures",
-                                     "Deliveries that found the node itself failing (worker paused)", ["node"],
-                                     registry=registry)
-        self.held = Gauge("switchyard_forwarder_held", "Placements held until their node can be asked",
-                          ["node"], registry=registry)
+        self.failures = Counter(
+            "switchyard_forwarder_failures", "Failed delivery attempts", ["node", "permanent"], registry=registry
+        )
+        self.dead = Counter(
+            "switchyard_forwarder_dead_lettered", "Instances dead-lettered", ["node"], registry=registry
+        )
+        self.latency = Histogram(
+            "switchyard_forwarder_store_seconds", "C-STORE time per instance", ["node"], registry=registry
+        )
+        self.inflight = Gauge("switchyard_forwarder_inflight", "Instances being delivered", ["node"], registry=registry)
+        self.backlog = Gauge(
+            "switchyard_forwarder_backlog", "Placed instances not yet delivered", ["node"], registry=registry
+        )
+        self.already_present = Counter(
+            "switchyard_forwarder_already_present",
+            "Redelivered placements found already on their node",
+            ["node"],
+            registry=registry,
+        )
+        self.node_failures = Counter(
+            "switchyard_forwarder_node_failures",
+            "Deliveries that found the node itself failing (worker paused)",
+            ["node"],
+            registry=registry,
+        )
+        self.held = Gauge(
+            "switchyard_forwarder_held", "Placements held until their node can be asked", ["node"], registry=registry
+        )
 
 
 class NodeWorker:
     """One node's delivery loop: its consumer, its associations, its outcome events."""
 
-    def __init__(self, cfg: Config, member: membership.Member, bus: Bus, blobs: BlobStore,
-                 metrics: ForwarderMetrics, tr) -> None:
+    def __init__(
+        self, cfg: Config, member: membership.Member, bus: Bus, blobs: BlobStore, metrics: ForwarderMetrics, tr
+    ) -> None:
         self.cfg = cfg
         self.member = member
         self.node = member.node
@@ -120,8 +130,10 @@ class NodeWorker:
 
     def _make_senders(self) -> None:
         self.senders = asyncio.Queue()
-        self.all_senders = [NodeSender(self.node, self.cfg.forwarder.ae_title, self.cfg.forwarder.network_timeout_s)
-                            for _ in range(max(1, self.cfg.forwarder.concurrency_per_node))]
+        self.all_senders = [
+            NodeSender(self.node, self.cfg.forwarder.ae_title, self.cfg.forwarder.network_timeout_s)
+            for _ in range(max(1, self.cfg.forwarder.concurrency_per_node))
+        ]
         for sender in self.all_senders:
             self.senders.put_nowait(sender)
 
@@ -153,7 +165,8 @@ class NodeWorker:
         batch = max(1, fcfg.batch)
         try:
             async with contextlib.aclosing(
-                    self.bus.pull_batches(consumer, batch, stop, linger=fcfg.fetch_linger_s)) as batches:
+                self.bus.pull_batches(consumer, batch, stop, linger=fcfg.fetch_linger_s)
+            ) as batches:
                 async for msgs in batches:
                     if self.member.node != self.node:
                         # Re-added with another address: new associations.
@@ -171,8 +184,7 @@ class NodeWorker:
                         self.tasks.add(task)
                         task.add_done_callback(self.tasks.discard)
                     with contextlib.suppress(Exception):
-                        self.metrics.backlog.labels(node=self.node.id).set(
-                            msgs[-1].metadata.num_pending + len(msgs))
+                        self.metrics.backlog.labels(node=self.node.id).set(msgs[-1].metadata.num_pending + len(msgs))
                     # Pull more as soon as half a batch is done (never waiting for the slowest),
                     # and nothing while the node is failing.
                     await self._room(batch // 2, stop)
@@ -187,8 +199,7 @@ class NodeWorker:
         while not stop.is_set() and (len(self.tasks) - min(self.holding, MAX_HELD) > limit or self._paused()):
             waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
             if self.tasks:
-                waits.append(asyncio.ensure_future(asyncio.wait(set(self.tasks),
-                                                                return_when=asyncio.FIRST_COMPLETED)))
+                waits.append(asyncio.ensure_future(asyncio.wait(set(self.tasks), return_when=asyncio.FIRST_COMPLETED)))
             # Re-checked at least every HOLD_POLL_S: a task that starts holding completes nothing.
             timeout = max(0.05, self.paused_until - time.monotonic()) if self._paused() else HOLD_POLL_S
             try:
@@ -301,8 +312,7 @@ class NodeWorker:
             if path is None:
                 tmp = path = await asyncio.to_thread(self.blobs.to_scratch_file, placed.blob_key, self.scratch)
             size = path.stat().st_size
-            outcome = await sender.send(path, placed.sop_class_uid, placed.sop_instance_uid,
-                                        placed.transfer_syntax_uid)
+            outcome = await sender.send(path, placed.sop_class_uid, placed.sop_instance_uid, placed.transfer_syntax_uid)
             return outcome, size
         except NotDicom:
             return Outcome(False, True, "blob is not a DICOM file"), 0
@@ -336,15 +346,28 @@ class NodeWorker:
 
     # -- outcomes ---------------------------------------------------------------------
 
-    async def _settled(self, msg, placed: ev.InstancePlacedV1, elapsed: float, status: int, size: int = 0,
-                       already_present: bool = False) -> None:
+    async def _settled(
+        self,
+        msg,
+        placed: ev.InstancePlacedV1,
+        elapsed: float,
+        status: int,
+        size: int = 0,
+        already_present: bool = False,
+    ) -> None:
         node = self.node.id
-        await self.bus.publish(ev.InstanceForwardedV1(
-            event_id=ev.fact_id("forwarded", placed.event_id),
-            sop_instance_uid=placed.sop_instance_uid, study_instance_uid=placed.study_instance_uid,
-            node_id=node, placement_id=placed.event_id, duration_ms=round(elapsed * 1000, 3),
-            status=status, already_present=already_present,
-        ))
+        await self.bus.publish(
+            ev.InstanceForwardedV1(
+                event_id=ev.fact_id("forwarded", placed.event_id),
+                sop_instance_uid=placed.sop_instance_uid,
+                study_instance_uid=placed.study_instance_uid,
+                node_id=node,
+                placement_id=placed.event_id,
+                duration_ms=round(elapsed * 1000, 3),
+                status=status,
+                already_present=already_present,
+            )
+        )
         self._remember(placed.event_id)
         if already_present:
             self.metrics.already_present.labels(node=node).inc()
@@ -363,12 +386,19 @@ class NodeWorker:
     async def _record_failure(self, placed: ev.InstancePlacedV1, outcome: Outcome, delivery: int) -> bool:
         """A node failure on the log (a liveness witness), once per message and delivery."""
         try:
-            await self.bus.publish(ev.InstanceForwardFailedV1(
-                event_id=ev.fact_id("forward_failed", placed.event_id, delivery, "node"),
-                sop_instance_uid=placed.sop_instance_uid, study_instance_uid=placed.study_instance_uid,
-                node_id=self.node.id, placement_id=placed.event_id, reason=outcome.reason,
-                permanent=False, delivery=delivery, node_failure=True,
-            ))
+            await self.bus.publish(
+                ev.InstanceForwardFailedV1(
+                    event_id=ev.fact_id("forward_failed", placed.event_id, delivery, "node"),
+                    sop_instance_uid=placed.sop_instance_uid,
+                    study_instance_uid=placed.study_instance_uid,
+                    node_id=self.node.id,
+                    placement_id=placed.event_id,
+                    reason=outcome.reason,
+                    permanent=False,
+                    delivery=delivery,
+                    node_failure=True,
+                )
+            )
         except (BusUnavailable, PublishUncertain):
             return False
         return True
@@ -408,8 +438,9 @@ class NodeWorker:
                     held = True
                     self.holding += 1
                     self.metrics.held.labels(node=self.node.id).inc()
-                    log.warning("%s: cannot ask the node whether it holds %s; holding it", self.node.id,
-                                placed.sop_instance_uid)
+                    log.warning(
+                        "%s: cannot ask the node whether it holds %s; holding it", self.node.id, placed.sop_instance_uid
+                    )
                 changed = self.changed
                 with self._only_waiting():
                     with contextlib.suppress(Exception):
@@ -453,27 +484,48 @@ class NodeWorker:
                 await self._settled(msg, placed, 0.0, 0, already_present=True)
                 return
         self.metrics.failures.labels(node=node, permanent=str(outcome.permanent).lower()).inc()
-        log.warning("%s: delivery %d of %s failed: %s%s", node, delivery, placed.sop_instance_uid,
-                    outcome.reason, " (final)" if last else "")
-        await self.bus.publish(ev.InstanceForwardFailedV1(
-            event_id=ev.fact_id("forward_failed", placed.event_id, delivery),
-            sop_instance_uid=placed.sop_instance_uid, study_instance_uid=placed.study_instance_uid,
-            node_id=node, placement_id=placed.event_id, reason=outcome.reason,
-            permanent=outcome.permanent, delivery=delivery, status=outcome.status,
-        ))
+        log.warning(
+            "%s: delivery %d of %s failed: %s%s",
+            node,
+            delivery,
+            placed.sop_instance_uid,
+            outcome.reason,
+            " (final)" if last else "",
+        )
+        await self.bus.publish(
+            ev.InstanceForwardFailedV1(
+                event_id=ev.fact_id("forward_failed", placed.event_id, delivery),
+                sop_instance_uid=placed.sop_instance_uid,
+                study_instance_uid=placed.study_instance_uid,
+                node_id=node,
+                placement_id=placed.event_id,
+                reason=outcome.reason,
+                permanent=outcome.permanent,
+                delivery=delivery,
+                status=outcome.status,
+            )
+        )
         if not last:
             backoff = self.cfg.forwarder.retry_backoff_s
             delay = backoff[min(delivery, len(backoff)) - 1] if backoff else 1.0
             # A second try of a rejected/aborted instance comes quickly: it is the last one.
             await msg.nak(delay=min(delay, 0.5) if outcome.instance else delay)
             return
-        await self.bus.publish(ev.InstanceDeadLetteredV1(
-            event_id=ev.fact_id("dead_lettered", placed.event_id),
-            sop_instance_uid=placed.sop_instance_uid, study_instance_uid=placed.study_instance_uid,
-            node_id=node, placement_id=placed.event_id,
-            reason=outcome.reason if gone else f"{outcome.reason} after {delivery} deliveries",
-            received_seq=placed.received_seq, attempt=placed.attempt, avoid=placed.avoid, pool=placed.pool,
-            counts_as_attempt=not gone, handbacks=placed.handbacks,
-        ))
+        await self.bus.publish(
+            ev.InstanceDeadLetteredV1(
+                event_id=ev.fact_id("dead_lettered", placed.event_id),
+                sop_instance_uid=placed.sop_instance_uid,
+                study_instance_uid=placed.study_instance_uid,
+                node_id=node,
+                placement_id=placed.event_id,
+                reason=outcome.reason if gone else f"{outcome.reason} after {delivery} deliveries",
+                received_seq=placed.received_seq,
+                attempt=placed.attempt,
+                avoid=placed.avoid,
+                pool=placed.pool,
+                counts_as_attempt=not gone,
+                handbacks=placed.handbacks,
+            )
+        )
         self.metrics.dead.labels(node=node).inc()
         await msg.term()

@@ -30,8 +30,16 @@ def die_with_parent(parent: int) -> None:
 
 async def supervise(worker: int, stop: asyncio.Event) -> None:
     """Run one extra worker process; it ending before the stop signal stops the service."""
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.ingest", "--worker", str(worker),
-                                                "--parent", str(os.getpid()), stdin=asyncio.subprocess.DEVNULL)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.ingest",
+        "--worker",
+        str(worker),
+        "--parent",
+        str(os.getpid()),
+        stdin=asyncio.subprocess.DEVNULL,
+    )
     exited = asyncio.create_task(proc.wait())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -71,8 +79,17 @@ async def main(cfg: Config, worker: int = 0) -> None:
         # Stop accepting and finish in-flight C-STOREs before the bus drains.
         svc.stack.push_async_callback(scp.stop, server)
         svc.serve_metrics(icfg.metrics_port + worker)
-        log.info("storage SCP %s listening on %s:%d%s%s", icfg.ae_title, icfg.host, icfg.port,
-                 " (TLS)" if tls else "", f" (worker {worker} of {workers})" if workers > 1 else "")
-        extra = [asyncio.create_task(supervise(i, svc.stop), name=f"ingest-worker-{i}")
-                 for i in range(1, workers)] if worker == 0 else []
+        log.info(
+            "storage SCP %s listening on %s:%d%s%s",
+            icfg.ae_title,
+            icfg.host,
+            icfg.port,
+            " (TLS)" if tls else "",
+            f" (worker {worker} of {workers})" if workers > 1 else "",
+        )
+        extra = (
+            [asyncio.create_task(supervise(i, svc.stop), name=f"ingest-worker-{i}") for i in range(1, workers)]
+            if worker == 0
+            else []
+        )
         await run_until_stopped(svc.stop, extra)

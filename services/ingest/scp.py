@@ -31,9 +31,9 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
+from shared import events as ev
 from shared import ul
 from shared.access import PeerPolicy
-from shared import events as ev
 from shared.blobs import BlobStore, BlobStoreError, content_key
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config
@@ -77,9 +77,7 @@ class IngestMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=registry,
         )
-        self.associations = Gauge(
-            "switchyard_ingest_open_associations", "Open associations", registry=registry
-        )
+        self.associations = Gauge("switchyard_ingest_open_associations", "Open associations", registry=registry)
         self.rejected = Counter(
             "switchyard_ingest_associations_rejected", "Association requests rejected", registry=registry
         )
@@ -156,7 +154,12 @@ class _Peer:
 
 class StorageSCP:
     def __init__(
-        self, cfg: Config, bus: Bus, blobs: BlobStore, metrics: IngestMetrics, tracer: trace.Tracer,
+        self,
+        cfg: Config,
+        bus: Bus,
+        blobs: BlobStore,
+        metrics: IngestMetrics,
+        tracer: trace.Tracer,
     ) -> None:
         self.cfg = cfg
         self.bus = bus
@@ -183,9 +186,13 @@ class StorageSCP:
     async def start(self, tls: ssl.SSLContext | None, reuse_port: bool = False) -> asyncio.AbstractServer:
         icfg = self.cfg.ingest
         return await asyncio.start_server(
-            self._connection, icfg.host, icfg.port, ssl=tls,
+            self._connection,
+            icfg.host,
+            icfg.port,
+            ssl=tls,
             ssl_handshake_timeout=icfg.network_timeout_s if tls else None,
-            limit=max(icfg.max_pdu, 65536) + 6, reuse_port=reuse_port or None,
+            limit=max(icfg.max_pdu, 65536) + 6,
+            reuse_port=reuse_port or None,
         )
 
     async def stop(self, server: asyncio.AbstractServer, grace_s: float = 10.0) -> None:
@@ -251,16 +258,22 @@ class StorageSCP:
             log.warning("association rejected: calling AE %r from %s is not an allowed peer", calling, address)
         elif called != self.cfg.ingest.ae_title.strip():
             refuse = ul.REJECT_CALLED_AE
-            log.warning("association rejected: calling AE %r from %s, called AE %r is not ours", calling, address,
-                        called)
+            log.warning(
+                "association rejected: calling AE %r from %s, called AE %r is not ours", calling, address, called
+            )
         elif self._open >= self.cfg.ingest.max_associations:
             refuse = ul.REJECT_LOCAL_LIMIT
-            log.warning("association rejected: calling AE %r from %s, %d associations open", calling, address,
-                        self._open)
+            log.warning(
+                "association rejected: calling AE %r from %s, %d associations open", calling, address, self._open
+            )
         elif 0 < self.cfg.ingest.max_associations_per_peer <= self._per_peer.get((calling, address), 0):
             refuse = ul.REJECT_LOCAL_LIMIT
-            log.warning("association rejected: calling AE %r from %s already holds %d associations (per-peer limit)",
-                        calling, address, self._per_peer[(calling, address)])
+            log.warning(
+                "association rejected: calling AE %r from %s already holds %d associations (per-peer limit)",
+                calling,
+                address,
+                self._per_peer[(calling, address)],
+            )
         result = ul.negotiate(rq, int.from_bytes(data[6:8], "big"), self.contexts, self.cfg.ingest.max_pdu, refuse)
         writer.write(result.answer)
         if result.reject is not None:
@@ -282,8 +295,9 @@ class StorageSCP:
                 del self._per_peer[key]
             self.metrics.associations.dec()
 
-    async def _data_phase(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          assoc: ul.Negotiated, peer: _Peer) -> None:
+    async def _data_phase(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, assoc: ul.Negotiated, peer: _Peer
+    ) -> None:
         max_in = self.cfg.ingest.max_pdu or ul.HARD_PDU_CAP
         command_bytes = bytearray()
         command: _Command | None = None
@@ -298,8 +312,12 @@ class StorageSCP:
                     return self._abort(writer, peer, exc)
                 except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
                     self.metrics.aborted.inc()
-                    log.warning("association with %r from %s ended: %s", peer.calling_ae, peer.address,
-                                "network timeout" if isinstance(exc, TimeoutError) else "connection lost")
+                    log.warning(
+                        "association with %r from %s ended: %s",
+                        peer.calling_ae,
+                        peer.address,
+                        "network timeout" if isinstance(exc, TimeoutError) else "connection lost",
+                    )
                     writer.write(ul.abort_pdu())
                     return
                 if pdu_type == ul.RELEASE_RQ:
@@ -310,13 +328,15 @@ class StorageSCP:
                     log.warning("association aborted: calling AE %r from %s", peer.calling_ae, peer.address)
                     return
                 if pdu_type != ul.P_DATA_TF:
-                    return self._abort(writer, peer, ul.ProtocolError(ul.ABORT_UNEXPECTED_PDU,
-                                                                      f"unexpected PDU type {pdu_type}"))
+                    return self._abort(
+                        writer, peer, ul.ProtocolError(ul.ABORT_UNEXPECTED_PDU, f"unexpected PDU type {pdu_type}")
+                    )
                 try:
                     for context_id, is_command, last, fragment in ul.pdvs(data):
                         if context_id not in assoc.contexts:
-                            raise ul.ProtocolError(ul.ABORT_INVALID_PARAMETER,
-                                                   f"presentation context {context_id} was not accepted")
+                            raise ul.ProtocolError(
+                                ul.ABORT_INVALID_PARAMETER, f"presentation context {context_id} was not accepted"
+                            )
                         if is_command:
                             if command is not None:
                                 raise ul.ProtocolError(ul.ABORT_UNEXPECTED_PARAMETER, "command before dataset")
@@ -373,21 +393,34 @@ class StorageSCP:
         dataset_type = ul.command_us(fields, ul.DATASET_TYPE)
         if field is None or message_id is None or dataset_type is None:
             raise ul.ProtocolError(ul.ABORT_INVALID_PARAMETER, "command set without field, message id or type")
-        command = _Command(context_id, field, message_id, ul.command_uid(fields, ul.AFFECTED_SOP_CLASS),
-                           ul.command_uid(fields, ul.AFFECTED_SOP_INSTANCE))
+        command = _Command(
+            context_id,
+            field,
+            message_id,
+            ul.command_uid(fields, ul.AFFECTED_SOP_CLASS),
+            ul.command_uid(fields, ul.AFFECTED_SOP_INSTANCE),
+        )
         return command, dataset_type != ul.NO_DATASET
 
-    async def _send(self, writer: asyncio.StreamWriter, assoc: ul.Negotiated, command: _Command, status: int,
-                    comment: str = "") -> None:
+    async def _send(
+        self, writer: asyncio.StreamWriter, assoc: ul.Negotiated, command: _Command, status: int, comment: str = ""
+    ) -> None:
         field = command.field | 0x8000
         instance = command.sop_instance if command.field == ul.C_STORE_RQ else None
-        rsp = ul.response(field, command.message_id, command.sop_class or assoc.contexts[command.context_id][0],
-                          instance, status, comment)
+        rsp = ul.response(
+            field,
+            command.message_id,
+            command.sop_class or assoc.contexts[command.context_id][0],
+            instance,
+            status,
+            comment,
+        )
         writer.write(ul.p_data_command(command.context_id, rsp, assoc.peer_max_pdu))
         await writer.drain()
 
-    async def _answer_without_dataset(self, writer: asyncio.StreamWriter, assoc: ul.Negotiated,
-                                      command: _Command) -> None:
+    async def _answer_without_dataset(
+        self, writer: asyncio.StreamWriter, assoc: ul.Negotiated, command: _Command
+    ) -> None:
         if command.field == ul.C_ECHO_RQ:
             await self._send(writer, assoc, command, SUCCESS)
         elif command.field == ul.C_STORE_RQ:
@@ -403,8 +436,9 @@ class StorageSCP:
 
     # ------------------------------------------------------------ one C-STORE
 
-    async def _finish_store(self, writer: asyncio.StreamWriter, assoc: ul.Negotiated, peer: _Peer,
-                            command: _Command, incoming: _Incoming) -> None:
+    async def _finish_store(
+        self, writer: asyncio.StreamWriter, assoc: ul.Negotiated, peer: _Peer, command: _Command, incoming: _Incoming
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None  # (always, in a coroutine)
         self._tasks[task] = True
@@ -441,14 +475,16 @@ class StorageSCP:
             log.warning("refused %s: %s", sop_uid, exc)
             return CANNOT_UNDERSTAND, str(exc)
         outcome = await asyncio.get_running_loop().run_in_executor(
-            self.io, self._persist, command, incoming, peer, current_trace_context())
+            self.io, self._persist, command, incoming, peer, current_trace_context()
+        )
         if isinstance(outcome[0], int):
             return outcome
         received, existed = outcome
         return await self._announce(command, incoming, received, existed)
 
-    def _persist(self, command: _Command, incoming: _Incoming, peer: _Peer,
-                 trace_context: tuple) -> tuple[int, str] | tuple[ev.InstanceReceivedV1, bool]:
+    def _persist(
+        self, command: _Command, incoming: _Incoming, peer: _Peer, trace_context: tuple
+    ) -> tuple[int, str] | tuple[ev.InstanceReceivedV1, bool]:
         """Check the header against the command and the event against the bus, then make the blob
         durable (one trip to the thread pool): nothing is kept for what is refused.
 
@@ -476,8 +512,9 @@ class StorageSCP:
         received = self._received_event(command, incoming, peer, header, key, trace_context)
         size, limit = len(ev.encode(received)) + EVENT_HEADER_ROOM, self.bus.nc.max_payload
         if size > limit:
-            log.warning("refused %s: its received event (%d bytes) exceeds the bus's max payload (%d)",
-                        sop_uid, size, limit)
+            log.warning(
+                "refused %s: its received event (%d bytes) exceeds the bus's max payload (%d)", sop_uid, size, limit
+            )
             return CANNOT_UNDERSTAND, "received event exceeds the bus's max payload"
         try:
             existed = self._keep(key, incoming.path, flushed.result())
@@ -493,8 +530,9 @@ class StorageSCP:
         self.blobs.adopt_file(key, path, synced=synced)
         return False
 
-    def _received_event(self, command: _Command, incoming: _Incoming, peer: _Peer, header: Header, key: str,
-                        trace_context: tuple) -> ev.InstanceReceivedV1:
+    def _received_event(
+        self, command: _Command, incoming: _Incoming, peer: _Peer, header: Header, key: str, trace_context: tuple
+    ) -> ev.InstanceReceivedV1:
         sop_uid = command.sop_instance
         dataset_digest = incoming.dataset_hash.hexdigest()
         traceparent, tracestate = trace_context
@@ -526,8 +564,9 @@ class StorageSCP:
             extra_tags={k: header.get(k) for k in self.extra if header.get(k)},
         )
 
-    async def _announce(self, command: _Command, incoming: _Incoming, received: ev.InstanceReceivedV1,
-                        existed: bool) -> tuple[int, str]:
+    async def _announce(
+        self, command: _Command, incoming: _Incoming, received: ev.InstanceReceivedV1, existed: bool
+    ) -> tuple[int, str]:
         sop_uid, key, size = command.sop_instance, received.blob_key, incoming.size
         try:
             ack = await self.bus.publish(received, self.cfg.nats.publish_timeout_s)
@@ -547,6 +586,7 @@ class StorageSCP:
         if not ack.duplicate:
             self.metrics.instances.inc()
             self.metrics.bytes.inc(size)
-        log.info("accepted %s (%d bytes, seq %d%s)", sop_uid, size, ack.seq,
-                 ", already recorded" if ack.duplicate else "")
+        log.info(
+            "accepted %s (%d bytes, seq %d%s)", sop_uid, size, ack.seq, ", already recorded" if ack.duplicate else ""
+        )
         return SUCCESS, ""

@@ -39,14 +39,23 @@ async def project(bus: Bus, store: CatalogStore, last: Gauge, verifier: Verifier
     verify_start = await asyncio.to_thread(verifier.store.last_seq)
     log.info("verification store follows the log from stream sequence %d", verify_start + 1)
     verifier.log_seq.set(verify_start)
-    await keep_up(store, bus, LOG_BATCH, stop, on_applied=lambda _n, seq: last.set(seq), linger=LOG_LINGER_S,
-                  beside=verifier.store, on_beside=verifier.log_seq.set)
+    await keep_up(
+        store,
+        bus,
+        LOG_BATCH,
+        stop,
+        on_applied=lambda _n, seq: last.set(seq),
+        linger=LOG_LINGER_S,
+        beside=verifier.store,
+        on_beside=verifier.log_seq.set,
+    )
 
 
 async def main(cfg: Config) -> None:
     async with running_service("probe", cfg) as svc:
-        up_gauge = Gauge("switchyard_probe_node_up", "1 when the node answered REST and C-ECHO", ["node"],
-                         registry=svc.registry)
+        up_gauge = Gauge(
+            "switchyard_probe_node_up", "1 when the node answered REST and C-ECHO", ["node"], registry=svc.registry
+        )
         beats = Counter("switchyard_probe_heartbeats", "Heartbeats published", ["node"], registry=svc.registry)
         # Nodes come from the log (config seeds them): nodes added at run time are watched too.
         pool = await membership.load(svc.bus, cfg.nodes, cfg.node_credentials)
@@ -62,25 +71,30 @@ async def main(cfg: Config) -> None:
                 return
             task = watches.get(node_id)
             if task is None or task.done():
-                watches[node_id] = asyncio.create_task(watch(cfg, member, svc.bus, up_gauge, beats, svc.stop),
-                                                       name=f"watch-{node_id}")
+                watches[node_id] = asyncio.create_task(
+                    watch(cfg, member, svc.bus, up_gauge, beats, svc.stop), name=f"watch-{node_id}"
+                )
             if node_id not in verifies:
-                verifies[node_id] = asyncio.create_task(verifier.watch(member.node, svc.stop),
-                                                        name=f"verify-{node_id}")
+                verifies[node_id] = asyncio.create_task(verifier.watch(member.node, svc.stop), name=f"verify-{node_id}")
 
         for member in pool.active():
             ensure_watch(member)
         follower = asyncio.create_task(membership.follow(svc.bus, pool, svc.stop, ensure_watch), name="membership")
         catalog = CatalogStore(cfg.probe.catalog_db_path)
         svc.stack.callback(catalog.close)
-        qr_seq = Gauge("switchyard_probe_qr_last_seq", "Last stream sequence in the front door's store",
-                       registry=svc.registry)
-        projector = asyncio.create_task(project(svc.bus, catalog, qr_seq, verifier, svc.stop),
-                                        name="log-projections")
+        qr_seq = Gauge(
+            "switchyard_probe_qr_last_seq", "Last stream sequence in the front door's store", registry=svc.registry
+        )
+        projector = asyncio.create_task(project(svc.bus, catalog, qr_seq, verifier, svc.stop), name="log-projections")
         server, _ = qr.start(cfg, catalog, open_blob_store(cfg.blobs))
         svc.stack.callback(server.shutdown)
-        log.info("Q/R SCP %s on %s:%d%s", cfg.probe.qr_ae_title, cfg.probe.qr_host, cfg.probe.qr_port,
-                 " (TLS)" if cfg.probe.qr_tls_cert_file else "")
+        log.info(
+            "Q/R SCP %s on %s:%d%s",
+            cfg.probe.qr_ae_title,
+            cfg.probe.qr_host,
+            cfg.probe.qr_port,
+            " (TLS)" if cfg.probe.qr_tls_cert_file else "",
+        )
         svc.serve_metrics(cfg.probe.metrics_port)
         log.info("watching nodes %s every %.1fs", ", ".join(m.node.id for m in pool.active()), cfg.probe.interval_s)
         # Heartbeat watches end by themselves when their node is removed; these must not end.

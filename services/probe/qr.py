@@ -19,20 +19,17 @@ is never handed out by one broad request.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.dataset import Dataset
-from pydicom.dataelem import DataElement
-from pydicom.multival import MultiValue
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt, build_context
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_context, evt
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -42,6 +39,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.transport import ThreadedAssociationServer
 
 from shared.access import Gate, PeerPolicy, bound_reads, defer_tls_handshake, install_policy, server_tls_context
 from shared.blobs import BlobStore
@@ -51,8 +49,11 @@ from shared.readmodel.catalog import CatalogStore
 
 log = logging.getLogger("switchyard.probe.qr")
 
-PATIENT_ROOT = {PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
-                PatientRootQueryRetrieveInformationModelMove}
+PATIENT_ROOT = {
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+}
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
 # Keyword -> instances column, and the level from which it is a key of the answer.
@@ -72,8 +73,12 @@ COLUMNS = {
     "InstanceNumber": ("instance_number", "IMAGE"),
 }
 # The unique key of each level: one answer per distinct value.
-UNIQUE = {"PATIENT": "patient_id", "STUDY": "study_instance_uid", "SERIES": "series_instance_uid",
-          "IMAGE": "sop_instance_uid"}
+UNIQUE = {
+    "PATIENT": "patient_id",
+    "STUDY": "study_instance_uid",
+    "SERIES": "series_instance_uid",
+    "IMAGE": "sop_instance_uid",
+}
 UID_KEYS = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"}
 
 # C-FIND / C-MOVE / C-GET failure statuses.
@@ -87,9 +92,12 @@ NOT_AUTHORIZED = 0x0124
 # Rights (probe.qr_peers) and the SOP classes each one opens.
 FIND, RETRIEVE = "find", "retrieve"
 NEEDS = {
-    PatientRootQueryRetrieveInformationModelFind: FIND, StudyRootQueryRetrieveInformationModelFind: FIND,
-    PatientRootQueryRetrieveInformationModelGet: RETRIEVE, StudyRootQueryRetrieveInformationModelGet: RETRIEVE,
-    PatientRootQueryRetrieveInformationModelMove: RETRIEVE, StudyRootQueryRetrieveInformationModelMove: RETRIEVE,
+    PatientRootQueryRetrieveInformationModelFind: FIND,
+    StudyRootQueryRetrieveInformationModelFind: FIND,
+    PatientRootQueryRetrieveInformationModelGet: RETRIEVE,
+    StudyRootQueryRetrieveInformationModelGet: RETRIEVE,
+    PatientRootQueryRetrieveInformationModelMove: RETRIEVE,
+    StudyRootQueryRetrieveInformationModelMove: RETRIEVE,
 }
 # A retrieve must name what it wants by one of these (exact value, no wildcard).
 IDENTIFYING = ("PatientID", "StudyInstanceUID", "AccessionNumber", "SeriesInstanceUID", "SOPInstanceUID")
@@ -181,8 +189,10 @@ def find(store: CatalogStore, identifier: Dataset, level: str) -> list[dict]:
     cols = [c for c, lv in COLUMNS.values() if LEVELS.index(lv) <= depth]
     key = UNIQUE[level]
     select = ", ".join(f"any_value({c}) AS {c}" if c != key else c for c in cols)
-    sql = (f"SELECT {select}, string_agg(DISTINCT modality, '\\' ORDER BY modality) AS modalities,"
-           f" count(*) AS n FROM instances WHERE {where} GROUP BY {key} ORDER BY {key}")
+    sql = (
+        f"SELECT {select}, string_agg(DISTINCT modality, '\\' ORDER BY modality) AS modalities,"
+        f" count(*) AS n FROM instances WHERE {where} GROUP BY {key} ORDER BY {key}"
+    )
     return store.rows(sql, params)
 
 
@@ -191,7 +201,8 @@ def instances(store: CatalogStore, identifier: Dataset, level: str) -> list[tupl
     where, params = where_clause(identifier, level)
     rows = store.rows(
         "SELECT sop_instance_uid, sop_class_uid, transfer_syntax_uid, blob_key FROM instances"
-        f" WHERE {where} ORDER BY study_instance_uid, series_instance_uid, sop_instance_uid", params,
+        f" WHERE {where} ORDER BY study_instance_uid, series_instance_uid, sop_instance_uid",
+        params,
     )
     return [tuple(r.values()) for r in rows]
 
@@ -206,8 +217,11 @@ def answer(identifier: Dataset, level: str, row: dict) -> Dataset:
             value = row[COLUMNS[elem.keyword][0]] or ""
         elif elem.keyword == "ModalitiesInStudy" and level != "IMAGE":
             value = row.get("modalities") or ""
-        elif elem.keyword in ("NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances",
-                              "NumberOfPatientRelatedInstances"):
+        elif elem.keyword in (
+            "NumberOfStudyRelatedInstances",
+            "NumberOfSeriesRelatedInstances",
+            "NumberOfPatientRelatedInstances",
+        ):
             value = str(row.get("n", ""))
         else:
             value = [] if elem.VR == "SQ" else None
@@ -237,8 +251,10 @@ def _send_blob_files(event: evt.Event) -> None:
             if dataset._blob_path is None:
                 # pynetdicom counts the exception as this sub-operation's failure.
                 raise FileNotFoundError(f"no blob for {dataset.SOPInstanceUID}")
-            as_stored = any(cx.abstract_syntax == dataset.SOPClassUID and cx.transfer_syntax[0] == dataset._blob_ts
-                            and cx.as_scu for cx in assoc.accepted_contexts)
+            as_stored = any(
+                cx.abstract_syntax == dataset.SOPClassUID and cx.transfer_syntax[0] == dataset._blob_ts and cx.as_scu
+                for cx in assoc.accepted_contexts
+            )
             # As stored when the peer accepted that transfer syntax; otherwise decoded, so
             # pynetdicom can convert between the uncompressed little endian syntaxes.
             dataset = dataset._blob_path if as_stored else dcmread(dataset._blob_path)
@@ -321,14 +337,19 @@ class FrontDoor:
     def _failure(self, what: str, event: evt.Event) -> tuple[int | Dataset, str] | list:
         """Matches for a retrieve, or (status, reason) when it is refused or cannot be answered."""
         if not self.may_retrieve(event):
-            log.warning("%s refused: calling AE %r from %s has no retrieve right", what,
-                        str(event.assoc.requestor.ae_title), event.assoc.requestor.address)
+            log.warning(
+                "%s refused: calling AE %r from %s has no retrieve right",
+                what,
+                str(event.assoc.requestor.ae_title),
+                event.assoc.requestor.address,
+            )
             return refusal(NOT_AUTHORIZED, "calling AE not authorized to retrieve"), "not authorized"
         try:
             if not identifies(event.identifier):
                 log.info("%s refused: no PatientID, StudyInstanceUID, AccessionNumber or UID", what)
-                return refusal(IDENTIFIER_MISMATCH, "retrieve needs PatientID, StudyInstanceUID or "
-                               "AccessionNumber"), "too broad"
+                return refusal(
+                    IDENTIFIER_MISMATCH, "retrieve needs PatientID, StudyInstanceUID or AccessionNumber"
+                ), "too broad"
             return self._matches(event)
         except BadQuery as exc:
             log.info("%s refused: %s", what, exc)
@@ -352,8 +373,14 @@ class FrontDoor:
             yield matches[0], None
             return
         contexts = sorted({(c, ts) for _, c, ts, _ in matches})[:128]
-        yield dest[0], dest[1], {"contexts": [build_context(c, ts) for c, ts in contexts] or
-                                 [build_context(Verification)], "evt_handlers": handlers}
+        yield (
+            dest[0],
+            dest[1],
+            {
+                "contexts": [build_context(c, ts) for c, ts in contexts] or [build_context(Verification)],
+                "evt_handlers": handlers,
+            },
+        )
         log.info("C-MOVE of %d instances to %s", len(matches), str(event.move_destination).strip())
         yield len(matches)
         yield from self._send(event, matches)
@@ -381,15 +408,22 @@ def peer_policy(cfg: Config) -> PeerPolicy:
     """probe.qr_peers with their rights; the older allowlists as find + retrieve (their old meaning)."""
     pcfg = cfg.probe
     return PeerPolicy.from_config(
-        pcfg.qr_allowed_calling_aes, pcfg.qr_allowed_peers, rights=frozenset({FIND, RETRIEVE}),
-        entries=[(p.ae, p.host, p.rights) for p in pcfg.qr_peers])
+        pcfg.qr_allowed_calling_aes,
+        pcfg.qr_allowed_peers,
+        rights=frozenset({FIND, RETRIEVE}),
+        entries=[(p.ae, p.host, p.rights) for p in pcfg.qr_peers],
+    )
 
 
 def _log_rejection(event: evt.Event) -> None:
     """AE titles and address only: nothing about patients is known at association time."""
     req = event.assoc.requestor
-    log.warning("Q/R association rejected: calling AE %r from %s, called AE %r", req.ae_title, req.address,
-                event.assoc.acceptor.ae_title)
+    log.warning(
+        "Q/R association rejected: calling AE %r from %s, called AE %r",
+        req.ae_title,
+        req.address,
+        event.assoc.acceptor.ae_title,
+    )
 
 
 def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[ThreadedAssociationServer, FrontDoor]:
@@ -402,13 +436,19 @@ def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[ThreadedA
     pcfg = cfg.probe
     policy = peer_policy(cfg)
     if policy.open:
-        log.warning("Q/R front door closed: no probe.qr_peers configured, every association is refused. Open it"
-                    ' per peer, e.g. probe.qr_peers = [{ae = "VIEWER", host = "10.0.0.5", rights = ["find"]}]'
-                    ' (rights: "find", "retrieve")')
+        log.warning(
+            "Q/R front door closed: no probe.qr_peers configured, every association is refused. Open it"
+            ' per peer, e.g. probe.qr_peers = [{ae = "VIEWER", host = "10.0.0.5", rights = ["find"]}]'
+            ' (rights: "find", "retrieve")'
+        )
     else:
         for rule in policy.rules:
-            log.info("Q/R peer %r from %s: %s", rule.ae, ", ".join(sorted(rule.hosts)) or "any address",
-                     " + ".join(sorted(rule.rights)))
+            log.info(
+                "Q/R peer %r from %s: %s",
+                rule.ae,
+                ", ".join(sorted(rule.hosts)) or "any address",
+                " + ".join(sorted(rule.rights)),
+            )
     if pcfg.qr_allowed_calling_aes or pcfg.qr_allowed_peers:
         log.info("probe.qr_allowed_calling_aes / qr_allowed_peers are read as find + retrieve; prefer probe.qr_peers")
     gate = Gate(policy, closed=True, per_peer_limit=pcfg.qr_max_associations_per_peer, needs=NEEDS)
@@ -422,9 +462,14 @@ def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[ThreadedA
     ae.maximum_associations = pcfg.qr_max_associations
     ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = pcfg.qr_network_timeout_s
     ae.require_called_aet = True  # a wrong called AE: rejected, called-AE-title-not-recognized
-    for sop_class in (PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
-                      PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelFind,
-                      StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet):
+    for sop_class in (
+        PatientRootQueryRetrieveInformationModelFind,
+        PatientRootQueryRetrieveInformationModelMove,
+        PatientRootQueryRetrieveInformationModelGet,
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelMove,
+        StudyRootQueryRetrieveInformationModelGet,
+    ):
         ae.add_supported_context(sop_class)
     ae.add_supported_context(Verification)  # C-ECHO, answered by pynetdicom
     # C-GET sends on the requestor's association: accept its storage contexts in the SCP role.
@@ -435,10 +480,19 @@ def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[ThreadedA
         assert cx.abstract_syntax is not None  # (set in every one of pynetdicom's contexts)
         ae.add_supported_context(cx.abstract_syntax, syntaxes, scp_role=True, scu_role=False)
     server = ae.start_server(
-        (pcfg.qr_host, pcfg.qr_port), block=False, ssl_context=tls,
-        evt_handlers=[NODELAY_HANDLER, install_policy(gate), bound_reads(pcfg.qr_network_timeout_s),
-                      (evt.EVT_REJECTED, _log_rejection), BLOB_SENDER, (evt.EVT_C_FIND, door.on_find),
-                      (evt.EVT_C_MOVE, door.on_move), (evt.EVT_C_GET, door.on_get)],
+        (pcfg.qr_host, pcfg.qr_port),
+        block=False,
+        ssl_context=tls,
+        evt_handlers=[
+            NODELAY_HANDLER,
+            install_policy(gate),
+            bound_reads(pcfg.qr_network_timeout_s),
+            (evt.EVT_REJECTED, _log_rejection),
+            BLOB_SENDER,
+            (evt.EVT_C_FIND, door.on_find),
+            (evt.EVT_C_MOVE, door.on_move),
+            (evt.EVT_C_GET, door.on_get),
+        ],
     )
     assert server is not None  # (block=False returns the server)
     if tls:

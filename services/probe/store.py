@@ -22,7 +22,7 @@ import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -34,7 +34,9 @@ log = logging.getLogger("switchyard.probe.store")
 
 NAME = "probe.verify"
 
-SCHEMA = STATE_SCHEMA + """
+SCHEMA = (
+    STATE_SCHEMA
+    + """
 CREATE TABLE IF NOT EXISTS placements (
     placement_id VARCHAR PRIMARY KEY, sop_instance_uid VARCHAR, study_instance_uid VARCHAR,
     node_id VARCHAR, dataset_digest VARCHAR
@@ -68,6 +70,7 @@ ALTER TABLE placements ADD COLUMN IF NOT EXISTS verification_failures INTEGER DE
 ALTER TABLE expected ADD COLUMN IF NOT EXISTS blob_key VARCHAR DEFAULT '';
 ALTER TABLE expected ADD COLUMN IF NOT EXISTS verification_failures INTEGER DEFAULT 0;
 """
+)
 
 
 @dataclass(frozen=True)
@@ -90,16 +93,24 @@ class Expected:
     verification_failures: int = 0
 
 
-_EXPECTED = ("e.node_id, e.sop_instance_uid, e.study_instance_uid, e.placement_id, e.dataset_digest,"
-             " e.forwarded_at, {orthanc_id}, e.received_seq, e.attempt, e.avoid, e.pool, {found},"
-             " e.blob_key, e.verification_failures")
+_EXPECTED = (
+    "e.node_id, e.sop_instance_uid, e.study_instance_uid, e.placement_id, e.dataset_digest,"
+    " e.forwarded_at, {orthanc_id}, e.received_seq, e.attempt, e.avoid, e.pool, {found},"
+    " e.blob_key, e.verification_failures"
+)
 
 
 def _expected(row) -> Expected:
     *head, avoid, pool, found, blob_key, failures = row
     # mypy cannot tell that *head (the first nine columns) stops before these keywords
-    return Expected(*head, avoid=tuple(json.loads(avoid or "[]")), pool=pool or "",  # type: ignore[misc]
-                    found_digest=found, blob_key=blob_key or "", verification_failures=failures or 0)
+    return Expected(
+        *head,
+        avoid=tuple(json.loads(avoid or "[]")),
+        pool=pool or "",  # type: ignore[misc]
+        found_digest=found,
+        blob_key=blob_key or "",
+        verification_failures=failures or 0,
+    )
 
 
 def _quoted(path: Path) -> str:
@@ -107,7 +118,7 @@ def _quoted(path: Path) -> str:
 
 
 def _utc(at: datetime) -> datetime:
-    return at.astimezone(timezone.utc).replace(tzinfo=None)
+    return at.astimezone(UTC).replace(tzinfo=None)
 
 
 class ProbeStore:
@@ -161,6 +172,7 @@ class ProbeStore:
 
     def record_changes(self, node_id: str, seen: list[tuple[str, str, int, str | None]], last_change: int) -> None:
         """Instances (sop uid, orthanc id, change seq, dataset digest or None) seen on a node, with its new cursor."""
+
         def write(con):
             row = con.execute("SELECT last_change FROM node_cursor WHERE node_id = ?", [node_id]).fetchone()
             if row is not None and last_change < row[0]:
@@ -171,15 +183,21 @@ class ProbeStore:
                 # DELETE + INSERT: DuckDB's INSERT OR REPLACE costs about twice as much CPU.
                 last = {row[0]: row for row in seen}
                 sops, ids, changes, digests = (list(c) for c in zip(*last.values()))
-                con.execute("DELETE FROM seen WHERE node_id = $1 AND sop_instance_uid IN"
-                            " (SELECT unnest($2::VARCHAR[]))", [node_id, sops])
-                con.execute("INSERT INTO seen (node_id, sop_instance_uid, orthanc_id, change_seq, dataset_digest)"
-                            " SELECT $1, unnest($2::VARCHAR[]), unnest($3::VARCHAR[]), unnest($4::BIGINT[]),"
-                            " unnest($5::VARCHAR[])", [node_id, sops, ids, changes, digests])
+                con.execute(
+                    "DELETE FROM seen WHERE node_id = $1 AND sop_instance_uid IN (SELECT unnest($2::VARCHAR[]))",
+                    [node_id, sops],
+                )
+                con.execute(
+                    "INSERT INTO seen (node_id, sop_instance_uid, orthanc_id, change_seq, dataset_digest)"
+                    " SELECT $1, unnest($2::VARCHAR[]), unnest($3::VARCHAR[]), unnest($4::BIGINT[]),"
+                    " unnest($5::VARCHAR[])",
+                    [node_id, sops, ids, changes, digests],
+                )
             if row is None:
                 con.execute("INSERT INTO node_cursor VALUES (?, ?)", [node_id, last_change])
             else:
                 con.execute("UPDATE node_cursor SET last_change = ? WHERE node_id = ?", [last_change, node_id])
+
         self._tx(write)
 
     def ready_to_check(self, node_id: str) -> list[Expected]:
@@ -188,7 +206,8 @@ class ProbeStore:
             rows = self.con.execute(
                 f"SELECT {_EXPECTED.format(orthanc_id='s.orthanc_id', found='s.dataset_digest')}"
                 " FROM expected e JOIN seen s USING (node_id, sop_instance_uid)"
-                " WHERE e.node_id = ? AND e.state = 'pending' ORDER BY e.forwarded_at", [node_id],
+                " WHERE e.node_id = ? AND e.state = 'pending' ORDER BY e.forwarded_at",
+                [node_id],
             ).fetchall()
         return [_expected(r) for r in rows]
 
@@ -209,10 +228,12 @@ class ProbeStore:
         with self.lock:
             row = self.con.execute(
                 "SELECT min(e.forwarded_at) FROM expected e ANTI JOIN seen s USING (node_id, sop_instance_uid)"
-                " WHERE e.node_id = ? AND e.state = 'pending'", [node_id]).fetchone()
+                " WHERE e.node_id = ? AND e.state = 'pending'",
+                [node_id],
+            ).fetchone()
         if row is None or row[0] is None:
             return None
-        return row[0].replace(tzinfo=timezone.utc) + timedelta(seconds=deadline_s)
+        return row[0].replace(tzinfo=UTC) + timedelta(seconds=deadline_s)
 
     def settle_many(self, outcomes: list[tuple[str, str, str, str, str]]) -> None:
         """Close many expectations in one transaction: (node, sop, placement, state, detail)."""
@@ -240,8 +261,9 @@ class ProbeStore:
                 with transaction(self.con) as con:
                     for table in ("node_cursor", "seen"):
                         # By name: a live file from before a column was added lacks it (left NULL).
-                        cols = ", ".join(d[0] for d in con.execute(
-                            f"SELECT * FROM live.main.{table} LIMIT 0").description)
+                        cols = ", ".join(
+                            d[0] for d in con.execute(f"SELECT * FROM live.main.{table} LIMIT 0").description
+                        )
                         con.execute(f"INSERT OR REPLACE INTO {table} ({cols}) SELECT {cols} FROM live.main.{table}")
             finally:
                 self.con.execute("DETACH live")
@@ -261,18 +283,53 @@ def _settle_many(con, outcomes: list[tuple[str, str, str, str, str]]) -> None:
         "UPDATE expected SET state = u.state, detail = u.detail FROM (SELECT unnest($1::VARCHAR[]) AS node_id,"
         " unnest($2::VARCHAR[]) AS sop, unnest($3::VARCHAR[]) AS placement_id, unnest($4::VARCHAR[]) AS state,"
         " unnest($5::VARCHAR[]) AS detail) u WHERE expected.node_id = u.node_id"
-        " AND expected.sop_instance_uid = u.sop AND expected.placement_id = u.placement_id", cols)
+        " AND expected.sop_instance_uid = u.sop AND expected.placement_id = u.placement_id",
+        cols,
+    )
 
 
 # The tail from received_seq on is the placement's, copied into the expectation.
-_EXPECTED_COLUMNS = ("node_id", "sop_instance_uid", "study_instance_uid", "placement_id", "dataset_digest",
-                     "forwarded_at", "state", "detail", "received_seq", "attempt", "avoid", "pool",
-                     "blob_key", "verification_failures")
-_PLACEMENT_COLUMNS = ("placement_id", "sop_instance_uid", "study_instance_uid", "node_id", "dataset_digest",
-                      "received_seq", "attempt", "avoid", "pool", "blob_key", "verification_failures")
+_EXPECTED_COLUMNS = (
+    "node_id",
+    "sop_instance_uid",
+    "study_instance_uid",
+    "placement_id",
+    "dataset_digest",
+    "forwarded_at",
+    "state",
+    "detail",
+    "received_seq",
+    "attempt",
+    "avoid",
+    "pool",
+    "blob_key",
+    "verification_failures",
+)
+_PLACEMENT_COLUMNS = (
+    "placement_id",
+    "sop_instance_uid",
+    "study_instance_uid",
+    "node_id",
+    "dataset_digest",
+    "received_seq",
+    "attempt",
+    "avoid",
+    "pool",
+    "blob_key",
+    "verification_failures",
+)
 _PLACEMENT_TYPES = ["VARCHAR"] * 5 + ["BIGINT", "INTEGER", "VARCHAR", "VARCHAR", "VARCHAR", "INTEGER"]
-_EXPECTED_TYPES = ["VARCHAR"] * 5 + ["TIMESTAMP", "VARCHAR", "VARCHAR", "BIGINT", "INTEGER", "VARCHAR", "VARCHAR",
-                                     "VARCHAR", "INTEGER"]
+_EXPECTED_TYPES = ["VARCHAR"] * 5 + [
+    "TIMESTAMP",
+    "VARCHAR",
+    "VARCHAR",
+    "BIGINT",
+    "INTEGER",
+    "VARCHAR",
+    "VARCHAR",
+    "VARCHAR",
+    "INTEGER",
+]
 
 
 def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
@@ -289,31 +346,48 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
         return 0
     # Rows from earlier batches that this one moves: read once.
     placed_here = {e.event_id for _, e in todo if type(e) is ev.InstancePlacedV1}
-    wanted_placements = {e.placement_id for _, e in todo
-                         if type(e) is ev.InstanceForwardedV1 and e.placement_id not in placed_here}
+    wanted_placements = {
+        e.placement_id for _, e in todo if type(e) is ev.InstanceForwardedV1 and e.placement_id not in placed_here
+    }
     placements: dict[str, tuple | None] = {}  # placement id -> row, None once deleted
     if wanted_placements:
-        for r in con.execute(f"SELECT {', '.join(_PLACEMENT_COLUMNS)} FROM placements"
-                             " WHERE placement_id IN (SELECT unnest($1::VARCHAR[]))",
-                             [list(wanted_placements)]).fetchall():
+        for r in con.execute(
+            f"SELECT {', '.join(_PLACEMENT_COLUMNS)} FROM placements"
+            " WHERE placement_id IN (SELECT unnest($1::VARCHAR[]))",
+            [list(wanted_placements)],
+        ).fetchall():
             placements[r[0]] = r
-    judged = {(e.node_id, e.sop_instance_uid) for _, e in todo
-              if isinstance(e, (ev.InstanceVerifiedV1, ev.InstanceVerificationFailedV1))}
+    judged = {
+        (e.node_id, e.sop_instance_uid)
+        for _, e in todo
+        if isinstance(e, (ev.InstanceVerifiedV1, ev.InstanceVerificationFailedV1))
+    }
     expected: dict[tuple[str, str], list] = {}
     if judged:
         nodes, sops = zip(*judged)
         for r in con.execute(
-                f"SELECT {', '.join(_EXPECTED_COLUMNS)} FROM expected WHERE (node_id, sop_instance_uid) IN"
-                " (SELECT (unnest($1::VARCHAR[]), unnest($2::VARCHAR[])))", [list(nodes), list(sops)]).fetchall():
+            f"SELECT {', '.join(_EXPECTED_COLUMNS)} FROM expected WHERE (node_id, sop_instance_uid) IN"
+            " (SELECT (unnest($1::VARCHAR[]), unnest($2::VARCHAR[])))",
+            [list(nodes), list(sops)],
+        ).fetchall():
             expected[(r[0], r[1])] = list(r)
     dirty: set[tuple[str, str]] = set()
     deleted: set[str] = set()
     for _, event in todo:
         if type(event) is ev.InstancePlacedV1:
-            placements[event.event_id] = (event.event_id, event.sop_instance_uid, event.study_instance_uid,
-                                          event.node_id, event.dataset_digest, event.received_seq, event.attempt,
-                                          json.dumps(event.avoid), event.pool, event.blob_key,
-                                          event.verification_failures)
+            placements[event.event_id] = (
+                event.event_id,
+                event.sop_instance_uid,
+                event.study_instance_uid,
+                event.node_id,
+                event.dataset_digest,
+                event.received_seq,
+                event.attempt,
+                json.dumps(event.avoid),
+                event.pool,
+                event.blob_key,
+                event.verification_failures,
+            )
             deleted.discard(event.event_id)
         elif type(event) is ev.InstanceForwardedV1:
             placed = placements.get(event.placement_id)
@@ -322,30 +396,45 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
                 placements[event.placement_id] = None
                 deleted.add(event.placement_id)
                 key = (event.node_id, event.sop_instance_uid)
-                expected[key] = [*key, event.study_instance_uid, event.placement_id, placed[4],
-                                 _utc(event.occurred_at), "pending", "", *placed[5:]]
+                expected[key] = [
+                    *key,
+                    event.study_instance_uid,
+                    event.placement_id,
+                    placed[4],
+                    _utc(event.occurred_at),
+                    "pending",
+                    "",
+                    *placed[5:],
+                ]
                 dirty.add(key)
         elif type(event) is ev.InstanceDeadLetteredV1:
             placements[event.placement_id] = None
             deleted.add(event.placement_id)
-        elif ((type(event) is ev.InstanceVerifiedV1 and event.placement_id)
-              or type(event) is ev.InstanceVerificationFailedV1):
+        elif (type(event) is ev.InstanceVerifiedV1 and event.placement_id) or type(
+            event
+        ) is ev.InstanceVerificationFailedV1:
             key = (event.node_id, event.sop_instance_uid)
             row = expected.get(key)
             if row is not None and row[3] == event.placement_id:
-                row[6], row[7] = (("failed", event.reason) if isinstance(event, ev.InstanceVerificationFailedV1)
-                                  else ("verified", ""))
+                row[6], row[7] = (
+                    ("failed", event.reason) if isinstance(event, ev.InstanceVerificationFailedV1) else ("verified", "")
+                )
                 dirty.add(key)
     if deleted:
         con.execute("DELETE FROM placements WHERE placement_id IN (SELECT unnest($1::VARCHAR[]))", [list(deleted)])
     kept = [r for pid, r in placements.items() if r is not None and pid in placed_here]
     if kept:
-        con.execute(f"INSERT OR REPLACE INTO placements ({', '.join(_PLACEMENT_COLUMNS)}) SELECT "
-                    + ", ".join(f"unnest(${i}::{t}[])" for i, t in enumerate(_PLACEMENT_TYPES, start=1)),
-                    [list(c) for c in zip(*kept)])
+        con.execute(
+            f"INSERT OR REPLACE INTO placements ({', '.join(_PLACEMENT_COLUMNS)}) SELECT "
+            + ", ".join(f"unnest(${i}::{t}[])" for i, t in enumerate(_PLACEMENT_TYPES, start=1)),
+            [list(c) for c in zip(*kept)],
+        )
     if dirty:
         cols = [list(c) for c in zip(*(expected[k] for k in dirty))]
-        con.execute(f"INSERT OR REPLACE INTO expected ({', '.join(_EXPECTED_COLUMNS)}) SELECT "
-                    + ", ".join(f"unnest(${i}::{t}[])" for i, t in enumerate(_EXPECTED_TYPES, start=1)), cols)
+        con.execute(
+            f"INSERT OR REPLACE INTO expected ({', '.join(_EXPECTED_COLUMNS)}) SELECT "
+            + ", ".join(f"unnest(${i}::{t}[])" for i, t in enumerate(_EXPECTED_TYPES, start=1)),
+            cols,
+        )
     write_last_seq(con, NAME, todo[-1][0])
     return len(todo)

@@ -130,8 +130,9 @@ def compare(data: bytes, found: str, item: Expected, original: Original | None) 
     return True, found, REENCODED
 
 
-def confirm(client: OrthancClient, item: Expected, missing: str,
-            original: Original | None = None) -> tuple[bool, str, str]:
+def confirm(
+    client: OrthancClient, item: Expected, missing: str, original: Original | None = None
+) -> tuple[bool, str, str]:
     """Judge by the node's own index: look the SOP Instance UID up, read that instance back.
 
     The authority before any failure: a sighting (file meta, an earlier
@@ -146,8 +147,13 @@ def confirm(client: OrthancClient, item: Expected, missing: str,
 Outcome = tuple[Expected, bool, str, str]  # (item, ok, found digest, reason)
 
 
-def judge_all(client: OrthancClient, ready: list[Expected], overdue: list[Expected],
-              missing: str, original: Original | None = None) -> tuple[list[Outcome], OrthancError | None]:
+def judge_all(
+    client: OrthancClient,
+    ready: list[Expected],
+    overdue: list[Expected],
+    missing: str,
+    original: Original | None = None,
+) -> tuple[list[Outcome], OrthancError | None]:
     """Judge a poll's instances on one worker thread; stops at the first unanswered request (with it)."""
     out: list[Outcome] = []
     try:
@@ -166,18 +172,29 @@ def judge_all(client: OrthancClient, ready: list[Expected], overdue: list[Expect
 def verified_event(item: Expected, digest: str, reencoded: bool = False) -> ev.InstanceVerifiedV1:
     return ev.InstanceVerifiedV1(
         event_id=ev.fact_id("verified", item.node_id, item.sop_instance_uid, item.placement_id),
-        sop_instance_uid=item.sop_instance_uid, study_instance_uid=item.study_instance_uid,
-        node_id=item.node_id, placement_id=item.placement_id, dataset_digest=digest, reencoded=reencoded,
+        sop_instance_uid=item.sop_instance_uid,
+        study_instance_uid=item.study_instance_uid,
+        node_id=item.node_id,
+        placement_id=item.placement_id,
+        dataset_digest=digest,
+        reencoded=reencoded,
     )
 
 
 def failed_event(item: Expected, reason: str, found: str = "") -> ev.InstanceVerificationFailedV1:
     return ev.InstanceVerificationFailedV1(
         event_id=ev.fact_id("verification_failed", item.node_id, item.sop_instance_uid, item.placement_id),
-        sop_instance_uid=item.sop_instance_uid, study_instance_uid=item.study_instance_uid,
-        node_id=item.node_id, placement_id=item.placement_id, reason=reason,
-        expected_digest=item.dataset_digest, found_digest=found,
-        received_seq=item.received_seq, attempt=item.attempt, avoid=list(item.avoid), pool=item.pool,
+        sop_instance_uid=item.sop_instance_uid,
+        study_instance_uid=item.study_instance_uid,
+        node_id=item.node_id,
+        placement_id=item.placement_id,
+        reason=reason,
+        expected_digest=item.dataset_digest,
+        found_digest=found,
+        received_seq=item.received_seq,
+        attempt=item.attempt,
+        avoid=list(item.avoid),
+        pool=item.pool,
         verification_failures=item.verification_failures,
     )
 
@@ -187,12 +204,15 @@ class Verifier:
         self.cfg = cfg
         self.store = store
         self.bus = bus
-        self.outcomes = Counter("switchyard_probe_verifications", "Verification outcomes published",
-                                ["node", "outcome"], registry=registry)
-        self.changes = Counter("switchyard_probe_changes_seen", "NewInstance changes read from nodes",
-                               ["node"], registry=registry)
-        self.log_seq = Gauge("switchyard_probe_verify_last_seq", "Last stream sequence in the verification store",
-                             registry=registry)
+        self.outcomes = Counter(
+            "switchyard_probe_verifications", "Verification outcomes published", ["node", "outcome"], registry=registry
+        )
+        self.changes = Counter(
+            "switchyard_probe_changes_seen", "NewInstance changes read from nodes", ["node"], registry=registry
+        )
+        self.log_seq = Gauge(
+            "switchyard_probe_verify_last_seq", "Last stream sequence in the verification store", registry=registry
+        )
         # Per node: its /changes cursor (this process is its only writer), and after a poll
         # that found nothing to judge, (store generation, next deadline) to skip idle queries.
         self.cursors: dict[str, int] = {}
@@ -274,8 +294,8 @@ class Verifier:
         error: Exception | None = None
         try:
             for start in range(0, len(events), PUBLISH_WINDOW):
-                acks = await self.bus.publish_many(events[start:start + PUBLISH_WINDOW])
-                for (item, ok, _found, reason), ack in zip(outcomes[start:start + PUBLISH_WINDOW], acks):
+                acks = await self.bus.publish_many(events[start : start + PUBLISH_WINDOW])
+                for (item, ok, _found, reason), ack in zip(outcomes[start : start + PUBLISH_WINDOW], acks):
                     if isinstance(ack, Exception):
                         error = error or ack
                         continue

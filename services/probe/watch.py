@@ -40,8 +40,9 @@ def _load(client: OrthancClient) -> tuple[dict, int]:
     return client.statistics(), client.pending_jobs()
 
 
-async def observe(node: NodeConfig, calling_ae: str, timeout: float,
-                  client: OrthancClient | None = None) -> ev.NodeHeartbeatV1:
+async def observe(
+    node: NodeConfig, calling_ae: str, timeout: float, client: OrthancClient | None = None
+) -> ev.NodeHeartbeatV1:
     """One look at one node: REST on a worker thread (http.client blocks), C-ECHO on the loop.
 
     ``client``: the watch's own, so its keep-alive connection serves every look.
@@ -52,21 +53,26 @@ async def observe(node: NodeConfig, calling_ae: str, timeout: float,
     try:
         stats, pending = await asyncio.to_thread(_load, client)
     except (OrthancError, ValueError, KeyError) as exc:
-        return ev.NodeHeartbeatV1(event_id=event_id, occurred_at=now, node_id=node.id, up=False,
-                                  error=f"REST: {exc}")
+        return ev.NodeHeartbeatV1(event_id=event_id, occurred_at=now, node_id=node.id, up=False, error=f"REST: {exc}")
     rtt = await echo_rtt_ms(node, calling_ae, timeout)
     extra = await asyncio.to_thread(enrich, client)
     return ev.NodeHeartbeatV1(
-        event_id=event_id, occurred_at=now, node_id=node.id, up=rtt is not None,
+        event_id=event_id,
+        occurred_at=now,
+        node_id=node.id,
+        up=rtt is not None,
         error="" if rtt is not None else "C-ECHO failed",
-        pending_jobs=pending, instance_count=int(stats.get("CountInstances", 0)),
-        disk_used_bytes=int(stats.get("TotalDiskSize", 0)), rtt_ms=None if rtt is None else round(rtt, 3),
+        pending_jobs=pending,
+        instance_count=int(stats.get("CountInstances", 0)),
+        disk_used_bytes=int(stats.get("TotalDiskSize", 0)),
+        rtt_ms=None if rtt is None else round(rtt, 3),
         **extra,
     )
 
 
-async def watch(cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gauge, beats: Counter,
-                stop: asyncio.Event) -> None:
+async def watch(
+    cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gauge, beats: Counter, stop: asyncio.Event
+) -> None:
     pcfg = cfg.probe
     was_up: bool | None = None
     client: OrthancClient | None = None
@@ -81,8 +87,12 @@ async def watch(cfg: Config, member: membership.Member, bus: Bus, up_gauge: Gaug
             hb = await observe(node, pcfg.ae_title, pcfg.timeout_s, client)
         except Exception as exc:  # noqa: BLE001 - a node's watch must outlive any one bad look
             log.exception("observing node %s failed", node.id)
-            hb = ev.NodeHeartbeatV1(event_id=ev.fact_id("heartbeat", node.id, ev.utcnow().isoformat()),
-                                    node_id=node.id, up=False, error=f"probe: {type(exc).__name__}")
+            hb = ev.NodeHeartbeatV1(
+                event_id=ev.fact_id("heartbeat", node.id, ev.utcnow().isoformat()),
+                node_id=node.id,
+                up=False,
+                error=f"probe: {type(exc).__name__}",
+            )
         up_gauge.labels(node=node.id).set(1 if hb.up else 0)
         if hb.up != was_up:
             log.info("node %s is %s%s", node.id, "up" if hb.up else "down", f" ({hb.error})" if hb.error else "")

@@ -89,8 +89,7 @@ class Affinity:
                 rev = await self.kv.create(key, node_id.encode())
             else:
                 rev = await self.kv.update(key, node_id.encode(), last=known[1])
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError,
-                nats.js.errors.APIError):
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError, nats.js.errors.APIError):
             self.cache.pop(study, None)
             current = await self.get(study)
             return current[0] if current is not None else node_id
@@ -105,8 +104,7 @@ class Affinity:
         try:
             await self.kv.create(key, value)
             return None
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError,
-                nats.js.errors.APIError):
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.BadRequestError, nats.js.errors.APIError):
             pass
         try:
             entry = await self.kv.get(key)
@@ -133,5 +131,6 @@ async def affinity_bucket(bus: Bus, cfg: Config):
     try:
         return await bus.js.key_value(AFFINITY_BUCKET)
     except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
-        return await bus.js.create_key_value(KeyValueConfig(
-            bucket=AFFINITY_BUCKET, history=1, storage=storage, replicas=cfg.nats.replicas))
+        return await bus.js.create_key_value(
+            KeyValueConfig(bucket=AFFINITY_BUCKET, history=1, storage=storage, replicas=cfg.nats.replicas)
+        )

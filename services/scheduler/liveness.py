@@ -69,7 +69,8 @@ class Liveness:
         if prev is not None and prev[1].up and hb.up:
             old = prev[1]
             hb = msgspec.structs.replace(
-                hb, pending_jobs=round(_smooth(old.pending_jobs, hb.pending_jobs, self.alpha)),
+                hb,
+                pending_jobs=round(_smooth(old.pending_jobs, hb.pending_jobs, self.alpha)),
                 rtt_ms=_smooth(old.rtt_ms, hb.rtt_ms, self.alpha),
                 cpu_percent=_smooth(old.cpu_percent, hb.cpu_percent, self.alpha),
             )
@@ -99,8 +100,11 @@ class Liveness:
         deadline = (max(seen[0], since) + self.timeout_s) if seen else (since + 3 * self.timeout_s)
         if now <= deadline:
             return False
-        return any(t > deadline for other, (t, _) in self.heartbeats.items()
-                   if other != node_id and self.pool.get(other) is not None)
+        return any(
+            t > deadline
+            for other, (t, _) in self.heartbeats.items()
+            if other != node_id and self.pool.get(other) is not None
+        )
 
     def probe_lost(self, now: float) -> bool:
         """No heartbeat from any node within the timeout, while some were heard (or the grace passed)."""
@@ -134,20 +138,28 @@ class Liveness:
             _, hb = seen
             # Back from "down" only once the "up" event is in the log: the forwarders
             # follow the log, so they deliver to the node again before it gets new work.
-            out.append(NodeView(
-                node_id, live=self.observed_live(node_id, now) and not m.down, drained=m.drained,
-                pending_jobs=hb.pending_jobs, instance_count=hb.instance_count,
-                disk_free_bytes=hb.disk_free_bytes, cpu_percent=hb.cpu_percent, rtt_ms=hb.rtt_ms,
-                reserved=self.reserved.get(node_id, 0),
-            ))
+            out.append(
+                NodeView(
+                    node_id,
+                    live=self.observed_live(node_id, now) and not m.down,
+                    drained=m.drained,
+                    pending_jobs=hb.pending_jobs,
+                    instance_count=hb.instance_count,
+                    disk_free_bytes=hb.disk_free_bytes,
+                    cpu_percent=hb.cpu_percent,
+                    rtt_ms=hb.rtt_ms,
+                    reserved=self.reserved.get(node_id, 0),
+                )
+            )
         return out
 
 
 class NodeWatch:
     """Feeds ``Liveness`` from heartbeats, records down/up transitions, exports liveness gauges."""
 
-    def __init__(self, cfg: SchedulerConfig, bus: Bus, pool: membership.Pool, live: Liveness,
-                 registry: CollectorRegistry) -> None:
+    def __init__(
+        self, cfg: SchedulerConfig, bus: Bus, pool: membership.Pool, live: Liveness, registry: CollectorRegistry
+    ) -> None:
         self.cfg = cfg
         self.bus = bus
         self.pool = pool
@@ -155,16 +167,19 @@ class NodeWatch:
         self.weights: Weights = cfg.weights
         self.hb_decoder = msgspec.json.Decoder(ev.NodeHeartbeatV1)
         self.sent_transitions: set[str] = set()
-        self.live_nodes = Gauge("switchyard_scheduler_live_nodes", "Nodes eligible for new work",
-                                registry=registry)
-        self.node_live = Gauge("switchyard_scheduler_node_live", "1 when the node may get new work",
-                               ["node"], registry=registry)
-        self.node_score = Gauge("switchyard_scheduler_node_score", "Load score (lower gets new studies)",
-                                ["node"], registry=registry)
+        self.live_nodes = Gauge("switchyard_scheduler_live_nodes", "Nodes eligible for new work", registry=registry)
+        self.node_live = Gauge(
+            "switchyard_scheduler_node_live", "1 when the node may get new work", ["node"], registry=registry
+        )
+        self.node_score = Gauge(
+            "switchyard_scheduler_node_score", "Load score (lower gets new studies)", ["node"], registry=registry
+        )
         self.lost = False
-        self.probe_lost = Gauge("switchyard_scheduler_probe_lost",
-                                "1 while no node's heartbeat arrives: membership frozen (alert on it)",
-                                registry=registry)
+        self.probe_lost = Gauge(
+            "switchyard_scheduler_probe_lost",
+            "1 while no node's heartbeat arrives: membership frozen (alert on it)",
+            registry=registry,
+        )
 
     async def on_heartbeat(self, msg) -> None:
         try:
@@ -196,8 +211,11 @@ class NodeWatch:
             self.lost = lost
             self.probe_lost.set(1 if lost else 0)
             if lost:
-                log.warning("probe lost: no heartbeat from any node for %gs; membership frozen "
-                            "(no node marked down, placements go to the nodes as last seen)", self.live.timeout_s)
+                log.warning(
+                    "probe lost: no heartbeat from any node for %gs; membership frozen "
+                    "(no node marked down, placements go to the nodes as last seen)",
+                    self.live.timeout_s,
+                )
             else:
                 log.warning("probe back: heartbeats resumed, membership follows them again")
         if lost:

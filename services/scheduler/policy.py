@@ -73,5 +73,4 @@ def place(study_uid: str, nodes: Iterable[NodeView], affinity: str | None, w: We
     best = scored[0][1]
     tied = [node_id for node_id, s in scored if s <= best + w.tie]
     chosen = max(tied, key=lambda node_id: _rendezvous(study_uid, node_id))
-    return Decision(chosen, PlacementReason.FAILOVER if affinity is not None else PlacementReason.NEW_STUDY,
-                    candidates)
+    return Decision(chosen, PlacementReason.FAILOVER if affinity is not None else PlacementReason.NEW_STUDY, candidates)

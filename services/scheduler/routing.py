@@ -71,4 +71,3 @@ def in_pool(nodes: Iterable[NodeView], pool: str, pools: Mapping[str, list[str]]
     """Only the pool's nodes are candidates."""
     members = pool_members(pool, pools)
     return list(nodes) if members is None else [n for n in nodes if n.node_id in members]
-

@@ -33,7 +33,11 @@ from services.scheduler.routing import DEFAULT_POOL, in_pool, route
 from shared import events as ev
 from shared import membership
 from shared.bus import (
-    Bus, BusUnavailable, PublishUncertain, replacement_consumer, scheduler_consumer,
+    Bus,
+    BusUnavailable,
+    PublishUncertain,
+    replacement_consumer,
+    scheduler_consumer,
     verification_failed_consumer,
 )
 from shared.config import Config
@@ -65,26 +69,27 @@ def placement_id(sop_instance_uid: str, received_seq: int, attempt: int, pool: s
 
 
 class Scheduler:
-    def __init__(self, cfg: Config, bus: Bus, registry: CollectorRegistry, tr, pool: membership.Pool,
-                 kv) -> None:
+    def __init__(self, cfg: Config, bus: Bus, registry: CollectorRegistry, tr, pool: membership.Pool, kv) -> None:
         self.cfg = cfg
         self.bus = bus
         self.tracer = tr
         self.weights = cfg.scheduler.weights
         self.pool = pool
-        self.live = Liveness(pool, cfg.scheduler.heartbeat_timeout_s, cfg.scheduler.load_smoothing,
-                             time.monotonic())
+        self.live = Liveness(pool, cfg.scheduler.heartbeat_timeout_s, cfg.scheduler.load_smoothing, time.monotonic())
         self.watch = NodeWatch(cfg.scheduler, bus, pool, self.live, registry)
         self.affinity = Affinity(kv)
-        self.placements = Counter("switchyard_scheduler_placements", "Placement decisions",
-                                  ["node", "reason"], registry=registry)
-        self.waiting = Counter("switchyard_scheduler_no_live_node", "Instances that found no live node",
-                               registry=registry)
-        self.given_up = Counter("switchyard_scheduler_final_dead_letters",
-                                "Failed deliveries (dead letters, failed verifications) not placed again",
-                                registry=registry)
-        self.decision_seconds = Histogram("switchyard_scheduler_decision_seconds", "Decision time",
-                                          registry=registry)
+        self.placements = Counter(
+            "switchyard_scheduler_placements", "Placement decisions", ["node", "reason"], registry=registry
+        )
+        self.waiting = Counter(
+            "switchyard_scheduler_no_live_node", "Instances that found no live node", registry=registry
+        )
+        self.given_up = Counter(
+            "switchyard_scheduler_final_dead_letters",
+            "Failed deliveries (dead letters, failed verifications) not placed again",
+            registry=registry,
+        )
+        self.decision_seconds = Histogram("switchyard_scheduler_decision_seconds", "Decision time", registry=registry)
 
     async def on_state(self, member: membership.Member, event: ev.NodeStateChangedV1) -> None:
         """A membership change from the log: studies on a node that left are read from the KV again."""
@@ -97,13 +102,23 @@ class Scheduler:
 
     def pool_views(self, pool: str, avoid: tuple[str, ...] = ()) -> list[NodeView]:
         """The nodes of ``pool`` (all for the default pool), without ``avoid``."""
-        return in_pool(self.live.views(time.monotonic(), frozenset(avoid)), pool or DEFAULT_POOL,
-                       self.cfg.routing.pools)
+        return in_pool(
+            self.live.views(time.monotonic(), frozenset(avoid)), pool or DEFAULT_POOL, self.cfg.routing.pools
+        )
 
-    async def decide(self, seq: int, received: ev.InstanceReceivedV1, attempt: int = 0,
-                     avoid: tuple[str, ...] = (), replaces: str = "", reason: PlacementReason | None = None,
-                     pool: str = "", rule: str = "", event_id: str = "",
-                     verification_failures: int = 0) -> ev.InstancePlacedV1 | None:
+    async def decide(
+        self,
+        seq: int,
+        received: ev.InstanceReceivedV1,
+        attempt: int = 0,
+        avoid: tuple[str, ...] = (),
+        replaces: str = "",
+        reason: PlacementReason | None = None,
+        pool: str = "",
+        rule: str = "",
+        event_id: str = "",
+        verification_failures: int = 0,
+    ) -> ev.InstancePlacedV1 | None:
         """One placement in ``pool`` ("": the default pool); None when no node of the pool can take it.
 
         ``event_id``: set for a hand-back that used up no attempt (its id comes from the
@@ -164,14 +179,25 @@ class Scheduler:
         traceparent, tracestate = current_trace_context()
         return ev.InstancePlacedV1(
             event_id=event_id or placement_id(received.sop_instance_uid, seq, attempt, pool),
-            traceparent=traceparent, tracestate=tracestate,
-            sop_instance_uid=received.sop_instance_uid, study_instance_uid=study,
-            sop_class_uid=received.sop_class_uid, transfer_syntax_uid=received.transfer_syntax_uid,
-            blob_key=received.blob_key, dataset_digest=received.dataset_digest,
-            node_id=node_id, reason=why,
+            traceparent=traceparent,
+            tracestate=tracestate,
+            sop_instance_uid=received.sop_instance_uid,
+            study_instance_uid=study,
+            sop_class_uid=received.sop_class_uid,
+            transfer_syntax_uid=received.transfer_syntax_uid,
+            blob_key=received.blob_key,
+            dataset_digest=received.dataset_digest,
+            node_id=node_id,
+            reason=why,
             candidates=[ev.Candidate(n, round(s, 6)) for n, s in decision.candidates],
-            attempt=attempt, received_seq=seq, replaces=replaces, avoid=list(avoid),
-            study_moved_from=moved_from, rule=rule, pool=pool, verification_failures=verification_failures,
+            attempt=attempt,
+            received_seq=seq,
+            replaces=replaces,
+            avoid=list(avoid),
+            study_moved_from=moved_from,
+            rule=rule,
+            pool=pool,
+            verification_failures=verification_failures,
         )
 
     async def _consume(self, config, handler, stop: asyncio.Event) -> None:
@@ -235,9 +261,8 @@ class Scheduler:
             waiting, recorded = [], True
             for pool in chosen.pools:
                 try:
-                    placed = await self.decide(seq, received, pool="" if not chosen.rule else pool,
-                                               rule=chosen.rule)
-                except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                    placed = await self.decide(seq, received, pool="" if not chosen.rule else pool, rule=chosen.rule)
+                except (TimeoutError, nats.errors.Error) as exc:
                     # The affinity bucket did not answer: not acked, tried again.
                     log.warning("affinity lookup for %s failed (%s); retrying", received.sop_instance_uid, exc)
                     await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
@@ -252,8 +277,12 @@ class Scheduler:
             if waiting:
                 # Never elsewhere: the instance waits until a node of the pool can take it.
                 self.waiting.inc()
-                log.warning("no live node in pool %s for %s; retrying in %.1fs", ",".join(waiting),
-                            received.sop_instance_uid, self.cfg.scheduler.no_node_retry_s)
+                log.warning(
+                    "no live node in pool %s for %s; retrying in %.1fs",
+                    ",".join(waiting),
+                    received.sop_instance_uid,
+                    self.cfg.scheduler.no_node_retry_s,
+                )
                 await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
                 return
             if recorded:
@@ -267,13 +296,18 @@ class Scheduler:
         """Delivered, but the probe could not confirm it on the node: a failed delivery, place it again."""
         await self._replace_from(msg, ev.InstanceVerificationFailedV1)
 
-    async def _replace_from(self, msg: Msg,
-                            kind: type[ev.InstanceDeadLetteredV1 | ev.InstanceVerificationFailedV1]) -> None:
+    async def _replace_from(
+        self, msg: Msg, kind: type[ev.InstanceDeadLetteredV1 | ev.InstanceVerificationFailedV1]
+    ) -> None:
         failed = await self.bus.accept(msg)  # undecodable or forged: terminated
         if failed is None:
             return
-        if (not isinstance(failed, (ev.InstanceDeadLetteredV1, ev.InstanceVerificationFailedV1))
-                or not isinstance(failed, kind) or failed.received_seq <= 0 or getattr(failed, "final", False)):
+        if (
+            not isinstance(failed, (ev.InstanceDeadLetteredV1, ev.InstanceVerificationFailedV1))
+            or not isinstance(failed, kind)
+            or failed.received_seq <= 0
+            or getattr(failed, "final", False)
+        ):
             await msg.ack()
             return
         if isinstance(failed, ev.InstanceVerificationFailedV1) and failed.verification_failures >= 1:
@@ -287,8 +321,7 @@ class Scheduler:
         # bounded all the same (a flapping node cannot loop an instance forever).
         handbacks = getattr(failed, "handbacks", 0) + (not getattr(failed, "counts_as_attempt", True))
         if attempt - handbacks >= self.cfg.scheduler.max_attempts or attempt >= 4 * self.cfg.scheduler.max_attempts:
-            log.warning("%s failed for good after %d placements: %s", failed.sop_instance_uid,
-                        attempt, failed.reason)
+            log.warning("%s failed for good after %d placements: %s", failed.sop_instance_uid, attempt, failed.reason)
             self.given_up.inc()
             await msg.ack()
             return
@@ -307,19 +340,28 @@ class Scheduler:
         # not eligible while down, and may take the instance again once back.
         avoid = tuple(dict.fromkeys([*failed.avoid, *([] if node_gone else [failed.node_id])]))
         try:
-            placed = await self.decide(failed.received_seq, received, attempt, avoid, failed.placement_id,
-                                       PlacementReason.FAILOVER if node_gone else PlacementReason.REPLACEMENT,
-                                       pool=failed.pool, event_id=event_id,
-                                       verification_failures=failed.verification_failures + 1
-                                       if isinstance(failed, ev.InstanceVerificationFailedV1) else 0)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            placed = await self.decide(
+                failed.received_seq,
+                received,
+                attempt,
+                avoid,
+                failed.placement_id,
+                PlacementReason.FAILOVER if node_gone else PlacementReason.REPLACEMENT,
+                pool=failed.pool,
+                event_id=event_id,
+                verification_failures=failed.verification_failures + 1
+                if isinstance(failed, ev.InstanceVerificationFailedV1)
+                else 0,
+            )
+        except (TimeoutError, nats.errors.Error) as exc:
             log.warning("affinity lookup for %s failed (%s); retrying", failed.sop_instance_uid, exc)
             await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
             return
         if placed is None:
             if any(v.eligible for v in self.pool_views(failed.pool)):
-                log.warning("%s: no node left in its pool that has not failed it; failed for good",
-                            failed.sop_instance_uid)
+                log.warning(
+                    "%s: no node left in its pool that has not failed it; failed for good", failed.sop_instance_uid
+                )
                 self.given_up.inc()
                 await msg.ack()
                 return
@@ -335,11 +377,16 @@ class Scheduler:
         nodes = failed.verification_failures + 1
         dead = ev.InstanceDeadLetteredV1(
             event_id=ev.fact_id("dead_lettered_final", failed.node_id, failed.sop_instance_uid, failed.placement_id),
-            sop_instance_uid=failed.sop_instance_uid, study_instance_uid=failed.study_instance_uid,
-            node_id=failed.node_id, placement_id=failed.placement_id,
+            sop_instance_uid=failed.sop_instance_uid,
+            study_instance_uid=failed.study_instance_uid,
+            node_id=failed.node_id,
+            placement_id=failed.placement_id,
             reason=f"verification failed on {nodes} nodes ({failed.reason}): an instance problem, for an operator",
-            received_seq=failed.received_seq, attempt=failed.attempt,
-            avoid=list(dict.fromkeys([*failed.avoid, failed.node_id])), pool=failed.pool, final=True,
+            received_seq=failed.received_seq,
+            attempt=failed.attempt,
+            avoid=list(dict.fromkeys([*failed.avoid, failed.node_id])),
+            pool=failed.pool,
+            final=True,
         )
         try:
             ack = await self.bus.publish(dead)
@@ -349,6 +396,7 @@ class Scheduler:
             return
         if not ack.duplicate:
             self.given_up.inc()
-            log.warning("%s failed verification on %d nodes: dead-lettered for an operator",
-                        failed.sop_instance_uid, nodes)
+            log.warning(
+                "%s failed verification on %d nodes: dead-lettered for an operator", failed.sop_instance_uid, nodes
+            )
         await msg.ack()

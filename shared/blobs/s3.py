@@ -130,9 +130,7 @@ class S3BlobStore(BlobStore):
             check_bucket_name(self.bucket)
             http = urllib3.PoolManager(
                 timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
-                retries=urllib3.Retry(
-                    total=RETRIES, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
-                ),
+                retries=urllib3.Retry(total=RETRIES, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
                 # Ingest stores from its io pool, up to max_associations threads at once.
                 maxsize=32,
                 cert_reqs="CERT_REQUIRED",
@@ -148,8 +146,9 @@ class S3BlobStore(BlobStore):
             )
         except ValueError as exc:
             # No str(exc) of the whole config: keep the keys out of messages.
-            raise BlobStoreError(f"invalid s3 configuration ({self.endpoint}, bucket "
-                                 f"{self.bucket!r}): {_short(str(exc))}") from exc
+            raise BlobStoreError(
+                f"invalid s3 configuration ({self.endpoint}, bucket {self.bucket!r}): {_short(str(exc))}"
+            ) from exc
         self._bucket_lock = threading.Lock()
         self._bucket_ready = False
 

@@ -29,8 +29,14 @@ import msgspec
 import pyarrow as pa
 
 from shared import events as ev
-from shared.readmodel.store import (BULK_FOLD_BYTES, STATE_SCHEMA, BulkRejected, read_last_seq, transaction,
-                                    write_last_seq)
+from shared.readmodel.store import (
+    BULK_FOLD_BYTES,
+    STATE_SCHEMA,
+    BulkRejected,
+    read_last_seq,
+    transaction,
+    write_last_seq,
+)
 
 NAME = "catalog"
 log = logging.getLogger("switchyard.readmodel.catalog")
@@ -39,7 +45,9 @@ T = TypeVar("T")
 # Timestamps are stored as UTC in plain TIMESTAMP columns (TIMESTAMPTZ would need
 # pytz to be read back from Python).
 
-SCHEMA = STATE_SCHEMA + """
+SCHEMA = (
+    STATE_SCHEMA
+    + """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid VARCHAR PRIMARY KEY,
     sop_class_uid VARCHAR, study_instance_uid VARCHAR, series_instance_uid VARCHAR,
@@ -86,15 +94,43 @@ CREATE OR REPLACE VIEW series AS
            min(series_number) AS series_number, count(*) AS instances, sum(size) AS bytes
     FROM instances GROUP BY series_instance_uid;
 """
+)
 
 _RECEIVED_COLUMNS = (
-    "sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid",
-    "transfer_syntax_uid", "modality", "patient_id", "patient_name", "patient_birth_date",
-    "accession_number", "study_date", "study_description", "series_number", "instance_number",
-    "size", "dataset_digest", "blob_key", "calling_ae", "called_ae", "peer_address", "peer_port",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "transfer_syntax_uid",
+    "modality",
+    "patient_id",
+    "patient_name",
+    "patient_birth_date",
+    "accession_number",
+    "study_date",
+    "study_description",
+    "series_number",
+    "instance_number",
+    "size",
+    "dataset_digest",
+    "blob_key",
+    "calling_ae",
+    "called_ae",
+    "peer_address",
+    "peer_port",
 )
-_LOCATION_COLUMNS = ("sop_instance_uid", "study_instance_uid", "node_id", "state", "placement_id",
-                     "reason", "detail", "updated_seq", "updated_at", "pool")
+_LOCATION_COLUMNS = (
+    "sop_instance_uid",
+    "study_instance_uid",
+    "node_id",
+    "state",
+    "placement_id",
+    "reason",
+    "detail",
+    "updated_seq",
+    "updated_at",
+    "pool",
+)
 
 
 def _tag(kind: type[msgspec.Struct]) -> str:
@@ -117,8 +153,7 @@ LOCATION_MOVES: dict[str, tuple[ev.LocationState, str, str | None]] = {
 }
 LOCATION_STATES: tuple[ev.LocationState, ...] = tuple(ev.LocationState)
 EVENT_TYPES = tuple(_tag(kind) for kind in typing.get_args(ev.AnyEvent))
-_RECEIVED, _PLACED, _NODE_STATE = (_tag(k) for k in (ev.InstanceReceivedV1, ev.InstancePlacedV1,
-                                                     ev.NodeStateChangedV1))
+_RECEIVED, _PLACED, _NODE_STATE = (_tag(k) for k in (ev.InstanceReceivedV1, ev.InstancePlacedV1, ev.NodeStateChangedV1))
 
 
 def _lit(value: object) -> str:
@@ -162,18 +197,21 @@ def _parsed(fields: tuple[str, ...], types: tuple[str, ...]) -> str:
     the left did not select, so the common case never parses in the filter).
     """
     shape = {f: "JSON" if f == "extra_tags" else "VARCHAR" for f in ("type", *fields)}
-    tagged = " OR ".join("starts_with(payload, " + _lit('{"type":' + msgspec.json.encode(t).decode()) + ")"
-                         for t in types)
+    tagged = " OR ".join(
+        "starts_with(payload, " + _lit('{"type":' + msgspec.json.encode(t).decode()) + ")" for t in types
+    )
     return (
         f"(SELECT seq, payload, {', '.join(_column(f) for f in fields)} FROM ("
         f"SELECT seq, payload, json_transform(payload, {_lit(msgspec.json.encode(shape).decode())}) AS j"
         " FROM (SELECT seq, decode(payload) AS payload FROM raw_batch WHERE seq > $1)"
-        f") WHERE {tagged} OR (NOT starts_with(payload, '{{\"type\":\"') AND j.type IN ({', '.join(map(_lit, types))})))"
+        f') WHERE {tagged} OR (NOT starts_with(payload, \'{{"type":"\') AND j.type IN ({", ".join(map(_lit, types))})))'
     )
 
 
 _EVENT_FIELDS = ("event_id", "type", "sop_instance_uid", "study_instance_uid", "node_id", "occurred_at")
-_EVENTS_SQL = f"INSERT INTO events SELECT seq, {', '.join(_EVENT_FIELDS)}, payload FROM {_parsed(_EVENT_FIELDS, EVENT_TYPES)}"
+_EVENTS_SQL = (
+    f"INSERT INTO events SELECT seq, {', '.join(_EVENT_FIELDS)}, payload FROM {_parsed(_EVENT_FIELDS, EVENT_TYPES)}"
+)
 # The latest received event per instance wins; ``versions`` counts the received events
 # whose dataset digest differs from the one before (the same SOP Instance UID re-sent
 # with other content), across batches, so a rebuild counts as the live fold did.
@@ -198,10 +236,24 @@ _MOVES = " UNION ALL ".join(
 # stored row), then the last matching move sets state and time, the last matching move
 # that sets a detail sets it.
 _LOCATIONS_SQL = f"""
-INSERT OR REPLACE INTO locations ({', '.join(_LOCATION_COLUMNS)})
+INSERT OR REPLACE INTO locations ({", ".join(_LOCATION_COLUMNS)})
 WITH moves AS ({_MOVES}),
-staged AS (SELECT * FROM {_parsed(("type", "event_id", "sop_instance_uid", "study_instance_uid", "node_id",
-                                   "placement_id", "reason", "occurred_at", "pool"), (_PLACED, *LOCATION_MOVES))}),
+staged AS (SELECT * FROM {
+    _parsed(
+        (
+            "type",
+            "event_id",
+            "sop_instance_uid",
+            "study_instance_uid",
+            "node_id",
+            "placement_id",
+            "reason",
+            "occurred_at",
+            "pool",
+        ),
+        (_PLACED, *LOCATION_MOVES),
+    )
+}),
 placed AS (
     SELECT sop_instance_uid, study_instance_uid, node_id, event_id AS placement_id, reason, seq, occurred_at,
            coalesce(pool, '') AS pool
@@ -215,7 +267,7 @@ base AS (
            reason, '' AS detail,
            seq AS updated_seq, occurred_at AS updated_at, pool, seq AS from_seq FROM placed
     UNION ALL
-    SELECT {', '.join('l.' + c for c in _LOCATION_COLUMNS)}, 0 AS from_seq FROM locations l
+    SELECT {", ".join("l." + c for c in _LOCATION_COLUMNS)}, 0 AS from_seq FROM locations l
     WHERE l.sop_instance_uid IN (SELECT sop_instance_uid FROM moving)
       AND NOT EXISTS (SELECT 1 FROM placed p WHERE p.sop_instance_uid = l.sop_instance_uid AND p.pool = l.pool)
 ),
@@ -246,16 +298,25 @@ _NODES_SQL = (
 
 def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     """Bring older files to the schema: peer columns on instances; locations re-keyed by pool ('')."""
-    peer = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns"
-                                      " WHERE table_name = 'instances' AND column_name LIKE 'peer_%'").fetchall()}
+    peer = {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_name = 'instances' AND column_name LIKE 'peer_%'"
+        ).fetchall()
+    }
     if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'instances'").fetchone()[0]:
         # Files from before ingest recorded the peer's address: the columns, empty (a rebuild fills them).
         if "peer_address" not in peer:
             con.execute("ALTER TABLE instances ADD COLUMN peer_address VARCHAR DEFAULT ''")
         if "peer_port" not in peer:
             con.execute("ALTER TABLE instances ADD COLUMN peer_port INTEGER DEFAULT 0")
-    cols = {r[0] for r in con.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'locations'").fetchall()}
+    cols = {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'locations'"
+        ).fetchall()
+    }
     if not cols or "pool" in cols:
         return
     with transaction(con):
@@ -281,8 +342,9 @@ def _arrow_batch(seqs: list[int], payloads: list[bytes]) -> pa.Table:
     decode() in SQL checks UTF-8 (invalid bytes reject the batch).
     """
     offsets = array("q", accumulate(map(len, payloads), initial=0))
-    data = pa.Array.from_buffers(pa.large_binary(), len(payloads),
-                                 [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(payloads))])
+    data = pa.Array.from_buffers(
+        pa.large_binary(), len(payloads), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(payloads))]
+    )
     table = pa.table({"seq": pa.array(seqs, pa.int64()), "payload": data})
     return pa.Table.from_batches(table.to_batches(max_chunksize=_RECORD_BATCH), table.schema)
 

@@ -16,10 +16,17 @@ from shared.readmodel.store import ProjectionStore
 log = logging.getLogger("switchyard.readmodel.follow")
 
 
-async def keep_up(store: ProjectionStore, bus: Bus, follow_batch: int, stop: asyncio.Event,
-                  on_applied: Callable[[int, int], None] | None = None, catch_up_batch: int = 100_000,
-                  linger: float = 1.0, beside: ProjectionStore | None = None,
-                  on_beside: Callable[[int], None] | None = None) -> None:
+async def keep_up(
+    store: ProjectionStore,
+    bus: Bus,
+    follow_batch: int,
+    stop: asyncio.Event,
+    on_applied: Callable[[int, int], None] | None = None,
+    catch_up_batch: int = 100_000,
+    linger: float = 1.0,
+    beside: ProjectionStore | None = None,
+    on_beside: Callable[[int], None] | None = None,
+) -> None:
     """Keep ``store`` up with the log until ``stop``: the live projection.
 
     Catches up in large batches through the replay reader (a rebuild's speed),
@@ -49,13 +56,21 @@ async def keep_up(store: ProjectionStore, bus: Bus, follow_batch: int, stop: asy
         raise
 
 
-async def _keep_up(store: ProjectionStore, bus: Bus, follow_batch: int, stop: asyncio.Event,
-                   report: Callable[[int, int], None], catch_up_batch: int, linger: float,
-                   beside: ProjectionStore | None, on_beside: Callable[[int], None] | None) -> None:
+async def _keep_up(
+    store: ProjectionStore,
+    bus: Bus,
+    follow_batch: int,
+    stop: asyncio.Event,
+    report: Callable[[int, int], None],
+    catch_up_batch: int,
+    linger: float,
+    beside: ProjectionStore | None,
+    on_beside: Callable[[int], None] | None,
+) -> None:
     while not stop.is_set():
         try:
             applied = await replay_into(store, bus, batch=catch_up_batch, stop=stop)
-        except (ReplayGap, ConnectionError, nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ReplayGap, ConnectionError, nats.errors.Error) as exc:
             log.warning("bulk catch-up stopped (%s); following instead", type(exc).__name__)
             applied = 0
         start = await asyncio.to_thread(store.last_seq)
@@ -68,16 +83,16 @@ async def _keep_up(store: ProjectionStore, bus: Bus, follow_batch: int, stop: as
         leave = asyncio.Event()
         watcher = asyncio.create_task(_leave_on_reconnect(bus, stop, leave))
         try:
-            async with aclosing(bus.follow_batches(follow_from + 1, follow_batch, 0.2, leave, linger=linger,
-                                                   decode=beside is not None)) as batches:
+            async with aclosing(
+                bus.follow_batches(follow_from + 1, follow_batch, 0.2, leave, linger=linger, decode=beside is not None)
+            ) as batches:
                 async for batch in batches:
                     seqs = [d.seq for d in batch]
                     n = await asyncio.to_thread(store.apply_raw, seqs, [d.msg.data for d in batch])
                     start = max(start, seqs[-1])
                     report(n, start)
                     if beside is not None:
-                        await asyncio.to_thread(beside.apply,
-                                                [(d.seq, d.event) for d in batch if d.event is not None])
+                        await asyncio.to_thread(beside.apply, [(d.seq, d.event) for d in batch if d.event is not None])
                         if on_beside is not None:
                             on_beside(seqs[-1])
                     if len(batch) >= follow_batch:

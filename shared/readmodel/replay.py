@@ -77,8 +77,9 @@ def log_start(first_seq: int, last_seq: int, messages: int) -> int:
     return first_seq if messages else last_seq + 1
 
 
-def check_log_holds(what: str, position: int, first_seq: int, last_seq: int, messages: int,
-                    accepted_start: int = 0) -> None:
+def check_log_holds(
+    what: str, position: int, first_seq: int, last_seq: int, messages: int, accepted_start: int = 0
+) -> None:
     """Raise LogTruncated unless the stream still holds every event after ``position``.
 
     ``position``: the last sequence ``what`` has applied (0: it reads from the start).
@@ -89,14 +90,16 @@ def check_log_holds(what: str, position: int, first_seq: int, last_seq: int, mes
         raise LogTruncated(
             f"{what} holds the log up to sequence {position} but the stream ends at {last_seq}: "
             f"the stream was deleted or replaced. Restore it from a backup, or rebuild the store "
-            f"from the log as it is now (switchyard catalog rebuild / probe rebuild)")
+            f"from the log as it is now (switchyard catalog rebuild / probe rebuild)"
+        )
     start = log_start(first_seq, last_seq, messages)
     if start > position + 1 and start > accepted_start:
         raise LogTruncated(
             f"{what} needs stream sequence {position + 1} but the log now starts at {start}: events "
             f"{position + 1}..{start - 1} were purged or truncated. Restore the stream from a backup, or "
             f"accept the loss: set nats.accepted_log_start = {start} (SWITCHYARD_NATS__ACCEPTED_LOG_START), "
-            f"or rebuild with --accept-log-loss")
+            f"or rebuild with --accept-log-loss"
+        )
 
 
 async def ensure_log_holds(bus: Bus, what: str, position: int, stream: str | None = None) -> None:
@@ -114,8 +117,13 @@ def _consumer_config(inbox: str, start_seq: int) -> ConsumerConfig:
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     return ConsumerConfig(
-        deliver_subject=inbox, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq,
-        ack_policy=AckPolicy.NONE, flow_control=True, idle_heartbeat=5.0, inactive_threshold=60.0,
+        deliver_subject=inbox,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=start_seq,
+        ack_policy=AckPolicy.NONE,
+        flow_control=True,
+        idle_heartbeat=5.0,
+        inactive_threshold=60.0,
     )
 
 
@@ -150,8 +158,9 @@ class _Batches:
         return out
 
 
-async def _read_with_client(bus: Bus, stream: str, start_seq: int, target: int,
-                            batch: int) -> AsyncGenerator[Batch, None]:
+async def _read_with_client(
+    bus: Bus, stream: str, start_seq: int, target: int, batch: int
+) -> AsyncGenerator[Batch, None]:
     """nats-py's subscription path (any URL: TLS, credentials); ~90k events/s."""
     nc = bus.nc
     inbox = nc.new_inbox()
@@ -180,8 +189,7 @@ async def _read_with_client(bus: Bus, stream: str, start_seq: int, target: int,
             if batches.done:
                 await ready.put(StopAsyncIteration())
 
-    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=max(16 * batch, 200_000),
-                             pending_bytes_limit=1 << 30)
+    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=max(16 * batch, 200_000), pending_bytes_limit=1 << 30)
     try:
         info = await bus.js.add_consumer(stream, _consumer_config(inbox, start_seq))
         try:
@@ -208,8 +216,9 @@ async def _delete_consumer(bus: Bus, stream: str, name: str) -> None:
         pass
 
 
-async def _read_from_wire(bus: Bus, stream: str, start_seq: int, target: int, batch: int,
-                          wire: natswire.Wire) -> AsyncGenerator[Batch, None]:
+async def _read_from_wire(
+    bus: Bus, stream: str, start_seq: int, target: int, batch: int, wire: natswire.Wire
+) -> AsyncGenerator[Batch, None]:
     """The push consumer's deliveries parsed straight off a socket (shared.natswire): ~2.5x nats-py's path.
 
     The consumer itself is made through the regular client. The server pauses
@@ -233,8 +242,9 @@ async def _read_from_wire(bus: Bus, stream: str, start_seq: int, target: int, ba
         await _delete_consumer(bus, stream, info.name)
 
 
-async def read_raw_batches(bus: Bus, stream: str, start_seq: int, target: int,
-                           batch: int) -> AsyncGenerator[Batch, None]:
+async def read_raw_batches(
+    bus: Bus, stream: str, start_seq: int, target: int, batch: int
+) -> AsyncGenerator[Batch, None]:
     """Yield (seqs, payloads) from ``start_seq`` through ``target``, as stored in the log.
 
     A push consumer without acks, with flow control; a skipped consumer
@@ -266,8 +276,14 @@ def _slow_path_once(reason: str) -> None:
         log.warning("replaying through nats-py, not the raw reader (~2.6x slower): %s", reason)
 
 
-async def replay_into(store: ProjectionStore, bus: Bus, stream: str | None = None, until_seq: int | None = None,
-                      batch: int = 100_000, stop: asyncio.Event | None = None) -> int:
+async def replay_into(
+    store: ProjectionStore,
+    bus: Bus,
+    stream: str | None = None,
+    until_seq: int | None = None,
+    batch: int = 100_000,
+    stop: asyncio.Event | None = None,
+) -> int:
     """Apply the stream from the store's last sequence + 1 up to ``until_seq`` (default: the end now).
 
     Stops early, between batches, once ``stop`` is set.
@@ -304,9 +320,17 @@ def _unlink_store(path: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-async def _replay_fresh(bus: Bus, fresh: Path, store_factory: Callable[[Path], S],
-                        stream: str | None, until_seq: int | None, batch: int, seed: Callable[[S], None] | None,
-                        one_transaction: bool, fold_bytes: int) -> tuple[int, int]:
+async def _replay_fresh(
+    bus: Bus,
+    fresh: Path,
+    store_factory: Callable[[Path], S],
+    stream: str | None,
+    until_seq: int | None,
+    batch: int,
+    seed: Callable[[S], None] | None,
+    one_transaction: bool,
+    fold_bytes: int,
+) -> tuple[int, int]:
     """Replay into a new store at ``fresh`` and close it (checkpointed: complete without a WAL)."""
     _unlink_store(fresh)
     store = store_factory(fresh)
@@ -324,11 +348,17 @@ async def _replay_fresh(bus: Bus, fresh: Path, store_factory: Callable[[Path], S
         store.close()
 
 
-async def rebuild_file(nats: NatsConfig, path: str | Path, store_factory: Callable[[Path], S],
-                       stream: str | None = None, until_seq: int | None = None,
-                       swap: bool = True, batch: int = 100_000,
-                       seed: Callable[[S], None] | None = None,
-                       fold_bytes: int = BULK_FOLD_BYTES) -> RebuildResult:
+async def rebuild_file(
+    nats: NatsConfig,
+    path: str | Path,
+    store_factory: Callable[[Path], S],
+    stream: str | None = None,
+    until_seq: int | None = None,
+    swap: bool = True,
+    batch: int = 100_000,
+    seed: Callable[[S], None] | None = None,
+    fold_bytes: int = BULK_FOLD_BYTES,
+) -> RebuildResult:
     """Replay the log from sequence 1 into ``path``.rebuild, then atomically replace ``path``.
 
     With ``swap=False`` the fresh file is left at ``path`` itself, which must
@@ -353,12 +383,14 @@ async def rebuild_file(nats: NatsConfig, path: str | Path, store_factory: Callab
     bus = await asyncio.wait_for(Bus.connect(nats, "switchyard-rebuild", once), 2 + 2 * nats.connect_timeout_s)
     try:
         try:
-            events, last = await _replay_fresh(bus, fresh, store_factory, stream, until_seq, batch, seed, True,
-                                               fold_bytes)
+            events, last = await _replay_fresh(
+                bus, fresh, store_factory, stream, until_seq, batch, seed, True, fold_bytes
+            )
         except BulkRejected as exc:  # a malformed message: replay again batch by batch, which skips it
             log.warning("one-transaction rebuild rolled back (%s); replaying batch by batch", exc)
-            events, last = await _replay_fresh(bus, fresh, store_factory, stream, until_seq, batch, seed, False,
-                                               fold_bytes)
+            events, last = await _replay_fresh(
+                bus, fresh, store_factory, stream, until_seq, batch, seed, False, fold_bytes
+            )
     except BaseException:
         if swap:  # the live file was never touched; drop the half-built one
             _unlink_store(fresh)

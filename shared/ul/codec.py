@@ -18,22 +18,71 @@ from dataclasses import dataclass, field
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE, ImplementationClassUIDNotification, ImplementationVersionNameNotification,
-    MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation,
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 __all__ = [
-    "ABORT", "ABORT_INVALID_PARAMETER", "ABORT_UNEXPECTED_PARAMETER", "ABORT_UNEXPECTED_PDU",
-    "ABORT_UNRECOGNISED_PDU", "AFFECTED_SOP_CLASS", "AFFECTED_SOP_INSTANCE", "APPLICATION_CONTEXT", "ASSOCIATE_AC",
-    "ASSOCIATE_RJ", "ASSOCIATE_RQ", "COMMAND_FIELD", "C_ECHO_RQ", "C_ECHO_RSP", "C_STORE_RQ", "C_STORE_RSP",
-    "DATASET_TYPE", "ERROR_COMMENT", "HARD_PDU_CAP", "IMPLICIT_VR_LITTLE_ENDIAN", "MAX_ASSOCIATE_RQ", "MESSAGE_ID",
-    "MESSAGE_ID_RESPONDED", "NO_DATASET", "Negotiated", "PRIORITY", "P_DATA_TF", "ProtocolError",
-    "REJECT_APPLICATION_CONTEXT", "REJECT_CALLED_AE", "REJECT_CALLING_AE", "REJECT_LOCAL_LIMIT",
-    "REJECT_PROTOCOL_VERSION", "RELEASE_RP", "RELEASE_RP_PDU", "RELEASE_RQ", "RELEASE_RQ_PDU", "STATUS",
-    "VERIFICATION", "abort_pdu", "associate_request", "command_uid", "command_us", "decode_accept", "decode_reject",
-    "decode_request", "echo_request", "file_meta", "negotiate", "p_data_command", "p_data_dataset", "parse_command",
-    "pdvs", "reject_pdu", "response", "store_request",
+    "ABORT",
+    "ABORT_INVALID_PARAMETER",
+    "ABORT_UNEXPECTED_PARAMETER",
+    "ABORT_UNEXPECTED_PDU",
+    "ABORT_UNRECOGNISED_PDU",
+    "AFFECTED_SOP_CLASS",
+    "AFFECTED_SOP_INSTANCE",
+    "APPLICATION_CONTEXT",
+    "ASSOCIATE_AC",
+    "ASSOCIATE_RJ",
+    "ASSOCIATE_RQ",
+    "COMMAND_FIELD",
+    "C_ECHO_RQ",
+    "C_ECHO_RSP",
+    "C_STORE_RQ",
+    "C_STORE_RSP",
+    "DATASET_TYPE",
+    "ERROR_COMMENT",
+    "HARD_PDU_CAP",
+    "IMPLICIT_VR_LITTLE_ENDIAN",
+    "MAX_ASSOCIATE_RQ",
+    "MESSAGE_ID",
+    "MESSAGE_ID_RESPONDED",
+    "NO_DATASET",
+    "Negotiated",
+    "PRIORITY",
+    "P_DATA_TF",
+    "ProtocolError",
+    "REJECT_APPLICATION_CONTEXT",
+    "REJECT_CALLED_AE",
+    "REJECT_CALLING_AE",
+    "REJECT_LOCAL_LIMIT",
+    "REJECT_PROTOCOL_VERSION",
+    "RELEASE_RP",
+    "RELEASE_RP_PDU",
+    "RELEASE_RQ",
+    "RELEASE_RQ_PDU",
+    "STATUS",
+    "VERIFICATION",
+    "abort_pdu",
+    "associate_request",
+    "command_uid",
+    "command_us",
+    "decode_accept",
+    "decode_reject",
+    "decode_request",
+    "echo_request",
+    "file_meta",
+    "negotiate",
+    "p_data_command",
+    "p_data_dataset",
+    "parse_command",
+    "pdvs",
+    "reject_pdu",
+    "response",
+    "store_request",
 ]
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -93,11 +142,11 @@ def pdvs(pdu: bytes) -> Iterator[tuple[int, bool, bool, memoryview]]:
     while pos < end:
         if end - pos < 6:
             raise ProtocolError(ABORT_INVALID_PARAMETER, "truncated PDV item")
-        item_length = int.from_bytes(view[pos:pos + 4], "big")
+        item_length = int.from_bytes(view[pos : pos + 4], "big")
         if item_length < 2 or pos + 4 + item_length > end:
             raise ProtocolError(ABORT_INVALID_PARAMETER, "PDV item length out of bounds")
         control = view[pos + 5]
-        yield view[pos + 4], bool(control & 0x01), bool(control & 0x02), view[pos + 6:pos + 4 + item_length]
+        yield view[pos + 4], bool(control & 0x01), bool(control & 0x02), view[pos + 6 : pos + 4 + item_length]
         pos += 4 + item_length
 
 
@@ -112,7 +161,7 @@ def parse_command(data: bytes) -> dict[int, bytes]:
         pos += 8
         if group != 0 or pos + length > end:
             raise ProtocolError(ABORT_INVALID_PARAMETER, "malformed command set")
-        out[element] = bytes(data[pos:pos + length])
+        out[element] = bytes(data[pos : pos + length])
         pos += length
     return out
 
@@ -130,8 +179,9 @@ def _even(value: bytes, pad: bytes) -> bytes:
     return value + pad if len(value) % 2 else value
 
 
-def response(command_field: int, message_id: int, sop_class: str, sop_instance: str | None, status: int,
-             comment: str = "") -> bytes:
+def response(
+    command_field: int, message_id: int, sop_class: str, sop_instance: str | None, status: int, comment: str = ""
+) -> bytes:
     """The command set of a response (no dataset), encoded implicit VR little endian."""
     elements: list[tuple[int, bytes]] = [
         (AFFECTED_SOP_CLASS, _even(sop_class.encode("ascii", "replace"), b"\x00")),
@@ -157,7 +207,7 @@ def p_data_command(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
     room = max(peer_max_pdu - 6, 1) if peer_max_pdu else len(command)
     out = []
     for start in range(0, len(command), room):
-        fragment = command[start:start + room]
+        fragment = command[start : start + room]
         control = 0x01 | (0x02 if start + room >= len(command) else 0)
         item = struct.pack(">IBB", len(fragment) + 2, context_id, control) + fragment
         out.append(struct.pack(">BBI", P_DATA_TF, 0, len(item)) + item)
@@ -218,8 +268,13 @@ def _user_information(
     return [length, impl_uid, impl_version]
 
 
-def negotiate(rq: A_ASSOCIATE, protocol_version: int, supported: list[PresentationContext], max_pdu: int,
-              refuse: tuple[int, int, int] | None) -> Negotiated:
+def negotiate(
+    rq: A_ASSOCIATE,
+    protocol_version: int,
+    supported: list[PresentationContext],
+    max_pdu: int,
+    refuse: tuple[int, int, int] | None,
+) -> Negotiated:
     """Accept the storage/verification contexts we support, or reject with ``refuse`` (checked by the caller)."""
     calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
     if refuse is None and protocol_version & 0x0001 == 0:
@@ -228,8 +283,11 @@ def negotiate(rq: A_ASSOCIATE, protocol_version: int, supported: list[Presentati
         refuse = REJECT_APPLICATION_CONTEXT
     if refuse is not None:
         return Negotiated(calling, called, reject_pdu(*refuse), reject=refuse)
-    roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
-             if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None}
+    roles = {
+        item.sop_class_uid: (item.scu_role, item.scp_role)
+        for item in rq.user_information
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
+    }
     results, ac_roles = negotiate_as_acceptor(rq.presentation_context_definition_list, supported, roles)
     ac = A_ASSOCIATE()
     ac.application_context_name = APPLICATION_CONTEXT
@@ -241,10 +299,14 @@ def negotiate(rq: A_ASSOCIATE, protocol_version: int, supported: list[Presentati
     ac.user_information = [*_user_information(max_pdu), *ac_roles]
     pdu = A_ASSOCIATE_AC()
     pdu.from_primitive(ac)
-    contexts = {int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                for cx in results if cx.result == 0x00 and cx.context_id is not None}
-    return Negotiated(calling, called, pdu.encode(), contexts=contexts,
-                      peer_max_pdu=int(rq.maximum_length_received or 0))
+    contexts = {
+        int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in results
+        if cx.result == 0x00 and cx.context_id is not None
+    }
+    return Negotiated(
+        calling, called, pdu.encode(), contexts=contexts, peer_max_pdu=int(rq.maximum_length_received or 0)
+    )
 
 
 # ---------------------------------------------------------------- requestor side (forwarder, probe)
@@ -323,11 +385,13 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
     Explicit VR little endian: (0002,0000) UL group length, (0002,0001) OB
     version, (0002,0002)/(0002,0003)/(0002,0010)/(0002,0012) UI, (0002,0013) SH.
     """
+
     def short(element: int, vr: bytes, value: bytes) -> bytes:
         return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
 
     body = (
-        struct.pack("<HH2sHI", 2, 0x0001, b"OB", 0, 2) + b"\x00\x01"
+        struct.pack("<HH2sHI", 2, 0x0001, b"OB", 0, 2)
+        + b"\x00\x01"
         + short(0x0002, b"UI", _even(sop_class.encode("ascii", "replace"), b"\x00"))
         + short(0x0003, b"UI", _even(sop_instance.encode("ascii", "replace"), b"\x00"))
         + short(0x0010, b"UI", _even(transfer_syntax.encode("ascii", "replace"), b"\x00"))
@@ -343,9 +407,11 @@ IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 
 def echo_request(message_id: int) -> bytes:
     """The command set of a C-ECHO-RQ."""
-    return _command_set([
-        (AFFECTED_SOP_CLASS, _even(VERIFICATION.encode("ascii"), b"\x00")),
-        (COMMAND_FIELD, struct.pack("<H", C_ECHO_RQ)),
-        (MESSAGE_ID, struct.pack("<H", message_id)),
-        (DATASET_TYPE, struct.pack("<H", NO_DATASET)),
-    ])
+    return _command_set(
+        [
+            (AFFECTED_SOP_CLASS, _even(VERIFICATION.encode("ascii"), b"\x00")),
+            (COMMAND_FIELD, struct.pack("<H", C_ECHO_RQ)),
+            (MESSAGE_ID, struct.pack("<H", message_id)),
+            (DATASET_TYPE, struct.pack("<H", NO_DATASET)),
+        ]
+    )

@@ -18,15 +18,50 @@ from typing import BinaryIO
 
 from shared.net import set_nodelay
 from shared.ul.codec import (
-    ABORT, ABORT_INVALID_PARAMETER, ABORT_UNEXPECTED_PARAMETER, ABORT_UNEXPECTED_PDU, ABORT_UNRECOGNISED_PDU,
-    ASSOCIATE_AC, ASSOCIATE_RJ, ASSOCIATE_RQ, C_ECHO_RSP, C_STORE_RSP, COMMAND_FIELD, HARD_PDU_CAP,
-    IMPLICIT_VR_LITTLE_ENDIAN, MAX_ASSOCIATE_RQ, MESSAGE_ID_RESPONDED, P_DATA_TF, RELEASE_RP, RELEASE_RQ_PDU, STATUS,
-    VERIFICATION, ProtocolError, abort_pdu, associate_request, command_us, decode_accept, decode_reject,
-    echo_request, p_data_command, p_data_dataset, parse_command, pdvs, store_request,
+    ABORT,
+    ABORT_INVALID_PARAMETER,
+    ABORT_UNEXPECTED_PARAMETER,
+    ABORT_UNEXPECTED_PDU,
+    ABORT_UNRECOGNISED_PDU,
+    ASSOCIATE_AC,
+    ASSOCIATE_RJ,
+    ASSOCIATE_RQ,
+    C_ECHO_RSP,
+    C_STORE_RSP,
+    COMMAND_FIELD,
+    HARD_PDU_CAP,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    MAX_ASSOCIATE_RQ,
+    MESSAGE_ID_RESPONDED,
+    P_DATA_TF,
+    RELEASE_RP,
+    RELEASE_RQ_PDU,
+    STATUS,
+    VERIFICATION,
+    ProtocolError,
+    abort_pdu,
+    associate_request,
+    command_us,
+    decode_accept,
+    decode_reject,
+    echo_request,
+    p_data_command,
+    p_data_dataset,
+    parse_command,
+    pdvs,
+    store_request,
 )
 
-__all__ = ["ECHO_MAX_PDU", "UNLIMITED_FRAGMENT", "Association", "Rejected", "Unreachable", "echo", "read_command",
-           "read_pdu"]
+__all__ = [
+    "ECHO_MAX_PDU",
+    "UNLIMITED_FRAGMENT",
+    "Association",
+    "Rejected",
+    "Unreachable",
+    "echo",
+    "read_command",
+    "read_pdu",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +119,14 @@ class Association:
     ProtocolError); the caller then ``close(abort=True)``s it.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 accepted: dict[tuple[str, str], int], peer_max_pdu: int, timeout: float) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        accepted: dict[tuple[str, str], int],
+        peer_max_pdu: int,
+        timeout: float,
+    ) -> None:
         self.reader, self.writer = reader, writer
         # Accepted (abstract syntax, transfer syntax) -> presentation context id.
         self.accepted = accepted
@@ -94,8 +135,16 @@ class Association:
         self.message_id = 0
 
     @classmethod
-    async def request(cls, host: str, port: int, calling_ae: str, called_ae: str, contexts: list[tuple[str, str]],
-                      max_pdu: int, timeout: float) -> Association:
+    async def request(
+        cls,
+        host: str,
+        port: int,
+        calling_ae: str,
+        called_ae: str,
+        contexts: list[tuple[str, str]],
+        max_pdu: int,
+        timeout: float,
+    ) -> Association:
         """Connect and negotiate ``contexts`` (each one transfer syntax); raises Unreachable, Rejected or a wire error."""
         try:
             async with asyncio.timeout(timeout):
@@ -130,13 +179,11 @@ class Association:
         self.message_id = self.message_id % 0xFFFF + 1
         return self.message_id
 
-    async def c_store(self, context_id: int, sop_class: str, sop_instance: str, dataset: BinaryIO,
-                      size: int) -> int:
+    async def c_store(self, context_id: int, sop_class: str, sop_instance: str, dataset: BinaryIO, size: int) -> int:
         """C-STORE ``size`` bytes read from ``dataset`` (at its position, encoded as the context says); the status."""
         message_id = self._next_message_id()
         writer = self.writer
-        writer.write(p_data_command(context_id, store_request(message_id, sop_class, sop_instance),
-                                    self.peer_max_pdu))
+        writer.write(p_data_command(context_id, store_request(message_id, sop_class, sop_instance), self.peer_max_pdu))
         room = self.peer_max_pdu - 6 if self.peer_max_pdu > 6 else UNLIMITED_FRAGMENT
         remaining = size
         while True:
@@ -158,8 +205,11 @@ class Association:
     async def _status(self, field: int, message_id: int) -> int:
         rsp = await read_command(self.reader, self.timeout)
         status = command_us(rsp, STATUS)
-        if (command_us(rsp, COMMAND_FIELD) != field or status is None
-                or command_us(rsp, MESSAGE_ID_RESPONDED) != message_id):
+        if (
+            command_us(rsp, COMMAND_FIELD) != field
+            or status is None
+            or command_us(rsp, MESSAGE_ID_RESPONDED) != message_id
+        ):
             raise ProtocolError(ABORT_UNEXPECTED_PARAMETER, "not the response we wait for")
         return status
 

@@ -52,16 +52,19 @@ def main(argv: list[str]) -> int:
     for per_peer in (0, 4, 0, 4):
 
         def configure(cfg: Config, pp: int = per_peer) -> Config:
-            probe = msgspec.structs.replace(cfg.probe, qr_peers=[QRPeer(ae=CALLING, host="127.0.0.1")],
-                                            qr_max_associations_per_peer=pp)
+            probe = msgspec.structs.replace(
+                cfg.probe, qr_peers=[QRPeer(ae=CALLING, host="127.0.0.1")], qr_max_associations_per_peer=pp
+            )
             ingest = msgspec.structs.replace(cfg.ingest, max_associations_per_peer=pp)
             return msgspec.structs.replace(cfg, probe=probe, ingest=ingest)
 
         with tempfile.TemporaryDirectory() as data:
             stack = make_stack(Path(data), [], ("ingest", "probe"), configure)
             try:
-                doors = {"ingest": (stack.cfg.ingest.port, stack.cfg.ingest.ae_title),
-                         "qr": (stack.cfg.probe.qr_port, stack.cfg.probe.qr_ae_title)}
+                doors = {
+                    "ingest": (stack.cfg.ingest.port, stack.cfg.ingest.ae_title),
+                    "qr": (stack.cfg.probe.qr_port, stack.cfg.probe.qr_ae_title),
+                }
                 for door, (port, called) in doors.items():
                     _round(port, called, 20)  # warm-up
                     loads.append(_load())
@@ -70,7 +73,9 @@ def main(argv: list[str]) -> int:
                 stack.close()
     for (door, pp), times in sorted(results.items()):
         times.sort()
-        print(f"{door:6s} per-peer {'off' if pp == 0 else pp}: associate + C-ECHO + release ms: median"
-              f" {statistics.median(times):.2f}  p95 {times[int(0.95 * len(times))]:.2f}  (n={len(times)})")
+        print(
+            f"{door:6s} per-peer {'off' if pp == 0 else pp}: associate + C-ECHO + release ms: median"
+            f" {statistics.median(times):.2f}  p95 {times[int(0.95 * len(times))]:.2f}  (n={len(times)})"
+        )
     print(f"load average at each round: {', '.join(loads)}")
     return 0

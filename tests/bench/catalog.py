@@ -28,7 +28,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -47,7 +47,7 @@ from switchyard import stack as ls
 from tests.fixtures.util import free_port
 
 NODES = ("node1", "node2", "node3")
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def instance_events(
@@ -62,25 +62,55 @@ def instance_events(
     placed_id = f"p{i}"
     return (
         ev.InstanceReceivedV1(
-            event_id=f"r{i}", occurred_at=at, sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            study_instance_uid=study, series_instance_uid=series, transfer_syntax_uid="1.2.840.10008.1.2.1",
-            blob_key=f"sha256/{digest[:2]}/{digest}", size=530_000, dataset_digest=digest, calling_ae="BENCHSCU",
-            called_ae="SWITCHYARD", modality="CT", patient_id=f"P{i // 1000:06d}", patient_name="BENCH^PATIENT",
-            patient_birth_date="19700101", accession_number=f"A{i // 100:08d}", study_date="20260101",
-            study_description="BENCH CT", series_number=str(i // 10 % 10 + 1), instance_number=str(i % 10 + 1),
+            event_id=f"r{i}",
+            occurred_at=at,
+            sop_instance_uid=sop,
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            study_instance_uid=study,
+            series_instance_uid=series,
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            blob_key=f"sha256/{digest[:2]}/{digest}",
+            size=530_000,
+            dataset_digest=digest,
+            calling_ae="BENCHSCU",
+            called_ae="SWITCHYARD",
+            modality="CT",
+            patient_id=f"P{i // 1000:06d}",
+            patient_name="BENCH^PATIENT",
+            patient_birth_date="19700101",
+            accession_number=f"A{i // 100:08d}",
+            study_date="20260101",
+            study_description="BENCH CT",
+            series_number=str(i // 10 % 10 + 1),
+            instance_number=str(i % 10 + 1),
             extra_tags={"Manufacturer": "BENCH"},
         ),
         ev.InstancePlacedV1(
-            event_id=placed_id, occurred_at=at, sop_instance_uid=sop, study_instance_uid=study,
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
-            blob_key=f"sha256/{digest[:2]}/{digest}", dataset_digest=digest, node_id=node,
+            event_id=placed_id,
+            occurred_at=at,
+            sop_instance_uid=sop,
+            study_instance_uid=study,
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            blob_key=f"sha256/{digest[:2]}/{digest}",
+            dataset_digest=digest,
+            node_id=node,
             reason=ev.PlacementReason.NEW_STUDY if i % 100 == 0 else ev.PlacementReason.AFFINITY,
-            candidates=[ev.Candidate(n, 0.1 * k) for k, n in enumerate(NODES)], received_seq=4 * i + 1,
+            candidates=[ev.Candidate(n, 0.1 * k) for k, n in enumerate(NODES)],
+            received_seq=4 * i + 1,
         ),
-        ev.InstanceForwardedV1(event_id=f"f{i}", occurred_at=at, sop_instance_uid=sop, study_instance_uid=study,
-                               node_id=node, placement_id=placed_id, duration_ms=3.5),
-        ev.InstanceVerifiedV1(event_id=f"v{i}", occurred_at=at, sop_instance_uid=sop, node_id=node,
-                              dataset_digest=digest),
+        ev.InstanceForwardedV1(
+            event_id=f"f{i}",
+            occurred_at=at,
+            sop_instance_uid=sop,
+            study_instance_uid=study,
+            node_id=node,
+            placement_id=placed_id,
+            duration_ms=3.5,
+        ),
+        ev.InstanceVerifiedV1(
+            event_id=f"v{i}", occurred_at=at, sop_instance_uid=sop, node_id=node, dataset_digest=digest
+        ),
     )
 
 
@@ -176,7 +206,7 @@ def row_by_row_baseline(path: Path, n: int) -> float:
     con = duckdb.connect(str(path))
     con.execute(SCHEMA)
     enc = msgspec.json.Encoder()
-    utc = lambda at: at.astimezone(timezone.utc).replace(tzinfo=None)  # noqa: E731
+    utc = lambda at: at.astimezone(UTC).replace(tzinfo=None)  # noqa: E731
     seq, seconds = 0, 0.0
     rows = []
     for i in range(n):
@@ -187,27 +217,47 @@ def row_by_row_baseline(path: Path, n: int) -> float:
     con.execute("BEGIN")
     for seq, e in rows:
         assert not isinstance(e, (ev.NodeHeartbeatV1, ev.NodeStateChangedV1))  # instance events only
-        con.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [seq, e.event_id, type(e).__struct_config__.tag, e.sop_instance_uid,
-                     getattr(e, "study_instance_uid", None), e.node_id if hasattr(e, "node_id") else None,
-                     utc(e.occurred_at), enc.encode(e).decode()])
+        con.execute(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                seq,
+                e.event_id,
+                type(e).__struct_config__.tag,
+                e.sop_instance_uid,
+                getattr(e, "study_instance_uid", None),
+                e.node_id if hasattr(e, "node_id") else None,
+                utc(e.occurred_at),
+                enc.encode(e).decode(),
+            ],
+        )
         if isinstance(e, ev.InstanceReceivedV1):
-            con.execute(f"INSERT OR REPLACE INTO instances ({', '.join(_RECEIVED_COLUMNS)}, received_at,"
-                        f" received_seq, extra_tags) VALUES ({', '.join('?' * len(_RECEIVED_COLUMNS))}, ?, ?, ?)",
-                        [*(getattr(e, c) for c in _RECEIVED_COLUMNS), utc(e.occurred_at), seq,
-                         enc.encode(e.extra_tags).decode()])
+            con.execute(
+                f"INSERT OR REPLACE INTO instances ({', '.join(_RECEIVED_COLUMNS)}, received_at,"
+                f" received_seq, extra_tags) VALUES ({', '.join('?' * len(_RECEIVED_COLUMNS))}, ?, ?, ?)",
+                [
+                    *(getattr(e, c) for c in _RECEIVED_COLUMNS),
+                    utc(e.occurred_at),
+                    seq,
+                    enc.encode(e.extra_tags).decode(),
+                ],
+            )
         elif isinstance(e, ev.InstancePlacedV1):
-            con.execute("INSERT OR REPLACE INTO locations VALUES (?, ?, ?, 'placed', ?, ?, '', ?, ?, '')",
-                        [e.sop_instance_uid, e.study_instance_uid, e.node_id, e.event_id, e.reason, seq,
-                         utc(e.occurred_at)])
+            con.execute(
+                "INSERT OR REPLACE INTO locations VALUES (?, ?, ?, 'placed', ?, ?, '', ?, ?, '')",
+                [e.sop_instance_uid, e.study_instance_uid, e.node_id, e.event_id, e.reason, seq, utc(e.occurred_at)],
+            )
         elif isinstance(e, ev.InstanceForwardedV1):
-            con.execute("UPDATE locations SET state = 'forwarded', detail = '', updated_seq = ?, updated_at = ?"
-                        " WHERE sop_instance_uid = ? AND placement_id = ?",
-                        [seq, utc(e.occurred_at), e.sop_instance_uid, e.placement_id])
+            con.execute(
+                "UPDATE locations SET state = 'forwarded', detail = '', updated_seq = ?, updated_at = ?"
+                " WHERE sop_instance_uid = ? AND placement_id = ?",
+                [seq, utc(e.occurred_at), e.sop_instance_uid, e.placement_id],
+            )
         elif isinstance(e, ev.InstanceVerifiedV1):
-            con.execute("UPDATE locations SET state = 'verified', updated_seq = ?, updated_at = ?"
-                        " WHERE sop_instance_uid = ? AND node_id = ?",
-                        [seq, utc(e.occurred_at), e.sop_instance_uid, e.node_id])
+            con.execute(
+                "UPDATE locations SET state = 'verified', updated_seq = ?, updated_at = ?"
+                " WHERE sop_instance_uid = ? AND node_id = ?",
+                [seq, utc(e.occurred_at), e.sop_instance_uid, e.node_id],
+            )
     con.execute("COMMIT")
     seconds = time.perf_counter() - t
     con.close()
@@ -246,8 +296,9 @@ def bench_nats(work: Path) -> tuple[Config, ls.Proc]:
     JetStream's default sync: fsyncing each of millions of synthetic events would
     take most of an hour to publish, and the rebuild only reads.
     """
-    cfg, creds = natsauth.secure_local(Config(nats=NatsConfig(url=f"nats://127.0.0.1:{free_port()}")), work,
-                                       (*natsauth.IDENTITIES, natsauth.HARNESS))  # auth on, as deployed
+    cfg, creds = natsauth.secure_local(
+        Config(nats=NatsConfig(url=f"nats://127.0.0.1:{free_port()}")), work, (*natsauth.IDENTITIES, natsauth.HARNESS)
+    )  # auth on, as deployed
     return cfg, ls.start_nats(cfg, work, free_port(), sync_always=False, extra_conf=natsauth.server_conf(creds))
 
 
@@ -265,36 +316,43 @@ def main(argv: list[str]) -> int:
     try:
         print(f"catalog bench: {n} instances, {4 * n} events, apply batch {args.batch}; load {load()}", flush=True)
         pub_s = asyncio.run(publish_log(cfg.nats, n))
-        print(f"publish the synthetic log (JetStream async): {4 * n / pub_s:,.0f} events/s ({pub_s:.1f}s)",
-              flush=True)
+        print(f"publish the synthetic log (JetStream async): {4 * n / pub_s:,.0f} events/s ({pub_s:.1f}s)", flush=True)
 
         print(f"load before the rebuild: {load()}", flush=True)
-        result = asyncio.run(rebuild_file(cfg.nats, work / "rebuilt.duckdb", CatalogStore, swap=False,
-                                          batch=args.batch))
+        result = asyncio.run(
+            rebuild_file(cfg.nats, work / "rebuilt.duckdb", CatalogStore, swap=False, batch=args.batch)
+        )
         assert result.events == 4 * n and result.last_seq == 4 * n
-        print(f"rebuild (read + apply + checkpoint): {result.events / result.seconds:,.0f} events/s, "
-              f"{result.seconds:.1f}s for {result.events} events; load after {load()}", flush=True)
+        print(
+            f"rebuild (read + apply + checkpoint): {result.events / result.seconds:,.0f} events/s, "
+            f"{result.seconds:.1f}s for {result.events} events; load after {load()}",
+            flush=True,
+        )
 
         ns = min(args.sample_instances, n)
         wire_s = asyncio.run(read_alone(cfg.nats, 4 * ns, client=False))
         client_s = asyncio.run(read_alone(cfg.nats, 4 * ns, client=True))
-        print(f"read alone ({4 * ns} events): wire reader {4 * ns / wire_s:,.0f} events/s, "
-              f"baseline nats-py reader {4 * ns / client_s:,.0f} events/s", flush=True)
+        print(
+            f"read alone ({4 * ns} events): wire reader {4 * ns / wire_s:,.0f} events/s, "
+            f"baseline nats-py reader {4 * ns / client_s:,.0f} events/s",
+            flush=True,
+        )
 
         catch_s = asyncio.run(live_catch_up(cfg.nats, work / "live.duckdb", 4 * ns))
         print(f"live catch-up (keep_up, {4 * ns} events): {4 * ns / catch_s:,.0f} events/s", flush=True)
 
         alone_s, count = apply_alone(work / "alone.duckdb", ns, args.batch)
-        print(f"apply alone ({count} events, in memory): {count / alone_s:,.0f} events/s ({alone_s:.1f}s)",
-              flush=True)
+        print(f"apply alone ({count} events, in memory): {count / alone_s:,.0f} events/s ({alone_s:.1f}s)", flush=True)
 
         nb = min(args.baseline_instances, n)
         base_s = row_by_row_baseline(work / "baseline.duckdb", nb)
         print(f"baseline row-by-row apply ({4 * nb} events): {4 * nb / base_s:,.0f} events/s", flush=True)
 
         p50, p99 = trail_latency(work / "rebuilt.duckdb", n, args.lookups)
-        print(f"instance trail ({args.lookups} lookups over {4 * n} events): p50 {p50:.1f} ms, p99 {p99:.1f} ms",
-              flush=True)
+        print(
+            f"instance trail ({args.lookups} lookups over {4 * n} events): p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+            flush=True,
+        )
         size = (work / "rebuilt.duckdb").stat().st_size
         print(f"rebuilt file: {size / 2**20:,.0f} MiB; load at the end {load()}", flush=True)
         return 0

@@ -58,8 +58,12 @@ def rate(port: int, called: str, paths: list[Path], senders: int) -> float:
     """Instances per second, wall clock, with ``senders`` storescu processes (one association each)."""
     started = time.monotonic()
     with ThreadPoolExecutor(senders) as pool:
-        list(pool.map(lambda i_chunk: _send(port, called, i_chunk[1], f"BENCH{i_chunk[0]}"),
-                      enumerate(_chunks(paths, senders))))
+        list(
+            pool.map(
+                lambda i_chunk: _send(port, called, i_chunk[1], f"BENCH{i_chunk[0]}"),
+                enumerate(_chunks(paths, senders)),
+            )
+        )
     return len(paths) / (time.monotonic() - started)
 
 
@@ -105,7 +109,7 @@ def validation_seconds(paths: list[Path], chunk: int = 16384, rounds: int = 3) -
         for ts, body in data:
             v = DatasetValidator(ts)
             for start in range(0, len(body), chunk):
-                v.feed(body[start:start + chunk])
+                v.feed(body[start : start + chunk])
             v.finish()
         means.append((time.perf_counter() - started) / len(data))
     return sorted(means)[len(means) // 2]
@@ -132,13 +136,28 @@ def main(argv: list[str]) -> int:
     try:
         print(f"generating 2 x {count} CT instances ...", flush=True)
         per_series = 50
-        one = generate_studies(work / "one", studies=count // (4 * per_series), series_per_study=4,
-                               instances_per_series=per_series, seed=7001)
-        many = generate_studies(work / "many", studies=count // (4 * per_series), series_per_study=4,
-                                instances_per_series=per_series, seed=7002)
+        one = generate_studies(
+            work / "one",
+            studies=count // (4 * per_series),
+            series_per_study=4,
+            instances_per_series=per_series,
+            seed=7001,
+        )
+        many = generate_studies(
+            work / "many",
+            studies=count // (4 * per_series),
+            series_per_study=4,
+            instances_per_series=per_series,
+            seed=7002,
+        )
         # A third corpus for ingest with two worker processes (new UIDs: no duplicates).
-        more = generate_studies(work / "more", studies=count // (4 * per_series), series_per_study=4,
-                                instances_per_series=per_series, seed=7003)
+        more = generate_studies(
+            work / "more",
+            studies=count // (4 * per_series),
+            series_per_study=4,
+            instances_per_series=per_series,
+            seed=7003,
+        )
         size = one[0].stat().st_size
         print(f"  {len(one)} + {len(many)} + {len(more)} files, {size} bytes each", flush=True)
 
@@ -197,8 +216,11 @@ def main(argv: list[str]) -> int:
 
         stack = make_stack(work / "stack2", [], services=("ingest",), configure=two_workers)
         try:
-            wait_for(lambda: stack.metric("ingest", "switchyard_bus_connected", worker=1) == 1, timeout=30,
-                     what="ingest worker 1")
+            wait_for(
+                lambda: stack.metric("ingest", "switchyard_bus_connected", worker=1) == 1,
+                timeout=30,
+                what="ingest worker 1",
+            )
             ing_two = rate(stack.cfg.ingest.port, stack.cfg.ingest.ae_title, more, SENDERS)
         finally:
             stack.close()
@@ -210,30 +232,44 @@ def main(argv: list[str]) -> int:
         fifty_size = big_multiframe(fifty, 100)  # 100 x 512 KiB frames
         val_fifty = validation_seconds([fifty], rounds=5)
 
-        print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; cpus: {os.cpu_count()}; "
-              f"python {sys.version.split()[0]}")
+        print(
+            f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; cpus: {os.cpu_count()}; "
+            f"python {sys.version.split()[0]}"
+        )
         print(f"small instances: {count} x {size} bytes; ingest accepted (not duplicate): {accepted:.0f}")
         print(f"storescp (disk), 1 sender:     {scp_one:8.1f} img/s")
         print(f"storescp (disk), {SENDERS} senders:    {scp_many:8.1f} img/s")
         print(f"Orthanc (SyncStorageArea, durable), 1 sender:  {pacs_one:8.1f} img/s")
         print(f"Orthanc (SyncStorageArea, durable), {SENDERS} senders: {pacs_many:8.1f} img/s")
         print(f"ingest (durable), 1 sender:    {ing_one:8.1f} img/s  ({ing_one / scp_one:.2f}x storescp)")
-        print(f"ingest (durable), {SENDERS} senders:   {ing_many:8.1f} img/s  ({ing_many / scp_many:.2f}x storescp, "
-              f"{ing_many / ing_one:.2f}x one sender)")
-        print(f"ingest, 2 workers, {SENDERS} senders: {ing_two:8.1f} img/s  ({ing_two / scp_many:.2f}x storescp, "
-              f"{ing_two / ing_one:.2f}x one sender on one worker)")
-        print(f"ingest CPU per instance: {(cpu1 - cpu0) / len(one) * 1000:.1f} ms (1 sender), "
-              f"{(cpu2 - cpu1) / len(many) * 1000:.1f} ms ({SENDERS} senders); "
-              f"ingest CPU utilisation {(cpu1 - cpu0) * ing_one / len(one):.2f} / {(cpu2 - cpu1) * ing_many / len(many):.2f} cores")
-        print(f"large instance: {big_size / 2**20:.0f} MiB in {big_s:.1f} s; ingest VmHWM {idle_hwm / 1024:.0f} MiB "
-              f"idle -> {peak_hwm / 1024:.0f} MiB peak")
-        print(f"validation per image: {val_ct * 1e6:.0f} us ({size} byte CT), {val_demo * 1e6:.0f} us "
-              f"(demo corpus, {len(demo)} files), {val_fifty * 1e3:.2f} ms ({fifty_size / 2**20:.0f} MiB); "
-              f"ingest receive-to-ack mean (1 sender) {r2a * 1e3:.2f} ms, per instance wall {1e3 / ing_one:.2f} ms: "
-              f"CT validation = {val_ct / r2a:.1%} of receive-to-ack, {val_ct * ing_one:.1%} of wall")
+        print(
+            f"ingest (durable), {SENDERS} senders:   {ing_many:8.1f} img/s  ({ing_many / scp_many:.2f}x storescp, "
+            f"{ing_many / ing_one:.2f}x one sender)"
+        )
+        print(
+            f"ingest, 2 workers, {SENDERS} senders: {ing_two:8.1f} img/s  ({ing_two / scp_many:.2f}x storescp, "
+            f"{ing_two / ing_one:.2f}x one sender on one worker)"
+        )
+        print(
+            f"ingest CPU per instance: {(cpu1 - cpu0) / len(one) * 1000:.1f} ms (1 sender), "
+            f"{(cpu2 - cpu1) / len(many) * 1000:.1f} ms ({SENDERS} senders); "
+            f"ingest CPU utilisation {(cpu1 - cpu0) * ing_one / len(one):.2f} / {(cpu2 - cpu1) * ing_many / len(many):.2f} cores"
+        )
+        print(
+            f"large instance: {big_size / 2**20:.0f} MiB in {big_s:.1f} s; ingest VmHWM {idle_hwm / 1024:.0f} MiB "
+            f"idle -> {peak_hwm / 1024:.0f} MiB peak"
+        )
+        print(
+            f"validation per image: {val_ct * 1e6:.0f} us ({size} byte CT), {val_demo * 1e6:.0f} us "
+            f"(demo corpus, {len(demo)} files), {val_fifty * 1e3:.2f} ms ({fifty_size / 2**20:.0f} MiB); "
+            f"ingest receive-to-ack mean (1 sender) {r2a * 1e3:.2f} ms, per instance wall {1e3 / ing_one:.2f} ms: "
+            f"CT validation = {val_ct / r2a:.1%} of receive-to-ack, {val_ct * ing_one:.1%} of wall"
+        )
         ok = (ing_one >= 0.5 * scp_one, ing_many >= 1.5 * ing_one, peak_hwm < 256 * 1024)
-        print(f"targets: >=0.5x storescp {'met' if ok[0] else 'MISSED'}; 4 senders >=1.5x one "
-              f"{'met' if ok[1] else 'MISSED'}; RSS < 256 MB {'met' if ok[2] else 'MISSED'}")
+        print(
+            f"targets: >=0.5x storescp {'met' if ok[0] else 'MISSED'}; 4 senders >=1.5x one "
+            f"{'met' if ok[1] else 'MISSED'}; RSS < 256 MB {'met' if ok[2] else 'MISSED'}"
+        )
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -50,20 +50,31 @@ def main(argv: list[str]) -> int:
             results[series] = []
             for r in range(rounds):
                 corpus = base / f"corpus-{len(results)}-{r}"
-                files = generate_studies(corpus, studies=max(1, images // 10), series_per_study=1,
-                                         instances_per_series=10, seed=seed + 100 * len(results) + r)
+                files = generate_studies(
+                    corpus,
+                    studies=max(1, images // 10),
+                    series_per_study=1,
+                    instances_per_series=10,
+                    seed=seed + 100 * len(results) + r,
+                )
                 if wait:
                     time.sleep(wait)  # the gap itself is what is measured, not a readiness wait
                 start_count, start_cpu = counts(nodes), cpu_seconds(proc.popen.pid)
                 took = timed_send(
-                    lambda: ls.storescu("127.0.0.1", router.node.dicom_port, router.node.ae_title, [corpus],
-                                        extra=["+sd", "+r"]),
-                    lambda: counts(nodes) - start_count >= len(files))
+                    lambda: ls.storescu(
+                        "127.0.0.1", router.node.dicom_port, router.node.ae_title, [corpus], extra=["+sd", "+r"]
+                    ),
+                    lambda: counts(nodes) - start_count >= len(files),
+                )
                 cpu = cpu_seconds(proc.popen.pid) - start_cpu
-                results[series].append({"img_per_s": round(len(files) / took, 1),
-                                        "cpu_ms_per_img": round(cpu / len(files) * 1000, 1)})
-                print(f"lua router, {series}, burst {r + 1}/{rounds} of {len(files)} images: "
-                      f"{len(files) / took:.1f} img/s, router CPU {cpu / len(files) * 1000:.1f} ms/img", flush=True)
+                results[series].append(
+                    {"img_per_s": round(len(files) / took, 1), "cpu_ms_per_img": round(cpu / len(files) * 1000, 1)}
+                )
+                print(
+                    f"lua router, {series}, burst {r + 1}/{rounds} of {len(files)} images: "
+                    f"{len(files) / took:.1f} img/s, router CPU {cpu / len(files) * 1000:.1f} ms/img",
+                    flush=True,
+                )
         print(json.dumps({"images_per_burst": images, "pause_s": pause, "bursts": results}))
         return 0
     finally:

@@ -33,9 +33,9 @@ import msgspec
 
 from services.scheduler.policy import NodeView, Weights, place
 from shared import events as ev
-from switchyard import stack as ls
 from shared.bus import Bus
 from shared.config import NodeConfig
+from switchyard import stack as ls
 from switchyard.corpus import generate_studies
 from tests.fixtures.servers import OrthancNode, first_after, make_stack, new_orthanc_node, stream_leader
 from tests.fixtures.util import free_port, wait_for
@@ -66,9 +66,16 @@ def bench_policy(n: int) -> float:
 def received(i: int, study: str) -> ev.InstanceReceivedV1:
     sop = f"1.2.826.0.1.3680043.10.1{i}.{int(time.time() * 1000)}"
     return ev.InstanceReceivedV1(
-        event_id=ev.fact_id("bench-received", sop), sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
-        study_instance_uid=study, series_instance_uid=study + ".1", transfer_syntax_uid="1.2.840.10008.1.2.1",
-        blob_key="sha256/00/none", size=1, dataset_digest="0" * 64)
+        event_id=ev.fact_id("bench-received", sop),
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+        study_instance_uid=study,
+        series_instance_uid=study + ".1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        blob_key="sha256/00/none",
+        size=1,
+        dataset_digest="0" * 64,
+    )
 
 
 async def nats_latency(stack, node_ids: list[str], n: int) -> list[tuple[float, float]]:
@@ -78,8 +85,14 @@ async def nats_latency(stack, node_ids: list[str], n: int) -> list[tuple[float, 
     async def beat():
         while not stop.is_set():
             for node in node_ids:
-                await bus.nc.publish(f"node.heartbeat.{node}", ev.encode(ev.NodeHeartbeatV1(
-                    event_id=ev.fact_id("hb", node, time.time()), node_id=node, up=True, rtt_ms=1.0)))
+                await bus.nc.publish(
+                    f"node.heartbeat.{node}",
+                    ev.encode(
+                        ev.NodeHeartbeatV1(
+                            event_id=ev.fact_id("hb", node, time.time()), node_id=node, up=True, rtt_ms=1.0
+                        )
+                    ),
+                )
             await asyncio.sleep(0.2)
 
     waiting: dict[str, asyncio.Future] = {}
@@ -113,8 +126,9 @@ async def nats_latency(stack, node_ids: list[str], n: int) -> list[tuple[float, 
     return out
 
 
-def decision_latency(data_dir: Path, fake: list[NodeConfig], quick: bool,
-                     sync_always: bool) -> tuple[float, float, float, float]:
+def decision_latency(
+    data_dir: Path, fake: list[NodeConfig], quick: bool, sync_always: bool
+) -> tuple[float, float, float, float]:
     """(p50, p99) ms from publishing a received event to seeing its placement, one at a time,
     then (p50, p99) from its PubAck (stored in the log) to seeing the placement."""
     stack = make_stack(data_dir, [], services=("scheduler",), sync_always=sync_always)
@@ -122,6 +136,7 @@ def decision_latency(data_dir: Path, fake: list[NodeConfig], quick: bool,
         # The nodes exist only in the log here: added like `switchyard nodes add` does.
         async def add_nodes():
             from shared import membership
+
             bus = await Bus.connect(stack.cfg.nats, "bench-add", identity="harness")
             for n in fake:
                 await bus.publish(membership.transition(None, n.id, "added", node=n))
@@ -183,11 +198,16 @@ def lua_router(base: Path, nodes: list[OrthancNode]) -> tuple[OrthancNode, ls.Pr
         "function OnStoredInstance(instanceId, tags, metadata, origin)\n"
         "  i = i + 1\n"
         "  SendToModality(instanceId, nodes[(i % #nodes) + 1])\n"
-        "end\n")
-    router = new_orthanc_node(9, base, {
-        "LuaScripts": [str(script)],
-        "DicomModalities": {n.node.id: [n.node.ae_title, n.node.host, n.node.dicom_port] for n in nodes},
-    })
+        "end\n"
+    )
+    router = new_orthanc_node(
+        9,
+        base,
+        {
+            "LuaScripts": [str(script)],
+            "DicomModalities": {n.node.id: [n.node.ae_title, n.node.host, n.node.dicom_port] for n in nodes},
+        },
+    )
     router.start()
     assert router.proc is not None
     return router, router.proc
@@ -201,8 +221,11 @@ def verified(stack) -> float:
     """Verified outcomes the probe published, from one scrape (each scrape costs the probe CPU)."""
     port = stack.cfg.probe.metrics_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("switchyard_probe_verifications_total{") and 'outcome="verified"' in line)
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("switchyard_probe_verifications_total{") and 'outcome="verified"' in line
+    )
 
 
 def _round(r: int, rounds: int) -> str:
@@ -223,18 +246,26 @@ NATS_AUTH_MODES = ("off", "on", "tls")
 def nats_auth(mode: str, base: Path):
     """(configure, server tls block) for make_stack in one --nats-auth mode."""
     if mode == "off":
-        return (lambda cfg: msgspec.structs.replace(cfg, nats=msgspec.structs.replace(
-            cfg.nats, allow_unauthenticated=True))), ""
+        return (
+            lambda cfg: msgspec.structs.replace(cfg, nats=msgspec.structs.replace(cfg.nats, allow_unauthenticated=True))
+        ), ""
     if mode == "on":
         return (lambda cfg: cfg), ""
     from shared import natsauth
     from tests.fixtures.pki import make_pki
 
     pki = make_pki(base / "pki")
-    return (lambda cfg: msgspec.structs.replace(cfg, nats=msgspec.structs.replace(
-        cfg.nats, tls_ca_file=str(pki["ca"]), tls_cert_file=str(pki["client_crt"]),
-        tls_key_file=str(pki["client_key"])))), natsauth.render_tls(
-            str(pki["server_crt"]), str(pki["server_key"]), str(pki["ca"]), verify=True)
+    return (
+        lambda cfg: msgspec.structs.replace(
+            cfg,
+            nats=msgspec.structs.replace(
+                cfg.nats,
+                tls_ca_file=str(pki["ca"]),
+                tls_cert_file=str(pki["client_crt"]),
+                tls_key_file=str(pki["client_key"]),
+            ),
+        )
+    ), natsauth.render_tls(str(pki["server_crt"]), str(pki["server_key"]), str(pki["ca"]), verify=True)
 
 
 def nats_cluster_bench(base: Path, images: int, rounds: int, kills: int) -> int:
@@ -256,26 +287,46 @@ def nats_cluster_bench(base: Path, images: int, rounds: int, kills: int) -> int:
             n.start()
         seed = int(time.time())
         for k, topology in enumerate(("single", "cluster")):
-            stack = make_stack(base / f"stack-{topology}", nodes, nats_cluster=3 if topology == "cluster" else 0,
-                               configure=lambda cfg: msgspec.structs.replace(
-                                   cfg, probe=msgspec.structs.replace(cfg.probe, interval_s=1.0)))
-            wait_for(lambda stack=stack: all(stack.metric("scheduler", "switchyard_scheduler_node_live",
-                                                          f'node="{n.node.id}"') == 1 for n in nodes),
-                     timeout=30, what="nodes live")
+            stack = make_stack(
+                base / f"stack-{topology}",
+                nodes,
+                nats_cluster=3 if topology == "cluster" else 0,
+                configure=lambda cfg: msgspec.structs.replace(
+                    cfg, probe=msgspec.structs.replace(cfg.probe, interval_s=1.0)
+                ),
+            )
+            wait_for(
+                lambda stack=stack: all(
+                    stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{n.node.id}"') == 1
+                    for n in nodes
+                ),
+                timeout=30,
+                what="nodes live",
+            )
             for r in range(rounds):
                 corpus = base / f"corpus-{topology}-{r}"
-                files = generate_studies(corpus, studies=images // 10, series_per_study=1, instances_per_series=10,
-                                         seed=seed + 7 * r + k)
+                files = generate_studies(
+                    corpus, studies=images // 10, series_per_study=1, instances_per_series=10, seed=seed + 7 * r + k
+                )
                 base_count = counts(nodes)
-                t = timed_send(lambda stack=stack, corpus=corpus: stack.send([corpus], extra=["+sd", "+r"]),
-                               lambda b=base_count, fs=files: counts(nodes) - b >= len(fs))
+                t = timed_send(
+                    lambda stack=stack, corpus=corpus: stack.send([corpus], extra=["+sd", "+r"]),
+                    lambda b=base_count, fs=files: counts(nodes) - b >= len(fs),
+                )
                 rates[topology].append(len(files) / t)
-                print(f"{topology} nats{_round(r, rounds)}: storescu -> Switchyard -> 3 Orthanc: "
-                      f"{len(files) / t:.1f} img/s ({t:.2f} s)")
+                print(
+                    f"{topology} nats{_round(r, rounds)}: storescu -> Switchyard -> 3 Orthanc: "
+                    f"{len(files) / t:.1f} img/s ({t:.2f} s)"
+                )
             if topology == "cluster":
                 for kill in range(kills):
-                    trickle = generate_studies(base / f"trickle-{kill}", studies=1, series_per_study=1,
-                                               instances_per_series=60, seed=seed + 1000 + kill)
+                    trickle = generate_studies(
+                        base / f"trickle-{kill}",
+                        studies=1,
+                        series_per_study=1,
+                        instances_per_series=60,
+                        seed=seed + 1000 + kill,
+                    )
                     stop = threading.Event()
 
                     def send_trickle(files=trickle, stack=stack, stop=stop):
@@ -312,11 +363,19 @@ def nats_cluster_bench(base: Path, images: int, rounds: int, kills: int) -> int:
             stack.close()
             stack = None
         single, cluster = statistics.median(rates["single"]), statistics.median(rates["cluster"])
-        print(f"nats cluster: {cluster:.1f} img/s vs single server {single:.1f} img/s ({cluster / single:.2f}x); "
-              f"resume after a leader SIGKILL: " + ", ".join(f"{g:.2f}" for g in resumes) + " s")
-        print(json.dumps({"img_per_s": {"single": round(single, 1), "cluster": round(cluster, 1)},
-                          "rounds_img_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
-                          "resume_after_leader_kill_s": [round(g, 2) for g in resumes]}))
+        print(
+            f"nats cluster: {cluster:.1f} img/s vs single server {single:.1f} img/s ({cluster / single:.2f}x); "
+            f"resume after a leader SIGKILL: " + ", ".join(f"{g:.2f}" for g in resumes) + " s"
+        )
+        print(
+            json.dumps(
+                {
+                    "img_per_s": {"single": round(single, 1), "cluster": round(cluster, 1)},
+                    "rounds_img_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+                    "resume_after_leader_kill_s": [round(g, 2) for g in resumes],
+                }
+            )
+        )
         return 0
     finally:
         if stack is not None:
@@ -354,17 +413,20 @@ def main(argv: list[str]) -> int:
     print(f"policy: {rate:,.0f} decisions/s in process (target 100k/s)")
 
     base = Path(tempfile.mkdtemp(prefix="switchyard-bench-placement-"))
-    fake = [NodeConfig(id=f"fake{i}", dicom_port=free_port(), rest_url=f"http://127.0.0.1:{free_port()}")
-            for i in range(3)]
+    fake = [
+        NodeConfig(id=f"fake{i}", dicom_port=free_port(), rest_url=f"http://127.0.0.1:{free_port()}") for i in range(3)
+    ]
     lat_by_sync = {}
     for sync_always in (True, False):
         lat_by_sync[sync_always] = decision_latency(base / f"latency-{sync_always}", fake, quick, sync_always)
     (p50, p99, s50, s99), (p50_nosync, p99_nosync, s50_nosync, s99_nosync) = lat_by_sync[True], lat_by_sync[False]
-    print(f"nats: received->placed p50 {p50:.2f} ms, p99 {p99:.2f} ms over {300 if quick else 2000} sequential "
-          f"instances (JetStream fsyncs every write, as deployed); from the received event's PubAck: "
-          f"p50 {s50:.2f} ms, p99 {s99:.2f} ms; "
-          f"with JetStream's default 2-minute sync: p50 {p50_nosync:.2f} ms, p99 {p99_nosync:.2f} ms "
-          f"(from PubAck p50 {s50_nosync:.2f}, p99 {s99_nosync:.2f}) (target p99 < 2 ms)")
+    print(
+        f"nats: received->placed p50 {p50:.2f} ms, p99 {p99:.2f} ms over {300 if quick else 2000} sequential "
+        f"instances (JetStream fsyncs every write, as deployed); from the received event's PubAck: "
+        f"p50 {s50:.2f} ms, p99 {s99:.2f} ms; "
+        f"with JetStream's default 2-minute sync: p50 {p50_nosync:.2f} ms, p99 {p99_nosync:.2f} ms "
+        f"(from PubAck p50 {s50_nosync:.2f}, p99 {s99_nosync:.2f}) (target p99 < 2 ms)"
+    )
 
     nodes = [new_orthanc_node(i, base / "nodes") for i in (1, 2, 3)]
     direct = new_orthanc_node(8, base / "direct")
@@ -379,19 +441,26 @@ def main(argv: list[str]) -> int:
         for k, path in enumerate(("direct", "lua", *(f"switchyard-{m}" for m in modes))):
             corpora[path] = [base / f"corpus-{path}-{r}" for r in range(rounds)]
             for r, corpus in enumerate(corpora[path]):
-                files = generate_studies(corpus, studies=images // 10, series_per_study=1,
-                                         instances_per_series=10, seed=seed + 3 * r + k)
+                files = generate_studies(
+                    corpus, studies=images // 10, series_per_study=1, instances_per_series=10, seed=seed + 3 * r + k
+                )
 
         # Baseline 1: storescu -> one Orthanc.
         t_directs = []
         for r, corpus in enumerate(corpora["direct"]):
             base_count = counts([direct])
-            t_directs.append(timed_send(
-                lambda: ls.storescu("127.0.0.1", direct.node.dicom_port, direct.node.ae_title, [corpus],
-                                    extra=["+sd", "+r"]),
-                lambda: counts([direct]) - base_count >= len(files)))
-            print(f"direct{_round(r, rounds)}: storescu -> 1 Orthanc: {len(files) / t_directs[-1]:.1f} img/s "
-                  f"({t_directs[-1]:.2f} s)")
+            t_directs.append(
+                timed_send(
+                    lambda: ls.storescu(
+                        "127.0.0.1", direct.node.dicom_port, direct.node.ae_title, [corpus], extra=["+sd", "+r"]
+                    ),
+                    lambda: counts([direct]) - base_count >= len(files),
+                )
+            )
+            print(
+                f"direct{_round(r, rounds)}: storescu -> 1 Orthanc: {len(files) / t_directs[-1]:.1f} img/s "
+                f"({t_directs[-1]:.2f} s)"
+            )
         t_direct = statistics.median(t_directs)
 
         # Switchyard, once per NATS auth mode (the last mode's stack also runs the failover).
@@ -401,10 +470,22 @@ def main(argv: list[str]) -> int:
             if stack is not None:
                 stack.close()
             configure, nats_tls = nats_auth(mode, base / f"auth-{mode}")
-            stack = make_stack(base / f"stack-{mode}", nodes, nats_tls=nats_tls, configure=lambda cfg: configure(
-                msgspec.structs.replace(cfg, probe=msgspec.structs.replace(cfg.probe, interval_s=1.0))))
-            wait_for(lambda: all(stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{n.node.id}"') == 1
-                                 for n in nodes), timeout=30, what="nodes live")
+            stack = make_stack(
+                base / f"stack-{mode}",
+                nodes,
+                nats_tls=nats_tls,
+                configure=lambda cfg: configure(
+                    msgspec.structs.replace(cfg, probe=msgspec.structs.replace(cfg.probe, interval_s=1.0))
+                ),
+            )
+            wait_for(
+                lambda: all(
+                    stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{n.node.id}"') == 1
+                    for n in nodes
+                ),
+                timeout=30,
+                what="nodes live",
+            )
             pids = {s: p.popen.pid for s, p in stack.services.items()}
             t_sys, sy_cpus = [], []
             for r, corpus in enumerate(corpora[f"switchyard-{mode}"]):
@@ -413,34 +494,51 @@ def main(argv: list[str]) -> int:
                 base_count = counts(nodes)
                 base_verified = verified(stack)
                 started = time.perf_counter()
-                t_sys.append(timed_send(lambda: stack.send([corpus], extra=["+sd", "+r"]),
-                                        lambda: counts(nodes) - base_count >= len(files)))
+                t_sys.append(
+                    timed_send(
+                        lambda: stack.send([corpus], extra=["+sd", "+r"]),
+                        lambda: counts(nodes) - base_count >= len(files),
+                    )
+                )
                 cpu = {s: cpu_seconds(pid) - before[s] for s, pid in pids.items()}
                 nats_cpu = cpu_seconds(stack.nats.popen.pid) - nats_before
                 sy_cpus.append(sum(cpu.values()))
-                print(f"switchyard (nats auth {mode}){_round(r, rounds)}: storescu -> Switchyard -> 3 Orthanc: "
-                      f"{len(files) / t_sys[-1]:.1f} img/s ({t_sys[-1]:.2f} s); "
-                      f"CPU {sy_cpus[-1] / len(files) * 1000:.1f} ms/img for the services "
-                      f"({', '.join(f'{s} {v:.2f}s' for s, v in sorted(cpu.items()))}), nats {nats_cpu:.2f}s")
+                print(
+                    f"switchyard (nats auth {mode}){_round(r, rounds)}: storescu -> Switchyard -> 3 Orthanc: "
+                    f"{len(files) / t_sys[-1]:.1f} img/s ({t_sys[-1]:.2f} s); "
+                    f"CPU {sy_cpus[-1] / len(files) * 1000:.1f} ms/img for the services "
+                    f"({', '.join(f'{s} {v:.2f}s' for s, v in sorted(cpu.items()))}), nats {nats_cpu:.2f}s"
+                )
                 # Verification trails delivery: the probe's whole cost per image is counted until the last
                 # verified event (and the next round starts after it, on a quiet stack).
-                wait_for(lambda: verified(stack) - base_verified >= len(files), timeout=120, interval=0.1,
-                         what="every image verified")
+                wait_for(
+                    lambda: verified(stack) - base_verified >= len(files),
+                    timeout=120,
+                    interval=0.1,
+                    what="every image verified",
+                )
                 t_verified = time.perf_counter() - started
                 probe_cpu = cpu_seconds(pids["probe"]) - before["probe"]
-                print(f"probe: every image verified {t_verified:.2f} s after the send started; probe CPU until then "
-                      f"{probe_cpu:.2f} s ({probe_cpu / len(files) * 1000:.2f} ms/img)")
+                print(
+                    f"probe: every image verified {t_verified:.2f} s after the send started; probe CPU until then "
+                    f"{probe_cpu:.2f} s ({probe_cpu / len(files) * 1000:.2f} ms/img)"
+                )
             by_mode[mode] = (statistics.median(t_sys), statistics.median(sy_cpus), t_sys)
         # The ratios are for auth on when it ran (as deployed), else the first mode.
         t_sy, sy_cpu, t_sys = by_mode["on" if "on" in by_mode else modes[0]]
         if len(modes) > 1:
-            print("nats auth modes: " + ", ".join(f"{m} {len(files) / t:.1f} img/s" for m, (t, _, _) in by_mode.items())
-                  + (f"; on/off {by_mode['off'][0] / by_mode['on'][0]:.3f}x" if {"on", "off"} <= by_mode.keys() else ""))
+            print(
+                "nats auth modes: "
+                + ", ".join(f"{m} {len(files) / t:.1f} img/s" for m, (t, _, _) in by_mode.items())
+                + (f"; on/off {by_mode['off'][0] / by_mode['on'][0]:.3f}x" if {"on", "off"} <= by_mode.keys() else "")
+            )
 
         # Failover on the same stack (the probe polls every 0.25 s, REST timeout 1 s).
         took, reason = asyncio.run(failover_time(stack, nodes))
-        print(f"failover: {took * 1000:.0f} ms from SIGKILL to the first placement avoiding the node "
-              f"(reason {reason}; target < 2 s)")
+        print(
+            f"failover: {took * 1000:.0f} ms from SIGKILL to the first placement avoiding the node "
+            f"(reason {reason}; target < 2 s)"
+        )
         stack.close()
         stack = None
         for n in nodes:
@@ -457,35 +555,60 @@ def main(argv: list[str]) -> int:
             router, rproc = lua_router(base / f"router-{r}", nodes)
             rbefore = cpu_seconds(rproc.popen.pid)
             base_count = counts(nodes)
-            t_luas.append(timed_send(
-                lambda: ls.storescu("127.0.0.1", router.node.dicom_port, router.node.ae_title, [corpus],
-                                    extra=["+sd", "+r"]),
-                lambda: counts(nodes) - base_count >= len(files)))
+            t_luas.append(
+                timed_send(
+                    lambda: ls.storescu(
+                        "127.0.0.1", router.node.dicom_port, router.node.ae_title, [corpus], extra=["+sd", "+r"]
+                    ),
+                    lambda: counts(nodes) - base_count >= len(files),
+                )
+            )
             lua_cpus.append(cpu_seconds(rproc.popen.pid) - rbefore)
-            print(f"lua router{_round(r, rounds)}: storescu -> Orthanc Lua -> 3 Orthanc: "
-                  f"{len(files) / t_luas[-1]:.1f} img/s ({t_luas[-1]:.2f} s); "
-                  f"CPU {lua_cpus[-1] / len(files) * 1000:.1f} ms/img for the router")
+            print(
+                f"lua router{_round(r, rounds)}: storescu -> Orthanc Lua -> 3 Orthanc: "
+                f"{len(files) / t_luas[-1]:.1f} img/s ({t_luas[-1]:.2f} s); "
+                f"CPU {lua_cpus[-1] / len(files) * 1000:.1f} ms/img for the router"
+            )
         t_lua, lua_cpu = statistics.median(t_luas), statistics.median(lua_cpus)
-        print(f"ratios{' of the medians' if rounds > 1 else ''}: switchyard/direct {t_direct / t_sy:.2f}x "
-              f"(target >= 0.5x), switchyard/lua {t_lua / t_sy:.2f}x (target >= 5x)")
-        print(json.dumps({"policy_per_s": round(rate), "nats_p50_ms": round(p50, 3), "nats_p99_ms": round(p99, 3),
-                          "nats_nosync_p50_ms": round(p50_nosync, 3), "nats_nosync_p99_ms": round(p99_nosync, 3),
-                          "nats_stored_p50_ms": round(s50, 3), "nats_stored_p99_ms": round(s99, 3),
-                          "nats_stored_nosync_p50_ms": round(s50_nosync, 3),
-                          "nats_stored_nosync_p99_ms": round(s99_nosync, 3),
-                          "failover_ms": round(took * 1000), "verified_s": round(t_verified, 2),
-                          "probe_cpu_ms_per_img_until_verified": round(probe_cpu / len(files) * 1000, 2),
-                          "img_per_s": {
-                              "direct": round(len(files) / t_direct, 1), "switchyard": round(len(files) / t_sy, 1),
-                              "lua": round(len(files) / t_lua, 1)},
-                          "switchyard_img_per_s_by_nats_auth": {
-                              m: round(len(files) / t, 1) for m, (t, _, _) in by_mode.items()},
-                          "rounds_img_per_s": {
-                              "direct": [round(len(files) / t, 1) for t in t_directs],
-                              "switchyard": [round(len(files) / t, 1) for t in t_sys],
-                              "lua": [round(len(files) / t, 1) for t in t_luas]},
-                          "cpu_ms_per_img": {"switchyard": round(sy_cpu / len(files) * 1000, 2),
-                                             "lua": round(lua_cpu / len(files) * 1000, 2)}}))
+        print(
+            f"ratios{' of the medians' if rounds > 1 else ''}: switchyard/direct {t_direct / t_sy:.2f}x "
+            f"(target >= 0.5x), switchyard/lua {t_lua / t_sy:.2f}x (target >= 5x)"
+        )
+        print(
+            json.dumps(
+                {
+                    "policy_per_s": round(rate),
+                    "nats_p50_ms": round(p50, 3),
+                    "nats_p99_ms": round(p99, 3),
+                    "nats_nosync_p50_ms": round(p50_nosync, 3),
+                    "nats_nosync_p99_ms": round(p99_nosync, 3),
+                    "nats_stored_p50_ms": round(s50, 3),
+                    "nats_stored_p99_ms": round(s99, 3),
+                    "nats_stored_nosync_p50_ms": round(s50_nosync, 3),
+                    "nats_stored_nosync_p99_ms": round(s99_nosync, 3),
+                    "failover_ms": round(took * 1000),
+                    "verified_s": round(t_verified, 2),
+                    "probe_cpu_ms_per_img_until_verified": round(probe_cpu / len(files) * 1000, 2),
+                    "img_per_s": {
+                        "direct": round(len(files) / t_direct, 1),
+                        "switchyard": round(len(files) / t_sy, 1),
+                        "lua": round(len(files) / t_lua, 1),
+                    },
+                    "switchyard_img_per_s_by_nats_auth": {
+                        m: round(len(files) / t, 1) for m, (t, _, _) in by_mode.items()
+                    },
+                    "rounds_img_per_s": {
+                        "direct": [round(len(files) / t, 1) for t in t_directs],
+                        "switchyard": [round(len(files) / t, 1) for t in t_sys],
+                        "lua": [round(len(files) / t, 1) for t in t_luas],
+                    },
+                    "cpu_ms_per_img": {
+                        "switchyard": round(sy_cpu / len(files) * 1000, 2),
+                        "lua": round(lua_cpu / len(files) * 1000, 2),
+                    },
+                }
+            )
+        )
         return 0
     finally:
         if stack is not None:

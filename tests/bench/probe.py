@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from shared import events as ev
-from switchyard import stack as ls
 from shared.bus import Bus
+from switchyard import stack as ls
 from switchyard.corpus import corpus_index, generate_studies
 from tests.fixtures.servers import _new_node, make_stack
 from tests.fixtures.util import wait_for
@@ -61,12 +61,14 @@ def main(argv: list[str]) -> int:
         for n in nodes:
             n.start()
         stack = make_stack(base / "stack", nodes)
-        files = generate_studies(base / "corpus", studies=args.studies, series_per_study=2,
-                                 instances_per_series=args.per_series, seed=777)
+        files = generate_studies(
+            base / "corpus", studies=args.studies, series_per_study=2, instances_per_series=args.per_series, seed=777
+        )
         index = corpus_index(files)
         total = len(files)
         started = time.perf_counter()
         assert stack.send([base / "corpus"], extra=["+sd", "+r"]).returncode == 0
+
         def all_verified() -> list[ev.AnyEvent] | None:
             e = _events(stack.cfg)
             return e if sum(isinstance(x, ev.InstanceVerifiedV1) for x in e) >= total else None
@@ -78,30 +80,58 @@ def main(argv: list[str]) -> int:
         ver = {e.sop_instance_uid: e for e in events if isinstance(e, ev.InstanceVerifiedV1)}
         failed = [e for e in events if isinstance(e, ev.InstanceVerificationFailedV1)]
         verify_lag = [(ver[s].occurred_at - fwd[s].occurred_at).total_seconds() * 1000 for s in ver]
-        forward_lag = [(f.occurred_at - placed[f.placement_id].occurred_at).total_seconds() * 1000
-                       for f in fwd.values()]
-        print(f"instances: {total} in {len(index)} studies; all verified {wall:.1f} s after the send started;"
-              f" verification failures: {len(failed)}")
-        print(f"forwarded -> verified lag ms: p50 {_pct(verify_lag, 0.5):.0f}  p95 {_pct(verify_lag, 0.95):.0f}"
-              f"  max {max(verify_lag):.0f}")
-        print(f"baseline placed -> forwarded lag ms: p50 {_pct(forward_lag, 0.5):.0f}"
-              f"  p95 {_pct(forward_lag, 0.95):.0f}  max {max(forward_lag):.0f}")
+        forward_lag = [
+            (f.occurred_at - placed[f.placement_id].occurred_at).total_seconds() * 1000 for f in fwd.values()
+        ]
+        print(
+            f"instances: {total} in {len(index)} studies; all verified {wall:.1f} s after the send started;"
+            f" verification failures: {len(failed)}"
+        )
+        print(
+            f"forwarded -> verified lag ms: p50 {_pct(verify_lag, 0.5):.0f}  p95 {_pct(verify_lag, 0.95):.0f}"
+            f"  max {max(verify_lag):.0f}"
+        )
+        print(
+            f"baseline placed -> forwarded lag ms: p50 {_pct(forward_lag, 0.5):.0f}"
+            f"  p95 {_pct(forward_lag, 0.95):.0f}  max {max(forward_lag):.0f}"
+        )
 
         p = stack.cfg.probe
         target = ["-aet", "BENCH", "-aec", p.qr_ae_title, "127.0.0.1", str(p.qr_port)]
         study = next(iter(index))
-        find = [str(ls.DCMTK_BIN / "findscu"), "-S", "-k", "QueryRetrieveLevel=STUDY",
-                "-k", f"StudyInstanceUID={study}", "-k", "StudyDate=", "-k", "NumberOfStudyRelatedInstances=",
-                *target]
+        find = [
+            str(ls.DCMTK_BIN / "findscu"),
+            "-S",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study}",
+            "-k",
+            "StudyDate=",
+            "-k",
+            "NumberOfStudyRelatedInstances=",
+            *target,
+        ]
         echo = [str(ls.DCMTK_BIN / "echoscu"), *target]
         finds = [_timed(find) for _ in range(args.queries)]
         echoes = [_timed(echo) for _ in range(args.queries)]
-        wild = [str(ls.DCMTK_BIN / "findscu"), "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientName=DEMO*",
-                "-k", "StudyInstanceUID=", *target]
+        wild = [
+            str(ls.DCMTK_BIN / "findscu"),
+            "-S",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "PatientName=DEMO*",
+            "-k",
+            "StudyInstanceUID=",
+            *target,
+        ]
         wilds = [_timed(wild) for _ in range(args.queries)]
         print(f"findscu STUDY by UID ms: median {statistics.median(finds):.1f}  p95 {_pct(finds, 0.95):.1f}")
-        print(f"findscu STUDY PatientName=DEMO* ({len(index)} studies) ms: median {statistics.median(wilds):.1f}"
-              f"  p95 {_pct(wilds, 0.95):.1f}")
+        print(
+            f"findscu STUDY PatientName=DEMO* ({len(index)} studies) ms: median {statistics.median(wilds):.1f}"
+            f"  p95 {_pct(wilds, 0.95):.1f}"
+        )
         print(f"baseline echoscu ms: median {statistics.median(echoes):.1f}  p95 {_pct(echoes, 0.95):.1f}")
         return 0 if not failed else 1
     finally:

@@ -22,23 +22,27 @@ import asyncio
 import shutil
 import tempfile
 import time
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 
 import duckdb
 import msgspec
 
-from shared.readmodel.replay import rebuild_file
 from services.probe.store import NAME, SCHEMA, ProbeStore
 from shared import events as ev
+from shared.readmodel.replay import rebuild_file
 from tests.bench.catalog import bench_nats, chunks, instance_events, publish_log
 
 
 def probe_events(i: int) -> list[ev.Event]:
     """The catalog bench's four events of instance i, the verified one with its placement id."""
     received, placed, forwarded, verified = instance_events(i)
-    return [received, placed, forwarded,
-            msgspec.structs.replace(verified, placement_id=placed.event_id, study_instance_uid=placed.study_instance_uid)]
+    return [
+        received,
+        placed,
+        forwarded,
+        msgspec.structs.replace(verified, placement_id=placed.event_id, study_instance_uid=placed.study_instance_uid),
+    ]
 
 
 def decoded(ids) -> list[ev.AnyEvent]:
@@ -67,29 +71,42 @@ def row_by_row_baseline(path: Path, n: int) -> float:
     """The previous apply: one execute per event (its code, condensed)."""
     con = duckdb.connect(str(path))
     con.execute(SCHEMA)
-    utc = lambda at: at.astimezone(timezone.utc).replace(tzinfo=None)  # noqa: E731
+    utc = lambda at: at.astimezone(UTC).replace(tzinfo=None)  # noqa: E731
     rows = list(enumerate(decoded(range(n)), start=1))
     t = time.perf_counter()
     con.execute("BEGIN")
     for seq, e in rows:
         if isinstance(e, ev.InstancePlacedV1):
-            con.execute("INSERT OR REPLACE INTO placements (placement_id, sop_instance_uid, study_instance_uid,"
-                        " node_id, dataset_digest) VALUES (?, ?, ?, ?, ?)",
-                        [e.event_id, e.sop_instance_uid, e.study_instance_uid, e.node_id, e.dataset_digest])
+            con.execute(
+                "INSERT OR REPLACE INTO placements (placement_id, sop_instance_uid, study_instance_uid,"
+                " node_id, dataset_digest) VALUES (?, ?, ?, ?, ?)",
+                [e.event_id, e.sop_instance_uid, e.study_instance_uid, e.node_id, e.dataset_digest],
+            )
         elif isinstance(e, ev.InstanceForwardedV1):
-            placed = con.execute("SELECT dataset_digest FROM placements WHERE placement_id = ?",
-                                 [e.placement_id]).fetchone()
+            placed = con.execute(
+                "SELECT dataset_digest FROM placements WHERE placement_id = ?", [e.placement_id]
+            ).fetchone()
             if placed is not None:
                 con.execute("DELETE FROM placements WHERE placement_id = ?", [e.placement_id])
-                con.execute("INSERT OR REPLACE INTO expected (node_id, sop_instance_uid, study_instance_uid,"
-                            " placement_id, dataset_digest, forwarded_at, state, detail)"
-                            " VALUES (?, ?, ?, ?, ?, ?, 'pending', '')",
-                            [e.node_id, e.sop_instance_uid, e.study_instance_uid, e.placement_id, placed[0],
-                             utc(e.occurred_at)])
+                con.execute(
+                    "INSERT OR REPLACE INTO expected (node_id, sop_instance_uid, study_instance_uid,"
+                    " placement_id, dataset_digest, forwarded_at, state, detail)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 'pending', '')",
+                    [
+                        e.node_id,
+                        e.sop_instance_uid,
+                        e.study_instance_uid,
+                        e.placement_id,
+                        placed[0],
+                        utc(e.occurred_at),
+                    ],
+                )
         elif isinstance(e, ev.InstanceVerifiedV1) and e.placement_id:
-            con.execute("UPDATE expected SET state = 'verified', detail = '' WHERE node_id = ?"
-                        " AND sop_instance_uid = ? AND placement_id = ?",
-                        [e.node_id, e.sop_instance_uid, e.placement_id])
+            con.execute(
+                "UPDATE expected SET state = 'verified', detail = '' WHERE node_id = ?"
+                " AND sop_instance_uid = ? AND placement_id = ?",
+                [e.node_id, e.sop_instance_uid, e.placement_id],
+            )
     con.execute("INSERT OR REPLACE INTO projection_state VALUES (?, ?)", [NAME, rows[-1][0]])
     con.execute("COMMIT")
     seconds = time.perf_counter() - t
@@ -118,11 +135,13 @@ def main(argv: list[str]) -> int:
 
         pub_s = asyncio.run(publish_log(cfg.nats, n))
         print(f"publish (JetStream async): {4 * n / pub_s:,.0f} events/s ({pub_s:.1f}s)", flush=True)
-        result = asyncio.run(rebuild_file(cfg.nats, work / "rebuilt.duckdb", ProbeStore, swap=False,
-                                          batch=args.batch))
+        result = asyncio.run(rebuild_file(cfg.nats, work / "rebuilt.duckdb", ProbeStore, swap=False, batch=args.batch))
         assert result.events == 4 * n and result.last_seq == 4 * n
-        print(f"rebuild replay+apply: {result.events / result.seconds:,.0f} events/s, "
-              f"{result.seconds:.1f}s for {result.events} events", flush=True)
+        print(
+            f"rebuild replay+apply: {result.events / result.seconds:,.0f} events/s, "
+            f"{result.seconds:.1f}s for {result.events} events",
+            flush=True,
+        )
         return 0
     finally:
         proc.stop()

@@ -19,8 +19,13 @@ from tests.fixtures.util import poll
 
 
 def nodes_cli(stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "switchyard", "--config", str(stack.config_path), "nodes", *args],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "switchyard", "--config", str(stack.config_path), "nodes", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
 
 
 def scheduler_sees(stack, node_id: str, live: bool) -> bool:
@@ -53,17 +58,20 @@ def all_forwarded(stack, studies: dict[str, list[Path]]) -> dict[str, list[dict]
 async def received_with_seq(bus, n: int) -> list:
     """The log's ``n`` received events with their stream sequences, once all are there
     (tests that stand in for the scheduler place them themselves)."""
+
     async def ready():
-        got = [(d.seq, d.event) async for d in bus.replay(SUBJECT_RECEIVED)
-               if isinstance(d.event, ev.InstanceReceivedV1)]
+        got = [
+            (d.seq, d.event) async for d in bus.replay(SUBJECT_RECEIVED) if isinstance(d.event, ev.InstanceReceivedV1)
+        ]
         return got if len(got) == n else None
 
     return await poll(ready, timeout=30, what=f"{n} received events")
 
 
 @contextlib.asynccontextmanager
-async def standing_in_for_the_scheduler(tmp_path: Path, nodes: list, instances: int, seed: int,
-                                        services=("ingest", "forwarder"), configure=None):
+async def standing_in_for_the_scheduler(
+    tmp_path: Path, nodes: list, instances: int, seed: int, services=("ingest", "forwarder"), configure=None
+):
     """``nodes`` started, a stack without scheduler (and probe), ``instances`` sent and received;
     yields (stack, bus, [(seq, received)]): the test places them itself, as the scheduler would.
     Everything is stopped on the way out."""
@@ -72,8 +80,9 @@ async def standing_in_for_the_scheduler(tmp_path: Path, nodes: list, instances: 
         for n in nodes:
             n.start()
         stack = make_stack(tmp_path / "stack", nodes, services=services, configure=configure)
-        files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=instances,
-                                 seed=seed)
+        files = generate_studies(
+            tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=instances, seed=seed
+        )
         assert stack.send(files).returncode == 0
         bus = await Bus.connect(stack.cfg.nats, "test-scheduler", identity="harness")  # writes what the scheduler would
         yield stack, bus, await received_with_seq(bus, instances)

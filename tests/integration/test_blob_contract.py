@@ -149,15 +149,18 @@ def test_put_same_key_twice_keeps_the_latest(store: BlobStore, tmp_path: Path) -
         assert stream.read() == b"second"
 
 
-@pytest.mark.parametrize("bad", [
-    "",
-    "sha256/ab",
-    "../../etc/passwd",
-    "sha256/AB/" + "a" * 64,
-    "sha256/ab/" + "g" * 64,
-    "sha256/ab/" + "a" * 63,
-    "/sha256/ab/" + "a" * 64,
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "sha256/ab",
+        "../../etc/passwd",
+        "sha256/AB/" + "a" * 64,
+        "sha256/ab/" + "g" * 64,
+        "sha256/ab/" + "a" * 63,
+        "/sha256/ab/" + "a" * 64,
+    ],
+)
 def test_invalid_key_is_rejected(store: BlobStore, tmp_path: Path, bad: str) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(b"x")
@@ -226,8 +229,13 @@ def test_open_blob_store_picks_the_backend(s3_server: S3Server, tmp_path: Path) 
 
 
 def test_s3_unreachable_endpoint_fails_fast(tmp_path: Path) -> None:
-    cfg = BlobConfig(backend="s3", s3_endpoint=f"127.0.0.1:{free_port()}", s3_bucket="switchyard",
-                     s3_access_key="AKIDSECRETACCESS", s3_secret_key="sUpErSeCrEt-KeY")
+    cfg = BlobConfig(
+        backend="s3",
+        s3_endpoint=f"127.0.0.1:{free_port()}",
+        s3_bucket="switchyard",
+        s3_access_key="AKIDSECRETACCESS",
+        s3_secret_key="sUpErSeCrEt-KeY",
+    )
     store = open_blob_store(cfg)
     src = tmp_path / "src.bin"
     src.write_bytes(b"payload")
@@ -242,8 +250,13 @@ def test_s3_unreachable_endpoint_fails_fast(tmp_path: Path) -> None:
     assert "sUpErSeCrEt-KeY" not in message and "AKIDSECRETACCESS" not in message
     assert len(message) < 300
     # Every other call fails the same way, and check() reports it.
-    for call in (lambda: store.size(key), lambda: store.open(key), lambda: store.check(),
-                 lambda: store.get_file(key, tmp_path / "dest.bin"), lambda: store.delete(key)):
+    for call in (
+        lambda: store.size(key),
+        lambda: store.open(key),
+        lambda: store.check(),
+        lambda: store.get_file(key, tmp_path / "dest.bin"),
+        lambda: store.delete(key),
+    ):
         with pytest.raises(BlobStoreError):
             call()
     assert time.monotonic() - started < 60
@@ -301,7 +314,8 @@ def test_s3_error_response_is_a_store_error(s3_server: S3Server, tmp_path: Path)
 
 
 def test_s3_get_file_failing_mid_stream_leaves_no_partial_file(
-        s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: F811
     store = S3BlobStore(s3_blob_config(s3_server, _bucket()))
     data = os.urandom(3 * CHUNK)
     src, key = _write(tmp_path / "src.bin", data)

@@ -26,9 +26,16 @@ async def _connect(cfg) -> Bus:
 
 def _placed(i: int) -> ev.InstancePlacedV1:
     return ev.InstancePlacedV1(
-        event_id=f"p{i}", sop_instance_uid=f"1.2.{i}", study_instance_uid="1.2", sop_class_uid="1.2.840",
-        transfer_syntax_uid="1.2.840.10008.1.2.1", blob_key=f"b{i}", dataset_digest="d", node_id="n1",
-        reason=ev.PlacementReason.NEW_STUDY)
+        event_id=f"p{i}",
+        sop_instance_uid=f"1.2.{i}",
+        study_instance_uid="1.2",
+        sop_class_uid="1.2.840",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        blob_key=f"b{i}",
+        dataset_digest="d",
+        node_id="n1",
+        reason=ev.PlacementReason.NEW_STUDY,
+    )
 
 
 async def test_pull_batches_yields_batches_then_empty_when_idle_and_ends_on_stop(nats_only):

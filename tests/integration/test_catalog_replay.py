@@ -123,6 +123,7 @@ async def test_live_catch_up_equals_a_rebuild(nats_only, tmp_path):
 async def test_live_follower_batches_in_order_with_a_bounded_buffer(nats_only):
     """Bus.follow_batches: every event once, in log order, batches never over max_batch,
     a batch closes at its linger, and a slow reader holds the buffer at max_batch."""
+
     async def scenario():
         bus = await connect(nats_only.cfg.nats)
         stop = asyncio.Event()
@@ -197,8 +198,7 @@ async def test_one_follower_brings_a_store_beside_up_from_its_own_sequence(nats_
             beside = ProbeStore(tmp_path / "beside.duckdb")
             seen: list[int] = []
             stop = asyncio.Event()
-            task = asyncio.create_task(keep_up(main, bus, 500, stop, linger=0.05, beside=beside,
-                                               on_beside=seen.append))
+            task = asyncio.create_task(keep_up(main, bus, 500, stop, linger=0.05, beside=beside, on_beside=seen.append))
             async with asyncio.timeout(60):
                 while await asyncio.to_thread(beside.last_seq) < len(sent):
                     await asyncio.sleep(0.05)

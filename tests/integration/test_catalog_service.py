@@ -93,15 +93,18 @@ def test_search_studies_series_and_instances(routed):
     assert len(stack.catalog("/api/instances?modality=MR")) == 4
 
 
-@pytest.mark.parametrize("query,fragment", [
-    ("/api/studies?patient=DEMO01", "unknown query parameter 'patient'"),
-    ("/api/studies?date_from=2024-01-01", "date_from must be YYYYMMDD"),
-    ("/api/series?limit=0", "limit"),
-    ("/api/instances?state=lost", "state must be one of"),
-    ("/api/instances?study_uid=abc", "not a DICOM UID"),
-    ("/api/instances?tag.1bad=x", "unknown query parameter"),
-    ("/api/totals?x=1", "unknown query parameter"),
-])
+@pytest.mark.parametrize(
+    "query,fragment",
+    [
+        ("/api/studies?patient=DEMO01", "unknown query parameter 'patient'"),
+        ("/api/studies?date_from=2024-01-01", "date_from must be YYYYMMDD"),
+        ("/api/series?limit=0", "limit"),
+        ("/api/instances?state=lost", "state must be one of"),
+        ("/api/instances?study_uid=abc", "not a DICOM UID"),
+        ("/api/instances?tag.1bad=x", "unknown query parameter"),
+        ("/api/totals?x=1", "unknown query parameter"),
+    ],
+)
 def test_bad_queries_get_a_json_400(routed, query, fragment):
     status, body = get(routed[0], query)
     assert status == 400
@@ -167,7 +170,8 @@ def test_extra_header_tags_are_queryable(routed):
     assert len(ct) == 4 and {r["modality"] for r in ct} == {"CT"}
     assert ct[0]["extra_tags"] == {"Manufacturer": "SWITCHYARD DEMO", "KVP": "120"}
     assert study_uids(stack.catalog("/api/studies?tag.MagneticFieldStrength=1.5")) == {
-        s for s in index if stack.catalog(f"/api/studies?study_uid={s}")[0]["modalities"] == "MR"}
+        s for s in index if stack.catalog(f"/api/studies?study_uid={s}")[0]["modalities"] == "MR"
+    }
     assert stack.catalog("/api/series?tag.Manufacturer=OTHER") == []
 
 
@@ -187,12 +191,23 @@ async def test_rebuild_equals_the_live_store_and_swaps_in(routed, tmp_path, caps
     assert "stop it" in capsys.readouterr().err
     # The log must be quiet before the snapshot: the probe's verified events are
     # the last facts about these instances.
-    wait_for(lambda: [r["state"] for r in stack.catalog("/api/instances")] == ["verified"] * 8, timeout=60,
-             what="every routed instance verified")
+    wait_for(
+        lambda: [r["state"] for r in stack.catalog("/api/instances")] == ["verified"] * 8,
+        timeout=60,
+        what="every routed instance verified",
+    )
     stack.stop("catalog")
     live = dump_all(db)
-    assert set(live) == {"events", "instances", "locations", "nodes", "projection_state",
-                         "patients", "studies", "series"}  # the last three are views over instances
+    assert set(live) == {
+        "events",
+        "instances",
+        "locations",
+        "nodes",
+        "projection_state",
+        "patients",
+        "studies",
+        "series",
+    }  # the last three are views over instances
     assert live["studies"] and live["patients"] and live["series"]
     last = live["projection_state"][0][1]
 
@@ -201,8 +216,23 @@ async def test_rebuild_equals_the_live_store_and_swaps_in(routed, tmp_path, caps
     assert (result.events, result.last_seq) == (last, last)
     assert dump_all(fresh) == live  # table by table
 
-    assert await asyncio.to_thread(cli.main, [*argv, "audit", "export", "--since", "2000-01-01",
-                                              "--until", "2100-01-01", "--out", str(tmp_path / "audit")]) == 0
+    assert (
+        await asyncio.to_thread(
+            cli.main,
+            [
+                *argv,
+                "audit",
+                "export",
+                "--since",
+                "2000-01-01",
+                "--until",
+                "2100-01-01",
+                "--out",
+                str(tmp_path / "audit"),
+            ],
+        )
+        == 0
+    )
     assert f"{last} events, 8 instances" in capsys.readouterr().out
     con = duckdb.connect()
     assert con.execute(f"SELECT count(*) FROM '{tmp_path}/audit/events.parquet'").fetchone() == (last,)
@@ -210,10 +240,13 @@ async def test_rebuild_equals_the_live_store_and_swaps_in(routed, tmp_path, caps
     for table in ("events", "instances"):
         rows = con.execute(
             "SELECT DISTINCT subject, calling_ae, called_ae, peer_address, peer_port > 0"
-            f" FROM '{tmp_path}/audit/{table}.csv' WHERE subject = 'dicom.instance.received'").fetchall()
+            f" FROM '{tmp_path}/audit/{table}.csv' WHERE subject = 'dicom.instance.received'"
+        ).fetchall()
         assert rows == [("dicom.instance.received", "CATSCU", stack.cfg.ingest.ae_title, "127.0.0.1", True)]
-    subjects = con.execute(f"SELECT DISTINCT split_part(subject, '.', 3) FROM '{tmp_path}/audit/events.parquet'"
-                           " WHERE type LIKE 'instance.%'").fetchall()
+    subjects = con.execute(
+        f"SELECT DISTINCT split_part(subject, '.', 3) FROM '{tmp_path}/audit/events.parquet'"
+        " WHERE type LIKE 'instance.%'"
+    ).fetchall()
     assert {s for (s,) in subjects} >= {"received", "placed", "forwarded"}
 
     assert await asyncio.to_thread(cli.main, [*argv, "catalog", "rebuild"]) == 0

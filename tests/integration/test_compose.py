@@ -53,11 +53,15 @@ def _offline() -> bool:
 
 def run_in(argv: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
     """A command inside the engine's network namespace (or here, for an engine on this host)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("COMPOSE_FILE", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_ENV_FILES")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("COMPOSE_FILE", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_ENV_FILES")
+    }
     env["TCP_NODELAY"] = "1"  # DCMTK reads it; without it every DICOM hop stalls ~40 ms
-    proc = subprocess.run([*HARNESS, "run", "--", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [*HARNESS, "run", "--", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{argv[:6]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -94,8 +98,11 @@ def orthanc_sops() -> dict[str, set[str]]:
     """Every SOP Instance UID each Orthanc container holds (its REST API)."""
     found = {}
     for node, port in ORTHANC_PORTS.items():
-        rows = http_json(f"http://127.0.0.1:{port}/tools/find", ":".join(ORTHANC_AUTH),
-                         {"Level": "Instance", "Query": {}, "Expand": True})
+        rows = http_json(
+            f"http://127.0.0.1:{port}/tools/find",
+            ":".join(ORTHANC_AUTH),
+            {"Level": "Instance", "Query": {}, "Expand": True},
+        )
         found[node] = {r["MainDicomTags"]["SOPInstanceUID"] for r in rows}
     return found
 
@@ -131,15 +138,34 @@ class Corpus:
     def make(self, studies: int, series: int = 2, per_series: int = 5) -> list[Path]:
         self.batches += 1
         dest = self.root / f"batch{self.batches}"
-        paths = generate_studies(dest, studies=studies, series_per_study=series, instances_per_series=per_series,
-                                 seed=1000 + self.batches, rows=32, cols=32)
+        paths = generate_studies(
+            dest,
+            studies=studies,
+            series_per_study=series,
+            instances_per_series=per_series,
+            seed=1000 + self.batches,
+            rows=32,
+            cols=32,
+        )
         return paths
 
     def send(self, paths: list[Path]) -> float:
         """storescu from inside the namespace to the published ingest port; seconds taken."""
         t0 = time.monotonic()
-        run_in(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "SWITCHYARD", "-R", "127.0.0.1", "11112",
-                *map(str, paths)], timeout=300)
+        run_in(
+            [
+                "/usr/bin/storescu",
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "SWITCHYARD",
+                "-R",
+                "127.0.0.1",
+                "11112",
+                *map(str, paths),
+            ],
+            timeout=300,
+        )
         elapsed = time.monotonic() - t0
         for path in paths:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -188,16 +214,26 @@ def stack(tmp_path_factory):
     pre = subprocess.run([*HARNESS, "env"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     had_engine = pre.returncode == 0 and json.loads(pre.stdout).get("RUNNING") == "1"
     t0 = time.monotonic()
-    up = subprocess.run([*HARNESS, "up" if _offline() else "engine"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=HARNESS_TIMEOUT_S)
+    up = subprocess.run(
+        [*HARNESS, "up" if _offline() else "engine"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HARNESS_TIMEOUT_S,
+    )
     assert up.returncode == 0, up.stderr[-4000:]
     print(f"\ncompose test: engine and images in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     compose("down", "-v", "--remove-orphans", timeout=180)
     # NATS identities, made once as deploy/compose.yaml says (seeds 0600, read by the image's user).
     secrets = ROOT / "deploy" / "secrets"
     if not (secrets / "admin.nk").exists():
-        subprocess.run([sys.executable, "-m", "switchyard", "nats", "credentials", "--out", str(secrets)],
-                       cwd=ROOT, check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [sys.executable, "-m", "switchyard", "nats", "credentials", "--out", str(secrets)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     for seed in secrets.glob("*.nk"):
         os.chown(seed, IMAGE_UID, -1)
     # The Q/R door is closed by default; this test's findscu is let in to C-FIND.
@@ -226,8 +262,11 @@ def test_corpus_routed_once_and_verified(stack):
     sent_s = stack.send(paths)
     stack.assert_routed()
     total = time.monotonic() - t0
-    print(f"\ncompose test: {len(paths)} instances sent in {sent_s:.1f} s, all verified after {total:.1f} s "
-          f"({len(paths) / total:.1f} instances/s end to end)", file=sys.stderr)
+    print(
+        f"\ncompose test: {len(paths)} instances sent in {sent_s:.1f} s, all verified after {total:.1f} s "
+        f"({len(paths) / total:.1f} instances/s end to end)",
+        file=sys.stderr,
+    )
 
 
 def test_ingest_logs_no_warning_for_its_healthcheck(stack):
@@ -239,8 +278,26 @@ def test_ingest_logs_no_warning_for_its_healthcheck(stack):
 def test_qr_answers_c_find_from_outside_its_container(stack, tmp_path):
     out = tmp_path / "find"
     out.mkdir()
-    run_in(["/usr/bin/findscu", "-S", "-aet", "FINDSCU", "-aec", "SWITCHYARD_QR", "-X", "-od", str(out),
-            "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "127.0.0.1", "11113"], timeout=60)
+    run_in(
+        [
+            "/usr/bin/findscu",
+            "-S",
+            "-aet",
+            "FINDSCU",
+            "-aec",
+            "SWITCHYARD_QR",
+            "-X",
+            "-od",
+            str(out),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID",
+            "127.0.0.1",
+            "11113",
+        ],
+        timeout=60,
+    )
     found = {pydicom.dcmread(p).StudyInstanceUID for p in out.glob("rsp*.dcm")}
     assert set(stack.sops.values()) <= found
 
@@ -266,8 +323,11 @@ def test_crashed_container_comes_back_and_nothing_is_lost(stack, victim):
     if victim not in ("ingest", "nats"):
         # Sent while the victim is down: the log holds the work until it is back.
         stack.send(batch)
-    wait_for(lambda: container_state(victim)["StartedAt"] != before["StartedAt"] and healthy(victim),
-             120, f"{victim} restarted and healthy")
+    wait_for(
+        lambda: container_state(victim)["StartedAt"] != before["StartedAt"] and healthy(victim),
+        120,
+        f"{victim} restarted and healthy",
+    )
     assert container_state(victim)["Restarting"] is False
     if victim in ("ingest", "nats"):
         # Nothing can be received without them: sent once they are back.
@@ -291,8 +351,9 @@ def test_down_up_keeps_log_affinity_catalog_orthanc_data(stack):
     # Affinity: a new instance of a study sent before lands on that study's node.
     study_sop = next(iter(where))
     study_uid = stack.sops[study_sop]
-    src = next(p for p in stack.root.rglob("*.dcm") if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
-               == study_sop)
+    src = next(
+        p for p in stack.root.rglob("*.dcm") if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == study_sop
+    )
     ds = pydicom.dcmread(src)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     extra = stack.root / "after-up.dcm"

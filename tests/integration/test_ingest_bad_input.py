@@ -31,9 +31,9 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage
 
+from shared.dimse import NODELAY_HANDLER, settle
 from switchyard import stack as ls
 from switchyard.corpus import generate_studies
-from shared.dimse import NODELAY_HANDLER, settle
 from tests.fixtures.servers import Stack, make_stack
 from tests.fixtures.util import wait_for
 
@@ -48,11 +48,19 @@ MAX_ASSOCIATIONS = 4
 @pytest.fixture(scope="module")
 def ingest(orthanc_nodes, tmp_path_factory):
     """Ingest alone, with an allowlist, a small object limit and short timeouts."""
+
     def configure(cfg):
-        return msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(
-            cfg.ingest, allowed_calling_aes=[GOOD_AE, BACKGROUND_AE],
-            allowed_peers=["LOCALONLY@127.0.0.1", "ELSEWHERE@192.0.2.7"],
-            max_object_bytes=MAX_OBJECT, max_associations=MAX_ASSOCIATIONS, network_timeout_s=3.0))
+        return msgspec.structs.replace(
+            cfg,
+            ingest=msgspec.structs.replace(
+                cfg.ingest,
+                allowed_calling_aes=[GOOD_AE, BACKGROUND_AE],
+                allowed_peers=["LOCALONLY@127.0.0.1", "ELSEWHERE@192.0.2.7"],
+                max_object_bytes=MAX_OBJECT,
+                max_associations=MAX_ASSOCIATIONS,
+                network_timeout_s=3.0,
+            ),
+        )
 
     stack = make_stack(tmp_path_factory.mktemp("ingest-bad-input"), orthanc_nodes, ("ingest",), configure)
     yield stack
@@ -60,6 +68,7 @@ def ingest(orthanc_nodes, tmp_path_factory):
 
 
 # ---------------------------------------------------------------- helpers
+
 
 async def received_uids(stack: Stack) -> set[str]:
     return {e.sop_instance_uid for e in await stack.received_events()}
@@ -90,8 +99,9 @@ async def assert_nothing_kept(stack: Stack, uid: str) -> None:
 
 
 def one_instance(tmp_path: Path, seed: int, rows: int = 16, cols: int = 16) -> Path:
-    return generate_studies(tmp_path / f"c{seed}", studies=1, series_per_study=1, instances_per_series=1,
-                            seed=seed, rows=rows, cols=cols)[0]
+    return generate_studies(
+        tmp_path / f"c{seed}", studies=1, series_per_study=1, instances_per_series=1, seed=seed, rows=rows, cols=cols
+    )[0]
 
 
 async def assert_still_serves(stack: Stack, tmp_path: Path, seed: int) -> None:
@@ -124,8 +134,12 @@ class Background:
             ae = AE(ae_title=BACKGROUND_AE)
             ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
             ae.network_timeout = ae.dimse_timeout = 10
-            assoc = ae.associate("127.0.0.1", self.stack.cfg.ingest.port, ae_title=self.stack.cfg.ingest.ae_title,
-                                 evt_handlers=[NODELAY_HANDLER])
+            assoc = ae.associate(
+                "127.0.0.1",
+                self.stack.cfg.ingest.port,
+                ae_title=self.stack.cfg.ingest.ae_title,
+                evt_handlers=[NODELAY_HANDLER],
+            )
             assert assoc.is_established, "background association not established"
             try:
                 i = 0
@@ -162,8 +176,9 @@ class Background:
 
 @pytest.fixture(scope="module")
 def background_files(tmp_path_factory) -> list[Path]:
-    return generate_studies(tmp_path_factory.mktemp("bg"), studies=1, series_per_study=1, instances_per_series=5,
-                            seed=900, rows=16, cols=16)
+    return generate_studies(
+        tmp_path_factory.mktemp("bg"), studies=1, series_per_study=1, instances_per_series=5, seed=900, rows=16, cols=16
+    )
 
 
 @pytest.fixture
@@ -212,6 +227,7 @@ def closed_by_server(sock: socket.socket, timeout: float = 15.0) -> bytes:
 
 
 # ---------------------------------------------------------------- cases
+
 
 async def test_non_dicom_bytes_are_dropped(ingest, background, tmp_path):
     with socket.create_connection(("127.0.0.1", ingest.cfg.ingest.port)) as sock:
@@ -359,8 +375,11 @@ async def test_association_limit_rejects_with_local_limit_exceeded(ingest, backg
 def test_idle_association_is_aborted_after_the_network_timeout(ingest, background):
     assoc = sender_ae().associate("127.0.0.1", ingest.cfg.ingest.port, ae_title=ingest.cfg.ingest.ae_title)
     assert assoc.is_established
-    wait_for(lambda: not assoc.is_established, timeout=ingest.cfg.ingest.network_timeout_s + 10,
-             what="idle association ended by the server")
+    wait_for(
+        lambda: not assoc.is_established,
+        timeout=ingest.cfg.ingest.network_timeout_s + 10,
+        what="idle association ended by the server",
+    )
     assert assoc.is_aborted or assoc.is_released
 
 
@@ -467,8 +486,9 @@ def c_store_file(stack: Stack, path: Path, monkeypatch) -> pydicom.Dataset:
     ae = AE(ae_title=GOOD_AE)
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
-    assoc = ae.associate("127.0.0.1", stack.cfg.ingest.port, ae_title=stack.cfg.ingest.ae_title,
-                         evt_handlers=[NODELAY_HANDLER])
+    assoc = ae.associate(
+        "127.0.0.1", stack.cfg.ingest.port, ae_title=stack.cfg.ingest.ae_title, evt_handlers=[NODELAY_HANDLER]
+    )
     assert assoc.is_established
     try:
         rsp = assoc.send_c_store(path)
@@ -500,8 +520,11 @@ async def test_dataset_no_node_accepts_is_refused_and_leaves_nothing(ingest, bac
     log = ingest.log("ingest")
     assert f"PID{seed}" not in log and "PROTO01" not in log and "S" * 64 not in log
     # The good sender next to it was served as usual meanwhile.
-    wait_for(lambda: background.slowest_since(since, time.monotonic())[0] >= 2, timeout=20,
-             what="good stores during and after the bad one")
+    wait_for(
+        lambda: background.slowest_since(since, time.monotonic())[0] >= 2,
+        timeout=20,
+        what="good stores during and after the bad one",
+    )
     count, slowest = background.slowest_since(since, time.monotonic())
     assert slowest < 2.0, (case, count, slowest)
     await assert_still_serves(ingest, tmp_path, seed + 50)
@@ -519,8 +542,11 @@ async def test_a_stream_of_poison_does_not_slow_a_good_sender(ingest, background
 
 async def test_metrics_account_for_every_answer(ingest):
     # After all cases above (rejections, aborts, drops) the gauge is back to what is open.
-    wait_for(lambda: ingest.metric("ingest", "switchyard_ingest_open_associations") == 0, timeout=20,
-             what="open associations back to 0")
+    wait_for(
+        lambda: ingest.metric("ingest", "switchyard_ingest_open_associations") == 0,
+        timeout=20,
+        what="open associations back to 0",
+    )
     m = lambda name, labels="": ingest.metric("ingest", name, labels) or 0.0  # noqa: E731
     assert m("switchyard_ingest_associations_rejected_total") >= 5  # calling AE x2, called AE, address, limit
     assert m("switchyard_ingest_associations_aborted_total") >= 2
@@ -531,4 +557,5 @@ async def test_metrics_account_for_every_answer(ingest):
     assert m("switchyard_ingest_bytes_total") == sum(e.size for e in await ingest.received_events())
     assert m("switchyard_ingest_receive_to_ack_seconds_count") == sum(
         m("switchyard_ingest_cstore_status_total", f'status="{s}"')
-        for s in ("0x0000", "0xC000", "0xC001", "0xC002", "0xA700"))
+        for s in ("0x0000", "0xC000", "0xC001", "0xC002", "0xA700")
+    )

@@ -23,21 +23,19 @@ import pytest
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
-from switchyard import stack as ls
-from switchyard.corpus import bundled_test_files
 from shared.dicomfile import dataset_offset
 from shared.dicomvalidate import DatasetError, validate
 from shared.dimse import NODELAY_HANDLER, settle
+from switchyard import stack as ls
+from switchyard.corpus import bundled_test_files
 from tests.fixtures.util import free_port
 
 pytestmark = pytest.mark.integration
 
 
-
 def profile_for(ts: str, sop_classes: list[str]) -> str:
     """A storescu.cfg profile proposing exactly ``ts`` for each of ``sop_classes``."""
-    lines = ["[[TransferSyntaxes]]", "[Exact]", f"TransferSyntax1 = {ts}", "",
-             "[[PresentationContexts]]", "[Contexts]"]
+    lines = ["[[TransferSyntaxes]]", "[Exact]", f"TransferSyntax1 = {ts}", "", "[[PresentationContexts]]", "[Contexts]"]
     lines += [f"PresentationContext{i} = {uid}\\Exact" for i, uid in enumerate(sop_classes, 1)]
     lines += ["", "[[Profiles]]", "[Exact]", "PresentationContexts = Contexts", ""]
     return "\n".join(lines)
@@ -45,8 +43,13 @@ def profile_for(ts: str, sop_classes: list[str]) -> str:
 
 def dcmtk_reads(path: Path, sop_instance_uid: str) -> bool:
     """True if DCMTK parses the file far enough to find its SOP Instance UID (storescu needs it)."""
-    found = subprocess.run([str(ls.DCMTK_BIN / "dcmdump"), "-q", "+P", "0008,0018", str(path)],
-                           capture_output=True, text=True, env=ls.dicom_env(), timeout=60)
+    found = subprocess.run(
+        [str(ls.DCMTK_BIN / "dcmdump"), "-q", "+P", "0008,0018", str(path)],
+        capture_output=True,
+        text=True,
+        env=ls.dicom_env(),
+        timeout=60,
+    )
     return found.returncode == 0 and sop_instance_uid in found.stdout
 
 
@@ -56,8 +59,9 @@ def send_unchanged_with_pynetdicom(stack, paths: list[Path], headers: dict) -> l
     for path in paths:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         ae.add_requested_context(headers[path][1], [str(ds.file_meta.TransferSyntaxUID)])
-    assoc = ae.associate("127.0.0.1", stack.cfg.ingest.port, ae_title=stack.cfg.ingest.ae_title,
-                         evt_handlers=[NODELAY_HANDLER])
+    assoc = ae.associate(
+        "127.0.0.1", stack.cfg.ingest.port, ae_title=stack.cfg.ingest.ae_title, evt_handlers=[NODELAY_HANDLER]
+    )
     assert assoc.is_established
     try:
         statuses = []
@@ -72,7 +76,7 @@ def send_unchanged_with_pynetdicom(stack, paths: list[Path], headers: dict) -> l
 def after_meta(path: Path) -> bytes:
     data = path.read_bytes()
     with open(path, "rb") as f:
-        return data[dataset_offset(f):]
+        return data[dataset_offset(f) :]
 
 
 def structurally_valid(path: Path, transfer_syntax: str) -> bool:
@@ -83,8 +87,9 @@ def structurally_valid(path: Path, transfer_syntax: str) -> bool:
         return False
 
 
-def storescu_exact(port: int, called_ae: str, paths: list[Path], sop_classes: dict[Path, str],
-                   work: Path) -> list[tuple[str, str]]:
+def storescu_exact(
+    port: int, called_ae: str, paths: list[Path], sop_classes: dict[Path, str], work: Path
+) -> list[tuple[str, str]]:
     """Send ``paths`` with storescu, one association per transfer syntax proposing exactly it.
 
     Returns (transfer syntax, storescu output) for every group not stored in full.
@@ -96,8 +101,20 @@ def storescu_exact(port: int, called_ae: str, paths: list[Path], sop_classes: di
     for ts, group in sorted(by_ts.items()):
         cfg = work / f"storescu-{ts}.cfg"
         cfg.write_text(profile_for(ts, sorted({sop_classes[p] for p in group})))
-        argv = [str(ls.DCMTK_BIN / "storescu"), "-aet", "CORPUS", "-aec", called_ae, "-xf", str(cfg), "Exact",
-                "-v", "127.0.0.1", str(port), *map(str, group)]
+        argv = [
+            str(ls.DCMTK_BIN / "storescu"),
+            "-aet",
+            "CORPUS",
+            "-aec",
+            called_ae,
+            "-xf",
+            str(cfg),
+            "Exact",
+            "-v",
+            "127.0.0.1",
+            str(port),
+            *map(str, group),
+        ]
         result = subprocess.run(argv, env=ls.dicom_env(), capture_output=True, text=True, timeout=300)
         out = result.stdout + result.stderr
         if result.returncode != 0 or out.count("Received Store Response (Success)") != len(group):
@@ -105,8 +122,9 @@ def storescu_exact(port: int, called_ae: str, paths: list[Path], sop_classes: di
     return failures
 
 
-def sent_unchanged_by_storescu(paths: list[Path], uids: dict[Path, str], sop_classes: dict[Path, str],
-                               work: Path) -> list[Path]:
+def sent_unchanged_by_storescu(
+    paths: list[Path], uids: dict[Path, str], sop_classes: dict[Path, str], work: Path
+) -> list[Path]:
     """The files storescu puts on the wire byte for byte, judged by a bit-preserving DCMTK storescp.
 
     storescu re-serialises what it sends: group lengths are recalculated
@@ -126,8 +144,9 @@ def sent_unchanged_by_storescu(paths: list[Path], uids: dict[Path, str], sop_cla
     return [p for p in paths if uids[p] in received and after_meta(received[uids[p]]) == after_meta(p)]
 
 
-async def test_every_readable_bundled_file_is_stored_byte_identical_and_announced_once(ingest_only, tmp_path,
-                                                                                 monkeypatch):
+async def test_every_readable_bundled_file_is_stored_byte_identical_and_announced_once(
+    ingest_only, tmp_path, monkeypatch
+):
     files = bundled_test_files(tmp_path / "corpus", any_transfer_syntax=True)
     headers = {}
     for path in files:
@@ -152,8 +171,9 @@ async def test_every_readable_bundled_file_is_stored_byte_identical_and_announce
     assert len(with_storescu) >= 90, len(with_storescu)
     assert {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90"} <= storescu_syntaxes
 
-    failures = storescu_exact(ingest_only.cfg.ingest.port, ingest_only.cfg.ingest.ae_title, with_storescu,
-                              sop_classes, tmp_path)
+    failures = storescu_exact(
+        ingest_only.cfg.ingest.port, ingest_only.cfg.ingest.ae_title, with_storescu, sop_classes, tmp_path
+    )
     assert not failures, failures
     monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
     assert send_unchanged_with_pynetdicom(ingest_only, with_pynetdicom, headers) == [0] * len(with_pynetdicom)

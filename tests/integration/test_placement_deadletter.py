@@ -23,9 +23,10 @@ async def test_all_nodes_refusing_the_transfer_syntax_dead_letter(tmp_path):
             n.start()
         stack = make_stack(tmp_path / "stack", nodes)
         # Generated files are Explicit VR Little Endian, which these nodes refuse.
-        studies = by_study(generate_studies(tmp_path / "corpus", studies=1, series_per_study=1,
-                                            instances_per_series=2, seed=4401))
-        (study_uid, files), = studies.items()
+        studies = by_study(
+            generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=2, seed=4401)
+        )
+        ((study_uid, files),) = studies.items()
         assert stack.send(files).returncode == 0
 
         def final_dead_letters():
@@ -63,8 +64,9 @@ async def test_a_hand_back_because_the_node_went_down_uses_up_no_attempt(tmp_pat
     attempt (counting it in ``handbacks``), and gives up on an ordinary one."""
     nodes = [new_orthanc_node(i, tmp_path / "nodes") for i in (1, 2)]
     # No forwarder: placements stay placed, and the test records the dead letters as it would.
-    async with standing_in_for_the_scheduler(tmp_path, nodes, 2, seed=4402,
-                                             services=("ingest", "scheduler", "probe")) as (stack, bus, received):
+    async with standing_in_for_the_scheduler(
+        tmp_path, nodes, 2, seed=4402, services=("ingest", "scheduler", "probe")
+    ) as (stack, bus, received):
         last = stack.cfg.scheduler.max_attempts - 1
 
         async def first_placements():
@@ -74,14 +76,24 @@ async def test_a_hand_back_because_the_node_went_down_uses_up_no_attempt(tmp_pat
         placed = {p.sop_instance_uid: p for p in await poll(first_placements, timeout=30, what="placed")}
         for (seq, r), handed_back in zip(received, (True, False), strict=True):
             p = placed[r.sop_instance_uid]
-            await bus.publish(ev.InstanceDeadLetteredV1(
-                event_id=ev.fact_id("dead_lettered", p.event_id), sop_instance_uid=p.sop_instance_uid,
-                study_instance_uid=p.study_instance_uid, node_id=p.node_id, placement_id=p.event_id,
-                reason=ev.FailureReason.NODE_DOWN if handed_back else "node refused the instance (0xC000)",
-                received_seq=seq, attempt=last, counts_as_attempt=not handed_back,
-            ))
-        wait_for(lambda: stack.metric("scheduler", "switchyard_scheduler_final_dead_letters_total") == 1,
-                 timeout=30, what="the ordinary dead letter given up")
+            await bus.publish(
+                ev.InstanceDeadLetteredV1(
+                    event_id=ev.fact_id("dead_lettered", p.event_id),
+                    sop_instance_uid=p.sop_instance_uid,
+                    study_instance_uid=p.study_instance_uid,
+                    node_id=p.node_id,
+                    placement_id=p.event_id,
+                    reason=ev.FailureReason.NODE_DOWN if handed_back else "node refused the instance (0xC000)",
+                    received_seq=seq,
+                    attempt=last,
+                    counts_as_attempt=not handed_back,
+                )
+            )
+        wait_for(
+            lambda: stack.metric("scheduler", "switchyard_scheduler_final_dead_letters_total") == 1,
+            timeout=30,
+            what="the ordinary dead letter given up",
+        )
 
         async def replaced():
             got = [e for e in await log_events(stack) if isinstance(e, ev.InstancePlacedV1) and e.attempt == last + 1]

@@ -20,10 +20,12 @@ pytestmark = pytest.mark.integration
 async def test_killed_node_work_moves_whole_and_restarted_node_gets_new_studies(live_nodes, tmp_path):
     stack = make_stack(tmp_path / "stack", live_nodes)
     try:
-        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
-                 what="every node live")
-        studies = by_study(generate_studies(tmp_path / "corpus", studies=6, series_per_study=1,
-                                            instances_per_series=8, seed=4101))
+        wait_for(
+            lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30, what="every node live"
+        )
+        studies = by_study(
+            generate_studies(tmp_path / "corpus", studies=6, series_per_study=1, instances_per_series=8, seed=4101)
+        )
         first = {s: sorted(f)[:3] for s, f in studies.items()}
         rest = {s: sorted(f)[3:] for s, f in studies.items()}
         for study_uid, files in first.items():
@@ -36,8 +38,11 @@ async def test_killed_node_work_moves_whole_and_restarted_node_gets_new_studies(
 
         # The rest of every study, one association per study, while the victim dies (SIGKILL).
         results: list[int] = []
-        sender = threading.Thread(target=lambda: results.extend(
-            stack.send(files, calling_ae=f"SCU{i}").returncode for i, files in enumerate(rest.values())))
+        sender = threading.Thread(
+            target=lambda: results.extend(
+                stack.send(files, calling_ae=f"SCU{i}").returncode for i, files in enumerate(rest.values())
+            )
+        )
         sender.start()
         killed_at = ev.utcnow()
         victim.proc.kill()
@@ -57,10 +62,18 @@ async def test_killed_node_work_moves_whole_and_restarted_node_gets_new_studies(
         for study_uid in moved:
             later_nodes = {r["node_id"] for r in final[study_uid] if r["node_id"] != victim_id}
             assert len(later_nodes) == 1, (study_uid, later_nodes)
-        assert any(isinstance(e, ev.InstancePlacedV1) and e.reason == "failover" and e.study_moved_from == victim_id
-                   for e in events), "a placement says the study moved off the dead node"
-        downs = [e for e in events if isinstance(e, ev.NodeStateChangedV1) and e.node_id == victim_id
-                 and e.state == "down" and e.occurred_at >= killed_at]
+        assert any(
+            isinstance(e, ev.InstancePlacedV1) and e.reason == "failover" and e.study_moved_from == victim_id
+            for e in events
+        ), "a placement says the study moved off the dead node"
+        downs = [
+            e
+            for e in events
+            if isinstance(e, ev.NodeStateChangedV1)
+            and e.node_id == victim_id
+            and e.state == "down"
+            and e.occurred_at >= killed_at
+        ]
         # One event for the transition, however many scheduler checks saw it.
         assert len(downs) == 1, downs
         # Everything the catalog says is forwarded is really on that node (the victim's after restart).
@@ -72,8 +85,10 @@ async def test_killed_node_work_moves_whole_and_restarted_node_gets_new_studies(
         # node that went down are not counted, up to 4x).
         assert max(placed_by_sop.values()) <= 4 * stack.cfg.scheduler.max_attempts
         replaced = [e for e in events if isinstance(e, ev.InstancePlacedV1) and e.attempt > 0]
-        print(f"re-placed after the kill: {len(replaced)}; failover placements: "
-              f"{sum(isinstance(e, ev.InstancePlacedV1) and e.reason == 'failover' for e in events)}")
+        print(
+            f"re-placed after the kill: {len(replaced)}; failover placements: "
+            f"{sum(isinstance(e, ev.InstancePlacedV1) and e.reason == 'failover' for e in events)}"
+        )
 
         victim.start()
         wait_for(lambda: scheduler_sees(stack, victim_id, True), timeout=30, what="restarted node live")
@@ -82,20 +97,32 @@ async def test_killed_node_work_moves_whole_and_restarted_node_gets_new_studies(
         # being load-aware (its RTT may still be worse), it gets new studies within a few batches.
         got_work = False
         for batch in range(4):
-            fresh = by_study(generate_studies(tmp_path / f"fresh{batch}", studies=9, series_per_study=1,
-                                              instances_per_series=2, seed=4102 + batch))
+            fresh = by_study(
+                generate_studies(
+                    tmp_path / f"fresh{batch}", studies=9, series_per_study=1, instances_per_series=2, seed=4102 + batch
+                )
+            )
             for files in fresh.values():
                 assert stack.send(files).returncode == 0
             rows = wait_for(lambda: all_forwarded(stack, fresh), timeout=60, what="new studies forwarded")
-            placed = [e for e in await log_events(stack) if isinstance(e, ev.InstancePlacedV1)
-                      and e.study_instance_uid in fresh]
+            placed = [
+                e
+                for e in await log_events(stack)
+                if isinstance(e, ev.InstancePlacedV1) and e.study_instance_uid in fresh
+            ]
             assert placed and all(victim_id in {c.node_id for c in e.candidates} for e in placed)
             if victim_id in {r[0]["node_id"] for r in rows.values()}:
                 got_work = True
                 break
         assert got_work, "the restarted node gets new studies"
-        ups = [e for e in await log_events(stack) if isinstance(e, ev.NodeStateChangedV1) and e.node_id == victim_id
-               and e.state == "up" and e.occurred_at >= killed_at]
+        ups = [
+            e
+            for e in await log_events(stack)
+            if isinstance(e, ev.NodeStateChangedV1)
+            and e.node_id == victim_id
+            and e.state == "up"
+            and e.occurred_at >= killed_at
+        ]
         assert len(ups) == 1
     finally:
         stack.close()
@@ -105,12 +132,15 @@ async def test_backlog_of_a_dead_node_is_placed_again_elsewhere(live_nodes, tmp_
     """Work already placed on a node that dies before delivery: handed back, re-placed, delivered."""
     stack = make_stack(tmp_path / "stack", live_nodes, services=("ingest", "scheduler", "probe", "catalog"))
     try:
-        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
-                 what="every node live")
-        studies = by_study(generate_studies(tmp_path / "corpus", studies=3, series_per_study=1,
-                                            instances_per_series=4, seed=4201))
+        wait_for(
+            lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30, what="every node live"
+        )
+        studies = by_study(
+            generate_studies(tmp_path / "corpus", studies=3, series_per_study=1, instances_per_series=4, seed=4201)
+        )
         for files in studies.values():
             assert stack.send(files).returncode == 0
+
         # No forwarder yet: every instance waits as placed work in its node's consumer.
         async def all_placed():
             placed = [e for e in await log_events(stack) if isinstance(e, ev.InstancePlacedV1)]
@@ -123,9 +153,12 @@ async def test_backlog_of_a_dead_node_is_placed_again_elsewhere(live_nodes, tmp_
         victim.proc.kill()
         victim.proc = None
         wait_for(lambda: scheduler_sees(stack, victim_id, False), timeout=30, what="victim down")
+
         async def down_event():
-            return any(isinstance(e, ev.NodeStateChangedV1) and e.node_id == victim_id and e.state == "down"
-                       for e in await log_events(stack))
+            return any(
+                isinstance(e, ev.NodeStateChangedV1) and e.node_id == victim_id and e.state == "down"
+                for e in await log_events(stack)
+            )
 
         await poll(down_event, timeout=10, what="down event")
         stack.start("forwarder")
@@ -134,12 +167,16 @@ async def test_backlog_of_a_dead_node_is_placed_again_elsewhere(live_nodes, tmp_
         rows = {r["sop_instance_uid"]: r for rs in final.values() for r in rs}
         assert all(rows[s]["node_id"] != victim_id for s in stranded)
         events = await log_events(stack)
-        handed_back = {e.sop_instance_uid for e in events if isinstance(e, ev.InstanceDeadLetteredV1)
-                       and e.node_id == victim_id and e.reason == "node down"}
+        handed_back = {
+            e.sop_instance_uid
+            for e in events
+            if isinstance(e, ev.InstanceDeadLetteredV1) and e.node_id == victim_id and e.reason == "node down"
+        }
         assert handed_back == stranded
         letters = {e.placement_id: e for e in events if isinstance(e, ev.InstanceDeadLetteredV1)}
-        again = [e for e in events if isinstance(e, ev.InstancePlacedV1) and e.sop_instance_uid in stranded
-                 and e.replaces]
+        again = [
+            e for e in events if isinstance(e, ev.InstancePlacedV1) and e.sop_instance_uid in stranded and e.replaces
+        ]
         assert {e.sop_instance_uid for e in again} == stranded
         assert all(e.reason == "failover" for e in again)
         # A hand-back the forwarder says used up no attempt is counted as a hand-back, not an attempt.
@@ -161,11 +198,13 @@ async def test_a_killed_probe_marks_no_node_down_and_routing_continues(live_node
     stack = make_stack(tmp_path / "stack", live_nodes)
     timeout = stack.cfg.scheduler.heartbeat_timeout_s
     try:
-        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
-                 what="every node live")
+        wait_for(
+            lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30, what="every node live"
+        )
         assert stack.metric("scheduler", "switchyard_scheduler_probe_lost") == 0
-        before = by_study(generate_studies(tmp_path / "before", studies=3, series_per_study=1,
-                                           instances_per_series=3, seed=4301))
+        before = by_study(
+            generate_studies(tmp_path / "before", studies=3, series_per_study=1, instances_per_series=3, seed=4301)
+        )
         for files in before.values():
             assert stack.send(files).returncode == 0
         wait_for(lambda: all_forwarded(stack, before), timeout=60, what="first studies forwarded")
@@ -173,12 +212,16 @@ async def test_a_killed_probe_marks_no_node_down_and_routing_continues(live_node
         killed_at = ev.utcnow()
         stack.services.pop("probe").kill()  # SIGKILL: no goodbye heartbeat
         lost_seen = time.monotonic()
-        wait_for(lambda: stack.metric("scheduler", "switchyard_scheduler_probe_lost") == 1, timeout=5 * timeout,
-                 what="probe lost raised")
+        wait_for(
+            lambda: stack.metric("scheduler", "switchyard_scheduler_probe_lost") == 1,
+            timeout=5 * timeout,
+            what="probe lost raised",
+        )
         assert "probe lost" in stack.log("scheduler")
         # Routing continues while the probe is gone: new studies are placed and forwarded.
-        during = by_study(generate_studies(tmp_path / "during", studies=3, series_per_study=1,
-                                           instances_per_series=3, seed=4302))
+        during = by_study(
+            generate_studies(tmp_path / "during", studies=3, series_per_study=1, instances_per_series=3, seed=4302)
+        )
         for files in during.values():
             assert stack.send(files).returncode == 0
         wait_for(lambda: all_forwarded(stack, during), timeout=60, what="studies forwarded without a probe")
@@ -194,10 +237,14 @@ async def test_a_killed_probe_marks_no_node_down_and_routing_continues(live_node
         assert len(during_sops) == sum(len(f) for f in during.values())
 
         stack.start("probe")
-        wait_for(lambda: stack.metric("scheduler", "switchyard_scheduler_probe_lost") == 0, timeout=30,
-                 what="probe back")
-        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
-                 what="every node live again")
+        wait_for(
+            lambda: stack.metric("scheduler", "switchyard_scheduler_probe_lost") == 0, timeout=30, what="probe back"
+        )
+        wait_for(
+            lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes),
+            timeout=30,
+            what="every node live again",
+        )
         events = [e for e in await log_events(stack) if e.occurred_at >= killed_at]
         assert not [e for e in events if isinstance(e, ev.NodeStateChangedV1)], "no node down on the probe's return"
 
@@ -207,8 +254,11 @@ async def test_a_killed_probe_marks_no_node_down_and_routing_continues(live_node
         wait_for(lambda: scheduler_sees(stack, victim.node.id, False), timeout=30, what="stopped node ineligible")
 
         async def down():
-            return [e for e in await log_events(stack, ev.NodeStateChangedV1)
-                    if e.node_id == victim.node.id and e.state == "down" and e.occurred_at >= killed_at]
+            return [
+                e
+                for e in await log_events(stack, ev.NodeStateChangedV1)
+                if e.node_id == victim.node.id and e.state == "down" and e.occurred_at >= killed_at
+            ]
 
         (went_down,) = await poll(down, timeout=30, what="down event for the stopped node")
         assert went_down.reason.startswith("probe:"), went_down.reason

@@ -35,20 +35,29 @@ def test_node_with_a_job_queue_gets_less_new_work(live_nodes, tmp_path):
         seed = generate_studies(tmp_path / "seed", studies=1, series_per_study=1, instances_per_series=1, seed=4601)
         assert ls.storescu("127.0.0.1", loaded.node.dicom_port, loaded.node.ae_title, seed).returncode == 0
         client = loaded.client
-        client._request("/modalities/blackhole", json.dumps(
-            {"AET": "BLACKHOLE", "Host": "127.0.0.1", "Port": blackhole.getsockname()[1]}).encode(), "PUT")
+        client._request(
+            "/modalities/blackhole",
+            json.dumps({"AET": "BLACKHOLE", "Host": "127.0.0.1", "Port": blackhole.getsockname()[1]}).encode(),
+            "PUT",
+        )
         instance = client.get_json("/instances")[0]
         for _ in range(20):
-            jobs.append(client.post_json("/modalities/blackhole/store",
-                                         {"Resources": [instance], "Asynchronous": True})["ID"])
+            jobs.append(
+                client.post_json("/modalities/blackhole/store", {"Resources": [instance], "Asynchronous": True})["ID"]
+            )
         assert client.pending_jobs() >= 15
-        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
-                 what="every node live")
-        wait_for(lambda: score(stack, loaded.node.id) > max(score(stack, n.node.id) for n in others) + 10,
-                 timeout=30, what="scheduler sees the job queue")
+        wait_for(
+            lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30, what="every node live"
+        )
+        wait_for(
+            lambda: score(stack, loaded.node.id) > max(score(stack, n.node.id) for n in others) + 10,
+            timeout=30,
+            what="scheduler sees the job queue",
+        )
 
-        studies = by_study(generate_studies(tmp_path / "corpus", studies=6, series_per_study=1,
-                                            instances_per_series=2, seed=4602))
+        studies = by_study(
+            generate_studies(tmp_path / "corpus", studies=6, series_per_study=1, instances_per_series=2, seed=4602)
+        )
         for files in studies.values():
             assert stack.send(files).returncode == 0
         rows = wait_for(lambda: all_forwarded(stack, studies), timeout=60, what="studies forwarded")

@@ -19,8 +19,9 @@ async def test_drain_add_remove_from_the_command_line(live_nodes, tmp_path):
     try:
         ids = [n.node.id for n in live_nodes]
         wait_for(lambda: all(scheduler_sees(stack, i, True) for i in ids), timeout=30, what="every node live")
-        old = by_study(generate_studies(tmp_path / "old", studies=1, series_per_study=1, instances_per_series=3,
-                                        seed=4301))
+        old = by_study(
+            generate_studies(tmp_path / "old", studies=1, series_per_study=1, instances_per_series=3, seed=4301)
+        )
         assert stack.send(next(iter(old.values()))).returncode == 0
         (old_rows,) = wait_for(lambda: all_forwarded(stack, old), timeout=60, what="old study").values()
         drained_id = old_rows[0]["node_id"]
@@ -29,8 +30,9 @@ async def test_drain_add_remove_from_the_command_line(live_nodes, tmp_path):
         result = nodes_cli(stack, "drain", drained_id)
         assert result.returncode == 0, result.stderr
         wait_for(lambda: scheduler_sees(stack, drained_id, False), timeout=20, what="drained node out")
-        new = by_study(generate_studies(tmp_path / "new", studies=4, series_per_study=1, instances_per_series=2,
-                                        seed=4302))
+        new = by_study(
+            generate_studies(tmp_path / "new", studies=4, series_per_study=1, instances_per_series=2, seed=4302)
+        )
         for files in new.values():
             assert stack.send(files).returncode == 0
         rows = wait_for(lambda: all_forwarded(stack, new), timeout=60, what="new studies")
@@ -41,18 +43,34 @@ async def test_drain_add_remove_from_the_command_line(live_nodes, tmp_path):
         # A fourth node joins at run time: probe watches it, scheduler places on it, a forwarder worker appears.
         extra.start()
         n4 = extra.node
-        result = nodes_cli(stack, "add", n4.id, "--host", n4.host, "--dicom-port", str(n4.dicom_port),
-                           "--ae-title", n4.ae_title, "--rest-url", n4.rest_url, "--username", n4.username)
+        result = nodes_cli(
+            stack,
+            "add",
+            n4.id,
+            "--host",
+            n4.host,
+            "--dicom-port",
+            str(n4.dicom_port),
+            "--ae-title",
+            n4.ae_title,
+            "--rest-url",
+            n4.rest_url,
+            "--username",
+            n4.username,
+        )
         assert result.returncode == 0, result.stderr
-        assert nodes_cli(stack, "add", n4.id, "--dicom-port", "1", "--ae-title", "X", "--rest-url",
-                         "http://x").returncode == 1, "adding an existing node is refused"
+        assert (
+            nodes_cli(stack, "add", n4.id, "--dicom-port", "1", "--ae-title", "X", "--rest-url", "http://x").returncode
+            == 1
+        ), "adding an existing node is refused"
         wait_for(lambda: scheduler_sees(stack, n4.id, True), timeout=30, what="added node live")
         for i in ids:
             if i != drained_id:
                 assert nodes_cli(stack, "drain", i).returncode == 0
         wait_for(lambda: not any(scheduler_sees(stack, i, True) for i in ids), timeout=20, what="old nodes out")
-        only = by_study(generate_studies(tmp_path / "only", studies=1, series_per_study=1, instances_per_series=2,
-                                         seed=4303))
+        only = by_study(
+            generate_studies(tmp_path / "only", studies=1, series_per_study=1, instances_per_series=2, seed=4303)
+        )
         assert stack.send(next(iter(only.values()))).returncode == 0
         rows = wait_for(lambda: all_forwarded(stack, only), timeout=60, what="study on the added node")
         (rs,) = rows.values()

@@ -36,15 +36,19 @@ async def test_replicas_never_place_twice_and_interleaved_studies_stay_whole(liv
     replicas = []
     try:
         replicas = [ls.start_service(s, cfg2, path2, tmp_path / "replica") for s in ("scheduler", "forwarder")]
-        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
-                 what="every node live")
-        studies = by_study(generate_studies(tmp_path / "corpus", studies=6, series_per_study=2,
-                                            instances_per_series=4, seed=4501))
+        wait_for(
+            lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30, what="every node live"
+        )
+        studies = by_study(
+            generate_studies(tmp_path / "corpus", studies=6, series_per_study=2, instances_per_series=4, seed=4501)
+        )
         # Three senders; each carries a share of every study, all at once.
         shares = [[f for files in studies.values() for f in sorted(files)[i::3]] for i in range(3)]
         codes: list[int] = []
-        threads = [threading.Thread(target=lambda s=s, i=i: codes.append(stack.send(s, calling_ae=f"MOD{i}").returncode))
-                   for i, s in enumerate(shares)]
+        threads = [
+            threading.Thread(target=lambda s=s, i=i: codes.append(stack.send(s, calling_ae=f"MOD{i}").returncode))
+            for i, s in enumerate(shares)
+        ]
         for t in threads:
             t.start()
         for t in threads:

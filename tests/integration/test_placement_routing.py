@@ -34,11 +34,17 @@ def routed(orthanc_nodes, tmp_path_factory):
     for n in orthanc_nodes:
         if not n.running:
             n.start()
-    stack = make_stack(tmp_path_factory.mktemp("routed"), orthanc_nodes,
-                       configure=lambda cfg: msgspec.structs.replace(cfg, routing=ROUTING))
+    stack = make_stack(
+        tmp_path_factory.mktemp("routed"),
+        orthanc_nodes,
+        configure=lambda cfg: msgspec.structs.replace(cfg, routing=ROUTING),
+    )
     try:
-        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in orthanc_nodes), timeout=30,
-                 what="every node live")
+        wait_for(
+            lambda: all(scheduler_sees(stack, n.node.id, True) for n in orthanc_nodes),
+            timeout=30,
+            what="every node live",
+        )
         yield stack
     finally:
         stack.close()
@@ -103,14 +109,20 @@ async def test_a_pool_without_an_eligible_node_waits_and_never_goes_elsewhere(ro
     assert nodes_cli(routed, "drain", "node2").returncode == 0
     wait_for(lambda: scheduler_sees(routed, "node2", False), timeout=30, what="node2 drained")
     waited_before = routed.metric("scheduler", "switchyard_scheduler_no_live_node_total") or 0
-    files = [f for f in generate_studies(tmp_path / "corpus", studies=2, series_per_study=1,
-                                         instances_per_series=2, seed=4702) if modality(f) == "MR"]
+    files = [
+        f
+        for f in generate_studies(tmp_path / "corpus", studies=2, series_per_study=1, instances_per_series=2, seed=4702)
+        if modality(f) == "MR"
+    ]
     assert len(files) == 2
     assert routed.send(files).returncode == 0
     sops = {sop(f) for f in files}
     # Retried for want of a node in pool "mr" (node1 and node3 are live, but not in it).
-    wait_for(lambda: (routed.metric("scheduler", "switchyard_scheduler_no_live_node_total") or 0)
-             >= waited_before + 2, timeout=30, what="the MR instances waiting for their pool")
+    wait_for(
+        lambda: (routed.metric("scheduler", "switchyard_scheduler_no_live_node_total") or 0) >= waited_before + 2,
+        timeout=30,
+        what="the MR instances waiting for their pool",
+    )
     assert await placements(routed, sops) == []
     assert all(held_by(live_nodes, uid) == set() for uid in sops)
 
@@ -124,10 +136,11 @@ async def test_a_pool_without_an_eligible_node_waits_and_never_goes_elsewhere(ro
 async def test_fan_out_puts_the_instance_on_a_node_of_each_pool(routed, live_nodes, tmp_path):
     files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=3, seed=4703)
     studies = by_study(files)
-    (study_uid, _), = studies.items()
+    ((study_uid, _),) = studies.items()
     assert routed.send(files, calling_ae="RESEARCH_7").returncode == 0
-    final = wait_for(lambda: delivered(routed, studies, per_instance=2), timeout=60,
-                     what="every instance delivered to both pools")
+    final = wait_for(
+        lambda: delivered(routed, studies, per_instance=2), timeout=60, what="every instance delivered to both pools"
+    )
 
     sops = {sop(f) for f in files}
     rows = final[study_uid]
@@ -146,8 +159,10 @@ async def test_fan_out_puts_the_instance_on_a_node_of_each_pool(routed, live_nod
         assert e.event_id == ev.fact_id("placed", e.sop_instance_uid, e.received_seq, 0, e.pool)
     # The audit trail says which rule and pool each placement came from.
     trail = routed.catalog(f"/api/instances/{sorted(sops)[0]}/trail")["events"]
-    assert sorted((t["why"]["rule"], t["why"]["pool"]) for t in trail if t["type"] == "instance.placed.v1") == \
-        [("research", "general"), ("research", "research")]
+    assert sorted((t["why"]["rule"], t["why"]["pool"]) for t in trail if t["type"] == "instance.placed.v1") == [
+        ("research", "general"),
+        ("research", "research"),
+    ]
     # One instance in the catalog per SOP, two locations each.
     totals = routed.catalog(f"/api/studies?study_uid={study_uid}")
     assert totals[0]["instances"] == 3 and totals[0]["delivered"] == 6

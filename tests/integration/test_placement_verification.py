@@ -8,8 +8,8 @@ import pytest
 
 from shared import events as ev
 from shared.config import RoutingConfig, RoutingRule
-from switchyard.corpus import generate_studies
 from shared.dicomfile import dataset_bytes_digest
+from switchyard.corpus import generate_studies
 from tests.fixtures.servers import make_stack
 from tests.fixtures.util import poll, wait_for
 from tests.integration.placement_helpers import log_events, scheduler_sees, study_rows
@@ -25,18 +25,25 @@ def of(kind, events, sop_uid):
 
 
 async def test_a_failed_verification_is_placed_again_on_another_node_of_the_pool(live_nodes, tmp_path):
-    stack = make_stack(tmp_path / "stack", live_nodes, services=("ingest", "scheduler", "probe", "catalog"),
-                       configure=lambda cfg: msgspec.structs.replace(cfg, routing=PAIR))
+    stack = make_stack(
+        tmp_path / "stack",
+        live_nodes,
+        services=("ingest", "scheduler", "probe", "catalog"),
+        configure=lambda cfg: msgspec.structs.replace(cfg, routing=PAIR),
+    )
     uploaded = None
     try:
-        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
-                 what="every node live")
-        files = sorted(generate_studies(tmp_path / "corpus", studies=1, series_per_study=1,
-                                        instances_per_series=2, seed=4801))
+        wait_for(
+            lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30, what="every node live"
+        )
+        files = sorted(
+            generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=2, seed=4801)
+        )
         tampered_file = files[0]
         ds = pydicom.dcmread(tampered_file)
         sop, study_uid = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
         assert stack.send(files).returncode == 0
+
         # No forwarder yet: the placements wait in their nodes' consumers.
         async def placed_once():
             return of(ev.InstancePlacedV1, await log_events(stack), sop)
@@ -60,8 +67,11 @@ async def test_a_failed_verification_is_placed_again_on_another_node_of_the_pool
         events = await poll(replaced_and_verified, timeout=90, what="re-placed instance verified")
         (failed,) = of(ev.InstanceVerificationFailedV1, events, sop)
         # Compared as datasets: the first differing tag is named (never its value).
-        assert (failed.node_id, failed.placement_id, failed.reason) == (bad.node.id, first.event_id,
-                                                                        "dataset differs at (0008,1030)")
+        assert (failed.node_id, failed.placement_id, failed.reason) == (
+            bad.node.id,
+            first.event_id,
+            "dataset differs at (0008,1030)",
+        )
         assert failed.verification_failures == 0
         # The failure carries the placement's fields, filled by the probe.
         assert (failed.received_seq, failed.attempt, failed.pool) == (first.received_seq, 0, "pair")
@@ -79,12 +89,18 @@ async def test_a_failed_verification_is_placed_again_on_another_node_of_the_pool
         # Really on the other node, byte for byte the dataset we received; never outside the pool.
         assert dataset_bytes_digest(other.client.instance_file(sop)) == verified.dataset_digest
         node3 = next(n for n in live_nodes if n.node.id == "node3")
-        assert all(node3.client.instance_id(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
-                   is None for f in files)
+        assert all(
+            node3.client.instance_id(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)) is None
+            for f in files
+        )
         # The catalog's location follows the re-placement.
-        rows = wait_for(lambda: [r for r in study_rows(stack, study_uid)
-                                 if r["sop_instance_uid"] == sop and r["state"] == "verified"],
-                        timeout=20, what="catalog shows the new location verified")
+        rows = wait_for(
+            lambda: [
+                r for r in study_rows(stack, study_uid) if r["sop_instance_uid"] == sop and r["state"] == "verified"
+            ],
+            timeout=20,
+            what="catalog shows the new location verified",
+        )
         assert [(r["node_id"], r["pool"]) for r in rows] == [(other.node.id, "pair")]
     finally:
         stack.close()
@@ -98,10 +114,12 @@ async def test_a_verification_failure_on_a_second_node_is_a_final_dead_letter(li
     stack = make_stack(tmp_path / "stack", live_nodes, services=("ingest", "scheduler", "probe", "catalog"))
     uploaded = []
     try:
-        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30,
-                 what="every node live")
-        (path,) = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=1,
-                                   seed=4802)
+        wait_for(
+            lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=30, what="every node live"
+        )
+        (path,) = generate_studies(
+            tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=1, seed=4802
+        )
         ds = pydicom.dcmread(path)
         sop = str(ds.SOPInstanceUID)
         # Every node already holds another dataset under this SOP Instance UID: each delivery
@@ -127,8 +145,11 @@ async def test_a_verification_failure_on_a_second_node_is_a_final_dead_letter(li
         assert "verification failed on 2 nodes" in letter.reason and "changed" not in letter.reason
         # Settled: no third placement, however long we look (the scheduler acked the failure).
         assert [p.attempt for p in of(ev.InstancePlacedV1, events, sop)] == [0, 1]
-        wait_for(lambda: stack.metric("scheduler", "switchyard_scheduler_final_dead_letters_total") == 1,
-                 timeout=10, what="final dead letter counted")
+        wait_for(
+            lambda: stack.metric("scheduler", "switchyard_scheduler_final_dead_letters_total") == 1,
+            timeout=10,
+            what="final dead letter counted",
+        )
         assert [p.attempt for p in of(ev.InstancePlacedV1, await log_events(stack), sop)] == [0, 1]
     finally:
         stack.close()

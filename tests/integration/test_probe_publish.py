@@ -33,17 +33,31 @@ async def test_only_acknowledged_outcomes_are_settled(nats_only, tmp_path):
         registry = CollectorRegistry()
         verifier = Verifier(cfg, store, bus, registry)
         with pytest.raises(BusUnavailable):
-            await verifier.publish(NodeConfig(id="node1", dicom_port=1, rest_url="http://127.0.0.1:1"),
-                                   [(item1, True, "d1", ""), (item2, True, "d1", "")])
+            await verifier.publish(
+                NodeConfig(id="node1", dicom_port=1, rest_url="http://127.0.0.1:1"),
+                [(item1, True, "d1", ""), (item2, True, "d1", "")],
+            )
         assert store.states() == {("node1", "1.1"): "verified", ("node2", "1.2"): "pending"}
-        published = {node: registry.get_sample_value("switchyard_probe_verifications_total",
-                                                     {"node": node, "outcome": "verified"})
-                     for node in ("node1", "node2")}
+        published = {
+            node: registry.get_sample_value(
+                "switchyard_probe_verifications_total", {"node": node, "outcome": "verified"}
+            )
+            for node in ("node1", "node2")
+        }
         assert published == {"node1": 1.0, "node2": None}
         # Published again (a crash between publish and settle): the log keeps one copy.
-        acks = await bus.publish_many([ev.InstanceVerifiedV1(
-            event_id=ev.fact_id("verified", "node1", "1.1", p1.event_id), sop_instance_uid="1.1",
-            study_instance_uid="1.2", node_id="node1", placement_id=p1.event_id, dataset_digest="d1")])
+        acks = await bus.publish_many(
+            [
+                ev.InstanceVerifiedV1(
+                    event_id=ev.fact_id("verified", "node1", "1.1", p1.event_id),
+                    sop_instance_uid="1.1",
+                    study_instance_uid="1.2",
+                    node_id="node1",
+                    placement_id=p1.event_id,
+                    dataset_digest="d1",
+                )
+            ]
+        )
         assert isinstance(acks[0], PubAck) and acks[0].duplicate
     finally:
         await bus.close()

@@ -28,9 +28,21 @@ def corpus(stack, orthanc_nodes, tmp_path_factory):
     acc = {str(h.StudyInstanceUID): str(h.AccessionNumber) for h in headers.values()}
     tmp = tmp_path_factory.mktemp("qr-ready")
     for study_uid in index:
-        wait_for(lambda: len(find(stack, tmp, "-S", {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study_uid,
-                                                      "SOPInstanceUID": ""})) == 4,
-                 timeout=60, what="front door knows the study")
+        wait_for(
+            lambda: (
+                len(
+                    find(
+                        stack,
+                        tmp,
+                        "-S",
+                        {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study_uid, "SOPInstanceUID": ""},
+                    )
+                )
+                == 4
+            ),
+            timeout=60,
+            what="front door knows the study",
+        )
     return files, index, headers, acc
 
 
@@ -39,10 +51,22 @@ def test_find_at_every_level_in_both_models(stack, corpus, tmp_path):
     study_uid = next(iter(index))
     h = next(v for v in headers.values() if str(v.StudyInstanceUID) == study_uid)
 
-    studies = find(stack, tmp_path, "-S", {
-        "QueryRetrieveLevel": "STUDY", "PatientName": str(h.PatientName)[:-1] + "*",
-        "AccessionNumber": acc[study_uid], "StudyInstanceUID": "", "StudyDate": "", "ModalitiesInStudy": "",
-        "NumberOfStudyRelatedInstances": "", "StudyDescription": "", "ReferringPhysicianName": ""})
+    studies = find(
+        stack,
+        tmp_path,
+        "-S",
+        {
+            "QueryRetrieveLevel": "STUDY",
+            "PatientName": str(h.PatientName)[:-1] + "*",
+            "AccessionNumber": acc[study_uid],
+            "StudyInstanceUID": "",
+            "StudyDate": "",
+            "ModalitiesInStudy": "",
+            "NumberOfStudyRelatedInstances": "",
+            "StudyDescription": "",
+            "ReferringPhysicianName": "",
+        },
+    )
     assert len(studies) == 1
     s = studies[0]
     assert (s.StudyInstanceUID, s.StudyDate, s.ModalitiesInStudy) == (study_uid, h.StudyDate, h.Modality)
@@ -53,32 +77,83 @@ def test_find_at_every_level_in_both_models(stack, corpus, tmp_path):
     # Date ranges, inclusive and open-ended.
     day = str(h.StudyDate)
     for rng, hit in ((f"{day}-{day}", True), (f"-{day}", True), (f"{day}-", True), (f"{int(day) + 1}-", False)):
-        got = find(stack, tmp_path, "-S", {"QueryRetrieveLevel": "STUDY", "StudyDate": rng,
-                                           "AccessionNumber": acc[study_uid], "StudyInstanceUID": ""})
+        got = find(
+            stack,
+            tmp_path,
+            "-S",
+            {
+                "QueryRetrieveLevel": "STUDY",
+                "StudyDate": rng,
+                "AccessionNumber": acc[study_uid],
+                "StudyInstanceUID": "",
+            },
+        )
         assert [str(x.StudyInstanceUID) for x in got] == ([study_uid] if hit else []), rng
 
-    patients = find(stack, tmp_path, "-P", {"QueryRetrieveLevel": "PATIENT", "PatientID": str(h.PatientID),
-                                            "PatientName": "", "PatientBirthDate": ""})
+    patients = find(
+        stack,
+        tmp_path,
+        "-P",
+        {"QueryRetrieveLevel": "PATIENT", "PatientID": str(h.PatientID), "PatientName": "", "PatientBirthDate": ""},
+    )
     assert [(str(p.PatientID), str(p.PatientName)) for p in patients] == [(h.PatientID, str(h.PatientName))]
 
-    p_studies = find(stack, tmp_path, "-P", {"QueryRetrieveLevel": "STUDY", "PatientID": str(h.PatientID),
-                                             "StudyInstanceUID": study_uid, "AccessionNumber": ""})
+    p_studies = find(
+        stack,
+        tmp_path,
+        "-P",
+        {
+            "QueryRetrieveLevel": "STUDY",
+            "PatientID": str(h.PatientID),
+            "StudyInstanceUID": study_uid,
+            "AccessionNumber": "",
+        },
+    )
     assert [str(x.AccessionNumber) for x in p_studies] == [acc[study_uid]]
 
-    series = find(stack, tmp_path, "-S", {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": study_uid,
-                                          "SeriesInstanceUID": "", "Modality": h.Modality, "SeriesNumber": ""})
-    expected_series = sorted({str(v.SeriesInstanceUID) for v in headers.values()
-                              if str(v.StudyInstanceUID) == study_uid})
+    series = find(
+        stack,
+        tmp_path,
+        "-S",
+        {
+            "QueryRetrieveLevel": "SERIES",
+            "StudyInstanceUID": study_uid,
+            "SeriesInstanceUID": "",
+            "Modality": h.Modality,
+            "SeriesNumber": "",
+        },
+    )
+    expected_series = sorted(
+        {str(v.SeriesInstanceUID) for v in headers.values() if str(v.StudyInstanceUID) == study_uid}
+    )
     assert sorted(str(x.SeriesInstanceUID) for x in series) == expected_series
     assert all(x.Modality == h.Modality for x in series)
-    assert find(stack, tmp_path, "-S", {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": study_uid,
-                                        "Modality": "XA", "SeriesInstanceUID": ""}) == []
+    assert (
+        find(
+            stack,
+            tmp_path,
+            "-S",
+            {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": study_uid, "Modality": "XA", "SeriesInstanceUID": ""},
+        )
+        == []
+    )
 
-    images = find(stack, tmp_path, "-S", {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study_uid,
-                                          "SeriesInstanceUID": expected_series[0], "SOPInstanceUID": "",
-                                          "SOPClassUID": "", "InstanceNumber": ""})
-    expected_sops = sorted(str(v.SOPInstanceUID) for v in headers.values()
-                           if str(v.SeriesInstanceUID) == expected_series[0])
+    images = find(
+        stack,
+        tmp_path,
+        "-S",
+        {
+            "QueryRetrieveLevel": "IMAGE",
+            "StudyInstanceUID": study_uid,
+            "SeriesInstanceUID": expected_series[0],
+            "SOPInstanceUID": "",
+            "SOPClassUID": "",
+            "InstanceNumber": "",
+        },
+    )
+    expected_sops = sorted(
+        str(v.SOPInstanceUID) for v in headers.values() if str(v.SeriesInstanceUID) == expected_series[0]
+    )
     assert sorted(str(x.SOPInstanceUID) for x in images) == expected_sops
     assert all(x.SOPClassUID == h.SOPClassUID for x in images)
     # A UID list matches each listed instance.
@@ -109,8 +184,9 @@ def test_get_returns_the_study_byte_identical(stack, corpus, tmp_path):
     study_uid = list(index)[1]
     out = tmp_path / "get"
     out.mkdir()
-    result = dcmtk(stack, "getscu", "-S", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
-                   "-k", f"StudyInstanceUID={study_uid}")
+    result = dcmtk(
+        stack, "getscu", "-S", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}"
+    )
     assert result.returncode == 0, result.stderr
     originals = [f for f, h in headers.items() if str(h.StudyInstanceUID) == study_uid]
     assert identical(sorted(out.iterdir()), originals)
@@ -118,8 +194,12 @@ def test_get_returns_the_study_byte_identical(stack, corpus, tmp_path):
 
 def test_move_to_a_known_destination_and_refuse_an_unknown_one(stack, corpus, storescp, tmp_path):
     files, index, headers, acc = corpus
-    stack.cfg = msgspec.structs.replace(stack.cfg, probe=msgspec.structs.replace(
-        stack.cfg.probe, move_destinations=[f"{storescp.ae_title}@127.0.0.1:{storescp.port}"]))
+    stack.cfg = msgspec.structs.replace(
+        stack.cfg,
+        probe=msgspec.structs.replace(
+            stack.cfg.probe, move_destinations=[f"{storescp.ae_title}@127.0.0.1:{storescp.port}"]
+        ),
+    )
     ls.write_config(stack.cfg, stack.config_path)
     stack.stop("probe")
     stack.start("probe")
@@ -127,16 +207,38 @@ def test_move_to_a_known_destination_and_refuse_an_unknown_one(stack, corpus, st
     study_uid = list(index)[0]
     h = next(h for h in headers.values() if str(h.StudyInstanceUID) == study_uid)
     series_uid = str(h.SeriesInstanceUID)
-    result = dcmtk(stack, "movescu", "-P", "-aem", storescp.ae_title, "-k", "QueryRetrieveLevel=SERIES",
-                   "-k", f"PatientID={h.PatientID}", "-k", f"StudyInstanceUID={study_uid}",
-                   "-k", f"SeriesInstanceUID={series_uid}")
+    result = dcmtk(
+        stack,
+        "movescu",
+        "-P",
+        "-aem",
+        storescp.ae_title,
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"PatientID={h.PatientID}",
+        "-k",
+        f"StudyInstanceUID={study_uid}",
+        "-k",
+        f"SeriesInstanceUID={series_uid}",
+    )
     assert result.returncode == 0, result.stderr
     originals = [f for f, h in headers.items() if str(h.SeriesInstanceUID) == series_uid]
     wait_for(lambda: len(storescp.received()) == len(originals), timeout=20, what="storescp got the series")
     assert identical(storescp.received(), originals)
 
-    unknown = dcmtk(stack, "movescu", "-S", "-v", "-aem", "NOWHERE", "-k", "QueryRetrieveLevel=STUDY",
-                    "-k", f"StudyInstanceUID={study_uid}")
+    unknown = dcmtk(
+        stack,
+        "movescu",
+        "-S",
+        "-v",
+        "-aem",
+        "NOWHERE",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={study_uid}",
+    )
     assert refused(unknown, 0xA801, "MoveDestinationUnknown")
     assert len(storescp.received()) == len(originals)
 
@@ -152,12 +254,23 @@ async def test_a_missing_blob_fails_only_its_own_sub_operation(stack, corpus, tm
     try:
         out = tmp_path / "get"
         out.mkdir()
-        result = dcmtk(stack, "getscu", "-S", "-v", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
-                       "-k", f"StudyInstanceUID={study_uid}")
+        result = dcmtk(
+            stack,
+            "getscu",
+            "-S",
+            "-v",
+            "-od",
+            str(out),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study_uid}",
+        )
     finally:
         aside.rename(blob)
-    originals = [f for f, h in headers.items()
-                 if str(h.StudyInstanceUID) == study_uid and str(h.SOPInstanceUID) != lost_sop]
+    originals = [
+        f for f, h in headers.items() if str(h.StudyInstanceUID) == study_uid and str(h.SOPInstanceUID) != lost_sop
+    ]
     assert identical(sorted(out.iterdir()), originals)
     text = (result.stdout + result.stderr).lower()
     assert re.search(r"number of completed suboperations\s*:\s*3", text), text[-1500:]

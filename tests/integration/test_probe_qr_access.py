@@ -30,13 +30,21 @@ KNOWN = "KNOWNSCU"
 
 def guarded_stack(data_dir: Path, nodes, tls: dict[str, Path] | None = None) -> Stack:
     """ingest and probe; the front door admits KNOWN anywhere and LOCALONLY from 127.0.0.1 only."""
+
     def configure(cfg):
         probe = msgspec.structs.replace(
-            cfg.probe, qr_allowed_calling_aes=[KNOWN], qr_allowed_peers=["LOCALONLY@127.0.0.1", "ELSEWHERE@192.0.2.7"],
-            qr_network_timeout_s=5.0)
+            cfg.probe,
+            qr_allowed_calling_aes=[KNOWN],
+            qr_allowed_peers=["LOCALONLY@127.0.0.1", "ELSEWHERE@192.0.2.7"],
+            qr_network_timeout_s=5.0,
+        )
         if tls:
-            probe = msgspec.structs.replace(probe, qr_tls_cert_file=str(tls["server_crt"]),
-                                            qr_tls_key_file=str(tls["server_key"]), qr_tls_ca_file=str(tls["ca"]))
+            probe = msgspec.structs.replace(
+                probe,
+                qr_tls_cert_file=str(tls["server_crt"]),
+                qr_tls_key_file=str(tls["server_key"]),
+                qr_tls_ca_file=str(tls["ca"]),
+            )
         return msgspec.structs.replace(cfg, probe=probe)
 
     return make_stack(data_dir, nodes, ("ingest", "probe"), configure)
@@ -46,12 +54,26 @@ def send_study(stack: Stack, root: Path, seed: int, *tls: str) -> tuple[str, lis
     """One study through ingest; returned once the front door answers for it."""
     files = generate_studies(root, studies=1, series_per_study=1, instances_per_series=2, seed=seed)
     assert stack.send([root], extra=["+sd", "+r"]).returncode == 0
-    (study_uid, sops), = corpus_index(files).items()
+    ((study_uid, sops),) = corpus_index(files).items()
     scratch = root.parent / f"{root.name}-ready"
     scratch.mkdir()
-    wait_for(lambda: len(find(stack, scratch, "-S", {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study_uid,
-                                                     "SOPInstanceUID": ""}, *tls, aet=KNOWN)) == len(sops),
-             timeout=60, what="front door knows the study")
+    wait_for(
+        lambda: (
+            len(
+                find(
+                    stack,
+                    scratch,
+                    "-S",
+                    {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study_uid, "SOPInstanceUID": ""},
+                    *tls,
+                    aet=KNOWN,
+                )
+            )
+            == len(sops)
+        ),
+        timeout=60,
+        what="front door knows the study",
+    )
     return study_uid, files
 
 
@@ -79,9 +101,11 @@ def test_unknown_calling_ae_gets_no_find_move_or_get(guarded, tmp_path):
     out = tmp_path / "get"
     out.mkdir()
     # getscu prints no reason, only that the association was rejected (the reason is read below).
-    for tool, args, reason in (("findscu", ["-S", *STUDY, *key], "Calling AE Title Not Recognized"),
-                               ("movescu", ["-S", "-aem", KNOWN, *STUDY, *key], "Calling AE Title Not Recognized"),
-                               ("getscu", ["-S", "-od", str(out), *STUDY, *key], "")):
+    for tool, args, reason in (
+        ("findscu", ["-S", *STUDY, *key], "Calling AE Title Not Recognized"),
+        ("movescu", ["-S", "-aem", KNOWN, *STUDY, *key], "Calling AE Title Not Recognized"),
+        ("getscu", ["-S", "-od", str(out), *STUDY, *key], ""),
+    ):
         result = dcmtk(stack, tool, "-v", *args, aet="STRANGER")
         assert rejected(result, reason), (tool, result.stdout + result.stderr)
     assert not list(out.iterdir())
@@ -126,19 +150,22 @@ def test_known_ae_finds_gets_and_moves(guarded, tmp_path):
     assert got.returncode == 0, got.stdout + got.stderr
     assert identical(sorted(out.iterdir()), files)
     # Past the association check, C-MOVE reaches its handler (which knows no such destination).
-    moved = dcmtk(stack, "movescu", "-S", "-v", "-aem", "NOWHERE", *STUDY, "-k", f"StudyInstanceUID={study_uid}",
-                  aet=KNOWN)
+    moved = dcmtk(
+        stack, "movescu", "-S", "-v", "-aem", "NOWHERE", *STUDY, "-k", f"StudyInstanceUID={study_uid}", aet=KNOWN
+    )
     assert refused(moved, 0xA801, "MoveDestinationUnknown"), moved.stdout + moved.stderr
 
 
 # ------------------------------------------------------------------ TLS
 
+
 @pytest.fixture(scope="module")
 def guarded_tls(orthanc_nodes, pki, tmp_path_factory):
     stack = guarded_stack(tmp_path_factory.mktemp("qr-tls"), orthanc_nodes, tls=pki)
     try:
-        study_uid, files = send_study(stack, tmp_path_factory.mktemp("qr-tls-corpus"), 5302,
-                                      *tls_options(pki, "client"))
+        study_uid, files = send_study(
+            stack, tmp_path_factory.mktemp("qr-tls-corpus"), 5302, *tls_options(pki, "client")
+        )
         yield stack, study_uid, files
     finally:
         stack.close()
@@ -173,16 +200,24 @@ def get_over_tls(stack: Stack, pki, study_uid: str, files: list[Path], out: Path
         (out / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(event.encoded_dataset())
         return 0x0000
 
-    assoc = ae.associate("127.0.0.1", stack.cfg.probe.qr_port, ae_title=stack.cfg.probe.qr_ae_title,
-                         ext_neg=[build_role(meta.MediaStorageSOPClassUID, scp_role=True)],
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)], tls_args=(client_context(pki), "127.0.0.1"))
+    assoc = ae.associate(
+        "127.0.0.1",
+        stack.cfg.probe.qr_port,
+        ae_title=stack.cfg.probe.qr_ae_title,
+        ext_neg=[build_role(meta.MediaStorageSOPClassUID, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        tls_args=(client_context(pki), "127.0.0.1"),
+    )
     assert assoc.is_established
     try:
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = study_uid
-        statuses = [int(status.Status) for status, _ in
-                    assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet) if status]
+        statuses = [
+            int(status.Status)
+            for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
+            if status
+        ]
     finally:
         assoc.release()
     return statuses, sorted(out.iterdir())

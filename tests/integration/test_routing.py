@@ -7,8 +7,8 @@ import io
 import pydicom
 import pytest
 
-from switchyard.corpus import corpus_index, generate_studies
 from shared.dicomfile import dataset_bytes_digest
+from switchyard.corpus import corpus_index, generate_studies
 from tests.fixtures.util import wait_for
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ def scheduler_sees(stack, node_id: str, live: bool) -> bool:
 
 def test_multi_series_study_lands_whole_on_one_node_unchanged(stack, live_nodes, tmp_path):
     files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=3, instances_per_series=3, seed=101)
-    (study_uid, sops), = corpus_index(files).items()
+    ((study_uid, sops),) = corpus_index(files).items()
     result = stack.send([tmp_path / "corpus"], extra=["+sd", "+r"])
     assert result.returncode == 0, result.stderr
 
@@ -67,11 +67,15 @@ def test_multi_series_study_lands_whole_on_one_node_unchanged(stack, live_nodes,
 
 def test_new_studies_avoid_a_stopped_node(stack, live_nodes, tmp_path):
     stopped = live_nodes[1]
-    wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), timeout=20,
-             what="scheduler sees every node live")
+    wait_for(
+        lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes),
+        timeout=20,
+        what="scheduler sees every node live",
+    )
     stopped.stop()
-    wait_for(lambda: scheduler_sees(stack, stopped.node.id, False), timeout=20,
-             what="scheduler sees the stopped node down")
+    wait_for(
+        lambda: scheduler_sees(stack, stopped.node.id, False), timeout=20, what="scheduler sees the stopped node down"
+    )
 
     files = generate_studies(tmp_path / "corpus", studies=6, series_per_study=1, instances_per_series=2, seed=202)
     index = corpus_index(files)

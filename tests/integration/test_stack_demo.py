@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from switchyard import stack as ls
 from shared.config import NodeConfig
+from switchyard import stack as ls
 from tests.fixtures.servers import stack_config
 from tests.fixtures.util import free_port
 
@@ -17,13 +17,32 @@ pytestmark = pytest.mark.integration
 
 
 def test_stack_routes_the_demo_and_stops_cleanly(tmp_path):
-    nodes = [NodeConfig(id=f"node{i}", dicom_port=free_port(), ae_title=f"NODE{i}",
-                        rest_url=f"http://127.0.0.1:{free_port()}") for i in (1, 2, 3)]
+    nodes = [
+        NodeConfig(
+            id=f"node{i}", dicom_port=free_port(), ae_title=f"NODE{i}", rest_url=f"http://127.0.0.1:{free_port()}"
+        )
+        for i in (1, 2, 3)
+    ]
     config = ls.write_config(stack_config(tmp_path / "data", nodes), tmp_path / "switchyard.toml")
     result = subprocess.run(
-        [sys.executable, "-m", "switchyard", "--config", str(config), "stack", "--demo", "--exit-after-demo",
-         "--data-dir", str(tmp_path / "data"), "--nats-monitor-port", str(free_port())],
-        cwd=ls.REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "switchyard",
+            "--config",
+            str(config),
+            "stack",
+            "--demo",
+            "--exit-after-demo",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--nats-monitor-port",
+            str(free_port()),
+        ],
+        cwd=ls.REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]

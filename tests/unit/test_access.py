@@ -60,6 +60,7 @@ def test_a_ca_file_requires_client_certificates(pki):
 
 # ------------------------------------------------------------------ rights and the Q/R front door
 
+
 def test_rights_are_the_union_of_every_matching_rule():
     policy = PeerPolicy.from_config([], [], entries=[("VIEWER", "", ["find"]), ("VIEWER", "10.0.0.5", ["retrieve"])])
     assert policy.rights("VIEWER", "10.0.0.9") == {"find"}
@@ -74,11 +75,15 @@ def test_a_closed_gate_admits_no_one_without_rules_an_open_one_anyone():
 
 def test_qr_peers_from_toml_and_the_older_keys_as_find_and_retrieve(tmp_path):
     path = tmp_path / "s.toml"
-    path.write_text('[probe]\nqr_peers = [{ae = "VIEWER", host = "10.0.0.5"},'
-                    ' {ae = "PACS", rights = ["find", "retrieve"]}]\nqr_allowed_calling_aes = ["OLD"]\n')
+    path.write_text(
+        '[probe]\nqr_peers = [{ae = "VIEWER", host = "10.0.0.5"},'
+        ' {ae = "PACS", rights = ["find", "retrieve"]}]\nqr_allowed_calling_aes = ["OLD"]\n'
+    )
     cfg = load_config(path, env={})
     assert [(p.ae, p.host, p.rights) for p in cfg.probe.qr_peers] == [
-        ("VIEWER", "10.0.0.5", ["find"]), ("PACS", "", ["find", "retrieve"])]
+        ("VIEWER", "10.0.0.5", ["find"]),
+        ("PACS", "", ["find", "retrieve"]),
+    ]
     policy = qr.peer_policy(cfg)
     assert policy.rights("VIEWER", "10.0.0.5") == {"find"} and policy.rights("VIEWER", "10.0.0.6") is None
     assert policy.rights("PACS", "192.0.2.1") == {"find", "retrieve"}
@@ -90,8 +95,15 @@ def test_qr_peers_from_toml_and_the_older_keys_as_find_and_retrieve(tmp_path):
     assert load_config(None, env=env).probe.qr_peers[0].rights == ["retrieve"]
 
 
-@pytest.mark.parametrize("toml", ['qr_peers = [{ae = "X", rights = []}]', 'qr_peers = [{ae = "X", rights = ["store"]}]',
-                                  'qr_peers = [{ae = " "}]', 'qr_peers = [{ae = "X", hosts = "a"}]'])
+@pytest.mark.parametrize(
+    "toml",
+    [
+        'qr_peers = [{ae = "X", rights = []}]',
+        'qr_peers = [{ae = "X", rights = ["store"]}]',
+        'qr_peers = [{ae = " "}]',
+        'qr_peers = [{ae = "X", hosts = "a"}]',
+    ],
+)
 def test_bad_qr_peers_are_config_errors(tmp_path, toml):
     path = tmp_path / "s.toml"
     path.write_text(f"[probe]\n{toml}\n")
@@ -112,13 +124,25 @@ def _identifier(**keys: str) -> Dataset:
     return ds
 
 
-@pytest.mark.parametrize(("keys", "ok"), [
-    ({}, False), ({"PatientID": ""}, False), ({"PatientID": "*"}, False), ({"PatientID": "AB*"}, False),
-    ({"AccessionNumber": "?"}, False), ({"StudyInstanceUID": ""}, False), ({"PatientName": "DOE^JOHN"}, False),
-    ({"StudyDate": "20200101"}, False), ({"PatientID": "P1"}, True), ({"AccessionNumber": "A1"}, True),
-    ({"StudyInstanceUID": "1.2.3"}, True), ({"SeriesInstanceUID": "1.2.3.4"}, True),
-    ({"SOPInstanceUID": "1.2.3.4.5"}, True), ({"PatientID": "*", "StudyInstanceUID": "1.2.3"}, True),
-])
+@pytest.mark.parametrize(
+    ("keys", "ok"),
+    [
+        ({}, False),
+        ({"PatientID": ""}, False),
+        ({"PatientID": "*"}, False),
+        ({"PatientID": "AB*"}, False),
+        ({"AccessionNumber": "?"}, False),
+        ({"StudyInstanceUID": ""}, False),
+        ({"PatientName": "DOE^JOHN"}, False),
+        ({"StudyDate": "20200101"}, False),
+        ({"PatientID": "P1"}, True),
+        ({"AccessionNumber": "A1"}, True),
+        ({"StudyInstanceUID": "1.2.3"}, True),
+        ({"SeriesInstanceUID": "1.2.3.4"}, True),
+        ({"SOPInstanceUID": "1.2.3.4.5"}, True),
+        ({"PatientID": "*", "StudyInstanceUID": "1.2.3"}, True),
+    ],
+)
 def test_a_retrieve_must_name_what_it_wants(keys, ok):
     assert qr.identifies(_identifier(**keys)) is ok
 
@@ -129,8 +153,10 @@ def test_retrieve_handlers_refuse_a_peer_without_the_right(tmp_path):
     door = qr.FrontDoor(Config(), store=None, blobs=None, scratch=tmp_path, policy=policy)  # type: ignore[arg-type]
 
     def event(ae: str, **keys: str) -> SimpleNamespace:
-        return SimpleNamespace(assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title=ae, address="127.0.0.1")),
-                               identifier=_identifier(**keys))
+        return SimpleNamespace(
+            assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title=ae, address="127.0.0.1")),
+            identifier=_identifier(**keys),
+        )
 
     gen = door.on_get(event("FINDER", StudyInstanceUID="1.2.3"))
     assert next(gen) == 1

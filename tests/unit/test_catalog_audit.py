@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import typing
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import duckdb
 import msgspec
@@ -19,7 +19,7 @@ from tests.factories import forwarded, placed, received
 
 
 def at(hour: int) -> datetime:
-    return datetime(2026, 3, 1, hour, tzinfo=timezone.utc)
+    return datetime(2026, 3, 1, hour, tzinfo=UTC)
 
 
 def store_with_hours(path) -> None:
@@ -52,12 +52,20 @@ def test_cli_export_and_bad_windows(tmp_path, capsys):
     db = tmp_path / "c.duckdb"
     store_with_hours(db)
     out = tmp_path / "cli-out"
-    assert cli.main(["audit", "export", "--db", str(db), "--since", "2026-03-01", "--until", "2026-03-02",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            ["audit", "export", "--db", str(db), "--since", "2026-03-01", "--until", "2026-03-02", "--out", str(out)]
+        )
+        == 0
+    )
     assert "9 events, 3 instances" in capsys.readouterr().out
     assert (out / "instances.csv").exists()
-    assert cli.main(["audit", "export", "--db", str(db), "--since", "yesterday", "--until", "2026-03-02",
-                     "--out", str(out)]) == 1
+    assert (
+        cli.main(
+            ["audit", "export", "--db", str(db), "--since", "yesterday", "--until", "2026-03-02", "--out", str(out)]
+        )
+        == 1
+    )
     assert "ISO 8601" in capsys.readouterr().err
     with pytest.raises(ExportError, match="after"):
         export(db, at(12), at(8), out)
@@ -71,7 +79,9 @@ def test_rebuild_without_nats_fails_cleanly_and_keeps_the_file(tmp_path, capsys)
     db = tmp_path / "c.duckdb"
     store_with_hours(db)
     config = tmp_path / "c.toml"
-    config.write_text(f'[nats]\nurl = "nats://127.0.0.1:{free_port()}"\nconnect_timeout_s = 0.5\nallow_unauthenticated = true\n')
+    config.write_text(
+        f'[nats]\nurl = "nats://127.0.0.1:{free_port()}"\nconnect_timeout_s = 0.5\nallow_unauthenticated = true\n'
+    )
     assert cli.main(["--config", str(config), "catalog", "rebuild", "--db", str(db)]) == 1
     assert "cannot read the log" in capsys.readouterr().err
     assert not (tmp_path / "c.duckdb.rebuild").exists()
@@ -81,8 +91,9 @@ def test_rebuild_without_nats_fails_cleanly_and_keeps_the_file(tmp_path, capsys)
 
 def test_export_has_provenance_columns(tmp_path):
     db = tmp_path / "c.duckdb"
-    r = msgspec.structs.replace(received(1), calling_ae="MODALITY1", called_ae="SWITCHYARD",
-                                peer_address="192.0.2.7", peer_port=40123)
+    r = msgspec.structs.replace(
+        received(1), calling_ae="MODALITY1", called_ae="SWITCHYARD", peer_address="192.0.2.7", peer_port=40123
+    )
     log = [r, placed(1, "node2"), forwarded(1, "node2")]
     store = CatalogStore(db)
     store.apply(list(enumerate(log, start=1)))
@@ -90,15 +101,18 @@ def test_export_has_provenance_columns(tmp_path):
     export(db, parse_when("2000-01-01"), parse_when("2100-01-01"), tmp_path / "out")
     con = duckdb.connect()
     for fmt in ("parquet", "csv"):
-        rows = con.execute("SELECT type, subject, calling_ae, called_ae, peer_address, peer_port"
-                           f" FROM '{tmp_path}/out/events.{fmt}' ORDER BY seq").fetchall()
+        rows = con.execute(
+            "SELECT type, subject, calling_ae, called_ae, peer_address, peer_port"
+            f" FROM '{tmp_path}/out/events.{fmt}' ORDER BY seq"
+        ).fetchall()
         assert rows == [
             ("instance.received.v1", "dicom.instance.received", "MODALITY1", "SWITCHYARD", "192.0.2.7", 40123),
             ("instance.placed.v1", "dicom.instance.placed.node2", None, None, None, None),
             ("instance.forwarded.v1", "dicom.instance.forwarded.node2", None, None, None, None),
         ]
-        inst = con.execute("SELECT subject, calling_ae, called_ae, peer_address, peer_port"
-                           f" FROM '{tmp_path}/out/instances.{fmt}'").fetchall()
+        inst = con.execute(
+            f"SELECT subject, calling_ae, called_ae, peer_address, peer_port FROM '{tmp_path}/out/instances.{fmt}'"
+        ).fetchall()
         assert inst == [("dicom.instance.received", "MODALITY1", "SWITCHYARD", "192.0.2.7", 40123)]
 
 
@@ -109,8 +123,11 @@ def _one_of(kind: type) -> ev.Event:
         if f.required and isinstance(f.type, type) and issubclass(f.type, enum.Enum):
             values[f.name] = next(iter(f.type)).value  # a contract enum: its first member
         elif f.required:
-            values[f.name] = "node1" if f.name == "node_id" else ([] if "list" in str(f.type) else
-                                                                  0 if f.type in (int, "int") else "x")
+            values[f.name] = (
+                "node1"
+                if f.name == "node_id"
+                else ([] if "list" in str(f.type) else 0 if f.type in (int, "int") else "x")
+            )
     return msgspec.convert(values, kind, strict=False)
 
 
@@ -139,8 +156,10 @@ def test_a_file_from_before_peer_columns_gets_them(tmp_path):
     store.close()
     store = CatalogStore(db)
     assert store.rows("SELECT sop_instance_uid, peer_address, peer_port FROM instances") == [
-        {"sop_instance_uid": "1.2.9.1", "peer_address": "", "peer_port": 0}]
+        {"sop_instance_uid": "1.2.9.1", "peer_address": "", "peer_port": 0}
+    ]
     store.apply([(2, msgspec.structs.replace(received(2), peer_address="192.0.2.9", peer_port=104))])
     assert store.rows("SELECT peer_address, peer_port FROM instances WHERE sop_instance_uid = '1.2.9.2'") == [
-        {"peer_address": "192.0.2.9", "peer_port": 104}]
+        {"peer_address": "192.0.2.9", "peer_port": 104}
+    ]
     store.close()

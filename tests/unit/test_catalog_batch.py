@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.readmodel.catalog import CatalogStore
 from shared import events as ev
+from shared.readmodel.catalog import CatalogStore
 from tests.factories import mixed_log, received, rich_log
 from tests.fixtures.util import dump_catalog
 
@@ -18,7 +18,7 @@ def test_any_batch_split_gives_the_same_store(tmp_path):
     for size in (1, 2, 5):
         store = CatalogStore(tmp_path / f"split{size}.duckdb")
         for i in range(0, len(log), size):
-            store.apply(log[i:i + size])
+            store.apply(log[i : i + size])
         assert dump_catalog(store) == expected, f"batches of {size}"
 
 
@@ -26,7 +26,9 @@ def test_batched_outcomes_follow_the_current_placement(tmp_path):
     store = CatalogStore(tmp_path / "c.duckdb")
     store.apply(mixed_log())
     cur = store.cursor()
-    rows = {r[0]: r[1:] for r in cur.execute("SELECT sop_instance_uid, node_id, state, detail FROM locations").fetchall()}
+    rows = {
+        r[0]: r[1:] for r in cur.execute("SELECT sop_instance_uid, node_id, state, detail FROM locations").fetchall()
+    }
     assert rows["1.2.9.1"] == ("node1", "verified", "")
     assert rows["1.2.9.2"] == ("node2", "forwarded", "")
     assert rows["1.2.9.3"] == ("node1", "dead_lettered", "gave up")
@@ -47,7 +49,7 @@ def test_a_batch_of_many_record_batches_equals_small_batches(tmp_path):
     assert one.apply_raw([s for s, _ in log], [p for _, p in log]) == len(log)
     small = CatalogStore(tmp_path / "small.duckdb")
     for i in range(0, len(log), 3001):
-        part = log[i:i + 3001]
+        part = log[i : i + 3001]
         small.apply_raw([s for s, _ in part], [p for _, p in part])
     assert dump_catalog(small) == dump_catalog(one)
     assert one.rows("SELECT count(*) AS n FROM locations WHERE state = 'verified'")[0]["n"] == 6001
@@ -59,7 +61,7 @@ def bulk_loaded(path, log, size: int, before: int = 0, fold_bytes: int = 1 << 30
     store.apply(log[:before])
     store.bulk_load(fold_bytes=fold_bytes)
     for i in range(before, len(log), size):
-        store.apply(log[i:i + size])
+        store.apply(log[i : i + size])
     store.end_bulk_load()
     return store
 

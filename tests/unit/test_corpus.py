@@ -17,8 +17,15 @@ STUDIES, SERIES, INSTANCES = 3, 2, 5
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory) -> list[Path]:
-    return generate_studies(tmp_path_factory.mktemp("gen"), studies=STUDIES, series_per_study=SERIES,
-                            instances_per_series=INSTANCES, seed=7, rows=16, cols=8)
+    return generate_studies(
+        tmp_path_factory.mktemp("gen"),
+        studies=STUDIES,
+        series_per_study=SERIES,
+        instances_per_series=INSTANCES,
+        seed=7,
+        rows=16,
+        cols=8,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +58,20 @@ def test_generated_files_are_readable_part10(generated):
         assert (ds.Rows, ds.Columns, ds.BitsAllocated, ds.SamplesPerPixel) == (16, 8, 16, 1)
         assert ds.PhotometricInterpretation == "MONOCHROME2"
         assert len(ds.PixelData) == 16 * 8 * 2
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate",
-                        "StudyDescription", "SeriesNumber", "InstanceNumber", "Modality",
-                        "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "AccessionNumber",
+            "StudyDate",
+            "StudyDescription",
+            "SeriesNumber",
+            "InstanceNumber",
+            "Modality",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "FrameOfReferenceUID",
+        ):
             assert ds.get(keyword) not in (None, ""), keyword
         assert str(ds.PatientName).startswith("DEMO^") and ds.PatientID.startswith("DEMO")
         relative = path.relative_to(path.parents[2])
@@ -80,8 +98,7 @@ def test_generated_modalities_alternate_by_study(generated):
     for p in generated:
         ds = _read(p)
         by_dir.setdefault(int(p.parents[1].name), set()).add((ds.Modality, ds.SOPClassUID))
-    assert by_dir == {i: {("CT", CTImageStorage) if i % 2 == 0 else ("MR", MRImageStorage)}
-                      for i in range(STUDIES)}
+    assert by_dir == {i: {("CT", CTImageStorage) if i % 2 == 0 else ("MR", MRImageStorage)} for i in range(STUDIES)}
 
 
 def test_generated_sop_instance_uids_unique(generated):
@@ -90,16 +107,18 @@ def test_generated_sop_instance_uids_unique(generated):
 
 
 def test_same_seed_gives_byte_identical_files(generated, tmp_path):
-    again = generate_studies(tmp_path, studies=STUDIES, series_per_study=SERIES,
-                             instances_per_series=INSTANCES, seed=7, rows=16, cols=8)
+    again = generate_studies(
+        tmp_path, studies=STUDIES, series_per_study=SERIES, instances_per_series=INSTANCES, seed=7, rows=16, cols=8
+    )
     assert [p.relative_to(tmp_path) for p in again] == [p.relative_to(p.parents[2]) for p in generated]
     for a, b in zip(generated, again):
         assert a.read_bytes() == b.read_bytes(), a
 
 
 def test_different_seed_gives_disjoint_uids(generated, tmp_path):
-    other = generate_studies(tmp_path, studies=STUDIES, series_per_study=SERIES,
-                             instances_per_series=INSTANCES, seed=8, rows=16, cols=8)
+    other = generate_studies(
+        tmp_path, studies=STUDIES, series_per_study=SERIES, instances_per_series=INSTANCES, seed=8, rows=16, cols=8
+    )
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
         assert not _uids(generated, keyword) & _uids(other, keyword), keyword
     assert generated[0].read_bytes() != other[0].read_bytes()

@@ -11,7 +11,13 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from shared.dicomvalidate import (
-    DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE, IMPLICIT_VR_LE, MAX_DEPTH, DatasetError, DatasetValidator, valid_uid,
+    DEFLATED_EXPLICIT_VR_LE,
+    EXPLICIT_VR_BE,
+    IMPLICIT_VR_LE,
+    MAX_DEPTH,
+    DatasetError,
+    DatasetValidator,
+    valid_uid,
     validate,
 )
 
@@ -54,14 +60,23 @@ def seq_end(big: bool = False) -> bytes:
 
 def head_ex(big: bool = False, sop: bytes = SOP_INSTANCE) -> bytes:
     """SOP Class, SOP Instance, Patient ID, Study and Series UIDs, explicit VR."""
-    return (ex(0x00080016, b"UI", SOP_CLASS, big=big) + ex(0x00080018, b"UI", _pad(sop, b"\0"), big=big)
-            + ex(0x00100020, b"LO", b"PID123", big=big)
-            + ex(0x0020000D, b"UI", STUDY, big=big) + ex(0x0020000E, b"UI", SERIES, big=big))
+    return (
+        ex(0x00080016, b"UI", SOP_CLASS, big=big)
+        + ex(0x00080018, b"UI", _pad(sop, b"\0"), big=big)
+        + ex(0x00100020, b"LO", b"PID123", big=big)
+        + ex(0x0020000D, b"UI", STUDY, big=big)
+        + ex(0x0020000E, b"UI", SERIES, big=big)
+    )
 
 
 def head_im(sop: bytes = SOP_INSTANCE) -> bytes:
-    return (im(0x00080016, SOP_CLASS) + im(0x00080018, _pad(sop, b"\0")) + im(0x00100020, b"PID123")
-            + im(0x0020000D, STUDY) + im(0x0020000E, SERIES))
+    return (
+        im(0x00080016, SOP_CLASS)
+        + im(0x00080018, _pad(sop, b"\0"))
+        + im(0x00100020, b"PID123")
+        + im(0x0020000D, STUDY)
+        + im(0x0020000E, SERIES)
+    )
 
 
 def _pad(value: bytes, pad: bytes) -> bytes:
@@ -96,10 +111,15 @@ def fails(data: bytes, ts: str = EXPLICIT_LE) -> str:
 
 # ---------------------------------------------------------------- good datasets
 
+
 def test_explicit_little_endian_gives_the_uids():
     uids = check(head_ex() + ex(0x7FE00010, b"OW", b"\1\2" * 8))
-    assert uids == {0x00080016: SOP_CLASS[:-1].decode(), 0x00080018: SOP_INSTANCE.decode(),
-                    0x0020000D: STUDY[:-1].decode(), 0x0020000E: SERIES[:-1].decode()}
+    assert uids == {
+        0x00080016: SOP_CLASS[:-1].decode(),
+        0x00080018: SOP_INSTANCE.decode(),
+        0x0020000D: STUDY[:-1].decode(),
+        0x0020000E: SERIES[:-1].decode(),
+    }
 
 
 def test_explicit_big_endian():
@@ -113,8 +133,7 @@ def test_implicit_little_endian_with_a_defined_length_sequence_from_the_dictiona
 
 
 def test_undefined_length_sequences_and_items_nested():
-    inner = ex(0x00081199, b"SQ", item(ex(0x00081155, b"UI", b"1.2.9\0"), undefined=True) + seq_end(),
-               length=UNDEF)
+    inner = ex(0x00081199, b"SQ", item(ex(0x00081155, b"UI", b"1.2.9\0"), undefined=True) + seq_end(), length=UNDEF)
     outer = ex(0x00400275, b"SQ", item(inner, undefined=True) + item(b"") + seq_end(), length=UNDEF)
     check(head_ex() + outer + ex(0x00400280, b"ST", b"ok"))
 
@@ -158,8 +177,11 @@ def test_pydicom_written_datasets_pass(tmp_path):
     ds.ReferencedImageSequence = [ref, ref]
     ds.BitsAllocated = 16
     ds.PixelData = b"\0\1" * 64
-    for little, implicit, ts in ((True, False, EXPLICIT_LE), (True, True, IMPLICIT_VR_LE),
-                                 (False, False, EXPLICIT_VR_BE)):
+    for little, implicit, ts in (
+        (True, False, EXPLICIT_LE),
+        (True, True, IMPLICIT_VR_LE),
+        (False, False, EXPLICIT_VR_BE),
+    ):
         fp = DicomBytesIO()
         fp.is_little_endian, fp.is_implicit_VR = little, implicit
         write_dataset(fp, ds)
@@ -175,6 +197,7 @@ def test_valid_uid_rules():
 
 
 # ---------------------------------------------------------------- defects
+
 
 def test_truncated_pixel_data():
     data = head_ex() + ex(0x7FE00010, b"OW", b"\0\0" * 100)
@@ -220,8 +243,9 @@ def test_uid_element_sent_as_sequence():
     assert fails(ex(0x00080016, b"UI", SOP_CLASS) + sq) == "element (0020,000D) is a sequence, not a UID"
     undefined = ex(0x00080018, b"SQ", item(b"") + seq_end(), length=UNDEF)
     assert fails(ex(0x00080016, b"UI", SOP_CLASS) + undefined) == "element (0008,0018) is a sequence, not a UID"
-    assert "not a UID" in fails(im(0x00080016, SOP_CLASS) + im(0x00080018, b"", length=UNDEF)
-                                + item(b"") + seq_end(), IMPLICIT_VR_LE)
+    assert "not a UID" in fails(
+        im(0x00080016, SOP_CLASS) + im(0x00080018, b"", length=UNDEF) + item(b"") + seq_end(), IMPLICIT_VR_LE
+    )
 
 
 def test_uid_with_non_uid_characters():

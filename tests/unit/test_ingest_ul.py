@@ -15,8 +15,8 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
-from shared import ul
 from services.ingest.scp import _Incoming, supported_contexts
+from shared import ul
 
 
 def store_pdus(max_pdu: int, size: int = 20000) -> tuple[list[bytes], bytes, str]:
@@ -59,11 +59,14 @@ def test_pdvs_and_command_of_a_fragmented_c_store():
     assert ul.command_uid(fields, ul.AFFECTED_SOP_CLASS) == CTImageStorage
 
 
-@pytest.mark.parametrize("pdu", [
-    b"\x04\x00\x00\x00\x00\x00",  # no PDV item
-    b"\x04\x00\x00\x00\x00\x08\x00\x00\x00\x10\x01\x03\x00\x00",  # item longer than the PDU
-    b"\x04\x00\x00\x00\x00\x06\x00\x00\x00\x01\x01\x03",  # item too short for its header
-])
+@pytest.mark.parametrize(
+    "pdu",
+    [
+        b"\x04\x00\x00\x00\x00\x00",  # no PDV item
+        b"\x04\x00\x00\x00\x00\x08\x00\x00\x00\x10\x01\x03\x00\x00",  # item longer than the PDU
+        b"\x04\x00\x00\x00\x00\x06\x00\x00\x00\x01\x01\x03",  # item too short for its header
+    ],
+)
 def test_malformed_p_data_is_a_protocol_error(pdu):
     with pytest.raises(ul.ProtocolError):
         list(ul.pdvs(pdu))
@@ -89,8 +92,8 @@ def test_response_decodes_as_a_c_store_rsp_and_fits_a_small_peer_pdu():
     framed = ul.p_data_command(5, command, 64)
     pdus, pos = [], 0
     while pos < len(framed):
-        length = int.from_bytes(framed[pos + 2:pos + 6], "big")
-        pdus.append(framed[pos:pos + 6 + length])
+        length = int.from_bytes(framed[pos + 2 : pos + 6], "big")
+        pdus.append(framed[pos : pos + 6 + length])
         pos += 6 + length
     assert len(pdus) > 1 and all(len(p) - 6 <= 64 for p in pdus)
     parts = [(cx, is_command, last, bytes(f)) for p in pdus for cx, is_command, last, f in ul.pdvs(p)]
@@ -104,7 +107,10 @@ def associate_rq(calling: str = "MODALITY", called: str = "SWITCHYARD") -> bytes
     prim.application_context_name = ul.APPLICATION_CONTEXT
     prim.calling_ae_title = calling
     prim.called_ae_title = called
-    cxs = [build_context(CTImageStorage, [ExplicitVRLittleEndian]), build_context("1.2.3.4.5", [ImplicitVRLittleEndian])]
+    cxs = [
+        build_context(CTImageStorage, [ExplicitVRLittleEndian]),
+        build_context("1.2.3.4.5", [ImplicitVRLittleEndian]),
+    ]
     for i, cx in enumerate(cxs):
         cx.context_id = 2 * i + 1
     prim.presentation_context_definition_list = cxs
@@ -135,8 +141,9 @@ def test_negotiation_rejects_with_the_reason_given():
     result = ul.negotiate(ul.decode_request(data), 1, supported_contexts(), 65536, ul.REJECT_CALLING_AE)
     assert result.reject == ul.REJECT_CALLING_AE
     assert result.answer == bytes([ul.ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, 1, 1, 3])
-    assert ul.negotiate(ul.decode_request(data), 2, supported_contexts(), 65536, None).reject == \
-        ul.REJECT_PROTOCOL_VERSION
+    assert (
+        ul.negotiate(ul.decode_request(data), 2, supported_contexts(), 65536, None).reject == ul.REJECT_PROTOCOL_VERSION
+    )
 
 
 def test_garbage_association_request_is_a_protocol_error():
@@ -164,6 +171,10 @@ def test_file_meta_is_what_pydicom_writes(sop_instance, transfer_syntax):
 
     expected = DicomBytesIO()
     expected.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(expected, create_file_meta(sop_class_uid=UID(MRImageStorage), sop_instance_uid=UID(sop_instance),
-                                                    transfer_syntax=UID(transfer_syntax)))
+    write_file_meta_info(
+        expected,
+        create_file_meta(
+            sop_class_uid=UID(MRImageStorage), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(transfer_syntax)
+        ),
+    )
     assert ul.file_meta(MRImageStorage, sop_instance, transfer_syntax) == expected.getvalue()

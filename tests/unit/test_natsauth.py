@@ -30,14 +30,21 @@ def _matches(pattern: str, subject: str) -> bool:
 
 def may_publish(identity: str, subject: str) -> bool:
     p = natsauth.permissions(identity, CFG)
-    return (any(_matches(a, subject) for a in p.publish)
-            and not any(_matches(d, subject) for d in p.publish_deny))
+    return any(_matches(a, subject) for a in p.publish) and not any(_matches(d, subject) for d in p.publish_deny)
 
 
 def event_subjects() -> dict[str, str]:
-    placed = ev.InstancePlacedV1(event_id="p", sop_instance_uid="1", study_instance_uid="2", sop_class_uid="3",
-                                 transfer_syntax_uid="4", blob_key="b", dataset_digest="d", node_id="n1",
-                                 reason="new_study")
+    placed = ev.InstancePlacedV1(
+        event_id="p",
+        sop_instance_uid="1",
+        study_instance_uid="2",
+        sop_class_uid="3",
+        transfer_syntax_uid="4",
+        blob_key="b",
+        dataset_digest="d",
+        node_id="n1",
+        reason="new_study",
+    )
     common = dict(sop_instance_uid="1", study_instance_uid="2", node_id="n1", placement_id="p")
     return {
         "received": "dicom.instance.received",
@@ -45,12 +52,15 @@ def event_subjects() -> dict[str, str]:
         "forwarded": subject_for(ev.InstanceForwardedV1(event_id="f", **common)),
         "forward_failed": subject_for(ev.InstanceForwardFailedV1(event_id="f", reason="x", **common)),
         "dead_lettered": subject_for(ev.InstanceDeadLetteredV1(event_id="f", reason="x", **common)),
-        "verified": subject_for(ev.InstanceVerifiedV1(event_id="v", sop_instance_uid="1", node_id="n1",
-                                                      dataset_digest="d")),
+        "verified": subject_for(
+            ev.InstanceVerifiedV1(event_id="v", sop_instance_uid="1", node_id="n1", dataset_digest="d")
+        ),
         "verification_failed": subject_for(ev.InstanceVerificationFailedV1(event_id="v", reason="x", **common)),
         "heartbeat": subject_for(ev.NodeHeartbeatV1(event_id="h", node_id="n1", up=True)),
-        **{state: subject_for(transition(None, "n1", state)) for state in
-           ("added", "drained", "undrained", "removed", "down", "up")},
+        **{
+            state: subject_for(transition(None, "n1", state))
+            for state in ("added", "drained", "undrained", "removed", "down", "up")
+        },
     }
 
 
@@ -73,14 +83,23 @@ def test_each_identity_publishes_exactly_its_own_events(identity):
 @pytest.mark.parametrize("identity", natsauth.SERVICES)
 def test_no_service_may_purge_delete_or_take_another_services_consumer(identity):
     s = CFG.events_stream
-    for subject in (f"$JS.API.STREAM.PURGE.{s}", f"$JS.API.STREAM.DELETE.{s}", f"$JS.API.STREAM.UPDATE.{s}",
-                    f"$JS.API.STREAM.CREATE.{s}", f"$JS.API.CONSUMER.DELETE.{s}.scheduler",
-                    f"$JS.API.CONSUMER.DELETE.{s}.forwarder-n1", f"$JS.API.STREAM.MSG.DELETE.{s}"):
+    for subject in (
+        f"$JS.API.STREAM.PURGE.{s}",
+        f"$JS.API.STREAM.DELETE.{s}",
+        f"$JS.API.STREAM.UPDATE.{s}",
+        f"$JS.API.STREAM.CREATE.{s}",
+        f"$JS.API.CONSUMER.DELETE.{s}.scheduler",
+        f"$JS.API.CONSUMER.DELETE.{s}.forwarder-n1",
+        f"$JS.API.STREAM.MSG.DELETE.{s}",
+    ):
         assert not may_publish(identity, subject), subject
     if identity != "scheduler":
-        for subject in (f"$JS.API.CONSUMER.MSG.NEXT.{s}.scheduler", f"$JS.ACK.{s}.scheduler.1.2.3.4.0",
-                        f"$JS.API.CONSUMER.CREATE.{s}.scheduler.dicom.instance.placed.n1",
-                        f"$JS.API.CONSUMER.DURABLE.CREATE.{s}.scheduler"):
+        for subject in (
+            f"$JS.API.CONSUMER.MSG.NEXT.{s}.scheduler",
+            f"$JS.ACK.{s}.scheduler.1.2.3.4.0",
+            f"$JS.API.CONSUMER.CREATE.{s}.scheduler.dicom.instance.placed.n1",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{s}.scheduler",
+        ):
             assert not may_publish(identity, subject), subject
     if identity != "forwarder":
         assert not may_publish(identity, f"$JS.API.CONSUMER.MSG.NEXT.{s}.forwarder-n1")
@@ -122,9 +141,13 @@ def test_node_state_subject_carries_the_state_and_provenance_is_checked():
     beat = ev.NodeHeartbeatV1(event_id="h", node_id="n1", up=True)
     assert not provenance_ok("dicom.instance.received", beat)
     # The same check on undecoded payloads (the catalog's projection path).
-    for subject, event, ok in (("node.state.n1.added", added, True), ("node.state.n1.down", added, False),
-                               ("node.state.n1", added, True), ("node.heartbeat.n1", beat, True),
-                               ("node.heartbeat.n2", beat, False)):
+    for subject, event, ok in (
+        ("node.state.n1.added", added, True),
+        ("node.state.n1.down", added, False),
+        ("node.state.n1", added, True),
+        ("node.heartbeat.n1", beat, True),
+        ("node.heartbeat.n2", beat, False),
+    ):
         assert raw_provenance_ok(subject, ev.encode(event)) is ok, subject
     assert not raw_provenance_ok("node.heartbeat.n1", b"not json")
 

@@ -11,7 +11,8 @@ from typing import cast
 import pytest
 
 from shared import natswire
-from shared.natswire import DELIVERY as _DELIVERY, ack_tokens as _ack_tokens
+from shared.natswire import DELIVERY as _DELIVERY
+from shared.natswire import ack_tokens as _ack_tokens
 from shared.readmodel import replay
 
 V1 = "$JS.ACK.SWITCHYARD.Xy7rT2kLmN0pQ4sV8wZ1aB.1.123456.123450.1764393333000000000.3876544"
@@ -19,8 +20,10 @@ V2 = "$JS.ACK.hub.ACCHASH.SWITCHYARD.Xy7rT2kLmN0pQ4sV8wZ1aB.1.123456.123450.1764
 
 
 def test_v1_deliveries_with_and_without_headers():
-    for line, headers, total in ((f"MSG dicom.instance.received 1 {V1} 575\r\n", None, b"575"),
-                                 (f"HMSG dicom.instance.received 1 {V1} 40 615\r\n", b"40", b"615")):
+    for line, headers, total in (
+        (f"MSG dicom.instance.received 1 {V1} 575\r\n", None, b"575"),
+        (f"HMSG dicom.instance.received 1 {V1} 40 615\r\n", b"40", b"615"),
+    ):
         m = _DELIVERY.match(line.encode())
         assert m is not None and m.end() == len(line)
         sseq, dseq, left, got_headers, got_total = m.groups()
@@ -29,11 +32,13 @@ def test_v1_deliveries_with_and_without_headers():
 
 
 def test_anything_else_is_left_to_the_general_path():
-    for line in (f"MSG dicom.instance.received 1 {V2} 575\r\n",  # domain form: general path
-                 "HMSG _SWITCHYARD_REPLAY.ab 1 $JS.FC.SWITCHYARD.x.y 24 24\r\n",  # flow control
-                 "HMSG _SWITCHYARD_REPLAY.ab 1 28 28\r\n",  # idle heartbeat
-                 f"MSG dicom.instance.received 2 {V1} 575\r\n",  # another subscription
-                 "PING\r\n"):
+    for line in (
+        f"MSG dicom.instance.received 1 {V2} 575\r\n",  # domain form: general path
+        "HMSG _SWITCHYARD_REPLAY.ab 1 $JS.FC.SWITCHYARD.x.y 24 24\r\n",  # flow control
+        "HMSG _SWITCHYARD_REPLAY.ab 1 28 28\r\n",  # idle heartbeat
+        f"MSG dicom.instance.received 2 {V1} 575\r\n",  # another subscription
+        "PING\r\n",
+    ):
         assert _DELIVERY.match(line.encode()) is None, line
     assert _ack_tokens(V2) == (123456, 123450, 3876544)
 
@@ -50,21 +55,27 @@ def _v1(sseq: int, dseq: int, pending: int) -> bytes:
     return f"$JS.ACK.SWITCHYARD.C.1.{sseq}.{dseq}.1764393333000000000.{pending}".encode()
 
 
-RECORDED = b"".join([
-    b"INFO " + json.dumps(INFO).encode() + b"\r\n",
-    b"+OK\r\n",
-    b"MSG dicom.instance.received 1 " + _v1(10, 1, 5) + b" 5\r\nhello\r\n",
-    b"HMSG dicom.instance.placed 1 " + _v1(11, 2, 4) + b" %d %d\r\n" % (len(MSG_HEADERS), len(MSG_HEADERS) + 7)
-    + MSG_HEADERS + b"world\r\n\r\n",
-    b"PING\r\n",
-    b"HMSG _SWITCHYARD_REPLAY.ab 1 $JS.FC.SWITCHYARD.x.y %d %d\r\n" % (len(FC_HEADERS), len(FC_HEADERS))
-    + FC_HEADERS + b"\r\n",
-    b"HMSG _SWITCHYARD_REPLAY.ab 1 %d %d\r\n" % (len(HB_HEADERS), len(HB_HEADERS)) + HB_HEADERS + b"\r\n",
-    b"PONG\r\n",
-    b"MSG dicom.instance.received 1 " + V2.encode() + b" 3\r\nabc\r\n",
-    b"MSG dicom.instance.received 1 " + _v1(12, 4, 0) + b" 0\r\n\r\n",
-    b"-ERR 'Slow Consumer Detected'\r\n",
-])
+RECORDED = b"".join(
+    [
+        b"INFO " + json.dumps(INFO).encode() + b"\r\n",
+        b"+OK\r\n",
+        b"MSG dicom.instance.received 1 " + _v1(10, 1, 5) + b" 5\r\nhello\r\n",
+        b"HMSG dicom.instance.placed 1 "
+        + _v1(11, 2, 4)
+        + b" %d %d\r\n" % (len(MSG_HEADERS), len(MSG_HEADERS) + 7)
+        + MSG_HEADERS
+        + b"world\r\n\r\n",
+        b"PING\r\n",
+        b"HMSG _SWITCHYARD_REPLAY.ab 1 $JS.FC.SWITCHYARD.x.y %d %d\r\n" % (len(FC_HEADERS), len(FC_HEADERS))
+        + FC_HEADERS
+        + b"\r\n",
+        b"HMSG _SWITCHYARD_REPLAY.ab 1 %d %d\r\n" % (len(HB_HEADERS), len(HB_HEADERS)) + HB_HEADERS + b"\r\n",
+        b"PONG\r\n",
+        b"MSG dicom.instance.received 1 " + V2.encode() + b" 3\r\nabc\r\n",
+        b"MSG dicom.instance.received 1 " + _v1(12, 4, 0) + b" 0\r\n\r\n",
+        b"-ERR 'Slow Consumer Detected'\r\n",
+    ]
+)
 FRAMES = [
     natswire.Info(INFO),
     natswire.Ok(),
@@ -97,7 +108,7 @@ def test_byte_by_byte_gives_the_same_frames():
     parser = natswire.WireParser()
     frames = []
     for i in range(len(RECORDED)):
-        frames += parser.feed(RECORDED[i:i + 1])
+        frames += parser.feed(RECORDED[i : i + 1])
     assert frames == FRAMES
 
 
@@ -145,8 +156,10 @@ def test_a_plain_server_gets_connect_and_ping():
     assert json.loads(line[8:-8])["headers"] is True
 
 
-@pytest.mark.parametrize("url", ["tls://127.0.0.1:4222", "nats://user:secret@127.0.0.1:4222",
-                                 "nats://token@127.0.0.1:4222", "ws://127.0.0.1:8080"])
+@pytest.mark.parametrize(
+    "url",
+    ["tls://127.0.0.1:4222", "nats://user:secret@127.0.0.1:4222", "nats://token@127.0.0.1:4222", "ws://127.0.0.1:8080"],
+)
 def test_urls_the_reader_does_not_handle_are_refused_before_connecting(url):
     with pytest.raises(natswire.WireUnsupported):
         asyncio.run(natswire.connect(url))
@@ -158,4 +171,5 @@ def test_the_slow_path_is_announced_once_per_reason(caplog):
     for _ in range(3):
         replay._slow_path_once("a test's reason")
     assert [r.getMessage() for r in caplog.records].count(
-        "replaying through nats-py, not the raw reader (~2.6x slower): a test's reason") == 1
+        "replaying through nats-py, not the raw reader (~2.6x slower): a test's reason"
+    ) == 1

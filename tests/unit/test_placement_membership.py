@@ -60,15 +60,29 @@ def test_transition_ids_are_one_per_transition():
 
 
 def test_added_event_carries_the_node_address():
-    node = NodeConfig(id="n9", host="10.0.0.9", dicom_port=104, ae_title="N9", rest_url="http://10.0.0.9:8042",
-                      username="u", password="p")
+    node = NodeConfig(
+        id="n9",
+        host="10.0.0.9",
+        dicom_port=104,
+        ae_title="N9",
+        rest_url="http://10.0.0.9:8042",
+        username="u",
+        password="p",
+    )
     event = transition(None, "n9", "added", node=node)
     # Everything but the password, which comes from config.
     assert node_from(event, credentials=NodeCredentials(password="p")) == node
 
 
-@given(st.lists(st.tuples(st.sampled_from(["n1", "n2", "n3"]),
-                          st.sampled_from(["added", "drained", "undrained", "removed", "down", "up"])), max_size=30))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["n1", "n2", "n3"]),
+            st.sampled_from(["added", "drained", "undrained", "removed", "down", "up"]),
+        ),
+        max_size=30,
+    )
+)
 def test_replaying_the_same_log_gives_the_same_pool(log):
     def fold():
         pool = Pool(SEED)
@@ -114,11 +128,15 @@ def test_added_node_event_carries_no_password_and_config_supplies_it():
 
 
 # Payloads as older releases wrote them (the log is replayed): the enums must decode them unchanged.
-OLD_STATE = (b'{"type":"node.state_changed.v1","event_id":"e1","occurred_at":"2026-01-01T00:00:00Z",'
-             b'"node_id":"n1","state":"%s","reason":"no heartbeat for 5s"}')
-OLD_PLACED = (b'{"type":"instance.placed.v1","event_id":"e2","sop_instance_uid":"1.2.3.4",'
-              b'"study_instance_uid":"1.2.3","sop_class_uid":"1.2.840","transfer_syntax_uid":"1.2.840.10008.1.2.1",'
-              b'"blob_key":"k","dataset_digest":"d","node_id":"n1","reason":"%s"}')
+OLD_STATE = (
+    b'{"type":"node.state_changed.v1","event_id":"e1","occurred_at":"2026-01-01T00:00:00Z",'
+    b'"node_id":"n1","state":"%s","reason":"no heartbeat for 5s"}'
+)
+OLD_PLACED = (
+    b'{"type":"instance.placed.v1","event_id":"e2","sop_instance_uid":"1.2.3.4",'
+    b'"study_instance_uid":"1.2.3","sop_class_uid":"1.2.840","transfer_syntax_uid":"1.2.840.10008.1.2.1",'
+    b'"blob_key":"k","dataset_digest":"d","node_id":"n1","reason":"%s"}'
+)
 
 
 def test_old_payloads_decode_to_the_enums_and_encode_back_unchanged():
@@ -133,8 +151,14 @@ def test_old_payloads_decode_to_the_enums_and_encode_back_unchanged():
         assert event.reason is ev.PlacementReason(r)
         assert b'"reason":"%s"' % r.encode() in ev.encode(event)
     # Wire values the catalog and the scheduler compare against: never to change.
-    assert [m.value for m in ev.LocationState] == ["placed", "forwarded", "failed", "dead_lettered", "verified",
-                                                    "verification_failed"]
+    assert [m.value for m in ev.LocationState] == [
+        "placed",
+        "forwarded",
+        "failed",
+        "dead_lettered",
+        "verified",
+        "verification_failed",
+    ]
     assert ev.NODE_GONE_REASONS == {"node down", "node removed"}
 
 

@@ -77,8 +77,9 @@ def test_equal_nodes_share_new_studies_evenly():
 
 def test_same_study_same_choice_everywhere():
     nodes = [NodeView(f"n{i}", live=True) for i in range(4)]
-    assert len({chosen("1.2.840.99", list(reversed(nodes)) if i % 2 else nodes, None, W).node_id
-                for i in range(10)}) == 1
+    assert (
+        len({chosen("1.2.840.99", list(reversed(nodes)) if i % 2 else nodes, None, W).node_id for i in range(10)}) == 1
+    )
 
 
 def test_load_moves_work_away():
@@ -130,7 +131,9 @@ def test_weights_are_the_configs_and_load_from_toml(tmp_path):
     env = load_config(None, env={"SWITCHYARD_SCHEDULER__WEIGHTS": '{"pending_jobs": 2}'})
     assert env.scheduler.weights.pending_jobs == 2.0 and env.scheduler.weights.cpu == Weights().cpu
     # A heavier cpu weight moves a new study to the idle-cpu node.
-    busy, idle = NodeView("a", live=True, cpu_percent=90.0, pending_jobs=0), \
-        NodeView("b", live=True, cpu_percent=0.0, pending_jobs=1)
+    busy, idle = (
+        NodeView("a", live=True, cpu_percent=90.0, pending_jobs=0),
+        NodeView("b", live=True, cpu_percent=0.0, pending_jobs=1),
+    )
     assert chosen("1.2", [busy, idle], None, Weights(cpu=0.0)).node_id == "a"
     assert chosen("1.2", [busy, idle], None, cfg.scheduler.weights).node_id == "b"

@@ -6,8 +6,12 @@ import pytest
 from pydicom.dataset import Dataset
 
 from services.probe.qr import (
-    IDENTIFIER_MISMATCH, BadQuery, PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind, level_of, where_clause,
+    IDENTIFIER_MISMATCH,
+    BadQuery,
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    level_of,
+    where_clause,
 )
 
 
@@ -21,8 +25,10 @@ def ident(**keys) -> Dataset:
 def test_levels_and_models():
     assert level_of(ident(QueryRetrieveLevel="PATIENT"), PatientRootQueryRetrieveInformationModelFind) == "PATIENT"
     assert level_of(ident(QueryRetrieveLevel="IMAGE"), StudyRootQueryRetrieveInformationModelFind) == "IMAGE"
-    for bad, model in (("FOO", PatientRootQueryRetrieveInformationModelFind),
-                       ("PATIENT", StudyRootQueryRetrieveInformationModelFind)):
+    for bad, model in (
+        ("FOO", PatientRootQueryRetrieveInformationModelFind),
+        ("PATIENT", StudyRootQueryRetrieveInformationModelFind),
+    ):
         with pytest.raises(BadQuery) as exc:
             level_of(ident(QueryRetrieveLevel=bad), model)
         assert exc.value.status == IDENTIFIER_MISMATCH
@@ -31,8 +37,16 @@ def test_levels_and_models():
 
 
 def test_matching_keys_become_parameterised_conditions():
-    sql, params = where_clause(ident(PatientName="DOE^J*", StudyDate="20240101-20240131", Modality="CT",
-                                     StudyInstanceUID=["1.2", "1.3"], AccessionNumber=""), "SERIES")
+    sql, params = where_clause(
+        ident(
+            PatientName="DOE^J*",
+            StudyDate="20240101-20240131",
+            Modality="CT",
+            StudyInstanceUID=["1.2", "1.3"],
+            AccessionNumber="",
+        ),
+        "SERIES",
+    )
     assert "patient_name LIKE ?" in sql and "DOE^J%" in params
     assert "study_date >= ?" in sql and "study_date <= ?" in sql and "20240101" in params and "20240131" in params
     assert "modality = ?" in sql and "CT" in params
@@ -51,5 +65,5 @@ def test_keys_below_the_level_do_not_match_and_sql_wildcards_are_escaped():
 def test_prometheus_text_parsing_keeps_plain_samples():
     from services.probe.health import parse_prometheus
 
-    text = "# HELP x\northanc_count_instances 12 1795319964864\nfoo{a=\"b\"} 3\nbad line\nup 1\nnan_one x\n"
+    text = '# HELP x\northanc_count_instances 12 1795319964864\nfoo{a="b"} 3\nbad line\nup 1\nnan_one x\n'
     assert parse_prometheus(text) == {"orthanc_count_instances": 12.0, "up": 1.0}

@@ -18,8 +18,12 @@ def test_forwarded_instance_is_checked_once_the_node_shows_it(tmp_path):
     assert store.ready_to_check("node1") == []
     store.record_changes("node1", [("1.1", "orthanc-a", 7, None)], 7)
     (item,) = store.ready_to_check("node1")
-    assert (item.sop_instance_uid, item.dataset_digest, item.orthanc_id, item.placement_id) == \
-        ("1.1", "d1", "orthanc-a", p.event_id)
+    assert (item.sop_instance_uid, item.dataset_digest, item.orthanc_id, item.placement_id) == (
+        "1.1",
+        "d1",
+        "orthanc-a",
+        p.event_id,
+    )
     assert store.ready_to_check("node2") == []
     assert store.node_cursor("node1") == 7 and store.node_cursor("node2") == 0
 
@@ -28,9 +32,16 @@ def test_overdue_only_after_the_deadline_and_only_when_unseen(tmp_path):
     store = ProbeStore(tmp_path / "p.duckdb")
     now = ev.utcnow()
     old, seen_old, fresh = placed("1.1"), placed("1.2"), placed("1.3")
-    store.apply([(1, old), (2, forwarded(old, now - timedelta(seconds=30))),
-                 (3, seen_old), (4, forwarded(seen_old, now - timedelta(seconds=30))),
-                 (5, fresh), (6, forwarded(fresh, now - timedelta(seconds=1)))])
+    store.apply(
+        [
+            (1, old),
+            (2, forwarded(old, now - timedelta(seconds=30))),
+            (3, seen_old),
+            (4, forwarded(seen_old, now - timedelta(seconds=30))),
+            (5, fresh),
+            (6, forwarded(fresh, now - timedelta(seconds=1))),
+        ]
+    )
     store.record_changes("node1", [("1.2", "o2", 1, None)], 1)
     assert [e.sop_instance_uid for e in store.overdue("node1", now, 10.0)] == ["1.1"]
     assert store.overdue("node1", now, 60.0) == []
@@ -122,8 +133,14 @@ def test_a_node_whose_change_log_restarts_forgets_what_it_showed(tmp_path):
 def test_forwarded_and_dead_lettered_placements_are_not_kept(tmp_path):
     store = ProbeStore(tmp_path / "p.duckdb")
     a, b = placed("1.1"), placed("1.2")
-    dead = ev.InstanceDeadLetteredV1(event_id="d", sop_instance_uid="1.2", study_instance_uid="1.2",
-                                     node_id="node1", placement_id=b.event_id, reason="refused")
+    dead = ev.InstanceDeadLetteredV1(
+        event_id="d",
+        sop_instance_uid="1.2",
+        study_instance_uid="1.2",
+        node_id="node1",
+        placement_id=b.event_id,
+        reason="refused",
+    )
     store.apply([(1, a), (2, b), (3, forwarded(a)), (4, dead)])
     assert store.con.execute("SELECT count(*) FROM placements").fetchone() == (0,)
     assert store.states() == {("node1", "1.1"): "pending"}
@@ -147,11 +164,15 @@ def test_a_store_file_from_before_re_placement_fields_opens(tmp_path):
 
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
-    con.execute("CREATE TABLE placements (placement_id VARCHAR PRIMARY KEY, sop_instance_uid VARCHAR,"
-                " study_instance_uid VARCHAR, node_id VARCHAR, dataset_digest VARCHAR)")
-    con.execute("CREATE TABLE expected (node_id VARCHAR, sop_instance_uid VARCHAR, study_instance_uid VARCHAR,"
-                " placement_id VARCHAR, dataset_digest VARCHAR, forwarded_at TIMESTAMP, state VARCHAR,"
-                " detail VARCHAR, PRIMARY KEY (node_id, sop_instance_uid))")
+    con.execute(
+        "CREATE TABLE placements (placement_id VARCHAR PRIMARY KEY, sop_instance_uid VARCHAR,"
+        " study_instance_uid VARCHAR, node_id VARCHAR, dataset_digest VARCHAR)"
+    )
+    con.execute(
+        "CREATE TABLE expected (node_id VARCHAR, sop_instance_uid VARCHAR, study_instance_uid VARCHAR,"
+        " placement_id VARCHAR, dataset_digest VARCHAR, forwarded_at TIMESTAMP, state VARCHAR,"
+        " detail VARCHAR, PRIMARY KEY (node_id, sop_instance_uid))"
+    )
     con.execute("INSERT INTO expected VALUES ('node1', '1.1', '1.2', 'p', 'd1', TIMESTAMP '2026-01-01', 'pending', '')")
     con.close()
     store = ProbeStore(path)
@@ -180,8 +201,10 @@ def test_a_rebuilt_store_carries_the_node_cursors_over(tmp_path):
 
 
 def dump(store: ProbeStore) -> dict[str, list]:
-    return {t: store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
-            for t in ("projection_state", "placements", "expected")}
+    return {
+        t: store.con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()
+        for t in ("projection_state", "placements", "expected")
+    }
 
 
 def test_any_split_into_batches_gives_the_same_rows(tmp_path):
@@ -191,22 +214,38 @@ def test_any_split_into_batches_gives_the_same_rows(tmp_path):
     a2 = msgspec_replace(placed("1.1"), event_id="a-again", attempt=1)
     fa, fb, fd, fa2 = (forwarded(p, now - timedelta(seconds=i)) for i, p in enumerate((a, b, d, a2)))
     item = lambda p: Expected(p.node_id, p.sop_instance_uid, "1.2", p.event_id, p.dataset_digest, now)  # noqa: E731
-    log = [a, b, c, fa, d, fb, failed_event(item(a), "dataset digest mismatch", "x"), a2, fa2,
-           verified_event(item(a), "d1"),  # an outcome of the older placement: the newer one stays pending
-           ev.InstanceDeadLetteredV1(event_id="dl", sop_instance_uid="1.3", study_instance_uid="1.2",
-                                     node_id="node1", placement_id=c.event_id, reason="refused"),
-           fd, verified_event(item(b), "d1"),
-           msgspec_replace(verified_event(item(d), "d1"), placement_id="")]  # pre-placement-id event: ignored
+    log = [
+        a,
+        b,
+        c,
+        fa,
+        d,
+        fb,
+        failed_event(item(a), "dataset digest mismatch", "x"),
+        a2,
+        fa2,
+        verified_event(item(a), "d1"),  # an outcome of the older placement: the newer one stays pending
+        ev.InstanceDeadLetteredV1(
+            event_id="dl",
+            sop_instance_uid="1.3",
+            study_instance_uid="1.2",
+            node_id="node1",
+            placement_id=c.event_id,
+            reason="refused",
+        ),
+        fd,
+        verified_event(item(b), "d1"),
+        msgspec_replace(verified_event(item(d), "d1"), placement_id=""),
+    ]  # pre-placement-id event: ignored
     seqs = list(enumerate(log, start=1))
     whole = ProbeStore(tmp_path / "whole.duckdb")
     assert whole.apply(seqs) == len(log)
-    assert whole.states() == {("node1", "1.1"): "pending", ("node1", "1.2"): "verified",
-                              ("node2", "1.4"): "pending"}
+    assert whole.states() == {("node1", "1.1"): "pending", ("node1", "1.2"): "verified", ("node2", "1.4"): "pending"}
     assert whole.con.execute("SELECT count(*) FROM placements").fetchone() == (0,)
     for size in (1, 2, 3, 5):
         split = ProbeStore(tmp_path / f"split{size}.duckdb")
         for i in range(0, len(seqs), size):
-            split.apply(seqs[i:i + size])
+            split.apply(seqs[i : i + size])
         assert dump(split) == dump(whole), size
 
 
@@ -217,10 +256,16 @@ def test_a_poll_s_sightings_and_outcomes_are_written_in_one_statement_each(tmp_p
     # The same SOP twice in one read of /changes: the later sighting wins.
     store.record_changes("node1", [("1.1", "old", 1, None), ("1.2", "o2", 2, None), ("1.1", "o1", 3, None)], 3)
     assert sorted((e.sop_instance_uid, e.orthanc_id) for e in store.ready_to_check("node1")) == [
-        ("1.1", "o1"), ("1.2", "o2")]
-    store.settle_many([("node1", "1.1", a.event_id, "verified", ""),
-                       ("node1", "1.2", b.event_id, "failed", "dataset digest mismatch"),
-                       ("node1", "1.3", "another-placement", "verified", "")])  # not the current one: no change
+        ("1.1", "o1"),
+        ("1.2", "o2"),
+    ]
+    store.settle_many(
+        [
+            ("node1", "1.1", a.event_id, "verified", ""),
+            ("node1", "1.2", b.event_id, "failed", "dataset digest mismatch"),
+            ("node1", "1.3", "another-placement", "verified", ""),
+        ]
+    )  # not the current one: no change
     assert store.states() == {("node1", "1.1"): "verified", ("node1", "1.2"): "failed", ("node1", "1.3"): "pending"}
     assert store.node_cursor("node1") == 3
 

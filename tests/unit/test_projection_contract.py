@@ -39,24 +39,33 @@ def open_store(request, tmp_path):
 
 def a_log() -> list[tuple[int, ev.Event]]:
     """Two instances received, placed and forwarded: rows in every table of both stores."""
-    events = [received(1), received(2), placed(1, "node1"), placed(2, "node2"), forwarded(1, "node1"),
-              forwarded(2, "node2")]
+    events = [
+        received(1),
+        received(2),
+        placed(1, "node1"),
+        placed(2, "node2"),
+        forwarded(1, "node1"),
+        forwarded(2, "node2"),
+    ]
     return list(enumerate(events, start=1))
 
 
 def dump(store) -> dict[str, list]:
     """Every table's rows, in order."""
     cur = store.con.cursor()
-    tables = [r[0] for r in cur.execute("SELECT table_name FROM information_schema.tables"
-                                        " WHERE table_type = 'BASE TABLE' ORDER BY 1").fetchall()]
+    tables = [
+        r[0]
+        for r in cur.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' ORDER BY 1"
+        ).fetchall()
+    ]
     return {t: cur.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in tables}
 
 
 def refuse_last_seq_from(store, seq: int) -> None:
     """Make storing a resume position >= ``seq`` fail: the last statement of a batch's transaction."""
     con = store.con
-    con.execute("CREATE TABLE guarded (name VARCHAR PRIMARY KEY, last_seq BIGINT NOT NULL"
-                f" CHECK (last_seq < {seq}))")
+    con.execute(f"CREATE TABLE guarded (name VARCHAR PRIMARY KEY, last_seq BIGINT NOT NULL CHECK (last_seq < {seq}))")
     con.execute("INSERT INTO guarded SELECT * FROM projection_state")
     con.execute("DROP TABLE projection_state")
     con.execute("ALTER TABLE guarded RENAME TO projection_state")

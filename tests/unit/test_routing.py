@@ -19,20 +19,34 @@ W = Weights()
 def place_in_pool(study_uid, nodes, pool, routing, affinity, w):
     """What the scheduler does: the policy over the pool's nodes only."""
     return place(study_uid, in_pool(nodes, pool, routing.pools), affinity, w)
+
+
 NODE_IDS = [f"n{i}" for i in range(6)]
 
 
 def received(**kw) -> ev.InstanceReceivedV1:
-    base = dict(event_id="e", sop_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-                study_instance_uid="1.2.3", series_instance_uid="1.2.3.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
-                blob_key="sha256/ab/cd", size=10, dataset_digest="d", modality="MR", calling_ae="SCANNER1",
-                called_ae="SWITCHYARD", study_description="Brain MRI")
+    base = dict(
+        event_id="e",
+        sop_instance_uid="1.2.3.4",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        blob_key="sha256/ab/cd",
+        size=10,
+        dataset_digest="d",
+        modality="MR",
+        calling_ae="SCANNER1",
+        called_ae="SWITCHYARD",
+        study_description="Brain MRI",
+    )
     return ev.InstanceReceivedV1(**{**base, **kw})
 
 
 RULES = [
-    RoutingRule(name="research", pools=["archive", "research"],
-                match={"Manufacturer": "ACME*", "modality": ["CT", "MR"]}),
+    RoutingRule(
+        name="research", pools=["archive", "research"], match={"Manufacturer": "ACME*", "modality": ["CT", "MR"]}
+    ),
     RoutingRule(name="mr", pools=["mr"], match={"modality": "MR"}),
     RoutingRule(name="ct-from-er", pools=["archive"], match={"modality": "CT", "calling_ae": "ER_*"}),
 ]
@@ -40,8 +54,9 @@ RULES = [
 
 def test_first_matching_rule_wins_and_no_match_is_the_default_pool():
     assert route(received(), RULES) == Route("mr", ("mr",))
-    assert route(received(extra_tags={"Manufacturer": "ACME Medical"}), RULES) == \
-        Route("research", ("archive", "research"))
+    assert route(received(extra_tags={"Manufacturer": "ACME Medical"}), RULES) == Route(
+        "research", ("archive", "research")
+    )
     assert route(received(modality="CT", calling_ae="ER_3"), RULES) == Route("ct-from-er", ("archive",))
     # Every key must match: a CT from another AE matches no rule.
     assert route(received(modality="CT", calling_ae="WARD"), RULES) == DEFAULT_ROUTE
@@ -85,13 +100,21 @@ def test_default_pool_keeps_old_ids_and_keys_other_pools_get_their_own():
 
 
 node_views = st.lists(
-    st.builds(NodeView, node_id=st.sampled_from(NODE_IDS), live=st.booleans(), drained=st.booleans(),
-              pending_jobs=st.integers(0, 50), reserved=st.integers(0, 20),
-              rtt_ms=st.none() | st.floats(0, 500)),
-    max_size=6, unique_by=lambda n: n.node_id,
+    st.builds(
+        NodeView,
+        node_id=st.sampled_from(NODE_IDS),
+        live=st.booleans(),
+        drained=st.booleans(),
+        pending_jobs=st.integers(0, 50),
+        reserved=st.integers(0, 20),
+        rtt_ms=st.none() | st.floats(0, 500),
+    ),
+    max_size=6,
+    unique_by=lambda n: n.node_id,
 )
-pools = st.dictionaries(st.sampled_from(["p", "q", "r"]), st.lists(st.sampled_from(NODE_IDS + ["ghost"]),
-                                                                   max_size=4), max_size=3)
+pools = st.dictionaries(
+    st.sampled_from(["p", "q", "r"]), st.lists(st.sampled_from(NODE_IDS + ["ghost"]), max_size=4), max_size=3
+)
 
 
 @given(node_views, pools, st.sampled_from(["p", "q", "r", "all"]), st.none() | st.sampled_from(NODE_IDS))
@@ -107,10 +130,18 @@ def test_never_outside_the_pool_never_down_or_drained(nodes, pool_map, pool, aff
         assert {c[0] for c in decision.candidates} == eligible
 
 
-@given(st.lists(st.builds(lambda name, value: RoutingRule(name=name, pools=["p"], match={"modality": value}),
-                          st.sampled_from("abcdef"), st.sampled_from(["MR", "CT", "C*", "*", "US"])),
-                max_size=6, unique_by=lambda r: r.name),
-       st.sampled_from(["MR", "CT", "US", "OT"]))
+@given(
+    st.lists(
+        st.builds(
+            lambda name, value: RoutingRule(name=name, pools=["p"], match={"modality": value}),
+            st.sampled_from("abcdef"),
+            st.sampled_from(["MR", "CT", "C*", "*", "US"]),
+        ),
+        max_size=6,
+        unique_by=lambda r: r.name,
+    ),
+    st.sampled_from(["MR", "CT", "US", "OT"]),
+)
 def test_the_chosen_rule_is_the_first_that_matches(rules, modality):
     r = received(modality=modality)
     chosen = route(r, rules)
@@ -120,11 +151,13 @@ def test_the_chosen_rule_is_the_first_that_matches(rules, modality):
 
 def test_rules_and_pools_from_toml_and_environment(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[ingest]\nextra_tags = ["Manufacturer"]\n'
-                    '[routing.pools]\nmr = ["node2"]\nac = ["node1", "node3"]\n'
-                    '[[routing.rules]]\nname = "mr"\npools = ["mr"]\nmatch = { modality = "MR" }\n'
-                    '[[routing.rules]]\nname = "acme"\npools = ["ac", "mr"]\n'
-                    'match = { Manufacturer = ["ACME*", "Other"] }\n')
+    path.write_text(
+        '[ingest]\nextra_tags = ["Manufacturer"]\n'
+        '[routing.pools]\nmr = ["node2"]\nac = ["node1", "node3"]\n'
+        '[[routing.rules]]\nname = "mr"\npools = ["mr"]\nmatch = { modality = "MR" }\n'
+        '[[routing.rules]]\nname = "acme"\npools = ["ac", "mr"]\n'
+        'match = { Manufacturer = ["ACME*", "Other"] }\n'
+    )
     cfg = load_config(path, env={})
     assert cfg.routing.pools == {"mr": ["node2"], "ac": ["node1", "node3"]}
     assert [r.name for r in cfg.routing.rules] == ["mr", "acme"]
@@ -132,21 +165,31 @@ def test_rules_and_pools_from_toml_and_environment(tmp_path):
     dumped = tmp_path / "d.toml"
     dumped.write_text(dump_toml(cfg))
     assert load_config(dumped, env={}) == cfg
-    env = load_config(env={"SWITCHYARD_ROUTING__POOLS": '{"b": ["node2"]}',
-                           "SWITCHYARD_ROUTING__RULES":
-                               '[{"name": "mr", "pools": ["b"], "match": {"modality": "MR"}}]'})
+    env = load_config(
+        env={
+            "SWITCHYARD_ROUTING__POOLS": '{"b": ["node2"]}',
+            "SWITCHYARD_ROUTING__RULES": '[{"name": "mr", "pools": ["b"], "match": {"modality": "MR"}}]',
+        }
+    )
     assert env.routing.rules[0].pools == ["b"] and env.routing.pools == {"b": ["node2"]}
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"SWITCHYARD_ROUTING__RULES": '[{"name": "x", "pools": ["nope"]}]'}, "unknown pools"),
-    ({"SWITCHYARD_ROUTING__RULES": '[{"name": "x", "pools": []}]'}, "no pools"),
-    ({"SWITCHYARD_ROUTING__POOLS": '{"all": ["node1"]}'}, "built in"),
-    ({"SWITCHYARD_ROUTING__RULES": '[{"name": "x", "pools": ["all"], "match": {"Manufacturer": "A"}}]'},
-     "ingest.extra_tags"),
-    ({"SWITCHYARD_ROUTING__RULES": '[{"name": "x", "pools": ["all"]}, {"name": "x", "pools": ["all"]}]'},
-     "defined twice"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"SWITCHYARD_ROUTING__RULES": '[{"name": "x", "pools": ["nope"]}]'}, "unknown pools"),
+        ({"SWITCHYARD_ROUTING__RULES": '[{"name": "x", "pools": []}]'}, "no pools"),
+        ({"SWITCHYARD_ROUTING__POOLS": '{"all": ["node1"]}'}, "built in"),
+        (
+            {"SWITCHYARD_ROUTING__RULES": '[{"name": "x", "pools": ["all"], "match": {"Manufacturer": "A"}}]'},
+            "ingest.extra_tags",
+        ),
+        (
+            {"SWITCHYARD_ROUTING__RULES": '[{"name": "x", "pools": ["all"]}, {"name": "x", "pools": ["all"]}]'},
+            "defined twice",
+        ),
+    ],
+)
 def test_bad_rules_are_a_clear_config_error(env, message):
     with pytest.raises(ConfigError, match=message):
         load_config(env=env)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -32,17 +32,25 @@ def test_file_then_environment(tmp_path):
     assert [n.id for n in cfg.nodes] == ["a"]
     cfg = load_config(env={"SWITCHYARD_NODES": '[{"id": "x", "dicom_port": 5000, "password": "1234"}]'})
     assert cfg.nodes[0].dicom_port == 5000 and cfg.nodes[0].password == "1234"
-    cfg = load_config(env={"SWITCHYARD_CATALOG__TOKEN": "12345678", "SWITCHYARD_BLOBS__S3_SECURE": "true",
-                           "SWITCHYARD_INGEST__ALLOWED_CALLING_AES": '["CT1", "MR2"]'})
+    cfg = load_config(
+        env={
+            "SWITCHYARD_CATALOG__TOKEN": "12345678",
+            "SWITCHYARD_BLOBS__S3_SECURE": "true",
+            "SWITCHYARD_INGEST__ALLOWED_CALLING_AES": '["CT1", "MR2"]',
+        }
+    )
     assert cfg.catalog.token == "12345678" and cfg.blobs.s3_secure is True
     assert cfg.ingest.allowed_calling_aes == ["CT1", "MR2"]
 
 
-@pytest.mark.parametrize("env", [
-    {"SWITCHYARD_INGEST__PORT": "not-a-port"},
-    {"SWITCHYARD_NOPE__X": "1"},
-    {"SWITCHYARD_INGEST__NO_SUCH_FIELD": "1"},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SWITCHYARD_INGEST__PORT": "not-a-port"},
+        {"SWITCHYARD_NOPE__X": "1"},
+        {"SWITCHYARD_INGEST__NO_SUCH_FIELD": "1"},
+    ],
+)
 def test_bad_config_is_a_clear_error(env):
     with pytest.raises(ConfigError):
         load_config(env=env)
@@ -57,9 +65,13 @@ def test_dump_toml_round_trips(tmp_path):
 
 def test_nats_servers_of_a_cluster(tmp_path):
     """url first, then the other members, once each; from the environment (JSON) and through TOML."""
-    cfg = load_config(env={"SWITCHYARD_NATS__URL": "nats://a:4222",
-                           "SWITCHYARD_NATS__SERVERS": '["nats://b:4222", "nats://a:4222", "nats://c:4222"]',
-                           "SWITCHYARD_NATS__REPLICAS": "3"})
+    cfg = load_config(
+        env={
+            "SWITCHYARD_NATS__URL": "nats://a:4222",
+            "SWITCHYARD_NATS__SERVERS": '["nats://b:4222", "nats://a:4222", "nats://c:4222"]',
+            "SWITCHYARD_NATS__REPLICAS": "3",
+        }
+    )
     assert cfg.nats.server_urls() == ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
     assert cfg.nats.replicas == 3
     assert load_config(env={}).nats.server_urls() == ["nats://127.0.0.1:4222"]
@@ -67,17 +79,26 @@ def test_nats_servers_of_a_cluster(tmp_path):
     path.write_text(dump_toml(cfg))
     assert load_config(path, env={}).nats.server_urls() == cfg.nats.server_urls()
 
+
 def test_fact_ids_are_deterministic():
     assert ev.fact_id("received", "1.2.3", "abc") == ev.fact_id("received", "1.2.3", "abc")
     assert ev.fact_id("received", "1.2.3", "abc") != ev.fact_id("received", "1.2.3", "abd")
 
 
 def test_events_round_trip_through_one_decoder():
-    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     placed = ev.InstancePlacedV1(
-        event_id="e1", occurred_at=at, sop_instance_uid="1.2", study_instance_uid="1.3", sop_class_uid="1.4",
-        transfer_syntax_uid="1.2.840.10008.1.2.1", blob_key="k", dataset_digest="d", node_id="node1",
-        reason=ev.PlacementReason.NEW_STUDY, candidates=[ev.Candidate("node1", 0.5)],
+        event_id="e1",
+        occurred_at=at,
+        sop_instance_uid="1.2",
+        study_instance_uid="1.3",
+        sop_class_uid="1.4",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        blob_key="k",
+        dataset_digest="d",
+        node_id="node1",
+        reason=ev.PlacementReason.NEW_STUDY,
+        candidates=[ev.Candidate("node1", 0.5)],
     )
     decoded = ev.decode(ev.encode(placed))
     assert decoded == placed and isinstance(decoded, ev.InstancePlacedV1)
@@ -85,8 +106,7 @@ def test_events_round_trip_through_one_decoder():
 
 
 def test_old_payloads_without_new_fields_still_decode():
-    raw = (b'{"type":"node.heartbeat.v1","event_id":"x","occurred_at":"2026-01-01T00:00:00Z",'
-           b'"node_id":"n","up":true}')
+    raw = b'{"type":"node.heartbeat.v1","event_id":"x","occurred_at":"2026-01-01T00:00:00Z","node_id":"n","up":true}'
     hb = ev.decode(raw)
     assert isinstance(hb, ev.NodeHeartbeatV1)
     assert hb.up and hb.pending_jobs == 0 and hb.rtt_ms is None
@@ -98,8 +118,15 @@ def test_subjects_carry_node_ids_never_uids():
     with pytest.raises(ValueError):
         subject_placed("1.2.840.113619")
     received = ev.InstanceReceivedV1(
-        event_id="x", sop_instance_uid="1.2.3", sop_class_uid="1", study_instance_uid="1.2",
-        series_instance_uid="1.2.4", transfer_syntax_uid="1", blob_key="k", size=1, dataset_digest="d",
+        event_id="x",
+        sop_instance_uid="1.2.3",
+        sop_class_uid="1",
+        study_instance_uid="1.2",
+        series_instance_uid="1.2.4",
+        transfer_syntax_uid="1",
+        blob_key="k",
+        size=1,
+        dataset_digest="d",
     )
     assert "1.2.3" not in subject_for(received)
 
@@ -116,7 +143,7 @@ def test_dataset_offset_and_digest_match_pydicom():
     with open(path, "rb") as f:
         offset = dataset_offset(f)
     # The dataset starts right after group 0002, with its first element, group 0008.
-    assert data[offset:offset + 2] == b"\x08\x00"
+    assert data[offset : offset + 2] == b"\x08\x00"
     assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert dataset_bytes_digest(data) == hashlib.sha256(data[offset:]).hexdigest()
     # The probe learns a node's instance from its file meta (no tags lookup).

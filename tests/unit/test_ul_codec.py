@@ -9,7 +9,11 @@ from pynetdicom import dimse_messages, dimse_primitives
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RP, A_RELEASE_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE, A_P_ABORT, P_DATA, ImplementationClassUIDNotification, MaximumLengthNotification,
+    A_ASSOCIATE,
+    A_P_ABORT,
+    P_DATA,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
 )
 from pynetdicom.presentation import PresentationContext
 
@@ -40,7 +44,7 @@ def pynetdicom_command(message: dimse_messages.DIMSEMessage, primitive) -> bytes
 def split_pdus(data: bytes) -> list[bytes]:
     out, pos = [], 0
     while pos < len(data):
-        out.append(data[pos:pos + 6 + int.from_bytes(data[pos + 2:pos + 6], "big")])
+        out.append(data[pos : pos + 6 + int.from_bytes(data[pos + 2 : pos + 6], "big")])
         pos += len(out[-1])
     return out
 
@@ -62,25 +66,31 @@ def test_fixed_p_data_vectors():
     assert codec.p_data_dataset(3, b"ab", last=False) == bytes.fromhex("04 00 00000008 00000004 03 00 6162")
     # A command of 5 bytes in PDUs of at most 9 bytes (3 bytes of fragment each): control 0x01 then 0x03.
     assert codec.p_data_command(1, b"12345", 9) == bytes.fromhex(
-        "04 00 00000009 00000005 01 01 313233" "04 00 00000008 00000004 01 03 3435")
+        "04 00 00000009 00000005 01 01 31323304 00 00000008 00000004 01 03 3435"
+    )
     items = list(codec.pdvs(bytes.fromhex("04 00 00000010 00000004 05 01 6869 00000004 05 03 6a6b")))
     assert [(cx, is_command, last, bytes(f)) for cx, is_command, last, f in items] == [
-        (5, True, False, b"hi"), (5, True, True, b"jk")]
+        (5, True, False, b"hi"),
+        (5, True, True, b"jk"),
+    ]
 
 
 def test_fixed_echo_request():
     # Group length 56; (0000,0002) "1.2.840.10008.1.1" + NUL; (0000,0100) 0x0030; (0000,0110) 1; (0000,0800) 0x0101.
     assert codec.echo_request(1) == bytes.fromhex(
         "0000 0000 04000000 38000000"
-        "0000 0200 12000000" + b"1.2.840.10008.1.1\x00".hex()
-        + "0000 0001 02000000 3000"
+        "0000 0200 12000000" + b"1.2.840.10008.1.1\x00".hex() + "0000 0001 02000000 3000"
         "0000 1001 02000000 0100"
-        "0000 0008 02000000 0101")
+        "0000 0008 02000000 0101"
+    )
 
 
 def test_fixed_command_set_decodes():
-    fields = codec.parse_command(bytes.fromhex("0000 0001 02000000 0180" "0000 2001 02000000 0900"
-                                               "0000 0009 02000000 00a7" "0000 0010 06000000 312e322e3300"))
+    fields = codec.parse_command(
+        bytes.fromhex(
+            "0000 0001 02000000 01800000 2001 02000000 09000000 0009 02000000 00a70000 0010 06000000 312e322e3300"
+        )
+    )
     assert codec.command_us(fields, codec.COMMAND_FIELD) == codec.C_STORE_RSP
     assert codec.command_us(fields, codec.MESSAGE_ID_RESPONDED) == 9
     assert codec.command_us(fields, codec.STATUS) == 0xA700
@@ -100,8 +110,16 @@ def test_release_pdus_are_pynetdicoms():
     assert (rq.pdu_type, rp.pdu_type) == (codec.RELEASE_RQ, codec.RELEASE_RP)
 
 
-@pytest.mark.parametrize("reason", [0, codec.ABORT_UNRECOGNISED_PDU, codec.ABORT_UNEXPECTED_PDU,
-                                    codec.ABORT_UNEXPECTED_PARAMETER, codec.ABORT_INVALID_PARAMETER])
+@pytest.mark.parametrize(
+    "reason",
+    [
+        0,
+        codec.ABORT_UNRECOGNISED_PDU,
+        codec.ABORT_UNEXPECTED_PDU,
+        codec.ABORT_UNEXPECTED_PARAMETER,
+        codec.ABORT_INVALID_PARAMETER,
+    ],
+)
 def test_abort_is_pynetdicoms_provider_abort(reason):
     prim = A_P_ABORT()
     prim.provider_reason = reason
@@ -113,8 +131,16 @@ def test_abort_is_pynetdicoms_provider_abort(reason):
     assert (decoded.source, decoded.reason_diagnostic) == (0x02, reason)
 
 
-@pytest.mark.parametrize("reject", [codec.REJECT_APPLICATION_CONTEXT, codec.REJECT_CALLING_AE,
-                                    codec.REJECT_CALLED_AE, codec.REJECT_PROTOCOL_VERSION, codec.REJECT_LOCAL_LIMIT])
+@pytest.mark.parametrize(
+    "reject",
+    [
+        codec.REJECT_APPLICATION_CONTEXT,
+        codec.REJECT_CALLING_AE,
+        codec.REJECT_CALLED_AE,
+        codec.REJECT_PROTOCOL_VERSION,
+        codec.REJECT_LOCAL_LIMIT,
+    ],
+)
 def test_reject_is_pynetdicoms(reject):
     prim = A_ASSOCIATE()
     prim.result, prim.result_source, prim.diagnostic = reject
@@ -142,9 +168,10 @@ def test_command_p_data_is_pynetdicoms_fragmentation(max_pdu):
     command = codec.store_request(3, CT, INSTANCE)
     ours = codec.p_data_command(1, command, max_pdu)
     room = max_pdu - 6 if max_pdu else len(command)
-    pieces = [command[i:i + room] for i in range(0, len(command), room)]
-    expected = b"".join(pynetdicom_p_data([(1, 0x03 if i == len(pieces) - 1 else 0x01, p)])
-                        for i, p in enumerate(pieces))
+    pieces = [command[i : i + room] for i in range(0, len(command), room)]
+    expected = b"".join(
+        pynetdicom_p_data([(1, 0x03 if i == len(pieces) - 1 else 0x01, p)]) for i, p in enumerate(pieces)
+    )
     assert ours == expected
     assert all(len(pdu) - 6 <= max_pdu for pdu in split_pdus(ours)) or not max_pdu
 
@@ -152,7 +179,11 @@ def test_command_p_data_is_pynetdicoms_fragmentation(max_pdu):
 def test_pdvs_decodes_pynetdicoms_multi_item_p_data():
     pdu = pynetdicom_p_data([(1, 0x01, b"cmd-"), (1, 0x03, b"end"), (3, 0x00, b"data"), (3, 0x02, b"!")])
     assert [(cx, c, lst, bytes(f)) for cx, c, lst, f in codec.pdvs(pdu)] == [
-        (1, True, False, b"cmd-"), (1, True, True, b"end"), (3, False, False, b"data"), (3, False, True, b"!")]
+        (1, True, False, b"cmd-"),
+        (1, True, True, b"end"),
+        (3, False, False, b"data"),
+        (3, False, True, b"!"),
+    ]
     decoded = P_DATA_TF()
     decoded.decode(codec.p_data_command(1, b"cmd-end", 0))
     assert decoded.presentation_data_value_items[0].presentation_data_value == b"\x03cmd-end"
@@ -172,8 +203,9 @@ def test_store_request_is_pynetdicoms(priority):
     assert (rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID) == (CT, INSTANCE)
 
 
-@pytest.mark.parametrize("status,comment", [(0x0000, ""), (0xB000, ""), (0xA700, "object store unavailable"),
-                                            (0xC001, "odd")])
+@pytest.mark.parametrize(
+    "status,comment", [(0x0000, ""), (0xB000, ""), (0xA700, "object store unavailable"), (0xC001, "odd")]
+)
 def test_store_response_is_pynetdicoms(status, comment):
     prim = dimse_primitives.C_STORE()
     prim.MessageIDBeingRespondedTo, prim.Status = 12, status
@@ -192,8 +224,9 @@ def test_echo_is_pynetdicoms():
     rsp = dimse_primitives.C_ECHO()
     rsp.MessageIDBeingRespondedTo, rsp.Status = 1, 0
     rsp.AffectedSOPClassUID = codec.VERIFICATION
-    assert codec.response(codec.C_ECHO_RSP, 1, codec.VERIFICATION, None, 0) == \
-        pynetdicom_command(dimse_messages.C_ECHO_RSP(), rsp)
+    assert codec.response(codec.C_ECHO_RSP, 1, codec.VERIFICATION, None, 0) == pynetdicom_command(
+        dimse_messages.C_ECHO_RSP(), rsp
+    )
 
 
 def test_parse_command_reads_pynetdicoms_response():
@@ -214,15 +247,17 @@ def test_parse_command_reads_pynetdicoms_response():
 def test_associate_request_decodes_in_pynetdicom():
     from pynetdicom.pdu import A_ASSOCIATE_RQ
 
-    data = codec.associate_request("FORWARDER", "NODE1", [(CT, EXPLICIT), (codec.VERIFICATION, "1.2.840.10008.1.2")],
-                                   65536)
+    data = codec.associate_request(
+        "FORWARDER", "NODE1", [(CT, EXPLICIT), (codec.VERIFICATION, "1.2.840.10008.1.2")], 65536
+    )
     pdu = A_ASSOCIATE_RQ()
     pdu.decode(data)
     rq = pdu.to_primitive()
     assert (rq.calling_ae_title, rq.called_ae_title) == ("FORWARDER", "NODE1")
     assert rq.maximum_length_received == 65536
-    assert [(cx.context_id, cx.abstract_syntax, cx.transfer_syntax) for cx in rq.presentation_context_definition_list] \
-        == [(1, CT, [EXPLICIT]), (3, codec.VERIFICATION, ["1.2.840.10008.1.2"])]
+    assert [
+        (cx.context_id, cx.abstract_syntax, cx.transfer_syntax) for cx in rq.presentation_context_definition_list
+    ] == [(1, CT, [EXPLICIT]), (3, codec.VERIFICATION, ["1.2.840.10008.1.2"])]
 
 
 def test_decode_accept_keeps_only_what_was_accepted_as_proposed():
@@ -248,12 +283,14 @@ def test_decode_accept_keeps_only_what_was_accepted_as_proposed():
     assert codec.decode_accept(pdu.encode(), proposed) == ({(CT, EXPLICIT): 1}, 32768)
 
 
-
-@pytest.mark.parametrize("data", [
-    bytes.fromhex("02 00 00000010") + bytes(16),  # pynetdicom decodes this as "nothing accepted"
-    bytes.fromhex("02 00 00000044") + bytes(4) + b"X" * 64,
-    bytes.fromhex("02 00 00000040") + bytes(16),  # shorter than its header says
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        bytes.fromhex("02 00 00000010") + bytes(16),  # pynetdicom decodes this as "nothing accepted"
+        bytes.fromhex("02 00 00000044") + bytes(4) + b"X" * 64,
+        bytes.fromhex("02 00 00000040") + bytes(16),  # shorter than its header says
+    ],
+)
 def test_a_garbled_accept_is_a_protocol_error_not_a_refusal(data):
     with pytest.raises(codec.ProtocolError):
         codec.decode_accept(data, [(CT, EXPLICIT)])

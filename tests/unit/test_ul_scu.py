@@ -59,8 +59,9 @@ async def store(assoc: ul.Association, path: Path, sop: str) -> int:
         start = dataset_offset(f)
         size = f.seek(0, 2) - start
         f.seek(start)
-        return await assoc.c_store(assoc.accepted[(CTImageStorage, ExplicitVRLittleEndian)], CTImageStorage, sop, f,
-                                   size)
+        return await assoc.c_store(
+            assoc.accepted[(CTImageStorage, ExplicitVRLittleEndian)], CTImageStorage, sop, f, size
+        )
 
 
 class CodecPeer:
@@ -73,8 +74,10 @@ class CodecPeer:
 
     def __init__(self, max_pdu: int = 1024, status: int = 0x0000, mode: str = "answer") -> None:
         self.max_pdu, self.status, self.mode = max_pdu, status, mode
-        self.contexts = [build_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
-                         build_context(Verification)]
+        self.contexts = [
+            build_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+            build_context(Verification),
+        ]
         self.associations = 0
         self.p_data: list[bytes] = []  # every P-DATA-TF PDU received, whole
         self.datasets: list[bytes] = []
@@ -132,8 +135,9 @@ class CodecPeer:
                 if last:
                     self.datasets.append(bytes(dataset))
                     dataset.clear()
-                    self._answer(writer, assoc, cx, fields, ul.C_STORE_RSP,
-                                 ul.command_uid(fields, ul.AFFECTED_SOP_INSTANCE))
+                    self._answer(
+                        writer, assoc, cx, fields, ul.C_STORE_RSP, ul.command_uid(fields, ul.AFFECTED_SOP_INSTANCE)
+                    )
                     if self.mode == "close_after_store":
                         return
 
@@ -171,9 +175,11 @@ def pynetdicom_scp():
     ae.maximum_pdu_size = 4096
     ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
     ae.add_supported_context(Verification)
-    server = ae.start_server(("127.0.0.1", 0), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store),
-                                           (evt.EVT_RELEASED, lambda event: released.append(True))])
+    server = ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_RELEASED, lambda event: released.append(True))],
+    )
     assert server is not None
     try:
         yield server.server_address[1], received, released
@@ -184,8 +190,11 @@ def pynetdicom_scp():
 async def test_negotiates_stores_and_releases_with_pynetdicom(pynetdicom_scp, tmp_path):
     port, received, released = pynetdicom_scp
     path, sop, data = ct_file(tmp_path, 20000)
-    proposed = [(CTImageStorage, ExplicitVRLittleEndian), (MRImageStorage, ExplicitVRLittleEndian),
-                (CTImageStorage, ImplicitVRLittleEndian)]
+    proposed = [
+        (CTImageStorage, ExplicitVRLittleEndian),
+        (MRImageStorage, ExplicitVRLittleEndian),
+        (CTImageStorage, ImplicitVRLittleEndian),
+    ]
     assoc = await request(port, proposed)
     assert assoc.accepted == {(CTImageStorage, ExplicitVRLittleEndian): 1}
     assert assoc.peer_max_pdu == 4096
@@ -226,10 +235,16 @@ async def test_c_store_is_fragmented_at_the_peers_max_pdu(tmp_path):
     assert dataset_items[-1][0] and len(dataset_items) == -(-len(data) // (1024 - 6))
 
 
-@pytest.mark.parametrize("status,ok,permanent", [
-    (0x0000, True, False), (0xB000, True, False), (0xA700, False, False), (0xC000, False, True),
-    (0x0122, False, True),
-])
+@pytest.mark.parametrize(
+    "status,ok,permanent",
+    [
+        (0x0000, True, False),
+        (0xB000, True, False),
+        (0xA700, False, False),
+        (0xC000, False, True),
+        (0x0122, False, True),
+    ],
+)
 async def test_the_response_status_decides_the_outcome(tmp_path, status, ok, permanent):
     path, sop, _ = ct_file(tmp_path)
     async with CodecPeer(status=status) as peer:
@@ -295,8 +310,9 @@ async def test_a_rejection_names_result_source_and_reason(tmp_path):
         with pytest.raises(ul.Rejected) as rejected:
             await request(peer.port)
         assert (rejected.value.result, rejected.value.source, rejected.value.reason) == ul.REJECT_CALLED_AE
-        outcome = await NodeSender(node(peer.port), "FORWARDER", TIMEOUT).send(path, CTImageStorage, sop,
-                                                                              ExplicitVRLittleEndian)
+        outcome = await NodeSender(node(peer.port), "FORWARDER", TIMEOUT).send(
+            path, CTImageStorage, sop, ExplicitVRLittleEndian
+        )
         assert outcome.reason == "association rejected (result 1, source 1, reason 7)" and not outcome.permanent
         assert outcome.node_failure and not outcome.instance  # the node's failure: pause it, use no delivery
         assert not await ul.echo("127.0.0.1", peer.port, "PROBE", "PEER", TIMEOUT)
@@ -311,8 +327,10 @@ async def test_a_context_the_peer_refused_is_a_permanent_failure(tmp_path):
             assert (outcome.ok, outcome.permanent) == (False, True)
             # A context the association lacks: renewed with both proposed, and the CT one accepted.
             assert (await sender.send(path, CTImageStorage, sop, ExplicitVRLittleEndian)).ok
-            assert sender.proposed == [(MRImageStorage, ExplicitVRLittleEndian),
-                                       (CTImageStorage, ExplicitVRLittleEndian)]
+            assert sender.proposed == [
+                (MRImageStorage, ExplicitVRLittleEndian),
+                (CTImageStorage, ExplicitVRLittleEndian),
+            ]
         finally:
             await sender.close()
     assert peer.associations == 2
