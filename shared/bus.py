@@ -389,8 +389,9 @@ class Bus:
         pending). After a batch that was not full it waits ``linger`` seconds (or
         until ``stop``) before the next pull request: on a trickle each fetch costs
         round trips here and in nats-server. A failed fetch is logged and retried
-        after 0.5 s; failing to bind raises, unless ``stop`` is set by then. Use with ``contextlib.aclosing`` so the subscription is
-        dropped even when the caller leaves early.
+        after 0.5 s; failing to bind raises, unless ``stop`` is set by then. Use with
+        ``contextlib.aclosing`` so the subscription is dropped even when the caller
+        leaves early.
         """
         try:
             psub = await self.pull(config)

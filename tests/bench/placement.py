@@ -451,10 +451,10 @@ def main(argv: list[str]) -> int:
             base_count = counts([direct])
             t_directs.append(
                 timed_send(
-                    lambda: ls.storescu(
+                    lambda corpus=corpus: ls.storescu(
                         "127.0.0.1", direct.node.dicom_port, direct.node.ae_title, [corpus], extra=["+sd", "+r"]
                     ),
-                    lambda: counts([direct]) - base_count >= len(files),
+                    lambda base_count=base_count: counts([direct]) - base_count >= len(files),
                 )
             )
             print(
@@ -474,12 +474,12 @@ def main(argv: list[str]) -> int:
                 base / f"stack-{mode}",
                 nodes,
                 nats_tls=nats_tls,
-                configure=lambda cfg: configure(
+                configure=lambda cfg, configure=configure: configure(
                     msgspec.structs.replace(cfg, probe=msgspec.structs.replace(cfg.probe, interval_s=1.0))
                 ),
             )
             wait_for(
-                lambda: all(
+                lambda stack=stack: all(
                     stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{n.node.id}"') == 1
                     for n in nodes
                 ),
@@ -496,8 +496,8 @@ def main(argv: list[str]) -> int:
                 started = time.perf_counter()
                 t_sys.append(
                     timed_send(
-                        lambda: stack.send([corpus], extra=["+sd", "+r"]),
-                        lambda: counts(nodes) - base_count >= len(files),
+                        lambda stack=stack, corpus=corpus: stack.send([corpus], extra=["+sd", "+r"]),
+                        lambda base_count=base_count: counts(nodes) - base_count >= len(files),
                     )
                 )
                 cpu = {s: cpu_seconds(pid) - before[s] for s, pid in pids.items()}
@@ -512,7 +512,7 @@ def main(argv: list[str]) -> int:
                 # Verification trails delivery: the probe's whole cost per image is counted until the last
                 # verified event (and the next round starts after it, on a quiet stack).
                 wait_for(
-                    lambda: verified(stack) - base_verified >= len(files),
+                    lambda stack=stack, base_verified=base_verified: verified(stack) - base_verified >= len(files),
                     timeout=120,
                     interval=0.1,
                     what="every image verified",
@@ -557,10 +557,10 @@ def main(argv: list[str]) -> int:
             base_count = counts(nodes)
             t_luas.append(
                 timed_send(
-                    lambda: ls.storescu(
+                    lambda router=router, corpus=corpus: ls.storescu(
                         "127.0.0.1", router.node.dicom_port, router.node.ae_title, [corpus], extra=["+sd", "+r"]
                     ),
-                    lambda: counts(nodes) - base_count >= len(files),
+                    lambda base_count=base_count: counts(nodes) - base_count >= len(files),
                 )
             )
             lua_cpus.append(cpu_seconds(rproc.popen.pid) - rbefore)

@@ -29,7 +29,7 @@ def corpus(stack, orthanc_nodes, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qr-ready")
     for study_uid in index:
         wait_for(
-            lambda: (
+            lambda study_uid=study_uid: (
                 len(
                     find(
                         stack,
