@@ -19,8 +19,8 @@ from shared import events as ev
 from shared import natsauth
 from shared.bus import Bus, subject_for
 from shared.membership import transition
-from switchyard.corpus import generate_studies
-from tests.integration.placement_helpers import all_forwarded, by_study
+from tests.fixtures.deploy import DEPLOY, SWITCHYARD, compose_config, service_config
+from tests.integration.placement_helpers import route_one_study
 
 pytestmark = pytest.mark.integration
 
@@ -199,16 +199,6 @@ def forged_node_events(storescp):
     return evil, forged
 
 
-def route_one_study(stack, tmp_path, seed: int) -> None:
-    files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=2, seed=seed)
-    assert stack.send(files).returncode == 0
-    studies = by_study(files)
-    deadline = time.monotonic() + 60
-    while not all_forwarded(stack, studies) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert all_forwarded(stack, studies), stack.diagnostics()
-
-
 def assert_nothing_received(storescp, seconds: float = 3.0) -> None:
     """The forged events were recorded before the real instance routed: give a stray C-STORE time to land."""
     deadline = time.monotonic() + seconds
@@ -309,10 +299,7 @@ def test_nats_credentials_command_writes_private_seeds(tmp_path, capsys):
 
 
 def test_compose_gives_each_service_only_its_own_seed():
-    from tests.integration.test_deploy import DEPLOY, SWITCHYARD, service_config
-    from tests.integration.test_deploy import compose as compose_fixture
-
-    services = compose_fixture.__wrapped__()["services"]
+    services = compose_config()["services"]
     for name in SWITCHYARD:
         assert services[name]["secrets"] == [{"source": f"nats-{name}", "target": "nats.nk"}], name
         cfg = service_config(services[name])

@@ -23,10 +23,9 @@ from pynetdicom.sop_class import (
 
 from shared.config import QRPeer
 from switchyard import stack as ls
+from tests.fixtures.qr import dcmtk, find, identical, refused, rejected, send_study
 from tests.fixtures.servers import Stack, StoreSCP, make_stack
 from tests.fixtures.util import free_port, wait_for
-from tests.integration.test_probe_qr import dcmtk, find, identical, refused
-from tests.integration.test_probe_qr_access import rejected, send_study
 
 pytestmark = pytest.mark.integration
 
