@@ -10,10 +10,12 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import nats
 import nats.errors
 import pytest
+from nats.aio.client import Client
 
 from shared import events as ev
 from shared import natsauth
@@ -31,7 +33,7 @@ class Attacker:
     def __init__(self, cfg, identity: str | None):
         self.cfg, self.identity = cfg, identity
         self.errors: list[str] = []
-        self.nc = None
+        self.nc: Client  # connected in __aenter__
 
     async def __aenter__(self):
         async def on_error(exc):
@@ -76,9 +78,18 @@ class Attacker:
         return json.loads(msg.data)
 
 
+class InstanceKeys(TypedDict):
+    """The fields the per-instance events share, spread into each with ``**``."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    node_id: str
+    placement_id: str
+
+
 def samples(stack):
     """One event of each type, as its rightful publisher would record it."""
-    common = dict(sop_instance_uid="9.9", study_instance_uid="9", node_id="node1", placement_id="p")
+    common = InstanceKeys(sop_instance_uid="9.9", study_instance_uid="9", node_id="node1", placement_id="p")
     return {
         "received": ev.InstanceReceivedV1(
             event_id="r",
@@ -100,7 +111,7 @@ def samples(stack):
             blob_key="b",
             dataset_digest="d",
             node_id="node1",
-            reason="new_study",
+            reason=ev.PlacementReason.NEW_STUDY,
         ),
         "forwarded": ev.InstanceForwardedV1(event_id="f", **common),
         "dead_lettered": ev.InstanceDeadLetteredV1(event_id="x", reason="r", **common),
