@@ -39,7 +39,7 @@ from shared import natsauth
 from shared.config import NatsConfig
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, Counter
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def subject_placed(node_id: str) -> str:
 
 # Where each event lives; UIDs never appear in subjects (they contain dots). The
 # state is in node.state subjects so that permissions can say who may record which state.
-_SUBJECTS: dict[type, str] = {
+_SUBJECTS: dict[type[ev.Event], str] = {
     ev.InstanceReceivedV1: SUBJECT_RECEIVED,
     ev.InstancePlacedV1: "dicom.instance.placed.{node}",
     ev.InstanceForwardedV1: "dicom.instance.forwarded.{node}",
@@ -225,7 +225,7 @@ class Bus:
         self.identity = identity
         self.authenticated = bool(cfg.nkey_seed_file)
         self.js: JetStreamContext = nc.jetstream(timeout=cfg.publish_timeout_s)
-        self._rejected = None
+        self._rejected: Counter | None = None
 
     @classmethod
     async def connect(

@@ -306,7 +306,8 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
             " WHERE table_name = 'instances' AND column_name LIKE 'peer_%'"
         ).fetchall()
     }
-    if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'instances'").fetchone()[0]:
+    tables = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'instances'").fetchone()
+    if tables is not None and tables[0]:
         # Files from before ingest recorded the peer's address: the columns, empty (a rebuild fills them).
         if "peer_address" not in peer:
             con.execute("ALTER TABLE instances ADD COLUMN peer_address VARCHAR DEFAULT ''")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import Counter
@@ -104,7 +105,7 @@ async def test_killed_node_work_moves_whole_and_restarted_node_gets_new_studies(
             )
             for files in fresh.values():
                 assert stack.send(files).returncode == 0
-            rows = wait_for(lambda fresh=fresh: all_forwarded(stack, fresh), timeout=60, what="new studies forwarded")
+            rows = wait_for(functools.partial(all_forwarded, stack, fresh), timeout=60, what="new studies forwarded")
             placed = [
                 e
                 for e in await log_events(stack)

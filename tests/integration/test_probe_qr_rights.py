@@ -107,6 +107,7 @@ def test_closed_by_default(orthanc_nodes, tmp_path_factory):
         assoc = associate(stack, "TESTSCU", StudyRootQueryRetrieveInformationModelFind)
         assert assoc.is_rejected
         rj = assoc.acceptor.primitive
+        assert rj is not None
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
         log = stack.log("probe")
         assert "Q/R front door closed" in log and "probe.qr_peers" in log
@@ -206,6 +207,7 @@ def test_held_associations_from_one_peer_do_not_lock_out_another(rights, tmp_pat
             else:
                 assert assoc.is_rejected
                 rj = assoc.acceptor.primitive
+                assert rj is not None
                 # rejected-transient, service-provider (presentation), local-limit-exceeded
                 assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
         assert len(held) == PER_PEER

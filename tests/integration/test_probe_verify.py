@@ -238,7 +238,9 @@ async def test_a_deflated_file_reencoded_by_the_node_is_verified_on_one_node(sta
     from pydicom.data import get_testdata_file
     from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
-    ds = pydicom.dcmread(get_testdata_file("image_dfl.dcm"))
+    dfl = get_testdata_file("image_dfl.dcm")
+    assert isinstance(dfl, str), dfl  # pydicom's own test file, by path
+    ds = pydicom.dcmread(dfl)
     assert ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
     # Fresh UIDs: the session's nodes may hold the test file from another test.
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
