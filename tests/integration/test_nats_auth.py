@@ -124,7 +124,7 @@ def samples(stack):
 
 OWN = {
     "ingest": {"received"},
-    "scheduler": {"placed", "down"},
+    "scheduler": {"placed", "down", "dead_lettered"},  # the final dead letter (verification failed twice)
     "forwarder": {"forwarded", "dead_lettered"},
     "probe": {"heartbeat", "verified"},
     "catalog": set(),
