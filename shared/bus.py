@@ -39,7 +39,7 @@ from shared import natsauth
 from shared.config import NatsConfig
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, Counter
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def subject_placed(node_id: str) -> str:
 
 # Where each event lives; UIDs never appear in subjects (they contain dots). The
 # state is in node.state subjects so that permissions can say who may record which state.
-_SUBJECTS: dict[type, str] = {
+_SUBJECTS: dict[type[ev.Event], str] = {
     ev.InstanceReceivedV1: SUBJECT_RECEIVED,
     ev.InstancePlacedV1: "dicom.instance.placed.{node}",
     ev.InstanceForwardedV1: "dicom.instance.forwarded.{node}",
@@ -225,7 +225,7 @@ class Bus:
         self.identity = identity
         self.authenticated = bool(cfg.nkey_seed_file)
         self.js: JetStreamContext = nc.jetstream(timeout=cfg.publish_timeout_s)
-        self._rejected = None
+        self._rejected: Counter | None = None
 
     @classmethod
     async def connect(
@@ -389,8 +389,9 @@ class Bus:
         pending). After a batch that was not full it waits ``linger`` seconds (or
         until ``stop``) before the next pull request: on a trickle each fetch costs
         round trips here and in nats-server. A failed fetch is logged and retried
-        after 0.5 s; failing to bind raises, unless ``stop`` is set by then. Use with ``contextlib.aclosing`` so the subscription is
-        dropped even when the caller leaves early.
+        after 0.5 s; failing to bind raises, unless ``stop`` is set by then. Use with
+        ``contextlib.aclosing`` so the subscription is dropped even when the caller
+        leaves early.
         """
         try:
             psub = await self.pull(config)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from shared.config import NatsConfig
+from shared.config import Config, NatsConfig
 from shared.fsmode import write_private  # seeds and the auth include: 0600 from the start
 
 SERVICES = ("ingest", "scheduler", "forwarder", "probe", "catalog")
@@ -131,7 +133,7 @@ def may_delete_consumers(identity: str) -> bool:
     return identity in ("admin", HARNESS)
 
 
-def _conf_list(items) -> str:
+def _conf_list(items: Iterable[str]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
 
@@ -164,13 +166,15 @@ def new_seed() -> bytes:
     """A fresh user nkey seed (``SU...``)."""
     import nkeys
 
-    return nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    seed: bytes = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    return seed
 
 
 def public_key(seed: bytes) -> str:
     import nkeys
 
-    return nkeys.from_seed(bytearray(seed)).public_key.decode()
+    key: bytes = nkeys.from_seed(bytearray(seed)).public_key
+    return key.decode()
 
 
 def sign_nonce(seed: bytes, nonce: str) -> str:
@@ -201,14 +205,16 @@ class Credentials:
         return str(self.directory / "{identity}.nk")
 
 
-def generate(directory: Path, cfg: NatsConfig, identities=IDENTITIES, keep: bool = True) -> Credentials:
+def generate(
+    directory: Path, cfg: NatsConfig, identities: Iterable[str] = IDENTITIES, keep: bool = True
+) -> Credentials:
     """One seed per identity under ``directory`` (0700, seeds 0600) and the server's auth include.
 
     ``keep``: reuse seeds already there, so a restarted stack keeps its identities.
     """
     directory = Path(directory)
     _private_dir(directory)
-    keys = {}
+    keys: dict[str, str] = {}
     for identity in identities:
         path = directory / f"{identity}.nk"
         if not (keep and path.exists()):
@@ -223,7 +229,7 @@ class NoCredentials(RuntimeError):
     """No seed configured and unauthenticated mode not chosen."""
 
 
-def connect_options(cfg: NatsConfig, identity: str) -> dict:
+def connect_options(cfg: NatsConfig, identity: str) -> dict[str, Any]:
     """nats.connect keyword arguments for ``identity``: seed, own inbox, TLS.
 
     Without a seed the connection is refused unless ``allow_unauthenticated``
@@ -232,7 +238,7 @@ def connect_options(cfg: NatsConfig, identity: str) -> dict:
     import logging
     import ssl
 
-    options: dict = {"inbox_prefix": inbox_prefix(cfg, identity)}
+    options: dict[str, Any] = {"inbox_prefix": inbox_prefix(cfg, identity)}
     seed = seed_path(cfg, identity)
     if seed is not None:
         options["nkeys_seed"] = str(seed)
@@ -255,7 +261,9 @@ def connect_options(cfg: NatsConfig, identity: str) -> dict:
     return options
 
 
-def secure_local(cfg, data_dir: Path, identities=IDENTITIES):
+def secure_local(
+    cfg: Config, data_dir: Path, identities: Iterable[str] = IDENTITIES
+) -> tuple[Config, Credentials | None]:
     """(config using generated seeds, credentials) for a stack under ``data_dir``.
 
     Left as is (credentials None) when the config already names a seed or opts

@@ -325,6 +325,13 @@ def start_nats_member(
     return proc
 
 
+def _restart_nats_member(
+    member: NatsMember, members: list[NatsMember], data_dir: Path, console: IO[str] | None, extra_conf: str, wait: bool
+) -> Proc:
+    """``start_nats_member`` as a Supervisor starter: ``starter(wait)``."""
+    return start_nats_member(member, members, data_dir, console, extra_conf=extra_conf, wait=wait)
+
+
 def start_nats_cluster(
     members: list[NatsMember],
     data_dir: Path,
@@ -679,9 +686,7 @@ def start_stack(
             for member in nats_members:
                 sup.add(
                     member.name,
-                    lambda wait, m=member: start_nats_member(
-                        m, nats_members, data_dir, console, extra_conf=extra_conf, wait=wait
-                    ),
+                    functools.partial(_restart_nats_member, member, nats_members, data_dir, console, extra_conf),
                 )
         else:
             sup.add(

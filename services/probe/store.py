@@ -182,7 +182,7 @@ class ProbeStore:
                 # One statement (row by row cost ~1 ms each); the last sighting of a SOP wins.
                 # DELETE + INSERT: DuckDB's INSERT OR REPLACE costs about twice as much CPU.
                 last = {row[0]: row for row in seen}
-                sops, ids, changes, digests = (list(c) for c in zip(*last.values()))
+                sops, ids, changes, digests = (list(c) for c in zip(*last.values(), strict=True))
                 con.execute(
                     "DELETE FROM seen WHERE node_id = $1 AND sop_instance_uid IN (SELECT unnest($2::VARCHAR[]))",
                     [node_id, sops],
@@ -278,7 +278,7 @@ class ProbeStore:
 def _settle_many(con, outcomes: list[tuple[str, str, str, str, str]]) -> None:
     """One UPDATE for a poll's outcomes (the last one per expectation wins)."""
     last = {(o[0], o[1], o[2]): o for o in outcomes}
-    cols = [list(c) for c in zip(*last.values())]
+    cols = [list(c) for c in zip(*last.values(), strict=True)]
     con.execute(
         "UPDATE expected SET state = u.state, detail = u.detail FROM (SELECT unnest($1::VARCHAR[]) AS node_id,"
         " unnest($2::VARCHAR[]) AS sop, unnest($3::VARCHAR[]) AS placement_id, unnest($4::VARCHAR[]) AS state,"
@@ -364,7 +364,7 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
     }
     expected: dict[tuple[str, str], list] = {}
     if judged:
-        nodes, sops = zip(*judged)
+        nodes, sops = zip(*judged, strict=True)
         for r in con.execute(
             f"SELECT {', '.join(_EXPECTED_COLUMNS)} FROM expected WHERE (node_id, sop_instance_uid) IN"
             " (SELECT (unnest($1::VARCHAR[]), unnest($2::VARCHAR[])))",
@@ -427,10 +427,10 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
         con.execute(
             f"INSERT OR REPLACE INTO placements ({', '.join(_PLACEMENT_COLUMNS)}) SELECT "
             + ", ".join(f"unnest(${i}::{t}[])" for i, t in enumerate(_PLACEMENT_TYPES, start=1)),
-            [list(c) for c in zip(*kept)],
+            [list(c) for c in zip(*kept, strict=True)],
         )
     if dirty:
-        cols = [list(c) for c in zip(*(expected[k] for k in dirty))]
+        cols = [list(c) for c in zip(*(expected[k] for k in dirty), strict=True)]
         con.execute(
             f"INSERT OR REPLACE INTO expected ({', '.join(_EXPECTED_COLUMNS)}) SELECT "
             + ", ".join(f"unnest(${i}::{t}[])" for i, t in enumerate(_EXPECTED_TYPES, start=1)),

@@ -295,7 +295,7 @@ class Verifier:
         try:
             for start in range(0, len(events), PUBLISH_WINDOW):
                 acks = await self.bus.publish_many(events[start : start + PUBLISH_WINDOW])
-                for (item, ok, _found, reason), ack in zip(outcomes[start : start + PUBLISH_WINDOW], acks):
+                for (item, ok, _found, reason), ack in zip(outcomes[start : start + PUBLISH_WINDOW], acks, strict=True):
                     if isinstance(ack, Exception):
                         error = error or ack
                         continue

@@ -331,6 +331,10 @@ class Scheduler:
             log.warning("received event %d not readable (%s); retrying", failed.received_seq, exc)
             await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
             return
+        if raw.subject is None or raw.data is None:  # nats-py types both optional; the server sends both
+            log.warning("received event %d came back without subject or data; retrying", failed.received_seq)
+            await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
+            return
         received = self.bus.checked(raw.subject, raw.data, failed.received_seq)
         if not isinstance(received, ev.InstanceReceivedV1):
             await msg.ack()

@@ -97,5 +97,6 @@ class BlobStore(ABC):
             raise
         return dest
 
+    @abstractmethod
     def check(self) -> None:
         """Raise BlobStoreError when the store cannot currently take writes."""

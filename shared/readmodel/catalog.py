@@ -291,7 +291,8 @@ WHERE b.from_seq > 0 OR v.sop_instance_uid IS NOT NULL
 """
 _NODES_SQL = (
     "INSERT OR REPLACE INTO nodes (node_id, state, reason, updated_seq, updated_at)"
-    f" SELECT node_id, state, reason, seq, occurred_at FROM {_parsed(('node_id', 'state', 'reason', 'occurred_at'), (_NODE_STATE,))}"
+    " SELECT node_id, state, reason, seq, occurred_at"
+    f" FROM {_parsed(('node_id', 'state', 'reason', 'occurred_at'), (_NODE_STATE,))}"
     " QUALIFY row_number() OVER (PARTITION BY node_id ORDER BY seq DESC) = 1"
 )
 
@@ -305,7 +306,8 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
             " WHERE table_name = 'instances' AND column_name LIKE 'peer_%'"
         ).fetchall()
     }
-    if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'instances'").fetchone()[0]:
+    tables = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'instances'").fetchone()
+    if tables is not None and tables[0]:
         # Files from before ingest recorded the peer's address: the columns, empty (a rebuild fills them).
         if "peer_address" not in peer:
             con.execute("ALTER TABLE instances ADD COLUMN peer_address VARCHAR DEFAULT ''")
@@ -438,7 +440,7 @@ class CatalogStore:
         try:
             rel = cur.execute(sql, params or [])
             names = [d[0] for d in rel.description]
-            return [dict(zip(names, row)) for row in rel.fetchall()]
+            return [dict(zip(names, row, strict=True)) for row in rel.fetchall()]
         finally:
             cur.close()
 
@@ -465,7 +467,7 @@ class CatalogStore:
             return self._apply(seqs, payloads)
         except BatchRejected:
             good_seqs, good = [], []
-            for seq, data in zip(seqs, payloads):
+            for seq, data in zip(seqs, payloads, strict=True):
                 try:
                     ev.decode(data)
                 except Exception:  # noqa: BLE001 - as the live follower: one bad message is skipped

@@ -87,7 +87,7 @@ def write_last_seq(con: duckdb.DuckDBPyConnection, name: str, seq: int) -> None:
 def decode_raw(seqs: list[int], payloads: list[bytes]) -> list[tuple[int, ev.AnyEvent]]:
     """Decode raw log messages; one that does not decode is logged by sequence and skipped."""
     rows = []
-    for seq, data in zip(seqs, payloads):
+    for seq, data in zip(seqs, payloads, strict=True):
         try:
             rows.append((seq, ev.decode(data)))
         except Exception:  # noqa: BLE001 - as the live projection: one bad message is skipped

@@ -145,7 +145,10 @@ class Association:
         max_pdu: int,
         timeout: float,
     ) -> Association:
-        """Connect and negotiate ``contexts`` (each one transfer syntax); raises Unreachable, Rejected or a wire error."""
+        """Connect and negotiate ``contexts`` (each one transfer syntax).
+
+        Raises Unreachable, Rejected or a wire error.
+        """
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(host, port)

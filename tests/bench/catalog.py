@@ -16,7 +16,9 @@ nats-server on free ports (timed separately). Figures:
   on a small sample;
 - trail latency: p50/p99 of the instance-trail queries over random instances.
 
-    .venv/bin/python -m tests.bench catalog [--instances=N] [--sample-instances=N]  (flags need '=': bare words are areas)   (just bench catalog)
+    .venv/bin/python -m tests.bench catalog [--instances=N] [--sample-instances=N]   (just bench catalog)
+
+(flags need '=': bare words are areas)
 """
 
 from __future__ import annotations

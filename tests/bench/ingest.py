@@ -253,7 +253,8 @@ def main(argv: list[str]) -> int:
         print(
             f"ingest CPU per instance: {(cpu1 - cpu0) / len(one) * 1000:.1f} ms (1 sender), "
             f"{(cpu2 - cpu1) / len(many) * 1000:.1f} ms ({SENDERS} senders); "
-            f"ingest CPU utilisation {(cpu1 - cpu0) * ing_one / len(one):.2f} / {(cpu2 - cpu1) * ing_many / len(many):.2f} cores"
+            f"ingest CPU utilisation {(cpu1 - cpu0) * ing_one / len(one):.2f} / "
+            f"{(cpu2 - cpu1) * ing_many / len(many):.2f} cores"
         )
         print(
             f"large instance: {big_size / 2**20:.0f} MiB in {big_s:.1f} s; ingest VmHWM {idle_hwm / 1024:.0f} MiB "

@@ -61,10 +61,10 @@ def main(argv: list[str]) -> int:
                     time.sleep(wait)  # the gap itself is what is measured, not a readiness wait
                 start_count, start_cpu = counts(nodes), cpu_seconds(proc.popen.pid)
                 took = timed_send(
-                    lambda: ls.storescu(
+                    lambda corpus=corpus: ls.storescu(
                         "127.0.0.1", router.node.dicom_port, router.node.ae_title, [corpus], extra=["+sd", "+r"]
                     ),
-                    lambda: counts(nodes) - start_count >= len(files),
+                    lambda start_count=start_count, files=files: counts(nodes) - start_count >= len(files),
                 )
                 cpu = cpu_seconds(proc.popen.pid) - start_cpu
                 results[series].append(

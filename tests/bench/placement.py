@@ -20,6 +20,7 @@ Switchyard path runs once per mode, in this run), --quick (fewer decisions and i
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
@@ -27,6 +28,7 @@ import statistics
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -34,10 +36,10 @@ import msgspec
 from services.scheduler.policy import NodeView, Weights, place
 from shared import events as ev
 from shared.bus import Bus
-from shared.config import NodeConfig
+from shared.config import Config, NodeConfig
 from switchyard import stack as ls
 from switchyard.corpus import generate_studies
-from tests.fixtures.servers import OrthancNode, first_after, make_stack, new_orthanc_node, stream_leader
+from tests.fixtures.servers import OrthancNode, Stack, first_after, make_stack, new_orthanc_node, stream_leader
 from tests.fixtures.util import free_port, wait_for
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -217,6 +219,26 @@ def counts(nodes: list[OrthancNode]) -> int:
     return sum(int(n.client.statistics()["CountInstances"]) for n in nodes)
 
 
+def nodes_live(stack: Stack, nodes: list[OrthancNode]) -> bool:
+    """The scheduler counts every node live."""
+    return all(stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{n.node.id}"') == 1 for n in nodes)
+
+
+def grew_by(nodes: list[OrthancNode], before: int, n: int) -> bool:
+    """The nodes hold at least ``n`` instances more than ``before``."""
+    return counts(nodes) - before >= n
+
+
+def probe_every_second(cfg: Config, then: Callable[[Config], Config]) -> Config:
+    """The probe looks at each node every second, as deployed; then ``then``."""
+    return then(msgspec.structs.replace(cfg, probe=msgspec.structs.replace(cfg.probe, interval_s=1.0)))
+
+
+def all_verified(stack: Stack, before: float, n: int) -> bool:
+    """The probe verified at least ``n`` instances more than ``before``."""
+    return verified(stack) - before >= n
+
+
 def verified(stack) -> float:
     """Verified outcomes the probe published, from one scrape (each scrape costs the probe CPU)."""
     port = stack.cfg.probe.metrics_port
@@ -296,10 +318,7 @@ def nats_cluster_bench(base: Path, images: int, rounds: int, kills: int) -> int:
                 ),
             )
             wait_for(
-                lambda stack=stack: all(
-                    stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{n.node.id}"') == 1
-                    for n in nodes
-                ),
+                functools.partial(nodes_live, stack, nodes),
                 timeout=30,
                 what="nodes live",
             )
@@ -341,7 +360,7 @@ def nats_cluster_bench(base: Path, images: int, rounds: int, kills: int) -> int:
                     before = counts(nodes)
                     sender = threading.Thread(target=send_trickle, daemon=True)
                     sender.start()
-                    wait_for(lambda b=before: counts(nodes) - b >= 5, timeout=60, what="the trickle flowing")
+                    wait_for(functools.partial(grew_by, nodes, before, 5), timeout=60, what="the trickle flowing")
                     leader = asyncio.run(stream_leader(stack))
                     t0 = datetime.now(UTC).timestamp()
                     stack.kill_member(leader)
@@ -451,10 +470,10 @@ def main(argv: list[str]) -> int:
             base_count = counts([direct])
             t_directs.append(
                 timed_send(
-                    lambda: ls.storescu(
+                    lambda corpus=corpus: ls.storescu(
                         "127.0.0.1", direct.node.dicom_port, direct.node.ae_title, [corpus], extra=["+sd", "+r"]
                     ),
-                    lambda: counts([direct]) - base_count >= len(files),
+                    lambda base_count=base_count: counts([direct]) - base_count >= len(files),
                 )
             )
             print(
@@ -474,19 +493,15 @@ def main(argv: list[str]) -> int:
                 base / f"stack-{mode}",
                 nodes,
                 nats_tls=nats_tls,
-                configure=lambda cfg: configure(
-                    msgspec.structs.replace(cfg, probe=msgspec.structs.replace(cfg.probe, interval_s=1.0))
-                ),
+                configure=functools.partial(probe_every_second, then=configure),
             )
             wait_for(
-                lambda: all(
-                    stack.metric("scheduler", "switchyard_scheduler_node_live", f'node="{n.node.id}"') == 1
-                    for n in nodes
-                ),
+                functools.partial(nodes_live, stack, nodes),
                 timeout=30,
                 what="nodes live",
             )
             pids = {s: p.popen.pid for s, p in stack.services.items()}
+            assert stack.nats is not None  # make_stack started NATS
             t_sys, sy_cpus = [], []
             for r, corpus in enumerate(corpora[f"switchyard-{mode}"]):
                 before = {s: cpu_seconds(pid) for s, pid in pids.items()}
@@ -496,8 +511,8 @@ def main(argv: list[str]) -> int:
                 started = time.perf_counter()
                 t_sys.append(
                     timed_send(
-                        lambda: stack.send([corpus], extra=["+sd", "+r"]),
-                        lambda: counts(nodes) - base_count >= len(files),
+                        lambda stack=stack, corpus=corpus: stack.send([corpus], extra=["+sd", "+r"]),
+                        lambda base_count=base_count: counts(nodes) - base_count >= len(files),
                     )
                 )
                 cpu = {s: cpu_seconds(pid) - before[s] for s, pid in pids.items()}
@@ -512,7 +527,7 @@ def main(argv: list[str]) -> int:
                 # Verification trails delivery: the probe's whole cost per image is counted until the last
                 # verified event (and the next round starts after it, on a quiet stack).
                 wait_for(
-                    lambda: verified(stack) - base_verified >= len(files),
+                    functools.partial(all_verified, stack, base_verified, len(files)),
                     timeout=120,
                     interval=0.1,
                     what="every image verified",
@@ -534,6 +549,7 @@ def main(argv: list[str]) -> int:
             )
 
         # Failover on the same stack (the probe polls every 0.25 s, REST timeout 1 s).
+        assert stack is not None  # the last mode's
         took, reason = asyncio.run(failover_time(stack, nodes))
         print(
             f"failover: {took * 1000:.0f} ms from SIGKILL to the first placement avoiding the node "
@@ -557,10 +573,10 @@ def main(argv: list[str]) -> int:
             base_count = counts(nodes)
             t_luas.append(
                 timed_send(
-                    lambda: ls.storescu(
+                    lambda router=router, corpus=corpus: ls.storescu(
                         "127.0.0.1", router.node.dicom_port, router.node.ae_title, [corpus], extra=["+sd", "+r"]
                     ),
-                    lambda: counts(nodes) - base_count >= len(files),
+                    lambda base_count=base_count: counts(nodes) - base_count >= len(files),
                 )
             )
             lua_cpus.append(cpu_seconds(rproc.popen.pid) - rbefore)

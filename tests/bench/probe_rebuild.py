@@ -75,7 +75,7 @@ def row_by_row_baseline(path: Path, n: int) -> float:
     rows = list(enumerate(decoded(range(n)), start=1))
     t = time.perf_counter()
     con.execute("BEGIN")
-    for seq, e in rows:
+    for _seq, e in rows:
         if isinstance(e, ev.InstancePlacedV1):
             con.execute(
                 "INSERT OR REPLACE INTO placements (placement_id, sop_instance_uid, study_instance_uid,"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -93,3 +94,13 @@ async def standing_in_for_the_scheduler(
             stack.close()
         for n in nodes:
             n.stop()
+
+
+def route_one_study(stack, tmp_path, seed: int) -> None:
+    files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=2, seed=seed)
+    assert stack.send(files).returncode == 0
+    studies = by_study(files)
+    deadline = time.monotonic() + 60
+    while not all_forwarded(stack, studies) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all_forwarded(stack, studies), stack.diagnostics()

@@ -314,8 +314,10 @@ def test_s3_error_response_is_a_store_error(s3_server: S3Server, tmp_path: Path)
 
 
 def test_s3_get_file_failing_mid_stream_leaves_no_partial_file(
-    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # noqa: F811
+    s3_server: S3Server,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     store = S3BlobStore(s3_blob_config(s3_server, _bucket()))
     data = os.urandom(3 * CHUNK)
     src, key = _write(tmp_path / "src.bin", data)

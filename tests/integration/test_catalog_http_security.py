@@ -16,6 +16,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import msgspec
 import pytest
@@ -63,7 +64,7 @@ def door(orthanc_nodes, tmp_path_factory):
         stack.close()
 
 
-def call(stack, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, object]:
+def call(stack, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, Any]:
     req = urllib.request.Request(
         f"http://127.0.0.1:{stack.cfg.catalog.http_port}{path}", headers=headers or {}, method=method
     )

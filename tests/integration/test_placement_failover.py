@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import Counter
@@ -28,7 +29,7 @@ async def test_killed_node_work_moves_whole_and_restarted_node_gets_new_studies(
         )
         first = {s: sorted(f)[:3] for s, f in studies.items()}
         rest = {s: sorted(f)[3:] for s, f in studies.items()}
-        for study_uid, files in first.items():
+        for files in first.values():
             assert stack.send(files).returncode == 0
         rows = wait_for(lambda: all_forwarded(stack, first), timeout=60, what="first part forwarded")
         node_of = {s: r[0]["node_id"] for s, r in rows.items()}
@@ -104,7 +105,7 @@ async def test_killed_node_work_moves_whole_and_restarted_node_gets_new_studies(
             )
             for files in fresh.values():
                 assert stack.send(files).returncode == 0
-            rows = wait_for(lambda: all_forwarded(stack, fresh), timeout=60, what="new studies forwarded")
+            rows = wait_for(functools.partial(all_forwarded, stack, fresh), timeout=60, what="new studies forwarded")
             placed = [
                 e
                 for e in await log_events(stack)

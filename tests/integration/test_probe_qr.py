@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -27,22 +28,13 @@ def corpus(stack, orthanc_nodes, tmp_path_factory):
     headers = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in files}
     acc = {str(h.StudyInstanceUID): str(h.AccessionNumber) for h in headers.values()}
     tmp = tmp_path_factory.mktemp("qr-ready")
+
+    def known(study_uid: str) -> bool:
+        keys = {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study_uid, "SOPInstanceUID": ""}
+        return len(find(stack, tmp, "-S", keys)) == 4
+
     for study_uid in index:
-        wait_for(
-            lambda: (
-                len(
-                    find(
-                        stack,
-                        tmp,
-                        "-S",
-                        {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study_uid, "SOPInstanceUID": ""},
-                    )
-                )
-                == 4
-            ),
-            timeout=60,
-            what="front door knows the study",
-        )
+        wait_for(functools.partial(known, study_uid), timeout=60, what="front door knows the study")
     return files, index, headers, acc
 
 

@@ -17,15 +17,11 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet
 
-from switchyard.corpus import corpus_index, generate_studies
 from tests.fixtures.pki import client_context
-from tests.fixtures.qr import dcmtk, find, identical, refused
+from tests.fixtures.qr import KNOWN, dcmtk, find, identical, refused, rejected, send_study
 from tests.fixtures.servers import Stack, make_stack
-from tests.fixtures.util import wait_for
 
 pytestmark = pytest.mark.integration
-
-KNOWN = "KNOWNSCU"
 
 
 def guarded_stack(data_dir: Path, nodes, tls: dict[str, Path] | None = None) -> Stack:
@@ -50,33 +46,6 @@ def guarded_stack(data_dir: Path, nodes, tls: dict[str, Path] | None = None) -> 
     return make_stack(data_dir, nodes, ("ingest", "probe"), configure)
 
 
-def send_study(stack: Stack, root: Path, seed: int, *tls: str) -> tuple[str, list[Path]]:
-    """One study through ingest; returned once the front door answers for it."""
-    files = generate_studies(root, studies=1, series_per_study=1, instances_per_series=2, seed=seed)
-    assert stack.send([root], extra=["+sd", "+r"]).returncode == 0
-    ((study_uid, sops),) = corpus_index(files).items()
-    scratch = root.parent / f"{root.name}-ready"
-    scratch.mkdir()
-    wait_for(
-        lambda: (
-            len(
-                find(
-                    stack,
-                    scratch,
-                    "-S",
-                    {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study_uid, "SOPInstanceUID": ""},
-                    *tls,
-                    aet=KNOWN,
-                )
-            )
-            == len(sops)
-        ),
-        timeout=60,
-        what="front door knows the study",
-    )
-    return study_uid, files
-
-
 @pytest.fixture(scope="module")
 def guarded(orthanc_nodes, tmp_path_factory):
     stack = guarded_stack(tmp_path_factory.mktemp("qr-access"), orthanc_nodes)
@@ -85,11 +54,6 @@ def guarded(orthanc_nodes, tmp_path_factory):
         yield stack, study_uid, files
     finally:
         stack.close()
-
-
-def rejected(result, reason: str) -> bool:
-    out = result.stdout + result.stderr
-    return result.returncode != 0 and "Association Rejected" in out and reason in out
 
 
 STUDY = ["-k", "QueryRetrieveLevel=STUDY"]

@@ -23,10 +23,9 @@ from pynetdicom.sop_class import (
 
 from shared.config import QRPeer
 from switchyard import stack as ls
+from tests.fixtures.qr import dcmtk, find, identical, refused, rejected, send_study
 from tests.fixtures.servers import Stack, StoreSCP, make_stack
 from tests.fixtures.util import free_port, wait_for
-from tests.integration.test_probe_qr import dcmtk, find, identical, refused
-from tests.integration.test_probe_qr_access import rejected, send_study
 
 pytestmark = pytest.mark.integration
 
@@ -108,6 +107,7 @@ def test_closed_by_default(orthanc_nodes, tmp_path_factory):
         assoc = associate(stack, "TESTSCU", StudyRootQueryRetrieveInformationModelFind)
         assert assoc.is_rejected
         rj = assoc.acceptor.primitive
+        assert rj is not None
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
         log = stack.log("probe")
         assert "Q/R front door closed" in log and "probe.qr_peers" in log
@@ -207,6 +207,7 @@ def test_held_associations_from_one_peer_do_not_lock_out_another(rights, tmp_pat
             else:
                 assert assoc.is_rejected
                 rj = assoc.acceptor.primitive
+                assert rj is not None
                 # rejected-transient, service-provider (presentation), local-limit-exceeded
                 assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
         assert len(held) == PER_PEER

@@ -127,7 +127,7 @@ async def test_an_instance_whose_stored_bytes_differ_fails_verification(stack, l
         ]
         assert trail["events"][-1]["type"] == "instance.dead_lettered.v1"
     finally:
-        for node, orthanc_id in zip(live_nodes, uploaded):
+        for node, orthanc_id in zip(live_nodes, uploaded, strict=True):
             node.client._request(f"/instances/{orthanc_id}", method="DELETE")
 
 
@@ -200,9 +200,9 @@ async def test_probe_rebuild_equals_the_live_stores_and_swaps_in(stack, live_nod
     assert set(live_verify) == {"projection_state", "placements", "expected", "node_cursor", "seen"}
     assert live_verify["node_cursor"] and live_verify["seen"]  # the nodes were read
     try:
-        for db, live, factory, seed in (
-            (verify_db, live_verify, ProbeStore, lambda store: store.carry_node_state(verify_db)),
-            (qr_db, live_qr, CatalogStore, None),
+        for live, factory, seed in (
+            (live_verify, ProbeStore, lambda store: store.carry_node_state(verify_db)),
+            (live_qr, CatalogStore, None),
         ):
             until = live["projection_state"][0][1]
             fresh = tmp_path / f"fresh-{factory.__name__}.duckdb"
@@ -238,7 +238,9 @@ async def test_a_deflated_file_reencoded_by_the_node_is_verified_on_one_node(sta
     from pydicom.data import get_testdata_file
     from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
-    ds = pydicom.dcmread(get_testdata_file("image_dfl.dcm"))
+    dfl = get_testdata_file("image_dfl.dcm")
+    assert isinstance(dfl, str), dfl  # pydicom's own test file, by path
+    ds = pydicom.dcmread(dfl)
     assert ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
     # Fresh UIDs: the session's nodes may hold the test file from another test.
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ssl
 from types import SimpleNamespace
+from typing import cast
 
 import msgspec
 import pytest
 from pydicom.dataset import Dataset
+from pynetdicom.events import Event
 
 from services.probe import qr
 from shared.access import Gate, PeerPolicy, server_tls_context
@@ -152,11 +154,13 @@ def test_retrieve_handlers_refuse_a_peer_without_the_right(tmp_path):
     policy = PeerPolicy.from_config([], [], entries=[("FINDER", "", ["find"]), ("GETTER", "", ["find", "retrieve"])])
     door = qr.FrontDoor(Config(), store=None, blobs=None, scratch=tmp_path, policy=policy)  # type: ignore[arg-type]
 
-    def event(ae: str, **keys: str) -> SimpleNamespace:
-        return SimpleNamespace(
+    def event(ae: str, **keys: str) -> Event:
+        """The parts of a pynetdicom C-GET event the handler reads."""
+        stand_in = SimpleNamespace(
             assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title=ae, address="127.0.0.1")),
             identifier=_identifier(**keys),
         )
+        return cast(Event, stand_in)
 
     gen = door.on_get(event("FINDER", StudyInstanceUID="1.2.3"))
     assert next(gen) == 1

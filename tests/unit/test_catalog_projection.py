@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from shared import events as ev
-from shared.readmodel.catalog import CatalogStore
+from shared.readmodel.catalog import BatchRejected, CatalogStore
 from tests.factories import fanned_out, forwarded, log_of_two, placed, received, verification_failed
 from tests.fixtures.util import dump_catalog
 
@@ -54,7 +54,7 @@ def test_failed_batch_leaves_nothing(tmp_path):
 
     bad = received(2)
     bad.size = "not a number"  # type: ignore[assignment]
-    with pytest.raises(Exception):
+    with pytest.raises(BatchRejected):
         store.apply([(2, received(3)), (3, bad)])
     assert store.last_seq() == 1
     assert store.cursor().execute("SELECT count(*) FROM instances").fetchone() == (1,)

@@ -111,7 +111,7 @@ def test_same_seed_gives_byte_identical_files(generated, tmp_path):
         tmp_path, studies=STUDIES, series_per_study=SERIES, instances_per_series=INSTANCES, seed=7, rows=16, cols=8
     )
     assert [p.relative_to(tmp_path) for p in again] == [p.relative_to(p.parents[2]) for p in generated]
-    for a, b in zip(generated, again):
+    for a, b in zip(generated, again, strict=True):
         assert a.read_bytes() == b.read_bytes(), a
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import stat
+from typing import TypedDict
 
 import nkeys
 import pytest
@@ -33,6 +34,15 @@ def may_publish(identity: str, subject: str) -> bool:
     return any(_matches(a, subject) for a in p.publish) and not any(_matches(d, subject) for d in p.publish_deny)
 
 
+class InstanceKeys(TypedDict):
+    """The fields the per-instance events share, spread into each with ``**``."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    node_id: str
+    placement_id: str
+
+
 def event_subjects() -> dict[str, str]:
     placed = ev.InstancePlacedV1(
         event_id="p",
@@ -43,9 +53,9 @@ def event_subjects() -> dict[str, str]:
         blob_key="b",
         dataset_digest="d",
         node_id="n1",
-        reason="new_study",
+        reason=ev.PlacementReason.NEW_STUDY,
     )
-    common = dict(sop_instance_uid="1", study_instance_uid="2", node_id="n1", placement_id="p")
+    common = InstanceKeys(sop_instance_uid="1", study_instance_uid="2", node_id="n1", placement_id="p")
     return {
         "received": "dicom.instance.received",
         "placed": subject_for(placed),
