@@ -19,6 +19,7 @@ after `switchyard nats credentials --out <copy>/secrets`, as the operator does.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import json
 import re
@@ -159,7 +160,9 @@ def kustomize(path: Path) -> subprocess.CompletedProcess:
 def k8s_tree_with_credentials() -> Path:
     """A copy of deploy/k8s (without any real seeds there) and fresh credentials in its secrets/,
     made by the command the operator runs."""
-    root = Path(tempfile.mkdtemp(prefix="switchyard-k8s-")) / "k8s"
+    tmp = tempfile.mkdtemp(prefix="switchyard-k8s-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    root = Path(tmp) / "k8s"
     shutil.copytree(
         K8S, root, ignore=lambda d, names: [n for n in names if Path(d).name == "secrets" and n != "kustomization.yaml"]
     )
@@ -499,6 +502,10 @@ def test_the_admin_seed_is_mounted_by_the_init_job_only(docs, tmp_path):
     cfg = load_config(toml, env={k: v for k, v in env.items() if k != "SWITCHYARD_CONFIG"})
     assert cfg.nats.replicas == find(docs, "StatefulSet", "nats")["spec"]["replicas"]
     assert cfg.nats.nkey_seed_file == SEED_FILE
+    # It reaches NATS through the NetworkPolicies.
+    labels, nats_pod = pod_labels(job), pod_labels(find(docs, "StatefulSet", "nats"))
+    assert allows(docs, labels, "Egress", urlparse(cfg.nats.url).port, ("pod", nats_pod))
+    assert allows(docs, nats_pod, "Ingress", urlparse(cfg.nats.url).port, ("pod", labels))
 
 
 def public_keys(docs) -> dict[str, str]:
