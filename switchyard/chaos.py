@@ -299,9 +299,9 @@ def node_holdings(node: NodeConfig) -> set[str] | None:
         client.close()
 
 
-def catalog_get(cfg: Config, path: str) -> Any:
+def catalog_get(cfg: Config, path: str, token: str) -> Any:
     url = f"http://{cfg.catalog.http_host}:{cfg.catalog.http_port}{path}"
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {cfg.catalog.token}"})
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=30) as rsp:
         return json.loads(rsp.read())
 
@@ -337,7 +337,9 @@ async def _read_log(cfg: Config) -> LogFacts:
     return LogFacts(received, down, last)
 
 
-def audit(cfg: Config, corpus: Corpus, acked: set[str], report: Report, really_down: set[str]) -> tuple | None:
+def audit(
+    cfg: Config, corpus: Corpus, acked: set[str], report: Report, really_down: set[str], token: str
+) -> tuple | None:
     """Fill the counts of ``report``; returns a fingerprint to compare passes, or None if a source is down."""
     holdings = {}
     for node in cfg.nodes:
@@ -353,7 +355,7 @@ def audit(cfg: Config, corpus: Corpus, acked: set[str], report: Report, really_d
     catalog_states: dict[str, set[str]] = defaultdict(set)
     try:
         for study in sorted({corpus.study_of[s] for s in acked}):
-            for row in catalog_get(cfg, f"/api/instances?study_uid={study}&limit=10000"):
+            for row in catalog_get(cfg, f"/api/instances?study_uid={study}&limit=10000", token):
                 sop = row["sop_instance_uid"]
                 catalog_states[sop].add(row["state"] or "")
                 if row["state"] in ("forwarded", "verified"):
@@ -415,6 +417,7 @@ def settle(
     out: IO[str],
     really_down: set[str],
     quiet_s: float,
+    token: str,
 ) -> None:
     """Audit until nothing is lost (in flight) and the audit has not changed for ``quiet_s``, or the timeout.
 
@@ -424,7 +427,7 @@ def settle(
     started = time.monotonic()
     previous, since = None, 0.0
     while True:
-        fingerprint = audit(cfg, corpus, acked, report, really_down)
+        fingerprint = audit(cfg, corpus, acked, report, really_down, token)
         elapsed = time.monotonic() - started
         if fingerprint is not None:
             if fingerprint != previous or report.lost:
@@ -461,6 +464,8 @@ def run(cfg: Config, data_dir: Path, plan: Plan, monitor_port: int, out: IO[str]
     corpus = make_corpus(data_dir / "corpus", plan)
     report.instances = len(corpus.files)
     cfg, creds = natsauth.secure_local(cfg, data_dir)  # the bus authenticated, as deployed
+    cfg, _ = ls.catalog_credentials(cfg, data_dir)  # the audit reads the catalog as an operator
+    token = ls.read_catalog_tokens(data_dir)["operator"]
     config_path = ls.write_config(cfg, data_dir / "switchyard.toml")
     with open(data_dir / "supervisor.log", "a") as sup_log:
         sup = ls.start_stack(cfg, data_dir, config_path, monitor_port, log=sup_log, creds=creds)
@@ -523,6 +528,7 @@ def run(cfg: Config, data_dir: Path, plan: Plan, monitor_port: int, out: IO[str]
                 out,
                 {f.target for f in plan.faults if f.target in {n.id for n in cfg.nodes}},
                 quiet_s=cfg.forwarder.ack_wait_s + 5.0,
+                token=token,
             )
             report.timeline = timeline
             report.restarts = [f"{name} (exit {code})" for _, name, code in sup.restarts]

@@ -19,7 +19,7 @@ import pytest
 
 from shared import events as ev
 from switchyard.corpus import generate_studies
-from tests.fixtures.servers import log_events, make_stack
+from tests.fixtures.servers import OPERATOR_TOKEN, log_events, make_stack
 from tests.fixtures.util import poll, wait_for
 from tests.integration.placement_helpers import by_study, scheduler_sees
 
@@ -109,15 +109,16 @@ async def test_two_of_each_service_route_everything_once(live_nodes, tmp_path):
         assert all(len(n) == 1 for n in nodes_of_study.values()), nodes_of_study
 
         # Both ingest workers, both probes took part; both catalogs hold every instance, verified.
+        # The kernel spreads associations over the workers by a hash of each connection (SO_REUSEPORT):
+        # with a handful of senders one worker may get them all, so only the sum is certain.
         per_worker = [stack.metric("ingest", "switchyard_ingest_instances_total", worker=w) or 0 for w in (0, 1)]
-        assert all(n > 0 for n in per_worker), per_worker
-        assert sum(per_worker) == len(files)
+        assert sum(per_worker) == len(files), per_worker
         for port in (first.probe.metrics_port, second["probe-2"].probe.metrics_port):
             assert metric_total(port, "switchyard_probe_verifications_total") > 0, port
         for port in (first.catalog.http_port, second["catalog-2"].catalog.http_port):
 
             def complete(port=port) -> bool:
-                states = catalog_states(port, first.catalog.token, studies)
+                states = catalog_states(port, OPERATOR_TOKEN, studies)
                 return len(states) == len(files) and set(states.values()) == {"verified"}
 
             wait_for(complete, timeout=30, what=f"every instance verified in the catalog on port {port}")
