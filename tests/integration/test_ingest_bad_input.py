@@ -9,7 +9,6 @@ good sender keeps being answered within 2 s.
 
 from __future__ import annotations
 
-import io
 import socket
 import struct
 import threading
@@ -25,15 +24,13 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
-from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage
 
 from shared.dimse import NODELAY_HANDLER, settle
 from switchyard import stack as ls
 from switchyard.corpus import generate_studies
+from tests.factories import store_pdus
 from tests.fixtures.servers import Stack, make_stack
 from tests.fixtures.util import wait_for
 
@@ -186,26 +183,6 @@ def background(ingest, background_files):
     bg = Background(ingest, background_files).start()
     yield bg
     bg.stop()
-
-
-def store_pdus(ds: pydicom.Dataset, command_uid: str, context_id: int, max_pdu: int) -> list[bytes]:
-    """The encoded P-DATA-TF PDUs of one C-STORE-RQ, written by hand (command, then dataset)."""
-    prim = C_STORE()
-    prim.MessageID = 7
-    prim.AffectedSOPClassUID = ds.SOPClassUID
-    prim.AffectedSOPInstanceUID = command_uid
-    prim.Priority = 2
-    data = encode(ds, False, True)
-    assert data is not None
-    prim.DataSet = io.BytesIO(data)
-    msg = C_STORE_RQ()
-    msg.primitive_to_message(prim)
-    pdus = []
-    for p_data in msg.encode_msg(context_id, max_pdu):
-        pdu = P_DATA_TF()
-        pdu.from_primitive(p_data)
-        pdus.append(pdu.encode())
-    return pdus
 
 
 def raw_association(stack: Stack):
