@@ -37,7 +37,7 @@ PROJECT = "switchyard-test"
 SERVICES = ("ingest", "scheduler", "forwarder", "probe", "catalog")
 ORTHANC_PORTS = {"node1": 8042, "node2": 8043, "node3": 8044}
 ORTHANC_AUTH = ("switchyard", "switchyard-dev-password")
-CATALOG_TOKEN = "switchyard-dev-token"
+CATALOG_TOKEN = "test-compose-operator-token"  # the compose file has no default
 # Everything (the first run builds a Debian base and every image) within these.
 HARNESS_TIMEOUT_S = 1800
 UP_TIMEOUT_S = 300
@@ -223,6 +223,7 @@ def stack(tmp_path_factory):
     )
     assert up.returncode == 0, up.stderr[-4000:]
     print(f"\ncompose test: engine and images in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    os.environ["CATALOG_TOKEN"] = CATALOG_TOKEN  # the compose file has no default token: every call needs it
     compose("down", "-v", "--remove-orphans", timeout=180)
     # NATS identities, made once as deploy/compose.yaml says (seeds 0600, read by the image's user).
     secrets = ROOT / "deploy" / "secrets"
