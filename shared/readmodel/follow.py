@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from contextlib import aclosing
@@ -14,6 +15,8 @@ from shared.readmodel.replay import LogTruncated, ReplayGap, ensure_log_holds, r
 from shared.readmodel.store import ProjectionStore
 
 log = logging.getLogger("switchyard.readmodel.follow")
+
+RETRY_PAUSE_S = 0.5
 
 
 async def keep_up(
@@ -76,29 +79,51 @@ async def _keep_up(
         start = await asyncio.to_thread(store.last_seq)
         report(applied, start)
         follow_from = start if beside is None else min(start, await asyncio.to_thread(beside.last_seq))
-        if beside is not None:  # the replay checked ``store``; the follower also feeds ``beside``
-            await ensure_log_holds(bus, type(beside).__name__, follow_from)
         # After a NATS reconnect the ordered consumer may stall until its idle heartbeats
         # are missed (5-25 s, issue #13): leave at once and follow again from the store.
         leave = asyncio.Event()
         watcher = asyncio.create_task(_leave_on_reconnect(bus, stop, leave))
         try:
-            async with aclosing(
-                bus.follow_batches(follow_from + 1, follow_batch, 0.2, leave, linger=linger, decode=beside is not None)
-            ) as batches:
-                async for batch in batches:
-                    seqs = [d.seq for d in batch]
-                    n = await asyncio.to_thread(store.apply_raw, seqs, [d.msg.data for d in batch])
-                    start = max(start, seqs[-1])
-                    report(n, start)
-                    if beside is not None:
-                        await asyncio.to_thread(beside.apply, [(d.seq, d.event) for d in batch if d.event is not None])
-                        if on_beside is not None:
-                            on_beside(seqs[-1])
-                    if len(batch) >= follow_batch:
-                        break
+            if beside is not None:  # the replay checked ``store``; the follower also feeds ``beside``
+                await ensure_log_holds(bus, type(beside).__name__, follow_from)
+            await _follow(store, bus, follow_batch, leave, report, linger, beside, on_beside, follow_from, start)
+        except (TimeoutError, ConnectionError, nats.errors.Error) as exc:
+            # A cluster electing a leader answers no consumer request for seconds: not a
+            # reason to stop the service; catch up again from the store after a pause.
+            log.warning("following the log stopped (%s); catching up again", type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RETRY_PAUSE_S)
         finally:
             watcher.cancel()
+
+
+async def _follow(
+    store: ProjectionStore,
+    bus: Bus,
+    follow_batch: int,
+    leave: asyncio.Event,
+    report: Callable[[int, int], None],
+    linger: float,
+    beside: ProjectionStore | None,
+    on_beside: Callable[[int], None] | None,
+    follow_from: int,
+    start: int,
+) -> None:
+    """Follow the tail until ``leave`` or a full batch (fallen behind: the caller catches up in bulk)."""
+    async with aclosing(
+        bus.follow_batches(follow_from + 1, follow_batch, 0.2, leave, linger=linger, decode=beside is not None)
+    ) as batches:
+        async for batch in batches:
+            seqs = [d.seq for d in batch]
+            n = await asyncio.to_thread(store.apply_raw, seqs, [d.msg.data for d in batch])
+            start = max(start, seqs[-1])
+            report(n, start)
+            if beside is not None:
+                await asyncio.to_thread(beside.apply, [(d.seq, d.event) for d in batch if d.event is not None])
+                if on_beside is not None:
+                    on_beside(seqs[-1])
+            if len(batch) >= follow_batch:
+                break
 
 
 async def _leave_on_reconnect(bus: Bus, stop: asyncio.Event, leave: asyncio.Event, poll: float = 0.1) -> None:

@@ -172,7 +172,12 @@ async def test_cluster_loses_leader_then_another_server_and_nothing_else(live_no
         for kind in (ev.InstanceReceivedV1, ev.InstancePlacedV1, ev.InstanceForwardedV1):
             counts = Counter(e.sop_instance_uid for e in events if isinstance(e, kind))
             assert len(counts) == len(files), (kind.__name__, len(counts), len(files))
-            assert set(counts.values()) == {1}, (kind.__name__, [s for s, c in counts.items() if c > 1][:3])
+            dups = [s for s, c in counts.items() if c > 1]
+            for uid in dups[:3]:
+                for e in events:
+                    if getattr(e, "sop_instance_uid", None) == uid:
+                        print("DUP", type(e).__name__, e.occurred_at, {k: getattr(e, k) for k in e.__struct_fields__ if k not in ("traceparent","tracestate","candidates","blob_key","dataset_digest","sop_class_uid","transfer_syntax_uid","study_instance_uid","sop_instance_uid")})
+            assert set(counts.values()) == {1}, (kind.__name__, dups[:3])
         assert not any(isinstance(e, ev.InstanceDeadLetteredV1) for e in events)
         # Every server holds the same log at the end.
         last = {m.name: member_last_seq(stack, m.name) for m in stack.members}
