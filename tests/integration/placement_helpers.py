@@ -104,3 +104,18 @@ def route_one_study(stack, tmp_path, seed: int) -> None:
     while not all_forwarded(stack, studies) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert all_forwarded(stack, studies), stack.diagnostics()
+
+
+def chains_of(events, uids, limit: int = 3) -> str:
+    """The log's events about ``uids`` (the first ``limit``), one line each: a failure message
+    that shows how an instance came to be placed or forwarded twice (UIDs and nodes only)."""
+    skip = {"traceparent", "tracestate", "candidates", "blob_key", "dataset_digest", "sop_class_uid"}
+    skip |= {"transfer_syntax_uid", "study_instance_uid", "sop_instance_uid"}
+    lines = []
+    for uid in list(uids)[:limit]:
+        lines.append(f"-- {uid}")
+        for e in events:
+            if getattr(e, "sop_instance_uid", None) == uid:
+                fields = {k: getattr(e, k) for k in e.__struct_fields__ if k not in skip}
+                lines.append(f"   {type(e).__name__} {fields}")
+    return "\n".join(lines)
