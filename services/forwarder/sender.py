@@ -12,6 +12,7 @@ instance.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +24,10 @@ from shared.dicomfile import dataset_offset
 MAX_CONTEXTS = 128
 # What we announce we can receive (responses are small).
 OUR_MAX_PDU = 65536
+# An association idle longer than this is renewed before use: Orthanc closes idle
+# associations after its DicomScpTimeout (30 s by default), and a C-STORE written
+# into one it has closed meets a reset that says nothing about the instance.
+IDLE_RENEW_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class NodeSender:
         # Proposed (abstract syntax, transfer syntax) pairs; the accepted ones are in assoc.accepted.
         self.proposed: list[tuple[str, str]] = []
         self.lock = asyncio.Lock()
+        self.last_used = 0.0
 
     @property
     def _open(self) -> bool:
@@ -89,25 +95,39 @@ class NodeSender:
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ul.ProtocolError) as exc:
             return Outcome(False, False, f"association failed ({type(exc).__name__})", node_failure=True)
         self.proposed = list(wanted)
+        self.last_used = time.monotonic()
         return None
 
     async def send(self, path: Path, sop_class: str, sop_instance: str, ts: str) -> Outcome:
         async with self.lock:
             key = (sop_class, ts)
-            if not self._open or key not in self.proposed:
-                wanted = [*self.proposed, key] if self._open and len(self.proposed) < MAX_CONTEXTS else [key]
-                failed = await self._associate(wanted)
-                if failed is not None:
-                    return failed
-            assert self.assoc is not None
-            context_id = self.assoc.accepted.get(key)
-            if context_id is None:
-                return Outcome(False, True, "node refused the SOP class / transfer syntax", instance=True)
-            with open(path, "rb") as f:
-                start = dataset_offset(f)
-                size = f.seek(0, 2) - start
-                f.seek(start)
-                return await self._store(context_id, sop_class, sop_instance, f, size)
+            if self._open and time.monotonic() - self.last_used > IDLE_RENEW_S:
+                await self.close()
+            fresh = False
+            while True:
+                if not self._open or key not in self.proposed:
+                    wanted = [*self.proposed, key] if self._open and len(self.proposed) < MAX_CONTEXTS else [key]
+                    failed = await self._associate(wanted)
+                    if failed is not None:
+                        return failed
+                    fresh = True
+                assert self.assoc is not None
+                context_id = self.assoc.accepted.get(key)
+                if context_id is None:
+                    return Outcome(False, True, "node refused the SOP class / transfer syntax", instance=True)
+                with open(path, "rb") as f:
+                    start = dataset_offset(f)
+                    size = f.seek(0, 2) - start
+                    f.seek(start)
+                    outcome = await self._store(context_id, sop_class, sop_instance, f, size)
+                self.last_used = time.monotonic()
+                if outcome.instance and outcome.status is None and not fresh:
+                    # The wire broke on an association opened for earlier instances: the
+                    # node may have closed it (idle timeout, restart) before this one was
+                    # sent. Once more on a new association before blaming the instance.
+                    fresh = True
+                    continue
+                return outcome
 
     async def _store(self, context_id: int, sop_class: str, sop_instance: str, f: BinaryIO, size: int) -> Outcome:
         assert self.assoc is not None

@@ -176,7 +176,11 @@ class Association:
         A peer that closed an idle association, or sent an A-ABORT or
         A-RELEASE-RQ unasked, shows as EOF or unread bytes: associate afresh.
         """
-        return not self.reader.at_eof() and not self.writer.is_closing()
+        # Nothing is ever due from the peer between requests: bytes waiting there are an
+        # A-ABORT or A-RELEASE-RQ (Orthanc aborts an association idle past its
+        # DicomScpTimeout and keeps the socket open). StreamReader has no public size.
+        unread = len(getattr(self.reader, "_buffer", b""))
+        return unread == 0 and not self.reader.at_eof() and not self.writer.is_closing()
 
     def _next_message_id(self) -> int:
         self.message_id = self.message_id % 0xFFFF + 1
