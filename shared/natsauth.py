@@ -17,10 +17,13 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.config import Config, NatsConfig
 from shared.fsmode import write_private  # seeds and the auth include: 0600 from the start
+
+if TYPE_CHECKING:
+    from shared.bus import Bus
 
 SERVICES = ("ingest", "scheduler", "forwarder", "probe", "catalog")
 IDENTITIES = (*SERVICES, "admin")
@@ -289,30 +292,62 @@ def server_conf(creds: Credentials | None, tls: str = "") -> str:
     return (creds.auth_conf.read_text() if creds else "") + tls
 
 
-async def declare(cfg: NatsConfig, identity: str = "admin") -> None:
-    """The admin step: declare the streams and the scheduler's KV bucket (services only check them)."""
+async def declare(cfg: NatsConfig, identity: str = "admin", settle_s: float = 60.0) -> None:
+    """The admin step: declare the streams and the scheduler's KV bucket (services only check them).
+
+    A cluster that has just started may not yet have enough peers to place an R3
+    stream ("no suitable peers for placement"), or a meta leader to ask: tried
+    again for up to ``settle_s`` (a nats-init Job or the local stack starts with the servers).
+    """
     import asyncio
 
+    import nats.errors
     import nats.js.errors
-    from nats.js.api import KeyValueConfig, StorageType
 
     from shared.bus import Bus
 
     once = asyncio.Event()
     once.set()
     bus = await Bus.connect(cfg, "switchyard-admin", once, identity=identity)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settle_s
     try:
-        await bus.ensure_streams()
-        try:
-            await bus.js.key_value(KV_BUCKET)
-        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
-            await bus.js.create_key_value(
-                KeyValueConfig(
-                    bucket=KV_BUCKET,
-                    history=1,
-                    replicas=cfg.replicas,
-                    storage=StorageType.FILE if cfg.storage == "file" else StorageType.MEMORY,
-                )
-            )
+        while True:
+            try:
+                await _declare_on(bus, cfg)
+                return
+            except (
+                nats.js.errors.BadRequestError,
+                nats.js.errors.ServiceUnavailableError,
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+            ) as exc:
+                if isinstance(exc, nats.js.errors.BadRequestError) and exc.err_code != PLACEMENT_NOT_YET:
+                    raise
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.5)  # the cluster is forming: back off, then ask again
     finally:
         await bus.close()
+
+
+# JetStream's "no suitable peers for placement": a cluster still forming.
+PLACEMENT_NOT_YET = 10005
+
+
+async def _declare_on(bus: Bus, cfg: NatsConfig) -> None:
+    import nats.js.errors
+    from nats.js.api import KeyValueConfig, StorageType
+
+    await bus.ensure_streams()
+    try:
+        await bus.js.key_value(KV_BUCKET)
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+        await bus.js.create_key_value(
+            KeyValueConfig(
+                bucket=KV_BUCKET,
+                history=1,
+                replicas=cfg.replicas,
+                storage=StorageType.FILE if cfg.storage == "file" else StorageType.MEMORY,
+            )
+        )
