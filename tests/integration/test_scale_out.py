@@ -48,11 +48,6 @@ def catalog_states(port: int, token: str, studies) -> dict[str, str]:
     return out
 
 
-@pytest.mark.xfail(
-    reason="open (#16): with a scheduler and a forwarder killed mid-stream, an instance sometimes gets a second "
-    "`placed` event (1 of 3 runs on main, 2026-11-30)",
-    strict=False,
-)
 async def test_two_of_each_service_route_everything_once(live_nodes, tmp_path):
     def two_ingest_workers(cfg):
         return msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(cfg.ingest, workers=2))
