@@ -119,6 +119,8 @@ class NodeWorker:
         self.metrics = metrics
         for label in ReasonLabel:  # every (node, reason) at 0: alerts and panels have data from the start
             metrics.dead_by_reason.labels(self.node.id, label.value)
+        for permanent in ("true", "false"):
+            metrics.failures.labels(node=self.node.id, permanent=permanent)
         self.tracer = tr
         self.senders: asyncio.Queue[NodeSender] = asyncio.Queue()
         self.all_senders: list[NodeSender] = []
