@@ -85,14 +85,19 @@ def reason_counter(name: str, doc: str, nodes: Iterable[str], registry: Collecto
     return counter
 
 
-def stage_histogram(registry: CollectorRegistry) -> Histogram:
-    return Histogram(
+def stage_histogram(registry: CollectorRegistry, stages: Iterable[Stage] = (), nodes: Iterable[str] = ()) -> Histogram:
+    """The stage latency histogram, with the (stage, node) pairs given at 0 (a rate needs the 0 before the first)."""
+    histogram = Histogram(
         "switchyard_stage_seconds",
         "Time between two events of one instance (stage label), by node",
         ["stage", "node"],
         buckets=STAGE_BUCKETS,
         registry=registry,
     )
+    for node in nodes:
+        for stage in stages:
+            histogram.labels(stage.value, node)
+    return histogram
 
 
 def seconds_since(t: datetime, now: datetime | None = None) -> float:
@@ -204,8 +209,11 @@ class ConsumerGauges:
     async def run(self, bus: Bus, stop: asyncio.Event, interval: float = 5.0) -> None:
         stream = bus.cfg.events_stream
         while not stop.is_set():
-            with contextlib.suppress(Exception):  # a lost connection: the next round reads again
+            try:
                 info = await bus.js.stream_info(stream)
+            except Exception as exc:  # noqa: BLE001 - a lost connection: the next round reads again
+                log.debug("stream_info %s: %s", stream, type(exc).__name__)
+            else:
                 self.stream_last_seq.labels(stream=stream).set(info.state.last_seq)
                 self.stream_bytes.labels(stream=stream).set(info.state.bytes)
                 self.stream_messages.labels(stream=stream).set(info.state.messages)

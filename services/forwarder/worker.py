@@ -121,6 +121,9 @@ class NodeWorker:
             metrics.dead_by_reason.labels(self.node.id, label.value)
         for permanent in ("true", "false"):
             metrics.failures.labels(node=self.node.id, permanent=permanent)
+        metrics.stage.labels(Stage.PLACED_TO_FORWARDED, self.node.id)
+        metrics.forwarded.labels(node=self.node.id)
+        metrics.bytes.labels(node=self.node.id)
         self.tracer = tr
         self.senders: asyncio.Queue[NodeSender] = asyncio.Queue()
         self.all_senders: list[NodeSender] = []
@@ -379,6 +382,7 @@ class NodeWorker:
                 duration_ms=round(elapsed * 1000, 3),
                 status=status,
                 already_present=already_present,
+                received_at=placed.received_at,
             )
         )
         self._remember(placed.event_id)

@@ -217,7 +217,12 @@ class Verifier:
             (n.id for n in cfg.nodes),
             registry,
         )
-        self.stage = stage_histogram(registry)
+        self.stage = stage_histogram(
+            registry, [Stage.FORWARDED_TO_VERIFIED, Stage.RECEIVED_TO_VERIFIED], [n.id for n in cfg.nodes]
+        )
+        for node in cfg.nodes:
+            for outcome in ("verified", "failed"):
+                self.outcomes.labels(node=node.id, outcome=outcome)
         self.log_seq = Gauge(
             "switchyard_probe_verify_last_seq", "Last stream sequence in the verification store", registry=registry
         )
@@ -313,6 +318,9 @@ class Verifier:
                     if ok:
                         waited = seconds_since(item.forwarded_at)
                         self.stage.labels(Stage.FORWARDED_TO_VERIFIED, item.node_id).observe(waited)
+                        if item.received_at is not None:
+                            total = seconds_since(item.received_at)
+                            self.stage.labels(Stage.RECEIVED_TO_VERIFIED, item.node_id).observe(total)
                     else:
                         self.failures.labels(item.node_id, reason_label(reason)).inc()
         finally:

@@ -91,7 +91,11 @@ class Scheduler:
             registry=registry,
         )
         self.decision_seconds = Histogram("switchyard_scheduler_decision_seconds", "Decision time", registry=registry)
-        self.stage = stage_histogram(registry)
+        nodes = [n.id for n in cfg.nodes]
+        self.stage = stage_histogram(registry, [Stage.RECEIVED_TO_PLACED], nodes)
+        for node in nodes:  # at 0 from the start: the first placement shows in a rate
+            for why in PlacementReason:
+                self.placements.labels(node=node, reason=why)
 
     async def on_state(self, member: membership.Member, event: ev.NodeStateChangedV1) -> None:
         """A membership change from the log: studies on a node that left are read from the KV again."""
@@ -200,6 +204,7 @@ class Scheduler:
             rule=rule,
             pool=pool,
             verification_failures=verification_failures,
+            received_at=received.occurred_at,
         )
 
     async def _consume(self, config, handler, stop: asyncio.Event) -> None:
