@@ -64,7 +64,7 @@ def routed(orthanc_nodes, tmp_path_factory):
             lambda: (
                 prom.query('sum(rate(switchyard_probe_verifications_total{outcome="verified"}[5m])) > 0')
                 and prom.query("switchyard_consumer_pending")
-                and prom.query("switchyard_stream_last_seq")
+                and prom.query("max(switchyard_stream_last_seq) > 0")
             ),
             timeout=30,
             interval=0.5,
