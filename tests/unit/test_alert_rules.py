@@ -62,3 +62,19 @@ def test_every_alert_has_a_runbook_paragraph():
         path, _, fragment = url.partition("#")
         assert path == "docs/operations.md" and fragment, f"{name}: runbook_url {url!r}"
         assert fragment in headings, f"{name}: no heading for #{fragment} in docs/operations.md"
+
+
+def test_compose_prometheus_config_is_valid(tmp_path):
+    """deploy/prometheus.yml as Prometheus reads it, with the container's paths mapped to files here."""
+    text = (REPO / "deploy" / "prometheus.yml").read_text()
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    text = text.replace("/etc/prometheus/rules/*.yml", str(RULES))
+    text = text.replace("/etc/prometheus/orthanc-password", str(secret)).replace(
+        "/etc/prometheus/minio-token", str(secret)
+    )
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text)
+    out = subprocess.run([promtool(), "check", "config", str(config)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 rule files found" in out.stdout
