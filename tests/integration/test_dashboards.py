@@ -13,6 +13,7 @@ import urllib.request
 from base64 import b64encode
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.integration
 GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
 INSTANCES = 6
+SENDER, STRANGER = "MODALITY1", "STRANGER"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,14 @@ def routed(orthanc_nodes, tmp_path_factory):
         if not n.running:
             n.start()
     base = tmp_path_factory.mktemp("dashboards")
-    stack = make_stack(base / "stack", orthanc_nodes)
+    # One configured calling AE: the only peer_ae label value besides "other".
+    stack = make_stack(
+        base / "stack",
+        orthanc_nodes,
+        configure=lambda cfg: msgspec.structs.replace(
+            cfg, ingest=msgspec.structs.replace(cfg.ingest, allowed_calling_aes=[SENDER])
+        ),
+    )
     prom = None
     try:
         prom = start_prometheus(stack.cfg, [n.node for n in orthanc_nodes], base / "prometheus")
@@ -47,7 +56,8 @@ def routed(orthanc_nodes, tmp_path_factory):
             what="every node live in Prometheus",
         )
         files = generate_studies(base / "corpus", studies=2, series_per_study=1, instances_per_series=3, seed=1414)
-        assert stack.send(sorted(files)).returncode == 0
+        assert stack.send(sorted(files), calling_ae=SENDER).returncode == 0
+        assert stack.send(sorted(files)[:1], calling_ae=STRANGER).returncode != 0  # not configured: rejected
         wait_for(
             lambda: (
                 sum(
@@ -179,3 +189,30 @@ def test_readiness_and_liveness_answer_on_every_metrics_port(routed):
         for path in ("/healthz", "/readyz"):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
                 assert r.status == 200, f"{service}{path}"
+
+
+def test_ingest_counts_by_configured_calling_ae_and_others_as_other(routed):
+    _, prom, _ = routed
+
+    def value(expr: str) -> float:
+        return sum(float(s["value"][1]) for s in prom.query(expr))
+
+    sender = f'peer_ae="{SENDER}"'
+    assert value(f'switchyard_ingest_peer_cstore_results_total{{{sender}, result="success"}}') == INSTANCES
+    assert value(f'switchyard_ingest_peer_associations_total{{{sender}, outcome="accepted"}}') >= 1
+    wait_for(
+        lambda: value('switchyard_ingest_peer_associations_total{peer_ae="other", outcome="rejected"}') >= 1,
+        timeout=30,
+        interval=0.5,
+        what="the stranger's rejection scraped",
+    )
+    values = set(prom.api("label/peer_ae/values"))
+    assert values == {SENDER, "other"}
+
+
+def test_the_probe_exports_nats_server_monitoring(routed):
+    _, prom, _ = routed
+    assert [s["value"][1] for s in prom.query("switchyard_nats_up")] == ["1"]
+    # The event stream and the heartbeats stream (and the affinity KV's).
+    assert float(prom.query("switchyard_nats_jetstream_streams")[0]["value"][1]) >= 2
+    assert float(prom.query("switchyard_nats_connections")[0]["value"][1]) >= 5
