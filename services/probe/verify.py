@@ -42,7 +42,7 @@ from shared.blobs import BlobStoreError, open_blob_store
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config, NodeConfig
 from shared.dicomfile import NotDicom, dataset_bytes_digest, dataset_difference, meta_sop_and_digest
-from shared.metrics import Stage, reason_counter, reason_label, seconds_since, stage_histogram
+from shared.metrics import Stage, observe, reason_counter, reason_label, seconds_since, stage_histogram
 from shared.orthanc import OrthancClient, OrthancError
 from shared.runtime import wait_or_stop
 
@@ -317,10 +317,10 @@ class Verifier:
                     self.outcomes.labels(node=item.node_id, outcome=state).inc()
                     if ok:
                         waited = seconds_since(item.forwarded_at)
-                        self.stage.labels(Stage.FORWARDED_TO_VERIFIED, item.node_id).observe(waited)
+                        observe(self.stage.labels(Stage.FORWARDED_TO_VERIFIED, item.node_id), waited)
                         if item.received_at is not None:
                             total = seconds_since(item.received_at)
-                            self.stage.labels(Stage.RECEIVED_TO_VERIFIED, item.node_id).observe(total)
+                            observe(self.stage.labels(Stage.RECEIVED_TO_VERIFIED, item.node_id), total)
                     else:
                         self.failures.labels(item.node_id, reason_label(reason)).inc()
         finally:
