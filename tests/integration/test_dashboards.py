@@ -135,6 +135,17 @@ def test_every_alert_expression_returns_data(routed):
     assert empty == [], "\n".join(empty)
 
 
+def test_every_rule_loads_and_evaluates_without_error(routed):
+    _, prom, _ = routed
+    names = {r.get("alert") or r["record"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+
+    def health() -> dict[str, str]:
+        return {r["name"]: r["health"] for g in prom.api("rules")["groups"] for r in g["rules"]}
+
+    wait_for(lambda: "unknown" not in health().values(), timeout=30, interval=0.5, what="every rule evaluated")
+    assert health() == dict.fromkeys(names, "ok")
+
+
 def test_no_alert_fires_on_a_healthy_run(routed):
     _, prom, _ = routed
     firing = [a for a in prom.api("alerts")["alerts"] if a["state"] == "firing"]
