@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -167,8 +168,14 @@ def metrics_app(registry: CollectorRegistry, checks: list[Check]) -> Callable[..
 
 
 def serve(registry: CollectorRegistry, host: str, port: int, checks: list[Check]) -> WSGIServer:
-    """Start the door on a daemon thread; ``shutdown()`` stops it."""
-    server = make_server(host, port, metrics_app(registry, checks), _ThreadingServer, handler_class=_QuietHandler)
+    """Start the door on a daemon thread; ``shutdown()`` stops it. IPv6 hosts work too (as
+    prometheus_client's own server: the address family comes from the host)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class MetricsServer(_ThreadingServer):
+        address_family = family
+
+    server = make_server(host, port, metrics_app(registry, checks), MetricsServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 

@@ -97,3 +97,15 @@ def _exposition(registry):
     from prometheus_client import generate_latest
 
     return [s for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples]
+
+
+def test_the_door_listens_on_ipv6_loopback_too():
+    port = free_port()
+    try:
+        server = serve(CollectorRegistry(), "::1", port, [])
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    try:
+        assert urllib.request.urlopen(f"http://[::1]:{port}/healthz", timeout=5).status == 200
+    finally:
+        server.shutdown()
