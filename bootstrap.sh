@@ -11,6 +11,8 @@ SUDO=""
 apt_missing=()
 [ -x /usr/sbin/Orthanc ] || apt_missing+=(orthanc)
 [ -x /usr/bin/storescu ] || apt_missing+=(dcmtk)
+# prometheus and promtool: the alert-rule checks and the dashboard tests run a real Prometheus.
+[ -x /usr/bin/prometheus ] || apt_missing+=(prometheus)
 command -v gcc >/dev/null || apt_missing+=(gcc libc6-dev)
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_missing+=(python3-venv)
 if [ ${#apt_missing[@]} -gt 0 ]; then
@@ -24,6 +26,12 @@ fi
 if command -v systemctl >/dev/null && systemctl is-active --quiet orthanc 2>/dev/null; then
   $SUDO systemctl disable --now orthanc || true
 fi
+# Likewise the packaged Prometheus (and its node exporter) on 9090/9100: the tests start their own.
+for unit in prometheus prometheus-node-exporter; do
+  if command -v systemctl >/dev/null && systemctl is-active --quiet "$unit" 2>/dev/null; then
+    $SUDO systemctl disable --now "$unit" || true
+  fi
+done
 
 # The lock pins every dependency (with hashes) so two installs a month apart are
 # the same; `just lock` rewrites it. A change to either file reinstalls.

@@ -226,6 +226,9 @@ class Bus:
         self.authenticated = bool(cfg.nkey_seed_file)
         self.js: JetStreamContext = nc.jetstream(timeout=cfg.publish_timeout_s)
         self._rejected: Counter | None = None
+        # Readiness (shared.metrics): durable name -> bound now; followers of the log running now.
+        self.consumers: dict[str, bool] = {}
+        self.followers = 0
 
     @classmethod
     async def connect(
@@ -268,6 +271,10 @@ class Bus:
             ["reason"],
             registry=registry,
         )
+
+    def ready(self) -> bool:
+        """Connected, and every durable this process pulls from is bound (readiness, /readyz)."""
+        return bool(self.nc.is_connected) and all(self.consumers.values())
 
     def checked(self, subject: str, data: bytes, seq: int) -> ev.AnyEvent | None:
         """Decode one delivery and check its provenance; None (logged, counted) when refused.
@@ -393,6 +400,8 @@ class Bus:
         ``contextlib.aclosing`` so the subscription is dropped even when the caller
         leaves early.
         """
+        name = config.durable_name or ""
+        self.consumers.setdefault(name, False)
         try:
             psub = await self.pull(config)
         except (nats.errors.Error, TimeoutError) as exc:
@@ -400,6 +409,7 @@ class Bus:
                 raise
             log.info("%s: not bound, stopping (%s)", config.durable_name, type(exc).__name__)
             return
+        self.consumers[name] = True
         try:
             while not stop.is_set():
                 try:
@@ -416,6 +426,7 @@ class Bus:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(stop.wait(), linger)
         finally:
+            self.consumers[name] = False
             await _unsubscribe(psub)
 
     async def replay(
@@ -505,6 +516,7 @@ class Bus:
             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq)),
         )
         loop = asyncio.get_running_loop()
+        self.followers += 1
         try:
             while not stop.is_set():
                 if not buffered:
@@ -535,6 +547,7 @@ class Bus:
                 if batch:
                     yield batch
         finally:
+            self.followers -= 1
             await _unsubscribe(sub)
 
     async def close(self, timeout: float = 5.0) -> None:

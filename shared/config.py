@@ -263,6 +263,9 @@ class ProbeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     qr_tls_ca_file: str = ""
     # Read timeout of a front door association (also the ACSE/DIMSE timeout).
     qr_network_timeout_s: float = 30.0
+    # nats-server's monitoring endpoint (its -m / http_port, e.g. http://nats:8222): when set,
+    # the probe's /metrics also exports /varz and /jsz as switchyard_nats_* (shared.natsmon).
+    nats_monitor_url: str = ""
 
 
 class CatalogToken(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

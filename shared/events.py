@@ -155,6 +155,9 @@ class InstancePlacedV1(Event, tag="instance.placed.v1"):
     # Earlier placements of this instance handed back because their node went down
     # (not counted against scheduler.max_attempts).
     handbacks: int = 0
+    # When ingest recorded the instance (its received event's occurred_at), for the
+    # received -> verified latency; None on re-placements and older events.
+    received_at: datetime | None = None
 
 
 class InstanceForwardedV1(Event, tag="instance.forwarded.v1"):
@@ -167,6 +170,8 @@ class InstanceForwardedV1(Event, tag="instance.forwarded.v1"):
     # True when a redelivered placement was found already on its node (a lost ack):
     # settled as delivered, not sent again.
     already_present: bool = False
+    # From the placement: when ingest recorded the instance (received -> verified latency).
+    received_at: datetime | None = None
 
 
 class InstanceForwardFailedV1(Event, tag="instance.forward_failed.v1"):

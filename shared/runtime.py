@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry
 from shared.bus import Bus
 from shared.config import Config
 from shared.fsmode import private_umask
-from shared.telemetry import setup_logging, setup_tracing, start_metrics
+from shared.metrics import Check, ConsumerGauges, serve
+from shared.telemetry import setup_logging, setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,30 @@ class Service:
     def tracer(self) -> trace.Tracer:
         return self.provider.get_tracer(f"switchyard.{self.name}")
 
-    def serve_metrics(self, port: int) -> None:
-        """Start /metrics last: the stack and tests read it as 'this service is ready'."""
-        server, _ = start_metrics(self.registry, self.cfg.telemetry.metrics_host, port)
+    def serve_metrics(
+        self,
+        port: int,
+        consumers: Callable[[], int] | int = 0,
+        followers: int = 0,
+        checks: tuple[Check, ...] = (),
+    ) -> None:
+        """Start /metrics, /healthz and /readyz last (the stack and tests wait for /metrics).
+
+        /readyz: connected to NATS, at least ``consumers`` durables bound (and
+        none unbound), at least ``followers`` ordered readers of the log
+        running, and every extra check (ingest: the blob store takes writes).
+        Consumer lag of the durables is exported from here too.
+        """
+        bus = self.bus
+        want = consumers if callable(consumers) else (lambda: consumers)
+        ready: list[Check] = [("nats", lambda: bool(bus.nc.is_connected))]
+        ready.append(("consumers", lambda: bus.ready() and sum(bus.consumers.values()) >= want()))
+        ready.append(("log followers", lambda: bus.followers >= followers))
+        ready.extend(checks)
+        server = serve(self.registry, self.cfg.telemetry.metrics_host, port, ready)
         self.stack.callback(server.shutdown)
+        lag = asyncio.create_task(ConsumerGauges(self.registry).run(bus, self.stop), name="consumer-lag")
+        self.stack.callback(lag.cancel)
 
 
 async def run_until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[Any]]) -> None:

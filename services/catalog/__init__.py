@@ -70,7 +70,7 @@ async def main(cfg: Config) -> None:
         await web.TCPSite(runner, cfg.catalog.http_host, cfg.catalog.http_port, ssl_context=tls).start()
         projector = asyncio.create_task(project(cfg, svc.bus, store, svc.registry, svc.stop), name="projection")
         heartbeats = asyncio.create_task(follow_heartbeats(cfg, svc.bus, loads, svc.stop), name="heartbeats")
-        svc.serve_metrics(cfg.catalog.metrics_port)
+        svc.serve_metrics(cfg.catalog.metrics_port, followers=2)  # projection (after catch-up), heartbeats
         log.info(
             "catalog API on %s://%s:%d (%d tokens)",
             "https" if tls else "http",

@@ -44,7 +44,7 @@ async def main(cfg: Config) -> None:
         for member in pool.members.values():
             ensure_worker(member)
         follower = asyncio.create_task(membership.follow(svc.bus, pool, svc.stop, changed))
-        svc.serve_metrics(cfg.forwarder.metrics_port)
+        svc.serve_metrics(cfg.forwarder.metrics_port, consumers=lambda: len(tasks))  # one durable per node
         # A worker that dies, or the membership follower, stops the process loudly.
         await run_until_stopped(svc.stop, [follower, *tasks.values()])
         await asyncio.gather(*tasks.values(), return_exceptions=True)

@@ -44,6 +44,7 @@ from shared.blobs import BlobNotFound, BlobStore, BlobStoreError
 from shared.bus import Bus, BusUnavailable, PublishUncertain, forwarder_consumer
 from shared.config import Config
 from shared.dicomfile import NotDicom
+from shared.metrics import ReasonLabel, Stage, observe, reason_counter, reason_label, seconds_since, stage_histogram
 from shared.orthanc import OrthancClient, OrthancError
 from shared.telemetry import context_from
 
@@ -92,6 +93,13 @@ class ForwarderMetrics:
             ["node"],
             registry=registry,
         )
+        self.stage = stage_histogram(registry)
+        self.dead_by_reason = reason_counter(
+            "switchyard_dead_letters", "Instances dead-lettered, by node and reason", (), registry
+        )
+        self.blob_errors = Counter(
+            "switchyard_forwarder_blob_errors", "Blob store reads that failed (delivery retried)", registry=registry
+        )
         self.held = Gauge(
             "switchyard_forwarder_held", "Placements held until their node can be asked", ["node"], registry=registry
         )
@@ -109,6 +117,13 @@ class NodeWorker:
         self.bus = bus
         self.blobs = blobs
         self.metrics = metrics
+        for label in ReasonLabel:  # every (node, reason) at 0: alerts and panels have data from the start
+            metrics.dead_by_reason.labels(self.node.id, label.value)
+        for permanent in ("true", "false"):
+            metrics.failures.labels(node=self.node.id, permanent=permanent)
+        metrics.stage.labels(Stage.PLACED_TO_FORWARDED, self.node.id)
+        metrics.forwarded.labels(node=self.node.id)
+        metrics.bytes.labels(node=self.node.id)
         self.tracer = tr
         self.senders: asyncio.Queue[NodeSender] = asyncio.Queue()
         self.all_senders: list[NodeSender] = []
@@ -319,6 +334,7 @@ class NodeWorker:
         except BlobNotFound:
             return Outcome(False, True, "blob missing from the object store"), 0
         except BlobStoreError as exc:
+            self.metrics.blob_errors.inc()
             return Outcome(False, False, f"object store unavailable ({exc})"), 0
         finally:
             if tmp is not None:
@@ -366,6 +382,7 @@ class NodeWorker:
                 duration_ms=round(elapsed * 1000, 3),
                 status=status,
                 already_present=already_present,
+                received_at=placed.received_at,
             )
         )
         self._remember(placed.event_id)
@@ -376,6 +393,7 @@ class NodeWorker:
             self.metrics.forwarded.labels(node=node).inc()
             self.metrics.bytes.labels(node=node).inc(size)
             self.metrics.latency.labels(node=node).observe(elapsed)
+            observe(self.metrics.stage.labels(Stage.PLACED_TO_FORWARDED, node), seconds_since(placed.occurred_at))
         await msg.ack()
 
     def _remember(self, placement_id: str) -> None:
@@ -528,4 +546,5 @@ class NodeWorker:
             )
         )
         self.metrics.dead.labels(node=node).inc()
+        self.metrics.dead_by_reason.labels(node, reason_label(outcome.reason)).inc()
         await msg.term()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from services.ingest.scp import IngestMetrics, StorageSCP
+from services.ingest.scp import IngestMetrics, StorageSCP, configured_aes
 from shared.access import server_tls_context
 from shared.blobs import open_blob_store
 from shared.config import Config
@@ -73,12 +73,13 @@ async def main(cfg: Config, worker: int = 0) -> None:
             leftover.unlink(missing_ok=True)
         if workers > 1:
             cfg = msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(icfg, spool_dir=str(spool)))
-        scp = StorageSCP(cfg, svc.bus, open_blob_store(cfg.blobs), IngestMetrics(svc.registry), svc.tracer)
+        blobs = open_blob_store(cfg.blobs)
+        scp = StorageSCP(cfg, svc.bus, blobs, IngestMetrics(svc.registry, configured_aes(cfg)), svc.tracer)
         tls = server_tls_context(icfg.tls_cert_file, icfg.tls_key_file, icfg.tls_ca_file, "ingest.tls")
         server = await scp.start(tls, reuse_port=workers > 1)
         # Stop accepting and finish in-flight C-STOREs before the bus drains.
         svc.stack.push_async_callback(scp.stop, server)
-        svc.serve_metrics(icfg.metrics_port + worker)
+        svc.serve_metrics(icfg.metrics_port + worker, checks=(("blob store", lambda: blobs.check() is None),))
         log.info(
             "storage SCP %s listening on %s:%d%s%s",
             icfg.ae_title,

@@ -39,6 +39,7 @@ from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config
 from shared.dicomfile import Header, NotDicom, read_header
 from shared.dicomvalidate import DatasetError, DatasetValidator, valid_uid
+from shared.metrics import bounded_ae
 from shared.net import set_nodelay
 from shared.telemetry import current_trace_context
 
@@ -64,8 +65,45 @@ def shown(uid: str) -> str:
     return uid if valid_uid(uid.encode("ascii", "replace")) else "(invalid UID)"
 
 
+def configured_aes(cfg: Config) -> frozenset[str]:
+    """The calling AEs named in the access rules: the only peer_ae label values besides ``other``."""
+    peers = (entry.partition("@")[0] for entry in cfg.ingest.allowed_peers)
+    return frozenset(ae.strip() for ae in (*cfg.ingest.allowed_calling_aes, *peers) if ae.strip())
+
+
+def status_result(status: int) -> str:
+    """success, warning or failure (PS3.7 C.4.2.1.4): a bounded label for alerting."""
+    if status == SUCCESS:
+        return "success"
+    if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
+        return "warning"
+    return "failure"
+
+
 class IngestMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, known_aes: frozenset[str] = frozenset()) -> None:
+        # Per calling AE, bounded: configured AEs by name, every other one as "other"; all at 0 from the start.
+        self.known_aes = known_aes
+        self.peer_associations = Counter(
+            "switchyard_ingest_peer_associations",
+            "Association requests by calling AE (configured ones; others 'other') and outcome",
+            ["peer_ae", "outcome"],
+            registry=registry,
+        )
+        self.peer_results = Counter(
+            "switchyard_ingest_peer_cstore_results",
+            "C-STORE responses by calling AE and result (success, warning, failure)",
+            ["peer_ae", "result"],
+            registry=registry,
+        )
+        for ae in (*known_aes, "other"):
+            for outcome in ("accepted", "rejected"):
+                self.peer_associations.labels(ae, outcome)
+            for result in ("success", "warning", "failure"):
+                self.peer_results.labels(ae, result)
+        self.blob_errors = Counter(
+            "switchyard_ingest_blob_errors", "Blob store writes that failed (answered 0xA700)", registry=registry
+        )
         self.instances = Counter("switchyard_ingest_instances", "Instances accepted", registry=registry)
         self.bytes = Counter("switchyard_ingest_bytes", "Bytes accepted", registry=registry)
         self.statuses = Counter(
@@ -278,7 +316,9 @@ class StorageSCP:
         writer.write(result.answer)
         if result.reject is not None:
             self.metrics.rejected.inc()
+            self.metrics.peer_associations.labels(bounded_ae(calling, self.metrics.known_aes), "rejected").inc()
             return
+        self.metrics.peer_associations.labels(bounded_ae(calling, self.metrics.known_aes), "accepted").inc()
         peername = writer.get_extra_info("peername")
         peer = _Peer(calling, called, address, int(peername[1]) if peername and len(peername) > 1 else 0)
         key = (calling, address)
@@ -365,6 +405,9 @@ class StorageSCP:
                             if finished is None:
                                 if done.field == ul.C_STORE_RQ:
                                     self.metrics.statuses.labels(status=f"0x{refusal[0]:04X}").inc()
+                                    self.metrics.peer_results.labels(
+                                        bounded_ae(peer.calling_ae, self.metrics.known_aes), status_result(refusal[0])
+                                    ).inc()
                                 await self._send(writer, assoc, done, *refusal)
                                 refusal = (UNRECOGNIZED_OPERATION, "operation not supported here")
                             else:
@@ -457,6 +500,9 @@ class StorageSCP:
                     incoming.discard()  # the spool file, unless the blob store took it
                 span.set_attribute("dicom.status", status)
             self.metrics.statuses.labels(status=f"0x{status:04X}").inc()
+            self.metrics.peer_results.labels(
+                bounded_ae(peer.calling_ae, self.metrics.known_aes), status_result(status)
+            ).inc()
             self.metrics.latency.observe(time.monotonic() - started)
             await self._send(writer, assoc, command, status, comment)
         finally:
@@ -519,6 +565,7 @@ class StorageSCP:
         try:
             existed = self._keep(key, incoming.path, flushed.result())
         except (BlobStoreError, OSError) as exc:
+            self.metrics.blob_errors.inc()
             log.error("blob store refused %s: %s", sop_uid, exc)
             return OUT_OF_RESOURCES_BLOB, "object store unavailable"
         return received, existed

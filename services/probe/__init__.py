@@ -24,6 +24,7 @@ from shared import membership
 from shared.blobs import open_blob_store
 from shared.bus import Bus
 from shared.config import Config
+from shared.natsmon import NatsMonitorCollector
 from shared.readmodel.catalog import CatalogStore
 from shared.readmodel.follow import keep_up
 from shared.runtime import run_until_stopped, running_service
@@ -57,6 +58,8 @@ async def main(cfg: Config) -> None:
             "switchyard_probe_node_up", "1 when the node answered REST and C-ECHO", ["node"], registry=svc.registry
         )
         beats = Counter("switchyard_probe_heartbeats", "Heartbeats published", ["node"], registry=svc.registry)
+        if cfg.probe.nats_monitor_url:
+            svc.registry.register(NatsMonitorCollector(cfg.probe.nats_monitor_url))
         # Nodes come from the log (config seeds them): nodes added at run time are watched too.
         pool = await membership.load(svc.bus, cfg.nodes, cfg.node_credentials)
         store = ProbeStore(cfg.probe.db_path)
@@ -95,7 +98,7 @@ async def main(cfg: Config) -> None:
             cfg.probe.qr_port,
             " (TLS)" if cfg.probe.qr_tls_cert_file else "",
         )
-        svc.serve_metrics(cfg.probe.metrics_port)
+        svc.serve_metrics(cfg.probe.metrics_port, followers=1)  # the log projections
         log.info("watching nodes %s every %.1fs", ", ".join(m.node.id for m in pool.active()), cfg.probe.interval_s)
         # Heartbeat watches end by themselves when their node is removed; these must not end.
         await run_until_stopped(svc.stop, [follower, projector])

@@ -42,6 +42,7 @@ from shared.blobs import BlobStoreError, open_blob_store
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config, NodeConfig
 from shared.dicomfile import NotDicom, dataset_bytes_digest, dataset_difference, meta_sop_and_digest
+from shared.metrics import Stage, observe, reason_counter, reason_label, seconds_since, stage_histogram
 from shared.orthanc import OrthancClient, OrthancError
 from shared.runtime import wait_or_stop
 
@@ -210,6 +211,18 @@ class Verifier:
         self.changes = Counter(
             "switchyard_probe_changes_seen", "NewInstance changes read from nodes", ["node"], registry=registry
         )
+        self.failures = reason_counter(
+            "switchyard_verification_failures",
+            "Forwarded instances that failed verification, by node and reason",
+            (n.id for n in cfg.nodes),
+            registry,
+        )
+        self.stage = stage_histogram(
+            registry, [Stage.FORWARDED_TO_VERIFIED, Stage.RECEIVED_TO_VERIFIED], [n.id for n in cfg.nodes]
+        )
+        for node in cfg.nodes:
+            for outcome in ("verified", "failed"):
+                self.outcomes.labels(node=node.id, outcome=outcome)
         self.log_seq = Gauge(
             "switchyard_probe_verify_last_seq", "Last stream sequence in the verification store", registry=registry
         )
@@ -302,6 +315,14 @@ class Verifier:
                     state = "verified" if ok else "failed"
                     settled.append((item.node_id, item.sop_instance_uid, item.placement_id, state, reason))
                     self.outcomes.labels(node=item.node_id, outcome=state).inc()
+                    if ok:
+                        waited = seconds_since(item.forwarded_at)
+                        observe(self.stage.labels(Stage.FORWARDED_TO_VERIFIED, item.node_id), waited)
+                        if item.received_at is not None:
+                            total = seconds_since(item.received_at)
+                            observe(self.stage.labels(Stage.RECEIVED_TO_VERIFIED, item.node_id), total)
+                    else:
+                        self.failures.labels(item.node_id, reason_label(reason)).inc()
         finally:
             await asyncio.to_thread(self.store.settle_many, settled)
         if error is not None:

@@ -29,7 +29,7 @@ async def main(cfg: Config) -> None:
         scheduler = Scheduler(cfg, svc.bus, svc.registry, svc.tracer, pool, kv)
         await svc.bus.nc.subscribe(SUBJECT_HEARTBEAT_ALL, cb=scheduler.watch.on_heartbeat)
         follower = asyncio.create_task(membership.follow(svc.bus, pool, svc.stop, scheduler.on_state))
-        svc.serve_metrics(cfg.scheduler.metrics_port)
+        svc.serve_metrics(cfg.scheduler.metrics_port, consumers=3)  # received, dead letters, verify failures
         log.info("scheduling for nodes %s", ", ".join(m.node.id for m in pool.active()))
         try:
             await scheduler.run(svc.stop)

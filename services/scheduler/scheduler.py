@@ -42,6 +42,7 @@ from shared.bus import (
 )
 from shared.config import Config
 from shared.events import PlacementReason
+from shared.metrics import Stage, observe, seconds_since, stage_histogram
 from shared.telemetry import context_from, current_trace_context
 
 log = logging.getLogger("switchyard.scheduler")
@@ -90,6 +91,11 @@ class Scheduler:
             registry=registry,
         )
         self.decision_seconds = Histogram("switchyard_scheduler_decision_seconds", "Decision time", registry=registry)
+        nodes = [n.id for n in cfg.nodes]
+        self.stage = stage_histogram(registry, [Stage.RECEIVED_TO_PLACED], nodes)
+        for node in nodes:  # at 0 from the start: the first placement shows in a rate
+            for why in PlacementReason:
+                self.placements.labels(node=node, reason=why)
 
     async def on_state(self, member: membership.Member, event: ev.NodeStateChangedV1) -> None:
         """A membership change from the log: studies on a node that left are read from the KV again."""
@@ -198,6 +204,7 @@ class Scheduler:
             rule=rule,
             pool=pool,
             verification_failures=verification_failures,
+            received_at=received.occurred_at,
         )
 
     async def _consume(self, config, handler, stop: asyncio.Event) -> None:
@@ -272,7 +279,12 @@ class Scheduler:
                     continue
                 span.set_attribute("switchyard.node", placed.node_id)
                 span.set_attribute("switchyard.reason", placed.reason)
-                recorded = await self._record(placed) and recorded
+                placed_now = await self._record(placed)
+                recorded = placed_now and recorded
+                if placed_now:
+                    observe(
+                        self.stage.labels(Stage.RECEIVED_TO_PLACED, placed.node_id), seconds_since(received.occurred_at)
+                    )
             self.decision_seconds.observe(time.perf_counter() - started)
             if waiting:
                 # Never elsewhere: the instance waits until a node of the pool can take it.
