@@ -433,6 +433,16 @@ def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
     return asyncio.run(_nodes(args, cfg))
 
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml), so a bug report can name it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dicom-switchyard")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 ACCEPT_LOSS_HELP = (
     "rebuild from what the log still holds even if it was purged or truncated "
     "(events before its first sequence are lost); without it such a rebuild stops with an error"
@@ -442,6 +452,7 @@ ACCEPT_LOSS_HELP = (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchyard", description="Switchyard DICOM router")
     parser.add_argument("--config", help="TOML config file (default: $SWITCHYARD_CONFIG or built-in defaults)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("stack", help="run the whole stack locally")
     p.add_argument("--demo", action="store_true", help="route the demo corpus once the stack is up")

@@ -58,6 +58,7 @@ SUBJECTS = {
     "instance.verified.v1": "dicom.instance.verified.{node}",
     "instance.verification_failed.v1": "dicom.instance.verification_failed.{node}",
     "node.state_changed.v1": "node.state.{node}.{state}",
+    "instance.resent.v1": "dicom.instance.resent",
 }
 
 

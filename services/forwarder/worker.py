@@ -47,7 +47,7 @@ from shared.dicomfile import NotDicom
 from shared.orthanc import OrthancClient, OrthancError
 from shared.telemetry import context_from
 
-log = logging.getLogger("switchyard.forwarder")
+log = logging.getLogger("switchyard.forwarder.worker")
 
 # Deliveries of an instance the node rejects or aborts on before it is dead-lettered.
 INSTANCE_TRIES = 2

@@ -44,7 +44,7 @@ from shared.config import Config
 from shared.events import PlacementReason
 from shared.telemetry import context_from, current_trace_context
 
-log = logging.getLogger("switchyard.scheduler")
+log = logging.getLogger("switchyard.scheduler.scheduler")
 
 
 class _StudyRef(msgspec.Struct):
