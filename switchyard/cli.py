@@ -3,6 +3,7 @@
 switchyard stack [--demo]   run nats-server, Orthanc nodes and the services locally
 switchyard chaos            run the stack under faults, audit every acknowledged instance
 switchyard demo             send the demo corpus to a running stack, print placements
+switchyard send PATH...     C-STORE files and folders (recursive): per-file status, summary, exit 0 if all acknowledged
 switchyard config           print the effective configuration (secrets masked)
 switchyard catalog rebuild  replay the log into a fresh catalog file and swap it in (service stopped)
 switchyard probe rebuild    the same for the probe's two store files (probe stopped)
@@ -207,6 +208,42 @@ def cmd_chaos(args: argparse.Namespace, cfg: Config) -> int:
         Path(args.json).write_text(chaos.report_json(report))
     clean = report.settled and not (report.lost or report.duplicated or report.split or report.dead_lettered)
     return 0 if clean else 1
+
+
+def cmd_send(args: argparse.Namespace, cfg: Config) -> int:
+    """Exit 0 only when every file was acknowledged (success or warning); 1 otherwise, 2 for bad usage."""
+    from switchyard import send
+
+    icfg = cfg.ingest
+    use_tls = args.tls or bool(args.tls_ca or args.tls_cert) or (bool(icfg.tls_cert_file) and not args.no_tls)
+    try:
+        tls = (
+            send.tls_context(args.tls_ca or icfg.tls_ca_file, args.tls_cert or "", args.tls_key or "")
+            if use_tls
+            else None
+        )
+    except (OSError, ValueError) as exc:
+        print(f"switchyard: TLS setup failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
+    opts = send.Options(
+        host=args.host,
+        port=args.port or icfg.port,
+        called_ae=args.called_ae or icfg.ae_title,
+        calling_ae=args.calling_ae,
+        tls=tls,
+        retries=args.retries,
+        timeout_s=args.timeout,
+        quiet=args.quiet,
+    )
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        print(f"switchyard: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    summary = send.send(args.paths, opts)
+    if not summary.items:
+        print("switchyard: no files found", file=sys.stderr)
+        return 1
+    return 0 if summary.all_acknowledged else 1
 
 
 def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
@@ -494,6 +531,27 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="send the demo corpus to a running stack")
     p.add_argument("--data-dir", default="var")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser(
+        "send",
+        help="C-STORE files and folders (recursively) to the ingest (or any SCP); "
+        "exit 0 only when every file was acknowledged with success or warning",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="default: ingest.port")
+    p.add_argument("--called-ae", default="", help="default: ingest.ae_title")
+    p.add_argument("--calling-ae", default="SWITCHYARD", help="our AE title (default SWITCHYARD)")
+    p.add_argument(
+        "--tls", action="store_true", help="DICOM over TLS (default: on when the config's ingest serves TLS)"
+    )
+    p.add_argument("--no-tls", action="store_true", help="plain TCP even when the config's ingest serves TLS")
+    p.add_argument("--tls-ca", help="CA file that signed the SCP's certificate (default: ingest.tls_ca_file)")
+    p.add_argument("--tls-cert", help="client certificate (when the SCP requires one)")
+    p.add_argument("--tls-key", help="the client certificate's key")
+    p.add_argument("--retries", type=int, default=3, help="retries of 0xA7xx and lost associations, with backoff")
+    p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only files not answered success")
+    p.set_defaults(func=cmd_send)
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=cmd_config)
     p = sub.add_parser("catalog", help="catalog maintenance")
