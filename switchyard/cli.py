@@ -34,6 +34,7 @@ from shared.config import Config, ConfigError, load_config
 from shared.fsmode import PRIVATE_DIR, private_dir, private_umask
 from shared.telemetry import setup_logging
 from switchyard import stack as ls
+from switchyard.progress import Progress
 
 if TYPE_CHECKING:
     from shared.readmodel.store import ProjectionStore
@@ -71,32 +72,53 @@ def catalog_get(cfg: Config, path: str, timeout: float = 5.0, token: str = ""):
         return json.loads(rsp.read())
 
 
-def wait_delivered(cfg: Config, index: dict[str, list[str]], timeout: float, token: str = "") -> list[dict]:
-    """Poll the catalog until every instance of every study is delivered to a node."""
+def wait_delivered(
+    cfg: Config,
+    index: dict[str, list[str]],
+    timeout: float,
+    token: str = "",
+    stop: threading.Event | None = None,
+) -> list[dict]:
+    """Poll the catalog until every instance of every study is delivered to a node (progress on stderr)."""
     deadline = time.monotonic() + timeout
     wanted = {study: len(sops) for study, sops in index.items()}
     rows: list[dict] = []
-    while time.monotonic() < deadline:
-        try:
-            rows = [
-                r
-                for r in catalog_get(cfg, "/api/studies?limit=10000", token=token)
-                if r["study_instance_uid"] in wanted
-            ]
-        except (urllib.error.URLError, OSError, ValueError):
-            rows = []
-        done = {r["study_instance_uid"] for r in rows if r["delivered"] >= wanted[r["study_instance_uid"]]}
-        if done == set(wanted):
-            return rows
-        time.sleep(0.25)
+    with Progress("demo: delivered", sum(wanted.values()), "instances") as progress:
+        while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                raise Stopped("stopped while waiting for the demo's deliveries")
+            try:
+                rows = [
+                    r
+                    for r in catalog_get(cfg, "/api/studies?limit=10000", token=token)
+                    if r["study_instance_uid"] in wanted
+                ]
+            except (urllib.error.URLError, OSError, ValueError):
+                rows = []
+            progress.update(sum(min(r["delivered"], wanted[r["study_instance_uid"]]) for r in rows))
+            done = {r["study_instance_uid"] for r in rows if r["delivered"] >= wanted[r["study_instance_uid"]]}
+            if done == set(wanted):
+                return rows
+            time.sleep(0.25)
     missing = sorted(
         set(wanted) - {r["study_instance_uid"] for r in rows if r["delivered"] >= wanted[r["study_instance_uid"]]}
     )
     raise TimeoutError(f"{len(missing)} demo studies not fully delivered within {timeout}s")
 
 
-def run_demo(cfg: Config, work_dir: Path, out: IO[str] = sys.stdout, timeout: float = 300.0) -> list[dict]:
-    """Send the demo corpus with DCMTK storescu and print which node got each study."""
+class Stopped(Exception):
+    """A signal asked the stack to stop while the demo ran."""
+
+
+def run_demo(
+    cfg: Config,
+    work_dir: Path,
+    out: IO[str] = sys.stdout,
+    timeout: float = 300.0,
+    stop: threading.Event | None = None,
+) -> list[dict]:
+    """Send the demo corpus with ``switchyard send`` and print which node got each study."""
+    from switchyard import send
     from switchyard.corpus import bundled_test_files, corpus_index, generate_studies
 
     corpus = work_dir / "demo-corpus"
@@ -108,17 +130,18 @@ def run_demo(cfg: Config, work_dir: Path, out: IO[str] = sys.stdout, timeout: fl
     index = corpus_index(files)
     out.write(
         f"demo: sending {len(files)} instances in {len(index)} studies to "
-        f"{cfg.ingest.ae_title}@127.0.0.1:{cfg.ingest.port} with DCMTK storescu\n"
+        f"{cfg.ingest.ae_title}@127.0.0.1:{cfg.ingest.port} with switchyard send\n"
     )
+    out.flush()
     started = time.monotonic()
-    result = ls.storescu(
-        "127.0.0.1", cfg.ingest.port, cfg.ingest.ae_title, [corpus], calling_ae="DEMO", extra=["+sd", "+r"]
-    )
-    if result.returncode != 0:
-        out.write(result.stdout[-2000:] + result.stderr[-2000:])
-        raise RuntimeError(f"storescu exited with {result.returncode}")
+    opts = send.Options("127.0.0.1", cfg.ingest.port, cfg.ingest.ae_title, calling_ae="DEMO", quiet=True)
+    summary = send.send([str(corpus)], opts, out=out, stop=stop)
+    if stop is not None and stop.is_set():
+        raise Stopped("stopped while sending the demo")
+    if not summary.all_acknowledged:
+        raise RuntimeError("the demo corpus was not acknowledged file by file (see the lines above)")
     # The local stack's operator token (catalog-tokens.json in the data dir), else a configured catalog.token.
-    rows = wait_delivered(cfg, index, timeout, ls.read_catalog_tokens(work_dir).get("operator", ""))
+    rows = wait_delivered(cfg, index, timeout, ls.read_catalog_tokens(work_dir).get("operator", ""), stop)
     elapsed = time.monotonic() - started
     out.write(f"demo: all {len(files)} instances delivered in {elapsed:.1f}s\n\n")
     out.write(f"{'study instance uid':<66} {'modality':<9} {'inst':>5}  node\n")
@@ -165,7 +188,10 @@ def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
             flush=True,
         )
         if args.demo:
-            run_demo(cfg, data_dir)
+            try:
+                run_demo(cfg, data_dir, stop=stop)
+            except Stopped:
+                return 0  # a signal during the demo: stop everything, as at any other time
         if args.exit_after_demo:
             return 0
         print("switchyard: running; a crashed process is restarted; Ctrl-C stops everything", flush=True)

@@ -15,6 +15,7 @@ import asyncio
 import os
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -198,8 +199,13 @@ WIRE_ERRORS = (OSError, TimeoutError, asyncio.IncompleteReadError, ul.ProtocolEr
 
 
 class Sender:
-    def __init__(self, opts: Options, progress: Progress, out: IO[str]) -> None:
+    def __init__(self, opts: Options, progress: Progress, out: IO[str], stop: threading.Event | None = None) -> None:
         self.opts, self.progress, self.out = opts, progress, out
+        self.stop = stop
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
     def backoff(self, attempt: int) -> float:
         return min(self.opts.backoff_s * 2 ** (attempt - 1), 10.0)
@@ -220,6 +226,10 @@ class Sender:
         contexts = list(dict.fromkeys(i.context for i in group))
         i, failures = 0, 0
         while i < len(group):
+            if self.stopping:
+                for item in group[i:]:
+                    self.finish(item, FAILED, detail="not sent: stopped")
+                return
             try:
                 assoc = await self.connect(contexts)
             except ul.Rejected as exc:
@@ -250,7 +260,7 @@ class Sender:
 
     async def store_on(self, assoc: ul.Association, group: list[Item], i: int, failures: int) -> tuple[int, int]:
         """C-STORE group[i:] on one association; returns where it stopped (the end) and the failure count."""
-        while i < len(group):
+        while i < len(group) and not self.stopping:
             item = group[i]
             context_id = assoc.accepted.get(item.context)
             if context_id is None:
@@ -274,15 +284,21 @@ class Sender:
             await self.send_group(group)
 
 
-def send(paths: list[str], opts: Options, out: IO[str] | None = None, err: IO[str] | None = None) -> Summary:
-    """Send every file under ``paths``; the summary is printed and returned."""
+def send(
+    paths: list[str],
+    opts: Options,
+    out: IO[str] | None = None,
+    err: IO[str] | None = None,
+    stop: threading.Event | None = None,
+) -> Summary:
+    """Send every file under ``paths``; the summary is printed and returned. ``stop`` ends it between files."""
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     started = time.monotonic()
     files = find_files(paths)
     summary = Summary([inspect(p) for p in files])
     with Progress("send", len(files), "files", stream=err) as progress:
-        sender = Sender(opts, progress, out)
+        sender = Sender(opts, progress, out, stop)
         for item in summary.items:
             if item.outcome == FAILED:
                 sender.finish(item, FAILED, detail=item.detail)
