@@ -327,9 +327,17 @@ def _rebuild(
         for path, _, _ in jobs:
             ensure_unlocked(path)
         for path, store_class, seed in jobs:
-            result = asyncio.run(
-                rebuild_file(nats_cfg, path, store_class, seed=seed, fold_bytes=cfg.catalog.rebuild_memory_mib << 20)
-            )
+            with Progress(f"{what} rebuild: {path.name}", None, "events") as progress:
+                result = asyncio.run(
+                    rebuild_file(
+                        nats_cfg,
+                        path,
+                        store_class,
+                        seed=seed,
+                        fold_bytes=cfg.catalog.rebuild_memory_mib << 20,
+                        progress=lambda seq, target: progress.update(seq, target),
+                    )
+                )
             rate = result.events / result.seconds if result.seconds else 0.0
             print(
                 f"{what} rebuilt: {result.path}: {result.events} events up to sequence {result.last_seq} "
@@ -374,7 +382,14 @@ def cmd_audit_export(args: argparse.Namespace, cfg: Config) -> int:
     from services.catalog.audit import ExportError, export, parse_when
 
     try:
-        result = export(args.db or cfg.catalog.db_path, parse_when(args.since), parse_when(args.until), args.out)
+        with Progress("audit export", None, "files") as progress:
+            result = export(
+                args.db or cfg.catalog.db_path,
+                parse_when(args.since),
+                parse_when(args.until),
+                args.out,
+                progress=lambda done, total: progress.update(done, total),
+            )
     except ExportError as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 1

@@ -40,7 +40,13 @@ def test_bootstrap_stack_stops_cleanly_on_a_signal_to_its_pid(tmp_path, sig):
     )
     lines: queue.Queue[str] = queue.Queue()
     seen: list[str] = []
-    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
     try:
         deadline = time.monotonic() + 300
         while not any("switchyard: running" in ln for ln in seen):
