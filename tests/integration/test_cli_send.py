@@ -145,3 +145,18 @@ async def test_a_resend_from_another_ae_is_audited_and_not_placed_again(stack, t
 
 async def _async(fn):
     return fn()
+
+
+def test_nodes_commands_are_quiet_on_success(stack):
+    """Closing the NATS connection is not a disconnection worth a warning."""
+    for args in (["nodes", "list"], ["nodes", "undrain", stack.cfg.nodes[0].id, "--reason", "test"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "switchyard", "--config", str(stack.config_path), *args],
+            cwd=ls.REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == "", result.stderr
+    assert stack.cfg.nodes[0].id in result.stdout
