@@ -63,12 +63,20 @@ class Progress:
             if self.tty and not self._closed:
                 self._show()
 
-    def close(self) -> None:
-        """The final state, once (a bar ends with a newline; a plain run with its last line)."""
+    def close(self, failed: bool = False) -> None:
+        """The final state, once (a bar ends with a newline; a plain run with its last line).
+
+        ``failed``: no final line (the error says what happened); a drawn bar is ended.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            if failed:
+                if self._drawn:
+                    self.stream.write("\n")
+                    self.stream.flush()
+                return
             self._show(final=True)
             if self.tty:
                 self.stream.write("\n")
@@ -77,8 +85,8 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(failed=exc_type is not None)
 
     def text(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)

@@ -82,3 +82,10 @@ async def test_forwarder_summary_is_one_line_per_period_per_node(caplog):
     while len(caplog.records) < 2 and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
     assert caplog.records[1].getMessage().startswith("node2 (NODE2): 4 instances forwarded in ")
+
+
+def test_progress_says_nothing_more_when_the_work_failed():
+    plain = io.StringIO()
+    with pytest.raises(RuntimeError), Progress("rebuild", None, "events", stream=plain, interval=60):
+        raise RuntimeError("log unreachable")
+    assert plain.getvalue() == ""
