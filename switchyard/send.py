@@ -88,7 +88,8 @@ class Item:
     status: int | None = None
     outcome: str = ""
     detail: str = ""
-    tries: int = 0
+    tries: int = 0  # 0xA7xx answers retried
+    losses: int = 0  # associations lost while this file was in flight
 
     @property
     def context(self) -> tuple[str, str]:
@@ -202,6 +203,7 @@ class Sender:
     def __init__(self, opts: Options, progress: Progress, out: IO[str], stop: threading.Event | None = None) -> None:
         self.opts, self.progress, self.out = opts, progress, out
         self.stop = stop
+        self.position = 0  # the next file of the group being sent
 
     @property
     def stopping(self) -> bool:
@@ -223,34 +225,52 @@ class Sender:
         )
 
     async def send_group(self, group: list[Item]) -> None:
+        """Associate (again after a loss) until every file of ``group`` has its outcome.
+
+        Association failures in a row are retried ``retries`` times, then the rest of the
+        group fails; a file in flight when an association was lost is sent again, and fails
+        alone once it was in flight for ``retries`` + 1 losses (a file the SCP aborts on
+        must not take the files after it down).
+        """
         contexts = list(dict.fromkeys(i.context for i in group))
-        i, failures = 0, 0
-        while i < len(group):
+        self.position, failures = 0, 0
+        while self.position < len(group):
             if self.stopping:
-                for item in group[i:]:
+                for item in group[self.position :]:
                     self.finish(item, FAILED, detail="not sent: stopped")
                 return
             try:
                 assoc = await self.connect(contexts)
             except ul.Rejected as exc:
                 if exc.result == 1:  # permanent: the same request will be rejected again
-                    for item in group[i:]:
+                    for item in group[self.position :]:
                         self.finish(item, FAILED, detail=f"association rejected permanently ({exc})")
                     return
                 reason: str = str(exc)
             except WIRE_ERRORS as exc:
                 reason = f"association failed ({type(exc).__name__})"
             else:
+                failures = 0
                 try:
-                    i, failures = await self.store_on(assoc, group, i, failures)
+                    await self.store_on(assoc, group)
                     await assoc.close()
                     continue
                 except WIRE_ERRORS as exc:
                     await assoc.close(abort=True)
-                    reason = f"association lost ({type(exc).__name__})"
+                    item = group[self.position]
+                    item.losses += 1
+                    reason = f"association lost while sending {item.path.name} ({type(exc).__name__})"
+                    if item.losses > self.opts.retries:
+                        self.finish(item, FAILED, detail=f"{reason}, {item.losses} times")
+                        self.position += 1
+                        continue
+                    wait = self.backoff(item.losses)
+                    self.progress.echo(f"send: {reason}; sending it again in {wait:.1f}s", sys.stderr)
+                    await asyncio.sleep(wait)
+                    continue
             failures += 1
             if failures > self.opts.retries:
-                for item in group[i:]:
+                for item in group[self.position :]:
                     self.finish(item, FAILED, detail=f"{reason}; gave up after {self.opts.retries} retries")
                 return
             self.progress.echo(
@@ -258,26 +278,30 @@ class Sender:
             )
             await asyncio.sleep(self.backoff(failures))
 
-    async def store_on(self, assoc: ul.Association, group: list[Item], i: int, failures: int) -> tuple[int, int]:
-        """C-STORE group[i:] on one association; returns where it stopped (the end) and the failure count."""
-        while i < len(group) and not self.stopping:
-            item = group[i]
+    async def store_on(self, assoc: ul.Association, group: list[Item]) -> None:
+        """C-STORE group[position:] on one association, advancing ``position`` as files get their outcome."""
+        while self.position < len(group) and not self.stopping:
+            item = group[self.position]
             context_id = assoc.accepted.get(item.context)
             if context_id is None:
                 self.finish(item, REFUSED, detail="presentation context (SOP class, transfer syntax) not accepted")
-                i += 1
+                self.position += 1
                 continue
-            with open(item.path, "rb") as f:
+            try:
+                f = open(item.path, "rb")  # noqa: SIM115 - closed below; an open failure is the file's alone
+            except OSError as exc:
+                self.finish(item, FAILED, detail=f"cannot read the file ({type(exc).__name__})")
+                self.position += 1
+                continue
+            with f:
                 f.seek(item.offset)
                 status = await assoc.c_store(context_id, item.sop_class, item.sop_instance, f, item.size)
-            failures = 0  # the association works: a later loss starts its retries afresh
             if status >> 8 == 0xA7 and item.tries < self.opts.retries:
                 item.tries += 1
                 await asyncio.sleep(self.backoff(item.tries))
                 continue
             self.finish(item, outcome_of(status), status, f"after {item.tries} retries" if item.tries else "")
-            i += 1
-        return i, failures
+            self.position += 1
 
     async def run(self, items: list[Item]) -> None:
         for group in groups(items):

@@ -16,7 +16,7 @@ from switchyard import stack as ls
 from switchyard.corpus import bundled_test_files, generate_studies
 from tests.factories import lying_file
 from tests.fixtures.servers import Stack
-from tests.fixtures.util import poll
+from tests.fixtures.util import poll, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -160,3 +160,41 @@ def test_nodes_commands_are_quiet_on_success(stack):
         assert result.returncode == 0, result.stderr
         assert result.stderr == "", result.stderr
     assert stack.cfg.nodes[0].id in result.stdout
+
+
+def test_out_of_resources_is_retried_until_the_ingest_can_take_it(ingest_only, tmp_path):
+    """NATS down: ingest answers 0xA701; send retries with backoff and succeeds once NATS is back."""
+    path = generate_studies(tmp_path / "c", studies=1, series_per_study=1, instances_per_series=1, seed=156)[0]
+    ingest_only.stop_nats()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "switchyard", "--config", str(ingest_only.config_path), "send"]
+        + ["--retries", "8", "--calling-ae", "TESTSCU", str(path)],
+        cwd=ls.REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: (
+                (ingest_only.metric("ingest", "switchyard_ingest_cstore_status_total", 'status="0xA701"') or 0) >= 1
+            ),
+            timeout=60,
+            what="ingest answered out of resources",
+        )
+        ingest_only.start_nats()
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    assert re.search(rf"^{re.escape(str(path))}: 0x0000 success \(after \d+ retries\)$", out, re.M), out
+
+
+def test_out_of_resources_after_every_retry_is_named_and_fails(ingest_only, tmp_path):
+    path = generate_studies(tmp_path / "c", studies=1, series_per_study=1, instances_per_series=1, seed=157)[0]
+    ingest_only.stop_nats()
+    result = send(ingest_only, "--retries", "1", path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert summary(result) == (1, 1, 0, 0, 1, 0)
+    assert f"{path}: 0xA701 refused: out of resources (a later retry may help) (after 1 retries)" in result.stdout
