@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from shared.config import NodeConfig
 from switchyard import stack as ls
-from tests.fixtures.servers import stack_config
+from tests.fixtures.servers import nodes_on_free_ports, stack_config
 from tests.fixtures.util import free_port
 
 pytestmark = pytest.mark.integration
@@ -21,12 +20,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_bootstrap_stack_stops_cleanly_on_a_signal_to_its_pid(tmp_path, sig):
-    nodes = [
-        NodeConfig(
-            id=f"node{i}", dicom_port=free_port(), ae_title=f"NODE{i}", rest_url=f"http://127.0.0.1:{free_port()}"
-        )
-        for i in (1, 2, 3)
-    ]
+    nodes = nodes_on_free_ports()
     config = ls.write_config(stack_config(tmp_path / "data", nodes), tmp_path / "switchyard.toml")
     proc = subprocess.Popen(
         [str(ls.REPO / "bootstrap.sh"), "up", "--data-dir", str(tmp_path / "data")]
