@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="default: ingest.port")
     p.add_argument("--called-ae", default="", help="default: ingest.ae_title")
-    p.add_argument("--calling-ae", default="SWITCHYARD", help="our AE title (default SWITCHYARD)")
+    p.add_argument("--calling-ae", default="SWITCHYARD_SCU", help="our AE title (default SWITCHYARD_SCU)")
     p.add_argument(
         "--tls", action="store_true", help="DICOM over TLS (default: on when the config's ingest serves TLS)"
     )

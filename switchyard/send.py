@@ -101,7 +101,7 @@ class Options:
     host: str
     port: int
     called_ae: str
-    calling_ae: str = "SWITCHYARD"
+    calling_ae: str = "SWITCHYARD_SCU"
     tls: ssl.SSLContext | None = None
     retries: int = 3
     backoff_s: float = 0.5
