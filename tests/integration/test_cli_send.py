@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pydicom
 import pytest
 
@@ -15,7 +16,7 @@ from shared.dicomfile import read_header
 from switchyard import stack as ls
 from switchyard.corpus import bundled_test_files, generate_studies
 from tests.factories import lying_file
-from tests.fixtures.servers import Stack
+from tests.fixtures.servers import Stack, make_stack
 from tests.fixtures.util import poll, wait_for
 
 pytestmark = pytest.mark.integration
@@ -198,3 +199,27 @@ def test_out_of_resources_after_every_retry_is_named_and_fails(ingest_only, tmp_
     assert result.returncode == 1, result.stdout + result.stderr
     assert summary(result) == (1, 1, 0, 0, 1, 0)
     assert f"{path}: 0xA701 refused: out of resources (a later retry may help) (after 1 retries)" in result.stdout
+
+
+def test_tls_as_the_ingest_config_says(orthanc_nodes, pki, tmp_path):
+    """The config's ingest serves mutual TLS: send verifies it against ingest.tls_ca_file and presents
+    the client certificate it is given; without one there is no association, and the file is named."""
+
+    def configure(cfg):
+        tls = {"tls_cert_file": str(pki["server_crt"]), "tls_key_file": str(pki["server_key"])}
+        return msgspec.structs.replace(
+            cfg, ingest=msgspec.structs.replace(cfg.ingest, tls_ca_file=str(pki["ca"]), network_timeout_s=5.0, **tls)
+        )
+
+    stack = make_stack(tmp_path / "stack", orthanc_nodes, ("ingest",), configure)
+    try:
+        path = generate_studies(tmp_path / "c", studies=1, series_per_study=1, instances_per_series=1, seed=158)[0]
+        ok = send(stack, "--tls-cert", pki["client_crt"], "--tls-key", pki["client_key"], path)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert f"{path}: 0x0000 success" in ok.stdout
+        refused = send(stack, "--retries", "0", path)
+        assert refused.returncode == 1 and f"{path}: ------ failed: association" in refused.stdout, refused.stdout
+        plain = send(stack, "--no-tls", "--retries", "0", path)
+        assert plain.returncode == 1, plain.stdout
+    finally:
+        stack.close()
