@@ -315,3 +315,19 @@ def lying_file(source: Path, dest: Path) -> Path:
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.save_as(dest, enforce_file_format=False)  # True would "fix" the meta UID
     return dest
+
+
+def resent(n: int, calling_ae: str, association: str = "a1") -> ev.InstanceResentV1:
+    """Instance n of ``received(n)`` sent again, identical, by ``calling_ae`` in ``association``."""
+    r = received(n)
+    return ev.InstanceResentV1(
+        event_id=f"s{n}-{association}",
+        sop_instance_uid=r.sop_instance_uid,
+        study_instance_uid=r.study_instance_uid,
+        dataset_digest=r.dataset_digest,
+        blob_key=r.blob_key,
+        calling_ae=calling_ae,
+        peer_address="127.0.0.1",
+        peer_port=40000 + n,
+        association_id=association,
+    )
