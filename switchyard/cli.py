@@ -675,7 +675,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 2
-    return args.func(args, cfg)
+    try:
+        return args.func(args, cfg)
+    except KeyboardInterrupt:  # Ctrl-C in a command without its own handler (send, demo): no traceback
+        print("switchyard: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

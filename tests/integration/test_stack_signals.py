@@ -18,12 +18,20 @@ from tests.fixtures.util import free_port
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_bootstrap_stack_stops_cleanly_on_a_signal_to_its_pid(tmp_path, sig):
+@pytest.mark.parametrize(
+    ("command", "sig", "when"),
+    [
+        ("up", signal.SIGINT, "switchyard: running"),
+        ("up", signal.SIGTERM, "switchyard: running"),
+        ("stack", signal.SIGINT, "demo: sending"),  # in the middle of the demo
+    ],
+    ids=["up-SIGINT", "up-SIGTERM", "stack-demo-SIGINT"],
+)
+def test_bootstrap_stack_stops_cleanly_on_a_signal_to_its_pid(tmp_path, command, sig, when):
     nodes = nodes_on_free_ports()
     config = ls.write_config(stack_config(tmp_path / "data", nodes), tmp_path / "switchyard.toml")
     proc = subprocess.Popen(
-        [str(ls.REPO / "bootstrap.sh"), "up", "--data-dir", str(tmp_path / "data")]
+        [str(ls.REPO / "bootstrap.sh"), command, "--data-dir", str(tmp_path / "data")]
         + ["--nats-monitor-port", str(free_port())],
         cwd=ls.REPO,
         env={**os.environ, "SWITCHYARD_CONFIG": str(config)},
@@ -43,7 +51,7 @@ def test_bootstrap_stack_stops_cleanly_on_a_signal_to_its_pid(tmp_path, sig):
     threading.Thread(target=pump, daemon=True).start()
     try:
         deadline = time.monotonic() + 300
-        while not any("switchyard: running" in ln for ln in seen):
+        while not any(when in ln for ln in seen):
             assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)[-4000:]
             try:
                 seen.append(lines.get(timeout=1))
@@ -63,5 +71,7 @@ def test_bootstrap_stack_stops_cleanly_on_a_signal_to_its_pid(tmp_path, sig):
     out = "".join(seen)
     assert rc == 0, out[-4000:]
     assert "error: interrupted" not in out and "Traceback" not in out, out[-4000:]
+    if command == "stack":  # stopped in the middle of the demo, not after it
+        assert "demo: all" not in out, out[-4000:]
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout
     assert leftovers.strip() == "", leftovers
