@@ -248,7 +248,8 @@ class Sender:
                     return
                 reason: str = str(exc)
             except WIRE_ERRORS as exc:
-                reason = f"association failed ({type(exc).__name__})"
+                # Unreachable chains the cause: refused, timed out, or a TLS handshake that failed.
+                reason = f"association failed ({type(exc.__cause__ or exc).__name__})"
             else:
                 failures = 0
                 try:
