@@ -54,4 +54,4 @@ compose-test *ARGS:
 
 # Validate the compose file
 compose-config:
-    docker compose -f deploy/compose.yaml config --quiet
+    DOCKER_CONFIG={{justfile_directory()}}/.venv/docker-config docker compose -f deploy/compose.yaml config --quiet

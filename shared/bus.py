@@ -88,6 +88,7 @@ _SUBJECTS: dict[type[ev.Event], str] = {
     ev.InstanceVerificationFailedV1: "dicom.instance.verification_failed.{node}",
     ev.NodeHeartbeatV1: "node.heartbeat.{node}",
     ev.NodeStateChangedV1: "node.state.{node}.{state}",
+    ev.InstanceResentV1: "dicom.instance.resent",
 }
 _SUBJECT_BY_TAG = {cls.__struct_config__.tag: template for cls, template in _SUBJECTS.items()}
 
@@ -236,6 +237,15 @@ class Bus:
     ) -> Bus:
         """Connect as ``identity`` (its nkey seed, its inbox), retrying until NATS answers or ``stop`` is set."""
         options = natsauth.connect_options(cfg, identity)
+        made: list[Client] = []
+
+        async def disconnected() -> None:
+            # nats-py calls this on our own close() too: only a lost connection is worth a warning.
+            if made and (made[0].is_closed or made[0].is_draining):
+                log.debug("nats connection closed")
+            else:
+                await _log_disconnected()
+
         while True:
             try:
                 nc = await nats.connect(
@@ -248,9 +258,10 @@ class Bus:
                     reconnect_time_wait=0.5,
                     pending_size=0,
                     error_cb=_log_error,
-                    disconnected_cb=_log_disconnected,
+                    disconnected_cb=disconnected,
                     reconnected_cb=_log_reconnected,
                 )
+                made.append(nc)
                 return cls(nc, cfg, identity)
             except (TimeoutError, OSError, nats.errors.Error) as exc:
                 log.warning("nats not reachable at %s (%s); retrying", ", ".join(cfg.server_urls()), type(exc).__name__)

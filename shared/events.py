@@ -274,6 +274,26 @@ class NodeStateChangedV1(Event, tag="node.state_changed.v1"):
     username: str = ""
 
 
+class InstanceResentV1(Event, tag="instance.resent.v1"):
+    """An instance already held (same SOP Instance UID, identical dataset) was sent again.
+
+    Recorded for the audit only: nothing is placed again. Different content under the same
+    UID is not a re-send: it is a new ``instance.received.v1`` (a version). One per
+    association and instance (``event_id`` names the association).
+    """
+
+    sop_instance_uid: str
+    study_instance_uid: str = ""
+    dataset_digest: str = ""
+    blob_key: str = ""
+    calling_ae: str = ""
+    called_ae: str = ""
+    peer_address: str = ""
+    peer_port: int = 0
+    association_id: str = ""
+    same_content: bool = True
+
+
 AnyEvent = (
     InstanceReceivedV1
     | InstancePlacedV1
@@ -284,6 +304,7 @@ AnyEvent = (
     | NodeHeartbeatV1
     | NodeStateChangedV1
     | InstanceVerificationFailedV1
+    | InstanceResentV1
 )
 
 _encoder = msgspec.json.Encoder()

@@ -178,7 +178,7 @@ def render_message(record: logging.LogRecord) -> str:
 
 
 class SwitchyardFormatter(logging.Formatter):
-    """``time LEVEL service logger: message``; a traceback follows on ``CONTINUATION`` lines."""
+    """``time LEVEL source: message`` (source: see ``source``); a traceback follows on ``CONTINUATION`` lines."""
 
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -206,9 +206,16 @@ class SwitchyardFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         f = self.format_fields(record)
-        line = f"{f['time']} {f['level']:<7} {f['service']} {f['logger']}: {f['message']}"
+        line = f"{f['time']} {f['level']:<7} {self.source(f['logger'])}: {f['message']}"
         extra = f.get("exception", []) + f.get("stack", [])
         return "\n".join([line, *(CONTINUATION + x for x in extra)])
+
+    def source(self, logger: str) -> str:
+        """The service named once: ``ingest.scp`` for ``switchyard.ingest.scp``, else ``ingest nats``."""
+        own = f"switchyard.{self.service}"
+        if logger == own or logger.startswith(own + "."):
+            return logger.removeprefix("switchyard.")
+        return f"{self.service} {logger}"
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
         """For any handler that asks the formatter directly: the same sanitised lines."""

@@ -81,7 +81,7 @@ def permissions(identity: str, cfg: NatsConfig) -> Permissions:
     inbox = f"{inbox_prefix(cfg, identity)}.>"
     base = ["$JS.API.INFO", f"$JS.API.STREAM.INFO.{s}", f"$JS.API.STREAM.INFO.{h}"]  # check_streams
     if identity == "ingest":
-        return Permissions((*base, "dicom.instance.received"), (inbox,))
+        return Permissions((*base, "dicom.instance.received", "dicom.instance.resent"), (inbox,))
     if identity == "scheduler":
         # dead_lettered: the final one when verification failed on a second node (an instance problem).
         pub = [

@@ -3,6 +3,7 @@
 switchyard stack [--demo]   run nats-server, Orthanc nodes and the services locally
 switchyard chaos            run the stack under faults, audit every acknowledged instance
 switchyard demo             send the demo corpus to a running stack, print placements
+switchyard send PATH...     C-STORE files and folders (recursive): per-file status, summary, exit 0 if all acknowledged
 switchyard config           print the effective configuration (secrets masked)
 switchyard catalog rebuild  replay the log into a fresh catalog file and swap it in (service stopped)
 switchyard probe rebuild    the same for the probe's two store files (probe stopped)
@@ -33,6 +34,7 @@ from shared.config import Config, ConfigError, load_config
 from shared.fsmode import PRIVATE_DIR, private_dir, private_umask
 from shared.telemetry import setup_logging
 from switchyard import stack as ls
+from switchyard.progress import Progress
 
 if TYPE_CHECKING:
     from shared.readmodel.store import ProjectionStore
@@ -70,32 +72,53 @@ def catalog_get(cfg: Config, path: str, timeout: float = 5.0, token: str = ""):
         return json.loads(rsp.read())
 
 
-def wait_delivered(cfg: Config, index: dict[str, list[str]], timeout: float, token: str = "") -> list[dict]:
-    """Poll the catalog until every instance of every study is delivered to a node."""
+def wait_delivered(
+    cfg: Config,
+    index: dict[str, list[str]],
+    timeout: float,
+    token: str = "",
+    stop: threading.Event | None = None,
+) -> list[dict]:
+    """Poll the catalog until every instance of every study is delivered to a node (progress on stderr)."""
     deadline = time.monotonic() + timeout
     wanted = {study: len(sops) for study, sops in index.items()}
     rows: list[dict] = []
-    while time.monotonic() < deadline:
-        try:
-            rows = [
-                r
-                for r in catalog_get(cfg, "/api/studies?limit=10000", token=token)
-                if r["study_instance_uid"] in wanted
-            ]
-        except (urllib.error.URLError, OSError, ValueError):
-            rows = []
-        done = {r["study_instance_uid"] for r in rows if r["delivered"] >= wanted[r["study_instance_uid"]]}
-        if done == set(wanted):
-            return rows
-        time.sleep(0.25)
+    with Progress("demo: delivered", sum(wanted.values()), "instances") as progress:
+        while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                raise Stopped("stopped while waiting for the demo's deliveries")
+            try:
+                rows = [
+                    r
+                    for r in catalog_get(cfg, "/api/studies?limit=10000", token=token)
+                    if r["study_instance_uid"] in wanted
+                ]
+            except (urllib.error.URLError, OSError, ValueError):
+                rows = []
+            progress.update(sum(min(r["delivered"], wanted[r["study_instance_uid"]]) for r in rows))
+            done = {r["study_instance_uid"] for r in rows if r["delivered"] >= wanted[r["study_instance_uid"]]}
+            if done == set(wanted):
+                return rows
+            time.sleep(0.25)
     missing = sorted(
         set(wanted) - {r["study_instance_uid"] for r in rows if r["delivered"] >= wanted[r["study_instance_uid"]]}
     )
     raise TimeoutError(f"{len(missing)} demo studies not fully delivered within {timeout}s")
 
 
-def run_demo(cfg: Config, work_dir: Path, out: IO[str] = sys.stdout, timeout: float = 300.0) -> list[dict]:
-    """Send the demo corpus with DCMTK storescu and print which node got each study."""
+class Stopped(Exception):
+    """A signal asked the stack to stop while the demo ran."""
+
+
+def run_demo(
+    cfg: Config,
+    work_dir: Path,
+    out: IO[str] = sys.stdout,
+    timeout: float = 300.0,
+    stop: threading.Event | None = None,
+) -> list[dict]:
+    """Send the demo corpus with ``switchyard send`` and print which node got each study."""
+    from switchyard import send
     from switchyard.corpus import bundled_test_files, corpus_index, generate_studies
 
     corpus = work_dir / "demo-corpus"
@@ -107,17 +130,18 @@ def run_demo(cfg: Config, work_dir: Path, out: IO[str] = sys.stdout, timeout: fl
     index = corpus_index(files)
     out.write(
         f"demo: sending {len(files)} instances in {len(index)} studies to "
-        f"{cfg.ingest.ae_title}@127.0.0.1:{cfg.ingest.port} with DCMTK storescu\n"
+        f"{cfg.ingest.ae_title}@127.0.0.1:{cfg.ingest.port} with switchyard send\n"
     )
+    out.flush()
     started = time.monotonic()
-    result = ls.storescu(
-        "127.0.0.1", cfg.ingest.port, cfg.ingest.ae_title, [corpus], calling_ae="DEMO", extra=["+sd", "+r"]
-    )
-    if result.returncode != 0:
-        out.write(result.stdout[-2000:] + result.stderr[-2000:])
-        raise RuntimeError(f"storescu exited with {result.returncode}")
+    opts = send.Options("127.0.0.1", cfg.ingest.port, cfg.ingest.ae_title, calling_ae="DEMO", quiet=True)
+    summary = send.send([str(corpus)], opts, out=out, stop=stop)
+    if stop is not None and stop.is_set():
+        raise Stopped("stopped while sending the demo")
+    if not summary.all_acknowledged:
+        raise RuntimeError("the demo corpus was not acknowledged file by file (see the lines above)")
     # The local stack's operator token (catalog-tokens.json in the data dir), else a configured catalog.token.
-    rows = wait_delivered(cfg, index, timeout, ls.read_catalog_tokens(work_dir).get("operator", ""))
+    rows = wait_delivered(cfg, index, timeout, ls.read_catalog_tokens(work_dir).get("operator", ""), stop)
     elapsed = time.monotonic() - started
     out.write(f"demo: all {len(files)} instances delivered in {elapsed:.1f}s\n\n")
     out.write(f"{'study instance uid':<66} {'modality':<9} {'inst':>5}  node\n")
@@ -164,7 +188,10 @@ def cmd_stack(args: argparse.Namespace, cfg: Config) -> int:
             flush=True,
         )
         if args.demo:
-            run_demo(cfg, data_dir)
+            try:
+                run_demo(cfg, data_dir, stop=stop)
+            except Stopped:
+                return 0  # a signal during the demo: stop everything, as at any other time
         if args.exit_after_demo:
             return 0
         print("switchyard: running; a crashed process is restarted; Ctrl-C stops everything", flush=True)
@@ -207,6 +234,42 @@ def cmd_chaos(args: argparse.Namespace, cfg: Config) -> int:
         Path(args.json).write_text(chaos.report_json(report))
     clean = report.settled and not (report.lost or report.duplicated or report.split or report.dead_lettered)
     return 0 if clean else 1
+
+
+def cmd_send(args: argparse.Namespace, cfg: Config) -> int:
+    """Exit 0 only when every file was acknowledged (success or warning); 1 otherwise, 2 for bad usage."""
+    from switchyard import send
+
+    icfg = cfg.ingest
+    use_tls = args.tls or bool(args.tls_ca or args.tls_cert) or (bool(icfg.tls_cert_file) and not args.no_tls)
+    try:
+        tls = (
+            send.tls_context(args.tls_ca or icfg.tls_ca_file, args.tls_cert or "", args.tls_key or "")
+            if use_tls
+            else None
+        )
+    except (OSError, ValueError) as exc:
+        print(f"switchyard: TLS setup failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
+    opts = send.Options(
+        host=args.host,
+        port=args.port or icfg.port,
+        called_ae=args.called_ae or icfg.ae_title,
+        calling_ae=args.calling_ae,
+        tls=tls,
+        retries=args.retries,
+        timeout_s=args.timeout,
+        quiet=args.quiet,
+    )
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        print(f"switchyard: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    summary = send.send(args.paths, opts)
+    if not summary.items:
+        print("switchyard: no files found", file=sys.stderr)
+        return 1
+    return 0 if summary.all_acknowledged else 1
 
 
 def cmd_demo(args: argparse.Namespace, cfg: Config) -> int:
@@ -264,9 +327,17 @@ def _rebuild(
         for path, _, _ in jobs:
             ensure_unlocked(path)
         for path, store_class, seed in jobs:
-            result = asyncio.run(
-                rebuild_file(nats_cfg, path, store_class, seed=seed, fold_bytes=cfg.catalog.rebuild_memory_mib << 20)
-            )
+            with Progress(f"{what} rebuild: {path.name}", None, "events") as progress:
+                result = asyncio.run(
+                    rebuild_file(
+                        nats_cfg,
+                        path,
+                        store_class,
+                        seed=seed,
+                        fold_bytes=cfg.catalog.rebuild_memory_mib << 20,
+                        progress=lambda seq, target: progress.update(seq, target),
+                    )
+                )
             rate = result.events / result.seconds if result.seconds else 0.0
             print(
                 f"{what} rebuilt: {result.path}: {result.events} events up to sequence {result.last_seq} "
@@ -311,7 +382,14 @@ def cmd_audit_export(args: argparse.Namespace, cfg: Config) -> int:
     from services.catalog.audit import ExportError, export, parse_when
 
     try:
-        result = export(args.db or cfg.catalog.db_path, parse_when(args.since), parse_when(args.until), args.out)
+        with Progress("audit export", None, "files") as progress:
+            result = export(
+                args.db or cfg.catalog.db_path,
+                parse_when(args.since),
+                parse_when(args.until),
+                args.out,
+                progress=lambda done, total: progress.update(done, total),
+            )
     except ExportError as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 1
@@ -433,6 +511,16 @@ def cmd_nodes(args: argparse.Namespace, cfg: Config) -> int:
     return asyncio.run(_nodes(args, cfg))
 
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml), so a bug report can name it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dicom-switchyard")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 ACCEPT_LOSS_HELP = (
     "rebuild from what the log still holds even if it was purged or truncated "
     "(events before its first sequence are lost); without it such a rebuild stops with an error"
@@ -442,6 +530,7 @@ ACCEPT_LOSS_HELP = (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchyard", description="Switchyard DICOM router")
     parser.add_argument("--config", help="TOML config file (default: $SWITCHYARD_CONFIG or built-in defaults)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("stack", help="run the whole stack locally")
     p.add_argument("--demo", action="store_true", help="route the demo corpus once the stack is up")
@@ -483,6 +572,27 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="send the demo corpus to a running stack")
     p.add_argument("--data-dir", default="var")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser(
+        "send",
+        help="C-STORE files and folders (recursively) to the ingest (or any SCP); "
+        "exit 0 only when every file was acknowledged with success or warning",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="default: ingest.port")
+    p.add_argument("--called-ae", default="", help="default: ingest.ae_title")
+    p.add_argument("--calling-ae", default="SWITCHYARD_SCU", help="our AE title (default SWITCHYARD_SCU)")
+    p.add_argument(
+        "--tls", action="store_true", help="DICOM over TLS (default: on when the config's ingest serves TLS)"
+    )
+    p.add_argument("--no-tls", action="store_true", help="plain TCP even when the config's ingest serves TLS")
+    p.add_argument("--tls-ca", help="CA file that signed the SCP's certificate (default: ingest.tls_ca_file)")
+    p.add_argument("--tls-cert", help="client certificate (when the SCP requires one)")
+    p.add_argument("--tls-key", help="the client certificate's key")
+    p.add_argument("--retries", type=int, default=3, help="retries of 0xA7xx and lost associations, with backoff")
+    p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only files not answered success")
+    p.set_defaults(func=cmd_send)
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=cmd_config)
     p = sub.add_parser("catalog", help="catalog maintenance")
@@ -565,7 +675,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"switchyard: {exc}", file=sys.stderr)
         return 2
-    return args.func(args, cfg)
+    try:
+        return args.func(args, cfg)
+    except KeyboardInterrupt:  # Ctrl-C in a command without its own handler (send, demo): no traceback
+        print("switchyard: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

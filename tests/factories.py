@@ -9,6 +9,7 @@ the services' deterministic ids (``ev.fact_id``), as the probe derives them.
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 import msgspec
 
@@ -299,3 +300,34 @@ def associate_rq(
         + item(0x50, item(0x51, struct.pack(">I", max_pdu)))
     )
     return struct.pack(">BxI", 0x01, len(body)) + body
+
+
+def lying_file(source: Path, dest: Path) -> Path:
+    """A copy of ``source`` whose file meta names another SOP Instance UID than its dataset.
+
+    An SCU takes the command's UID from the file meta, so the ingest refuses it (0xC001): a file
+    a sender cannot deliver, whatever it retries.
+    """
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(dest, enforce_file_format=False)  # True would "fix" the meta UID
+    return dest
+
+
+def resent(n: int, calling_ae: str, association: str = "a1") -> ev.InstanceResentV1:
+    """Instance n of ``received(n)`` sent again, identical, by ``calling_ae`` in ``association``."""
+    r = received(n)
+    return ev.InstanceResentV1(
+        event_id=f"s{n}-{association}",
+        sop_instance_uid=r.sop_instance_uid,
+        study_instance_uid=r.study_instance_uid,
+        dataset_digest=r.dataset_digest,
+        blob_key=r.blob_key,
+        calling_ae=calling_ae,
+        peer_address="127.0.0.1",
+        peer_port=40000 + n,
+        association_id=association,
+    )

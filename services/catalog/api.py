@@ -230,11 +230,14 @@ def _trail_entry(row: dict[str, Any]) -> dict[str, Any]:
         "event_id": payload.get("event_id"),
     }
     kind = row["type"]
-    if kind.startswith("instance.received."):  # who sent it: AE titles and the peer's address
+    if kind.startswith(("instance.received.", "instance.resent.")):  # who sent it: AE titles, the peer's address
         entry["calling_ae"] = payload.get("calling_ae", "")
         entry["called_ae"] = payload.get("called_ae", "")
         entry["peer_address"] = payload.get("peer_address", "")
         entry["peer_port"] = payload.get("peer_port", 0)
+        if kind.startswith("instance.resent."):
+            entry["association_id"] = payload.get("association_id", "")
+            entry["same_content"] = payload.get("same_content", True)
     elif kind.startswith("instance.placed."):
         entry["why"] = {
             "reason": payload.get("reason"),

@@ -14,6 +14,7 @@ may publish on which subject is fixed by the NATS permissions
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +59,7 @@ SUBJECTS = {
     "instance.verified.v1": "dicom.instance.verified.{node}",
     "instance.verification_failed.v1": "dicom.instance.verification_failed.{node}",
     "node.state_changed.v1": "node.state.{node}.{state}",
+    "instance.resent.v1": "dicom.instance.resent",
 }
 
 
@@ -75,7 +77,14 @@ def _subject_case() -> str:
 SUBJECT_SQL = _subject_case()
 
 
-def export(db_path: str | Path, since: datetime, until: datetime, out_dir: str | Path) -> ExportResult:
+def export(
+    db_path: str | Path,
+    since: datetime,
+    until: datetime,
+    out_dir: str | Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> ExportResult:
+    """Write the window's events and instances; ``progress(files written, files to write)`` after each."""
     if until <= since:
         raise ExportError("--until must be after --since")
     db_path, out_dir = Path(db_path), Path(out_dir)
@@ -112,6 +121,8 @@ def export(db_path: str | Path, since: datetime, until: datetime, out_dir: str |
                 target = out_dir / f"{name}.{fmt}"
                 con.execute(f"COPY export_{name} TO {_sql_str(str(target))} ({opts})")
                 files.append(target)
+                if progress is not None:
+                    progress(len(files), 2 * len(queries))
     finally:
         con.close()
     return ExportResult(counts["events"], counts["instances"], files)

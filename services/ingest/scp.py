@@ -21,6 +21,7 @@ import logging
 import os
 import ssl
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from shared.metrics import bounded_ae
 from shared.net import set_nodelay
 from shared.telemetry import current_trace_context
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("switchyard.ingest.scp")
 
 SUCCESS = 0x0000
 # Out of resources: the sender should retry later.
@@ -188,6 +189,8 @@ class _Peer:
     called_ae: str
     address: str
     port: int = 0
+    # Names the association in re-send events (one per association and instance).
+    association_id: str = ""
 
 
 class StorageSCP:
@@ -320,7 +323,13 @@ class StorageSCP:
             return
         self.metrics.peer_associations.labels(bounded_ae(calling, self.metrics.known_aes), "accepted").inc()
         peername = writer.get_extra_info("peername")
-        peer = _Peer(calling, called, address, int(peername[1]) if peername and len(peername) > 1 else 0)
+        peer = _Peer(
+            calling,
+            called,
+            address,
+            int(peername[1]) if peername and len(peername) > 1 else 0,
+            uuid.uuid4().hex,
+        )
         key = (calling, address)
         self._open += 1
         self._per_peer[key] = self._per_peer.get(key, 0) + 1
@@ -526,7 +535,7 @@ class StorageSCP:
         if isinstance(outcome[0], int):
             return outcome
         received, existed = outcome
-        return await self._announce(command, incoming, received, existed)
+        return await self._announce(command, incoming, received, existed, peer)
 
     def _persist(
         self, command: _Command, incoming: _Incoming, peer: _Peer, trace_context: tuple
@@ -612,7 +621,7 @@ class StorageSCP:
         )
 
     async def _announce(
-        self, command: _Command, incoming: _Incoming, received: ev.InstanceReceivedV1, existed: bool
+        self, command: _Command, incoming: _Incoming, received: ev.InstanceReceivedV1, existed: bool, peer: _Peer
     ) -> tuple[int, str]:
         sop_uid, key, size = command.sop_instance, received.blob_key, incoming.size
         try:
@@ -633,7 +642,45 @@ class StorageSCP:
         if not ack.duplicate:
             self.metrics.instances.inc()
             self.metrics.bytes.inc(size)
+        resent = existed or ack.duplicate
+        if resent and not await self._record_resent(received, peer):
+            return OUT_OF_RESOURCES_BUS, "event log unavailable"
         log.info(
-            "accepted %s (%d bytes, seq %d%s)", sop_uid, size, ack.seq, ", already recorded" if ack.duplicate else ""
+            "accepted %s from %r at %s:%d (%d bytes, seq %d%s)",
+            shown(sop_uid),
+            peer.calling_ae,
+            peer.address,
+            peer.port,
+            size,
+            ack.seq,
+            ", a re-send of content already held" if resent else "",
         )
         return SUCCESS, ""
+
+    async def _record_resent(self, received: ev.InstanceReceivedV1, peer: _Peer) -> bool:
+        """The audit record of a re-send (identical content already held): who sent it again, from where.
+
+        The content key is the file's digest, so a blob that was already there means the same bytes.
+        One event per association and instance (its id names both): a retry in the same association is
+        deduplicated by the log. False when the log did not take it (the sender should retry).
+        """
+        resent = ev.InstanceResentV1(
+            event_id=ev.fact_id("resent", received.sop_instance_uid, received.dataset_digest, peer.association_id),
+            traceparent=received.traceparent,
+            tracestate=received.tracestate,
+            sop_instance_uid=received.sop_instance_uid,
+            study_instance_uid=received.study_instance_uid,
+            dataset_digest=received.dataset_digest,
+            blob_key=received.blob_key,
+            calling_ae=peer.calling_ae,
+            called_ae=peer.called_ae,
+            peer_address=peer.address,
+            peer_port=peer.port,
+            association_id=peer.association_id,
+        )
+        try:
+            await self.bus.publish(resent, self.cfg.nats.publish_timeout_s)
+        except (BusUnavailable, PublishUncertain) as exc:
+            log.error("re-send of %s not recorded (%s); answered failure", shown(received.sop_instance_uid), exc)
+            return False
+        return True

@@ -89,7 +89,9 @@ async def main(cfg: Config) -> None:
             "switchyard_probe_qr_last_seq", "Last stream sequence in the front door's store", registry=svc.registry
         )
         projector = asyncio.create_task(project(svc.bus, catalog, qr_seq, verifier, svc.stop), name="log-projections")
-        server, _ = qr.start(cfg, catalog, open_blob_store(cfg.blobs))
+        server, _ = qr.start(
+            cfg, catalog, open_blob_store(cfg.blobs), lambda node: m.node.ae_title if (m := pool.get(node)) else ""
+        )
         svc.stack.callback(server.shutdown)
         log.info(
             "Q/R SCP %s on %s:%d%s",

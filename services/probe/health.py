@@ -12,7 +12,7 @@ import logging
 
 from shared.orthanc import OrthancClient, OrthancError
 
-log = logging.getLogger("switchyard.probe")
+log = logging.getLogger("switchyard.probe.health")
 
 
 def parse_prometheus(text: str) -> dict[str, float]:

@@ -19,7 +19,7 @@ is never handed out by one broad request.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,16 +182,25 @@ def where_clause(identifier: Dataset, level: str) -> tuple[str, list[str]]:
     return (" AND ".join(conds) or "TRUE"), params
 
 
+# Location states in which a node holds the instance (RetrieveAETitle names such nodes).
+HELD = ("forwarded", "verified")
+
+
 def find(store: CatalogStore, identifier: Dataset, level: str) -> list[dict]:
-    """One row per distinct unique key of the level, with every column known at that level."""
+    """One row per distinct unique key of the level, with every column known at that level,
+    and ``nodes``: the nodes holding its instances (backslash-separated ids)."""
     where, params = where_clause(identifier, level)
     depth = LEVELS.index(level)
     cols = [c for c, lv in COLUMNS.values() if LEVELS.index(lv) <= depth]
     key = UNIQUE[level]
     select = ", ".join(f"any_value({c}) AS {c}" if c != key else c for c in cols)
+    held = ", ".join(f"'{state}'" for state in HELD)
     sql = (
         f"SELECT {select}, string_agg(DISTINCT modality, '\\' ORDER BY modality) AS modalities,"
-        f" count(*) AS n FROM instances WHERE {where} GROUP BY {key} ORDER BY {key}"
+        " count(*) AS n, string_agg(DISTINCT held.nodes, '\\') AS nodes FROM instances"
+        " LEFT JOIN (SELECT sop_instance_uid AS held_sop, string_agg(DISTINCT node_id, '\\') AS nodes"
+        f" FROM locations WHERE state IN ({held}) GROUP BY sop_instance_uid) held"
+        f" ON held.held_sop = instances.sop_instance_uid WHERE {where} GROUP BY {key} ORDER BY {key}"
     )
     return store.rows(sql, params)
 
@@ -207,11 +216,63 @@ def instances(store: CatalogStore, identifier: Dataset, level: str) -> list[tupl
     return [tuple(r.values()) for r in rows]
 
 
-def answer(identifier: Dataset, level: str, row: dict) -> Dataset:
-    """The requested keys: values we have, empty otherwise."""
+# Character sets an answer may be encoded in (the query's, when it names one of these).
+CHARSETS = (
+    "ISO_IR 6",
+    "ISO_IR 100",
+    "ISO_IR 101",
+    "ISO_IR 109",
+    "ISO_IR 110",
+    "ISO_IR 144",
+    "ISO_IR 148",
+    "ISO_IR 192",
+)
+UTF8 = "ISO_IR 192"
+
+
+def query_charset(identifier: Dataset) -> str:
+    """The query's Specific Character Set when it is one we encode; ``""`` (default repertoire) if none."""
+    raw = identifier.get("SpecificCharacterSet", "")
+    values = [str(v).strip() for v in raw] if isinstance(raw, (list, MultiValue)) else [str(raw).strip()]
+    values = [v for v in values if v]
+    if not values:
+        return ""
+    return values[0] if len(values) == 1 and values[0] in CHARSETS else UTF8
+
+
+def _fits(text: str, charset: str) -> bool:
+    from pydicom.charset import convert_encodings
+
+    try:
+        codec = convert_encodings([charset])[0] if charset not in ("", "ISO_IR 6") else "ascii"
+        text.encode(codec)
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def answer_charset(asked: str, values: list[str]) -> str:
+    """The query's character set when every value fits it, else UTF-8 (named in the answer): never ``?``."""
+    if all(_fits(v, asked) for v in values):
+        return asked
+    return UTF8
+
+
+def answer(
+    identifier: Dataset, level: str, row: dict, retrieve_aes: list[str] | None = None, charset: str = ""
+) -> Dataset:
+    """The requested keys: values we have, empty otherwise; RetrieveAETitle where the instances can be had.
+
+    Text is encoded in the query's character set (set in the answer as 0008,0005), or in
+    UTF-8 when a value does not fit it.
+    """
     out = Dataset()
+    texts: list[str] = []
     for elem in identifier:
-        if elem.keyword == "QueryRetrieveLevel":
+        if elem.keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+            continue
+        if elem.keyword == "RetrieveAETitle":
+            out[elem.tag] = DataElement(elem.tag, "AE", list(retrieve_aes or []))
             continue
         if elem.keyword in COLUMNS and COLUMNS[elem.keyword][0] in row:
             value = row[COLUMNS[elem.keyword][0]] or ""
@@ -225,7 +286,14 @@ def answer(identifier: Dataset, level: str, row: dict) -> Dataset:
             value = str(row.get("n", ""))
         else:
             value = [] if elem.VR == "SQ" else None
+        if isinstance(value, str) and value:
+            texts.append(value)
         out[elem.tag] = DataElement(elem.tag, elem.VR, value)
+    if "RetrieveAETitle" not in identifier and retrieve_aes:
+        out.RetrieveAETitle = list(retrieve_aes)  # a return key whether asked or not (PS3.4 C.4.1.1.3.2)
+    charset = answer_charset(charset, texts)
+    if charset:
+        out.SpecificCharacterSet = charset
     out.QueryRetrieveLevel = level
     return out
 
@@ -273,6 +341,21 @@ class FrontDoor:
     blobs: BlobStore
     scratch: Path
     policy: PeerPolicy = PeerPolicy()
+    # Node id -> its AE title (the live membership when the probe passes it; else the config's nodes).
+    node_ae: Callable[[str], str] | None = None
+
+    def retrieve_aes(self, row: dict) -> list[str]:
+        """Where the match's instances can be retrieved: this SCP (C-GET/C-MOVE from the blobs), then
+        every node holding them."""
+        aes = [self.cfg.probe.qr_ae_title]
+        for node_id in sorted(set(filter(None, (row.get("nodes") or "").split("\\")))):
+            ae = self.node_ae(node_id) if self.node_ae is not None else self._config_ae(node_id)
+            if ae and ae not in aes:
+                aes.append(ae)
+        return aes
+
+    def _config_ae(self, node_id: str) -> str:
+        return next((n.ae_title for n in self.cfg.nodes if n.id == node_id), "")
 
     def may_retrieve(self, event: evt.Event) -> bool:
         """Checked again in the handler: a context opened by mistake still cannot retrieve."""
@@ -300,6 +383,7 @@ class FrontDoor:
         try:
             identifier = event.identifier
             level = level_of(identifier, event.request.AffectedSOPClassUID)
+            charset = query_charset(identifier)
             rows = find(self.store, identifier, level)
         except BadQuery as exc:
             log.info("C-FIND refused: %s", exc)
@@ -314,7 +398,12 @@ class FrontDoor:
             if event.is_cancelled:
                 yield 0xFE00, None
                 return
-            yield 0xFF00, answer(identifier, level, row)
+            try:
+                yield 0xFF00, answer(identifier, level, row, self.retrieve_aes(row), charset)
+            except Exception:  # noqa: BLE001 - a handler answers, it never raises
+                log.exception("C-FIND answer could not be built")
+                yield UNABLE_TO_PROCESS, None
+                return
 
     def _matches(self, event: evt.Event) -> list[tuple[str, str, str, str]]:
         identifier = event.identifier
@@ -426,7 +515,9 @@ def _log_rejection(event: evt.Event) -> None:
     )
 
 
-def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[ThreadedAssociationServer, FrontDoor]:
+def start(
+    cfg: Config, store: CatalogStore, blobs: BlobStore, node_ae: Callable[[str], str] | None = None
+) -> tuple[ThreadedAssociationServer, FrontDoor]:
     """Start the Q/R SCP (non-blocking). Returns the server (call .shutdown()) and the handlers.
 
     Peers are admitted as by ingest (shared.access): the calling AE (and
@@ -457,7 +548,7 @@ def start(cfg: Config, store: CatalogStore, blobs: BlobStore) -> tuple[ThreadedA
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     scratch = Path(pcfg.catalog_db_path).parent / "probe-qr-scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    door = FrontDoor(cfg, store, blobs, scratch, policy)
+    door = FrontDoor(cfg, store, blobs, scratch, policy, node_ae)
     ae = AE(ae_title=pcfg.qr_ae_title)
     ae.maximum_associations = pcfg.qr_max_associations
     ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = pcfg.qr_network_timeout_s

@@ -22,7 +22,7 @@ from shared.config import Config, NodeConfig
 from shared.orthanc import OrthancClient, OrthancError
 from shared.runtime import wait_or_stop
 
-log = logging.getLogger("switchyard.probe")
+log = logging.getLogger("switchyard.probe.watch")
 
 
 async def echo_rtt_ms(node: NodeConfig, calling_ae: str, timeout: float) -> float | None:

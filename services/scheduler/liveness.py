@@ -33,7 +33,7 @@ from shared.bus import Bus, BusUnavailable, PublishUncertain, provenance_ok
 from shared.config import SchedulerConfig
 from shared.runtime import wait_or_stop
 
-log = logging.getLogger("switchyard.scheduler")
+log = logging.getLogger("switchyard.scheduler.liveness")
 
 
 @overload

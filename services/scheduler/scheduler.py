@@ -45,7 +45,7 @@ from shared.events import PlacementReason
 from shared.metrics import Stage, observe, seconds_since, stage_histogram
 from shared.telemetry import context_from, current_trace_context
 
-log = logging.getLogger("switchyard.scheduler")
+log = logging.getLogger("switchyard.scheduler.scheduler")
 
 
 class _StudyRef(msgspec.Struct):

@@ -283,10 +283,11 @@ async def replay_into(
     until_seq: int | None = None,
     batch: int = 100_000,
     stop: asyncio.Event | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Apply the stream from the store's last sequence + 1 up to ``until_seq`` (default: the end now).
 
-    Stops early, between batches, once ``stop`` is set.
+    Stops early, between batches, once ``stop`` is set. ``progress(seq, target)`` is called per batch read.
     Raises LogTruncated if the log no longer holds the events after the
     store's position (purged or replaced), unless ``nats.accepted_log_start`` accepts it.
     """
@@ -307,6 +308,8 @@ async def replay_into(
                     applied += await pending
                     pending = None
                 pending = asyncio.ensure_future(asyncio.to_thread(store.apply_raw, seqs, payloads))
+                if progress is not None and seqs:
+                    progress(seqs[-1], target)
                 if stop is not None and stop.is_set():
                     break
     finally:
@@ -330,6 +333,7 @@ async def _replay_fresh(
     seed: Callable[[S], None] | None,
     one_transaction: bool,
     fold_bytes: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[int, int]:
     """Replay into a new store at ``fresh`` and close it (checkpointed: complete without a WAL)."""
     _unlink_store(fresh)
@@ -340,7 +344,7 @@ async def _replay_fresh(
         bulk = store if isinstance(store, BulkLoading) else None
         if bulk is not None:
             bulk.bulk_load(one_transaction, fold_bytes)
-        events = await replay_into(store, bus, stream, until_seq, batch)
+        events = await replay_into(store, bus, stream, until_seq, batch, progress=progress)
         if bulk is not None:
             await asyncio.to_thread(bulk.end_bulk_load)
         return events, store.last_seq()
@@ -358,6 +362,7 @@ async def rebuild_file(
     batch: int = 100_000,
     seed: Callable[[S], None] | None = None,
     fold_bytes: int = BULK_FOLD_BYTES,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RebuildResult:
     """Replay the log from sequence 1 into ``path``.rebuild, then atomically replace ``path``.
 
@@ -366,7 +371,7 @@ async def rebuild_file(
     is called with the fresh store before the replay: for state a store keeps
     that does not come from the log (the probe's node cursors). ``fold_bytes``
     bounds the raw events a bulk-loading store holds in memory before folding
-    them (``catalog.rebuild_memory_mib``).
+    them (``catalog.rebuild_memory_mib``). ``progress(seq, target)``: see ``replay_into``.
     """
     path = Path(path)
     if swap:
@@ -384,12 +389,12 @@ async def rebuild_file(
     try:
         try:
             events, last = await _replay_fresh(
-                bus, fresh, store_factory, stream, until_seq, batch, seed, True, fold_bytes
+                bus, fresh, store_factory, stream, until_seq, batch, seed, True, fold_bytes, progress
             )
         except BulkRejected as exc:  # a malformed message: replay again batch by batch, which skips it
             log.warning("one-transaction rebuild rolled back (%s); replaying batch by batch", exc)
             events, last = await _replay_fresh(
-                bus, fresh, store_factory, stream, until_seq, batch, seed, False, fold_bytes
+                bus, fresh, store_factory, stream, until_seq, batch, seed, False, fold_bytes, progress
             )
     except BaseException:
         if swap:  # the live file was never touched; drop the half-built one

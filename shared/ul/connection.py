@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from ssl import SSLContext
 from typing import BinaryIO
 
 from shared.net import set_nodelay
@@ -144,14 +145,15 @@ class Association:
         contexts: list[tuple[str, str]],
         max_pdu: int,
         timeout: float,
+        ssl: SSLContext | None = None,
     ) -> Association:
-        """Connect and negotiate ``contexts`` (each one transfer syntax).
+        """Connect (over TLS when ``ssl`` is given) and negotiate ``contexts`` (each one transfer syntax).
 
         Raises Unreachable, Rejected or a wire error.
         """
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await asyncio.open_connection(host, port, ssl=ssl)
         except (OSError, TimeoutError) as exc:
             raise Unreachable(f"{host}:{port} unreachable: {type(exc).__name__}") from exc
         set_nodelay(writer)

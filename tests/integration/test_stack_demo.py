@@ -8,21 +8,15 @@ import sys
 
 import pytest
 
-from shared.config import NodeConfig
 from switchyard import stack as ls
-from tests.fixtures.servers import stack_config
+from tests.fixtures.servers import nodes_on_free_ports, stack_config
 from tests.fixtures.util import free_port
 
 pytestmark = pytest.mark.integration
 
 
 def test_stack_routes_the_demo_and_stops_cleanly(tmp_path):
-    nodes = [
-        NodeConfig(
-            id=f"node{i}", dicom_port=free_port(), ae_title=f"NODE{i}", rest_url=f"http://127.0.0.1:{free_port()}"
-        )
-        for i in (1, 2, 3)
-    ]
+    nodes = nodes_on_free_ports()
     config = ls.write_config(stack_config(tmp_path / "data", nodes), tmp_path / "switchyard.toml")
     result = subprocess.run(
         [

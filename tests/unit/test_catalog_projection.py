@@ -297,3 +297,17 @@ def test_versions_count_new_content_under_one_sop_whatever_the_batching(tmp_path
         .fetchone()
     )
     assert latest == ("c" * 64, 5)
+
+
+def test_a_resend_is_in_the_events_but_changes_no_instance_or_location(tmp_path):
+    from tests.factories import resent
+
+    store = CatalogStore(tmp_path / "c.duckdb")
+    store.apply([(1, received(1)), (2, placed(1, "node1")), (3, forwarded(1, "node1"))])
+    before = {t: rows for t, rows in dump_catalog(store).items() if t in ("instances", "locations")}
+    store.apply([(4, resent(1, "OTHERAE")), (5, resent(1, "OTHERAE", "a2"))])
+    assert {t: rows for t, rows in dump_catalog(store).items() if t in ("instances", "locations")} == before
+    rows = (
+        store.cursor().execute("SELECT type, sop_instance_uid, study_instance_uid FROM events WHERE seq > 3").fetchall()
+    )
+    assert rows == [("instance.resent.v1", "1.2.9.1", "1.2.9")] * 2

@@ -172,3 +172,27 @@ def test_uncaught_exception_goes_through_the_formatter() -> None:
     records = _records(out.stderr)
     assert all(" svc " in r for r in records), out.stderr  # pydicom's own warning too, not raw
     assert records[-1].split()[1:4] == ["CRITICAL", "svc", "switchyard.crash:"], out.stderr
+
+
+def test_own_logger_names_the_service_once(captured: io.StringIO) -> None:
+    logging.getLogger("switchyard.unit.scp").info("stored")
+    logging.getLogger("switchyard.unit").info("up")
+    logging.getLogger("nats").info("library")
+    lines = captured.getvalue().splitlines()
+    assert [ln.split(None, 2)[2] for ln in lines] == ["unit.scp: stored", "unit: up", "unit nats: library"]
+    assert all(ln.count("unit") == 1 for ln in lines)
+
+
+def test_service_loggers_follow_one_naming_scheme() -> None:
+    """Every service logger is ``switchyard.<service>[.<module>]``, so the formatter prints the service once."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "services"
+    bad = []
+    for path in root.rglob("*.py"):
+        service = path.relative_to(root).parts[0]
+        for name in re.findall(r"getLogger\(([^)]*)\)", path.read_text()):
+            if not name.startswith(f'"switchyard.{service}'):
+                bad.append(f"{path.relative_to(root)}: {name}")
+    assert not bad, bad

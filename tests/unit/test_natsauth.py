@@ -67,6 +67,7 @@ def event_subjects() -> dict[str, str]:
         ),
         "verification_failed": subject_for(ev.InstanceVerificationFailedV1(event_id="v", reason="x", **common)),
         "heartbeat": subject_for(ev.NodeHeartbeatV1(event_id="h", node_id="n1", up=True)),
+        "resent": subject_for(ev.InstanceResentV1(event_id="r", sop_instance_uid="1")),
         **{
             state: subject_for(transition(None, "n1", state))
             for state in ("added", "drained", "undrained", "removed", "down", "up")
@@ -75,7 +76,7 @@ def event_subjects() -> dict[str, str]:
 
 
 RIGHTS = {
-    "ingest": {"received"},
+    "ingest": {"received", "resent"},
     "scheduler": {"placed", "down", "up", "dead_lettered"},
     "forwarder": {"forwarded", "forward_failed", "dead_lettered"},
     "probe": {"heartbeat", "verified", "verification_failed"},

@@ -67,3 +67,17 @@ def test_prometheus_text_parsing_keeps_plain_samples():
 
     text = '# HELP x\northanc_count_instances 12 1795319964864\nfoo{a="b"} 3\nbad line\nup 1\nnan_one x\n'
     assert parse_prometheus(text) == {"orthanc_count_instances": 12.0, "up": 1.0}
+
+
+def test_answers_take_the_query_character_set_or_utf8_when_a_value_does_not_fit():
+    from services.probe.qr import answer, query_charset
+
+    assert query_charset(ident()) == ""
+    assert query_charset(ident(SpecificCharacterSet="ISO_IR 100")) == "ISO_IR 100"
+    assert query_charset(ident(SpecificCharacterSet=["", "ISO 2022 IR 87"])) == "ISO_IR 192"
+    q = ident(QueryRetrieveLevel="STUDY", PatientName="", StudyInstanceUID="", RetrieveAETitle="")
+    row = {"patient_name": "Müller^Jürgen", "study_instance_uid": "1.2.3"}
+    out = answer(q, "STUDY", row, ["SWITCHYARD_QR", "NODE2"], "ISO_IR 100")
+    assert out.SpecificCharacterSet == "ISO_IR 100" and list(out.RetrieveAETitle) == ["SWITCHYARD_QR", "NODE2"]
+    assert answer(q, "STUDY", {**row, "patient_name": "Иванов"}, [], "ISO_IR 100").SpecificCharacterSet == "ISO_IR 192"
+    assert "SpecificCharacterSet" not in answer(q, "STUDY", {**row, "patient_name": "Smith"}, [], "")
