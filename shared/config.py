@@ -320,6 +320,9 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
     log_level: str = "INFO"
     metrics_host: str = "127.0.0.1"
+    # The web console links an event to its trace: "{trace_id}" is replaced (e.g.
+    # "http://grafana:3000/explore?...{trace_id}"); "" shows no link.
+    trace_url_template: str = ""
 
 
 def _default_nodes() -> list[NodeConfig]:
