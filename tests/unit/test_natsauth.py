@@ -82,7 +82,15 @@ RIGHTS = {
     "scheduler": {"placed", "down", "up", "dead_lettered"},
     "forwarder": {"forwarded", "forward_failed", "dead_lettered"},
     "probe": {"heartbeat", "verified", "verification_failed"},
-    "catalog": {"retry_requested", "dead_letter_cancelled", "rules_changed", "added", "drained", "undrained", "removed"},
+    "catalog": {
+        "retry_requested",
+        "dead_letter_cancelled",
+        "rules_changed",
+        "added",
+        "drained",
+        "undrained",
+        "removed",
+    },
     "admin": {"added", "drained", "undrained", "removed"},
 }
 
@@ -211,5 +219,10 @@ def test_the_catalog_may_record_operator_actions_and_nothing_else_new():
         "dicom.instance.operator.rules_changed",
         *(f"node.state.*.{st}" for st in natsauth.ADMIN_STATES),
     }
-    for subject in ("dicom.instance.placed.n1", "dicom.instance.dead_lettered", "node.state.n1.down", "$KV.study-affinity.x"):
+    for subject in (
+        "dicom.instance.placed.n1",
+        "dicom.instance.dead_lettered",
+        "node.state.n1.down",
+        "$KV.study-affinity.x",
+    ):
         assert not may_publish("catalog", subject), subject
