@@ -442,3 +442,23 @@ def dump_toml(cfg: Config) -> str:
         lines.extend(f"{k} = {json.dumps(v)}" for k, v in node.items())
         lines.append("")
     return "\n".join(lines)
+
+
+def parse_routing(document: str) -> RoutingConfig:
+    """A routing rules document (TOML: ``[[rules]]`` and ``[pools]``, or both under ``[routing]``).
+
+    The form the console records in ``routing.rules_changed.v1`` and the scheduler
+    applies; ValueError with the reason when it is not valid.
+    """
+    import tomllib
+
+    try:
+        data = tomllib.loads(document)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"not TOML: {exc}") from exc
+    if set(data) == {"routing"} and isinstance(data["routing"], dict):
+        data = data["routing"]
+    try:
+        return msgspec.convert(data, RoutingConfig)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ValueError(str(exc)) from exc

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tomllib
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -22,26 +21,12 @@ import nats.js.errors
 
 from shared import events as ev
 from shared.bus import SUBJECT_RULES_CHANGED
-from shared.config import RoutingConfig
+from shared.config import parse_routing
 
 if TYPE_CHECKING:
     from services.scheduler.scheduler import Scheduler
 
 log = logging.getLogger("switchyard.scheduler")
-
-
-def parse_rules(document: str) -> RoutingConfig:
-    """A rules document (TOML: ``[[rules]]``/``[pools]``, or the same under ``[routing]``); ValueError if invalid."""
-    try:
-        data: dict[str, Any] = tomllib.loads(document)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"not TOML: {exc}") from exc
-    if set(data) == {"routing"}:
-        data = data["routing"]
-    try:
-        return msgspec.convert(data, RoutingConfig)
-    except (msgspec.ValidationError, ValueError) as exc:
-        raise ValueError(str(exc)) from exc
 
 
 class OperatorActions:
@@ -55,7 +40,7 @@ class OperatorActions:
         if seq <= self.rules_seq:
             return
         try:
-            routing = parse_rules(event.document)
+            routing = parse_routing(event.document)
         except ValueError as exc:
             log.warning("routing rules at stream seq %d not applied (%s); keeping the current ones", seq, exc)
             return
