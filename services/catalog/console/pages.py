@@ -440,9 +440,9 @@ def _event_detail(e: dict[str, Any]) -> Markup:
         )
     if kind == "forwarded":
         return html(
-            "to {n} (status 0x{s:04X}, {d} ms)",
+            "to {n} (status 0x{s}, {d} ms)",
             n=e["node_id"],
-            s=e.get("status") or 0,
+            s=f"{e.get('status') or 0:04X}",
             d=round(e.get("duration_ms") or 0, 1),
         )
     if kind in ("retry_requested", "dead_letter_cancelled"):

@@ -22,7 +22,10 @@ def escape(value: Any) -> Markup:
 
 
 def html(template: str, **values: Any) -> Markup:
-    """``template`` (trusted, in the code) with ``{name}`` replaced by escaped values."""
+    """``template`` (trusted, in the code) with ``{name}`` replaced by escaped values.
+
+    Values are strings by then: format them before (no ``{x:04X}`` in templates).
+    """
     return Markup(template.format(**{k: escape(v) for k, v in values.items()}))
 
 
