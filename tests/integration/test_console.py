@@ -111,9 +111,12 @@ def test_overview_shows_the_three_nodes(console, browser, screenshots):
     def three_active():
         show(browser, console, "/")
         rows = node_rows(browser)
-        return rows if sorted(rows) == ["node1", "node2", "node3"] and all(
-            r[1] == "active" and r[7] != "never" for r in rows.values()
-        ) else None
+        return (
+            rows
+            if sorted(rows) == ["node1", "node2", "node3"]
+            and all(r[1] == "active" and r[7] != "never" for r in rows.values())
+            else None
+        )
 
     rows = wait_for(three_active, timeout=30, interval=0.5, what="three active nodes with heartbeats")
     assert len(rows) == 3
@@ -126,8 +129,15 @@ def test_search_a_study_and_open_its_trail(console, browser, screenshots, tmp_pa
     ((study_uid, files),) = studies(tmp_path, 1, seed=6101)
     assert console.send(files, calling_ae="CONSOLESCU").returncode == 0
     wait_for(
-        lambda: [r for r in console.catalog(f"/api/instances?study_uid={study_uid}") if r["state"] in ("forwarded", "verified")]
-        if len(console.catalog(f"/api/instances?study_uid={study_uid}")) == len(files) else None,
+        lambda: (
+            [
+                r
+                for r in console.catalog(f"/api/instances?study_uid={study_uid}")
+                if r["state"] in ("forwarded", "verified")
+            ]
+            if len(console.catalog(f"/api/instances?study_uid={study_uid}")) == len(files)
+            else None
+        ),
         timeout=60,
         what="study delivered",
     )
@@ -139,7 +149,9 @@ def test_search_a_study_and_open_its_trail(console, browser, screenshots, tmp_pa
     assert_accessible(browser)
     shot(browser, screenshots, "search")
     browser.find_element(By.LINK_TEXT, study_uid).click()
-    rows = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "table#instances tbody tr"), timeout=10, what="study")
+    rows = wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "table#instances tbody tr"), timeout=10, what="study"
+    )
     assert len(rows) == len(files)
     cells = [td.text for td in rows[0].find_elements(By.TAG_NAME, "td")]
     assert cells[1] in ("node2", "node3")  # the node it is on, by the "rest" rule's pool
@@ -177,7 +189,9 @@ def test_a_dead_letter_retried_to_another_node_from_the_page(console, browser, s
 
     def delivered_to_node2():
         rows = console.catalog(f"/api/instances?study_uid={pydicom.dcmread(files[0]).StudyInstanceUID}")
-        return rows if rows and rows[0]["node_id"] == "node2" and rows[0]["state"] in ("forwarded", "verified") else None
+        return (
+            rows if rows and rows[0]["node_id"] == "node2" and rows[0]["state"] in ("forwarded", "verified") else None
+        )
 
     wait_for(delivered_to_node2, timeout=60, what="the retry delivered to node2")
     assert open_dead_letter(console, sop) is None
@@ -189,6 +203,52 @@ def test_a_dead_letter_retried_to_another_node_from_the_page(console, browser, s
     show(browser, console, f"/instances/{sop}")
     assert "retry_requested" in browser.find_element(By.ID, "trail").text
     shot(browser, screenshots, "trail-retried")
+
+
+NEW_RULES = """[pools]
+p1 = ["node1"]
+others = ["node2", "node3"]
+only2 = ["node2"]
+
+[[rules]]
+name = "picky"
+pools = ["p1"]
+match = { calling_ae = "PICKY" }
+
+[[rules]]
+name = "to-node2"
+pools = ["only2"]
+match = { calling_ae = "RULESCU" }
+
+[[rules]]
+name = "rest"
+pools = ["others"]
+"""
+
+
+def test_routing_rules_changed_from_the_page_apply_without_a_restart(console, browser, screenshots, tmp_path):
+    sign_in(browser, console, OPERATOR_TOKEN)
+    show(browser, console, "/rules")
+    assert 'name = "picky"' in browser.find_element(By.ID, "document").get_attribute("value")  # the config's
+    area = browser.find_element(By.ID, "document")
+    area.clear()
+    area.send_keys(NEW_RULES)
+    browser.find_element(By.ID, "rules-reason").send_keys("RULESCU studies to node2")
+    browser.find_element(By.XPATH, "//button[normalize-space()='Apply rules']").click()
+    wait_for(lambda: "Recorded: rules changed" in browser.page_source, timeout=10, what="rules recorded")
+    shot(browser, screenshots, "rules")
+    scheduler_log = console.data_dir / "logs" / "scheduler.log"
+    wait_for(lambda: "routing rules from stream seq" in scheduler_log.read_text(), timeout=20, what="rules applied")
+    ((study_uid, files),) = studies(tmp_path, 1, seed=6104, per_series=1)
+    assert console.send(files, calling_ae="RULESCU").returncode == 0
+    sop = pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID
+
+    def placed():
+        events = console.catalog(f"/api/instances/{sop}/trail")["events"]
+        return next((e for e in events if e["type"] == "instance.placed.v1"), None)
+
+    p = wait_for(placed, timeout=60, what="placed under the new rules")
+    assert p["node_id"] == "node2" and p["why"]["rule"] == "to-node2" and p["why"]["pool"] == "only2"
 
 
 def test_drain_a_node_from_the_page_and_the_scheduler_stops_placing_on_it(console, browser, screenshots, tmp_path):
@@ -228,6 +288,8 @@ def test_drain_a_node_from_the_page_and_the_scheduler_stops_placing_on_it(consol
 
     rows = wait_for(placed, timeout=60, what="new studies placed")
     assert {r["node_id"] for r in rows} == {"node2"}
+    show(browser, console, "/")
+    shot(browser, screenshots, "overview-busy")
 
 
 def session_post(stack, path: str, cookie: str, fields: dict[str, str], origin: str | None = None) -> int:
@@ -267,7 +329,9 @@ def test_a_viewer_sees_no_actions_and_forged_posts_are_refused(console, browser,
     forged = {"reason": "forged"}
     assert session_post(console, "/api/nodes/node2/drain", cookie, forged) == 403  # no CSRF token
     assert session_post(console, "/api/nodes/node2/drain", cookie, {**forged, "csrf": "x" * len(csrf)}) == 403
-    assert session_post(console, "/api/nodes/node2/drain", cookie, {**forged, "csrf": csrf}, "http://evil.example") == 403
+    assert (
+        session_post(console, "/api/nodes/node2/drain", cookie, {**forged, "csrf": csrf}, "http://evil.example") == 403
+    )
     node2 = next(n for n in console.catalog("/api/nodes") if n["node_id"] == "node2")
     assert node2["state"] == "active"  # nothing was recorded
     # The bearer API is unchanged: a viewer token reads, and may not act.
