@@ -292,6 +292,12 @@ def test_drain_a_node_from_the_page_and_the_scheduler_stops_placing_on_it(consol
     shot(browser, screenshots, "overview-busy")
 
 
+def csrf_of(page: str) -> str:
+    m = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert m is not None, "no CSRF field on the page"
+    return m.group(1)
+
+
 def session_post(stack, path: str, cookie: str, fields: dict[str, str], origin: str | None = None) -> int:
     headers = {"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"}
     if origin:
@@ -318,14 +324,14 @@ def test_a_viewer_sees_no_actions_and_forged_posts_are_refused(console, browser,
     assert not browser.find_elements(By.ID, "f-patient_id") and not browser.find_elements(By.ID, "f-accession")
     shot(browser, screenshots, "viewer-search")
     viewer_cookie = f"switchyard_session={browser.get_cookie('switchyard_session')['value']}"
-    viewer_csrf = re.search(r'name="csrf" value="([^"]+)"', browser.page_source).group(1)
+    viewer_csrf = csrf_of(browser.page_source)
     # A viewer with a valid session and CSRF token still may not act.
     assert session_post(console, "/api/nodes/node2/drain", viewer_cookie, {"reason": "x", "csrf": viewer_csrf}) == 403
 
     sign_in(browser, console, OPERATOR_TOKEN)
     show(browser, console, "/nodes")
     cookie = f"switchyard_session={browser.get_cookie('switchyard_session')['value']}"
-    csrf = re.search(r'name="csrf" value="([^"]+)"', browser.page_source).group(1)
+    csrf = csrf_of(browser.page_source)
     forged = {"reason": "forged"}
     assert session_post(console, "/api/nodes/node2/drain", cookie, forged) == 403  # no CSRF token
     assert session_post(console, "/api/nodes/node2/drain", cookie, {**forged, "csrf": "x" * len(csrf)}) == 403
