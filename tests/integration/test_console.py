@@ -9,7 +9,10 @@ to the pool of node2 and node3. Screenshots of each page: tests/artifacts/consol
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -123,6 +126,18 @@ def test_overview_shows_the_three_nodes(console, browser, screenshots):
     assert browser.find_element(By.CSS_SELECTOR, "nav a[aria-current=page]").text == "Overview"
     assert_accessible(browser)
     shot(browser, screenshots, "overview")
+
+
+def test_switchyard_status_prints_what_the_overview_shows(console):
+    env = {**os.environ, "SWITCHYARD_TOKEN": VIEWER_TOKEN}
+    cmd = [sys.executable, "-m", "switchyard", "--config", str(console.config_path), "status"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = {ln.split()[0]: ln.split() for ln in out.stdout.splitlines() if ln.startswith("node")}
+    assert sorted(lines) == ["node", "node1", "node2", "node3"] and lines["node2"][1] == "active"
+    assert "open dead letters" in out.stdout and "catalog lag" in out.stdout
+    bad = subprocess.run(cmd, env={**env, "SWITCHYARD_TOKEN": "wrong"}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "answered 401" in bad.stderr
 
 
 def test_search_a_study_and_open_its_trail(console, browser, screenshots, tmp_path):
