@@ -109,25 +109,29 @@ def _active_nodes(request: web.Request) -> set[str]:
     return {m.node.id for m in pool.active()} if isinstance(pool, membership.Pool) else set()
 
 
-async def retry(request: web.Request) -> web.Response:
+async def _dead_letter_action(request: web.Request) -> tuple[str, dict[str, str], str, dict[str, Any]]:
+    """(actor, fields, reason, the open dead letter) for a retry or a cancel; 4xx when there is none."""
     actor = require_role(request, "operator")
     uid = request.match_info["uid"]
     if not _UID.match(uid):
         raise _error(web.HTTPBadRequest, "not a SOP Instance UID")
     fields = await _fields(request)
     reason = _reason(fields)
+    pool = fields.get("pool")
+    letters = [d for d in await open_dead_letters(request, uid) if pool is None or d["pool"] == pool]
+    if not letters:
+        raise _error(web.HTTPConflict, "no open dead letter for this instance (already retried or cancelled?)")
+    return actor, fields, reason, letters[0]
+
+
+async def retry(request: web.Request) -> web.Response:
+    actor, fields, reason, d = await _dead_letter_action(request)
     node = fields.get("node", "").strip()
     if node and node not in _active_nodes(request):
         raise _error(web.HTTPBadRequest, f"node {node!r} is not an active node")
-    letters = await open_dead_letters(request, uid)
-    pool = fields.get("pool")
-    letters = [d for d in letters if pool is None or d["pool"] == pool]
-    if not letters:
-        raise _error(web.HTTPConflict, "no open dead letter for this instance (already retried or cancelled?)")
-    d = letters[0]
     event = ev.InstanceRetryRequestedV1(
         event_id=ev.fact_id("retry_requested", d["placement_id"]),
-        sop_instance_uid=uid,
+        sop_instance_uid=d["sop_instance_uid"],
         study_instance_uid=d["study_instance_uid"] or "",
         node_id=node,
         actor=actor,
@@ -142,20 +146,10 @@ async def retry(request: web.Request) -> web.Response:
 
 
 async def cancel(request: web.Request) -> web.Response:
-    actor = require_role(request, "operator")
-    uid = request.match_info["uid"]
-    if not _UID.match(uid):
-        raise _error(web.HTTPBadRequest, "not a SOP Instance UID")
-    fields = await _fields(request)
-    reason = _reason(fields)
-    pool = fields.get("pool")
-    letters = [d for d in await open_dead_letters(request, uid) if pool is None or d["pool"] == pool]
-    if not letters:
-        raise _error(web.HTTPConflict, "no open dead letter for this instance (already retried or cancelled?)")
-    d = letters[0]
+    actor, fields, reason, d = await _dead_letter_action(request)
     event = ev.InstanceDeadLetterCancelledV1(
         event_id=ev.fact_id("dead_letter_cancelled", d["placement_id"]),
-        sop_instance_uid=uid,
+        sop_instance_uid=d["sop_instance_uid"],
         study_instance_uid=d["study_instance_uid"] or "",
         node_id=d["node_id"] or "",
         placement_id=d["placement_id"],

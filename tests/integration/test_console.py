@@ -220,6 +220,24 @@ def test_a_dead_letter_retried_to_another_node_from_the_page(console, browser, s
     shot(browser, screenshots, "trail-retried")
 
 
+def test_a_dead_letter_cancelled_from_its_trail_page(console, browser, tmp_path):
+    ((study_uid, files),) = studies(tmp_path, 1, seed=6105, per_series=1)
+    sop = pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID
+    assert console.send(files, calling_ae="PICKY").returncode == 0
+    wait_for(lambda: open_dead_letter(console, sop), timeout=60, what="dead letter")
+    sign_in(browser, console, OPERATOR_TOKEN)
+    show(browser, console, f"/instances/{sop}")
+    key = sop.replace(".", "-")
+    browser.find_element(By.ID, f"cancel-reason-{key}").send_keys("the sender re-sends a fixed copy")
+    browser.find_element(By.XPATH, "//button[normalize-space()='Cancel dead letter']").click()
+    wait_for(lambda: "Recorded: dead letter cancelled" in browser.page_source, timeout=10, what="cancel recorded")
+    wait_for(lambda: open_dead_letter(console, sop) is None, timeout=10, what="no longer an open dead letter")
+    (row,) = console.catalog(f"/api/instances?study_uid={study_uid}")
+    assert row["state"] == "cancelled" and row["detail"] == "the sender re-sends a fixed copy"
+    show(browser, console, f"/instances/{sop}")
+    assert not browser.find_elements(By.CSS_SELECTOR, "main form.cancel, main form.retry")  # nothing left to act on
+
+
 NEW_RULES = """[pools]
 p1 = ["node1"]
 others = ["node2", "node3"]
