@@ -18,7 +18,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
@@ -89,7 +89,8 @@ def forbidden(message: str) -> web.HTTPForbidden:
 def cross_site(request: web.Request) -> bool:
     """A request a page of another origin made: Origin not ours, or the browser says cross-site."""
     origin = request.headers.get("Origin")
-    if origin is not None and origin != f"{request.scheme}://{request.host}":
+    # Host and port only: behind a TLS-terminating proxy the server sees http while the page is https.
+    if origin is not None and urlsplit(origin).netloc != request.host:
         return True
     return request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none")
 
