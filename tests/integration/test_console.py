@@ -22,6 +22,7 @@ import msgspec
 import pydicom
 import pytest
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
 
 from shared.config import RoutingConfig, RoutingRule
@@ -93,13 +94,30 @@ def shot(browser, screenshots: Path, name: str) -> None:
     browser.save_screenshot(str(screenshots / f"{name}.png"))
 
 
+# WCAG contrast of each element's own text against the first opaque background behind it.
+LOW_CONTRAST_JS = """
+const rgb = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
+const lum = ([r, g, b]) => {
+  const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+  return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
+const bg = (el) => { for (; el; el = el.parentElement) { const c = rgb(getComputedStyle(el).backgroundColor);
+  if (c.length === 3 || c[3] > 0) return c.slice(0, 3); } return [255, 255, 255]; };
+return [...document.querySelectorAll("body *")].filter((el) => [...el.childNodes].some(
+    (n) => n.nodeType === 3 && n.textContent.trim()) && el.offsetParent !== null).map((el) => {
+  const a = lum(rgb(getComputedStyle(el).color)), b = lum(bg(el));
+  return [el.tagName + " " + el.textContent.trim().slice(0, 30), (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05)];
+}).filter(([, ratio]) => ratio < 4.5);
+"""
+
+
 def assert_accessible(browser) -> None:
-    """Every visible input has a label; the page does not scroll sideways at 1366x768."""
+    """Every visible input has a label; text contrast at least 4.5:1; no sideways scrolling at 1366x768."""
     unlabelled = browser.execute_script(
         "return [...document.querySelectorAll('input:not([type=hidden]), select, textarea')]"
         ".filter(e => e.labels.length === 0).map(e => e.name)"
     )
     assert unlabelled == []
+    assert browser.execute_script(LOW_CONTRAST_JS) == []
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
 
 
@@ -123,6 +141,14 @@ def test_overview_shows_the_three_nodes(console, browser, screenshots):
 
     rows = wait_for(three_active, timeout=30, interval=0.5, what="three active nodes with heartbeats")
     assert len(rows) == 3
+    # Live: the page's script polls /api/overview and rewrites the figures.
+    first = browser.find_element(By.ID, "updated").text
+    wait_for(lambda: browser.find_element(By.ID, "updated").text != first, timeout=15, interval=0.5, what="a poll")
+    assert sorted(node_rows(browser)) == ["node1", "node2", "node3"]
+    # Keyboard: the first Tab reaches the skip link, and it shows a focus outline.
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+    focused = browser.switch_to.active_element
+    assert focused.get_attribute("class") == "skip" and focused.value_of_css_property("outline-style") == "solid"
     assert browser.find_element(By.CSS_SELECTOR, "nav a[aria-current=page]").text == "Overview"
     assert_accessible(browser)
     shot(browser, screenshots, "overview")
