@@ -121,11 +121,15 @@ async def session_middleware(request: web.Request, handler: Handler) -> web.Stre
     if "Authorization" in request.headers or request.path == "/healthz":
         return await handler(request)  # bearer tokens: services/catalog/auth.py, unchanged
     if _public(request.path):
+        if request.method not in _SAFE and request.body_exists:
+            await _read_body(request)  # the sign-in form: within the body timeout, as every API body
         return await _direct(request)
     session = request.app[SESSIONS_KEY].get(request.cookies.get(COOKIE, ""))
     if session is None:
         if request.method == "GET" and _page(request.path):
             raise web.HTTPSeeOther("/login?next=" + quote(request.path_qs, safe=""))
+        if COOKIE in request.cookies and request.content_type == "application/x-www-form-urlencoded":
+            raise web.HTTPSeeOther("/login")  # a console form after the session expired: sign in again
         return await handler(request)  # no credentials: the API's 401, as before
     if request.method not in _SAFE:
         if cross_site(request):
