@@ -264,6 +264,31 @@ def test_a_dead_letter_cancelled_from_its_trail_page(console, browser, tmp_path)
     assert not browser.find_elements(By.CSS_SELECTOR, "main form.cancel, main form.retry")  # nothing left to act on
 
 
+def test_a_retry_to_the_schedulers_choice_over_the_bearer_api(console, tmp_path):
+    """No node chosen: placed again in its pool (only node1, which refuses again): a new open dead letter."""
+    ((_, files),) = studies(tmp_path, 1, seed=6106, per_series=1)
+    sop = pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID
+    assert console.send(files, calling_ae="PICKY").returncode == 0
+    first = wait_for(lambda: open_dead_letter(console, sop), timeout=60, what="dead letter")
+    req = urllib.request.Request(
+        base_url(console) + f"/api/dead-letters/{sop}/retry",
+        data=json.dumps({"reason": "try once more"}).encode(),
+        headers={"Authorization": f"Bearer {OPERATOR_TOKEN}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=10) as rsp:
+        assert rsp.status == 202 and json.loads(rsp.read())["node"] is None
+    again = wait_for(
+        lambda: (d := open_dead_letter(console, sop)) and d["placement_id"] != first["placement_id"] and d,
+        timeout=60,
+        what="dead-lettered again after the retry",
+    )
+    assert again["node_id"] == "node1" and again["pool"] == "p1"
+    placed = [e for e in console.catalog(f"/api/instances/{sop}/trail")["events"] if e["type"] == "instance.placed.v1"]
+    assert [p["why"]["reason"] for p in placed] == ["rule", "operator_retry"]
+    assert placed[-1]["why"]["pool"] == "p1" and placed[-1]["node_id"] == "node1"
+
+
 NEW_RULES = """[pools]
 p1 = ["node1"]
 others = ["node2", "node3"]
