@@ -19,6 +19,9 @@ apt_missing=()
 [ -x /usr/bin/prometheus ] || apt_missing+=(prometheus)
 command -v gcc >/dev/null || apt_missing+=(gcc libc6-dev)
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_missing+=(python3-venv)
+# The web console's browser tests (tests/integration/test_console.py): headless Chromium driven by Selenium.
+[ -x /usr/bin/chromium ] || apt_missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || apt_missing+=(chromium-driver)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   say "installing Debian packages (system-wide, apt-get): ${apt_missing[*]}"
   $SUDO apt-get update

@@ -49,6 +49,8 @@ SUBJECT_PLACED_ALL = "dicom.instance.placed.>"
 SUBJECT_VERIFICATION_FAILED_ALL = "dicom.instance.verification_failed.>"
 SUBJECT_HEARTBEAT_ALL = "node.heartbeat.>"
 SUBJECT_NODE_STATE_ALL = "node.state.>"
+SUBJECT_RETRY_REQUESTED = "dicom.instance.operator.retry_requested"
+SUBJECT_RULES_CHANGED = "dicom.instance.operator.rules_changed"
 
 _NODE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -89,6 +91,10 @@ _SUBJECTS: dict[type[ev.Event], str] = {
     ev.NodeHeartbeatV1: "node.heartbeat.{node}",
     ev.NodeStateChangedV1: "node.state.{node}.{state}",
     ev.InstanceResentV1: "dicom.instance.resent",
+    # Operator actions (the console): in the events stream, published by the catalog only.
+    ev.InstanceRetryRequestedV1: "dicom.instance.operator.retry_requested",
+    ev.InstanceDeadLetterCancelledV1: "dicom.instance.operator.dead_letter_cancelled",
+    ev.RoutingRulesChangedV1: "dicom.instance.operator.rules_changed",
 }
 _SUBJECT_BY_TAG = {cls.__struct_config__.tag: template for cls, template in _SUBJECTS.items()}
 
@@ -202,6 +208,11 @@ def forwarder_consumer(node_id: str, max_deliver: int, ack_wait_s: float) -> Con
 def replacement_consumer() -> ConsumerConfig:
     """Dead-lettered placements, for re-placement."""
     return _scheduler_durable("scheduler-replace", SUBJECT_DEAD_LETTERED)
+
+
+def operator_retry_consumer() -> ConsumerConfig:
+    """Operators' retry requests (the console), for placement."""
+    return _scheduler_durable("scheduler-operator", SUBJECT_RETRY_REQUESTED)
 
 
 def verification_failed_consumer() -> ConsumerConfig:

@@ -323,6 +323,9 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
     log_level: str = "INFO"
     metrics_host: str = "127.0.0.1"
+    # The web console links an event to its trace: "{trace_id}" is replaced (e.g.
+    # "http://grafana:3000/explore?...{trace_id}"); "" shows no link.
+    trace_url_template: str = ""
 
 
 def _default_nodes() -> list[NodeConfig]:
@@ -442,3 +445,23 @@ def dump_toml(cfg: Config) -> str:
         lines.extend(f"{k} = {json.dumps(v)}" for k, v in node.items())
         lines.append("")
     return "\n".join(lines)
+
+
+def parse_routing(document: str) -> RoutingConfig:
+    """A routing rules document (TOML: ``[[rules]]`` and ``[pools]``, or both under ``[routing]``).
+
+    The form the console records in ``routing.rules_changed.v1`` and the scheduler
+    applies; ValueError with the reason when it is not valid.
+    """
+    import tomllib
+
+    try:
+        data = tomllib.loads(document)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"not TOML: {exc}") from exc
+    if set(data) == {"routing"} and isinstance(data["routing"], dict):
+        data = data["routing"]
+    try:
+        return msgspec.convert(data, RoutingConfig)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ValueError(str(exc)) from exc

@@ -40,6 +40,8 @@ class PlacementReason(StrEnum):
     REPLACEMENT = "replacement"
     # The same SOP Instance UID received again with other content: where its first copy is.
     NEW_VERSION = "new_version"
+    # An operator asked to place a dead letter again (instance.retry_requested.v1).
+    OPERATOR_RETRY = "operator_retry"
 
 
 class FailureReason(StrEnum):
@@ -66,6 +68,8 @@ class LocationState(StrEnum):
     DEAD_LETTERED = "dead_lettered"
     VERIFIED = "verified"
     VERIFICATION_FAILED = "verification_failed"
+    # An operator closed the dead letter without delivering it (instance.dead_letter_cancelled.v1).
+    CANCELLED = "cancelled"
 
 
 # -------------------------------------------------------------------------------
@@ -272,6 +276,52 @@ class NodeStateChangedV1(Event, tag="node.state_changed.v1"):
     ae_title: str = ""
     rest_url: str = ""
     username: str = ""
+    # Who asked (a console principal or the CLI's admin identity) and why (operator changes only).
+    actor: str = ""
+
+
+class InstanceRetryRequestedV1(Event, tag="instance.retry_requested.v1"):
+    """An operator asked to place a dead-lettered instance again (the scheduler acts on it).
+
+    Carries what the scheduler needs from the dead letter (as a dead letter does),
+    so it can place the instance without reading the catalog.
+    """
+
+    sop_instance_uid: str
+    study_instance_uid: str = ""
+    # The chosen node ("": the scheduler's choice); used when it is active.
+    node_id: str = ""
+    actor: str = ""
+    reason: str = ""
+    # From the dead letter being retried.
+    placement_id: str = ""
+    received_seq: int = 0
+    attempt: int = 0
+    pool: str = ""
+
+
+class InstanceDeadLetterCancelledV1(Event, tag="instance.dead_letter_cancelled.v1"):
+    """An operator closed a dead letter: not delivered, no longer listed as open."""
+
+    sop_instance_uid: str
+    study_instance_uid: str = ""
+    # The dead letter's node and placement (its location row).
+    node_id: str = ""
+    placement_id: str = ""
+    actor: str = ""
+    reason: str = ""
+
+
+class RoutingRulesChangedV1(Event, tag="routing.rules_changed.v1"):
+    """The routing rules and pools as an operator set them; the scheduler applies the latest.
+
+    ``document`` is the TOML text of a ``[routing]`` table (rules and pools), as
+    in the config file: the log keeps every version, who set it and why.
+    """
+
+    document: str
+    actor: str = ""
+    reason: str = ""
 
 
 class InstanceResentV1(Event, tag="instance.resent.v1"):
@@ -305,6 +355,9 @@ AnyEvent = (
     | NodeStateChangedV1
     | InstanceVerificationFailedV1
     | InstanceResentV1
+    | InstanceRetryRequestedV1
+    | InstanceDeadLetterCancelledV1
+    | RoutingRulesChangedV1
 )
 
 _encoder = msgspec.json.Encoder()

@@ -37,7 +37,14 @@ SCHEDULER_DURABLES = {
     "scheduler": "dicom.instance.received",
     "scheduler-replace": "dicom.instance.dead_lettered",
     "scheduler-verify": "dicom.instance.verification_failed.>",
+    "scheduler-operator": "dicom.instance.operator.retry_requested",
 }
+# Operator actions the console (the catalog identity) records, besides the admin's node states.
+CATALOG_ACTIONS = (
+    "dicom.instance.operator.retry_requested",
+    "dicom.instance.operator.dead_letter_cancelled",
+    "dicom.instance.operator.rules_changed",
+)
 # Membership states and who may record them.
 ADMIN_STATES = ("added", "drained", "undrained", "removed")
 SCHEDULER_STATES = ("down", "up")
@@ -123,7 +130,10 @@ def permissions(identity: str, cfg: NatsConfig) -> Permissions:
         ]
         return Permissions(tuple(pub), (inbox,))
     if identity == "catalog":
-        return Permissions((*base, *_read_stream(s), *_read_stream(h)), (inbox,))
+        # The console's operator actions: its own subjects, and node changes as the admin CLI
+        # records them (the event's actor field says which person asked).
+        actions = (*CATALOG_ACTIONS, *(f"node.state.*.{st}" for st in ADMIN_STATES))
+        return Permissions((*base, *_read_stream(s), *_read_stream(h), *actions), (inbox,))
     if identity == "admin":
         return Permissions(("$JS.API.>", "$JS.FC.>", *(f"node.state.*.{st}" for st in ADMIN_STATES)), (inbox,))
     if identity == HARNESS:

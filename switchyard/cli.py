@@ -595,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_send)
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=cmd_config)
+    from switchyard.status import add_parser as add_status_parser
+
+    add_status_parser(sub)
     p = sub.add_parser("catalog", help="catalog maintenance")
     catalog_sub = p.add_subparsers(dest="catalog_command", required=True)
     p = catalog_sub.add_parser(

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.catalog.api import build_app, runner_options, ssl_context
 from shared import events as ev
+from shared import membership
 from shared.bus import Bus
 from shared.config import Config
 from shared.readmodel.catalog import CatalogStore
@@ -62,7 +63,25 @@ async def main(cfg: Config) -> None:
         store = CatalogStore(cfg.catalog.db_path)
         svc.stack.callback(store.close)
         loads: dict = {}
-        app = build_app(store, cfg.catalog, loads, tuple(n.id for n in cfg.nodes))
+        # Membership as the services see it (node states, and the console's node actions).
+        pool = await membership.load(svc.bus, cfg.nodes, cfg.node_credentials)
+        bus = svc.bus
+
+        async def log_last_seq() -> int:
+            info = await bus.js.stream_info(cfg.nats.events_stream)
+            return int(info.state.last_seq)
+
+        app = build_app(
+            store,
+            cfg.catalog,
+            loads,
+            tuple(n.id for n in cfg.nodes),
+            publish=bus.publish,
+            pool=pool,
+            routing=cfg.routing,
+            stream_last_seq=log_last_seq,
+            trace_url_template=cfg.telemetry.trace_url_template,
+        )
         runner = web.AppRunner(app, **runner_options(cfg.catalog))
         await runner.setup()
         svc.stack.push_async_callback(runner.cleanup)
@@ -70,6 +89,7 @@ async def main(cfg: Config) -> None:
         await web.TCPSite(runner, cfg.catalog.http_host, cfg.catalog.http_port, ssl_context=tls).start()
         projector = asyncio.create_task(project(cfg, svc.bus, store, svc.registry, svc.stop), name="projection")
         heartbeats = asyncio.create_task(follow_heartbeats(cfg, svc.bus, loads, svc.stop), name="heartbeats")
+        members = asyncio.create_task(membership.follow(svc.bus, pool, svc.stop), name="membership")
         svc.serve_metrics(cfg.catalog.metrics_port, followers=2)  # projection (after catch-up), heartbeats
         log.info(
             "catalog API on %s://%s:%d (%d tokens)",
@@ -78,4 +98,4 @@ async def main(cfg: Config) -> None:
             cfg.catalog.http_port,
             len(cfg.catalog.tokens) + bool(cfg.catalog.token),
         )
-        await run_until_stopped(svc.stop, [projector, heartbeats])
+        await run_until_stopped(svc.stop, [projector, heartbeats, members])

@@ -9,14 +9,19 @@ strings, and never the values.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
 import ssl
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
 
+from services.catalog import actions, console, openapi
+from services.catalog.actions import POOL_KEY
 from services.catalog.auth import (
     BODY_TIMEOUT_KEY,
     TOKENS_KEY,
@@ -27,7 +32,8 @@ from services.catalog.auth import (
     http_logger,
     sees_patient_data,
 )
-from shared.config import CatalogConfig
+from shared import membership
+from shared.config import CatalogConfig, RoutingConfig
 from shared.events import LocationState
 from shared.readmodel.catalog import LOCATION_STATES, CatalogStore
 
@@ -42,6 +48,7 @@ STORE_KEY = web.AppKey("store", CatalogStore)
 # Latest heartbeat per node (filled by the service from the HEARTBEATS stream).
 LOADS_KEY = web.AppKey("loads", dict)
 NODES_KEY = web.AppKey("nodes", tuple)
+STREAM_INFO_KEY = web.AppKey("stream_last_seq", object)  # async () -> int | None
 
 
 def _bad(message: str) -> web.HTTPBadRequest:
@@ -257,7 +264,13 @@ def _trail_entry(row: dict[str, Any]) -> dict[str, Any]:
     elif kind.startswith("instance.forwarded."):
         entry["status"] = payload.get("status")
         entry["duration_ms"] = payload.get("duration_ms")
+    elif kind.startswith(("instance.retry_requested.", "instance.dead_letter_cancelled.")):
+        # Operator actions (the console): who asked, why, and for a retry the chosen node ("" = scheduler's).
+        entry["actor"] = payload.get("actor", "")
+        entry["why"] = {"reason": payload.get("reason", ""), "placement_id": payload.get("placement_id", "")}
     entry["verified"] = kind.startswith("instance.verified.")
+    parts = str(payload.get("traceparent") or "").split("-")
+    entry["trace_id"] = parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
     return entry
 
 
@@ -315,8 +328,15 @@ async def study_trail(request: web.Request) -> web.Response:
     )
 
 
-async def nodes(request: web.Request) -> web.Response:
-    _check_params(request, set())
+def _membership(request: web.Request) -> dict[str, str]:
+    """Node id -> state as the services see it (shared.membership: "active", drained, down, removed)."""
+    pool = request.app[POOL_KEY]
+    if not isinstance(pool, membership.Pool):
+        return {}
+    return {node_id: str(m.state) for node_id, m in pool.members.items()}
+
+
+async def node_rows(request: web.Request) -> list[dict[str, Any]]:
     configured = request.app[NODES_KEY]
     loads = request.app[LOADS_KEY]
     states = {
@@ -325,20 +345,29 @@ async def nodes(request: web.Request) -> web.Response:
     counts: dict[str, dict[str, int]] = {}
     for r in await _query(request, "SELECT node_id, state, count(*) AS n FROM locations GROUP BY ALL", []):
         counts.setdefault(r["node_id"], {})[r["state"]] = r["n"]
+    members = _membership(request)
     out = []
-    for node_id in sorted({*configured, *states, *counts, *loads}):
+    for node_id in sorted({*configured, *states, *counts, *loads, *members}):
         state = states.get(node_id)
+        # The membership's state (what `switchyard nodes list` says); without one, a configured
+        # node no event ever changed is active, as the services take it.
+        current = members.get(node_id) or (state["state"] if state else ("active" if node_id in configured else None))
         out.append(
             {
                 "node_id": node_id,
                 "configured": node_id in configured,
-                "state": state["state"] if state else None,
+                "state": current,
                 "state_reason": state["reason"] if state else None,
                 "load": loads.get(node_id),
                 "instances": counts.get(node_id, {}),
             }
         )
-    return _json(out)
+    return out
+
+
+async def nodes(request: web.Request) -> web.Response:
+    _check_params(request, set())
+    return _json(await node_rows(request))
 
 
 async def totals(request: web.Request) -> web.Response:
@@ -358,10 +387,116 @@ async def totals(request: web.Request) -> web.Response:
     return _json({**rows[0], "locations": {r["state"]: r["n"] for r in states}})
 
 
+async def overview_data(request: web.Request) -> dict[str, Any]:
+    """What the console's overview shows and `switchyard status` prints (no patient fields)."""
+    q = functools.partial(_query, request)
+    nodes_ = await node_rows(request)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    minute = now - timedelta(seconds=60)
+    per_node = {
+        r["node_id"]: r
+        for r in await q(
+            "SELECT node_id,"
+            " count(*) FILTER (WHERE type = 'instance.placed.v1') AS placed,"
+            " count(*) FILTER (WHERE type = 'instance.verified.v1') AS verified,"
+            " count(*) FILTER (WHERE type = 'instance.verification_failed.v1') AS verification_failed"
+            " FROM events WHERE occurred_at >= ? AND node_id IS NOT NULL GROUP BY node_id",
+            [minute],
+        )
+    }
+    scores: dict[str, float] = {}
+    last_placed = await q(
+        "SELECT CAST(payload AS VARCHAR) AS payload FROM events WHERE type = 'instance.placed.v1'"
+        " ORDER BY seq DESC LIMIT 1",
+        [],
+    )
+    if last_placed:
+        for c in json.loads(last_placed[0]["payload"]).get("candidates", []):
+            scores[c["node_id"]] = c["score"]
+    for n in nodes_:
+        recent = per_node.get(n["node_id"], {})
+        load = n["load"] or {}
+        verified, failed = recent.get("verified", 0), recent.get("verification_failed", 0)
+        n.update(
+            last_heartbeat=load.get("occurred_at"),
+            up=load.get("up"),
+            score=scores.get(n["node_id"]),
+            placements_per_minute=recent.get("placed", 0),
+            forward_queue=n["instances"].get(LocationState.PLACED, 0) + n["instances"].get(LocationState.FAILED, 0),
+            verified_per_minute=verified,
+            verified_rate=round(verified / (verified + failed), 4) if verified + failed else None,
+        )
+    stages = await q(
+        "SELECT type, count(*) AS n FROM events WHERE occurred_at >= ? AND type LIKE 'instance.%' GROUP BY type",
+        [minute],
+    )
+    totals_ = (
+        await q(
+            "SELECT (SELECT count(*) FROM instances) AS instances,"
+            " (SELECT count(DISTINCT study_instance_uid) FROM instances) AS studies,"
+            " (SELECT count(*) FROM locations WHERE state = 'verification_failed') AS verification_failures,"
+            f" (SELECT count(*) FROM locations WHERE state = '{LocationState.DEAD_LETTERED}') AS dead_letters",
+            [],
+        )
+    )[0]
+    latest = await q(
+        "SELECT seq, type, occurred_at AS at, node_id, sop_instance_uid, study_instance_uid FROM events"
+        " ORDER BY seq DESC LIMIT 15",
+        [],
+    )
+    last_seq = await asyncio.to_thread(request.app[STORE_KEY].last_seq)
+    log_last = None
+    stream_info = request.app[STREAM_INFO_KEY]
+    if stream_info is not None:
+        try:
+            log_last = await asyncio.wait_for(stream_info(), 2.0)  # type: ignore[operator]
+        except Exception:  # noqa: BLE001 - lag is best effort: unknown rather than an error page
+            log_last = None
+    return {
+        "generated_at": now.isoformat() + "Z",
+        "nodes": nodes_,
+        "pipeline_per_minute": {r["type"].split(".")[1]: r["n"] for r in stages},
+        "catalog": {
+            "last_seq": last_seq,
+            "log_last_seq": log_last,
+            "lag": None if log_last is None else max(0, log_last - last_seq),
+        },
+        "totals": totals_,
+        "dead_letters": totals_["dead_letters"],
+        "verification_failures": totals_["verification_failures"],
+        "recent": latest,
+    }
+
+
+async def overview(request: web.Request) -> web.Response:
+    _check_params(request, set())
+    return _json(await overview_data(request))
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    _check_params(request, set())
+    return _json(await actions.open_dead_letters(request))
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return _json(openapi.document())
+
+
 def build_app(
-    store: CatalogStore, catalog: CatalogConfig, loads: dict | None = None, node_ids: tuple[str, ...] = ()
+    store: CatalogStore,
+    catalog: CatalogConfig,
+    loads: dict | None = None,
+    node_ids: tuple[str, ...] = (),
+    *,
+    publish: actions.Publish | None = None,
+    pool: membership.Pool | None = None,
+    routing: RoutingConfig | None = None,
+    stream_last_seq: Callable[[], Awaitable[int]] | None = None,
+    trace_url_template: str = "",
 ) -> web.Application:
-    app = web.Application(middlewares=[authenticate])
+    """The API and the console. ``publish`` records operator actions (None: actions answer 503);
+    ``pool`` is the live membership; ``stream_last_seq`` gives the log's last sequence (lag)."""
+    app = web.Application(middlewares=[console.session_middleware, authenticate])
     app[STORE_KEY] = store
     app[TOKENS_KEY] = TokenTable.from_config(catalog)
     app[BODY_TIMEOUT_KEY] = catalog.body_timeout_s
@@ -376,6 +511,20 @@ def build_app(
     app.router.add_get("/api/studies/{uid}/trail", study_trail)
     app.router.add_get("/api/nodes", nodes)
     app.router.add_get("/api/totals", totals)
+    app[actions.PUBLISH_KEY] = publish
+    app[POOL_KEY] = pool
+    app[actions.ROUTING_KEY] = routing or RoutingConfig()
+    app[STREAM_INFO_KEY] = stream_last_seq
+    app.router.add_get("/api/overview", overview)
+    app.router.add_get("/api/dead-letters", dead_letters)
+    app.router.add_post("/api/dead-letters/{uid}/retry", actions.retry)
+    app.router.add_post("/api/dead-letters/{uid}/cancel", actions.cancel)
+    app.router.add_post("/api/nodes", actions.node_add)
+    app.router.add_post("/api/nodes/{node_id}/{action}", actions.node_action)
+    app.router.add_get("/api/routing/rules", actions.get_rules)
+    app.router.add_post("/api/routing/rules", actions.set_rules)
+    app.router.add_get("/api/openapi.json", openapi_json)
+    console.setup(app, catalog, trace_url_template)
     return app
 
 

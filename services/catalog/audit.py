@@ -60,6 +60,9 @@ SUBJECTS = {
     "instance.verification_failed.v1": "dicom.instance.verification_failed.{node}",
     "node.state_changed.v1": "node.state.{node}.{state}",
     "instance.resent.v1": "dicom.instance.resent",
+    "instance.retry_requested.v1": "dicom.instance.operator.retry_requested",
+    "instance.dead_letter_cancelled.v1": "dicom.instance.operator.dead_letter_cancelled",
+    "routing.rules_changed.v1": "dicom.instance.operator.rules_changed",
 }
 
 

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.scheduler.affinity import Affinity, affinity_scope, is_default_pool
 from services.scheduler.liveness import Liveness, NodeWatch
+from services.scheduler.operator import OperatorActions
 from services.scheduler.policy import NodeView, place
 from services.scheduler.routing import DEFAULT_POOL, in_pool, route
 from shared import events as ev
@@ -36,6 +37,7 @@ from shared.bus import (
     Bus,
     BusUnavailable,
     PublishUncertain,
+    operator_retry_consumer,
     replacement_consumer,
     scheduler_consumer,
     verification_failed_consumer,
@@ -96,6 +98,7 @@ class Scheduler:
         for node in nodes:  # at 0 from the start: the first placement shows in a rate
             for why in PlacementReason:
                 self.placements.labels(node=node, reason=why)
+        self.operator = OperatorActions(self)
 
     async def on_state(self, member: membership.Member, event: ev.NodeStateChangedV1) -> None:
         """A membership change from the log: studies on a node that left are read from the KV again."""
@@ -224,7 +227,10 @@ class Scheduler:
             await handler(msg)
 
     async def run(self, stop: asyncio.Event) -> None:
+        await self.operator.load_rules()
         await asyncio.gather(
+            self._consume(operator_retry_consumer(), self.operator.handle_retry, stop),
+            self.operator.follow_rules(stop),
             self._consume(scheduler_consumer(), self.handle, stop),
             self._consume(replacement_consumer(), self.handle_dead_letter, stop),
             self._consume(verification_failed_consumer(), self.handle_verification_failed, stop),

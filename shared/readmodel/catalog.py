@@ -150,6 +150,8 @@ LOCATION_MOVES: dict[str, tuple[ev.LocationState, str, str | None]] = {
     _tag(ev.InstanceDeadLetteredV1): (ev.LocationState.DEAD_LETTERED, "placement", "reason"),
     _tag(ev.InstanceVerifiedV1): (ev.LocationState.VERIFIED, "node", None),
     _tag(ev.InstanceVerificationFailedV1): (ev.LocationState.VERIFICATION_FAILED, "placement", "reason"),
+    # An operator closed the dead letter (the console); a retry is a new placement, which replaces the row.
+    _tag(ev.InstanceDeadLetterCancelledV1): (ev.LocationState.CANCELLED, "placement", "reason"),
 }
 LOCATION_STATES: tuple[ev.LocationState, ...] = tuple(ev.LocationState)
 EVENT_TYPES = tuple(_tag(kind) for kind in typing.get_args(ev.AnyEvent))

@@ -225,7 +225,7 @@ def row_by_row_baseline(path: Path, n: int) -> float:
                 seq,
                 e.event_id,
                 type(e).__struct_config__.tag,
-                e.sop_instance_uid,
+                getattr(e, "sop_instance_uid", None),
                 getattr(e, "study_instance_uid", None),
                 e.node_id if hasattr(e, "node_id") else None,
                 utc(e.occurred_at),

@@ -118,6 +118,7 @@ def samples(stack):
         "verified": ev.InstanceVerifiedV1(event_id="v", sop_instance_uid="9.9", node_id="node1", dataset_digest="d"),
         "heartbeat": ev.NodeHeartbeatV1(event_id="h", node_id="node1", up=True),
         "added": transition(None, "evil", "added"),
+        "retry_requested": ev.InstanceRetryRequestedV1(event_id="rr", sop_instance_uid="9.9", received_seq=1),
         "down": transition(None, "node1", "down"),
     }
 
@@ -127,7 +128,8 @@ OWN = {
     "scheduler": {"placed", "down", "dead_lettered"},  # the final dead letter (verification failed twice)
     "forwarder": {"forwarded", "dead_lettered"},
     "probe": {"heartbeat", "verified"},
-    "catalog": set(),
+    # The web console's node actions (as the admin CLI records them) and its own operator events.
+    "catalog": {"added", "retry_requested"},
 }
 
 

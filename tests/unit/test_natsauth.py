@@ -68,6 +68,9 @@ def event_subjects() -> dict[str, str]:
         "verification_failed": subject_for(ev.InstanceVerificationFailedV1(event_id="v", reason="x", **common)),
         "heartbeat": subject_for(ev.NodeHeartbeatV1(event_id="h", node_id="n1", up=True)),
         "resent": subject_for(ev.InstanceResentV1(event_id="r", sop_instance_uid="1")),
+        "retry_requested": subject_for(ev.InstanceRetryRequestedV1(event_id="r", sop_instance_uid="1")),
+        "dead_letter_cancelled": subject_for(ev.InstanceDeadLetterCancelledV1(event_id="c", sop_instance_uid="1")),
+        "rules_changed": subject_for(ev.RoutingRulesChangedV1(event_id="r", document="")),
         **{
             state: subject_for(transition(None, "n1", state))
             for state in ("added", "drained", "undrained", "removed", "down", "up")
@@ -80,7 +83,15 @@ RIGHTS = {
     "scheduler": {"placed", "down", "up", "dead_lettered"},
     "forwarder": {"forwarded", "forward_failed", "dead_lettered"},
     "probe": {"heartbeat", "verified", "verification_failed"},
-    "catalog": set(),
+    "catalog": {
+        "retry_requested",
+        "dead_letter_cancelled",
+        "rules_changed",
+        "added",
+        "drained",
+        "undrained",
+        "removed",
+    },
     "admin": {"added", "drained", "undrained", "removed"},
 }
 
@@ -192,3 +203,27 @@ def test_no_seed_is_refused_unless_unauthenticated_is_chosen(caplog):
     assert "unauthenticated" in caplog.text
     opts = natsauth.connect_options(NatsConfig(nkey_seed_file="/s/{identity}.nk"), "probe")
     assert opts["nkeys_seed"] == "/s/probe.nk"
+
+
+def test_the_catalog_may_record_operator_actions_and_nothing_else_new():
+    """The console's door: exactly the three operator subjects and the admin's node states, no JetStream admin."""
+    pub = set(natsauth.permissions("catalog", CFG).publish)
+    reading = {
+        "$JS.API.INFO",
+        *(f"$JS.API.STREAM.INFO.{x}" for x in (CFG.events_stream, CFG.heartbeats_stream)),
+        *(f"$JS.API.CONSUMER.CREATE.{x}" for x in (CFG.events_stream, CFG.heartbeats_stream)),
+        *(f"$JS.FC.{x}.>" for x in (CFG.events_stream, CFG.heartbeats_stream)),
+    }
+    assert pub - reading == {
+        "dicom.instance.operator.retry_requested",
+        "dicom.instance.operator.dead_letter_cancelled",
+        "dicom.instance.operator.rules_changed",
+        *(f"node.state.*.{st}" for st in natsauth.ADMIN_STATES),
+    }
+    for subject in (
+        "dicom.instance.placed.n1",
+        "dicom.instance.dead_lettered",
+        "node.state.n1.down",
+        "$KV.study-affinity.x",
+    ):
+        assert not may_publish("catalog", subject), subject

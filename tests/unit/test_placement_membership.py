@@ -158,6 +158,7 @@ def test_old_payloads_decode_to_the_enums_and_encode_back_unchanged():
         "dead_lettered",
         "verified",
         "verification_failed",
+        "cancelled",
     ]
     assert ev.NODE_GONE_REASONS == {"node down", "node removed"}
 
