@@ -35,13 +35,17 @@ if [ ${#apt_missing[@]} -gt 0 ]; then
       "(it holds ports 4242/8042; Switchyard runs its own Orthanc processes). Undo: $SUDO systemctl enable --now orthanc"
     $SUDO systemctl disable --now orthanc || true
   fi
-fi
-# Likewise the packaged Prometheus (and its node exporter) on 9090/9100: the tests start their own.
-for unit in prometheus prometheus-node-exporter; do
-  if command -v systemctl >/dev/null && systemctl is-active --quiet "$unit" 2>/dev/null; then
-    $SUDO systemctl disable --now "$unit" || true
+  # Likewise the Prometheus (and node exporter) services the prometheus package just started
+  # on 9090/9100: the tests start their own Prometheus. One that was there before is left alone.
+  if [[ " ${apt_missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+    for unit in prometheus prometheus-node-exporter; do
+      if systemctl is-active --quiet "$unit" 2>/dev/null; then
+        say "stopping and disabling the system '$unit' service the package just started. Undo: $SUDO systemctl enable --now $unit"
+        $SUDO systemctl disable --now "$unit" || true
+      fi
+    done
   fi
-done
+fi
 
 # The lock pins every dependency (with hashes) so two installs a month apart are
 # the same; `just lock` rewrites it. A change to either file reinstalls.
