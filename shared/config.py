@@ -320,6 +320,11 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
     log_level: str = "INFO"
     metrics_host: str = "127.0.0.1"
+    # Share of new traces kept (parent-based: a span follows its parent's decision).
+    # OTEL_TRACES_SAMPLER overrides it; errors are kept by the collector's tail sampling.
+    sample_ratio: float = 1.0
+    # "json": one JSON object per log line, with trace_id/span_id when a span is active.
+    log_format: Literal["text", "json"] = "text"
 
 
 def _default_nodes() -> list[NodeConfig]:
