@@ -47,7 +47,7 @@ class TelemetryError(ValueError):
 class _Disabled(TracerProvider):
     """No exporter, or OTEL_SDK_DISABLED: every tracer is a no-op (no ids drawn, nothing recorded)."""
 
-    def get_tracer(self, *args: object, **kwargs: object) -> trace.Tracer:  # type: ignore[override]
+    def get_tracer(self, *args: object, **kwargs: object) -> trace.Tracer:
         return NoOpTracer()
 
 
@@ -63,7 +63,7 @@ def exporters_wanted(cfg: TelemetryConfig, env: Mapping[str, str]) -> list[str]:
     names = [n.strip().lower() for n in raw.split(",") if n.strip()]
     unknown = sorted(set(names) - {"otlp", "console", "none"})
     if unknown:
-        raise TelemetryError(f"OTEL_TRACES_EXPORTER: unsupported exporter(s) {', '.join(unknown)} (otlp, console, none)")
+        raise TelemetryError(f"OTEL_TRACES_EXPORTER: unsupported {', '.join(unknown)} (otlp, console, none)")
     return [] if "none" in names else list(dict.fromkeys(names))
 
 
