@@ -69,6 +69,8 @@ ALTER TABLE placements ADD COLUMN IF NOT EXISTS blob_key VARCHAR DEFAULT '';
 ALTER TABLE placements ADD COLUMN IF NOT EXISTS verification_failures INTEGER DEFAULT 0;
 ALTER TABLE expected ADD COLUMN IF NOT EXISTS blob_key VARCHAR DEFAULT '';
 ALTER TABLE expected ADD COLUMN IF NOT EXISTS verification_failures INTEGER DEFAULT 0;
+-- The forwarded event's trace context: the verification span is the forward's child.
+ALTER TABLE expected ADD COLUMN IF NOT EXISTS traceparent VARCHAR DEFAULT '';
 """
 )
 
@@ -91,17 +93,18 @@ class Expected:
     found_digest: str | None = None
     blob_key: str = ""
     verification_failures: int = 0
+    traceparent: str = ""
 
 
 _EXPECTED = (
     "e.node_id, e.sop_instance_uid, e.study_instance_uid, e.placement_id, e.dataset_digest,"
     " e.forwarded_at, {orthanc_id}, e.received_seq, e.attempt, e.avoid, e.pool, {found},"
-    " e.blob_key, e.verification_failures"
+    " e.blob_key, e.verification_failures, e.traceparent"
 )
 
 
 def _expected(row) -> Expected:
-    *head, avoid, pool, found, blob_key, failures = row
+    *head, avoid, pool, found, blob_key, failures, traceparent = row
     # mypy cannot tell that *head (the first nine columns) stops before these keywords
     return Expected(
         *head,
@@ -110,6 +113,7 @@ def _expected(row) -> Expected:
         found_digest=found,
         blob_key=blob_key or "",
         verification_failures=failures or 0,
+        traceparent=traceparent or "",
     )
 
 
@@ -304,6 +308,7 @@ _EXPECTED_COLUMNS = (
     "pool",
     "blob_key",
     "verification_failures",
+    "traceparent",
 )
 _PLACEMENT_COLUMNS = (
     "placement_id",
@@ -329,6 +334,7 @@ _EXPECTED_TYPES = ["VARCHAR"] * 5 + [
     "VARCHAR",
     "VARCHAR",
     "INTEGER",
+    "VARCHAR",
 ]
 
 
@@ -405,6 +411,7 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
                     "pending",
                     "",
                     *placed[5:],
+                    event.traceparent,
                 ]
                 dirty.add(key)
         elif type(event) is ev.InstanceDeadLetteredV1:
