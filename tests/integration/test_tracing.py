@@ -3,6 +3,8 @@ and the standard OTEL_* variables deciding where spans go."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 import pydicom
 import pytest
@@ -32,7 +34,7 @@ PATIENT = {
 }
 
 
-def one_instance(tmp_path) -> tuple[str, object]:
+def one_instance(tmp_path: Path) -> tuple[str, Path]:
     (path,) = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=1, seed=1414)
     ds = pydicom.dcmread(path)
     for keyword, value in PATIENT.items():
