@@ -525,15 +525,30 @@ def main(argv: list[str]) -> int:
             from tests.fixtures.otlp import start_receiver
 
             receiver, stop_receiver = start_receiver()
-        for label, mode, tracing in variants:
+            # Export every 100 ms (the SDK's default is 5 s): the export's CPU falls inside the measured
+            # window instead of after it (at these rates most exports are full 512-span batches anyway).
+            os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "100")
+        # Auth modes: one stack per mode, its rounds back to back. Tracing modes: a new stack per round,
+        # the modes in turn and in reverse order every other round (off,100,10 then 10,100,off), so the
+        # machine's drift (other work, the nodes filling up) does not fall on one mode.
+        plan: list[tuple[str, str, str, list[int]]] = []
+        if tracing_modes:
+            for r in range(rounds):
+                plan += [(*v, [r]) for v in (variants if r % 2 == 0 else variants[::-1])]
+        else:
+            plan = [(*v, list(range(rounds))) for v in variants]
+        t_by: dict[str, list[float]] = {}
+        cpu_by: dict[str, list[float]] = {}
+        spans_by: dict[str, int] = {}
+        for step, (label, mode, tracing, round_ids) in enumerate(plan):
             if stack is not None:
                 stack.close()
-            configure, nats_tls = nats_auth(mode, base / f"auth-{mode}-{tracing}")
+            configure, nats_tls = nats_auth(mode, base / f"auth-{step}")
             if tracing_modes:
                 configure = with_tracing(tracing, receiver.traces_url, configure)
                 spans_before = len(receiver.snapshot())
             stack = make_stack(
-                base / f"stack-{mode}-{tracing}",
+                base / f"stack-{step}",
                 nodes,
                 nats_tls=nats_tls,
                 configure=functools.partial(probe_every_second, then=configure),
@@ -545,8 +560,9 @@ def main(argv: list[str]) -> int:
             )
             pids = {s: p.popen.pid for s, p in stack.services.items()}
             assert stack.nats is not None  # make_stack started NATS
-            t_sys, sy_cpus = [], []
-            for r, corpus in enumerate(corpora[f"switchyard-{label}"]):
+            t_sys, sy_cpus = t_by.setdefault(label, []), cpu_by.setdefault(label, [])
+            for r in round_ids:
+                corpus = corpora[f"switchyard-{label}"][r]
                 before = {s: cpu_seconds(pid) for s, pid in pids.items()}
                 nats_before = cpu_seconds(stack.nats.popen.pid)
                 base_count = counts(nodes)
@@ -582,14 +598,16 @@ def main(argv: list[str]) -> int:
                     f"probe: every image verified {t_verified:.2f} s after the send started; probe CPU until then "
                     f"{probe_cpu:.2f} s ({probe_cpu / len(files) * 1000:.2f} ms/img)"
                 )
-            by_mode[label] = (statistics.median(t_sys), statistics.median(sy_cpus), t_sys)
             if tracing_modes:
                 stack.close()  # flushes every service's spans before they are counted
                 stack = None
-                spans = len(receiver.snapshot()) - spans_before
-                print(f"{label}: {spans} spans exported ({spans / (len(files) * rounds):.1f} per image)")
+                spans_by[label] = spans_by.get(label, 0) + len(receiver.snapshot()) - spans_before
+        for label in t_by:
+            by_mode[label] = (statistics.median(t_by[label]), statistics.median(cpu_by[label]), t_by[label])
         if tracing_modes:
             stop_receiver()
+            for label, spans in spans_by.items():
+                print(f"{label}: {spans} spans exported ({spans / (len(files) * rounds):.1f} per image)")
             off = by_mode.get("tracing off")
             print(
                 "tracing modes: "

@@ -15,6 +15,7 @@ from tests.fixtures.otlp import (
     KIND_CONSUMER,
     KIND_PRODUCER,
     KIND_SERVER,
+    STATUS_ERROR,
     OtlpReceiver,
     ReceivedSpan,
     start_receiver,
@@ -182,3 +183,29 @@ async def test_otel_variables_decide_where_spans_go(orthanc_nodes, otlp_receiver
     assert resource["switchyard.service"] == "ingest"
     assert wanted.refused == 0  # the header was sent
     assert otlp_receiver.snapshot() == []  # the config's endpoint got nothing
+
+
+async def test_a_refused_c_store_is_an_error_span_with_its_status(orthanc_nodes, otlp_receiver, tmp_path, monkeypatch):
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+
+    def configure(cfg):
+        cfg = with_tracing(otlp_receiver.traces_url)(cfg)
+        return msgspec.structs.replace(cfg, ingest=msgspec.structs.replace(cfg.ingest, max_object_bytes=1024))
+
+    stack = make_stack(tmp_path / "stack", orthanc_nodes, services=("ingest",), configure=configure)
+    try:
+        sop, path = one_instance(tmp_path)
+        stack.send([path])  # refused: larger than the SCP takes
+
+        def refused():
+            return [s for s in otlp_receiver.snapshot() if s.attributes.get("dicom.sop_instance_uid") == sop]
+
+        (span,) = wait_for(refused, 30, 0.1, "the refused C-STORE's span")
+    finally:
+        stack.close()
+    assert span.kind == KIND_SERVER
+    assert span.attributes["dicom.status"] == "0xC002"
+    assert span.status_code == STATUS_ERROR
+    assert span.status_message == "DICOM status 0xC002"
+    # Nothing was published: no PRODUCER span in its trace.
+    assert [s for s in otlp_receiver.snapshot() if s.trace_id == span.trace_id] == [span]
