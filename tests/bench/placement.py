@@ -425,6 +425,18 @@ def with_tracing(mode: str, endpoint: str, then: Callable[[Config], Config]) -> 
     return configure
 
 
+def mode_list(argv: list[str], flag: str, allowed: tuple[str, ...], default: list[str]) -> list[str] | None:
+    """The modes of ``--flag=a,b``; None (said) when one is not allowed."""
+    modes = default
+    for arg in argv:
+        if arg.startswith(flag + "="):
+            modes = arg.split("=", 1)[1].split(",")
+    if not set(modes) <= set(allowed):
+        print(f"{flag}: one or more of {', '.join(allowed)}")
+        return None
+    return modes
+
+
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     images = 120 if quick else 1000
@@ -440,20 +452,10 @@ def main(argv: list[str]) -> int:
         kills = 3 if quick else 5
         print(f"placement bench, nats cluster: {images} images per round, {rounds} round(s), {kills} leader kills")
         return nats_cluster_bench(Path(tempfile.mkdtemp(prefix="switchyard-bench-cluster-")), images, rounds, kills)
-    modes = ["on"]
-    for arg in argv:
-        if arg.startswith("--nats-auth="):
-            modes = arg.split("=", 1)[1].split(",")
-            if not set(modes) <= set(NATS_AUTH_MODES):
-                print(f"--nats-auth: one or more of {', '.join(NATS_AUTH_MODES)}")
-                return 2
-    tracing_modes: list[str] = []
-    for arg in argv:
-        if arg.startswith("--tracing="):
-            tracing_modes = arg.split("=", 1)[1].split(",")
-            if not set(tracing_modes) <= set(TRACING_MODES):
-                print(f"--tracing: one or more of {', '.join(TRACING_MODES)}")
-                return 2
+    modes = mode_list(argv, "--nats-auth", NATS_AUTH_MODES, ["on"])
+    tracing_modes = mode_list(argv, "--tracing", TRACING_MODES, [])
+    if modes is None or tracing_modes is None:
+        return 2
     # (label, nats auth mode, tracing mode): the Switchyard path runs once per variant.
     variants = (
         [(f"tracing {t}", modes[0], t) for t in tracing_modes] if tracing_modes else [(m, m, "off") for m in modes]

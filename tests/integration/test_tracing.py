@@ -9,6 +9,7 @@ import msgspec
 import pydicom
 import pytest
 
+from shared.config import RoutingConfig, RoutingRule
 from switchyard.corpus import generate_studies
 from tests.fixtures.otlp import (
     KIND_CLIENT,
@@ -209,3 +210,64 @@ async def test_a_refused_c_store_is_an_error_span_with_its_status(orthanc_nodes,
     assert span.status_message == "DICOM status 0xC002"
     # Nothing was published: no PRODUCER span in its trace.
     assert [s for s in otlp_receiver.snapshot() if s.trace_id == span.trace_id] == [span]
+
+
+def spans_of(receiver: OtlpReceiver, trace_id: str) -> list[ReceivedSpan]:
+    return [s for s in receiver.snapshot() if s.trace_id == trace_id]
+
+
+async def test_a_failed_verification_and_its_re_placement_stay_in_the_instance_trace(
+    live_nodes, otlp_receiver, tmp_path, monkeypatch
+):
+    """The node holds other bytes under the instance's UID: verification fails (ERROR), the scheduler
+    places it again on the other node of the pool; all of it one trace."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    pair = RoutingConfig(pools={"pair": ["node1", "node2"]}, rules=[RoutingRule(name="pair", pools=["pair"])])
+
+    def configure(cfg):
+        return msgspec.structs.replace(with_tracing(otlp_receiver.traces_url)(cfg), routing=pair)
+
+    stack = make_stack(
+        tmp_path / "stack", live_nodes, services=("ingest", "scheduler", "probe", "catalog"), configure=configure
+    )
+    uploaded = None
+    try:
+        wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), 30, what="every node live")
+        sop, path = one_instance(tmp_path)
+        assert stack.send([path]).returncode == 0
+
+        def first_placement():
+            return [s for s in otlp_receiver.snapshot() if s.kind == KIND_PRODUCER and s.service == "scheduler"]
+
+        (placed,) = wait_for(first_placement, 30, 0.1, "the first placement's span")
+        node_id = placed.attributes["messaging.destination.name"].rsplit(".", 1)[1]
+        bad = next(n for n in live_nodes if n.node.id == node_id)
+        ds = pydicom.dcmread(path)
+        ds.StudyDescription = "changed on the node"
+        altered = tmp_path / "altered.dcm"
+        ds.save_as(altered)
+        uploaded = (bad, bad.client.post_json("/instances", altered.read_bytes())["ID"])
+        stack.start("forwarder")
+
+        def verified_elsewhere():
+            spans = spans_of(otlp_receiver, placed.trace_id)
+            ok = [s for s in spans if s.name == "probe.verify" and s.attributes.get("switchyard.verified") is True]
+            return spans if ok else None
+
+        spans = wait_for(verified_elsewhere, 90, 0.2, "the re-placed instance verified, in the same trace")
+    finally:
+        stack.close()
+        if uploaded is not None:
+            node, orthanc_id = uploaded
+            node.client._request(f"/instances/{orthanc_id}", method="DELETE")
+    by_id = {s.span_id: s for s in spans}
+    failed = [s for s in spans if s.name == "probe.verify" and s.attributes.get("switchyard.verified") is False]
+    assert len(failed) == 1 and failed[0].status_code == STATUS_ERROR
+    assert failed[0].status_message == "verification failed: dataset differs at (0008,1030)"
+    # The re-placement: a CONSUMER child of the failed verification, then a second placement and C-STORE.
+    (replace,) = [s for s in spans if s.kind == KIND_CONSUMER and s.parent_span_id == failed[0].span_id]
+    assert replace.attributes["messaging.destination.name"] == f"dicom.instance.verification_failed.{node_id}"
+    stores = [s for s in spans if s.kind == KIND_CLIENT]
+    assert len(stores) == 2
+    assert {by_id[by_id[s.parent_span_id].parent_span_id].kind for s in stores} == {KIND_CONSUMER}
+    assert {s.attributes["switchyard.node"] for s in stores} == {"node1", "node2"}
