@@ -425,6 +425,44 @@ def with_tracing(mode: str, endpoint: str, then: Callable[[Config], Config]) -> 
     return configure
 
 
+def span_cpu_us(mode: str, endpoint: str, n: int = 20000) -> float:
+    """CPU per span in this process (created, batched, encoded, posted), as ingest makes them:
+    a SERVER span with DICOM attributes and a PRODUCER child. The receiver decodes in this
+    process too, so this is an upper bound."""
+    from opentelemetry.trace import SpanKind
+
+    from shared import telemetry
+
+    cfg = with_tracing(mode, endpoint, lambda c: c)(Config()).telemetry
+    provider = telemetry.setup_tracing("bench", cfg)
+    tracer = provider.get_tracer("bench")
+    started = time.process_time()
+    for i in range(n):
+        with tracer.start_as_current_span("ingest.c_store", kind=SpanKind.SERVER) as span:
+            span.set_attributes(
+                {
+                    "rpc.system": "dicom",
+                    "rpc.method": "C-STORE",
+                    "dicom.sop_instance_uid": f"1.2.826.0.1.3680043.8.498.{i}",
+                    "dicom.sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+                    "dicom.transfer_syntax_uid": "1.2.840.10008.1.2.1",
+                    "dicom.calling_ae": "BENCH",
+                    "dicom.called_ae": "SWITCHYARD",
+                    "switchyard.size": 4096,
+                }
+            )
+            telemetry.dicom_status(span, 0)
+            attrs = telemetry.messaging_attributes("dicom.instance.received", "publish")
+            with tracer.start_as_current_span("publish", kind=SpanKind.PRODUCER, attributes=attrs) as producer:
+                telemetry.context_of(producer)
+                producer.set_attribute("switchyard.stream_seq", i)
+            # The exporter's queue holds 2048 spans: this loop would outrun it, a service does not.
+            if i % 500 == 499:
+                provider.force_flush()
+    provider.shutdown()
+    return (time.process_time() - started) / (2 * n) * 1e6
+
+
 def mode_list(argv: list[str], flag: str, allowed: tuple[str, ...], default: list[str]) -> list[str] | None:
     """The modes of ``--flag=a,b``; None (said) when one is not allowed."""
     modes = default
@@ -530,6 +568,10 @@ def main(argv: list[str]) -> int:
             # Export every 100 ms (the SDK's default is 5 s): the export's CPU falls inside the measured
             # window instead of after it (at these rates most exports are full 512-span batches anyway).
             os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "100")
+            print(
+                "span CPU in process (upper bound: the receiver decodes in this process): "
+                + ", ".join(f"tracing {m} {span_cpu_us(m, receiver.traces_url):.1f} us/span" for m in tracing_modes)
+            )
         # Auth modes: one stack per mode, its rounds back to back. Tracing modes: a new stack per round,
         # the modes in turn and in reverse order every other round (off,100,10 then 10,100,off), so the
         # machine's drift (other work, the nodes filling up) does not fall on one mode.
