@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -142,6 +143,22 @@ def setup_tracing(service: str, cfg: TelemetryConfig) -> TracerProvider:
 # Messaging semantic conventions: https://opentelemetry.io/docs/specs/semconv/messaging/
 
 MAX_LINKS = 128
+
+
+@contextmanager
+def span(tracer: trace.Tracer, name: str, **kwargs: Any) -> Iterator[trace.Span]:
+    """``start_as_current_span`` that records an escaping exception by its type only.
+
+    The SDK's default records ``str(exc)`` (an exception event and the status
+    description); a pydicom or DuckDB message can echo element values.
+    """
+    with tracer.start_as_current_span(name, record_exception=False, set_status_on_exception=False, **kwargs) as s:
+        try:
+            yield s
+        except Exception as exc:
+            s.set_attribute("exception.type", type(exc).__qualname__)
+            fail(s, type(exc).__qualname__)
+            raise
 
 
 def messaging_attributes(subject: str, operation: str) -> dict[str, str]:

@@ -45,7 +45,7 @@ class TracedCatalogStore(CatalogStore):
         self.tracer = tracer
 
     def apply_raw(self, seqs: list[int], payloads: list[bytes]) -> int:
-        with self.tracer.start_as_current_span("catalog.apply", kind=trace.SpanKind.CONSUMER) as span:
+        with telemetry.span(self.tracer, "catalog.apply", kind=trace.SpanKind.CONSUMER) as span:
             if span.is_recording():
                 span.set_attributes(
                     {

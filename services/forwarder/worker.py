@@ -289,7 +289,7 @@ class NodeWorker:
         """One C-STORE (a CLIENT span, child of the placement's); the outcome events carry its context."""
         node = self.node.id
         parent = context_from(placed.traceparent, placed.tracestate)
-        with self.tracer.start_as_current_span("forwarder.c_store", context=parent, kind=SpanKind.CLIENT) as span:
+        with telemetry.span(self.tracer, "forwarder.c_store", context=parent, kind=SpanKind.CLIENT) as span:
             span.set_attributes(
                 {
                     "rpc.system": "dicom",

@@ -445,7 +445,7 @@ class StorageSCP:
         self._tasks[task] = True
         started = time.monotonic()
         try:
-            with self.tracer.start_as_current_span("ingest.c_store", kind=trace.SpanKind.SERVER) as span:
+            with telemetry.span(self.tracer, "ingest.c_store", kind=trace.SpanKind.SERVER) as span:
                 span.set_attributes(
                     {
                         "rpc.system": "dicom",
@@ -580,7 +580,8 @@ class StorageSCP:
     ) -> tuple[int, str]:
         sop_uid, key, size = command.sop_instance, received.blob_key, incoming.size
         subject = subject_for(received)
-        with self.tracer.start_as_current_span(
+        with telemetry.span(
+            self.tracer,
             f"{subject} publish",
             kind=trace.SpanKind.PRODUCER,
             attributes=telemetry.messaging_attributes(subject, "publish"),

@@ -229,8 +229,11 @@ class Scheduler:
     async def _record(self, placed: ev.InstancePlacedV1) -> bool:
         """Publish one placement; False when it is not known to be recorded (the caller does not ack)."""
         subject = subject_for(placed)
-        with self.tracer.start_as_current_span(
-            f"{subject} publish", kind=SpanKind.PRODUCER, attributes=telemetry.messaging_attributes(subject, "publish")
+        with telemetry.span(
+            self.tracer,
+            f"{subject} publish",
+            kind=SpanKind.PRODUCER,
+            attributes=telemetry.messaging_attributes(subject, "publish"),
         ) as span:
             # The forwarder's CLIENT spans are children of this one.
             placed.traceparent, placed.tracestate = telemetry.context_of(span)
@@ -259,7 +262,8 @@ class Scheduler:
             await msg.ack()
             return
         parent = context_from(received.traceparent, received.tracestate)
-        with self.tracer.start_as_current_span(
+        with telemetry.span(
+            self.tracer,
             f"{msg.subject} process",
             context=parent,
             kind=SpanKind.CONSUMER,
@@ -318,7 +322,8 @@ class Scheduler:
         if failed is None:
             return
         # A re-placement is a child of the failure's span: the instance's trace goes on.
-        with self.tracer.start_as_current_span(
+        with telemetry.span(
+            self.tracer,
             f"{msg.subject} process",
             context=context_from(failed.traceparent, failed.tracestate),
             kind=SpanKind.CONSUMER,

@@ -209,3 +209,17 @@ def test_log_format_from_config_and_env() -> None:
         load_config(env={"SWITCHYARD_TELEMETRY__LOG_FORMAT": "xml"})
     with pytest.raises(ValueError):
         logfmt.install("x", "INFO", "xml")
+
+
+def test_an_escaping_exception_is_recorded_by_type_only(spans) -> None:
+    provider, exporter = spans
+    secret = "".join(["DOE^", "JANE"])  # what a DuckDB or pydicom message may echo
+    with pytest.raises(ValueError):
+        with telemetry.span(provider.get_tracer("t"), "apply"):
+            raise ValueError(f"Could not convert string '{secret}' to INT32")
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.status.description == "ValueError"
+    assert span.attributes is not None and span.attributes["exception.type"] == "ValueError"
+    assert not span.events  # no exception event (it would carry the message)
+    assert secret not in repr(span.to_json())
