@@ -36,8 +36,10 @@ PATIENT = {
 }
 
 
-def one_instance(tmp_path: Path) -> tuple[str, Path]:
-    (path,) = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=1, seed=1414)
+def one_instance(tmp_path: Path, seed: int) -> tuple[str, Path]:
+    """One instance with the patient values above; its own ``seed`` per test (the same seed, the same
+    UIDs: a node that already holds the instance would keep the first copy)."""
+    (path,) = generate_studies(tmp_path / "corpus", studies=1, series_per_study=1, instances_per_series=1, seed=seed)
     ds = pydicom.dcmread(path)
     for keyword, value in PATIENT.items():
         setattr(ds, keyword, value)
@@ -98,7 +100,7 @@ async def test_one_routed_instance_is_one_trace_across_the_five_services(
     stack = make_stack(tmp_path / "stack", live_nodes, configure=with_tracing(otlp_receiver.traces_url))
     try:
         wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), 30, what="every node live")
-        sop, path = one_instance(tmp_path)
+        sop, path = one_instance(tmp_path, 14141)
         assert stack.send([path]).returncode == 0
         by = wait_for(lambda: the_trace(otlp_receiver, sop), 60, 0.2, "the instance's trace from all five services")
     finally:
@@ -166,7 +168,7 @@ async def test_otel_variables_decide_where_spans_go(orthanc_nodes, otlp_receiver
 
         stack = make_stack(tmp_path / "stack", orthanc_nodes, services=("ingest",), configure=configure)
         try:
-            sop, path = one_instance(tmp_path)
+            sop, path = one_instance(tmp_path, 14142)
             assert stack.send([path]).returncode == 0
 
             def server_span():
@@ -195,7 +197,7 @@ async def test_a_refused_c_store_is_an_error_span_with_its_status(orthanc_nodes,
 
     stack = make_stack(tmp_path / "stack", orthanc_nodes, services=("ingest",), configure=configure)
     try:
-        sop, path = one_instance(tmp_path)
+        sop, path = one_instance(tmp_path, 14143)
         stack.send([path])  # refused: larger than the SCP takes
 
         def refused():
@@ -233,7 +235,7 @@ async def test_a_failed_verification_and_its_re_placement_stay_in_the_instance_t
     uploaded = None
     try:
         wait_for(lambda: all(scheduler_sees(stack, n.node.id, True) for n in live_nodes), 30, what="every node live")
-        sop, path = one_instance(tmp_path)
+        sop, path = one_instance(tmp_path, 14144)
         assert stack.send([path]).returncode == 0
 
         def first_placement():
