@@ -326,6 +326,11 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # The web console links an event to its trace: "{trace_id}" is replaced (e.g.
     # "http://grafana:3000/explore?...{trace_id}"); "" shows no link.
     trace_url_template: str = ""
+    # Share of new traces kept (parent-based: a span follows its parent's decision).
+    # OTEL_TRACES_SAMPLER overrides it; errors are kept by the collector's tail sampling.
+    sample_ratio: float = 1.0
+    # "json": one JSON object per log line, with trace_id/span_id when a span is active.
+    log_format: Literal["text", "json"] = "text"
 
 
 def _default_nodes() -> list[NodeConfig]:

@@ -123,7 +123,7 @@ async def running_service(name: str, cfg: Config, identity: str | None = None) -
     exit; the bus drains last but one, before tracing flushes. ``identity``: the
     NATS identity (default ``name``; extra ingest workers are still "ingest").
     """
-    setup_logging(name, cfg.telemetry.log_level)
+    setup_logging(name, cfg.telemetry.log_level, cfg.telemetry.log_format)
     stop = stop_on_signals()
     async with contextlib.AsyncExitStack() as stack:
         provider = setup_tracing(name, cfg.telemetry)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 
 import msgspec
 from aiohttp import web
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.catalog.api import build_app, runner_options, ssl_context
 from shared import events as ev
-from shared import membership
+from shared import membership, telemetry
 from shared.bus import Bus
 from shared.config import Config
 from shared.readmodel.catalog import CatalogStore
@@ -19,6 +21,50 @@ from shared.readmodel.follow import keep_up
 from shared.runtime import run_until_stopped, running_service
 
 log = logging.getLogger("switchyard.catalog")
+
+
+class _TraceFields(msgspec.Struct):
+    """Only an event's trace context (every other field is skipped by the decoder)."""
+
+    traceparent: str = ""
+    tracestate: str = ""
+
+
+_trace_fields = msgspec.json.Decoder(_TraceFields)
+
+
+class TracedCatalogStore(CatalogStore):
+    """The catalog's store, with one span per applied batch linking the spans that produced its events.
+
+    Links, not parents: a batch holds events of many traces. The links are
+    read (one small decode per event) only when the span is recorded.
+    """
+
+    def __init__(self, path: str, tracer: trace.Tracer) -> None:
+        super().__init__(path)
+        self.tracer = tracer
+
+    def apply_raw(self, seqs: list[int], payloads: list[bytes]) -> int:
+        with telemetry.span(self.tracer, "catalog.apply", kind=trace.SpanKind.CONSUMER) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        **telemetry.messaging_attributes("dicom.instance.>", "process"),
+                        "messaging.batch.message_count": len(payloads),
+                    }
+                )
+                for link in telemetry.links_to(_contexts(payloads)):
+                    span.add_link(link.context)
+            return super().apply_raw(seqs, payloads)
+
+
+def _contexts(payloads: list[bytes]) -> Iterator[tuple[str, str]]:
+    for data in payloads:
+        try:
+            fields = _trace_fields.decode(data)
+        except msgspec.DecodeError:
+            continue
+        yield fields.traceparent, fields.tracestate
 
 
 async def project(cfg: Config, bus: Bus, store: CatalogStore, registry: CollectorRegistry, stop: asyncio.Event) -> None:
@@ -60,7 +106,7 @@ async def main(cfg: Config) -> None:
             )
         if not cfg.catalog.tokens and not cfg.catalog.token:
             log.warning("no catalog.tokens configured: every API request is refused (401)")
-        store = CatalogStore(cfg.catalog.db_path)
+        store = TracedCatalogStore(cfg.catalog.db_path, svc.tracer)
         svc.stack.callback(store.close)
         loads: dict = {}
         # Membership as the services see it (node states, and the console's node actions).

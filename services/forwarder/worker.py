@@ -35,11 +35,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.forwarder.sender import NodeSender, Outcome
 from shared import events as ev
-from shared import membership
+from shared import membership, telemetry
 from shared.blobs import BlobNotFound, BlobStore, BlobStoreError
 from shared.bus import Bus, BusUnavailable, PublishUncertain, forwarder_consumer
 from shared.config import Config
@@ -324,31 +325,43 @@ class NodeWorker:
             if self._paused():
                 await self._wait_paused(msg)
                 continue
-            outcome, size, elapsed = await self._attempt(placed, delivery)
+            outcome, size, elapsed, ctx = await self._attempt(placed, delivery)
             if outcome.node_failure:
                 # The node, not this instance: pause the worker, keep the message, use no delivery.
                 self._pause(outcome.reason)
                 if not node_failure_recorded:
-                    node_failure_recorded = await self._record_failure(placed, outcome, delivery)
+                    node_failure_recorded = await self._record_failure(placed, outcome, delivery, ctx)
                 continue
             self.node_failures = 0
             try:
                 if outcome.ok:
-                    await self._settled(msg, placed, elapsed, outcome.status or 0, size=size)
+                    await self._settled(msg, placed, elapsed, outcome.status or 0, size=size, ctx=ctx)
                 else:
-                    await self._failed(msg, placed, outcome, delivery)
+                    await self._failed(msg, placed, outcome, delivery, ctx)
             except (BusUnavailable, PublishUncertain) as exc:
                 # Leave the message unacked: it is redelivered and the ids dedupe.
                 log.warning("%s: outcome of %s not recorded (%s)", self.node.id, placed.sop_instance_uid, exc)
             return
 
-    async def _attempt(self, placed: ev.InstancePlacedV1, delivery: int) -> tuple[Outcome, int, float]:
+    async def _attempt(self, placed: ev.InstancePlacedV1, delivery: int) -> tuple[Outcome, int, float, tuple[str, str]]:
+        """One C-STORE (a CLIENT span, child of the placement's); the outcome events carry its context."""
         node = self.node.id
         parent = context_from(placed.traceparent, placed.tracestate)
-        with self.tracer.start_as_current_span("forwarder.c_store", context=parent) as span:
-            span.set_attribute("dicom.sop_instance_uid", placed.sop_instance_uid)
-            span.set_attribute("switchyard.node", node)
-            span.set_attribute("switchyard.delivery", delivery)
+        with telemetry.span(self.tracer, "forwarder.c_store", context=parent, kind=SpanKind.CLIENT) as span:
+            span.set_attributes(
+                {
+                    "rpc.system": "dicom",
+                    "rpc.method": "C-STORE",
+                    "dicom.sop_instance_uid": placed.sop_instance_uid,
+                    "dicom.sop_class_uid": placed.sop_class_uid,
+                    "dicom.transfer_syntax_uid": placed.transfer_syntax_uid,
+                    "dicom.calling_ae": self.cfg.forwarder.ae_title,
+                    "dicom.called_ae": self.node.ae_title,
+                    "switchyard.node": node,
+                    "switchyard.delivery": delivery,
+                    "switchyard.attempt": placed.attempt,
+                }
+            )
             sender = await self.senders.get()
             self.metrics.inflight.labels(node=node).inc()
             started = time.perf_counter()
@@ -360,7 +373,13 @@ class NodeWorker:
                     await sender.close()
                 self.senders.put_nowait(sender)
             span.set_attribute("switchyard.outcome", outcome.reason)
-        return outcome, size, time.perf_counter() - started
+            span.set_attribute("switchyard.size", size)
+            if outcome.status is not None:
+                telemetry.dicom_status(span, outcome.status)
+            if not outcome.ok:
+                telemetry.fail(span, outcome.reason)  # fixed texts: a status, an exception type, never values
+            ctx = telemetry.context_of(span)
+        return outcome, size, time.perf_counter() - started, ctx
 
     async def _deliver(self, placed: ev.InstancePlacedV1, sender: NodeSender) -> tuple[Outcome, int]:
         """Blob to a file (local stores already have one), file to the node."""
@@ -413,11 +432,15 @@ class NodeWorker:
         status: int,
         size: int = 0,
         already_present: bool = False,
+        ctx: tuple[str, str] | None = None,
     ) -> None:
         node = self.node.id
+        traceparent, tracestate = ctx or (placed.traceparent, placed.tracestate)
         await self.bus.publish(
             ev.InstanceForwardedV1(
                 event_id=ev.fact_id("forwarded", placed.event_id),
+                traceparent=traceparent,
+                tracestate=tracestate,
                 sop_instance_uid=placed.sop_instance_uid,
                 study_instance_uid=placed.study_instance_uid,
                 node_id=node,
@@ -445,12 +468,16 @@ class NodeWorker:
         while len(self.recorded) > RECORDED_MAX:
             self.recorded.popitem(last=False)
 
-    async def _record_failure(self, placed: ev.InstancePlacedV1, outcome: Outcome, delivery: int) -> bool:
+    async def _record_failure(
+        self, placed: ev.InstancePlacedV1, outcome: Outcome, delivery: int, ctx: tuple[str, str]
+    ) -> bool:
         """A node failure on the log (a liveness witness), once per message and delivery."""
         try:
             await self.bus.publish(
                 ev.InstanceForwardFailedV1(
                     event_id=ev.fact_id("forward_failed", placed.event_id, delivery, "node"),
+                    traceparent=ctx[0],
+                    tracestate=ctx[1],
                     sop_instance_uid=placed.sop_instance_uid,
                     study_instance_uid=placed.study_instance_uid,
                     node_id=self.node.id,
@@ -533,8 +560,11 @@ class NodeWorker:
             log.warning("%s: hand-back of %s not recorded (%s)", node, placed.sop_instance_uid, exc)
         return True
 
-    async def _failed(self, msg, placed: ev.InstancePlacedV1, outcome: Outcome, delivery: int) -> None:
+    async def _failed(
+        self, msg, placed: ev.InstancePlacedV1, outcome: Outcome, delivery: int, ctx: tuple[str, str] | None = None
+    ) -> None:
         node = self.node.id
+        traceparent, tracestate = ctx or (placed.traceparent, placed.tracestate)
         gone = outcome.reason in ev.NODE_GONE_REASONS
         tries = INSTANCE_TRIES if outcome.instance else self.cfg.forwarder.max_deliver
         last = outcome.permanent or delivery >= tries
@@ -543,7 +573,7 @@ class NodeWorker:
             # dead-letter what the node holds.
             present = await self._already_there(msg, placed, hand_back=False)
             if present:
-                await self._settled(msg, placed, 0.0, 0, already_present=True)
+                await self._settled(msg, placed, 0.0, 0, already_present=True, ctx=(traceparent, tracestate))
                 return
         self.metrics.failures.labels(node=node, permanent=str(outcome.permanent).lower()).inc()
         log.warning(
@@ -557,6 +587,8 @@ class NodeWorker:
         await self.bus.publish(
             ev.InstanceForwardFailedV1(
                 event_id=ev.fact_id("forward_failed", placed.event_id, delivery),
+                traceparent=traceparent,
+                tracestate=tracestate,
                 sop_instance_uid=placed.sop_instance_uid,
                 study_instance_uid=placed.study_instance_uid,
                 node_id=node,
@@ -576,6 +608,8 @@ class NodeWorker:
         await self.bus.publish(
             ev.InstanceDeadLetteredV1(
                 event_id=ev.fact_id("dead_lettered", placed.event_id),
+                traceparent=traceparent,
+                tracestate=tracestate,
                 sop_instance_uid=placed.sop_instance_uid,
                 study_instance_uid=placed.study_instance_uid,
                 node_id=node,

@@ -33,10 +33,10 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
 from shared import events as ev
-from shared import ul
+from shared import telemetry, ul
 from shared.access import PeerPolicy
 from shared.blobs import BlobStore, BlobStoreError, content_key
-from shared.bus import Bus, BusUnavailable, PublishUncertain
+from shared.bus import Bus, BusUnavailable, PublishUncertain, subject_for
 from shared.config import Config
 from shared.dicomfile import Header, NotDicom, read_header
 from shared.dicomvalidate import DatasetError, DatasetValidator, valid_uid
@@ -140,6 +140,7 @@ class _Incoming:
     def __init__(self, path: Path, meta: bytes, limit: int, transfer_syntax: str = "1.2.840.10008.1.2.1") -> None:
         self.path = path
         self.limit = limit
+        self.transfer_syntax = transfer_syntax
         self.size = len(meta)
         self.meta_size = len(meta)
         self.too_large = False
@@ -496,9 +497,19 @@ class StorageSCP:
         self._tasks[task] = True
         started = time.monotonic()
         try:
-            with self.tracer.start_as_current_span("ingest.c_store") as span:
-                span.set_attribute("dicom.sop_instance_uid", shown(command.sop_instance))
-                span.set_attribute("dicom.sop_class_uid", shown(command.sop_class))
+            with telemetry.span(self.tracer, "ingest.c_store", kind=trace.SpanKind.SERVER) as span:
+                span.set_attributes(
+                    {
+                        "rpc.system": "dicom",
+                        "rpc.method": "C-STORE",
+                        "dicom.sop_instance_uid": shown(command.sop_instance),
+                        "dicom.sop_class_uid": shown(command.sop_class),
+                        "dicom.transfer_syntax_uid": incoming.transfer_syntax,
+                        "dicom.calling_ae": peer.calling_ae,
+                        "dicom.called_ae": peer.called_ae,
+                        "switchyard.size": incoming.size,
+                    }
+                )
                 try:
                     status, comment = await self._store(command, incoming, peer)
                 except Exception as exc:  # noqa: BLE001 - every C-STORE gets an answer
@@ -507,7 +518,7 @@ class StorageSCP:
                     status, comment = OUT_OF_RESOURCES_INTERNAL, "internal error; retry later"
                 finally:
                     incoming.discard()  # the spool file, unless the blob store took it
-                span.set_attribute("dicom.status", status)
+                telemetry.dicom_status(span, status)
             self.metrics.statuses.labels(status=f"0x{status:04X}").inc()
             self.metrics.peer_results.labels(
                 bounded_ae(peer.calling_ae, self.metrics.known_aes), status_result(status)
@@ -624,21 +635,31 @@ class StorageSCP:
         self, command: _Command, incoming: _Incoming, received: ev.InstanceReceivedV1, existed: bool, peer: _Peer
     ) -> tuple[int, str]:
         sop_uid, key, size = command.sop_instance, received.blob_key, incoming.size
-        try:
-            ack = await self.bus.publish(received, self.cfg.nats.publish_timeout_s)
-        except BusUnavailable as exc:
-            # Nothing reached JetStream: take back the blob we just wrote.
-            if not existed:
-                await asyncio.get_running_loop().run_in_executor(self.io, self.blobs.delete, key)
-            log.error("event bus unavailable for %s (%s); answered failure", sop_uid, exc)
-            return OUT_OF_RESOURCES_BUS, "event log unavailable"
-        except PublishUncertain as exc:
-            # The event may be recorded: keep the blob so it never points at nothing.
-            log.error("no acknowledgement for %s (%s); answered failure", sop_uid, exc)
-            return OUT_OF_RESOURCES_BUS, "event log did not acknowledge"
-        span = trace.get_current_span()
-        span.set_attribute("switchyard.stream_seq", ack.seq)
-        span.set_attribute("switchyard.duplicate", bool(ack.duplicate))
+        subject = subject_for(received)
+        with telemetry.span(
+            self.tracer,
+            f"{subject} publish",
+            kind=trace.SpanKind.PRODUCER,
+            attributes=telemetry.messaging_attributes(subject, "publish"),
+        ) as span:
+            # The event carries the PRODUCER span's context (same length: the size check holds).
+            received.traceparent, received.tracestate = telemetry.context_of(span)
+            try:
+                ack = await self.bus.publish(received, self.cfg.nats.publish_timeout_s)
+            except BusUnavailable as exc:
+                telemetry.fail(span, "bus unavailable")
+                # Nothing reached JetStream: take back the blob we just wrote.
+                if not existed:
+                    await asyncio.get_running_loop().run_in_executor(self.io, self.blobs.delete, key)
+                log.error("event bus unavailable for %s (%s); answered failure", sop_uid, exc)
+                return OUT_OF_RESOURCES_BUS, "event log unavailable"
+            except PublishUncertain as exc:
+                telemetry.fail(span, "no acknowledgement")
+                # The event may be recorded: keep the blob so it never points at nothing.
+                log.error("no acknowledgement for %s (%s); answered failure", sop_uid, exc)
+                return OUT_OF_RESOURCES_BUS, "event log did not acknowledge"
+            span.set_attribute("switchyard.stream_seq", ack.seq)
+            span.set_attribute("switchyard.duplicate", bool(ack.duplicate))
         if not ack.duplicate:
             self.metrics.instances.inc()
             self.metrics.bytes.inc(size)

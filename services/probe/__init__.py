@@ -64,7 +64,7 @@ async def main(cfg: Config) -> None:
         pool = await membership.load(svc.bus, cfg.nodes, cfg.node_credentials)
         store = ProbeStore(cfg.probe.db_path)
         svc.stack.callback(store.close)
-        verifier = Verifier(cfg, store, svc.bus, svc.registry)
+        verifier = Verifier(cfg, store, svc.bus, svc.registry, svc.tracer)
         watches: dict[str, asyncio.Task] = {}
         verifies: dict[str, asyncio.Task] = {}
 

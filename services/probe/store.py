@@ -71,6 +71,8 @@ ALTER TABLE expected ADD COLUMN IF NOT EXISTS blob_key VARCHAR DEFAULT '';
 ALTER TABLE expected ADD COLUMN IF NOT EXISTS verification_failures INTEGER DEFAULT 0;
 -- When ingest recorded the instance (from the forwarded event), for the received -> verified latency.
 ALTER TABLE expected ADD COLUMN IF NOT EXISTS received_at TIMESTAMP;
+-- The forwarded event's trace context: the verification span is the forward's child.
+ALTER TABLE expected ADD COLUMN IF NOT EXISTS traceparent VARCHAR DEFAULT '';
 """
 )
 
@@ -94,17 +96,18 @@ class Expected:
     blob_key: str = ""
     verification_failures: int = 0
     received_at: datetime | None = None
+    traceparent: str = ""
 
 
 _EXPECTED = (
     "e.node_id, e.sop_instance_uid, e.study_instance_uid, e.placement_id, e.dataset_digest,"
     " e.forwarded_at, {orthanc_id}, e.received_seq, e.attempt, e.avoid, e.pool, {found},"
-    " e.blob_key, e.verification_failures, e.received_at"
+    " e.blob_key, e.verification_failures, e.received_at, e.traceparent"
 )
 
 
 def _expected(row) -> Expected:
-    *head, avoid, pool, found, blob_key, failures, received_at = row
+    *head, avoid, pool, found, blob_key, failures, received_at, traceparent = row
     # mypy cannot tell that *head (the first nine columns) stops before these keywords
     return Expected(
         *head,
@@ -114,6 +117,7 @@ def _expected(row) -> Expected:
         blob_key=blob_key or "",
         verification_failures=failures or 0,
         received_at=received_at,
+        traceparent=traceparent or "",
     )
 
 
@@ -309,6 +313,7 @@ _EXPECTED_COLUMNS = (
     "blob_key",
     "verification_failures",
     "received_at",
+    "traceparent",
 )
 _PLACEMENT_COLUMNS = (
     "placement_id",
@@ -335,6 +340,7 @@ _EXPECTED_TYPES = ["VARCHAR"] * 5 + [
     "VARCHAR",
     "INTEGER",
     "TIMESTAMP",
+    "VARCHAR",
 ]
 
 
@@ -412,6 +418,7 @@ def _apply_batch(con, batch: list[tuple[int, ev.AnyEvent]]) -> int:
                     "",
                     *placed[5:],
                     _utc(event.received_at) if event.received_at is not None else None,
+                    event.traceparent,
                 ]
                 dirty.add(key)
         elif type(event) is ev.InstanceDeadLetteredV1:

@@ -31,13 +31,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime
 
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.probe.store import Expected, ProbeStore
 from shared import events as ev
+from shared import telemetry
 from shared.blobs import BlobStoreError, open_blob_store
 from shared.bus import Bus, BusUnavailable, PublishUncertain
 from shared.config import Config, NodeConfig
@@ -45,6 +48,7 @@ from shared.dicomfile import NotDicom, dataset_bytes_digest, dataset_difference,
 from shared.metrics import Stage, observe, reason_counter, reason_label, seconds_since, stage_histogram
 from shared.orthanc import OrthancClient, OrthancError
 from shared.runtime import wait_or_stop
+from shared.telemetry import context_from
 
 log = logging.getLogger("switchyard.probe.verify")
 
@@ -170,9 +174,13 @@ def judge_all(
     return out, None
 
 
-def verified_event(item: Expected, digest: str, reencoded: bool = False) -> ev.InstanceVerifiedV1:
+def verified_event(
+    item: Expected, digest: str, reencoded: bool = False, ctx: tuple[str, str] = ("", "")
+) -> ev.InstanceVerifiedV1:
     return ev.InstanceVerifiedV1(
         event_id=ev.fact_id("verified", item.node_id, item.sop_instance_uid, item.placement_id),
+        traceparent=ctx[0],
+        tracestate=ctx[1],
         sop_instance_uid=item.sop_instance_uid,
         study_instance_uid=item.study_instance_uid,
         node_id=item.node_id,
@@ -182,9 +190,13 @@ def verified_event(item: Expected, digest: str, reencoded: bool = False) -> ev.I
     )
 
 
-def failed_event(item: Expected, reason: str, found: str = "") -> ev.InstanceVerificationFailedV1:
+def failed_event(
+    item: Expected, reason: str, found: str = "", ctx: tuple[str, str] = ("", "")
+) -> ev.InstanceVerificationFailedV1:
     return ev.InstanceVerificationFailedV1(
         event_id=ev.fact_id("verification_failed", item.node_id, item.sop_instance_uid, item.placement_id),
+        traceparent=ctx[0],
+        tracestate=ctx[1],
         sop_instance_uid=item.sop_instance_uid,
         study_instance_uid=item.study_instance_uid,
         node_id=item.node_id,
@@ -201,8 +213,11 @@ def failed_event(item: Expected, reason: str, found: str = "") -> ev.InstanceVer
 
 
 class Verifier:
-    def __init__(self, cfg: Config, store: ProbeStore, bus: Bus, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, cfg: Config, store: ProbeStore, bus: Bus, registry: CollectorRegistry, tracer: trace.Tracer | None = None
+    ) -> None:
         self.cfg = cfg
+        self.tracer = tracer or trace.NoOpTracer()
         self.store = store
         self.bus = bus
         self.outcomes = Counter(
@@ -257,9 +272,10 @@ class Verifier:
             client.close()
 
     async def poll(self, node: NodeConfig, client: OrthancClient) -> None:
+        started = time.time_ns()
         outcomes, paused = await asyncio.to_thread(self.look, node, client)
         if outcomes:
-            await self.publish(node, outcomes)
+            await self.publish(node, outcomes, started)
         if paused is not None:
             raise paused
 
@@ -290,19 +306,43 @@ class Verifier:
         missing = f"not seen on the node within {pcfg.verify_deadline_s:g}s"
         return judge_all(client, ready, overdue, missing, self.original)
 
-    async def publish(self, node: NodeConfig, outcomes: list[Outcome]) -> None:
+    def _span(self, node: NodeConfig, item: Expected, ok: bool, reason: str, started: int | None) -> trace.Span:
+        """One verification span, a child of the forward's CLIENT span; from the poll's start to its publish."""
+        span = self.tracer.start_span(
+            "probe.verify",
+            context=context_from(item.traceparent) if item.traceparent else None,
+            start_time=started,
+            attributes={
+                "dicom.sop_instance_uid": item.sop_instance_uid,
+                "switchyard.node": node.id,
+                "switchyard.verified": ok,
+                "switchyard.reencoded": reason == REENCODED,
+            },
+        )
+        if not ok:
+            # The reason's head only: a "not DICOM" reason ends with a parser's text.
+            head = reason.split(":", 1)[0]
+            span.set_attribute("switchyard.reason", head)
+            telemetry.fail(span, f"verification failed: {head}")
+        return span
+
+    async def publish(self, node: NodeConfig, outcomes: list[Outcome], started: int | None = None) -> None:
         """Publish pipelined, then settle what was acknowledged (one transaction).
 
         A crash or a missing PubAck in between leaves the expectation pending:
         the next poll publishes the same event id again (deduplicated).
         """
         events: list[ev.Event] = []
+        spans: list[trace.Span] = []
         for item, ok, found, reason in outcomes:
+            span = self._span(node, item, ok, reason, started)
+            spans.append(span)
+            ctx = telemetry.context_of(span)
             if ok:
-                events.append(verified_event(item, found, reencoded=reason == REENCODED))
+                events.append(verified_event(item, found, reencoded=reason == REENCODED, ctx=ctx))
             else:
                 log.warning("instance %s on %s failed verification: %s", item.sop_instance_uid, node.id, reason)
-                events.append(failed_event(item, reason, found))
+                events.append(failed_event(item, reason, found, ctx=ctx))
         settled: list[tuple[str, str, str, str, str]] = []
         error: Exception | None = None
         try:
@@ -324,6 +364,8 @@ class Verifier:
                     else:
                         self.failures.labels(item.node_id, reason_label(reason)).inc()
         finally:
+            for span in spans:
+                span.end()
             await asyncio.to_thread(self.store.settle_many, settled)
         if error is not None:
             raise error

@@ -24,6 +24,7 @@ import time
 import msgspec
 import nats.errors
 from nats.aio.msg import Msg
+from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.scheduler.affinity import Affinity, affinity_scope, is_default_pool
@@ -32,7 +33,7 @@ from services.scheduler.operator import OperatorActions
 from services.scheduler.policy import NodeView, place
 from services.scheduler.routing import DEFAULT_POOL, in_pool, route
 from shared import events as ev
-from shared import membership
+from shared import membership, telemetry
 from shared.bus import (
     Bus,
     BusUnavailable,
@@ -40,6 +41,7 @@ from shared.bus import (
     operator_retry_consumer,
     replacement_consumer,
     scheduler_consumer,
+    subject_for,
     verification_failed_consumer,
 )
 from shared.config import Config
@@ -239,13 +241,23 @@ class Scheduler:
 
     async def _record(self, placed: ev.InstancePlacedV1) -> bool:
         """Publish one placement; False when it is not known to be recorded (the caller does not ack)."""
-        try:
-            ack = await self.bus.publish(placed)
-        except (BusUnavailable, PublishUncertain) as exc:
-            # Not acked: JetStream redelivers, and the same placement id dedupes.
-            self.live.unreserve(placed.node_id)
-            log.warning("placement of %s not recorded (%s); will retry", placed.sop_instance_uid, exc)
-            return False
+        subject = subject_for(placed)
+        with telemetry.span(
+            self.tracer,
+            f"{subject} publish",
+            kind=SpanKind.PRODUCER,
+            attributes=telemetry.messaging_attributes(subject, "publish"),
+        ) as span:
+            # The forwarder's CLIENT spans are children of this one.
+            placed.traceparent, placed.tracestate = telemetry.context_of(span)
+            try:
+                ack = await self.bus.publish(placed)
+            except (BusUnavailable, PublishUncertain) as exc:
+                telemetry.fail(span, type(exc).__name__)
+                # Not acked: JetStream redelivers, and the same placement id dedupes.
+                self.live.unreserve(placed.node_id)
+                log.warning("placement of %s not recorded (%s); will retry", placed.sop_instance_uid, exc)
+                return False
         if ack.duplicate:
             self.live.unreserve(placed.node_id)
             return True  # recorded by an earlier delivery (or another replica): counted there
@@ -263,8 +275,15 @@ class Scheduler:
             await msg.ack()
             return
         parent = context_from(received.traceparent, received.tracestate)
-        with self.tracer.start_as_current_span("scheduler.place", context=parent) as span:
+        with telemetry.span(
+            self.tracer,
+            f"{msg.subject} process",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes=telemetry.messaging_attributes(msg.subject, "process"),
+        ) as span:
             span.set_attribute("dicom.sop_instance_uid", received.sop_instance_uid)
+            span.set_attribute("dicom.sop_class_uid", received.sop_class_uid)
             started = time.perf_counter()
             chosen = route(received, self.cfg.routing.rules)
             if chosen.rule:
@@ -320,6 +339,20 @@ class Scheduler:
         failed = await self.bus.accept(msg)  # undecodable or forged: terminated
         if failed is None:
             return
+        # A re-placement is a child of the failure's span: the instance's trace goes on.
+        with telemetry.span(
+            self.tracer,
+            f"{msg.subject} process",
+            context=context_from(failed.traceparent, failed.tracestate),
+            kind=SpanKind.CONSUMER,
+            attributes=telemetry.messaging_attributes(msg.subject, "process"),
+        ) as span:
+            span.set_attribute("dicom.sop_instance_uid", getattr(failed, "sop_instance_uid", ""))
+            await self._replace(msg, failed, kind)
+
+    async def _replace(
+        self, msg: Msg, failed: ev.AnyEvent, kind: type[ev.InstanceDeadLetteredV1 | ev.InstanceVerificationFailedV1]
+    ) -> None:
         if (
             not isinstance(failed, (ev.InstanceDeadLetteredV1, ev.InstanceVerificationFailedV1))
             or not isinstance(failed, kind)
@@ -410,6 +443,7 @@ class Scheduler:
             pool=failed.pool,
             final=True,
         )
+        dead.traceparent, dead.tracestate = current_trace_context()
         try:
             ack = await self.bus.publish(dead)
         except (BusUnavailable, PublishUncertain) as exc:

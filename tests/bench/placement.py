@@ -14,7 +14,10 @@ Flags: --images=N (default 1000), --rounds=N (default 1: each end-to-end path
 sent N times, a new corpus each time; the ratios use each path's median),
 --nats-auth=MODE[,MODE...] (default on: off, no authentication; on, an nkey per
 service with least-privilege permissions; tls, the same over mutual TLS; the
-Switchyard path runs once per mode, in this run), --quick (fewer decisions and images).
+Switchyard path runs once per mode, in this run), --tracing=MODE[,MODE...]
+(off, 100, 10: tracing off, or on with that percentage of traces sampled,
+exported over OTLP/HTTP to a receiver in the bench process; the Switchyard path
+runs once per mode with the first NATS auth mode), --quick (fewer decisions and images).
 """
 
 from __future__ import annotations
@@ -403,6 +406,77 @@ def nats_cluster_bench(base: Path, images: int, rounds: int, kills: int) -> int:
             n.stop()
 
 
+TRACING_MODES = ("off", "100", "10")
+# After the last image is verified: the SDK's export schedule (5 s) and a margin.
+SETTLE_S = 6.0
+
+
+def with_tracing(mode: str, endpoint: str, then: Callable[[Config], Config]) -> Callable[[Config], Config]:
+    """Config for one --tracing mode: off, or OTLP to ``endpoint`` with ``mode`` percent sampled."""
+
+    def configure(cfg: Config) -> Config:
+        cfg = then(cfg)
+        if mode == "off":
+            telemetry = msgspec.structs.replace(cfg.telemetry, traces="none")
+        else:
+            telemetry = msgspec.structs.replace(
+                cfg.telemetry, traces="otlp", otlp_endpoint=endpoint, sample_ratio=int(mode) / 100
+            )
+        return msgspec.structs.replace(cfg, telemetry=telemetry)
+
+    return configure
+
+
+def span_cpu_us(mode: str, endpoint: str, n: int = 20000) -> float:
+    """CPU per span in this process (created, batched, encoded, posted), as ingest makes them:
+    a SERVER span with DICOM attributes and a PRODUCER child. The receiver decodes in this
+    process too, so this is an upper bound."""
+    from opentelemetry.trace import SpanKind
+
+    from shared import telemetry
+
+    cfg = with_tracing(mode, endpoint, lambda c: c)(Config()).telemetry
+    provider = telemetry.setup_tracing("bench", cfg)
+    tracer = provider.get_tracer("bench")
+    started = time.process_time()
+    for i in range(n):
+        with tracer.start_as_current_span("ingest.c_store", kind=SpanKind.SERVER) as span:
+            span.set_attributes(
+                {
+                    "rpc.system": "dicom",
+                    "rpc.method": "C-STORE",
+                    "dicom.sop_instance_uid": f"1.2.826.0.1.3680043.8.498.{i}",
+                    "dicom.sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+                    "dicom.transfer_syntax_uid": "1.2.840.10008.1.2.1",
+                    "dicom.calling_ae": "BENCH",
+                    "dicom.called_ae": "SWITCHYARD",
+                    "switchyard.size": 4096,
+                }
+            )
+            telemetry.dicom_status(span, 0)
+            attrs = telemetry.messaging_attributes("dicom.instance.received", "publish")
+            with tracer.start_as_current_span("publish", kind=SpanKind.PRODUCER, attributes=attrs) as producer:
+                telemetry.context_of(producer)
+                producer.set_attribute("switchyard.stream_seq", i)
+            # The exporter's queue holds 2048 spans: this loop would outrun it, a service does not.
+            if i % 500 == 499:
+                provider.force_flush()
+    provider.shutdown()
+    return (time.process_time() - started) / (2 * n) * 1e6
+
+
+def mode_list(argv: list[str], flag: str, allowed: tuple[str, ...], default: list[str]) -> list[str] | None:
+    """The modes of ``--flag=a,b``; None (said) when one is not allowed."""
+    modes = default
+    for arg in argv:
+        if arg.startswith(flag + "="):
+            modes = arg.split("=", 1)[1].split(",")
+    if not set(modes) <= set(allowed):
+        print(f"{flag}: one or more of {', '.join(allowed)}")
+        return None
+    return modes
+
+
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     images = 120 if quick else 1000
@@ -418,15 +492,19 @@ def main(argv: list[str]) -> int:
         kills = 3 if quick else 5
         print(f"placement bench, nats cluster: {images} images per round, {rounds} round(s), {kills} leader kills")
         return nats_cluster_bench(Path(tempfile.mkdtemp(prefix="switchyard-bench-cluster-")), images, rounds, kills)
-    modes = ["on"]
-    for arg in argv:
-        if arg.startswith("--nats-auth="):
-            modes = arg.split("=", 1)[1].split(",")
-            if not set(modes) <= set(NATS_AUTH_MODES):
-                print(f"--nats-auth: one or more of {', '.join(NATS_AUTH_MODES)}")
-                return 2
+    modes = mode_list(argv, "--nats-auth", NATS_AUTH_MODES, ["on"])
+    tracing_modes = mode_list(argv, "--tracing", TRACING_MODES, [])
+    if modes is None or tracing_modes is None:
+        return 2
+    # (label, nats auth mode, tracing mode): the Switchyard path runs once per variant.
+    variants = (
+        [(f"tracing {t}", modes[0], t) for t in tracing_modes] if tracing_modes else [(m, m, "off") for m in modes]
+    )
     decisions = 20000 if quick else 200000
-    print(f"placement bench: {images} images, {decisions} in-process decisions, NATS auth {', '.join(modes)}")
+    print(
+        f"placement bench: {images} images, {decisions} in-process decisions, NATS auth {', '.join(modes)}"
+        + (f", tracing {', '.join(tracing_modes)}" if tracing_modes else "")
+    )
 
     rate = bench_policy(decisions)
     print(f"policy: {rate:,.0f} decisions/s in process (target 100k/s)")
@@ -457,7 +535,7 @@ def main(argv: list[str]) -> int:
         # Same shape, new UIDs per path: the nodes would ignore instances they already hold.
         seed = int(time.time())
         corpora: dict[str, list[Path]] = {}
-        for k, path in enumerate(("direct", "lua", *(f"switchyard-{m}" for m in modes))):
+        for k, path in enumerate(("direct", "lua", *(f"switchyard-{label}" for label, _, _ in variants))):
             corpora[path] = [base / f"corpus-{path}-{r}" for r in range(rounds)]
             for r, corpus in enumerate(corpora[path]):
                 files = generate_studies(
@@ -485,12 +563,38 @@ def main(argv: list[str]) -> int:
         # Switchyard, once per NATS auth mode (the last mode's stack also runs the failover).
         # The probe looks at each node every second, as deployed (the tests' 0.25 s costs CPU here).
         by_mode: dict[str, tuple[float, float, list[float]]] = {}  # median s, median CPU s, every round's s
-        for mode in modes:
+        if tracing_modes:
+            from tests.fixtures.otlp import start_receiver
+
+            receiver, stop_receiver = start_receiver()
+            # The SDK's export schedule as deployed (every 5 s, or at 512 spans): each export is an HTTP
+            # POST, whose CPU counts as much as the spans in it (every 100 ms cost ~1 ms/img more).
+            print(
+                "span CPU in process (upper bound: the receiver decodes in this process): "
+                + ", ".join(f"tracing {m} {span_cpu_us(m, receiver.traces_url):.1f} us/span" for m in tracing_modes)
+            )
+        # Auth modes: one stack per mode, its rounds back to back. Tracing modes: a new stack per round,
+        # the modes in turn and in reverse order every other round (off,100,10 then 10,100,off), so the
+        # machine's drift (other work, the nodes filling up) does not fall on one mode.
+        plan: list[tuple[str, str, str, list[int]]] = []
+        if tracing_modes:
+            for r in range(rounds):
+                plan += [(*v, [r]) for v in (variants if r % 2 == 0 else variants[::-1])]
+        else:
+            plan = [(*v, list(range(rounds))) for v in variants]
+        t_by: dict[str, list[float]] = {}
+        cpu_by: dict[str, list[float]] = {}
+        spans_by: dict[str, int] = {}
+        settled_by: dict[str, list[float]] = {}  # services CPU ms/img until verified + SETTLE_S
+        for step, (label, mode, tracing, round_ids) in enumerate(plan):
             if stack is not None:
                 stack.close()
-            configure, nats_tls = nats_auth(mode, base / f"auth-{mode}")
+            configure, nats_tls = nats_auth(mode, base / f"auth-{step}")
+            if tracing_modes:
+                configure = with_tracing(tracing, receiver.traces_url, configure)
+                spans_before = len(receiver.snapshot())
             stack = make_stack(
-                base / f"stack-{mode}",
+                base / f"stack-{step}",
                 nodes,
                 nats_tls=nats_tls,
                 configure=functools.partial(probe_every_second, then=configure),
@@ -502,8 +606,9 @@ def main(argv: list[str]) -> int:
             )
             pids = {s: p.popen.pid for s, p in stack.services.items()}
             assert stack.nats is not None  # make_stack started NATS
-            t_sys, sy_cpus = [], []
-            for r, corpus in enumerate(corpora[f"switchyard-{mode}"]):
+            t_sys, sy_cpus = t_by.setdefault(label, []), cpu_by.setdefault(label, [])
+            for r in round_ids:
+                corpus = corpora[f"switchyard-{label}"][r]
                 before = {s: cpu_seconds(pid) for s, pid in pids.items()}
                 nats_before = cpu_seconds(stack.nats.popen.pid)
                 base_count = counts(nodes)
@@ -519,7 +624,8 @@ def main(argv: list[str]) -> int:
                 nats_cpu = cpu_seconds(stack.nats.popen.pid) - nats_before
                 sy_cpus.append(sum(cpu.values()))
                 print(
-                    f"switchyard (nats auth {mode}){_round(r, rounds)}: storescu -> Switchyard -> 3 Orthanc: "
+                    f"switchyard ({'nats auth ' + mode if not tracing_modes else label}){_round(r, rounds)}: "
+                    "storescu -> Switchyard -> 3 Orthanc: "
                     f"{len(files) / t_sys[-1]:.1f} img/s ({t_sys[-1]:.2f} s); "
                     f"CPU {sy_cpus[-1] / len(files) * 1000:.1f} ms/img for the services "
                     f"({', '.join(f'{s} {v:.2f}s' for s, v in sorted(cpu.items()))}), nats {nats_cpu:.2f}s"
@@ -538,9 +644,42 @@ def main(argv: list[str]) -> int:
                     f"probe: every image verified {t_verified:.2f} s after the send started; probe CPU until then "
                     f"{probe_cpu:.2f} s ({probe_cpu / len(files) * 1000:.2f} ms/img)"
                 )
-            by_mode[mode] = (statistics.median(t_sys), statistics.median(sy_cpus), t_sys)
-        # The ratios are for auth on when it ran (as deployed), else the first mode.
-        t_sy, sy_cpu, t_sys = by_mode["on" if "on" in by_mode else modes[0]]
+                if tracing_modes:
+                    # Every mode the same window: verified, then one export schedule (5 s) and a margin,
+                    # so the last spans are encoded and posted inside it.
+                    time.sleep(SETTLE_S)
+                    settled_by.setdefault(label, []).append(
+                        sum(cpu_seconds(pid) - before[s] for s, pid in pids.items()) / len(files) * 1000
+                    )
+                    print(f"{label}: services CPU until settled {settled_by[label][-1]:.2f} ms/img")
+            if tracing_modes:
+                stack.close()  # flushes every service's spans before they are counted
+                stack = None
+                spans_by[label] = spans_by.get(label, 0) + len(receiver.snapshot()) - spans_before
+        for label in t_by:
+            by_mode[label] = (statistics.median(t_by[label]), statistics.median(cpu_by[label]), t_by[label])
+        if tracing_modes:
+            stop_receiver()
+            for label, spans in spans_by.items():
+                print(f"{label}: {spans} spans exported ({spans / (len(files) * rounds):.1f} per image)")
+            print(
+                f"services CPU until settled (verified + {SETTLE_S:g} s), median ms/img: "
+                + ", ".join(
+                    f"{m} {statistics.median(v):.2f} ({' / '.join(f'{x:.2f}' for x in v)})"
+                    for m, v in settled_by.items()
+                )
+            )
+            off = by_mode.get("tracing off")
+            print(
+                "tracing modes: "
+                + ", ".join(
+                    f"{m} {len(files) / t:.1f} img/s, CPU {c / len(files) * 1000:.2f} ms/img"
+                    + (f" (rate {off[0] / t:.3f}x of off, CPU {c / off[1]:.3f}x)" if off and m != "tracing off" else "")
+                    for m, (t, c, _) in by_mode.items()
+                )
+            )
+        # The ratios are for auth on when it ran (as deployed), else the first variant.
+        t_sy, sy_cpu, t_sys = by_mode["on" if "on" in by_mode else variants[0][0]]
         if len(modes) > 1:
             print(
                 "nats auth modes: "
@@ -549,7 +688,11 @@ def main(argv: list[str]) -> int:
             )
 
         # Failover on the same stack (the probe polls every 0.25 s, REST timeout 1 s).
-        assert stack is not None  # the last mode's
+        if stack is None:  # closed after a tracing variant: a stack as deployed
+            stack = make_stack(
+                base / "stack-failover", nodes, configure=functools.partial(probe_every_second, then=lambda c: c)
+            )
+            wait_for(functools.partial(nodes_live, stack, nodes), timeout=30, what="nodes live")
         took, reason = asyncio.run(failover_time(stack, nodes))
         print(
             f"failover: {took * 1000:.0f} ms from SIGKILL to the first placement avoiding the node "
@@ -609,6 +752,9 @@ def main(argv: list[str]) -> int:
                         "direct": round(len(files) / t_direct, 1),
                         "switchyard": round(len(files) / t_sy, 1),
                         "lua": round(len(files) / t_lua, 1),
+                    },
+                    "switchyard_cpu_ms_per_img_by_variant": {
+                        m: round(c / len(files) * 1000, 2) for m, (_, c, _) in by_mode.items()
                     },
                     "switchyard_img_per_s_by_nats_auth": {
                         m: round(len(files) / t, 1) for m, (t, _, _) in by_mode.items()
