@@ -19,6 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from switchyard.corpus import generate_studies
+from tests.fixtures.otlp import start_receiver
 from tests.fixtures.prometheus import RULES, SERVICES, start_prometheus
 from tests.fixtures.servers import make_stack
 from tests.fixtures.util import wait_for
@@ -38,14 +39,20 @@ def routed(orthanc_nodes, tmp_path_factory):
         if not n.running:
             n.start()
     base = tmp_path_factory.mktemp("dashboards")
-    # One configured calling AE: the only peer_ae label value besides "other".
-    stack = make_stack(
-        base / "stack",
-        orthanc_nodes,
-        configure=lambda cfg: msgspec.structs.replace(
-            cfg, ingest=msgspec.structs.replace(cfg.ingest, allowed_calling_aes=[SENDER])
-        ),
-    )
+    # Tracing on, as deployed: latency exemplars carry the trace ids of recorded spans.
+    receiver, stop_receiver = start_receiver()
+
+    def configure(cfg):
+        # One configured calling AE: the only peer_ae label value besides "other".
+        ingest = msgspec.structs.replace(cfg.ingest, allowed_calling_aes=[SENDER])
+        telemetry = msgspec.structs.replace(cfg.telemetry, traces="otlp", otlp_endpoint=receiver.traces_url)
+        return msgspec.structs.replace(cfg, ingest=ingest, telemetry=telemetry)
+
+    try:
+        stack = make_stack(base / "stack", orthanc_nodes, configure=configure)
+    except BaseException:
+        stop_receiver()
+        raise
     prom = None
     try:
         prom = start_prometheus(stack.cfg, [n.node for n in orthanc_nodes], base / "prometheus")
@@ -85,6 +92,7 @@ def routed(orthanc_nodes, tmp_path_factory):
         if prom is not None:
             prom.stop()
         stack.close()
+        stop_receiver()
 
 
 def panels(dashboard: dict) -> list[dict]:
