@@ -734,7 +734,7 @@ async def test_nats_permissions_per_identity(nats_with_auth, tmp_path):
             return (await admin.js.stream_info("SWITCHYARD")).state.last_seq
 
         allowed = {
-            "ingest": ["dicom.instance.received"],
+            "ingest": ["dicom.instance.received", "dicom.instance.resent"],
             "scheduler": ["dicom.instance.placed.node1", "node.state.node1.down", "node.state.node1.up"],
             "forwarder": [
                 "dicom.instance.forwarded.node1",
@@ -742,7 +742,14 @@ async def test_nats_permissions_per_identity(nats_with_auth, tmp_path):
                 "dicom.instance.dead_lettered",
             ],
             "probe": ["dicom.instance.verified.node1", "dicom.instance.verification_failed.node1"],
-            "catalog": [],
+            # The console's operator actions: node changes and dead-letter/rules requests.
+            "catalog": [
+                "node.state.node1.added",
+                "node.state.node1.drained",
+                "dicom.instance.operator.retry_requested",
+                "dicom.instance.operator.dead_letter_cancelled",
+                "dicom.instance.operator.rules_changed",
+            ],
             "admin": ["node.state.node1.added", "node.state.node1.drained"],
         }
         every = sorted({s for subjects in allowed.values() for s in subjects} | {"node.state.node1"})
