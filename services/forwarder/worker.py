@@ -105,6 +105,13 @@ class ForwarderMetrics:
             "switchyard_forwarder_held", "Placements held until their node can be asked", ["node"], registry=registry
         )
 
+    def node_added(self, node: str) -> None:
+        """The node's series at 0 from the start: its dashboard and rates show data before its first instance."""
+        for per_node in (self.forwarded, self.bytes, self.dead, self.latency, self.inflight, self.backlog):
+            per_node.labels(node=node)
+        for per_node in (self.already_present, self.node_failures, self.held):
+            per_node.labels(node=node)
+
 
 # The forwarder's INFO line per node: at most one per this many seconds.
 SUMMARY_S = 10.0
@@ -184,6 +191,7 @@ class NodeWorker:
         # Set on every membership change of this node: wakes held and paused messages.
         self.changed = asyncio.Event()
         self._client: OrthancClient | None = None
+        metrics.node_added(self.node.id)
         self.summary = DeliverySummary(f"{self.node.id} ({self.node.ae_title})")
 
     def _make_senders(self) -> None:

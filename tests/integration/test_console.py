@@ -27,6 +27,7 @@ from selenium.webdriver.support.ui import Select
 
 from shared.config import RoutingConfig, RoutingRule
 from switchyard.corpus import generate_studies
+from tests.fixtures.otlp import start_receiver, traced
 from tests.fixtures.servers import OPERATOR_TOKEN, VIEWER_TOKEN, catalog_ready, make_stack, new_orthanc_node
 from tests.fixtures.util import wait_for
 
@@ -53,10 +54,14 @@ def console(tmp_path_factory):
     base = tmp_path_factory.mktemp("console")
     nodes = [new_orthanc_node(1, base / "nodes", IMPLICIT_ONLY), *(new_orthanc_node(i, base / "nodes") for i in (2, 3))]
     stack = None
+    # Tracing on, as deployed: events carry a traceparent, and the trail links it.
+    receiver, stop_receiver = start_receiver()
     try:
         for n in nodes:
             n.start()
-        stack = make_stack(base / "stack", nodes, configure=console_config)
+        stack = make_stack(
+            base / "stack", nodes, configure=lambda cfg: traced(console_config(cfg), receiver.traces_url)
+        )
         wait_for(lambda: catalog_ready(stack), timeout=30, what="catalog up")
         yield stack
     finally:
@@ -64,6 +69,7 @@ def console(tmp_path_factory):
             stack.close()
         for n in nodes:
             n.stop()
+        stop_receiver()
 
 
 def base_url(stack) -> str:

@@ -19,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from switchyard.corpus import generate_studies
-from tests.fixtures.otlp import start_receiver
+from tests.fixtures.otlp import start_receiver, traced
 from tests.fixtures.prometheus import RULES, SERVICES, start_prometheus
 from tests.fixtures.servers import make_stack
 from tests.fixtures.util import wait_for
@@ -45,8 +45,7 @@ def routed(orthanc_nodes, tmp_path_factory):
     def configure(cfg):
         # One configured calling AE: the only peer_ae label value besides "other".
         ingest = msgspec.structs.replace(cfg.ingest, allowed_calling_aes=[SENDER])
-        telemetry = msgspec.structs.replace(cfg.telemetry, traces="otlp", otlp_endpoint=receiver.traces_url)
-        return msgspec.structs.replace(cfg, ingest=ingest, telemetry=telemetry)
+        return traced(msgspec.structs.replace(cfg, ingest=ingest), receiver.traces_url)
 
     try:
         stack = make_stack(base / "stack", orthanc_nodes, configure=configure)

@@ -20,6 +20,7 @@ from tests.fixtures.otlp import (
     OtlpReceiver,
     ReceivedSpan,
     start_receiver,
+    traced,
 )
 from tests.fixtures.servers import make_stack
 from tests.fixtures.util import wait_for
@@ -48,12 +49,7 @@ def one_instance(tmp_path: Path, seed: int) -> tuple[str, Path]:
 
 
 def with_tracing(endpoint: str):
-    def configure(cfg):
-        return msgspec.structs.replace(
-            cfg, telemetry=msgspec.structs.replace(cfg.telemetry, traces="otlp", otlp_endpoint=endpoint)
-        )
-
-    return configure
+    return lambda cfg: traced(cfg, endpoint)
 
 
 def texts(span: ReceivedSpan) -> list[str]:
