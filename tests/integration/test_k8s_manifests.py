@@ -44,6 +44,7 @@ import yaml
 from shared import natsauth
 from shared.bus import Bus, StreamsMissing, forwarder_consumer, scheduler_consumer
 from shared.config import Config, NatsConfig, load_config
+from tests.fixtures.util import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -178,6 +179,8 @@ def k8s_tree_with_credentials() -> Path:
     assert proc.returncode == 0, proc.stderr
     for seed in (root / "secrets").glob("*.nk"):
         assert seed.read_text().strip() not in proc.stdout, "the command printed a seed"
+    route = root / "secrets" / "route-password"
+    assert route.stat().st_mode & 0o077 == 0 and route.read_text() not in proc.stdout
     return root
 
 
@@ -196,6 +199,39 @@ def test_prod_needs_the_operators_credentials(tmp_path):
     )
     proc = kustomize(root / "overlays" / "prod")
     assert proc.returncode != 0 and "secrets/auth.conf" in proc.stderr, proc.stderr
+
+
+def test_prod_needs_the_route_password(tmp_path):
+    """Seeds made before the routes were authenticated: prod does not render (never an empty password);
+    running the command again adds the password, keeps the seeds, and `--rotate` keeps the password."""
+    root = tmp_path / "k8s"
+    shutil.copytree(
+        K8S, root, ignore=lambda d, names: [n for n in names if Path(d).name == "secrets" and n != "kustomization.yaml"]
+    )
+    secrets = root / "secrets"
+
+    def credentials(*extra: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "switchyard", "nats", "credentials", "--out", str(secrets), *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+
+    credentials()
+    (secrets / "route-password").unlink()
+    seed = (secrets / "admin.nk").read_text()
+    proc = kustomize(root / "overlays" / "prod")
+    assert proc.returncode != 0 and "secrets/route-password" in proc.stderr, proc.stderr
+    credentials()
+    password = (secrets / "route-password").read_text()
+    assert (secrets / "admin.nk").read_text() == seed
+    assert kustomize(root / "overlays" / "prod").returncode == 0
+    credentials("--rotate")
+    assert (secrets / "admin.nk").read_text() != seed
+    assert (secrets / "route-password").read_text() == password
 
 
 _RENDERED: dict[str, list[dict]] = {}
@@ -549,9 +585,11 @@ def nats_server_env(docs) -> dict[str, str]:
 def write_nats_config(docs, where: Path, paths: dict[str, str] | None = None) -> Path:
     """The ConfigMap's files; ``paths`` moves the pod's absolute paths (``/data``) elsewhere."""
     where.mkdir(parents=True, exist_ok=True)
-    for key, text in find(docs, "ConfigMap", "nats-config")["data"].items():
+    data = find(docs, "ConfigMap", "nats-config")["data"]
+    for old in paths or {}:
+        assert any(old in text for text in data.values()), f"{old}: in no file of the ConfigMap"
+    for key, text in data.items():
         for old, new in (paths or {}).items():
-            assert old in text or key != "nats.conf", old
             text = text.replace(old, new)
         (where / key).write_text(text)
     return where / "nats.conf"
@@ -757,6 +795,132 @@ async def nats_with_auth(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+class ProdMember:
+    """One prod nats pod on loopback: the rendered ConfigMap, the routes its init step writes, the env
+    the StatefulSet gives it; only listen addresses and paths moved."""
+
+    def __init__(self, docs, root: Path, name: str, ports: tuple[int, int, int]):
+        self.docs, self.name, self.dir = docs, name, root / name
+        self.client, self.route, self.monitor = ports
+        self.log = self.dir / "log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, routes: str, password: str | None = None) -> None:
+        moves = {
+            "store_dir: /data": f"store_dir: {json.dumps(str(self.dir / 'js'))}",
+            "/var/run/nats/": f"{self.dir}/",
+            "http: 0.0.0.0:8222": f"http: 127.0.0.1:{self.monitor}",
+            "listen: 0.0.0.0:4222": f"listen: 127.0.0.1:{self.client}",
+            "listen: 0.0.0.0:6222": f"listen: 127.0.0.1:{self.route}",
+        }
+        conf = write_nats_config(self.docs, self.dir / "etc" / "nats", moves)
+        assert f"127.0.0.1:{self.route}" in (conf.parent / "cluster.conf").read_text()
+        step = run_routes_step(self.docs, conf.parent, routes=routes, password=password)
+        assert step.returncode == 0, step.stderr
+        env = {**nats_server_env(self.docs), "POD_NAME": self.name}
+        if password is not None:
+            env["NATS_ROUTE_PASSWORD"] = password
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [str(NATS_SERVER), "-c", str(conf)], env=env, cwd=conf.parent, stdout=log, stderr=log
+            )
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor}{path}", timeout=2) as r:
+            return json.load(r)
+
+    def routed_to(self) -> set[str]:
+        return {r.get("remote_name") or r.get("remote_id") for r in self.get("/routez")["routes"]}
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+async def test_prod_nats_cluster_runs_with_authenticated_routes(tmp_path):
+    """Three prod members form one cluster over password-authenticated routes, the nats-init Job
+    declares R3 streams on it, a fourth server with another password never joins, and the password
+    shows in no monitoring page and no log."""
+    docs = _RENDERED.get("prod") or render("prod")
+    _RENDERED["prod"] = docs
+    password = secret_data(docs, ROUTE_SECRET)["password"]
+    n = find(docs, "StatefulSet", "nats")["spec"]["replicas"]
+    members = [ProdMember(docs, tmp_path, f"nats-{i}", (free_port(), free_port(), free_port())) for i in range(n)]
+    # The pod's NATS_ROUTES with each stable name mapped to that member's loopback route port.
+    hosts = container_env(docs, routes_step(docs))["NATS_ROUTES"].split()
+    assert len(hosts) == n
+    routes = " ".join(f"127.0.0.1:{m.route}" for m in members)
+    seeds = tmp_path / "seeds"
+    seeds.mkdir(mode=0o700)
+    for i in IDENTITIES:
+        (seeds / f"{i}.nk").write_text(secret_data(docs, f"switchyard-nats-{i}")["nats.nk"])
+        (seeds / f"{i}.nk").chmod(0o600)
+    intruder = ProdMember(docs, tmp_path, "intruder", (free_port(), free_port(), free_port()))
+    everyone = [*members, intruder]
+    try:
+        for m in members:
+            m.start(routes)
+        names = {m.name for m in members}
+        for m in members:
+            wait_for(lambda m=m: m.routed_to() == names - {m.name}, timeout=60, what=f"{m.name} routed to the others")
+        wait_for(
+            lambda: all(m.get("/jsz").get("meta_cluster", {}).get("leader") for m in members),
+            timeout=60,
+            what="a JetStream meta leader",
+        )
+        # The nats-init Job, as admin, with the prod replicas: R3 streams and KV on these three.
+        server = RunningNats(docs, members[0].client, members[0].monitor, seeds)
+        job = run_init_job(server, tmp_path)
+        assert job.returncode == 0, job.stderr
+        admin = await nats.connect(
+            server.url, **natsauth.connect_options(server.cfg(), "admin"), allow_reconnect=False, connect_timeout=5
+        )
+        try:
+            for stream in ("SWITCHYARD", "HEARTBEATS", f"KV_{natsauth.KV_BUCKET}"):
+                info = await admin.jetstream().stream_info(stream)
+                assert info.config.num_replicas == n, stream
+                assert info.cluster is not None and len(info.cluster.replicas or []) == n - 1, stream
+            ack = await admin.jetstream().publish("node.state.node1.added", b"{}")
+            assert ack.stream == "SWITCHYARD"
+        finally:
+            await admin.close()
+
+        # A fourth server with the same config and routes but another (well-formed) password.
+        intruder.start(routes, password="WrongPassword0123456789abcdefghijklmnop")
+        wait_for(
+            lambda: b"Authorization Violation" in intruder.log.read_bytes(),
+            timeout=30,
+            what="the intruder's routes refused",
+        )
+        # ...by the members: they close its route connections.
+        wait_for(
+            lambda: (
+                b"Router connection closed: Authentication Failure" in b"".join(m.log.read_bytes() for m in members)
+            ),
+            timeout=30,
+            what="the members refusing the intruder",
+        )
+        assert intruder.proc is not None and intruder.proc.poll() is None
+        assert intruder.routed_to() == set()
+        for m in members:
+            assert m.routed_to() == names - {m.name}, m.name
+            assert m.get("/varz")["cluster"].get("name") == "switchyard"
+        # Where an operator or a scraper looks: no password (the monitor port is open to KEDA and Prometheus).
+        for m in members:
+            for page in ("/varz", "/routez", "/jsz"):
+                assert password not in json.dumps(m.get(page)), (m.name, page)
+        for m in everyone:
+            assert password.encode() not in m.log.read_bytes(), m.name
+    finally:
+        for m in everyone:
+            m.stop()
 
 
 def run_init_job(server: RunningNats, tmp_path: Path) -> subprocess.CompletedProcess:
