@@ -8,7 +8,9 @@ the cluster would run them: the Switchyard config each container loads, the
 volumes under every path it writes, the NetworkPolicies each pod gets, the
 NATS server config (checked by nats-server itself, then run, its streams
 declared by the nats-init Job's command as admin, and attacked with each
-service's nkey seed). No cluster is needed.
+service's nkey seed), and prod's three members on loopback, their routes
+written by the pods' initContainer script and authenticated (a server with
+another password never joins). No Kubernetes cluster is needed.
 
 The dev overlay carries a committed DEV ONLY seed set
 (components/nats-dev-credentials); the prod overlay reads the operator's
@@ -868,8 +870,11 @@ async def test_prod_nats_cluster_runs_with_authenticated_routes(tmp_path):
         for m in members:
             m.start(routes)
         names = {m.name for m in members}
-        for m in members:
-            wait_for(lambda m=m: m.routed_to() == names - {m.name}, timeout=60, what=f"{m.name} routed to the others")
+        wait_for(
+            lambda: all(m.routed_to() == names - {m.name} for m in members),
+            timeout=60,
+            what="every member routed to the others",
+        )
         wait_for(
             lambda: all(m.get("/jsz").get("meta_cluster", {}).get("leader") for m in members),
             timeout=60,
