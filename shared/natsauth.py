@@ -6,7 +6,7 @@ process reads its own seed file. Given these permissions the subject an event
 arrives on names the identity that published it (docs/security.md), which is
 what ``shared.bus`` checks on every delivery.
 
-Pure functions (no I/O) except ``generate`` and ``write_credentials``.
+Pure functions (no I/O) except ``generate``, ``write_route_password`` and ``write_credentials``.
 """
 
 from __future__ import annotations
@@ -236,6 +236,29 @@ def generate(
     auth_conf = directory / "auth.conf"
     write_private(auth_conf, render_authorization(keys, cfg).encode())
     return Credentials(directory, auth_conf, keys)
+
+
+# The cluster routes' shared secret, next to the seeds (the k8s secrets component reads it).
+ROUTE_PASSWORD_FILE = "route-password"
+_ROUTE_FIRST = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_ROUTE_ALPHABET = _ROUTE_FIRST + "0123456789"
+
+
+def new_route_password() -> str:
+    """40 characters, a letter then letters and digits (~238 bits): safe unquoted in a route URL and read
+    by nats-server's config parser as a string when it comes from the environment (not a number)."""
+    import secrets
+
+    return secrets.choice(_ROUTE_FIRST) + "".join(secrets.choice(_ROUTE_ALPHABET) for _ in range(39))
+
+
+def write_route_password(directory: Path) -> Path:
+    """``directory``/route-password (0600, no newline), kept when there: a new one takes every server
+    restarted at once (a server with the new password and one with the old cannot route)."""
+    path = Path(directory) / ROUTE_PASSWORD_FILE
+    if not path.exists():
+        write_private(path, new_route_password().encode())
+    return path
 
 
 class NoCredentials(RuntimeError):

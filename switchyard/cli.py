@@ -474,10 +474,12 @@ def cmd_nats_credentials(args: argparse.Namespace, cfg: Config) -> int:
     from shared import natsauth
 
     creds = natsauth.generate(Path(args.out), cfg.nats, keep=not args.rotate)
+    # Kept by --rotate: the k8s prod overlay's cluster routes (Secret switchyard-nats-route).
+    route = natsauth.write_route_password(creds.directory)
     print(
         f"nats credentials in {creds.directory} (seeds 0600): "
         + ", ".join(f"{i}.nk" for i in creds.public_keys)
-        + f"; server include {creds.auth_conf}"
+        + f"; server include {creds.auth_conf}; cluster route password {route.name} (0600)"
     )
     print(
         "point each process at its own seed: nats.nkey_seed_file = "
@@ -636,10 +638,11 @@ def main(argv: list[str] | None = None) -> int:
     nats_sub = p.add_subparsers(dest="nats_command", required=True)
     q = nats_sub.add_parser(
         "credentials",
-        help="write one nkey seed per identity (0600) and the server's authorization include (public keys only)",
+        help="write one nkey seed per identity (0600), the server's authorization include (public keys only) "
+        "and the cluster route password (0600)",
     )
     q.add_argument("--out", required=True, help="directory (created 0700)")
-    q.add_argument("--rotate", action="store_true", help="new seeds even where one exists")
+    q.add_argument("--rotate", action="store_true", help="new seeds even where one exists (the route password is kept)")
     q.set_defaults(func=cmd_nats_credentials)
     q = nats_sub.add_parser("init", help="declare the streams and the KV bucket (admin identity)")
     q.set_defaults(func=cmd_nats_init)
