@@ -2,7 +2,9 @@
 
 Back to back on this machine, the same corpus size in every leg (issue #16):
 
-  local    the local stack (`make_stack`), one nats-server
+  local    the local stack (`make_stack`), one nats-server, blobs on the filesystem
+  local-s3 the same with its blobs on moto's S3 server, as compose's offline stand-in
+           for MinIO keeps them (tells the S3 hops apart from the containers)
   cluster  the same on a 3-server JetStream cluster on loopback, streams and KV R3
   compose  deploy/compose.yaml in real containers (deploy/offline/harness.py, the
            compose test's stack), storescu run inside the engine's network namespace
@@ -20,7 +22,7 @@ probe's poll period rather than the route.
 Each stack (a new one per leg; one leg's stack serves its consecutive rounds) first
 gets 20 untimed images. Flags: --images=N (default 1000), --rounds=N (default 1; the rate legs in turn,
 reversed every other round so that compose's containers serve two rounds back to
-back), --legs=local,cluster,compose,kills (default all), --kills=N (default 3).
+back), --legs=local,local-s3,cluster,compose,kills (default all), --kills=N (default 3).
 """
 
 from __future__ import annotations
@@ -38,17 +40,21 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
+
+from shared.config import Config
 from switchyard import stack as ls
 from switchyard.corpus import generate_studies
 from tests.bench.placement import counts, nodes_live, probe_every_second, timed_send
 from tests.fixtures.cluster import Sender, kill_and_measure, rejoin
 from tests.fixtures.servers import OrthancNode, Stack, make_stack, new_orthanc_node, stream_leader
-from tests.fixtures.util import poll, wait_for
+from tests.fixtures.util import free_port, poll, wait_for
 
-RATE_LEGS = ("local", "cluster", "compose")
+RATE_LEGS = ("local", "local-s3", "cluster", "compose")
 LEGS = (*RATE_LEGS, "kills")
 LABELS = {
     "local": "local stack, 1 nats-server",
+    "local-s3": "local stack, 1 nats-server, blobs on moto S3",
     "cluster": "local stack, 3-server JetStream cluster (R3)",
     "compose": "compose stack, real containers",
 }
@@ -191,11 +197,22 @@ class Deployment:
 
             self.exits.enter_context(compose_stack(self.base))
         else:
+            then = lambda c: c  # noqa: E731
+            if leg == "local-s3":
+                from tests.fixtures.s3 import moto_endpoint, s3_blob_config, start_moto
+
+                port, log = free_port(), self.base / f"moto-{self.made}.log"
+                self.exits.callback(start_moto(port, log).stop, 10)
+                blobs = s3_blob_config(moto_endpoint(port, log), "bench-deployments")
+
+                def then(c: Config) -> Config:
+                    return msgspec.structs.replace(c, blobs=blobs)
+
             self.stack = make_stack(
                 self.base / f"stack-{self.made}-{leg}",
                 self.nodes,
-                nats_cluster=0 if leg == "local" else 3,
-                configure=functools.partial(probe_every_second, then=lambda c: c),
+                nats_cluster=3 if leg in ("cluster", "kills") else 0,
+                configure=functools.partial(probe_every_second, then=then),
             )
             wait_for(functools.partial(nodes_live, self.stack, self.nodes), timeout=60, what="nodes live")
         self.leg = leg

@@ -24,10 +24,12 @@ def test_parse_says_what_is_wrong():
 def test_plan_reverses_every_other_round_and_kills_last():
     assert plan(LEGS, 2) == [
         ("local", 0),
+        ("local-s3", 0),
         ("cluster", 0),
         ("compose", 0),
         ("compose", 1),
         ("cluster", 1),
+        ("local-s3", 1),
         ("local", 1),
         ("kills", 0),
     ]
