@@ -27,90 +27,22 @@ import pytest
 from pydicom.uid import generate_uid
 
 from switchyard.corpus import generate_studies
+from tests.fixtures.compose import (
+    SERVICES,
+    UP_TIMEOUT_S,
+    catalog_verified,
+    compose,
+    compose_stack,
+    docker,
+    http_json,
+    offline,
+    orthanc_sops,
+    run_in,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.compose]
 
-ROOT = Path(__file__).resolve().parents[2]
-HARNESS = [sys.executable, str(ROOT / "deploy" / "offline" / "harness.py")]
-COMPOSE_BIN = ROOT / ".venv" / "bin" / "docker-compose"
-PROJECT = "switchyard-test"
-SERVICES = ("ingest", "scheduler", "forwarder", "probe", "catalog")
-ORTHANC_PORTS = {"node1": 8042, "node2": 8043, "node3": 8044}
-ORTHANC_AUTH = ("switchyard", "switchyard-dev-password")
-CATALOG_TOKEN = "test-compose-operator-token"  # the compose file has no default
-# Everything (the first run builds a Debian base and every image) within these.
-HARNESS_TIMEOUT_S = 1800
-UP_TIMEOUT_S = 300
 ROUTE_TIMEOUT_S = 180
-
-
-IMAGE_UID = 10001  # deploy/Dockerfile's user
-
-
-def _offline() -> bool:
-    return os.environ.get("SWITCHYARD_COMPOSE_OFFLINE", "1") != "0"
-
-
-def run_in(argv: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    """A command inside the engine's network namespace (or here, for an engine on this host)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("COMPOSE_FILE", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_ENV_FILES")
-    }
-    env["TCP_NODELAY"] = "1"  # DCMTK reads it; without it every DICOM hop stalls ~40 ms
-    proc = subprocess.run(
-        [*HARNESS, "run", "--", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{argv[:6]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def compose(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    files = ["-f", "deploy/compose.yaml"] + (["-f", "deploy/compose.offline.yaml"] if _offline() else [])
-    return run_in([str(COMPOSE_BIN), "-p", PROJECT, *files, *args], timeout=timeout, check=check)
-
-
-def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    return run_in(["docker", *args], timeout=timeout, check=check)
-
-
-# Small HTTP clients run inside the namespace; each prints one JSON document.
-_HTTP = """
-import base64, json, sys, urllib.request
-url, auth = sys.argv[1], sys.argv[2]
-req = urllib.request.Request(url, data=sys.argv[3].encode() if len(sys.argv) > 3 else None)
-if auth.startswith("Bearer "):
-    req.add_header("Authorization", auth)
-elif auth:
-    req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-print(urllib.request.urlopen(req, timeout=10).read().decode())
-"""
-
-
-def http_json(url: str, auth: str = "", body: dict | None = None):
-    argv = [sys.executable, "-c", _HTTP, url, auth] + ([json.dumps(body)] if body is not None else [])
-    return json.loads(run_in(argv, timeout=60).stdout)
-
-
-def orthanc_sops() -> dict[str, set[str]]:
-    """Every SOP Instance UID each Orthanc container holds (its REST API)."""
-    found = {}
-    for node, port in ORTHANC_PORTS.items():
-        rows = http_json(
-            f"http://127.0.0.1:{port}/tools/find",
-            ":".join(ORTHANC_AUTH),
-            {"Level": "Instance", "Query": {}, "Expand": True},
-        )
-        found[node] = {r["MainDicomTags"]["SOPInstanceUID"] for r in rows}
-    return found
-
-
-def catalog_verified() -> dict[str, str]:
-    """SOP Instance UID -> node, for the instances the catalog says are verified."""
-    rows = http_json("http://127.0.0.1:8080/api/instances?state=verified&limit=10000", f"Bearer {CATALOG_TOKEN}")
-    return {r["sop_instance_uid"]: r["node_id"] for r in rows}
 
 
 def wait_for(cond, timeout: float, what: str, interval: float = 1.0):
@@ -211,45 +143,8 @@ def healthy(service: str) -> bool:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    pre = subprocess.run([*HARNESS, "env"], cwd=ROOT, capture_output=True, text=True, timeout=30)
-    had_engine = pre.returncode == 0 and json.loads(pre.stdout).get("RUNNING") == "1"
-    t0 = time.monotonic()
-    up = subprocess.run(
-        [*HARNESS, "up" if _offline() else "engine"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HARNESS_TIMEOUT_S,
-    )
-    assert up.returncode == 0, up.stderr[-4000:]
-    print(f"\ncompose test: engine and images in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    os.environ["CATALOG_TOKEN"] = CATALOG_TOKEN  # the compose file has no default token: every call needs it
-    compose("down", "-v", "--remove-orphans", timeout=180)
-    # NATS identities, made once as deploy/compose.yaml says (seeds 0600, read by the image's user).
-    secrets = ROOT / "deploy" / "secrets"
-    if not (secrets / "admin.nk").exists():
-        subprocess.run(
-            [sys.executable, "-m", "switchyard", "nats", "credentials", "--out", str(secrets)],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-    for seed in secrets.glob("*.nk"):
-        os.chown(seed, IMAGE_UID, -1)
-    # The Q/R door is closed by default; this test's findscu is let in to C-FIND.
-    os.environ["SWITCHYARD_QR_PEERS"] = '[{"ae": "FINDSCU", "rights": ["find"]}]'
-    t1 = time.monotonic()
-    compose("up", "-d", "--wait", "--no-build" if _offline() else "--build", timeout=UP_TIMEOUT_S)
-    print(f"compose test: up --wait in {time.monotonic() - t1:.1f} s", file=sys.stderr)
-    try:
+    with compose_stack(tmp_path_factory.getbasetemp()):
         yield Corpus(tmp_path_factory.mktemp("compose-corpus"))
-    finally:
-        logs = compose("logs", "--no-color", "--tail", "200", timeout=120, check=False).stdout
-        (tmp_path_factory.getbasetemp() / "compose.log").write_text(logs)
-        compose("down", "-v", "--remove-orphans", timeout=180, check=False)
-        if not had_engine:
-            subprocess.run([*HARNESS, "down"], cwd=ROOT, timeout=120)
 
 
 def test_every_container_is_healthy(stack):
@@ -341,7 +236,7 @@ def test_down_up_keeps_log_affinity_catalog_orthanc_data(stack):
     jsz = http_json("http://127.0.0.1:8222/jsz?streams=true")
     messages = {s["name"]: s["state"]["messages"] for a in jsz["account_details"] for s in a["stream_detail"]}
     compose("down", timeout=180)
-    compose("up", "-d", "--wait", "--no-build" if _offline() else "--build", timeout=UP_TIMEOUT_S)
+    compose("up", "-d", "--wait", "--no-build" if offline() else "--build", timeout=UP_TIMEOUT_S)
     # The log and the KV buckets (affinity, membership) kept every message.
     jsz = http_json("http://127.0.0.1:8222/jsz?streams=true")
     after = {s["name"]: s["state"]["messages"] for a in jsz["account_details"] for s in a["stream_detail"]}

@@ -12,11 +12,8 @@ import json
 import os
 import secrets
 import subprocess
-import threading
-import time
 import urllib.request
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -26,8 +23,9 @@ from shared import natsauth
 from shared.config import load_config
 from switchyard import stack as ls
 from switchyard.corpus import generate_studies
+from tests.fixtures.cluster import Sender, kill_and_measure, member_last_seq, rejoin
 from tests.fixtures.deploy import compose_config
-from tests.fixtures.servers import Stack, first_after, log_events, make_stack, stream_leader
+from tests.fixtures.servers import log_events, make_stack, stream_leader
 from tests.fixtures.util import free_port, poll, wait_for
 from tests.integration.placement_helpers import all_forwarded, by_study, chains_of, scheduler_sees
 
@@ -43,86 +41,6 @@ pytestmark = pytest.mark.integration
 # its leaderships over first: routing resumes within RESUME_S.
 RESUME_S = 5.0
 RESUME_AFTER_LEADER_KILL_S = 9.0 + 0.8 + 2.0
-
-
-class Sender(threading.Thread):
-    """Sends batches one after another until ``stop`` (or the files run out); a batch not answered
-    success for every file is sent again. ``done``: the files of the batches answered success."""
-
-    def __init__(self, stack: Stack, files, batch: int = 3, pause: float = 0.1) -> None:
-        super().__init__(daemon=True)
-        self.stack, self.pause = stack, pause
-        self.batches = [files[i : i + batch] for i in range(0, len(files), batch)]
-        self.sent = 0  # batches answered success
-        self.done: list = []
-        self.resends = 0
-        self.error: str | None = None
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        for b in self.batches:
-            if self.stop.is_set():
-                return
-            for _ in range(60):
-                out = self.stack.send(b, extra=["-v"])
-                if (out.stdout + out.stderr).count("Received Store Response (Success)") == len(b):
-                    break
-                self.resends += 1
-                time.sleep(0.2)
-            else:
-                self.error = "a batch was refused 60 times"
-                return
-            self.sent += 1
-            self.done.extend(b)
-            time.sleep(self.pause)
-
-
-def member_last_seq(stack: Stack, name: str) -> int:
-    """The events stream's last sequence in ``name``'s own store (its monitoring endpoint)."""
-    port = stack.member(name).monitor_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/jsz?streams=true", timeout=2) as rsp:
-        jsz = json.loads(rsp.read())
-    for account in jsz.get("account_details", []):
-        for stream in account.get("stream_detail", []):
-            if stream["name"] == stack.cfg.nats.events_stream:
-                return int(stream["state"]["last_seq"])
-    return -1
-
-
-async def kill_and_measure(stack: Stack, name: str, sender: Sender, graceful: bool = False) -> float:
-    """SIGKILL (or SIGTERM: ``graceful``) ``name``; how long until an instance is forwarded again."""
-    assert sender.is_alive(), "the sender finished before the kill: nothing to measure"
-    t = datetime.now(UTC).timestamp()
-    stack.kill_member(name, graceful)
-    (gap,) = await poll(
-        lambda: first_after(stack, ev.InstanceForwardedV1, t),
-        timeout=60,
-        interval=0.2,
-        what=f"routing after killing {name}",
-    )
-    assert sender.error is None, sender.error
-    # Which step came back when (for a failure message and the benchmark notes).
-    events = await log_events(stack)
-    firsts = {
-        k.__name__: min(
-            (e.occurred_at.timestamp() - t for e in events if isinstance(e, k) and e.occurred_at.timestamp() >= t),
-            default=None,
-        )
-        for k in (ev.InstanceReceivedV1, ev.InstancePlacedV1, ev.InstanceForwardedV1)
-    }
-    print(f"{'SIGTERM' if graceful else 'SIGKILL'} {name}: first after it {firsts}")
-    return gap
-
-
-async def rejoin(stack: Stack, name: str) -> None:
-    """Restart ``name`` and wait until its own store has the leader's whole log."""
-    stack.restart_member(name)
-    leader = await poll(lambda: stream_leader(stack), timeout=30, what="a stream leader")
-
-    async def caught_up() -> bool:
-        return member_last_seq(stack, name) >= member_last_seq(stack, leader) > 0
-
-    await poll(caught_up, timeout=60, interval=0.2, what=f"{name} caught up")
 
 
 async def test_cluster_loses_leader_then_another_server_and_nothing_else(live_nodes, tmp_path):
