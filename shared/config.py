@@ -331,6 +331,9 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sample_ratio: float = 1.0
     # "json": one JSON object per log line, with trace_id/span_id when a span is active.
     log_format: Literal["text", "json"] = "text"
+    # "otlp": also push the registry over OTLP/HTTP (shared.otlpmetrics); /metrics is served either way.
+    # OTEL_METRICS_EXPORTER overrides it.
+    metrics: Literal["prometheus", "otlp"] = "prometheus"
 
 
 def _default_nodes() -> list[NodeConfig]:

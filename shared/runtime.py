@@ -19,6 +19,7 @@ from shared.bus import Bus
 from shared.config import Config
 from shared.fsmode import private_umask
 from shared.metrics import Check, ConsumerGauges, serve
+from shared.otlpmetrics import start_export
 from shared.telemetry import setup_logging, setup_tracing
 
 log = logging.getLogger(__name__)
@@ -136,5 +137,7 @@ async def running_service(name: str, cfg: Config, identity: str | None = None) -
             await bus.ensure_streams()  # dev mode only: nobody else to declare them
         registry = CollectorRegistry()
         bus.export_connected(registry)
+        if pusher := start_export(name, cfg.telemetry, registry):
+            stack.callback(pusher.shutdown)  # before the bus drains: the last export sees the final counts
         yield Service(name, cfg, stop, stack, bus, registry, provider)
         log.info("stopping")
