@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.metrics.v1 import metrics_pb2 as pb
@@ -9,8 +12,10 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 from shared.config import TelemetryConfig
-from shared.otlpmetrics import endpoint_for, headers_for, otlp_wanted, to_request
+from shared.otlpmetrics import MetricsPusher, endpoint_for, headers_for, otlp_wanted, to_request
 from shared.telemetry import TelemetryError
+from tests.fixtures.otlp import start_receiver
+from tests.fixtures.util import free_port
 
 START, NOW = 1_000_000_000, 2_000_000_000
 
@@ -116,3 +121,31 @@ def test_endpoint_and_headers_per_the_spec():
         "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "authorization=Bearer%20b",
     }
     assert headers_for(env) == {"authorization": "Bearer b", "x-tenant": "t1"}
+
+
+def test_failures_are_one_warning_per_streak_by_type_and_shutdown_sends_a_last_export(caplog):
+    registry = CollectorRegistry()
+    Counter("switchyard_x_sent", "Sent", registry=registry).inc(7)
+    receiver, stop = start_receiver()
+    try:
+        dead = MetricsPusher(registry, Resource.create({}), f"http://127.0.0.1:{free_port()}/v1/metrics", {}, 60, 1)
+        with caplog.at_level(logging.INFO, logger="shared.otlpmetrics"):
+            assert not dead.export(1)
+            assert not dead.export(1)
+            dead.endpoint = f"{receiver.endpoint}/v1/metrics"
+            assert dead.export(1)
+            dead.endpoint = f"http://127.0.0.1:{free_port()}/v1/metrics"
+            assert not dead.export(1)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == ["OTLP metrics export failing: URLError (one line until it recovers)"] * 2
+        assert any("recovered" in r.getMessage() for r in caplog.records)
+
+        before = len(receiver.metric_points())
+        pusher = MetricsPusher(registry, Resource.create({}), f"{receiver.endpoint}/v1/metrics", {}, 60, 5).start()
+        started = time.monotonic()
+        pusher.shutdown()  # the 60 s interval has not come round: only the final export sends
+        assert time.monotonic() - started < 5
+        sent = [p for p in receiver.metric_points()[before:] if p.name == "switchyard_x_sent"]
+        assert [p.value for p in sent] == [7.0]
+    finally:
+        stop()
