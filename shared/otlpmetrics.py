@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -21,12 +22,12 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.metrics.v1 import metrics_pb2 as pb
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as ResourceProto
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.util.re import parse_env_headers
 
 from shared.telemetry import TelemetryError, resource_for
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.resources import Resource
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
     from prometheus_client.samples import Sample
@@ -291,9 +292,15 @@ class MetricsPusher:
             self.export(self.timeout_s)
 
     def shutdown(self) -> None:
+        """Stop the thread and send the final counts, in about FINAL_TIMEOUT_S at most each.
+
+        An export still hanging on the thread is left to its daemon thread (no final one then).
+        """
         self._stop.set()
-        self._thread.join(self.timeout_s + 1)
-        self.export(min(self.timeout_s, FINAL_TIMEOUT_S))
+        if self._thread.is_alive():
+            self._thread.join(FINAL_TIMEOUT_S)
+        if not self._thread.is_alive():
+            self.export(min(self.timeout_s, FINAL_TIMEOUT_S))
 
 
 def process_start_ns() -> int:
@@ -306,6 +313,18 @@ def process_start_ns() -> int:
         return int((btime + start_ticks / os.sysconf("SC_CLK_TCK")) * 1e9)
     except (OSError, ValueError, IndexError, StopIteration):
         return time.time_ns()
+
+
+def metrics_resource(service: str) -> Resource:
+    """The traces' resource plus a ``service.instance.id`` (unless OTEL_RESOURCE_ATTRIBUTES sets one).
+
+    Cumulative series from two processes under one identity (ingest's extra
+    workers) would interleave at the collector; the instance id keeps them apart.
+    """
+    resource = resource_for(service)
+    if "service.instance.id" in resource.attributes:
+        return resource
+    return resource.merge(Resource({"service.instance.id": str(uuid.uuid4())}))
 
 
 def start_export(service: str, cfg: TelemetryConfig, registry: CollectorRegistry) -> MetricsPusher | None:
@@ -323,6 +342,6 @@ def start_export(service: str, cfg: TelemetryConfig, registry: CollectorRegistry
         env, "OTEL_EXPORTER_OTLP_TIMEOUT", DEFAULT_TIMEOUT_MS
     )
     pusher = MetricsPusher(
-        registry, resource_for(service), endpoint_for(cfg, env), headers_for(env), interval / 1000, timeout / 1000
+        registry, metrics_resource(service), endpoint_for(cfg, env), headers_for(env), interval / 1000, timeout / 1000
     )
     return pusher.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 
 import pytest
@@ -12,7 +13,15 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 from shared.config import TelemetryConfig
-from shared.otlpmetrics import MetricsPusher, endpoint_for, headers_for, otlp_wanted, to_request
+from shared.otlpmetrics import (
+    FINAL_TIMEOUT_S,
+    MetricsPusher,
+    endpoint_for,
+    headers_for,
+    otlp_wanted,
+    start_export,
+    to_request,
+)
 from shared.telemetry import TelemetryError
 from tests.fixtures.otlp import start_receiver
 from tests.fixtures.util import free_port
@@ -149,3 +158,43 @@ def test_failures_are_one_warning_per_streak_by_type_and_shutdown_sends_a_last_e
         assert [p.value for p in sent] == [7.0]
     finally:
         stop()
+
+
+def test_start_export_reads_the_otel_variables(monkeypatch):
+    registry = CollectorRegistry()
+    monkeypatch.delenv("OTEL_METRICS_EXPORTER", raising=False)
+    assert start_export("scheduler", TelemetryConfig(), registry) is None
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    with pytest.raises(TelemetryError, match="http/protobuf"):
+        start_export("scheduler", TelemetryConfig(), registry)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "soon")
+    with pytest.raises(TelemetryError, match="OTEL_METRIC_EXPORT_INTERVAL"):
+        start_export("scheduler", TelemetryConfig(), registry)
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "250")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "1500")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", f"http://127.0.0.1:{free_port()}/v1/metrics")
+    pusher = start_export("scheduler", TelemetryConfig(), registry)
+    assert pusher is not None
+    try:
+        assert (pusher.interval_s, pusher.timeout_s) == (0.25, 1.5)
+        attributes = pusher.resource.attributes
+        assert attributes["switchyard.service"] == "scheduler" and attributes["service.instance.id"]
+    finally:
+        pusher.shutdown()
+
+
+def test_shutdown_does_not_wait_for_a_collector_that_never_answers():
+    """A collector that accepts and never replies: the thread's export hangs; shutdown still returns."""
+    registry = CollectorRegistry()
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        pusher = MetricsPusher(registry, Resource.create({}), f"http://127.0.0.1:{port}/v1/metrics", {}, 0.01, 30)
+        pusher.start()
+        silent.settimeout(10)
+        conn, _ = silent.accept()  # the thread's export is in flight
+        with conn:
+            started = time.monotonic()
+            pusher.shutdown()
+            assert time.monotonic() - started < FINAL_TIMEOUT_S + 2
