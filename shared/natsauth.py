@@ -133,7 +133,11 @@ def permissions(identity: str, cfg: NatsConfig) -> Permissions:
         # The console's operator actions: its own subjects, and node changes as the admin CLI
         # records them (the event's actor field says which person asked).
         actions = (*CATALOG_ACTIONS, *(f"node.state.*.{st}" for st in ADMIN_STATES))
-        return Permissions((*base, *_read_stream(s), *_read_stream(h), *actions), (inbox,))
+        # The overview's consumer lag: INFO only (no create, next, ack, delete) on any consumer of
+        # the events stream; forwarder-<node> names come and go with nodes, and subject wildcards
+        # match whole tokens only, so "*" is the narrowest pattern that covers them.
+        lag = f"$JS.API.CONSUMER.INFO.{s}.*"
+        return Permissions((*base, *_read_stream(s), *_read_stream(h), *actions, lag), (inbox,))
     if identity == "admin":
         return Permissions(("$JS.API.>", "$JS.FC.>", *(f"node.state.*.{st}" for st in ADMIN_STATES)), (inbox,))
     if identity == HARNESS:

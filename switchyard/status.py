@@ -40,7 +40,7 @@ def _v(value: Any, fmt: str = "{}") -> str:
 
 
 def render(data: dict[str, Any]) -> str:
-    """The overview as the page shows it: totals, nodes, pipeline per minute, recent activity."""
+    """The overview as the page shows it: totals, nodes, consumer lag, pipeline per minute, recent activity."""
     t, cat = data["totals"], data["catalog"]
     lines = [
         f"Switchyard at {data['generated_at']}",
@@ -61,6 +61,17 @@ def render(data: dict[str, Any]) -> str:
             f" {n.get('placements_per_minute', 0):>10} {n.get('forward_queue', 0):>6}"
             f" {_v(n.get('verified_rate'), '{:.0%}'):>8}  {n.get('last_heartbeat') or 'never'}"
         )
+    consumers = data.get("consumers")
+    lines += ["", f"{'consumer':<24} {'pending':>8} {'ack pending':>11} {'redelivered':>11}"]
+    if consumers is None:
+        lines.append("  (unknown: NATS did not answer)")
+    for c in consumers or []:
+        if c["present"]:
+            lines.append(
+                f"{c['durable']:<24} {c['num_pending']:>8} {c['num_ack_pending']:>11} {c['num_redelivered']:>11}"
+            )
+        else:
+            lines.append(f"{c['durable']:<24} {'absent':>8}")
     stages = data.get("pipeline_per_minute") or {}
     lines += ["", "last minute: " + ("  ".join(f"{k} {v}" for k, v in sorted(stages.items())) or "no events")]
     if data.get("recent"):

@@ -8,13 +8,14 @@ from collections.abc import Iterator
 
 import msgspec
 from aiohttp import web
+from nats.js.errors import NotFoundError
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.catalog.api import build_app, runner_options, ssl_context
 from shared import events as ev
-from shared import membership, telemetry
-from shared.bus import Bus
+from shared import membership, natsauth, telemetry
+from shared.bus import Bus, node_token
 from shared.config import Config
 from shared.readmodel.catalog import CatalogStore
 from shared.readmodel.follow import keep_up
@@ -117,6 +118,23 @@ async def main(cfg: Config) -> None:
             info = await bus.js.stream_info(cfg.nats.events_stream)
             return int(info.state.last_seq)
 
+        async def consumer_lag() -> dict[str, dict[str, int] | None]:
+            """The scheduler's durables and each member's forwarder durable (None: not created yet)."""
+            names = [*natsauth.SCHEDULER_DURABLES, *(f"forwarder-{node_token(m.node.id)}" for m in pool.active())]
+
+            async def one(name: str) -> dict[str, int] | None:
+                try:
+                    info = await bus.js.consumer_info(cfg.nats.events_stream, name)
+                except NotFoundError:
+                    return None
+                return {
+                    "num_pending": int(info.num_pending or 0),
+                    "num_ack_pending": int(info.num_ack_pending or 0),
+                    "num_redelivered": int(info.num_redelivered or 0),
+                }
+
+            return dict(zip(names, await asyncio.gather(*(one(n) for n in names)), strict=True))
+
         app = build_app(
             store,
             cfg.catalog,
@@ -126,6 +144,7 @@ async def main(cfg: Config) -> None:
             pool=pool,
             routing=cfg.routing,
             stream_last_seq=log_last_seq,
+            consumer_lag=consumer_lag,
             trace_url_template=cfg.telemetry.trace_url_template,
         )
         runner = web.AppRunner(app, **runner_options(cfg.catalog))

@@ -43,12 +43,17 @@ _DELIVERED = ", ".join(f"'{s}'" for s in (LocationState.FORWARDED, LocationState
 _DATE = re.compile(r"^\d{8}$")
 _UID = re.compile(r"^[0-9.]{1,64}$")
 MAX_LIMIT = 10000
+log = logging.getLogger("switchyard.catalog")
 
 STORE_KEY = web.AppKey("store", CatalogStore)
 # Latest heartbeat per node (filled by the service from the HEARTBEATS stream).
 LOADS_KEY = web.AppKey("loads", dict)
 NODES_KEY = web.AppKey("nodes", tuple)
 STREAM_INFO_KEY = web.AppKey("stream_last_seq", object)  # async () -> int | None
+# async () -> {durable: {num_pending, num_ack_pending, num_redelivered} | None (absent)}
+CONSUMER_LAG_KEY = web.AppKey("consumer_lag", object)
+CONSUMER_LAG_CACHE_KEY = web.AppKey("consumer_lag_cache", dict)
+CONSUMER_LAG_TTL_S = 2.0  # the page polls every 5 s, and several browsers may be open
 
 
 def _bad(message: str) -> web.HTTPBadRequest:
@@ -387,6 +392,35 @@ async def totals(request: web.Request) -> web.Response:
     return _json({**rows[0], "locations": {r["state"]: r["n"] for r in states}})
 
 
+async def consumer_lag(request: web.Request) -> list[dict[str, Any]] | None:
+    """Each durable's lag, asked of NATS at most every CONSUMER_LAG_TTL_S (one request at a time).
+
+    None: unknown (no NATS, or it did not answer); a durable not created yet is ``present: false``.
+    """
+    collect = request.app[CONSUMER_LAG_KEY]
+    if collect is None:
+        return None
+    cache = request.app[CONSUMER_LAG_CACHE_KEY]
+    async with cache["lock"]:
+        loop = asyncio.get_running_loop()
+        if cache["at"] is not None and loop.time() - cache["at"] < CONSUMER_LAG_TTL_S:
+            return cache["value"]  # type: ignore[no-any-return]
+        try:
+            found = await asyncio.wait_for(collect(), 2.0)  # type: ignore[operator]
+            value: list[dict[str, Any]] | None = [
+                {"durable": name, "present": lag is not None, **(lag or dict.fromkeys(LAG_FIELDS))}
+                for name, lag in found.items()
+            ]
+        except Exception as exc:  # noqa: BLE001 - lag is best effort: unknown rather than an error page
+            log.warning("consumer lag unknown (%s)", type(exc).__name__)
+            value = None
+        cache.update(at=loop.time(), value=value)
+        return value
+
+
+LAG_FIELDS = ("num_pending", "num_ack_pending", "num_redelivered")
+
+
 async def overview_data(request: web.Request) -> dict[str, Any]:
     """What the console's overview shows and `switchyard status` prints (no patient fields)."""
     q = functools.partial(_query, request)
@@ -461,6 +495,7 @@ async def overview_data(request: web.Request) -> dict[str, Any]:
             "log_last_seq": log_last,
             "lag": None if log_last is None else max(0, log_last - last_seq),
         },
+        "consumers": await consumer_lag(request),
         "totals": totals_,
         "dead_letters": totals_["dead_letters"],
         "verification_failures": totals_["verification_failures"],
@@ -493,9 +528,11 @@ def build_app(
     routing: RoutingConfig | None = None,
     stream_last_seq: Callable[[], Awaitable[int]] | None = None,
     trace_url_template: str = "",
+    consumer_lag: Callable[[], Awaitable[dict[str, dict[str, int] | None]]] | None = None,
 ) -> web.Application:
     """The API and the console. ``publish`` records operator actions (None: actions answer 503);
-    ``pool`` is the live membership; ``stream_last_seq`` gives the log's last sequence (lag)."""
+    ``pool`` is the live membership; ``stream_last_seq`` gives the log's last sequence (lag);
+    ``consumer_lag`` each durable's lag (None: absent)."""
     app = web.Application(middlewares=[console.session_middleware, authenticate])
     app[STORE_KEY] = store
     app[TOKENS_KEY] = TokenTable.from_config(catalog)
@@ -515,6 +552,8 @@ def build_app(
     app[POOL_KEY] = pool
     app[actions.ROUTING_KEY] = routing or RoutingConfig()
     app[STREAM_INFO_KEY] = stream_last_seq
+    app[CONSUMER_LAG_KEY] = consumer_lag
+    app[CONSUMER_LAG_CACHE_KEY] = {"lock": asyncio.Lock(), "at": None, "value": None}
     app.router.add_get("/api/overview", overview)
     app.router.add_get("/api/dead-letters", dead_letters)
     app.router.add_post("/api/dead-letters/{uid}/retry", actions.retry)

@@ -306,6 +306,7 @@ def document() -> dict[str, Any]:
                         "nodes",
                         "pipeline_per_minute",
                         "catalog",
+                        "consumers",
                         "totals",
                         "dead_letters",
                         "verification_failures",
@@ -315,6 +316,23 @@ def document() -> dict[str, Any]:
                         "nodes": _list(node),
                         "pipeline_per_minute": {"type": "object", "additionalProperties": _INT},
                         "catalog": {"type": "object", "required": ["last_seq", "log_last_seq", "lag"]},
+                        "consumers": {
+                            "type": ["array", "null"],
+                            "description": "Lag of the scheduler's durables and each member's forwarder-<node>"
+                            " durable (asked of NATS at most every 2 s); null: NATS did not answer; a durable not"
+                            " created yet has present false and null counts",
+                            "items": {
+                                "type": "object",
+                                "required": ["durable", "present", "num_pending", "num_ack_pending", "num_redelivered"],
+                                "properties": {
+                                    "durable": _STR,
+                                    "present": {"type": "boolean"},
+                                    "num_pending": _NINT,
+                                    "num_ack_pending": _NINT,
+                                    "num_redelivered": _NINT,
+                                },
+                            },
+                        },
                         "dead_letters": _INT,
                         "verification_failures": _INT,
                         "recent": _list({"type": "object"}),

@@ -172,6 +172,39 @@ def test_switchyard_status_prints_what_the_overview_shows(console):
     assert bad.returncode == 1 and "answered 401" in bad.stderr
 
 
+def test_overview_shows_each_consumers_lag(console, browser, tmp_path):
+    """Issue #15: every durable's lag (the catalog may read consumer INFO), on the JSON, the page and status."""
+    sent = studies(tmp_path, 2, seed=6150, per_series=1)
+    for _, files in sent:
+        assert console.send(files).returncode == 0
+    wait_for(
+        lambda: all(console.catalog(f"/api/instances?study_uid={uid}") for uid, _ in sent), timeout=60, what="routed"
+    )
+    durables = ["scheduler", "scheduler-replace", "scheduler-verify", "scheduler-operator"]
+    durables += [f"forwarder-{n}" for n in ("node1", "node2", "node3")]
+
+    def listed():
+        c = {c["durable"]: c for c in console.catalog("/api/overview")["consumers"] or []}
+        return c if all(c.get(d, {}).get("present") for d in ("scheduler", "forwarder-node2")) else None
+
+    consumers = wait_for(listed, timeout=20, interval=0.5, what="consumer lag in /api/overview")
+    assert sorted(consumers) == sorted(durables)
+    for d in ("scheduler", "forwarder-node1", "forwarder-node2", "forwarder-node3"):
+        c = consumers[d]
+        assert c["present"], d
+        assert all(isinstance(c[k], int) and c[k] >= 0 for k in ("num_pending", "num_ack_pending", "num_redelivered"))
+    sign_in(browser, console, VIEWER_TOKEN)
+    show(browser, console, "/")
+    rows = browser.find_elements(By.CSS_SELECTOR, "table#consumers tbody tr")
+    assert sorted(r.find_element(By.TAG_NAME, "td").text for r in rows) == sorted(durables)
+    env = {**os.environ, "SWITCHYARD_TOKEN": VIEWER_TOKEN}
+    cmd = [sys.executable, "-m", "switchyard", "--config", str(console.config_path), "status"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = {ln.split()[0]: ln.split() for ln in out.stdout.splitlines() if ln.startswith(("scheduler", "forwarder"))}
+    assert sorted(lines) == sorted(durables) and lines["forwarder-node2"][1].isdigit(), out.stdout
+
+
 def test_search_a_study_and_open_its_trail(console, browser, screenshots, tmp_path):
     ((study_uid, files),) = studies(tmp_path, 1, seed=6101)
     assert console.send(files, calling_ae="CONSOLESCU").returncode == 0

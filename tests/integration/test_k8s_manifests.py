@@ -1058,6 +1058,9 @@ async def test_nats_permissions_per_identity(nats_with_auth, tmp_path):
         # Consumers: each service its own; nobody else's; nobody purges or deletes.
         await ids["scheduler"].bus.pull(scheduler_consumer())
         await ids["forwarder"].bus.pull(forwarder_consumer("node1", 5, 60.0))
+        # The catalog reads their lag (the overview), info only: the denials below.
+        for durable in ("scheduler", "forwarder-node1"):
+            assert (await ids["catalog"].bus.js.consumer_info("SWITCHYARD", durable)).name == durable
         # Reading the log through an ordered consumer, as Bus.replay does.
         for name, subject in (
             ("catalog", ">"),
@@ -1074,6 +1077,9 @@ async def test_nats_permissions_per_identity(nats_with_auth, tmp_path):
             ("forwarder", "$JS.API.CONSUMER.DURABLE.CREATE.SWITCHYARD.scheduler"),
             ("ingest", "$JS.API.CONSUMER.CREATE.SWITCHYARD"),
             ("catalog", "$JS.API.CONSUMER.MSG.NEXT.SWITCHYARD.scheduler"),
+            ("catalog", "$JS.API.CONSUMER.MSG.NEXT.SWITCHYARD.forwarder-node1"),
+            ("catalog", "$JS.API.CONSUMER.CREATE.SWITCHYARD.lag.dicom.instance.received"),
+            ("catalog", "$JS.API.CONSUMER.DURABLE.CREATE.SWITCHYARD.lag"),
             ("scheduler", "$JS.API.CONSUMER.CREATE.SWITCHYARD.forwarder-node1.dicom.instance.placed.node1"),
         ):
             await ids[name].bus.nc.publish(create, b"{}")

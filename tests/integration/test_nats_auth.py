@@ -321,3 +321,33 @@ def test_compose_gives_each_service_only_its_own_seed():
     assert services["nats-init"]["secrets"] == [{"source": "nats-admin", "target": "nats.nk"}]
     assert any(v["target"] == "/etc/nats/auth.conf" for v in services["nats"]["volumes"])
     assert 'include "auth.conf"' in (DEPLOY / "nats" / "jetstream-single.conf").read_text()
+
+
+async def test_catalog_reads_consumer_lag_but_cannot_create_fetch_or_delete(stack, tmp_path):
+    """The overview's consumer lag: the catalog may ask a durable's INFO, nothing that changes or drains it."""
+    cfg = stack.cfg.nats
+    s = cfg.events_stream
+    route_one_study(stack, tmp_path, 1515)  # the durables exist once the services pulled
+    node = stack.cfg.nodes[0].id
+    async with Attacker(cfg, "catalog") as a:
+        for durable in ("scheduler", f"forwarder-{node}"):
+            info = await a.request(f"$JS.API.CONSUMER.INFO.{s}.{durable}", {})
+            assert info is not None and info.get("name") == durable, info
+            assert isinstance(info["num_pending"], int), info
+        for subject, body in (
+            (f"$JS.API.CONSUMER.MSG.NEXT.{s}.scheduler", {"batch": 1}),
+            (f"$JS.API.CONSUMER.CREATE.{s}.lag.dicom.instance.received", {"stream_name": s, "config": {"name": "lag"}}),
+            (f"$JS.API.CONSUMER.DURABLE.CREATE.{s}.lag", {"stream_name": s, "config": {"durable_name": "lag"}}),
+            (f"$JS.API.CONSUMER.DELETE.{s}.forwarder-{node}", {}),
+        ):
+            assert await a.request(subject, body) is None, subject
+            assert await a.refused("Publish", subject), subject
+    assert f"forwarder-{node}" in {c.name for c in await consumers(stack)}
+
+
+async def consumers(stack):
+    bus = await Bus.connect(stack.cfg.nats, "check", identity="admin")
+    try:
+        return await bus.js.consumers_info(stack.cfg.nats.events_stream)
+    finally:
+        await bus.close()

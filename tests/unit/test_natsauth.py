@@ -213,6 +213,7 @@ def test_the_catalog_may_record_operator_actions_and_nothing_else_new():
         *(f"$JS.API.STREAM.INFO.{x}" for x in (CFG.events_stream, CFG.heartbeats_stream)),
         *(f"$JS.API.CONSUMER.CREATE.{x}" for x in (CFG.events_stream, CFG.heartbeats_stream)),
         *(f"$JS.FC.{x}.>" for x in (CFG.events_stream, CFG.heartbeats_stream)),
+        f"$JS.API.CONSUMER.INFO.{CFG.events_stream}.*",  # the overview's consumer lag, info only
     }
     assert pub - reading == {
         "dicom.instance.operator.retry_requested",
@@ -225,5 +226,9 @@ def test_the_catalog_may_record_operator_actions_and_nothing_else_new():
         "dicom.instance.dead_lettered",
         "node.state.n1.down",
         "$KV.study-affinity.x",
+        f"$JS.ACK.{CFG.events_stream}.forwarder-n1.1.2.3.4.0",
+        f"$JS.API.CONSUMER.INFO.{CFG.heartbeats_stream}.x",
     ):
         assert not may_publish("catalog", subject), subject
+    for durable in (*natsauth.SCHEDULER_DURABLES, "forwarder-n1"):
+        assert may_publish("catalog", f"$JS.API.CONSUMER.INFO.{CFG.events_stream}.{durable}"), durable

@@ -242,6 +242,16 @@ NODE_HEADERS = [
 ]
 
 
+LAG_HEADERS = ["Consumer", "Pending", "Awaiting ack", "Redelivered"]
+
+
+def lag_cells(c: dict[str, Any]) -> list[Any]:
+    """One durable's row; one not created yet says so (console.js renders the same)."""
+    if not c["present"]:
+        return [c["durable"], "absent", "", ""]
+    return [c["durable"], c["num_pending"], c["num_ack_pending"], c["num_redelivered"]]
+
+
 async def overview_page(request: web.Request) -> web.Response:
     data = await api.overview_data(request)
     cat = data["catalog"]
@@ -262,6 +272,7 @@ async def overview_page(request: web.Request) -> web.Response:
     stages = ["received", "placed", "forwarded", "verified", "forward_failed", "dead_lettered", "verification_failed"]
     pipe = _table(stages, [[pipeline.get(s, 0) for s in stages]], "pipeline", "Events per stage, last minute")
     nodes = _table(NODE_HEADERS, [node_cells(n) for n in data["nodes"]], "nodes", "Nodes")
+    lag = _table(LAG_HEADERS, [lag_cells(c) for c in data["consumers"] or []], "consumers", "Consumer lag")
     recent = _table(
         ["Seq", "When", "Event", "Node", "Instance"],
         [
@@ -278,10 +289,11 @@ async def overview_page(request: web.Request) -> web.Response:
         "Recent activity",
     )
     body = html(
-        '<p class="live" aria-live="polite" id="updated">Updated {t}</p>{stats}{nodes}{pipe}{recent}',
+        '<p class="live" aria-live="polite" id="updated">Updated {t}</p>{stats}{nodes}{lag}{pipe}{recent}',
         t=data["generated_at"],
         stats=stats,
         nodes=nodes,
+        lag=lag,
         pipe=pipe,
         recent=recent,
     )

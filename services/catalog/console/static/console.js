@@ -23,6 +23,15 @@
         for (const c of cells(n)) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
         return tr;
       }));
+      const lag = document.querySelector("main table#consumers");
+      if (lag && d.consumers) {
+        lag.tBodies[0].replaceChildren(...d.consumers.map((c) => {
+          const tr = document.createElement("tr");
+          const row = c.present ? [c.durable, c.num_pending, c.num_ack_pending, c.num_redelivered] : [c.durable, "absent", "", ""];
+          for (const v of row) { const td = document.createElement("td"); td.textContent = String(v); tr.appendChild(td); }
+          return tr;
+        }));
+      }
       const set = (k, v) => { const el = stats.querySelector('[data-k="' + k + '"]'); if (el) (el.querySelector("a") || el).textContent = v; };
       set("instances", d.totals.instances); set("studies", d.totals.studies); set("dead_letters", d.dead_letters);
       set("verification_failures", d.verification_failures); set("lag", num(d.catalog.lag));
