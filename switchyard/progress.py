@@ -14,6 +14,7 @@ import threading
 import time
 from typing import IO
 
+MIN_RATE_S = 1.0
 BAR_WIDTH = 28
 
 
@@ -92,16 +93,18 @@ class Progress:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = self.done / elapsed
         unit = f" {self.unit}" if self.unit else ""
+        # Under a second a rate says nothing (work done before the bar started shows as
+        # thousands per second): counts only until there is a second to divide by.
+        timed = elapsed >= MIN_RATE_S
         if self.total:
             part = min(self.done / self.total, 1.0)
             left = (self.total - self.done) / rate if rate > 0 and self.done < self.total else 0.0
             bar = "#" * int(part * BAR_WIDTH) + "-" * (BAR_WIDTH - int(part * BAR_WIDTH))
             head = f"[{bar}] " if self.tty else ""
-            return (
-                f"{self.label}: {head}{self.done}/{self.total}{unit} {part:4.0%} "
-                f"{rate:.1f}/s, {elapsed:.0f}s elapsed, ~{left:.0f}s left"
-            )
-        return f"{self.label}: {self.done}{unit} {rate:.1f}/s, {elapsed:.0f}s elapsed"
+            tail = f" {rate:.1f}/s, {elapsed:.0f}s elapsed, ~{left:.0f}s left" if timed else ""
+            return f"{self.label}: {head}{self.done}/{self.total}{unit} {part:4.0%}{tail}"
+        tail = f" {rate:.1f}/s, {elapsed:.0f}s elapsed" if timed else ""
+        return f"{self.label}: {self.done}{unit}{tail}"
 
     def _show(self, final: bool = False) -> None:
         if self.tty:

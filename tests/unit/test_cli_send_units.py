@@ -63,6 +63,15 @@ def test_progress_prints_plain_lines_off_a_terminal_and_a_bar_on_one():
     assert out.getvalue() == "a line\n" and bar.getvalue().endswith("\n")
 
 
+def test_progress_shows_a_rate_only_after_a_second():
+    """Work done before the bar started (the demo's first check finds 165 delivered) is no rate."""
+    p = Progress("demo: delivered", 191, "instances", stream=io.StringIO())
+    p.update(165)
+    assert p.text() == "demo: delivered: 165/191 instances  86%"
+    p.started -= 2.0  # two seconds on
+    assert "/s, 2s elapsed, ~" in p.text()
+
+
 def test_version_comes_from_the_package_metadata(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
