@@ -88,15 +88,8 @@ class OperatorActions:
         if not isinstance(retry, ev.InstanceRetryRequestedV1) or retry.received_seq <= 0:
             await msg.ack()
             return
-        try:
-            raw = await s.bus.js.get_msg(s.cfg.nats.events_stream, retry.received_seq)
-        except nats.errors.Error as exc:
-            log.warning("received event %d not readable (%s); retrying", retry.received_seq, exc)
-            await msg.nak(delay=s.cfg.scheduler.no_node_retry_s)
-            return
-        received = s.bus.checked(raw.subject or "", raw.data or b"", retry.received_seq)
-        if not isinstance(received, ev.InstanceReceivedV1):
-            await msg.ack()
+        received = await s.received_event(msg, retry.received_seq)
+        if received is None:
             return
         attempt = retry.attempt + 1
         event_id = ev.fact_id("placed", "operator_retry", retry.event_id)

@@ -376,19 +376,8 @@ class Scheduler:
             self.given_up.inc()
             await msg.ack()
             return
-        try:
-            raw = await self.bus.js.get_msg(self.cfg.nats.events_stream, failed.received_seq)
-        except nats.errors.Error as exc:
-            log.warning("received event %d not readable (%s); retrying", failed.received_seq, exc)
-            await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
-            return
-        if raw.subject is None or raw.data is None:  # nats-py types both optional; the server sends both
-            log.warning("received event %d came back without subject or data; retrying", failed.received_seq)
-            await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
-            return
-        received = self.bus.checked(raw.subject, raw.data, failed.received_seq)
-        if not isinstance(received, ev.InstanceReceivedV1):
-            await msg.ack()
+        received = await self.received_event(msg, failed.received_seq)
+        if received is None:
             return
         node_gone = kind is ev.InstanceDeadLetteredV1 and failed.reason in ev.NODE_GONE_REASONS
         # A node that failed the delivery itself is avoided; a node that was down is
@@ -426,6 +415,25 @@ class Scheduler:
         placed.handbacks = handbacks
         if await self._record(placed):
             await msg.ack()
+
+    async def received_event(self, msg: Msg, seq: int) -> ev.InstanceReceivedV1 | None:
+        """The received event at ``seq``, read back from the log to place it again; None when
+        ``msg`` was settled instead (nak: not readable now; ack: not a received event)."""
+        try:
+            raw = await self.bus.js.get_msg(self.cfg.nats.events_stream, seq)
+        except nats.errors.Error as exc:
+            log.warning("received event %d not readable (%s); retrying", seq, exc)
+            await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
+            return None
+        if raw.subject is None or raw.data is None:  # nats-py types both optional; the server sends both
+            log.warning("received event %d came back without subject or data; retrying", seq)
+            await msg.nak(delay=self.cfg.scheduler.no_node_retry_s)
+            return None
+        received = self.bus.checked(raw.subject, raw.data, seq)
+        if not isinstance(received, ev.InstanceReceivedV1):
+            await msg.ack()
+            return None
+        return received
 
     async def _final_dead_letter(self, msg, failed: ev.InstanceVerificationFailedV1) -> None:
         """Record a failed verification as a final dead letter (not placed again)."""
